@@ -1,0 +1,1 @@
+//! Firmware profiles (filled in by the profile work).

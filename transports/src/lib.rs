@@ -1,0 +1,3 @@
+//! ringblock transports: the NBD server (and later ublk and the peer protocol).
+
+pub mod nbd;

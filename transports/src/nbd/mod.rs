@@ -1,0 +1,3 @@
+//! NBD server.
+
+pub mod wire;

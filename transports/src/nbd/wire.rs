@@ -1,0 +1,1 @@
+//! NBD wire structures (filled in by the wire-codec work).

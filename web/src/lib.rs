@@ -1,0 +1,1 @@
+//! ringblock management plane (axum API and dashboard), see issue 6.
