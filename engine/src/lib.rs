@@ -2,10 +2,25 @@
 //! volumes. The engine knows nothing of NBD, HTTP or sockets; transports turn wire requests
 //! into [`Request`]s and receive [`Completion`]s.
 
+pub mod alloc;
+pub mod buf;
+pub mod io;
+pub mod loader;
+pub mod meta;
 pub mod profile;
+pub mod sim_cluster;
 
 mod error;
+mod front;
 mod ids;
+mod reactor;
+mod request;
+mod volume;
 
+pub use buf::{AlignedBuf, IoBuf};
 pub use error::EngineError;
+pub use front::{validate, MAX_REQUEST_BYTES};
 pub use ids::*;
+pub use loader::{DeviceSpec, FormatPolicy};
+pub use request::{Completion, Errno, Port, PortWaker, Request, RequestKind};
+pub use volume::{chunk_owner, validate_volume_name, DeviceHealth, DeviceState, Volume, VolumeStats};

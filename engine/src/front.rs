@@ -1,0 +1,106 @@
+//! The submission side: validate a request, split it at chunk boundaries and send each part to
+//! the reactor that owns its chunk.
+
+use std::sync::Arc;
+
+use crate::ids::{ChunkIndex, ReactorId};
+use crate::reactor::{FlushWaiter, Msg};
+use crate::request::{Errno, InFlight, Part, Port, Request, RequestKind};
+use crate::volume::{chunk_owner, Volume};
+
+/// Largest single request, in bytes (bounds buffers and part counts).
+pub const MAX_REQUEST_BYTES: u64 = 64 << 20;
+
+/// Why a request was refused before any IO.
+pub fn validate(volume: &Volume, req: &Request) -> Result<(), Errno> {
+    if volume.deleted.load(std::sync::atomic::Ordering::Acquire) {
+        return Err(Errno::ESHUTDOWN);
+    }
+    if req.kind == RequestKind::Flush {
+        return Ok(());
+    }
+    if req.len_bytes > MAX_REQUEST_BYTES {
+        return Err(Errno::EINVAL);
+    }
+    let end = req.offset_bytes.checked_add(req.len_bytes).ok_or(Errno::EINVAL)?;
+    if end > volume.size_bytes() {
+        return Err(if req.kind == RequestKind::Read { Errno::EINVAL } else { Errno::ENOSPC });
+    }
+    if matches!(req.kind, RequestKind::Read | RequestKind::Write) {
+        let block = u64::from(volume.device.profile.logical_block_size_bytes);
+        if req.buf.as_ref().map(|b| b.len() as u64) != Some(req.len_bytes) {
+            return Err(Errno::EINVAL);
+        }
+        if req.offset_bytes % block != 0 || req.len_bytes % block != 0 {
+            return Err(Errno::EINVAL);
+        }
+    }
+    Ok(())
+}
+
+/// Split `req` and hand its messages to `send`. On refusal the request (with its buffer) comes
+/// back with the errno.
+pub(crate) fn submit(
+    volume: &Arc<Volume>,
+    mut req: Request,
+    port: &Arc<Port>,
+    reactors: u32,
+    send: &mut dyn FnMut(ReactorId, Msg),
+) -> Result<(), (Request, Errno)> {
+    if let Err(e) = validate(volume, &req) {
+        return Err((req, e));
+    }
+    let stats = &volume.stats;
+    let relaxed = std::sync::atomic::Ordering::Relaxed;
+    match req.kind {
+        RequestKind::Read => {
+            stats.reads.fetch_add(1, relaxed);
+            stats.read_bytes.fetch_add(req.len_bytes, relaxed);
+        }
+        RequestKind::Write => {
+            stats.writes.fetch_add(1, relaxed);
+            stats.write_bytes.fetch_add(req.len_bytes, relaxed);
+        }
+        RequestKind::Flush => {
+            stats.flushes.fetch_add(1, relaxed);
+        }
+        RequestKind::Trim | RequestKind::WriteZeroes => {
+            stats.trims.fetch_add(1, relaxed);
+        }
+    }
+    let kind = req.kind;
+    let (offset, len) = (req.offset_bytes, req.len_bytes);
+    let inflight = InFlight::new(volume.clone(), &mut req, port.clone());
+    if kind == RequestKind::Flush {
+        inflight.remaining.store(1, std::sync::atomic::Ordering::Release);
+        let device = &volume.device;
+        send(device.home_reactor(reactors), Msg::Flush { device: device.id, waiter: FlushWaiter::Request(inflight) });
+        return Ok(());
+    }
+    if len == 0 {
+        inflight.complete();
+        return Ok(());
+    }
+    let cs = volume.chunk_size_bytes();
+    let first = offset / cs;
+    let last = (offset + len - 1) / cs;
+    let parts = (last - first + 1) as u32;
+    inflight.remaining.store(parts, std::sync::atomic::Ordering::Release);
+    let has_data = matches!(kind, RequestKind::Read | RequestKind::Write);
+    let mut ready = Vec::with_capacity(parts as usize);
+    for c in first..=last {
+        let start = (c * cs).max(offset);
+        let end = ((c + 1) * cs).min(offset + len);
+        let buf = has_data.then(|| {
+            // SAFETY: [start, end) ranges of distinct chunks are disjoint, and every window is
+            // taken here before any part is sent.
+            unsafe { inflight.window((start - offset) as usize, (end - start) as usize) }
+        });
+        let part = Part { req: inflight.clone(), chunk: ChunkIndex(c), offset_in_chunk: start - c * cs, len_bytes: end - start, buf };
+        ready.push((chunk_owner(volume.id, ChunkIndex(c), reactors), part));
+    }
+    for (to, part) in ready {
+        send(to, Msg::Part(part));
+    }
+    Ok(())
+}

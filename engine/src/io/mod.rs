@@ -1,0 +1,57 @@
+//! The IO seam. Reactor logic is written against [`Io`]; the real implementation drives one
+//! io_uring per reactor ([`uring::UringIo`]), the simulated one a seeded model of a disk with a
+//! volatile write cache ([`sim::SimIo`]).
+
+pub mod sim;
+pub mod uring;
+
+use crate::buf::IoBuf;
+use crate::ids::DeviceId;
+
+/// What an [`IoOp`] does to its device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoKind {
+    /// Read `buf.len()` bytes at `offset_bytes` into `buf`.
+    Read,
+    /// Write `buf` at `offset_bytes`; `fua` asks for it to be durable on completion.
+    Write { fua: bool },
+    /// Make every write completed before this op was submitted durable.
+    Sync,
+    /// Make `len_bytes` at `offset_bytes` read back as zeros (punch/zero range).
+    Zero { len_bytes: u64 },
+}
+
+/// One device operation. It owns its buffer until its [`IoCompletion`] comes back.
+#[derive(Debug)]
+pub struct IoOp {
+    pub device: DeviceId,
+    pub kind: IoKind,
+    pub offset_bytes: u64,
+    pub buf: Option<IoBuf>,
+    /// Chosen by the submitter, returned in the completion.
+    pub tag: u64,
+}
+
+/// The result of an [`IoOp`]: bytes transferred or a positive errno, and the buffer back.
+#[derive(Debug)]
+pub struct IoCompletion {
+    pub tag: u64,
+    pub result: Result<u32, i32>,
+    pub buf: Option<IoBuf>,
+}
+
+/// A reactor's view of its devices. Not thread-safe by design: one per reactor.
+pub trait Io {
+    /// Queue an op. When the submission side is full the op is handed back; the caller keeps
+    /// it and retries after reaping completions.
+    fn push(&mut self, op: IoOp) -> Result<(), IoOp>;
+
+    /// Submit queued ops and append every completion that is ready to `out`, without blocking.
+    fn poll(&mut self, out: &mut Vec<IoCompletion>) -> Result<(), crate::EngineError>;
+
+    /// Block until a completion is ready, [`Io::wake_fd`] is written, or `timeout_ns` passes.
+    fn park(&mut self, timeout_ns: Option<u64>) -> Result<(), crate::EngineError>;
+
+    /// Ops pushed and not yet completed.
+    fn in_flight(&self) -> usize;
+}

@@ -1,0 +1,163 @@
+//! Opening a device's metadata at start: find the label and the newest valid slot, or format a
+//! blank device when allowed. Runs before the reactors start, with plain synchronous IO.
+
+use std::collections::HashSet;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::alloc::ChunkAllocator;
+use crate::error::EngineError;
+use crate::ids::{ChunkIndex, DeviceId};
+use crate::meta::{pick_slot, Label, MetaError, MetaSnapshot, LABEL_BYTES};
+use crate::profile::FirmwareProfile;
+use crate::volume::{DeviceHealth, DeviceState, Volume};
+
+/// When the daemon may write a fresh label on a device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FormatPolicy {
+    /// Only if the device's label area is all zeros (a new file or a wiped disk).
+    #[default]
+    IfBlank,
+    /// Never: a device without a label is an error.
+    Never,
+    /// Always, destroying what is there (explicit operator request only).
+    Always,
+}
+
+/// Synchronous access used only while loading.
+pub trait SyncAccess {
+    fn read_at(&mut self, offset_bytes: u64, buf: &mut [u8]) -> std::io::Result<()>;
+    fn write_at(&mut self, offset_bytes: u64, data: &[u8]) -> std::io::Result<()>;
+    fn sync(&mut self) -> std::io::Result<()>;
+}
+
+/// What the loader needs to know about a device.
+#[derive(Clone, Debug)]
+pub struct DeviceSpec {
+    pub id: DeviceId,
+    pub name: String,
+    pub kind: String,
+    pub size_bytes: u64,
+    pub persistent: bool,
+    pub profile: FirmwareProfile,
+    pub chunk_size_bytes: u64,
+    pub format: FormatPolicy,
+}
+
+pub struct LoadedDevice {
+    pub state: Arc<DeviceState>,
+    pub volumes: Vec<Arc<Volume>>,
+    pub generation: u64,
+    /// The slot holding `generation`.
+    pub slot: u64,
+}
+
+pub fn load_device(spec: &DeviceSpec, access: &mut dyn SyncAccess) -> Result<LoadedDevice, EngineError> {
+    let dev_err = |message: String| EngineError::Device { device: spec.name.clone(), message };
+    let io_err = |source: std::io::Error| EngineError::DeviceIo { device: spec.name.clone(), source };
+    let meta_err = |source: MetaError| EngineError::Metadata { device: spec.name.clone(), source };
+    if !spec.chunk_size_bytes.is_power_of_two() || spec.chunk_size_bytes < 4096 || spec.chunk_size_bytes > (1 << 30) {
+        return Err(dev_err(format!("chunk_size_bytes = {} must be a power of two between 4096 and 1 GiB", spec.chunk_size_bytes)));
+    }
+    if !spec.persistent {
+        let label = plan(spec)?;
+        return Ok(build(spec, label, MetaSnapshot::default(), 0)?);
+    }
+    let mut label_buf = vec![0u8; LABEL_BYTES as usize];
+    access.read_at(0, &mut label_buf).map_err(io_err)?;
+    let found = Label::decode(&label_buf);
+    let format = match (&found, spec.format) {
+        (_, FormatPolicy::Always) => true,
+        (Err(MetaError::NoLabel), FormatPolicy::IfBlank) => true,
+        (Err(MetaError::NoLabel), FormatPolicy::Never) => {
+            return Err(dev_err("has no ringblock label and format = \"never\"".into()));
+        }
+        (Err(e), _) => {
+            return Err(dev_err(format!("{e}; refusing to overwrite it (set format = \"always\" to reformat)")));
+        }
+        (Ok(_), _) => false,
+    };
+    if format {
+        let label = plan(spec)?;
+        tracing::info!(device = %spec.name, chunks = label.total_chunks, "formatting device");
+        let empty = MetaSnapshot::default().encode(label.slot_bytes).map_err(meta_err)?;
+        access.write_at(label.slot_offset_bytes(0), &empty).map_err(io_err)?;
+        // A stale slot 1 from an earlier format could carry a higher generation.
+        access.write_at(label.slot_offset_bytes(1), &vec![0u8; 4096]).map_err(io_err)?;
+        access.sync().map_err(io_err)?;
+        access.write_at(0, &label.encode()).map_err(io_err)?;
+        access.sync().map_err(io_err)?;
+        return build(spec, label, MetaSnapshot::default(), 0);
+    }
+    let label = found.expect("checked above");
+    if label.chunk_size_bytes != spec.chunk_size_bytes {
+        return Err(dev_err(format!(
+            "was formatted with chunk_size_bytes = {}, configuration says {}",
+            label.chunk_size_bytes, spec.chunk_size_bytes
+        )));
+    }
+    let data_end = label.data_offset_bytes + u64::from(label.total_chunks) * label.chunk_size_bytes;
+    if data_end > spec.size_bytes {
+        return Err(dev_err(format!("is {} bytes but its label needs {data_end}: device shrank?", spec.size_bytes)));
+    }
+    let mut slots = [vec![0u8; label.slot_bytes as usize], vec![0u8; label.slot_bytes as usize]];
+    for (i, s) in slots.iter_mut().enumerate() {
+        access.read_at(label.slot_offset_bytes(i as u64), s).map_err(io_err)?;
+    }
+    let (slot, snapshot) = pick_slot(&slots[0], &slots[1]).map_err(meta_err)?;
+    build(spec, label, snapshot, slot)
+}
+
+fn plan(spec: &DeviceSpec) -> Result<Label, EngineError> {
+    let uuid = rand::random::<u128>();
+    Label::plan(uuid, spec.size_bytes, spec.chunk_size_bytes).ok_or_else(|| EngineError::Device {
+        device: spec.name.clone(),
+        message: format!(
+            "{} bytes is too small for metadata and one {}-byte chunk",
+            spec.size_bytes, spec.chunk_size_bytes
+        ),
+    })
+}
+
+fn build(spec: &DeviceSpec, label: Label, snapshot: MetaSnapshot, slot: u64) -> Result<LoadedDevice, EngineError> {
+    let corrupt = |m: String| EngineError::Device { device: spec.name.clone(), message: format!("corrupt metadata: {m}") };
+    let state = Arc::new(DeviceState {
+        id: spec.id,
+        name: spec.name.clone(),
+        kind: spec.kind.clone(),
+        size_bytes: spec.size_bytes,
+        alloc: ChunkAllocator::new(label.total_chunks),
+        label,
+        profile: spec.profile.clone(),
+        persistent: spec.persistent,
+        meta_version: AtomicU64::new(0),
+        persisted_version: AtomicU64::new(0),
+        health: DeviceHealth::default(),
+    });
+    let mut volumes = Vec::new();
+    let mut ids = HashSet::new();
+    for rec in snapshot.volumes {
+        if !ids.insert(rec.id) {
+            return Err(corrupt(format!("volume id {} appears twice", rec.id)));
+        }
+        let volume = Volume::new(rec.id, rec.name.clone(), state.clone(), rec.size_bytes);
+        if rec.size_bytes > volume.max_size_bytes() {
+            return Err(corrupt(format!("volume {} is larger than its device", rec.name)));
+        }
+        let chunks = rec.size_bytes.div_ceil(state.chunk_size_bytes());
+        for (c, p) in rec.mapped {
+            if c.0 >= chunks {
+                return Err(corrupt(format!("volume {} maps chunk {c} past its end", rec.name)));
+            }
+            if !state.alloc.claim(p) {
+                return Err(corrupt(format!("chunk {p} is mapped twice or out of range")));
+            }
+            volume.set_mapping(ChunkIndex(c.0), Some(p));
+        }
+        volumes.push(Arc::new(volume));
+    }
+    Ok(LoadedDevice { state, volumes, generation: snapshot.generation, slot })
+}

@@ -1,0 +1,349 @@
+//! On-device metadata: a label written once at format, and two metadata slots written
+//! alternately, each with a generation number and a crc32c. A torn slot write leaves the other
+//! slot, one generation older, intact.
+//!
+//! ```text
+//! offset 0                 label (4 KiB)
+//! LABEL_BYTES              slot 0 (slot_bytes)
+//! LABEL_BYTES + slot_bytes slot 1 (slot_bytes)
+//! data_offset_bytes        chunk 0, chunk 1, ... (chunk_size_bytes each)
+//! ```
+//!
+//! Integers are little-endian. The format is explicit rather than serde-derived because it is
+//! an on-disk contract that must not shift when a Rust type changes.
+
+use crate::ids::{ChunkIndex, PhysChunk, VolumeId};
+
+pub const LABEL_BYTES: u64 = 4096;
+const LABEL_MAGIC: &[u8; 8] = b"RBLABEL1";
+const SLOT_MAGIC: &[u8; 8] = b"RBMETA01";
+pub const FORMAT_VERSION: u32 = 1;
+/// Most volumes one device holds.
+pub const MAX_VOLUMES_PER_DEVICE: usize = 256;
+/// Longest volume name, in bytes.
+pub const MAX_VOLUME_NAME_BYTES: usize = 128;
+const SLOT_HEADER_BYTES: usize = 32;
+const VOLUME_ENTRY_MAX_BYTES: usize = 4 + 2 + MAX_VOLUME_NAME_BYTES + 8 + 8;
+const MAP_ENTRY_BYTES: usize = 12;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MetaError {
+    #[error("no ringblock label (device is not formatted)")]
+    NoLabel,
+    #[error("label is corrupt: {0}")]
+    CorruptLabel(&'static str),
+    #[error("metadata slot is corrupt: {0}")]
+    CorruptSlot(String),
+    #[error("metadata does not fit its slot ({needed} > {slot} bytes)")]
+    TooLarge { needed: usize, slot: u64 },
+}
+
+/// Written once at format; fixes the device's layout.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Label {
+    pub device_uuid: u128,
+    pub chunk_size_bytes: u64,
+    pub slot_bytes: u64,
+    pub data_offset_bytes: u64,
+    pub total_chunks: u32,
+}
+
+impl Label {
+    /// Layout for a device of `device_size_bytes` cut into chunks of `chunk_size_bytes`.
+    /// None when not even one data chunk fits.
+    pub fn plan(device_uuid: u128, device_size_bytes: u64, chunk_size_bytes: u64) -> Option<Label> {
+        assert!(chunk_size_bytes.is_power_of_two() && chunk_size_bytes >= 4096);
+        let max_chunks = (device_size_bytes / chunk_size_bytes).min(u32::MAX as u64);
+        let slot_bytes = slot_bytes_for(max_chunks);
+        let meta_end = LABEL_BYTES + 2 * slot_bytes;
+        let data_offset_bytes = meta_end.div_ceil(chunk_size_bytes) * chunk_size_bytes;
+        let total_chunks = device_size_bytes.checked_sub(data_offset_bytes)? / chunk_size_bytes;
+        if total_chunks == 0 {
+            return None;
+        }
+        Some(Label {
+            device_uuid,
+            chunk_size_bytes,
+            slot_bytes,
+            data_offset_bytes,
+            total_chunks: total_chunks as u32,
+        })
+    }
+
+    pub fn slot_offset_bytes(&self, slot: u64) -> u64 {
+        LABEL_BYTES + slot * self.slot_bytes
+    }
+
+    pub fn chunk_offset_bytes(&self, chunk: PhysChunk) -> u64 {
+        self.data_offset_bytes + u64::from(chunk.0) * self.chunk_size_bytes
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(LABEL_BYTES as usize);
+        b.extend_from_slice(LABEL_MAGIC);
+        b.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes()); // crc placeholder
+        b.extend_from_slice(&self.device_uuid.to_le_bytes());
+        b.extend_from_slice(&self.chunk_size_bytes.to_le_bytes());
+        b.extend_from_slice(&self.slot_bytes.to_le_bytes());
+        b.extend_from_slice(&self.data_offset_bytes.to_le_bytes());
+        b.extend_from_slice(&self.total_chunks.to_le_bytes());
+        let crc = crc32c::crc32c(&b[16..]);
+        b[12..16].copy_from_slice(&crc.to_le_bytes());
+        b.resize(LABEL_BYTES as usize, 0);
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Label, MetaError> {
+        if b.len() < 60 {
+            return Err(MetaError::CorruptLabel("short"));
+        }
+        if &b[0..8] != LABEL_MAGIC {
+            return Err(if b[..60].iter().all(|&x| x == 0) {
+                MetaError::NoLabel
+            } else {
+                MetaError::CorruptLabel("bad magic (not a ringblock device?)")
+            });
+        }
+        let mut r = Reader::new(&b[8..60]);
+        let version = r.u32()?;
+        if version != FORMAT_VERSION {
+            return Err(MetaError::CorruptLabel("unsupported format version"));
+        }
+        let crc = r.u32()?;
+        if crc != crc32c::crc32c(&b[16..60]) {
+            return Err(MetaError::CorruptLabel("checksum mismatch"));
+        }
+        let label = Label {
+            device_uuid: r.u128()?,
+            chunk_size_bytes: r.u64()?,
+            slot_bytes: r.u64()?,
+            data_offset_bytes: r.u64()?,
+            total_chunks: r.u32()?,
+        };
+        if !label.chunk_size_bytes.is_power_of_two()
+            || label.chunk_size_bytes < 4096
+            || label.slot_bytes % 4096 != 0
+            || label.data_offset_bytes < LABEL_BYTES + 2 * label.slot_bytes
+        {
+            return Err(MetaError::CorruptLabel("inconsistent layout"));
+        }
+        Ok(label)
+    }
+}
+
+fn slot_bytes_for(max_chunks: u64) -> u64 {
+    let raw = SLOT_HEADER_BYTES as u64
+        + 4
+        + (MAX_VOLUMES_PER_DEVICE * VOLUME_ENTRY_MAX_BYTES) as u64
+        + max_chunks * MAP_ENTRY_BYTES as u64;
+    raw.div_ceil(4096) * 4096
+}
+
+/// One volume as recorded in metadata.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeRecord {
+    pub id: VolumeId,
+    pub name: String,
+    pub size_bytes: u64,
+    /// Mapped chunks only; everything else reads as zeros.
+    pub mapped: Vec<(ChunkIndex, PhysChunk)>,
+}
+
+/// Everything a device's metadata slot holds.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct MetaSnapshot {
+    pub generation: u64,
+    pub volumes: Vec<VolumeRecord>,
+}
+
+impl MetaSnapshot {
+    /// Serialize into a slot image of exactly `slot_bytes` (zero padded).
+    pub fn encode(&self, slot_bytes: u64) -> Result<Vec<u8>, MetaError> {
+        let mut p = Vec::new();
+        p.extend_from_slice(&(self.volumes.len() as u32).to_le_bytes());
+        for v in &self.volumes {
+            assert!(v.name.len() <= MAX_VOLUME_NAME_BYTES, "volume name length is validated on create");
+            p.extend_from_slice(&v.id.0.to_le_bytes());
+            p.extend_from_slice(&(v.name.len() as u16).to_le_bytes());
+            p.extend_from_slice(v.name.as_bytes());
+            p.extend_from_slice(&v.size_bytes.to_le_bytes());
+            p.extend_from_slice(&(v.mapped.len() as u64).to_le_bytes());
+            for (c, pc) in &v.mapped {
+                p.extend_from_slice(&c.0.to_le_bytes());
+                p.extend_from_slice(&pc.0.to_le_bytes());
+            }
+        }
+        let needed = SLOT_HEADER_BYTES + p.len();
+        if needed as u64 > slot_bytes {
+            return Err(MetaError::TooLarge { needed, slot: slot_bytes });
+        }
+        let mut b = Vec::with_capacity(slot_bytes as usize);
+        b.extend_from_slice(SLOT_MAGIC);
+        b.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes()); // crc placeholder
+        b.extend_from_slice(&self.generation.to_le_bytes());
+        b.extend_from_slice(&(p.len() as u64).to_le_bytes());
+        b.extend_from_slice(&p);
+        let crc = crc32c::crc32c(&b[16..]);
+        b[12..16].copy_from_slice(&crc.to_le_bytes());
+        b.resize(slot_bytes as usize, 0);
+        Ok(b)
+    }
+
+    /// Parse a slot image. Any inconsistency is an error, never a panic.
+    pub fn decode(b: &[u8]) -> Result<MetaSnapshot, MetaError> {
+        let corrupt = |m: &str| MetaError::CorruptSlot(m.to_string());
+        if b.len() < SLOT_HEADER_BYTES || &b[0..8] != SLOT_MAGIC {
+            return Err(corrupt("bad magic"));
+        }
+        let mut h = Reader::new(&b[8..SLOT_HEADER_BYTES]);
+        if h.u32()? != FORMAT_VERSION {
+            return Err(corrupt("unsupported format version"));
+        }
+        let crc = h.u32()?;
+        let generation = h.u64()?;
+        let payload_len = h.u64()?;
+        let end = (SLOT_HEADER_BYTES as u64)
+            .checked_add(payload_len)
+            .filter(|&e| e <= b.len() as u64)
+            .ok_or_else(|| corrupt("payload length past the slot"))? as usize;
+        if crc != crc32c::crc32c(&b[16..end]) {
+            return Err(corrupt("checksum mismatch"));
+        }
+        let mut r = Reader::new(&b[SLOT_HEADER_BYTES..end]);
+        let count = r.u32()? as usize;
+        if count > MAX_VOLUMES_PER_DEVICE {
+            return Err(corrupt("too many volumes"));
+        }
+        let mut volumes = Vec::with_capacity(count);
+        for _ in 0..count {
+            let id = VolumeId(r.u32()?);
+            let name_len = r.u16()? as usize;
+            if name_len > MAX_VOLUME_NAME_BYTES {
+                return Err(corrupt("volume name too long"));
+            }
+            let name = String::from_utf8(r.bytes(name_len)?.to_vec()).map_err(|_| corrupt("volume name not UTF-8"))?;
+            let size_bytes = r.u64()?;
+            let mapped_len = r.u64()?;
+            if mapped_len > (r.remaining() / MAP_ENTRY_BYTES) as u64 {
+                return Err(corrupt("map longer than the slot"));
+            }
+            let mut mapped = Vec::with_capacity(mapped_len as usize);
+            for _ in 0..mapped_len {
+                mapped.push((ChunkIndex(r.u64()?), PhysChunk(r.u32()?)));
+            }
+            volumes.push(VolumeRecord { id, name, size_bytes, mapped });
+        }
+        if r.remaining() != 0 {
+            return Err(corrupt("trailing bytes"));
+        }
+        Ok(MetaSnapshot { generation, volumes })
+    }
+}
+
+/// Choose the newest valid slot. Both invalid means the metadata is lost: an error, never a
+/// silent reformat.
+pub fn pick_slot(slot0: &[u8], slot1: &[u8]) -> Result<(u64, MetaSnapshot), MetaError> {
+    match (MetaSnapshot::decode(slot0), MetaSnapshot::decode(slot1)) {
+        (Ok(a), Ok(b)) => Ok(if b.generation > a.generation { (1, b) } else { (0, a) }),
+        (Ok(a), Err(_)) => Ok((0, a)),
+        (Err(_), Ok(b)) => Ok((1, b)),
+        (Err(e), Err(_)) => Err(e),
+    }
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn new(b: &'a [u8]) -> Self {
+        Self { b }
+    }
+    fn remaining(&self) -> usize {
+        self.b.len()
+    }
+    fn bytes(&mut self, n: usize) -> Result<&'a [u8], MetaError> {
+        if self.b.len() < n {
+            return Err(MetaError::CorruptSlot("truncated".into()));
+        }
+        let (head, tail) = self.b.split_at(n);
+        self.b = tail;
+        Ok(head)
+    }
+    fn u16(&mut self) -> Result<u16, MetaError> {
+        Ok(u16::from_le_bytes(self.bytes(2)?.try_into().expect("2 bytes")))
+    }
+    fn u32(&mut self) -> Result<u32, MetaError> {
+        Ok(u32::from_le_bytes(self.bytes(4)?.try_into().expect("4 bytes")))
+    }
+    fn u64(&mut self) -> Result<u64, MetaError> {
+        Ok(u64::from_le_bytes(self.bytes(8)?.try_into().expect("8 bytes")))
+    }
+    fn u128(&mut self) -> Result<u128, MetaError> {
+        Ok(u128::from_le_bytes(self.bytes(16)?.try_into().expect("16 bytes")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_snapshot() -> impl Strategy<Value = MetaSnapshot> {
+        let vol = (any::<u32>(), "[a-z0-9_-]{1,40}", any::<u64>(), proptest::collection::vec((any::<u64>(), any::<u32>()), 0..50))
+            .prop_map(|(id, name, size_bytes, m)| VolumeRecord {
+                id: VolumeId(id),
+                name,
+                size_bytes,
+                mapped: m.into_iter().map(|(c, p)| (ChunkIndex(c), PhysChunk(p))).collect(),
+            });
+        (any::<u64>(), proptest::collection::vec(vol, 0..8)).prop_map(|(generation, volumes)| MetaSnapshot { generation, volumes })
+    }
+
+    #[test]
+    fn label_plan_and_roundtrip() {
+        let l = Label::plan(7, 1 << 30, 1 << 20).unwrap();
+        assert!(l.data_offset_bytes >= LABEL_BYTES + 2 * l.slot_bytes);
+        assert_eq!(l.data_offset_bytes % (1 << 20), 0);
+        assert!(l.data_offset_bytes + u64::from(l.total_chunks) * (1 << 20) <= 1 << 30);
+        assert_eq!(Label::decode(&l.encode()).unwrap(), l);
+        assert_eq!(Label::decode(&[0u8; 4096]), Err(MetaError::NoLabel));
+        assert!(Label::plan(7, 1 << 20, 1 << 20).is_none(), "no room for data");
+    }
+
+    #[test]
+    fn newest_valid_slot_wins_and_torn_slot_falls_back() {
+        let a = MetaSnapshot { generation: 4, volumes: vec![] };
+        let b = MetaSnapshot { generation: 5, volumes: vec![] };
+        let ea = a.encode(8192).unwrap();
+        let mut eb = b.encode(8192).unwrap();
+        assert_eq!(pick_slot(&ea, &eb).unwrap().1.generation, 5);
+        eb[20] ^= 1; // torn
+        assert_eq!(pick_slot(&ea, &eb).unwrap(), (0, a));
+    }
+
+    proptest! {
+        #[test]
+        fn snapshot_roundtrip(s in arb_snapshot()) {
+            let e = s.encode(1 << 20).unwrap();
+            prop_assert_eq!(MetaSnapshot::decode(&e).unwrap(), s);
+        }
+
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..2000)) {
+            let _ = MetaSnapshot::decode(&bytes);
+            let _ = Label::decode(&bytes);
+        }
+
+        #[test]
+        fn any_bit_flip_is_detected(s in arb_snapshot(), flip in any::<proptest::sample::Index>()) {
+            let mut e = s.encode(1 << 20).unwrap();
+            let used = 32 + u64::from_le_bytes(e[24..32].try_into().unwrap()) as usize;
+            let i = flip.index(used);
+            e[i] ^= 0x10;
+            prop_assert!(MetaSnapshot::decode(&e).is_err());
+        }
+    }
+}

@@ -1,0 +1,460 @@
+//! The reactor state machine: one per core, generic over [`Io`] so the same logic runs on a
+//! real io_uring and on the simulator.
+//!
+//! Ownership replaces locks: chunk `i` of a volume is only read, written, allocated and
+//! unmapped by its owner reactor. Each device has a home reactor that serialises its flush
+//! rounds and writes its metadata:
+//!
+//! 1. capture the metadata version, the allocator's quarantine and the chunk maps;
+//! 2. sync the device (every write completed before the round began, and every chunk zeroing
+//!    the captured maps rely on, becomes durable);
+//! 3. write the captured metadata to the older slot and sync again;
+//! 4. release the quarantine and answer every flush that joined the round.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::alloc::QuarantineSnapshot;
+use crate::buf::{AlignedBuf, IoBuf};
+use crate::ids::{ChunkIndex, DeviceId, PhysChunk, ReactorId, VolumeId};
+use crate::io::{Io, IoCompletion, IoKind, IoOp};
+use crate::meta::MetaSnapshot;
+use crate::request::{Errno, InFlight, Part, RequestKind};
+use crate::volume::{DeviceState, Volume};
+
+/// Most device operations one reactor tracks at once (in the ring or waiting for ring space).
+pub const MAX_OPS_PER_REACTOR: usize = 1 << 16;
+
+/// A reply to a control message, run on the reactor that finishes it.
+pub(crate) type Reply = Box<dyn FnOnce(Result<(), Errno>) + Send>;
+
+pub(crate) enum FlushWaiter {
+    Request(Arc<InFlight>),
+    Control(Reply),
+}
+
+/// Control-plane messages; they go to the home reactor of the volume's device.
+pub(crate) enum Control {
+    CreateVolume { volume: Arc<Volume>, reply: Reply },
+    /// The caller guarantees no IO is in flight on the volume.
+    DeleteVolume { id: VolumeId, reply: Reply },
+    GrowVolume { id: VolumeId, size_bytes: u64, reply: Reply },
+}
+
+pub(crate) enum Msg {
+    Part(Part),
+    Flush { device: DeviceId, waiter: FlushWaiter },
+    Control { device: DeviceId, control: Control },
+}
+
+/// How reactors reach each other.
+pub(crate) trait Router: Send + Sync {
+    fn reactors(&self) -> u32;
+    fn try_send(&self, to: ReactorId, msg: Msg) -> Result<(), Msg>;
+}
+
+enum OpCtx {
+    Part(Part),
+    ChunkInit { volume: Arc<Volume>, chunk: ChunkIndex, phys: PhysChunk },
+    Round { device: DeviceId },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    SyncData,
+    WriteMeta,
+    SyncMeta,
+}
+
+struct Round {
+    waiters: Vec<FlushWaiter>,
+    stage: Stage,
+    /// Captured metadata: (version, quarantine, encoded slot image).
+    meta: Option<(u64, QuarantineSnapshot, AlignedBuf)>,
+}
+
+/// What a device's home reactor keeps for it.
+pub(crate) struct Home {
+    pub device: Arc<DeviceState>,
+    pub volumes: Vec<Arc<Volume>>,
+    pub generation: u64,
+    /// Slot the next metadata write goes to (the one not holding `generation`).
+    pub next_slot: u64,
+    waiting: Vec<FlushWaiter>,
+    round: Option<Round>,
+}
+
+impl Home {
+    pub fn new(device: Arc<DeviceState>, volumes: Vec<Arc<Volume>>, generation: u64, current_slot: u64) -> Self {
+        Self { device, volumes, generation, next_slot: current_slot ^ 1, waiting: Vec::new(), round: None }
+    }
+}
+
+pub(crate) struct ReactorCore<I: Io> {
+    pub id: ReactorId,
+    pub io: I,
+    router: Arc<dyn Router>,
+    devices: HashMap<DeviceId, Arc<DeviceState>>,
+    ops: Vec<Option<OpCtx>>,
+    free_tags: Vec<u32>,
+    /// Ops that did not fit in the ring, in order.
+    blocked: VecDeque<IoOp>,
+    /// Messages to other reactors whose inbox was full.
+    outbox: VecDeque<(ReactorId, Msg)>,
+    /// Chunks being zeroed before their first write; parts that arrive meanwhile wait here.
+    initializing: HashMap<(VolumeId, ChunkIndex), Vec<Part>>,
+    homes: HashMap<DeviceId, Home>,
+    completions: Vec<IoCompletion>,
+}
+
+impl<I: Io> ReactorCore<I> {
+    pub fn new(id: ReactorId, io: I, router: Arc<dyn Router>, devices: Vec<Arc<DeviceState>>, homes: Vec<Home>) -> Self {
+        Self {
+            id,
+            io,
+            router,
+            devices: devices.into_iter().map(|d| (d.id, d)).collect(),
+            ops: Vec::new(),
+            free_tags: Vec::new(),
+            blocked: VecDeque::new(),
+            outbox: VecDeque::new(),
+            initializing: HashMap::new(),
+            homes: homes.into_iter().map(|h| (h.device.id, h)).collect(),
+            completions: Vec::with_capacity(256),
+        }
+    }
+
+    /// Nothing in flight, nothing queued: safe to park.
+    pub fn is_idle(&self) -> bool {
+        self.io.in_flight() == 0 && self.blocked.is_empty() && self.outbox.is_empty() && self.initializing.is_empty()
+    }
+
+    /// Operations tracked right now (for stats).
+    pub fn ops_in_flight(&self) -> usize {
+        self.ops.len() - self.free_tags.len()
+    }
+
+    pub fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Part(part) => self.start_part(part),
+            Msg::Flush { device, waiter } => {
+                let home = self.homes.get_mut(&device).expect("flush routed to the device's home reactor");
+                home.waiting.push(waiter);
+                self.start_round(device);
+            }
+            Msg::Control { device, control } => self.control(device, control),
+        }
+    }
+
+    /// Submit what is queued, reap completions and act on them. Returns completions handled.
+    pub fn poll(&mut self) -> Result<usize, crate::EngineError> {
+        self.retry_outbox();
+        while let Some(op) = self.blocked.pop_front() {
+            if let Err(op) = self.io.push(op) {
+                self.blocked.push_front(op);
+                break;
+            }
+        }
+        let mut completions = std::mem::take(&mut self.completions);
+        self.io.poll(&mut completions)?;
+        let n = completions.len();
+        for c in completions.drain(..) {
+            self.on_completion(c);
+        }
+        self.completions = completions;
+        Ok(n)
+    }
+
+    fn retry_outbox(&mut self) {
+        // Bounded: each message is tried once per poll.
+        for _ in 0..self.outbox.len() {
+            let (to, msg) = self.outbox.pop_front().expect("len checked");
+            if let Err(msg) = self.router.try_send(to, msg) {
+                self.outbox.push_back((to, msg));
+            }
+        }
+    }
+
+    fn send(&mut self, to: ReactorId, msg: Msg) {
+        if to == self.id {
+            self.handle(msg);
+        } else if !self.outbox.is_empty() {
+            self.outbox.push_back((to, msg));
+        } else if let Err(msg) = self.router.try_send(to, msg) {
+            self.outbox.push_back((to, msg));
+        }
+    }
+
+    fn submit(&mut self, device: DeviceId, kind: IoKind, offset_bytes: u64, buf: Option<IoBuf>, ctx: OpCtx) {
+        let tag = match self.free_tags.pop() {
+            Some(t) => {
+                self.ops[t as usize] = Some(ctx);
+                t
+            }
+            None => {
+                assert!(self.ops.len() < MAX_OPS_PER_REACTOR, "reactor op table full");
+                self.ops.push(Some(ctx));
+                (self.ops.len() - 1) as u32
+            }
+        };
+        let op = IoOp { device, kind, offset_bytes, buf, tag: u64::from(tag) };
+        if !self.blocked.is_empty() {
+            self.blocked.push_back(op);
+        } else if let Err(op) = self.io.push(op) {
+            self.blocked.push_back(op);
+        }
+    }
+
+    fn on_completion(&mut self, c: IoCompletion) {
+        let tag = c.tag as usize;
+        let ctx = self.ops[tag].take().expect("completion for a live op");
+        self.free_tags.push(tag as u32);
+        match ctx {
+            OpCtx::Part(mut part) => {
+                let device = &part.req.volume.device;
+                if let Err(errno) = c.result {
+                    match part.req.kind {
+                        RequestKind::Read => device.health.read_errors.fetch_add(1, Ordering::Relaxed),
+                        _ => device.health.write_errors.fetch_add(1, Ordering::Relaxed),
+                    };
+                    part.req.fail(Errno(errno));
+                }
+                part.buf = c.buf;
+                self.finish_part(part);
+            }
+            OpCtx::ChunkInit { volume, chunk, phys } => {
+                let waiting = self.initializing.remove(&(volume.id, chunk)).unwrap_or_default();
+                match c.result {
+                    Ok(_) => {
+                        volume.set_mapping(chunk, Some(phys));
+                        volume.device.mark_meta_dirty();
+                        for part in waiting {
+                            self.start_part(part);
+                        }
+                    }
+                    Err(errno) => {
+                        volume.device.health.write_errors.fetch_add(1, Ordering::Relaxed);
+                        volume.device.alloc.release_unpublished(phys);
+                        for part in waiting {
+                            part.req.fail(Errno(errno));
+                            self.finish_part(part);
+                        }
+                    }
+                }
+            }
+            OpCtx::Round { device } => self.round_step(device, c.result.map(|_| ()).map_err(Errno)),
+        }
+    }
+
+    fn start_part(&mut self, mut part: Part) {
+        let volume = part.req.volume.clone();
+        let device = &volume.device;
+        let key = (volume.id, part.chunk);
+        let cs = device.chunk_size_bytes();
+        let whole_chunk = part.offset_in_chunk == 0 && part.len_bytes == cs;
+        if part.req.kind != RequestKind::Read {
+            if let Some(waiting) = self.initializing.get_mut(&key) {
+                waiting.push(part);
+                return;
+            }
+        }
+        let mapped = volume.mapping(part.chunk);
+        match (part.req.kind, mapped) {
+            (RequestKind::Read, None) => {
+                part.buf.as_mut().expect("read part has a buffer").as_mut_slice().fill(0);
+                self.finish_part(part);
+            }
+            (RequestKind::Read, Some(p)) => {
+                let off = device.label.chunk_offset_bytes(p) + part.offset_in_chunk;
+                let buf = part.buf.take();
+                self.submit(device.id, IoKind::Read, off, buf, OpCtx::Part(part));
+            }
+            (RequestKind::Write, Some(p)) => {
+                let off = device.label.chunk_offset_bytes(p) + part.offset_in_chunk;
+                let buf = part.buf.take();
+                let fua = part.req.fua;
+                self.submit(device.id, IoKind::Write { fua }, off, buf, OpCtx::Part(part));
+            }
+            (RequestKind::Write, None) => match device.alloc.allocate() {
+                None => {
+                    part.req.fail(Errno::ENOSPC);
+                    self.finish_part(part);
+                }
+                Some(phys) => {
+                    // A reused chunk holds an old volume's bytes: zero it before it is mapped.
+                    self.initializing.insert(key, vec![part]);
+                    let off = device.label.chunk_offset_bytes(phys);
+                    let ctx = OpCtx::ChunkInit { volume: volume.clone(), chunk: key.1, phys };
+                    self.submit(device.id, IoKind::Zero { len_bytes: cs }, off, None, ctx);
+                }
+            },
+            (RequestKind::Trim | RequestKind::WriteZeroes, None) => self.finish_part(part),
+            (RequestKind::Trim | RequestKind::WriteZeroes, Some(p)) => {
+                if whole_chunk {
+                    volume.set_mapping(part.chunk, None);
+                    device.alloc.free(p);
+                    device.mark_meta_dirty();
+                    self.finish_part(part);
+                } else {
+                    let off = device.label.chunk_offset_bytes(p) + part.offset_in_chunk;
+                    let len_bytes = part.len_bytes;
+                    self.submit(device.id, IoKind::Zero { len_bytes }, off, None, OpCtx::Part(part));
+                }
+            }
+            (RequestKind::Flush, _) => unreachable!("flushes are not split into parts"),
+        }
+    }
+
+    fn finish_part(&mut self, part: Part) {
+        let Part { req, buf, .. } = part;
+        drop(buf); // the window must be gone before the request can complete
+        if !req.part_done() {
+            return;
+        }
+        let device = &req.volume.device;
+        let needs_flush = req.kind == RequestKind::Write
+            && req.fua
+            && req.errno.load(Ordering::Acquire) == 0
+            && req.stage.load(Ordering::Acquire) == 0
+            && device.meta_dirty();
+        if needs_flush {
+            // A FUA write into a new chunk is durable only with its chunk's mapping.
+            req.stage.store(1, Ordering::Release);
+            req.remaining.store(1, Ordering::Release);
+            let home = device.home_reactor(self.router.reactors());
+            let device_id = device.id;
+            self.send(home, Msg::Flush { device: device_id, waiter: FlushWaiter::Request(req) });
+        } else {
+            req.complete();
+        }
+    }
+
+    fn control(&mut self, device: DeviceId, control: Control) {
+        let home = self.homes.get_mut(&device).expect("control routed to the device's home reactor");
+        let reply = match control {
+            Control::CreateVolume { volume, reply } => {
+                home.volumes.push(volume);
+                reply
+            }
+            Control::DeleteVolume { id, reply } => {
+                if let Some(pos) = home.volumes.iter().position(|v| v.id == id) {
+                    let volume = home.volumes.remove(pos);
+                    let chunks = volume.size_bytes().div_ceil(volume.chunk_size_bytes());
+                    for c in 0..chunks {
+                        if let Some(p) = volume.mapping(ChunkIndex(c)) {
+                            volume.set_mapping(ChunkIndex(c), None);
+                            home.device.alloc.free(p);
+                        }
+                    }
+                }
+                reply
+            }
+            Control::GrowVolume { id, size_bytes, reply } => {
+                if let Some(v) = home.volumes.iter().find(|v| v.id == id) {
+                    v.set_size_bytes(size_bytes);
+                }
+                reply
+            }
+        };
+        home.device.mark_meta_dirty();
+        home.waiting.push(FlushWaiter::Control(reply));
+        self.start_round(device);
+    }
+
+    fn start_round(&mut self, device_id: DeviceId) {
+        let home = self.homes.get_mut(&device_id).expect("home");
+        if home.round.is_some() || home.waiting.is_empty() {
+            return;
+        }
+        let device = home.device.clone();
+        let waiters = std::mem::take(&mut home.waiting);
+        let version = device.meta_version.load(Ordering::Acquire);
+        let meta = if version != device.persisted_version.load(Ordering::Acquire) {
+            let quarantine = device.alloc.snapshot_quarantine();
+            let snapshot = MetaSnapshot { generation: home.generation + 1, volumes: home.volumes.iter().map(|v| v.record()).collect() };
+            match snapshot.encode(device.label.slot_bytes) {
+                Ok(image) => Some((version, quarantine, AlignedBuf::from_slice(&image))),
+                Err(e) => {
+                    tracing::error!(device = %device.name, "cannot encode metadata: {e}");
+                    Self::answer(waiters, Err(Errno::ENOSPC));
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        if !device.persistent {
+            // Nothing survives a restart: nothing to sync, and frees are final at once.
+            if let Some((version, quarantine, _)) = meta {
+                device.alloc.release(&quarantine);
+                device.persisted_version.fetch_max(version, Ordering::AcqRel);
+            }
+            Self::answer(waiters, Ok(()));
+            return;
+        }
+        home.round = Some(Round { waiters, stage: Stage::SyncData, meta });
+        self.submit(device_id, IoKind::Sync, 0, None, OpCtx::Round { device: device_id });
+    }
+
+    fn round_step(&mut self, device_id: DeviceId, result: Result<(), Errno>) {
+        let home = self.homes.get_mut(&device_id).expect("home");
+        let device = home.device.clone();
+        let round = home.round.as_mut().expect("round in progress");
+        if let Err(e) = result {
+            device.health.flush_errors.fetch_add(1, Ordering::Relaxed);
+            if round.stage != Stage::SyncData {
+                device.health.metadata_failing.store(true, Ordering::Relaxed);
+            }
+            tracing::error!(device = %device.name, stage = ?round.stage, "flush failed: {e}");
+            let round = home.round.take().expect("round");
+            Self::answer(round.waiters, Err(Errno::EIO));
+            self.start_round(device_id);
+            return;
+        }
+        match (round.stage, round.meta.is_some()) {
+            (Stage::SyncData, true) => {
+                round.stage = Stage::WriteMeta;
+                let image = round.meta.as_mut().map(|m| std::mem::replace(&mut m.2, AlignedBuf::zeroed(0))).expect("meta");
+                let off = device.label.slot_offset_bytes(home.next_slot);
+                self.submit(device_id, IoKind::Write { fua: false }, off, Some(IoBuf::owned(image)), OpCtx::Round { device: device_id });
+            }
+            (Stage::WriteMeta, _) => {
+                round.stage = Stage::SyncMeta;
+                self.submit(device_id, IoKind::Sync, 0, None, OpCtx::Round { device: device_id });
+            }
+            (Stage::SyncData, false) | (Stage::SyncMeta, _) => {
+                let round = home.round.take().expect("round");
+                if let Some((version, quarantine, _)) = round.meta {
+                    home.generation += 1;
+                    home.next_slot ^= 1;
+                    device.alloc.release(&quarantine);
+                    device.persisted_version.fetch_max(version, Ordering::AcqRel);
+                    device.health.metadata_failing.store(false, Ordering::Relaxed);
+                }
+                Self::answer(round.waiters, Ok(()));
+                self.start_round(device_id);
+            }
+        }
+    }
+
+    fn answer(waiters: Vec<FlushWaiter>, result: Result<(), Errno>) {
+        for w in waiters {
+            match w {
+                FlushWaiter::Request(req) => {
+                    if let Err(e) = result {
+                        req.fail(e);
+                    }
+                    if req.part_done() {
+                        req.complete();
+                    }
+                }
+                FlushWaiter::Control(reply) => reply(result),
+            }
+        }
+    }
+
+    pub fn device(&self, id: DeviceId) -> Option<&Arc<DeviceState>> {
+        self.devices.get(&id)
+    }
+}

@@ -1,0 +1,205 @@
+//! Requests from transports, their split into per-chunk parts, and completion delivery.
+
+use std::cell::UnsafeCell;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
+use std::sync::Arc;
+
+use crossbeam_queue::ArrayQueue;
+
+use crate::buf::IoBuf;
+use crate::ids::ChunkIndex;
+use crate::volume::Volume;
+
+/// Errors reported per request, as errno values so transports can map them to their wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Errno(pub i32);
+
+impl Errno {
+    pub const EPERM: Errno = Errno(libc::EPERM);
+    pub const EIO: Errno = Errno(libc::EIO);
+    pub const EINVAL: Errno = Errno(libc::EINVAL);
+    pub const ENOSPC: Errno = Errno(libc::ENOSPC);
+    pub const ESHUTDOWN: Errno = Errno(libc::ESHUTDOWN);
+    pub const ENOTSUP: Errno = Errno(libc::EOPNOTSUPP);
+}
+
+impl std::fmt::Display for Errno {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", std::io::Error::from_raw_os_error(self.0))
+    }
+}
+
+/// What a request does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestKind {
+    Read,
+    Write,
+    /// Every write completed before the flush was submitted becomes durable.
+    Flush,
+    /// Release the range; reads return zeros afterwards.
+    Trim,
+    WriteZeroes,
+}
+
+/// One IO on a volume, as a transport submits it.
+#[derive(Debug)]
+pub struct Request {
+    pub kind: RequestKind,
+    pub offset_bytes: u64,
+    /// For Read and Write this must equal the buffer length.
+    pub len_bytes: u64,
+    /// Force unit access: the write is durable when it completes.
+    pub fua: bool,
+    /// Read: destination; Write: source. Returned in the completion.
+    pub buf: Option<IoBuf>,
+    /// Chosen by the submitter; comes back in the completion.
+    pub tag: u64,
+}
+
+/// The outcome of a [`Request`].
+#[derive(Debug)]
+pub struct Completion {
+    pub tag: u64,
+    pub result: Result<(), Errno>,
+    pub buf: Option<IoBuf>,
+}
+
+/// How a port's owner is woken when a completion arrives.
+pub enum PortWaker {
+    /// The owner polls; nothing to do.
+    None,
+    /// The owner may be in `std::thread::park`.
+    Thread(std::thread::Thread),
+    /// Any callback (e.g. write an eventfd the owner's ring waits on).
+    Callback(Box<dyn Fn() + Send + Sync>),
+}
+
+/// Where a submitter receives completions. Bounded: a submitter must not have more requests in
+/// flight than the port holds.
+pub struct Port {
+    queue: ArrayQueue<Completion>,
+    waker: PortWaker,
+    /// Set by the owner before it sleeps so callback wakers only fire when needed.
+    sleeping: AtomicBool,
+}
+
+impl Port {
+    pub fn new(capacity: usize, waker: PortWaker) -> Arc<Port> {
+        assert!(capacity > 0);
+        Arc::new(Port { queue: ArrayQueue::new(capacity), waker, sleeping: AtomicBool::new(false) })
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.queue.capacity()
+    }
+
+    pub fn pop(&self) -> Option<Completion> {
+        self.queue.pop()
+    }
+
+    /// Announce that the owner is about to sleep; it must check [`Port::pop`] once more after.
+    pub fn set_sleeping(&self, sleeping: bool) {
+        self.sleeping.store(sleeping, Ordering::SeqCst);
+    }
+
+    pub(crate) fn deliver(&self, c: Completion) {
+        // The submitter bounds its in-flight requests by the capacity, so this cannot fail.
+        if self.queue.push(c).is_err() {
+            panic!("completion port overflow: submitter exceeded its in-flight bound");
+        }
+        match &self.waker {
+            PortWaker::None => {}
+            PortWaker::Thread(t) => t.unpark(),
+            PortWaker::Callback(f) => {
+                if self.sleeping.load(Ordering::SeqCst) {
+                    f()
+                }
+            }
+        }
+    }
+}
+
+/// A request in flight, shared by its parts. Owns the request's buffer; parts hold windows into
+/// it that never overlap.
+pub(crate) struct InFlight {
+    pub volume: Arc<Volume>,
+    pub kind: RequestKind,
+    pub fua: bool,
+    pub tag: u64,
+    pub port: Arc<Port>,
+    pub remaining: AtomicU32,
+    /// First error, as a positive errno; 0 = none.
+    pub errno: AtomicI32,
+    /// 0: the parts; 1: the trailing flush of a FUA write.
+    pub stage: AtomicU32,
+    buf: UnsafeCell<Option<IoBuf>>,
+}
+
+// SAFETY: `buf` is only touched by the submitter before any part is sent and by the finisher
+// after `remaining` reached zero (an AcqRel decrement orders both against every part).
+unsafe impl Sync for InFlight {}
+
+impl InFlight {
+    pub fn new(volume: Arc<Volume>, req: &mut Request, port: Arc<Port>) -> Arc<InFlight> {
+        Arc::new(InFlight {
+            volume,
+            kind: req.kind,
+            fua: req.fua,
+            tag: req.tag,
+            port,
+            remaining: AtomicU32::new(0),
+            errno: AtomicI32::new(0),
+            stage: AtomicU32::new(0),
+            buf: UnsafeCell::new(req.buf.take()),
+        })
+    }
+
+    /// A window of the request's buffer for one part.
+    ///
+    /// # Safety
+    /// Windows handed out for one request must not overlap, and must be taken before the
+    /// parts are sent (no concurrent access to the cell).
+    pub unsafe fn window(self: &Arc<Self>, offset: usize, len: usize) -> IoBuf {
+        // SAFETY: caller guarantees exclusive access to the cell at this point.
+        let buf = unsafe { (*self.buf.get()).as_mut() }.expect("data request has a buffer");
+        assert!(offset + len <= buf.len(), "window past the buffer");
+        let ptr = buf.as_mut_ptr().add(offset);
+        let keep: Arc<dyn crate::buf::KeepAlive> = self.clone();
+        // SAFETY: the request owns the memory and outlives the window through `keep`; windows
+        // are disjoint by the caller's contract.
+        unsafe { IoBuf::from_raw_parts(ptr, len, keep) }
+    }
+
+    pub fn fail(&self, e: Errno) {
+        let _ = self.errno.compare_exchange(0, e.0, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// Called once per finished part. True when this was the last one.
+    pub fn part_done(&self) -> bool {
+        let prev = self.remaining.fetch_sub(1, Ordering::AcqRel);
+        assert!(prev > 0, "more parts finished than were sent");
+        prev == 1
+    }
+
+    /// Deliver the completion. Only the finisher of the last part may call this.
+    pub fn complete(&self) {
+        // SAFETY: every part is done and dropped its window; we are the only accessor.
+        let buf = unsafe { (*self.buf.get()).take() };
+        let errno = self.errno.load(Ordering::Acquire);
+        let result = if errno == 0 { Ok(()) } else { Err(Errno(errno)) };
+        if result.is_err() {
+            self.volume.stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        self.port.deliver(Completion { tag: self.tag, result, buf });
+    }
+}
+
+/// The piece of a request that touches one chunk, sent to that chunk's owner reactor.
+pub(crate) struct Part {
+    pub req: Arc<InFlight>,
+    pub chunk: ChunkIndex,
+    pub offset_in_chunk: u64,
+    pub len_bytes: u64,
+    /// Window into the request's buffer (Read/Write only).
+    pub buf: Option<IoBuf>,
+}

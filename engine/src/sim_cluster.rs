@@ -1,0 +1,175 @@
+//! A whole engine on simulated disks, stepped deterministically in one thread: reactors run
+//! round-robin, one tick of the simulated clock per step. Used by the crash tests and available
+//! to other crates' tests.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::EngineError;
+use crate::ids::{DeviceId, ReactorId, VolumeId};
+use crate::io::sim::{SimDisk, SimIo};
+use crate::loader::{load_device, DeviceSpec, SyncAccess};
+use crate::reactor::{Control, Home, Msg, ReactorCore, Router};
+use crate::request::{Errno, Port, Request};
+use crate::volume::{DeviceState, Volume};
+
+struct SimRouter {
+    queues: Vec<Mutex<VecDeque<Msg>>>,
+}
+
+impl Router for SimRouter {
+    fn reactors(&self) -> u32 {
+        self.queues.len() as u32
+    }
+    fn try_send(&self, to: ReactorId, msg: Msg) -> Result<(), Msg> {
+        self.queues[to.0 as usize].lock().expect("sim queue").push_back(msg);
+        Ok(())
+    }
+}
+
+struct SimAccess<'a>(&'a Mutex<SimDisk>);
+
+impl SyncAccess for SimAccess<'_> {
+    fn read_at(&mut self, offset_bytes: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.0.lock().expect("sim disk").read(offset_bytes, buf);
+        Ok(())
+    }
+    fn write_at(&mut self, offset_bytes: u64, data: &[u8]) -> std::io::Result<()> {
+        let mut d = self.0.lock().expect("sim disk");
+        let image = d.crash_free_image_mut();
+        image[offset_bytes as usize..offset_bytes as usize + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+    fn sync(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Simulation knobs.
+#[derive(Clone, Copy, Debug)]
+pub struct SimOptions {
+    pub reactors: u32,
+    pub queue_depth: usize,
+    pub max_latency_ticks: u64,
+}
+
+impl Default for SimOptions {
+    fn default() -> Self {
+        Self { reactors: 2, queue_depth: 16, max_latency_ticks: 8 }
+    }
+}
+
+pub struct SimCluster {
+    reactors: Vec<ReactorCore<SimIo>>,
+    router: Arc<SimRouter>,
+    clock: Arc<AtomicU64>,
+    devices: Vec<Arc<DeviceState>>,
+    volumes: Vec<Arc<Volume>>,
+}
+
+impl SimCluster {
+    /// Load (or format) every disk and build the reactors.
+    pub fn start(seed: u64, opts: SimOptions, disks: Vec<(DeviceSpec, Arc<Mutex<SimDisk>>)>) -> Result<Self, EngineError> {
+        let n = opts.reactors;
+        assert!(n > 0);
+        let router = Arc::new(SimRouter { queues: (0..n).map(|_| Mutex::new(VecDeque::new())).collect() });
+        let clock = Arc::new(AtomicU64::new(0));
+        let mut devices = Vec::new();
+        let mut volumes = Vec::new();
+        let mut homes: Vec<Vec<Home>> = (0..n).map(|_| Vec::new()).collect();
+        let mut disk_map = HashMap::new();
+        for (spec, disk) in &disks {
+            let loaded = load_device(spec, &mut SimAccess(disk))?;
+            let home = loaded.state.home_reactor(n);
+            homes[home.0 as usize].push(Home::new(loaded.state.clone(), loaded.volumes.clone(), loaded.generation, loaded.slot));
+            devices.push(loaded.state);
+            volumes.extend(loaded.volumes);
+            disk_map.insert(spec.id, disk.clone());
+        }
+        let reactors = homes
+            .into_iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let io = SimIo::new(disk_map.clone(), clock.clone(), seed.wrapping_mul(31).wrapping_add(i as u64), opts.queue_depth, opts.max_latency_ticks);
+                let r: Arc<dyn Router> = router.clone();
+                ReactorCore::new(ReactorId(i as u32), io, r, devices.clone(), h)
+            })
+            .collect();
+        Ok(Self { reactors, router, clock, devices, volumes })
+    }
+
+    pub fn volume(&self, name: &str) -> Option<Arc<Volume>> {
+        self.volumes.iter().find(|v| v.name == name).cloned()
+    }
+
+    pub fn device(&self, id: DeviceId) -> Option<Arc<DeviceState>> {
+        self.devices.iter().find(|d| d.id == id).cloned()
+    }
+
+    /// One tick: every reactor handles its messages and its completions.
+    pub fn step(&mut self) {
+        self.clock.fetch_add(1, Ordering::Relaxed);
+        for r in &mut self.reactors {
+            // Bounded: only messages already queued at the start of this step.
+            let queued = self.router.queues[r.id.0 as usize].lock().expect("sim queue").len();
+            for _ in 0..queued {
+                let msg = self.router.queues[r.id.0 as usize].lock().expect("sim queue").pop_front();
+                match msg {
+                    Some(m) => r.handle(m),
+                    None => break,
+                }
+            }
+            r.poll().expect("sim poll cannot fail");
+        }
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.reactors.iter().all(|r| r.is_idle()) && self.router.queues.iter().all(|q| q.lock().expect("q").is_empty())
+    }
+
+    /// Step until nothing is in flight; panics after `max_ticks` (a livelock is a bug).
+    pub fn run_until_idle(&mut self, max_ticks: u64) {
+        for _ in 0..max_ticks {
+            self.step();
+            if self.is_idle() {
+                return;
+            }
+        }
+        panic!("simulation did not settle in {max_ticks} ticks");
+    }
+
+    pub fn submit(&mut self, volume: &Arc<Volume>, req: Request, port: &Arc<Port>) -> Result<(), (Request, Errno)> {
+        let n = self.reactors.len() as u32;
+        let router = self.router.clone();
+        crate::front::submit(volume, req, port, n, &mut |to, msg| {
+            let _ = router.try_send(to, msg);
+        })
+    }
+
+    /// Create a volume and wait (in simulated time) until its metadata is durable.
+    pub fn create_volume(&mut self, device: DeviceId, id: VolumeId, name: &str, size_bytes: u64) -> Result<Arc<Volume>, EngineError> {
+        let state = self.device(device).ok_or_else(|| EngineError::Config(format!("no device {device}")))?;
+        let volume = Arc::new(crate::volume::checked_new_volume(id, name, state.clone(), size_bytes)?);
+        let done = Arc::new(Mutex::new(None));
+        let d2 = done.clone();
+        let reply = Box::new(move |r| *d2.lock().expect("reply") = Some(r));
+        let home = state.home_reactor(self.reactors.len() as u32);
+        let _ = self.router.try_send(home, Msg::Control { device, control: Control::CreateVolume { volume: volume.clone(), reply } });
+        self.run_until_idle(1_000_000);
+        let result = done.lock().expect("reply").take().expect("control answered");
+        result.map_err(|e| EngineError::Volume { volume: name.into(), message: format!("metadata not persisted: {e}") })?;
+        self.volumes.push(volume.clone());
+        Ok(volume)
+    }
+
+    /// Crash: every disk keeps a random subset of its volatile state; returns the images.
+    pub fn crash(self, disks: &[(DeviceSpec, Arc<Mutex<SimDisk>>)], seed: u64) -> Vec<Vec<u8>> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        drop(self);
+        disks.iter().map(|(_, d)| d.lock().expect("sim disk").crash(&mut rng)).collect()
+    }
+}
