@@ -82,7 +82,12 @@ impl ChunkAllocator {
             while cur != !0u64 {
                 let bit_index = (!cur).trailing_zeros() as usize;
                 let bit = 1u64 << bit_index;
-                match self.used[w].compare_exchange_weak(cur, cur | bit, Ordering::AcqRel, Ordering::Acquire) {
+                match self.used[w].compare_exchange_weak(
+                    cur,
+                    cur | bit,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
                     Ok(_) => {
                         self.hint_word.store(w, Ordering::Relaxed);
                         self.used_count.fetch_add(1, Ordering::Relaxed);
@@ -109,7 +114,10 @@ impl ChunkAllocator {
     /// Free a chunk whose unmapping is not yet durable: quarantined until [`Self::release`].
     pub fn free(&self, chunk: PhysChunk) {
         let (w, bit) = (chunk.0 as usize / BITS, 1u64 << (chunk.0 as usize % BITS));
-        assert!(self.used[w].load(Ordering::Acquire) & bit != 0, "freeing free chunk {chunk}");
+        assert!(
+            self.used[w].load(Ordering::Acquire) & bit != 0,
+            "freeing free chunk {chunk}"
+        );
         let prev = self.quarantine[w].fetch_or(bit, Ordering::AcqRel);
         assert!(prev & bit == 0, "double free of chunk {chunk}");
     }
@@ -117,7 +125,13 @@ impl ChunkAllocator {
     /// Capture the quarantine. Call *before* snapshotting the maps, so every captured free is
     /// reflected in the snapshot.
     pub fn snapshot_quarantine(&self) -> QuarantineSnapshot {
-        QuarantineSnapshot { words: self.quarantine.iter().map(|w| w.load(Ordering::Acquire)).collect() }
+        QuarantineSnapshot {
+            words: self
+                .quarantine
+                .iter()
+                .map(|w| w.load(Ordering::Acquire))
+                .collect(),
+        }
     }
 
     /// The metadata written after `snap` is durable: its quarantined chunks become free.
@@ -129,7 +143,8 @@ impl ChunkAllocator {
             self.quarantine[w].fetch_and(!bits, Ordering::AcqRel);
             let prev = self.used[w].fetch_and(!bits, Ordering::AcqRel);
             assert_eq!(prev & bits, bits, "quarantined chunk not marked used");
-            self.used_count.fetch_sub(u64::from(bits.count_ones()), Ordering::Relaxed);
+            self.used_count
+                .fetch_sub(u64::from(bits.count_ones()), Ordering::Relaxed);
         }
     }
 }

@@ -52,7 +52,11 @@ impl AlignedBuf {
 
     /// Shrink or grow the visible length within the capacity (new bytes are whatever was there).
     pub fn set_len(&mut self, len: usize) {
-        assert!(len <= self.capacity, "set_len {len} beyond capacity {}", self.capacity);
+        assert!(
+            len <= self.capacity,
+            "set_len {len} beyond capacity {}",
+            self.capacity
+        );
         self.len = len;
     }
 
@@ -111,7 +115,11 @@ impl IoBuf {
     pub fn owned(mut buf: AlignedBuf) -> Self {
         let ptr = NonNull::new(buf.as_mut_ptr()).expect("non-null");
         let len = buf.len();
-        Self { ptr, len, keep: Keep::Owned(buf) }
+        Self {
+            ptr,
+            len,
+            keep: Keep::Owned(buf),
+        }
     }
 
     /// A window of `len` bytes at `ptr`, kept alive by `keep`.
@@ -120,7 +128,11 @@ impl IoBuf {
     /// `ptr..ptr+len` must stay valid while `keep` lives, and no one else may access those bytes
     /// until this `IoBuf` is dropped or returned.
     pub unsafe fn from_raw_parts(ptr: *mut u8, len: usize, keep: Arc<dyn KeepAlive>) -> Self {
-        Self { ptr: NonNull::new(ptr).expect("IoBuf pointer must not be null"), len, keep: Keep::Shared(keep) }
+        Self {
+            ptr: NonNull::new(ptr).expect("IoBuf pointer must not be null"),
+            len,
+            keep: Keep::Shared(keep),
+        }
     }
 
     pub fn len(&self) -> usize {

@@ -10,7 +10,10 @@ pub enum EngineError {
     #[error("device {device}: {message}")]
     Device { device: String, message: String },
     #[error("device {device}: {source}")]
-    DeviceIo { device: String, source: std::io::Error },
+    DeviceIo {
+        device: String,
+        source: std::io::Error,
+    },
     #[error("device {device}: metadata: {source}")]
     Metadata { device: String, source: MetaError },
     #[error("volume {volume}: {message}")]

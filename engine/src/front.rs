@@ -22,9 +22,16 @@ pub fn validate(volume: &Volume, req: &Request) -> Result<(), Errno> {
     if req.len_bytes > MAX_REQUEST_BYTES {
         return Err(Errno::EINVAL);
     }
-    let end = req.offset_bytes.checked_add(req.len_bytes).ok_or(Errno::EINVAL)?;
+    let end = req
+        .offset_bytes
+        .checked_add(req.len_bytes)
+        .ok_or(Errno::EINVAL)?;
     if end > volume.size_bytes() {
-        return Err(if req.kind == RequestKind::Read { Errno::EINVAL } else { Errno::ENOSPC });
+        return Err(if req.kind == RequestKind::Read {
+            Errno::EINVAL
+        } else {
+            Errno::ENOSPC
+        });
     }
     if matches!(req.kind, RequestKind::Read | RequestKind::Write) {
         let block = u64::from(volume.device.profile.logical_block_size_bytes);
@@ -72,9 +79,17 @@ pub(crate) fn submit(
     let (offset, len) = (req.offset_bytes, req.len_bytes);
     let inflight = InFlight::new(volume.clone(), &mut req, port.clone());
     if kind == RequestKind::Flush {
-        inflight.remaining.store(1, std::sync::atomic::Ordering::Release);
+        inflight
+            .remaining
+            .store(1, std::sync::atomic::Ordering::Release);
         let device = &volume.device;
-        send(device.home_reactor(reactors), Msg::Flush { device: device.id, waiter: FlushWaiter::Request(inflight) });
+        send(
+            device.home_reactor(reactors),
+            Msg::Flush {
+                device: device.id,
+                waiter: FlushWaiter::Request(inflight),
+            },
+        );
         return Ok(());
     }
     if len == 0 {
@@ -85,7 +100,9 @@ pub(crate) fn submit(
     let first = offset / cs;
     let last = (offset + len - 1) / cs;
     let parts = (last - first + 1) as u32;
-    inflight.remaining.store(parts, std::sync::atomic::Ordering::Release);
+    inflight
+        .remaining
+        .store(parts, std::sync::atomic::Ordering::Release);
     let has_data = matches!(kind, RequestKind::Read | RequestKind::Write);
     let mut ready = Vec::with_capacity(parts as usize);
     for c in first..=last {
@@ -96,7 +113,13 @@ pub(crate) fn submit(
             // taken here before any part is sent.
             unsafe { inflight.window((start - offset) as usize, (end - start) as usize) }
         });
-        let part = Part { req: inflight.clone(), chunk: ChunkIndex(c), offset_in_chunk: start - c * cs, len_bytes: end - start, buf };
+        let part = Part {
+            req: inflight.clone(),
+            chunk: ChunkIndex(c),
+            offset_in_chunk: start - c * cs,
+            len_bytes: end - start,
+            buf,
+        };
         ready.push((chunk_owner(volume.id, ChunkIndex(c), reactors), part));
     }
     for (to, part) in ready {

@@ -4,12 +4,15 @@
 
 pub mod alloc;
 pub mod buf;
+pub mod client;
+pub mod device;
 pub mod io;
 pub mod loader;
 pub mod meta;
 pub mod profile;
 pub mod sim_cluster;
 
+mod engine;
 mod error;
 mod front;
 mod ids;
@@ -18,9 +21,13 @@ mod request;
 mod volume;
 
 pub use buf::{AlignedBuf, IoBuf};
+pub use device::{DeviceConfig, DeviceKind, FaultConfig};
+pub use engine::{Engine, EngineConfig, ReactorSnapshot, VolumeHandle};
 pub use error::EngineError;
 pub use front::{validate, MAX_REQUEST_BYTES};
 pub use ids::*;
 pub use loader::{DeviceSpec, FormatPolicy};
 pub use request::{Completion, Errno, Port, PortWaker, Request, RequestKind};
-pub use volume::{chunk_owner, validate_volume_name, DeviceHealth, DeviceState, Volume, VolumeStats};
+pub use volume::{
+    chunk_owner, validate_volume_name, DeviceHealth, DeviceState, Volume, VolumeStats,
+};

@@ -55,12 +55,30 @@ pub struct LoadedDevice {
     pub slot: u64,
 }
 
-pub fn load_device(spec: &DeviceSpec, access: &mut dyn SyncAccess) -> Result<LoadedDevice, EngineError> {
-    let dev_err = |message: String| EngineError::Device { device: spec.name.clone(), message };
-    let io_err = |source: std::io::Error| EngineError::DeviceIo { device: spec.name.clone(), source };
-    let meta_err = |source: MetaError| EngineError::Metadata { device: spec.name.clone(), source };
-    if !spec.chunk_size_bytes.is_power_of_two() || spec.chunk_size_bytes < 4096 || spec.chunk_size_bytes > (1 << 30) {
-        return Err(dev_err(format!("chunk_size_bytes = {} must be a power of two between 4096 and 1 GiB", spec.chunk_size_bytes)));
+pub fn load_device(
+    spec: &DeviceSpec,
+    access: &mut dyn SyncAccess,
+) -> Result<LoadedDevice, EngineError> {
+    let dev_err = |message: String| EngineError::Device {
+        device: spec.name.clone(),
+        message,
+    };
+    let io_err = |source: std::io::Error| EngineError::DeviceIo {
+        device: spec.name.clone(),
+        source,
+    };
+    let meta_err = |source: MetaError| EngineError::Metadata {
+        device: spec.name.clone(),
+        source,
+    };
+    if !spec.chunk_size_bytes.is_power_of_two()
+        || spec.chunk_size_bytes < 4096
+        || spec.chunk_size_bytes > (1 << 30)
+    {
+        return Err(dev_err(format!(
+            "chunk_size_bytes = {} must be a power of two between 4096 and 1 GiB",
+            spec.chunk_size_bytes
+        )));
     }
     if !spec.persistent {
         let label = plan(spec)?;
@@ -73,20 +91,30 @@ pub fn load_device(spec: &DeviceSpec, access: &mut dyn SyncAccess) -> Result<Loa
         (_, FormatPolicy::Always) => true,
         (Err(MetaError::NoLabel), FormatPolicy::IfBlank) => true,
         (Err(MetaError::NoLabel), FormatPolicy::Never) => {
-            return Err(dev_err("has no ringblock label and format = \"never\"".into()));
+            return Err(dev_err(
+                "has no ringblock label and format = \"never\"".into(),
+            ));
         }
         (Err(e), _) => {
-            return Err(dev_err(format!("{e}; refusing to overwrite it (set format = \"always\" to reformat)")));
+            return Err(dev_err(format!(
+                "{e}; refusing to overwrite it (set format = \"always\" to reformat)"
+            )));
         }
         (Ok(_), _) => false,
     };
     if format {
         let label = plan(spec)?;
         tracing::info!(device = %spec.name, chunks = label.total_chunks, "formatting device");
-        let empty = MetaSnapshot::default().encode(label.slot_bytes).map_err(meta_err)?;
-        access.write_at(label.slot_offset_bytes(0), &empty).map_err(io_err)?;
+        let empty = MetaSnapshot::default()
+            .encode(label.slot_bytes)
+            .map_err(meta_err)?;
+        access
+            .write_at(label.slot_offset_bytes(0), &empty)
+            .map_err(io_err)?;
         // A stale slot 1 from an earlier format could carry a higher generation.
-        access.write_at(label.slot_offset_bytes(1), &vec![0u8; 4096]).map_err(io_err)?;
+        access
+            .write_at(label.slot_offset_bytes(1), &vec![0u8; 4096])
+            .map_err(io_err)?;
         access.sync().map_err(io_err)?;
         access.write_at(0, &label.encode()).map_err(io_err)?;
         access.sync().map_err(io_err)?;
@@ -101,11 +129,19 @@ pub fn load_device(spec: &DeviceSpec, access: &mut dyn SyncAccess) -> Result<Loa
     }
     let data_end = label.data_offset_bytes + u64::from(label.total_chunks) * label.chunk_size_bytes;
     if data_end > spec.size_bytes {
-        return Err(dev_err(format!("is {} bytes but its label needs {data_end}: device shrank?", spec.size_bytes)));
+        return Err(dev_err(format!(
+            "is {} bytes but its label needs {data_end}: device shrank?",
+            spec.size_bytes
+        )));
     }
-    let mut slots = [vec![0u8; label.slot_bytes as usize], vec![0u8; label.slot_bytes as usize]];
+    let mut slots = [
+        vec![0u8; label.slot_bytes as usize],
+        vec![0u8; label.slot_bytes as usize],
+    ];
     for (i, s) in slots.iter_mut().enumerate() {
-        access.read_at(label.slot_offset_bytes(i as u64), s).map_err(io_err)?;
+        access
+            .read_at(label.slot_offset_bytes(i as u64), s)
+            .map_err(io_err)?;
     }
     let (slot, snapshot) = pick_slot(&slots[0], &slots[1]).map_err(meta_err)?;
     build(spec, label, snapshot, slot)
@@ -122,8 +158,16 @@ fn plan(spec: &DeviceSpec) -> Result<Label, EngineError> {
     })
 }
 
-fn build(spec: &DeviceSpec, label: Label, snapshot: MetaSnapshot, slot: u64) -> Result<LoadedDevice, EngineError> {
-    let corrupt = |m: String| EngineError::Device { device: spec.name.clone(), message: format!("corrupt metadata: {m}") };
+fn build(
+    spec: &DeviceSpec,
+    label: Label,
+    snapshot: MetaSnapshot,
+    slot: u64,
+) -> Result<LoadedDevice, EngineError> {
+    let corrupt = |m: String| EngineError::Device {
+        device: spec.name.clone(),
+        message: format!("corrupt metadata: {m}"),
+    };
     let state = Arc::new(DeviceState {
         id: spec.id,
         name: spec.name.clone(),
@@ -145,19 +189,32 @@ fn build(spec: &DeviceSpec, label: Label, snapshot: MetaSnapshot, slot: u64) -> 
         }
         let volume = Volume::new(rec.id, rec.name.clone(), state.clone(), rec.size_bytes);
         if rec.size_bytes > volume.max_size_bytes() {
-            return Err(corrupt(format!("volume {} is larger than its device", rec.name)));
+            return Err(corrupt(format!(
+                "volume {} is larger than its device",
+                rec.name
+            )));
         }
         let chunks = rec.size_bytes.div_ceil(state.chunk_size_bytes());
         for (c, p) in rec.mapped {
             if c.0 >= chunks {
-                return Err(corrupt(format!("volume {} maps chunk {c} past its end", rec.name)));
+                return Err(corrupt(format!(
+                    "volume {} maps chunk {c} past its end",
+                    rec.name
+                )));
             }
             if !state.alloc.claim(p) {
-                return Err(corrupt(format!("chunk {p} is mapped twice or out of range")));
+                return Err(corrupt(format!(
+                    "chunk {p} is mapped twice or out of range"
+                )));
             }
             volume.set_mapping(ChunkIndex(c.0), Some(p));
         }
         volumes.push(Arc::new(volume));
     }
-    Ok(LoadedDevice { state, volumes, generation: snapshot.generation, slot })
+    Ok(LoadedDevice {
+        state,
+        volumes,
+        generation: snapshot.generation,
+        slot,
+    })
 }

@@ -163,7 +163,10 @@ impl MetaSnapshot {
         let mut p = Vec::new();
         p.extend_from_slice(&(self.volumes.len() as u32).to_le_bytes());
         for v in &self.volumes {
-            assert!(v.name.len() <= MAX_VOLUME_NAME_BYTES, "volume name length is validated on create");
+            assert!(
+                v.name.len() <= MAX_VOLUME_NAME_BYTES,
+                "volume name length is validated on create"
+            );
             p.extend_from_slice(&v.id.0.to_le_bytes());
             p.extend_from_slice(&(v.name.len() as u16).to_le_bytes());
             p.extend_from_slice(v.name.as_bytes());
@@ -176,7 +179,10 @@ impl MetaSnapshot {
         }
         let needed = SLOT_HEADER_BYTES + p.len();
         if needed as u64 > slot_bytes {
-            return Err(MetaError::TooLarge { needed, slot: slot_bytes });
+            return Err(MetaError::TooLarge {
+                needed,
+                slot: slot_bytes,
+            });
         }
         let mut b = Vec::with_capacity(slot_bytes as usize);
         b.extend_from_slice(SLOT_MAGIC);
@@ -223,7 +229,8 @@ impl MetaSnapshot {
             if name_len > MAX_VOLUME_NAME_BYTES {
                 return Err(corrupt("volume name too long"));
             }
-            let name = String::from_utf8(r.bytes(name_len)?.to_vec()).map_err(|_| corrupt("volume name not UTF-8"))?;
+            let name = String::from_utf8(r.bytes(name_len)?.to_vec())
+                .map_err(|_| corrupt("volume name not UTF-8"))?;
             let size_bytes = r.u64()?;
             let mapped_len = r.u64()?;
             if mapped_len > (r.remaining() / MAP_ENTRY_BYTES) as u64 {
@@ -233,12 +240,20 @@ impl MetaSnapshot {
             for _ in 0..mapped_len {
                 mapped.push((ChunkIndex(r.u64()?), PhysChunk(r.u32()?)));
             }
-            volumes.push(VolumeRecord { id, name, size_bytes, mapped });
+            volumes.push(VolumeRecord {
+                id,
+                name,
+                size_bytes,
+                mapped,
+            });
         }
         if r.remaining() != 0 {
             return Err(corrupt("trailing bytes"));
         }
-        Ok(MetaSnapshot { generation, volumes })
+        Ok(MetaSnapshot {
+            generation,
+            volumes,
+        })
     }
 }
 
@@ -246,7 +261,11 @@ impl MetaSnapshot {
 /// silent reformat.
 pub fn pick_slot(slot0: &[u8], slot1: &[u8]) -> Result<(u64, MetaSnapshot), MetaError> {
     match (MetaSnapshot::decode(slot0), MetaSnapshot::decode(slot1)) {
-        (Ok(a), Ok(b)) => Ok(if b.generation > a.generation { (1, b) } else { (0, a) }),
+        (Ok(a), Ok(b)) => Ok(if b.generation > a.generation {
+            (1, b)
+        } else {
+            (0, a)
+        }),
         (Ok(a), Err(_)) => Ok((0, a)),
         (Err(_), Ok(b)) => Ok((1, b)),
         (Err(e), Err(_)) => Err(e),
@@ -273,16 +292,24 @@ impl<'a> Reader<'a> {
         Ok(head)
     }
     fn u16(&mut self) -> Result<u16, MetaError> {
-        Ok(u16::from_le_bytes(self.bytes(2)?.try_into().expect("2 bytes")))
+        Ok(u16::from_le_bytes(
+            self.bytes(2)?.try_into().expect("2 bytes"),
+        ))
     }
     fn u32(&mut self) -> Result<u32, MetaError> {
-        Ok(u32::from_le_bytes(self.bytes(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.bytes(4)?.try_into().expect("4 bytes"),
+        ))
     }
     fn u64(&mut self) -> Result<u64, MetaError> {
-        Ok(u64::from_le_bytes(self.bytes(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.bytes(8)?.try_into().expect("8 bytes"),
+        ))
     }
     fn u128(&mut self) -> Result<u128, MetaError> {
-        Ok(u128::from_le_bytes(self.bytes(16)?.try_into().expect("16 bytes")))
+        Ok(u128::from_le_bytes(
+            self.bytes(16)?.try_into().expect("16 bytes"),
+        ))
     }
 }
 
@@ -292,14 +319,27 @@ mod tests {
     use proptest::prelude::*;
 
     fn arb_snapshot() -> impl Strategy<Value = MetaSnapshot> {
-        let vol = (any::<u32>(), "[a-z0-9_-]{1,40}", any::<u64>(), proptest::collection::vec((any::<u64>(), any::<u32>()), 0..50))
+        let vol = (
+            any::<u32>(),
+            "[a-z0-9_-]{1,40}",
+            any::<u64>(),
+            proptest::collection::vec((any::<u64>(), any::<u32>()), 0..50),
+        )
             .prop_map(|(id, name, size_bytes, m)| VolumeRecord {
                 id: VolumeId(id),
                 name,
                 size_bytes,
-                mapped: m.into_iter().map(|(c, p)| (ChunkIndex(c), PhysChunk(p))).collect(),
+                mapped: m
+                    .into_iter()
+                    .map(|(c, p)| (ChunkIndex(c), PhysChunk(p)))
+                    .collect(),
             });
-        (any::<u64>(), proptest::collection::vec(vol, 0..8)).prop_map(|(generation, volumes)| MetaSnapshot { generation, volumes })
+        (any::<u64>(), proptest::collection::vec(vol, 0..8)).prop_map(|(generation, volumes)| {
+            MetaSnapshot {
+                generation,
+                volumes,
+            }
+        })
     }
 
     #[test]
@@ -310,13 +350,22 @@ mod tests {
         assert!(l.data_offset_bytes + u64::from(l.total_chunks) * (1 << 20) <= 1 << 30);
         assert_eq!(Label::decode(&l.encode()).unwrap(), l);
         assert_eq!(Label::decode(&[0u8; 4096]), Err(MetaError::NoLabel));
-        assert!(Label::plan(7, 1 << 20, 1 << 20).is_none(), "no room for data");
+        assert!(
+            Label::plan(7, 1 << 20, 1 << 20).is_none(),
+            "no room for data"
+        );
     }
 
     #[test]
     fn newest_valid_slot_wins_and_torn_slot_falls_back() {
-        let a = MetaSnapshot { generation: 4, volumes: vec![] };
-        let b = MetaSnapshot { generation: 5, volumes: vec![] };
+        let a = MetaSnapshot {
+            generation: 4,
+            volumes: vec![],
+        };
+        let b = MetaSnapshot {
+            generation: 5,
+            volumes: vec![],
+        };
         let ea = a.encode(8192).unwrap();
         let mut eb = b.encode(8192).unwrap();
         assert_eq!(pick_slot(&ea, &eb).unwrap().1.generation, 5);

@@ -36,16 +36,32 @@ pub(crate) enum FlushWaiter {
 
 /// Control-plane messages; they go to the home reactor of the volume's device.
 pub(crate) enum Control {
-    CreateVolume { volume: Arc<Volume>, reply: Reply },
+    CreateVolume {
+        volume: Arc<Volume>,
+        reply: Reply,
+    },
     /// The caller guarantees no IO is in flight on the volume.
-    DeleteVolume { id: VolumeId, reply: Reply },
-    GrowVolume { id: VolumeId, size_bytes: u64, reply: Reply },
+    DeleteVolume {
+        id: VolumeId,
+        reply: Reply,
+    },
+    GrowVolume {
+        id: VolumeId,
+        size_bytes: u64,
+        reply: Reply,
+    },
 }
 
 pub(crate) enum Msg {
     Part(Part),
-    Flush { device: DeviceId, waiter: FlushWaiter },
-    Control { device: DeviceId, control: Control },
+    Flush {
+        device: DeviceId,
+        waiter: FlushWaiter,
+    },
+    Control {
+        device: DeviceId,
+        control: Control,
+    },
 }
 
 /// How reactors reach each other.
@@ -56,8 +72,14 @@ pub(crate) trait Router: Send + Sync {
 
 enum OpCtx {
     Part(Part),
-    ChunkInit { volume: Arc<Volume>, chunk: ChunkIndex, phys: PhysChunk },
-    Round { device: DeviceId },
+    ChunkInit {
+        volume: Arc<Volume>,
+        chunk: ChunkIndex,
+        phys: PhysChunk,
+    },
+    Round {
+        device: DeviceId,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,8 +108,20 @@ pub(crate) struct Home {
 }
 
 impl Home {
-    pub fn new(device: Arc<DeviceState>, volumes: Vec<Arc<Volume>>, generation: u64, current_slot: u64) -> Self {
-        Self { device, volumes, generation, next_slot: current_slot ^ 1, waiting: Vec::new(), round: None }
+    pub fn new(
+        device: Arc<DeviceState>,
+        volumes: Vec<Arc<Volume>>,
+        generation: u64,
+        current_slot: u64,
+    ) -> Self {
+        Self {
+            device,
+            volumes,
+            generation,
+            next_slot: current_slot ^ 1,
+            waiting: Vec::new(),
+            round: None,
+        }
     }
 }
 
@@ -95,7 +129,6 @@ pub(crate) struct ReactorCore<I: Io> {
     pub id: ReactorId,
     pub io: I,
     router: Arc<dyn Router>,
-    devices: HashMap<DeviceId, Arc<DeviceState>>,
     ops: Vec<Option<OpCtx>>,
     free_tags: Vec<u32>,
     /// Ops that did not fit in the ring, in order.
@@ -109,12 +142,11 @@ pub(crate) struct ReactorCore<I: Io> {
 }
 
 impl<I: Io> ReactorCore<I> {
-    pub fn new(id: ReactorId, io: I, router: Arc<dyn Router>, devices: Vec<Arc<DeviceState>>, homes: Vec<Home>) -> Self {
+    pub fn new(id: ReactorId, io: I, router: Arc<dyn Router>, homes: Vec<Home>) -> Self {
         Self {
             id,
             io,
             router,
-            devices: devices.into_iter().map(|d| (d.id, d)).collect(),
             ops: Vec::new(),
             free_tags: Vec::new(),
             blocked: VecDeque::new(),
@@ -127,7 +159,10 @@ impl<I: Io> ReactorCore<I> {
 
     /// Nothing in flight, nothing queued: safe to park.
     pub fn is_idle(&self) -> bool {
-        self.io.in_flight() == 0 && self.blocked.is_empty() && self.outbox.is_empty() && self.initializing.is_empty()
+        self.io.in_flight() == 0
+            && self.blocked.is_empty()
+            && self.outbox.is_empty()
+            && self.initializing.is_empty()
     }
 
     /// Operations tracked right now (for stats).
@@ -139,7 +174,10 @@ impl<I: Io> ReactorCore<I> {
         match msg {
             Msg::Part(part) => self.start_part(part),
             Msg::Flush { device, waiter } => {
-                let home = self.homes.get_mut(&device).expect("flush routed to the device's home reactor");
+                let home = self
+                    .homes
+                    .get_mut(&device)
+                    .expect("flush routed to the device's home reactor");
                 home.waiting.push(waiter);
                 self.start_round(device);
             }
@@ -186,19 +224,35 @@ impl<I: Io> ReactorCore<I> {
         }
     }
 
-    fn submit(&mut self, device: DeviceId, kind: IoKind, offset_bytes: u64, buf: Option<IoBuf>, ctx: OpCtx) {
+    fn submit(
+        &mut self,
+        device: DeviceId,
+        kind: IoKind,
+        offset_bytes: u64,
+        buf: Option<IoBuf>,
+        ctx: OpCtx,
+    ) {
         let tag = match self.free_tags.pop() {
             Some(t) => {
                 self.ops[t as usize] = Some(ctx);
                 t
             }
             None => {
-                assert!(self.ops.len() < MAX_OPS_PER_REACTOR, "reactor op table full");
+                assert!(
+                    self.ops.len() < MAX_OPS_PER_REACTOR,
+                    "reactor op table full"
+                );
                 self.ops.push(Some(ctx));
                 (self.ops.len() - 1) as u32
             }
         };
-        let op = IoOp { device, kind, offset_bytes, buf, tag: u64::from(tag) };
+        let op = IoOp {
+            device,
+            kind,
+            offset_bytes,
+            buf,
+            tag: u64::from(tag),
+        };
         if !self.blocked.is_empty() {
             self.blocked.push_back(op);
         } else if let Err(op) = self.io.push(op) {
@@ -215,7 +269,9 @@ impl<I: Io> ReactorCore<I> {
                 let device = &part.req.volume.device;
                 if let Err(errno) = c.result {
                     match part.req.kind {
-                        RequestKind::Read => device.health.read_errors.fetch_add(1, Ordering::Relaxed),
+                        RequestKind::Read => {
+                            device.health.read_errors.fetch_add(1, Ordering::Relaxed)
+                        }
                         _ => device.health.write_errors.fetch_add(1, Ordering::Relaxed),
                     };
                     part.req.fail(Errno(errno));
@@ -223,8 +279,15 @@ impl<I: Io> ReactorCore<I> {
                 part.buf = c.buf;
                 self.finish_part(part);
             }
-            OpCtx::ChunkInit { volume, chunk, phys } => {
-                let waiting = self.initializing.remove(&(volume.id, chunk)).unwrap_or_default();
+            OpCtx::ChunkInit {
+                volume,
+                chunk,
+                phys,
+            } => {
+                let waiting = self
+                    .initializing
+                    .remove(&(volume.id, chunk))
+                    .unwrap_or_default();
                 match c.result {
                     Ok(_) => {
                         volume.set_mapping(chunk, Some(phys));
@@ -234,7 +297,11 @@ impl<I: Io> ReactorCore<I> {
                         }
                     }
                     Err(errno) => {
-                        volume.device.health.write_errors.fetch_add(1, Ordering::Relaxed);
+                        volume
+                            .device
+                            .health
+                            .write_errors
+                            .fetch_add(1, Ordering::Relaxed);
                         volume.device.alloc.release_unpublished(phys);
                         for part in waiting {
                             part.req.fail(Errno(errno));
@@ -262,7 +329,11 @@ impl<I: Io> ReactorCore<I> {
         let mapped = volume.mapping(part.chunk);
         match (part.req.kind, mapped) {
             (RequestKind::Read, None) => {
-                part.buf.as_mut().expect("read part has a buffer").as_mut_slice().fill(0);
+                part.buf
+                    .as_mut()
+                    .expect("read part has a buffer")
+                    .as_mut_slice()
+                    .fill(0);
                 self.finish_part(part);
             }
             (RequestKind::Read, Some(p)) => {
@@ -274,7 +345,13 @@ impl<I: Io> ReactorCore<I> {
                 let off = device.label.chunk_offset_bytes(p) + part.offset_in_chunk;
                 let buf = part.buf.take();
                 let fua = part.req.fua;
-                self.submit(device.id, IoKind::Write { fua }, off, buf, OpCtx::Part(part));
+                self.submit(
+                    device.id,
+                    IoKind::Write { fua },
+                    off,
+                    buf,
+                    OpCtx::Part(part),
+                );
             }
             (RequestKind::Write, None) => match device.alloc.allocate() {
                 None => {
@@ -285,7 +362,11 @@ impl<I: Io> ReactorCore<I> {
                     // A reused chunk holds an old volume's bytes: zero it before it is mapped.
                     self.initializing.insert(key, vec![part]);
                     let off = device.label.chunk_offset_bytes(phys);
-                    let ctx = OpCtx::ChunkInit { volume: volume.clone(), chunk: key.1, phys };
+                    let ctx = OpCtx::ChunkInit {
+                        volume: volume.clone(),
+                        chunk: key.1,
+                        phys,
+                    };
                     self.submit(device.id, IoKind::Zero { len_bytes: cs }, off, None, ctx);
                 }
             },
@@ -299,7 +380,13 @@ impl<I: Io> ReactorCore<I> {
                 } else {
                     let off = device.label.chunk_offset_bytes(p) + part.offset_in_chunk;
                     let len_bytes = part.len_bytes;
-                    self.submit(device.id, IoKind::Zero { len_bytes }, off, None, OpCtx::Part(part));
+                    self.submit(
+                        device.id,
+                        IoKind::Zero { len_bytes },
+                        off,
+                        None,
+                        OpCtx::Part(part),
+                    );
                 }
             }
             (RequestKind::Flush, _) => unreachable!("flushes are not split into parts"),
@@ -324,14 +411,23 @@ impl<I: Io> ReactorCore<I> {
             req.remaining.store(1, Ordering::Release);
             let home = device.home_reactor(self.router.reactors());
             let device_id = device.id;
-            self.send(home, Msg::Flush { device: device_id, waiter: FlushWaiter::Request(req) });
+            self.send(
+                home,
+                Msg::Flush {
+                    device: device_id,
+                    waiter: FlushWaiter::Request(req),
+                },
+            );
         } else {
             req.complete();
         }
     }
 
     fn control(&mut self, device: DeviceId, control: Control) {
-        let home = self.homes.get_mut(&device).expect("control routed to the device's home reactor");
+        let home = self
+            .homes
+            .get_mut(&device)
+            .expect("control routed to the device's home reactor");
         let reply = match control {
             Control::CreateVolume { volume, reply } => {
                 home.volumes.push(volume);
@@ -350,7 +446,11 @@ impl<I: Io> ReactorCore<I> {
                 }
                 reply
             }
-            Control::GrowVolume { id, size_bytes, reply } => {
+            Control::GrowVolume {
+                id,
+                size_bytes,
+                reply,
+            } => {
                 if let Some(v) = home.volumes.iter().find(|v| v.id == id) {
                     v.set_size_bytes(size_bytes);
                 }
@@ -372,7 +472,10 @@ impl<I: Io> ReactorCore<I> {
         let version = device.meta_version.load(Ordering::Acquire);
         let meta = if version != device.persisted_version.load(Ordering::Acquire) {
             let quarantine = device.alloc.snapshot_quarantine();
-            let snapshot = MetaSnapshot { generation: home.generation + 1, volumes: home.volumes.iter().map(|v| v.record()).collect() };
+            let snapshot = MetaSnapshot {
+                generation: home.generation + 1,
+                volumes: home.volumes.iter().map(|v| v.record()).collect(),
+            };
             match snapshot.encode(device.label.slot_bytes) {
                 Ok(image) => Some((version, quarantine, AlignedBuf::from_slice(&image))),
                 Err(e) => {
@@ -388,13 +491,25 @@ impl<I: Io> ReactorCore<I> {
             // Nothing survives a restart: nothing to sync, and frees are final at once.
             if let Some((version, quarantine, _)) = meta {
                 device.alloc.release(&quarantine);
-                device.persisted_version.fetch_max(version, Ordering::AcqRel);
+                device
+                    .persisted_version
+                    .fetch_max(version, Ordering::AcqRel);
             }
             Self::answer(waiters, Ok(()));
             return;
         }
-        home.round = Some(Round { waiters, stage: Stage::SyncData, meta });
-        self.submit(device_id, IoKind::Sync, 0, None, OpCtx::Round { device: device_id });
+        home.round = Some(Round {
+            waiters,
+            stage: Stage::SyncData,
+            meta,
+        });
+        self.submit(
+            device_id,
+            IoKind::Sync,
+            0,
+            None,
+            OpCtx::Round { device: device_id },
+        );
     }
 
     fn round_step(&mut self, device_id: DeviceId, result: Result<(), Errno>) {
@@ -404,7 +519,10 @@ impl<I: Io> ReactorCore<I> {
         if let Err(e) = result {
             device.health.flush_errors.fetch_add(1, Ordering::Relaxed);
             if round.stage != Stage::SyncData {
-                device.health.metadata_failing.store(true, Ordering::Relaxed);
+                device
+                    .health
+                    .metadata_failing
+                    .store(true, Ordering::Relaxed);
             }
             tracing::error!(device = %device.name, stage = ?round.stage, "flush failed: {e}");
             let round = home.round.take().expect("round");
@@ -415,13 +533,29 @@ impl<I: Io> ReactorCore<I> {
         match (round.stage, round.meta.is_some()) {
             (Stage::SyncData, true) => {
                 round.stage = Stage::WriteMeta;
-                let image = round.meta.as_mut().map(|m| std::mem::replace(&mut m.2, AlignedBuf::zeroed(0))).expect("meta");
+                let image = round
+                    .meta
+                    .as_mut()
+                    .map(|m| std::mem::replace(&mut m.2, AlignedBuf::zeroed(0)))
+                    .expect("meta");
                 let off = device.label.slot_offset_bytes(home.next_slot);
-                self.submit(device_id, IoKind::Write { fua: false }, off, Some(IoBuf::owned(image)), OpCtx::Round { device: device_id });
+                self.submit(
+                    device_id,
+                    IoKind::Write { fua: false },
+                    off,
+                    Some(IoBuf::owned(image)),
+                    OpCtx::Round { device: device_id },
+                );
             }
             (Stage::WriteMeta, _) => {
                 round.stage = Stage::SyncMeta;
-                self.submit(device_id, IoKind::Sync, 0, None, OpCtx::Round { device: device_id });
+                self.submit(
+                    device_id,
+                    IoKind::Sync,
+                    0,
+                    None,
+                    OpCtx::Round { device: device_id },
+                );
             }
             (Stage::SyncData, false) | (Stage::SyncMeta, _) => {
                 let round = home.round.take().expect("round");
@@ -429,8 +563,13 @@ impl<I: Io> ReactorCore<I> {
                     home.generation += 1;
                     home.next_slot ^= 1;
                     device.alloc.release(&quarantine);
-                    device.persisted_version.fetch_max(version, Ordering::AcqRel);
-                    device.health.metadata_failing.store(false, Ordering::Relaxed);
+                    device
+                        .persisted_version
+                        .fetch_max(version, Ordering::AcqRel);
+                    device
+                        .health
+                        .metadata_failing
+                        .store(false, Ordering::Relaxed);
                 }
                 Self::answer(round.waiters, Ok(()));
                 self.start_round(device_id);
@@ -452,9 +591,5 @@ impl<I: Io> ReactorCore<I> {
                 FlushWaiter::Control(reply) => reply(result),
             }
         }
-    }
-
-    pub fn device(&self, id: DeviceId) -> Option<&Arc<DeviceState>> {
-        self.devices.get(&id)
     }
 }

@@ -86,7 +86,11 @@ pub struct Port {
 impl Port {
     pub fn new(capacity: usize, waker: PortWaker) -> Arc<Port> {
         assert!(capacity > 0);
-        Arc::new(Port { queue: ArrayQueue::new(capacity), waker, sleeping: AtomicBool::new(false) })
+        Arc::new(Port {
+            queue: ArrayQueue::new(capacity),
+            waker,
+            sleeping: AtomicBool::new(false),
+        })
     }
 
     pub fn capacity(&self) -> usize {
@@ -171,7 +175,9 @@ impl InFlight {
     }
 
     pub fn fail(&self, e: Errno) {
-        let _ = self.errno.compare_exchange(0, e.0, Ordering::AcqRel, Ordering::Acquire);
+        let _ = self
+            .errno
+            .compare_exchange(0, e.0, Ordering::AcqRel, Ordering::Acquire);
     }
 
     /// Called once per finished part. True when this was the last one.
@@ -186,11 +192,19 @@ impl InFlight {
         // SAFETY: every part is done and dropped its window; we are the only accessor.
         let buf = unsafe { (*self.buf.get()).take() };
         let errno = self.errno.load(Ordering::Acquire);
-        let result = if errno == 0 { Ok(()) } else { Err(Errno(errno)) };
+        let result = if errno == 0 {
+            Ok(())
+        } else {
+            Err(Errno(errno))
+        };
         if result.is_err() {
             self.volume.stats.errors.fetch_add(1, Ordering::Relaxed);
         }
-        self.port.deliver(Completion { tag: self.tag, result, buf });
+        self.port.deliver(Completion {
+            tag: self.tag,
+            result,
+            buf,
+        });
     }
 }
 

@@ -26,7 +26,10 @@ impl Router for SimRouter {
         self.queues.len() as u32
     }
     fn try_send(&self, to: ReactorId, msg: Msg) -> Result<(), Msg> {
-        self.queues[to.0 as usize].lock().expect("sim queue").push_back(msg);
+        self.queues[to.0 as usize]
+            .lock()
+            .expect("sim queue")
+            .push_back(msg);
         Ok(())
     }
 }
@@ -59,7 +62,11 @@ pub struct SimOptions {
 
 impl Default for SimOptions {
     fn default() -> Self {
-        Self { reactors: 2, queue_depth: 16, max_latency_ticks: 8 }
+        Self {
+            reactors: 2,
+            queue_depth: 16,
+            max_latency_ticks: 8,
+        }
     }
 }
 
@@ -73,10 +80,16 @@ pub struct SimCluster {
 
 impl SimCluster {
     /// Load (or format) every disk and build the reactors.
-    pub fn start(seed: u64, opts: SimOptions, disks: Vec<(DeviceSpec, Arc<Mutex<SimDisk>>)>) -> Result<Self, EngineError> {
+    pub fn start(
+        seed: u64,
+        opts: SimOptions,
+        disks: Vec<(DeviceSpec, Arc<Mutex<SimDisk>>)>,
+    ) -> Result<Self, EngineError> {
         let n = opts.reactors;
         assert!(n > 0);
-        let router = Arc::new(SimRouter { queues: (0..n).map(|_| Mutex::new(VecDeque::new())).collect() });
+        let router = Arc::new(SimRouter {
+            queues: (0..n).map(|_| Mutex::new(VecDeque::new())).collect(),
+        });
         let clock = Arc::new(AtomicU64::new(0));
         let mut devices = Vec::new();
         let mut volumes = Vec::new();
@@ -85,7 +98,12 @@ impl SimCluster {
         for (spec, disk) in &disks {
             let loaded = load_device(spec, &mut SimAccess(disk))?;
             let home = loaded.state.home_reactor(n);
-            homes[home.0 as usize].push(Home::new(loaded.state.clone(), loaded.volumes.clone(), loaded.generation, loaded.slot));
+            homes[home.0 as usize].push(Home::new(
+                loaded.state.clone(),
+                loaded.volumes.clone(),
+                loaded.generation,
+                loaded.slot,
+            ));
             devices.push(loaded.state);
             volumes.extend(loaded.volumes);
             disk_map.insert(spec.id, disk.clone());
@@ -94,12 +112,24 @@ impl SimCluster {
             .into_iter()
             .enumerate()
             .map(|(i, h)| {
-                let io = SimIo::new(disk_map.clone(), clock.clone(), seed.wrapping_mul(31).wrapping_add(i as u64), opts.queue_depth, opts.max_latency_ticks);
+                let io = SimIo::new(
+                    disk_map.clone(),
+                    clock.clone(),
+                    seed.wrapping_mul(31).wrapping_add(i as u64),
+                    opts.queue_depth,
+                    opts.max_latency_ticks,
+                );
                 let r: Arc<dyn Router> = router.clone();
-                ReactorCore::new(ReactorId(i as u32), io, r, devices.clone(), h)
+                ReactorCore::new(ReactorId(i as u32), io, r, h)
             })
             .collect();
-        Ok(Self { reactors, router, clock, devices, volumes })
+        Ok(Self {
+            reactors,
+            router,
+            clock,
+            devices,
+            volumes,
+        })
     }
 
     pub fn volume(&self, name: &str) -> Option<Arc<Volume>> {
@@ -115,9 +145,15 @@ impl SimCluster {
         self.clock.fetch_add(1, Ordering::Relaxed);
         for r in &mut self.reactors {
             // Bounded: only messages already queued at the start of this step.
-            let queued = self.router.queues[r.id.0 as usize].lock().expect("sim queue").len();
+            let queued = self.router.queues[r.id.0 as usize]
+                .lock()
+                .expect("sim queue")
+                .len();
             for _ in 0..queued {
-                let msg = self.router.queues[r.id.0 as usize].lock().expect("sim queue").pop_front();
+                let msg = self.router.queues[r.id.0 as usize]
+                    .lock()
+                    .expect("sim queue")
+                    .pop_front();
                 match msg {
                     Some(m) => r.handle(m),
                     None => break,
@@ -128,7 +164,12 @@ impl SimCluster {
     }
 
     pub fn is_idle(&self) -> bool {
-        self.reactors.iter().all(|r| r.is_idle()) && self.router.queues.iter().all(|q| q.lock().expect("q").is_empty())
+        self.reactors.iter().all(|r| r.is_idle())
+            && self
+                .router
+                .queues
+                .iter()
+                .all(|q| q.lock().expect("q").is_empty())
     }
 
     /// Step until nothing is in flight; panics after `max_ticks` (a livelock is a bug).
@@ -142,7 +183,12 @@ impl SimCluster {
         panic!("simulation did not settle in {max_ticks} ticks");
     }
 
-    pub fn submit(&mut self, volume: &Arc<Volume>, req: Request, port: &Arc<Port>) -> Result<(), (Request, Errno)> {
+    pub fn submit(
+        &mut self,
+        volume: &Arc<Volume>,
+        req: Request,
+        port: &Arc<Port>,
+    ) -> Result<(), (Request, Errno)> {
         let n = self.reactors.len() as u32;
         let router = self.router.clone();
         crate::front::submit(volume, req, port, n, &mut |to, msg| {
@@ -151,17 +197,46 @@ impl SimCluster {
     }
 
     /// Create a volume and wait (in simulated time) until its metadata is durable.
-    pub fn create_volume(&mut self, device: DeviceId, id: VolumeId, name: &str, size_bytes: u64) -> Result<Arc<Volume>, EngineError> {
-        let state = self.device(device).ok_or_else(|| EngineError::Config(format!("no device {device}")))?;
-        let volume = Arc::new(crate::volume::checked_new_volume(id, name, state.clone(), size_bytes)?);
+    pub fn create_volume(
+        &mut self,
+        device: DeviceId,
+        id: VolumeId,
+        name: &str,
+        size_bytes: u64,
+    ) -> Result<Arc<Volume>, EngineError> {
+        let state = self
+            .device(device)
+            .ok_or_else(|| EngineError::Config(format!("no device {device}")))?;
+        let volume = Arc::new(crate::volume::checked_new_volume(
+            id,
+            name,
+            state.clone(),
+            size_bytes,
+        )?);
         let done = Arc::new(Mutex::new(None));
         let d2 = done.clone();
         let reply = Box::new(move |r| *d2.lock().expect("reply") = Some(r));
         let home = state.home_reactor(self.reactors.len() as u32);
-        let _ = self.router.try_send(home, Msg::Control { device, control: Control::CreateVolume { volume: volume.clone(), reply } });
+        let _ = self.router.try_send(
+            home,
+            Msg::Control {
+                device,
+                control: Control::CreateVolume {
+                    volume: volume.clone(),
+                    reply,
+                },
+            },
+        );
         self.run_until_idle(1_000_000);
-        let result = done.lock().expect("reply").take().expect("control answered");
-        result.map_err(|e| EngineError::Volume { volume: name.into(), message: format!("metadata not persisted: {e}") })?;
+        let result = done
+            .lock()
+            .expect("reply")
+            .take()
+            .expect("control answered");
+        result.map_err(|e| EngineError::Volume {
+            volume: name.into(),
+            message: format!("metadata not persisted: {e}"),
+        })?;
         self.volumes.push(volume.clone());
         Ok(volume)
     }
@@ -170,6 +245,9 @@ impl SimCluster {
     pub fn crash(self, disks: &[(DeviceSpec, Arc<Mutex<SimDisk>>)], seed: u64) -> Vec<Vec<u8>> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         drop(self);
-        disks.iter().map(|(_, d)| d.lock().expect("sim disk").crash(&mut rng)).collect()
+        disks
+            .iter()
+            .map(|(_, d)| d.lock().expect("sim disk").crash(&mut rng))
+            .collect()
     }
 }

@@ -97,7 +97,12 @@ pub struct Volume {
 }
 
 impl Volume {
-    pub(crate) fn new(id: VolumeId, name: String, device: Arc<DeviceState>, size_bytes: u64) -> Self {
+    pub(crate) fn new(
+        id: VolumeId,
+        name: String,
+        device: Arc<DeviceState>,
+        size_bytes: u64,
+    ) -> Self {
         let capacity = device.total_chunks() as usize;
         Self {
             id,
@@ -141,14 +146,24 @@ impl Volume {
     /// Chunks that hold data.
     pub fn allocated_chunks(&self) -> u64 {
         let chunks = self.size_bytes().div_ceil(self.chunk_size_bytes()) as usize;
-        self.map[..chunks.min(self.map.len())].iter().filter(|e| e.load(Ordering::Relaxed) != UNMAPPED).count() as u64
+        self.map[..chunks.min(self.map.len())]
+            .iter()
+            .filter(|e| e.load(Ordering::Relaxed) != UNMAPPED)
+            .count() as u64
     }
 
     /// "Data or zero" for a byte range: runs of (length, allocated) covering
     /// `offset_bytes..offset_bytes+len_bytes` (clipped to the volume), at most `max_runs`.
-    pub fn allocation_runs(&self, offset_bytes: u64, len_bytes: u64, max_runs: usize) -> Vec<(u64, bool)> {
+    pub fn allocation_runs(
+        &self,
+        offset_bytes: u64,
+        len_bytes: u64,
+        max_runs: usize,
+    ) -> Vec<(u64, bool)> {
         let cs = self.chunk_size_bytes();
-        let end = offset_bytes.saturating_add(len_bytes).min(self.size_bytes());
+        let end = offset_bytes
+            .saturating_add(len_bytes)
+            .min(self.size_bytes());
         let mut runs: Vec<(u64, bool)> = Vec::new();
         let mut pos = offset_bytes;
         while pos < end {
@@ -179,7 +194,12 @@ impl Volume {
                 (v != UNMAPPED).then_some((ChunkIndex(i as u64), PhysChunk(v)))
             })
             .collect();
-        VolumeRecord { id: self.id, name: self.name.clone(), size_bytes: self.size_bytes(), mapped }
+        VolumeRecord {
+            id: self.id,
+            name: self.name.clone(),
+            size_bytes: self.size_bytes(),
+            mapped,
+        }
     }
 
     /// The reactor that owns `chunk` of this volume.
@@ -197,12 +217,22 @@ pub fn chunk_owner(volume: VolumeId, chunk: ChunkIndex, reactors: u32) -> Reacto
 }
 
 /// Build a new volume after checking what an operator may get wrong.
-pub(crate) fn checked_new_volume(id: VolumeId, name: &str, device: Arc<DeviceState>, size_bytes: u64) -> Result<Volume, crate::EngineError> {
-    let err = |message: String| crate::EngineError::Volume { volume: name.to_string(), message };
+pub(crate) fn checked_new_volume(
+    id: VolumeId,
+    name: &str,
+    device: Arc<DeviceState>,
+    size_bytes: u64,
+) -> Result<Volume, crate::EngineError> {
+    let err = |message: String| crate::EngineError::Volume {
+        volume: name.to_string(),
+        message,
+    };
     validate_volume_name(name).map_err(err)?;
     let block = u64::from(device.profile.logical_block_size_bytes);
     if size_bytes == 0 || size_bytes % block != 0 {
-        return Err(err(format!("size {size_bytes} bytes must be a non-zero multiple of the device block size {block}")));
+        return Err(err(format!(
+            "size {size_bytes} bytes must be a non-zero multiple of the device block size {block}"
+        )));
     }
     let max = u64::from(device.total_chunks()) * device.chunk_size_bytes();
     if size_bytes > max {
@@ -218,7 +248,9 @@ pub(crate) fn checked_new_volume(id: VolumeId, name: &str, device: Arc<DeviceSta
 pub fn validate_volume_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= crate::meta::MAX_VOLUME_NAME_BYTES
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
         && !name.starts_with('.');
     if ok {
         Ok(())

@@ -16,7 +16,10 @@ use rand_chacha::ChaCha8Rng;
 use ringblock_engine::io::sim::SimDisk;
 use ringblock_engine::profile;
 use ringblock_engine::sim_cluster::{SimCluster, SimOptions};
-use ringblock_engine::{AlignedBuf, DeviceId, DeviceSpec, FormatPolicy, IoBuf, Port, PortWaker, Request, RequestKind, Volume, VolumeId};
+use ringblock_engine::{
+    AlignedBuf, DeviceId, DeviceSpec, FormatPolicy, IoBuf, Port, PortWaker, Request, RequestKind,
+    Volume, VolumeId,
+};
 
 const SECTOR: u64 = 512;
 const CHUNK: u64 = 16 * 1024;
@@ -48,7 +51,9 @@ fn decode_sector(data: &[u8], s: u64) -> Result<u64, String> {
     if expect == data {
         Ok(value)
     } else {
-        Err(format!("sector {s} holds bytes no write produced (header value {value})"))
+        Err(format!(
+            "sector {s} holds bytes no write produced (header value {value})"
+        ))
     }
 }
 
@@ -63,7 +68,11 @@ struct SectorLog {
 
 impl SectorLog {
     fn new(v: u64) -> Self {
-        Self { base: 0, vals: vec![v], acked: 0 }
+        Self {
+            base: 0,
+            vals: vec![v],
+            acked: 0,
+        }
     }
 }
 
@@ -73,14 +82,27 @@ struct Model {
 
 impl Model {
     fn log(&mut self, vol: u32, s: u64) -> &mut SectorLog {
-        self.sectors.entry((vol, s)).or_insert_with(|| SectorLog::new(0))
+        self.sectors
+            .entry((vol, s))
+            .or_insert_with(|| SectorLog::new(0))
     }
 }
 
 enum Pending {
-    Read { vol: u32, offset: u64, len: u64 },
-    Write { vol: u32, offset: u64, len: u64, fua: bool },
-    Flush { snaps: Vec<((u32, u64), u64)> },
+    Read {
+        vol: u32,
+        offset: u64,
+        len: u64,
+    },
+    Write {
+        vol: u32,
+        offset: u64,
+        len: u64,
+        fua: bool,
+    },
+    Flush {
+        snaps: Vec<((u32, u64), u64)>,
+    },
 }
 
 struct Workload {
@@ -108,8 +130,17 @@ fn spec() -> DeviceSpec {
 
 fn busy(pending: &HashMap<u64, Pending>, vol: u32, offset: u64, len: u64, is_read: bool) -> bool {
     pending.values().any(|p| match *p {
-        Pending::Write { vol: v, offset: o, len: l, .. } => v == vol && offset < o + l && o < offset + len,
-        Pending::Read { vol: v, offset: o, len: l } if !is_read => v == vol && offset < o + l && o < offset + len,
+        Pending::Write {
+            vol: v,
+            offset: o,
+            len: l,
+            ..
+        } => v == vol && offset < o + l && o < offset + len,
+        Pending::Read {
+            vol: v,
+            offset: o,
+            len: l,
+        } if !is_read => v == vol && offset < o + l && o < offset + len,
         _ => false,
     })
 }
@@ -131,14 +162,43 @@ impl Workload {
         let roll = self.rng.gen_range(0..100);
         let vid = vol.id.0;
         let (req, pending) = if roll < 8 {
-            let snaps = self.model.sectors.iter().map(|(k, l)| (*k, l.acked)).collect();
-            (Request { kind: RequestKind::Flush, offset_bytes: 0, len_bytes: 0, fua: false, buf: None, tag }, Pending::Flush { snaps })
+            let snaps = self
+                .model
+                .sectors
+                .iter()
+                .map(|(k, l)| (*k, l.acked))
+                .collect();
+            (
+                Request {
+                    kind: RequestKind::Flush,
+                    offset_bytes: 0,
+                    len_bytes: 0,
+                    fua: false,
+                    buf: None,
+                    tag,
+                },
+                Pending::Flush { snaps },
+            )
         } else if roll < 28 {
             if busy(&self.pending, vid, offset, len, true) {
                 return;
             }
             let buf = IoBuf::owned(AlignedBuf::zeroed(len as usize));
-            (Request { kind: RequestKind::Read, offset_bytes: offset, len_bytes: len, fua: false, buf: Some(buf), tag }, Pending::Read { vol: vid, offset, len })
+            (
+                Request {
+                    kind: RequestKind::Read,
+                    offset_bytes: offset,
+                    len_bytes: len,
+                    fua: false,
+                    buf: Some(buf),
+                    tag,
+                },
+                Pending::Read {
+                    vol: vid,
+                    offset,
+                    len,
+                },
+            )
         } else {
             if busy(&self.pending, vid, offset, len, false) {
                 return;
@@ -163,7 +223,22 @@ impl Workload {
                 self.model.log(vid, s).vals.push(value);
             }
             let buf = (kind == RequestKind::Write).then(|| IoBuf::owned(data));
-            (Request { kind, offset_bytes: offset, len_bytes: len, fua, buf, tag }, Pending::Write { vol: vid, offset, len, fua })
+            (
+                Request {
+                    kind,
+                    offset_bytes: offset,
+                    len_bytes: len,
+                    fua,
+                    buf,
+                    tag,
+                },
+                Pending::Write {
+                    vol: vid,
+                    offset,
+                    len,
+                    fua,
+                },
+            )
         };
         if let Err((_, e)) = cluster.submit(vol, req, port) {
             panic!("submit refused: {e}");
@@ -173,7 +248,10 @@ impl Workload {
 
     fn reap(&mut self, port: &Arc<Port>) {
         while let Some(c) = port.pop() {
-            let p = self.pending.remove(&c.tag).expect("completion for a pending request");
+            let p = self
+                .pending
+                .remove(&c.tag)
+                .expect("completion for a pending request");
             c.result.unwrap_or_else(|e| panic!("request failed: {e}"));
             match p {
                 Pending::Read { vol, offset, .. } => {
@@ -183,10 +261,18 @@ impl Workload {
                         let got = decode_sector(sec, s).unwrap();
                         let log = self.model.log(vol, s);
                         let want = log.vals[(log.acked - log.base) as usize];
-                        assert_eq!(got, want, "volume {vol} sector {s}: read {got}, last acknowledged {want}");
+                        assert_eq!(
+                            got, want,
+                            "volume {vol} sector {s}: read {got}, last acknowledged {want}"
+                        );
                     }
                 }
-                Pending::Write { vol, offset, len, fua } => {
+                Pending::Write {
+                    vol,
+                    offset,
+                    len,
+                    fua,
+                } => {
                     for s in offset / SECTOR..(offset + len) / SECTOR {
                         let log = self.model.log(vol, s);
                         log.acked = log.base + log.vals.len() as u64 - 1;
@@ -213,22 +299,39 @@ impl Workload {
 
 /// Read everything back after a restart and check it against the model; the model then starts
 /// over from what was read.
-fn verify_after_crash(cluster: &mut SimCluster, vols: &[Arc<Volume>], model: &mut Model, seed: u64, cycle: u32) {
+fn verify_after_crash(
+    cluster: &mut SimCluster,
+    vols: &[Arc<Volume>],
+    model: &mut Model,
+    seed: u64,
+    cycle: u32,
+) {
     let port = Port::new(4, PortWaker::None);
     for vol in vols {
         let mut offset = 0;
         while offset < VOLUME_BYTES {
             let len = 64 * 1024;
             let buf = IoBuf::owned(AlignedBuf::zeroed(len as usize));
-            let req = Request { kind: RequestKind::Read, offset_bytes: offset, len_bytes: len, fua: false, buf: Some(buf), tag: 0 };
-            cluster.submit(vol, req, &port).unwrap_or_else(|(_, e)| panic!("{e}"));
+            let req = Request {
+                kind: RequestKind::Read,
+                offset_bytes: offset,
+                len_bytes: len,
+                fua: false,
+                buf: Some(buf),
+                tag: 0,
+            };
+            cluster
+                .submit(vol, req, &port)
+                .unwrap_or_else(|(_, e)| panic!("{e}"));
             cluster.run_until_idle(100_000);
             let c = port.pop().expect("read completed");
             c.result.unwrap();
             let buf = c.buf.unwrap();
             for (i, sec) in buf.as_slice().chunks(SECTOR as usize).enumerate() {
                 let s = offset / SECTOR + i as u64;
-                let got = decode_sector(sec, s).unwrap_or_else(|e| panic!("seed {seed} cycle {cycle} volume {}: {e}", vol.name));
+                let got = decode_sector(sec, s).unwrap_or_else(|e| {
+                    panic!("seed {seed} cycle {cycle} volume {}: {e}", vol.name)
+                });
                 let log = model.log(vol.id.0, s);
                 assert!(
                     log.vals.contains(&got),
@@ -245,14 +348,30 @@ fn verify_after_crash(cluster: &mut SimCluster, vols: &[Arc<Volume>], model: &mu
 
 fn run_seed(seed: u64) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let opts = SimOptions { reactors: rng.gen_range(1..=3), queue_depth: rng.gen_range(2..=32), max_latency_ticks: rng.gen_range(1..=12) };
+    let opts = SimOptions {
+        reactors: rng.gen_range(1..=3),
+        queue_depth: rng.gen_range(2..=32),
+        max_latency_ticks: rng.gen_range(1..=12),
+    };
     let mut disk = Arc::new(Mutex::new(SimDisk::new(DEVICE_BYTES, true)));
     let mut cluster = SimCluster::start(seed, opts, vec![(spec(), disk.clone())]).unwrap();
     let mut vols = vec![
-        cluster.create_volume(DeviceId(0), VolumeId(1), "a", VOLUME_BYTES).unwrap(),
-        cluster.create_volume(DeviceId(0), VolumeId(2), "b", VOLUME_BYTES).unwrap(),
+        cluster
+            .create_volume(DeviceId(0), VolumeId(1), "a", VOLUME_BYTES)
+            .unwrap(),
+        cluster
+            .create_volume(DeviceId(0), VolumeId(2), "b", VOLUME_BYTES)
+            .unwrap(),
     ];
-    let mut w = Workload { rng: ChaCha8Rng::seed_from_u64(seed ^ 0xABCD), next_value: 0, next_tag: 0, pending: HashMap::new(), model: Model { sectors: HashMap::new() } };
+    let mut w = Workload {
+        rng: ChaCha8Rng::seed_from_u64(seed ^ 0xABCD),
+        next_value: 0,
+        next_tag: 0,
+        pending: HashMap::new(),
+        model: Model {
+            sectors: HashMap::new(),
+        },
+    };
     let port = Port::new(MAX_QD, PortWaker::None);
     for cycle in 0..3 {
         let ops: u32 = w.rng.gen_range(200..1200);
@@ -264,9 +383,20 @@ fn run_seed(seed: u64) {
         // Power cut with requests in flight; what was never acknowledged may or may not be there.
         w.pending.clear();
         let images = cluster.crash(&[(spec(), disk.clone())], seed * 7 + u64::from(cycle));
-        disk = Arc::new(Mutex::new(SimDisk::from_image(images.into_iter().next().unwrap(), true)));
-        cluster = SimCluster::start(seed + 1000 * u64::from(cycle + 1), opts, vec![(spec(), disk.clone())]).unwrap_or_else(|e| panic!("seed {seed}: restart failed: {e}"));
-        vols = vec![cluster.volume("a").expect("volume a survives"), cluster.volume("b").expect("volume b survives")];
+        disk = Arc::new(Mutex::new(SimDisk::from_image(
+            images.into_iter().next().unwrap(),
+            true,
+        )));
+        cluster = SimCluster::start(
+            seed + 1000 * u64::from(cycle + 1),
+            opts,
+            vec![(spec(), disk.clone())],
+        )
+        .unwrap_or_else(|e| panic!("seed {seed}: restart failed: {e}"));
+        vols = vec![
+            cluster.volume("a").expect("volume a survives"),
+            cluster.volume("b").expect("volume b survives"),
+        ];
         while let Some(_stale) = port.pop() {}
         verify_after_crash(&mut cluster, &vols, &mut w.model, seed, cycle);
     }
@@ -274,7 +404,10 @@ fn run_seed(seed: u64) {
 
 #[test]
 fn acknowledged_flushed_writes_survive_crashes() {
-    let seeds: u64 = std::env::var("RINGBLOCK_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(48);
+    let seeds: u64 = std::env::var("RINGBLOCK_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(48);
     for seed in 0..seeds {
         run_seed(seed);
     }
@@ -283,24 +416,47 @@ fn acknowledged_flushed_writes_survive_crashes() {
 #[test]
 fn eio_is_reported_and_other_ranges_keep_working() {
     let disk = Arc::new(Mutex::new(SimDisk::new(DEVICE_BYTES, true)));
-    let mut cluster = SimCluster::start(1, SimOptions::default(), vec![(spec(), disk.clone())]).unwrap();
-    let vol = cluster.create_volume(DeviceId(0), VolumeId(1), "a", VOLUME_BYTES).unwrap();
+    let mut cluster =
+        SimCluster::start(1, SimOptions::default(), vec![(spec(), disk.clone())]).unwrap();
+    let vol = cluster
+        .create_volume(DeviceId(0), VolumeId(1), "a", VOLUME_BYTES)
+        .unwrap();
     let port = Port::new(4, PortWaker::None);
     let write = |cluster: &mut SimCluster, offset: u64| {
         let buf = IoBuf::owned(AlignedBuf::from_slice(&[7u8; 4096]));
-        let req = Request { kind: RequestKind::Write, offset_bytes: offset, len_bytes: 4096, fua: false, buf: Some(buf), tag: offset };
-        cluster.submit(&vol, req, &port).unwrap_or_else(|(_, e)| panic!("{e}"));
+        let req = Request {
+            kind: RequestKind::Write,
+            offset_bytes: offset,
+            len_bytes: 4096,
+            fua: false,
+            buf: Some(buf),
+            tag: offset,
+        };
+        cluster
+            .submit(&vol, req, &port)
+            .unwrap_or_else(|(_, e)| panic!("{e}"));
         cluster.run_until_idle(10_000);
         port.pop().unwrap().result
     };
     assert_eq!(write(&mut cluster, 0), Ok(()));
     // Every data chunk fails from now on: the next new chunk's initialisation hits EIO.
     let dev = cluster.device(DeviceId(0)).unwrap();
-    disk.lock().unwrap().inject_eio(dev.label.data_offset_bytes + CHUNK..DEVICE_BYTES);
+    disk.lock()
+        .unwrap()
+        .inject_eio(dev.label.data_offset_bytes + CHUNK..DEVICE_BYTES);
     let failed = write(&mut cluster, 5 * CHUNK);
     assert_eq!(failed, Err(ringblock_engine::Errno::EIO));
-    assert!(dev.health.write_errors.load(std::sync::atomic::Ordering::Relaxed) >= 1);
-    assert_eq!(write(&mut cluster, 4096), Ok(()), "the healthy chunk keeps working");
+    assert!(
+        dev.health
+            .write_errors
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    assert_eq!(
+        write(&mut cluster, 4096),
+        Ok(()),
+        "the healthy chunk keeps working"
+    );
 }
 
 #[test]
@@ -309,22 +465,50 @@ fn full_device_reports_enospc_and_trim_frees_space_after_flush() {
     let mut cluster = SimCluster::start(2, SimOptions::default(), vec![(spec(), disk)]).unwrap();
     let dev = cluster.device(DeviceId(0)).unwrap();
     let size = u64::from(dev.total_chunks()) * CHUNK;
-    let a = cluster.create_volume(DeviceId(0), VolumeId(1), "a", size).unwrap();
-    let b = cluster.create_volume(DeviceId(0), VolumeId(2), "b", size).unwrap();
+    let a = cluster
+        .create_volume(DeviceId(0), VolumeId(1), "a", size)
+        .unwrap();
+    let b = cluster
+        .create_volume(DeviceId(0), VolumeId(2), "b", size)
+        .unwrap();
     let port = Port::new(4, PortWaker::None);
-    let mut run = |cluster: &mut SimCluster, vol: &Arc<Volume>, kind: RequestKind, offset: u64, len: u64| {
-        let buf = (kind == RequestKind::Write).then(|| IoBuf::owned(AlignedBuf::from_slice(&vec![1u8; len as usize])));
-        let req = Request { kind, offset_bytes: offset, len_bytes: len, fua: false, buf, tag: 0 };
-        cluster.submit(vol, req, &port).unwrap_or_else(|(_, e)| panic!("{e}"));
-        cluster.run_until_idle(100_000);
-        port.pop().unwrap().result
-    };
+    let mut run =
+        |cluster: &mut SimCluster, vol: &Arc<Volume>, kind: RequestKind, offset: u64, len: u64| {
+            let buf = (kind == RequestKind::Write)
+                .then(|| IoBuf::owned(AlignedBuf::from_slice(&vec![1u8; len as usize])));
+            let req = Request {
+                kind,
+                offset_bytes: offset,
+                len_bytes: len,
+                fua: false,
+                buf,
+                tag: 0,
+            };
+            cluster
+                .submit(vol, req, &port)
+                .unwrap_or_else(|(_, e)| panic!("{e}"));
+            cluster.run_until_idle(100_000);
+            port.pop().unwrap().result
+        };
     for c in 0..u64::from(dev.total_chunks()) {
-        assert_eq!(run(&mut cluster, &a, RequestKind::Write, c * CHUNK, 4096), Ok(()));
+        assert_eq!(
+            run(&mut cluster, &a, RequestKind::Write, c * CHUNK, 4096),
+            Ok(())
+        );
     }
-    assert_eq!(run(&mut cluster, &b, RequestKind::Write, 0, 4096), Err(ringblock_engine::Errno::ENOSPC));
-    assert_eq!(run(&mut cluster, &a, RequestKind::Trim, 0, 4 * CHUNK), Ok(()));
-    assert_eq!(run(&mut cluster, &b, RequestKind::Write, 0, 4096), Err(ringblock_engine::Errno::ENOSPC), "freed chunks stay quarantined until a flush");
+    assert_eq!(
+        run(&mut cluster, &b, RequestKind::Write, 0, 4096),
+        Err(ringblock_engine::Errno::ENOSPC)
+    );
+    assert_eq!(
+        run(&mut cluster, &a, RequestKind::Trim, 0, 4 * CHUNK),
+        Ok(())
+    );
+    assert_eq!(
+        run(&mut cluster, &b, RequestKind::Write, 0, 4096),
+        Err(ringblock_engine::Errno::ENOSPC),
+        "freed chunks stay quarantined until a flush"
+    );
     assert_eq!(run(&mut cluster, &a, RequestKind::Flush, 0, 0), Ok(()));
     assert_eq!(run(&mut cluster, &b, RequestKind::Write, 0, 4096), Ok(()));
     assert_eq!(a.allocated_chunks(), u64::from(dev.total_chunks()) - 4);

@@ -61,7 +61,10 @@ impl SimDisk {
 
     /// The stable image, for formatting before any IO is simulated.
     pub fn crash_free_image_mut(&mut self) -> &mut [u8] {
-        assert!(self.cache.is_empty() && self.in_flight.is_empty(), "direct writes only before IO starts");
+        assert!(
+            self.cache.is_empty() && self.in_flight.is_empty(),
+            "direct writes only before IO starts"
+        );
         &mut self.durable
     }
 
@@ -78,13 +81,16 @@ impl SimDisk {
             let (ws, we) = (w.offset, w.offset + w.data.len() as u64);
             let (s, e) = (ws.max(offset), we.min(end));
             if s < e {
-                out[(s - offset) as usize..(e - offset) as usize].copy_from_slice(&w.data[(s - ws) as usize..(e - ws) as usize]);
+                out[(s - offset) as usize..(e - offset) as usize]
+                    .copy_from_slice(&w.data[(s - ws) as usize..(e - ws) as usize]);
             }
         }
     }
 
     fn hits_eio(&self, offset: u64, len: u64) -> bool {
-        self.eio_ranges.iter().any(|r| offset < r.end && r.start < offset + len)
+        self.eio_ranges
+            .iter()
+            .any(|r| offset < r.end && r.start < offset + len)
     }
 
     fn write_cached(&mut self, offset: u64, data: Vec<u8>, fua: bool) {
@@ -98,9 +104,12 @@ impl SimDisk {
 
     /// Write back every cached write with a sequence number below `mark`, in order.
     fn persist_before(&mut self, mark: u64) {
-        let (done, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.cache).into_iter().partition(|w| w.seq < mark);
+        let (done, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.cache)
+            .into_iter()
+            .partition(|w| w.seq < mark);
         for w in done {
-            self.durable[w.offset as usize..w.offset as usize + w.data.len()].copy_from_slice(&w.data);
+            self.durable[w.offset as usize..w.offset as usize + w.data.len()]
+                .copy_from_slice(&w.data);
         }
         self.cache = keep;
     }
@@ -108,15 +117,16 @@ impl SimDisk {
     /// Power cut: returns the stable image a restarted daemon finds.
     pub fn crash(&mut self, rng: &mut ChaCha8Rng) -> Vec<u8> {
         let mut image = std::mem::take(&mut self.durable);
-        let apply_sectors = |image: &mut Vec<u8>, offset: u64, data: &[u8], rng: &mut ChaCha8Rng, torn: bool| {
-            for (i, sector) in data.chunks(SIM_SECTOR_BYTES as usize).enumerate() {
-                if torn && rng.gen_bool(0.5) {
-                    continue;
+        let apply_sectors =
+            |image: &mut Vec<u8>, offset: u64, data: &[u8], rng: &mut ChaCha8Rng, torn: bool| {
+                for (i, sector) in data.chunks(SIM_SECTOR_BYTES as usize).enumerate() {
+                    if torn && rng.gen_bool(0.5) {
+                        continue;
+                    }
+                    let at = offset as usize + i * SIM_SECTOR_BYTES as usize;
+                    image[at..at + sector.len()].copy_from_slice(sector);
                 }
-                let at = offset as usize + i * SIM_SECTOR_BYTES as usize;
-                image[at..at + sector.len()].copy_from_slice(sector);
-            }
-        };
+            };
         for w in std::mem::take(&mut self.cache) {
             if rng.gen_bool(0.5) {
                 let torn = rng.gen_bool(0.3);
@@ -154,7 +164,13 @@ pub struct SimIo {
 }
 
 impl SimIo {
-    pub fn new(disks: HashMap<DeviceId, Arc<Mutex<SimDisk>>>, clock: Arc<AtomicU64>, seed: u64, queue_depth: usize, max_latency_ticks: u64) -> Self {
+    pub fn new(
+        disks: HashMap<DeviceId, Arc<Mutex<SimDisk>>>,
+        clock: Arc<AtomicU64>,
+        seed: u64,
+        queue_depth: usize,
+        max_latency_ticks: u64,
+    ) -> Self {
         assert!(queue_depth > 0 && max_latency_ticks > 0);
         Self {
             disks,
@@ -168,28 +184,54 @@ impl SimIo {
     }
 
     fn complete(&mut self, p: Pending) -> IoCompletion {
-        let Pending { op, sync_mark, in_flight_id, .. } = p;
-        let disk = self.disks.get(&op.device).expect("op on a known device").clone();
+        let Pending {
+            op,
+            sync_mark,
+            in_flight_id,
+            ..
+        } = p;
+        let disk = self
+            .disks
+            .get(&op.device)
+            .expect("op on a known device")
+            .clone();
         let mut disk = disk.lock().expect("sim disk lock");
         if let Some(id) = in_flight_id {
             disk.in_flight.remove(&id);
         }
-        let IoOp { kind, offset_bytes, mut buf, tag, .. } = op;
+        let IoOp {
+            kind,
+            offset_bytes,
+            mut buf,
+            tag,
+            ..
+        } = op;
         let len = match kind {
             IoKind::Read | IoKind::Write { .. } => buf.as_ref().map_or(0, |b| b.len() as u64),
             IoKind::Zero { len_bytes } => len_bytes,
             IoKind::Sync => 0,
         };
-        let out_of_range = offset_bytes.checked_add(len).is_none_or(|e| e > disk.size_bytes());
+        let out_of_range = offset_bytes
+            .checked_add(len)
+            .is_none_or(|e| e > disk.size_bytes());
         let result = if out_of_range {
             Err(libc::EINVAL)
         } else if kind != IoKind::Sync && disk.hits_eio(offset_bytes, len) {
             Err(libc::EIO)
         } else {
             match kind {
-                IoKind::Read => disk.read(offset_bytes, buf.as_mut().expect("read buffer").as_mut_slice()),
-                IoKind::Write { fua } => disk.write_cached(offset_bytes, buf.as_ref().expect("write buffer").as_slice().to_vec(), fua),
-                IoKind::Zero { len_bytes } => disk.write_cached(offset_bytes, vec![0; len_bytes as usize], false),
+                IoKind::Read => disk.read(
+                    offset_bytes,
+                    buf.as_mut().expect("read buffer").as_mut_slice(),
+                ),
+                IoKind::Write { fua } => disk.write_cached(
+                    offset_bytes,
+                    buf.as_ref().expect("write buffer").as_slice().to_vec(),
+                    fua,
+                ),
+                IoKind::Zero { len_bytes } => {
+                    disk.write_cached(offset_bytes, vec![0; len_bytes as usize], false)
+                }
                 IoKind::Sync => disk.persist_before(sync_mark),
             }
             Ok(len as u32)
@@ -203,7 +245,11 @@ impl Io for SimIo {
         if self.pending.len() >= self.queue_depth {
             return Err(op);
         }
-        let disk = self.disks.get(&op.device).expect("op on a known device").clone();
+        let disk = self
+            .disks
+            .get(&op.device)
+            .expect("op on a known device")
+            .clone();
         let mut disk = disk.lock().expect("sim disk lock");
         let sync_mark = disk.next_seq;
         let in_flight_id = match op.kind {
@@ -215,7 +261,10 @@ impl Io for SimIo {
                     (_, Some(b)) => b.as_slice().to_vec(),
                     (_, None) => Vec::new(),
                 };
-                let in_range = op.offset_bytes.checked_add(data.len() as u64).is_some_and(|e| e <= disk.size_bytes());
+                let in_range = op
+                    .offset_bytes
+                    .checked_add(data.len() as u64)
+                    .is_some_and(|e| e <= disk.size_bytes());
                 if in_range {
                     disk.in_flight.insert(id, (op.offset_bytes, data));
                 }
@@ -224,10 +273,17 @@ impl Io for SimIo {
             _ => None,
         };
         drop(disk);
-        let due_tick = self.clock.load(Ordering::Relaxed) + self.rng.gen_range(1..=self.max_latency_ticks);
+        let due_tick =
+            self.clock.load(Ordering::Relaxed) + self.rng.gen_range(1..=self.max_latency_ticks);
         let order = self.next_order;
         self.next_order += 1;
-        self.pending.push(Pending { due_tick, order, op, sync_mark, in_flight_id });
+        self.pending.push(Pending {
+            due_tick,
+            order,
+            op,
+            sync_mark,
+            in_flight_id,
+        });
         Ok(())
     }
 

@@ -1,1 +1,555 @@
-pub struct UringIo;
+//! The real [`Io`]: one io_uring per reactor. O_DIRECT files and block devices go through the
+//! ring (registered as fixed files); RAM, bbram and null devices complete inline. The `delay`
+//! wrapper holds completions until the profile's service time has passed; the `fault` wrapper
+//! fails chosen ops.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::time::Instant;
+
+use io_uring::{opcode, squeue, types, IoUring};
+
+use super::{Io, IoCompletion, IoKind, IoOp};
+use crate::buf::AlignedBuf;
+use crate::device::{Backend, OpenDevice};
+use crate::error::EngineError;
+
+const WAKE_TAG: u64 = u64::MAX;
+/// Memory alignment we guarantee for O_DIRECT (buffers that miss it are bounced).
+const DIRECT_MEM_ALIGN: usize = 512;
+
+struct Slot {
+    op: IoOp,
+    /// Aligned copy for a buffer whose memory O_DIRECT cannot use.
+    bounce: Option<AlignedBuf>,
+    submitted_ns: u64,
+}
+
+struct Delayed {
+    due_ns: u64,
+    seq: u64,
+    completion: IoCompletion,
+}
+
+impl PartialEq for Delayed {
+    fn eq(&self, other: &Self) -> bool {
+        (self.due_ns, self.seq) == (other.due_ns, other.seq)
+    }
+}
+impl Eq for Delayed {}
+impl PartialOrd for Delayed {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Delayed {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.due_ns, self.seq).cmp(&(other.due_ns, other.seq))
+    }
+}
+
+/// What the ring was set up with, for the logs and the dashboard.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RingFeatures {
+    pub single_issuer: bool,
+    pub defer_taskrun: bool,
+    pub fixed_files: bool,
+    pub ext_arg: bool,
+}
+
+pub struct UringIo {
+    ring: IoUring,
+    features: RingFeatures,
+    devices: Vec<Option<Arc<OpenDevice>>>,
+    fixed_index: Vec<Option<u32>>,
+    per_device_in_flight: Vec<u32>,
+    busy_until_ns: Vec<u64>,
+    slots: Vec<Option<Slot>>,
+    free_slots: Vec<u32>,
+    ring_in_flight: usize,
+    ready: VecDeque<IoCompletion>,
+    delayed: BinaryHeap<Reverse<Delayed>>,
+    delayed_seq: u64,
+    in_flight: usize,
+    queue_depth: usize,
+    wake_fd: Arc<OwnedFd>,
+    wake_armed: bool,
+    wake_buf: Box<[u8; 8]>,
+    epoch: Instant,
+}
+
+/// An eventfd a reactor parks on; writing it wakes the reactor.
+pub fn new_wake_fd() -> Result<Arc<OwnedFd>, EngineError> {
+    // SAFETY: plain syscall; the result is checked before use.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(EngineError::Ring(std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    Ok(Arc::new(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+/// Wake whoever parks on `fd`.
+pub fn wake(fd: &OwnedFd) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a valid u64 to an eventfd. EAGAIN (counter full) still wakes.
+    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+}
+
+impl UringIo {
+    /// Build a ring for `devices` (indexed by device id). Call on the thread that will use it:
+    /// the ring is set up single-issuer when the kernel allows.
+    pub fn new(
+        devices: &[Arc<OpenDevice>],
+        queue_depth: usize,
+        wake_fd: Arc<OwnedFd>,
+    ) -> Result<Self, EngineError> {
+        assert!((1..=4096).contains(&queue_depth));
+        let entries = (queue_depth as u32 + 1).next_power_of_two();
+        let mut features = RingFeatures::default();
+        let ring = match IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(entries)
+        {
+            Ok(r) => {
+                features.single_issuer = true;
+                features.defer_taskrun = true;
+                r
+            }
+            Err(_) => match IoUring::builder().setup_coop_taskrun().build(entries) {
+                Ok(r) => r,
+                Err(_) => IoUring::new(entries).map_err(EngineError::Ring)?,
+            },
+        };
+        features.ext_arg = ring.params().is_feature_ext_arg();
+        let max_id = devices
+            .iter()
+            .map(|d| d.spec.id.0 as usize)
+            .max()
+            .map_or(0, |m| m + 1);
+        let mut by_id: Vec<Option<Arc<OpenDevice>>> = vec![None; max_id];
+        let mut fixed_index = vec![None; max_id];
+        let mut fds: Vec<RawFd> = Vec::new();
+        for d in devices {
+            let i = d.spec.id.0 as usize;
+            if let Backend::Direct { file, .. } = &d.backend {
+                fixed_index[i] = Some(fds.len() as u32);
+                fds.push(file.as_raw_fd());
+            }
+            by_id[i] = Some(d.clone());
+        }
+        if !fds.is_empty() {
+            match ring.submitter().register_files(&fds) {
+                Ok(()) => features.fixed_files = true,
+                Err(e) => {
+                    tracing::debug!("fixed files unavailable ({e}); using plain descriptors");
+                    fixed_index.iter_mut().for_each(|f| *f = None);
+                }
+            }
+        }
+        Ok(Self {
+            ring,
+            features,
+            per_device_in_flight: vec![0; max_id],
+            busy_until_ns: vec![0; max_id],
+            devices: by_id,
+            fixed_index,
+            slots: Vec::with_capacity(queue_depth),
+            free_slots: Vec::new(),
+            ring_in_flight: 0,
+            ready: VecDeque::new(),
+            delayed: BinaryHeap::new(),
+            delayed_seq: 0,
+            in_flight: 0,
+            queue_depth,
+            wake_fd,
+            wake_armed: false,
+            wake_buf: Box::new([0; 8]),
+            epoch: Instant::now(),
+        })
+    }
+
+    pub fn features(&self) -> RingFeatures {
+        self.features
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// Where a finished op goes: straight to `ready`, or held back by the delay wrapper.
+    fn finish(
+        &mut self,
+        device: &OpenDevice,
+        kind: IoKind,
+        len: u64,
+        submitted_ns: u64,
+        c: IoCompletion,
+    ) {
+        let i = device.spec.id.0 as usize;
+        self.per_device_in_flight[i] -= 1;
+        let spike = device.fault.as_ref().map_or(0, |f| f.spike_ns());
+        let service = match (&device.delay, kind) {
+            (Some(p), IoKind::Read) => p.read_delay_ns(len),
+            (Some(p), IoKind::Write { .. } | IoKind::Zero { .. }) => p.write_delay_ns(len),
+            (Some(p), IoKind::Sync) => p.flush_delay_ns(),
+            (None, _) => 0,
+        } + spike;
+        if service == 0 {
+            self.ready.push_back(c);
+            return;
+        }
+        // Serve one op at a time per device and direction-agnostic: bandwidth is shared.
+        let start = self.busy_until_ns[i].max(submitted_ns);
+        let due_ns = start + service;
+        self.busy_until_ns[i] = due_ns;
+        self.delayed_seq += 1;
+        self.delayed.push(Reverse(Delayed {
+            due_ns,
+            seq: self.delayed_seq,
+            completion: c,
+        }));
+    }
+
+    fn run_inline(device: &OpenDevice, op: &mut IoOp) -> Result<u32, i32> {
+        let len = match op.kind {
+            IoKind::Zero { len_bytes } => len_bytes,
+            _ => op.buf.as_ref().map_or(0, |b| b.len() as u64),
+        };
+        match (&device.backend, op.kind) {
+            (Backend::Mem(m), IoKind::Read) => m.read(
+                op.offset_bytes,
+                op.buf.as_mut().ok_or(libc::EINVAL)?.as_mut_slice(),
+            ),
+            (Backend::Mem(m), IoKind::Write { fua }) => {
+                m.write(
+                    op.offset_bytes,
+                    op.buf.as_ref().ok_or(libc::EINVAL)?.as_slice(),
+                )?;
+                if fua {
+                    m.persist()?;
+                }
+                Ok(())
+            }
+            (Backend::Mem(m), IoKind::Zero { len_bytes }) => m.zero(op.offset_bytes, len_bytes),
+            (Backend::Mem(m), IoKind::Sync) => m.persist(),
+            (Backend::Null, IoKind::Read) => {
+                op.buf.as_mut().ok_or(libc::EINVAL)?.as_mut_slice().fill(0);
+                Ok(())
+            }
+            (Backend::Null, _) => Ok(()),
+            (Backend::Direct { .. }, _) => unreachable!("direct ops go through the ring"),
+        }
+        .map(|()| len as u32)
+    }
+
+    fn build_sqe(&self, device: &OpenDevice, slot: &mut Slot, tag: u64) -> squeue::Entry {
+        let (file, blockdev) = match &device.backend {
+            Backend::Direct { file, blockdev } => (file.as_raw_fd(), *blockdev),
+            _ => unreachable!("only direct devices use the ring"),
+        };
+        let fixed = self.fixed_index[device.spec.id.0 as usize];
+        let op = &mut slot.op;
+        macro_rules! with_fd {
+            ($b:expr) => {
+                match fixed {
+                    Some(i) => $b(types::Fixed(i)),
+                    None => $b(types::Fd(file)),
+                }
+            };
+        }
+        let (ptr, len) = match (&mut slot.bounce, &mut op.buf) {
+            (Some(b), _) => (b.as_mut_ptr(), b.len() as u32),
+            (None, Some(b)) => (b.as_mut_ptr(), b.len() as u32),
+            (None, None) => (std::ptr::null_mut(), 0),
+        };
+        let entry = match op.kind {
+            IoKind::Read => with_fd!(|fd| opcode::Read::new(fd, ptr, len)
+                .offset(op.offset_bytes)
+                .build()),
+            IoKind::Write { fua } => {
+                let flags = if fua { libc::RWF_DSYNC } else { 0 };
+                with_fd!(|fd| opcode::Write::new(fd, ptr as *const u8, len)
+                    .offset(op.offset_bytes)
+                    .rw_flags(flags)
+                    .build())
+            }
+            IoKind::Sync => with_fd!(|fd| opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build()),
+            IoKind::Zero { len_bytes } => {
+                // Files: punch a hole (reads zeros, frees space). Block devices: zero the range.
+                let mode = if blockdev {
+                    libc::FALLOC_FL_ZERO_RANGE
+                } else {
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+                };
+                with_fd!(|fd| opcode::Fallocate::new(fd, len_bytes)
+                    .offset(op.offset_bytes)
+                    .mode(mode)
+                    .build())
+            }
+        };
+        entry.user_data(tag)
+    }
+
+    fn reap_ring(&mut self) {
+        let mut done: Vec<(u64, i32)> = Vec::new();
+        for cqe in self.ring.completion() {
+            done.push((cqe.user_data(), cqe.result()));
+        }
+        for (tag, res) in done {
+            if tag == WAKE_TAG {
+                self.wake_armed = false;
+                continue;
+            }
+            let slot = self.slots[tag as usize]
+                .take()
+                .expect("completion for a live slot");
+            self.free_slots.push(tag as u32);
+            self.ring_in_flight -= 1;
+            let Slot {
+                mut op,
+                bounce,
+                submitted_ns,
+            } = slot;
+            let expected = match op.kind {
+                IoKind::Read | IoKind::Write { .. } => {
+                    op.buf.as_ref().map_or(0, |b| b.len() as i64)
+                }
+                _ => -1,
+            };
+            let result = if res < 0 {
+                Err(-res)
+            } else if expected >= 0 && i64::from(res) != expected {
+                // A short transfer inside the device's bounds means the device misbehaved.
+                Err(libc::EIO)
+            } else {
+                Ok(res as u32)
+            };
+            if let (Ok(_), IoKind::Read, Some(b)) = (result, op.kind, &bounce) {
+                op.buf
+                    .as_mut()
+                    .expect("read buffer")
+                    .as_mut_slice()
+                    .copy_from_slice(b.as_slice());
+            }
+            let device = self.devices[op.device.0 as usize].clone().expect("device");
+            let len = expected.max(0) as u64;
+            let kind = op.kind;
+            let c = IoCompletion {
+                tag: op.tag,
+                result,
+                buf: op.buf.take(),
+            };
+            self.finish(&device, kind, len, submitted_ns, c);
+        }
+    }
+
+    fn release_due(&mut self) {
+        if self.delayed.is_empty() {
+            return;
+        }
+        let now = self.now_ns();
+        while self.delayed.peek().is_some_and(|d| d.0.due_ns <= now) {
+            let Reverse(d) = self.delayed.pop().expect("peeked");
+            self.ready.push_back(d.completion);
+        }
+    }
+
+    fn arm_wake(&mut self) -> bool {
+        if self.wake_armed {
+            return true;
+        }
+        let read = opcode::Read::new(
+            types::Fd(self.wake_fd.as_raw_fd()),
+            self.wake_buf.as_mut_ptr(),
+            8,
+        )
+        .build()
+        .user_data(WAKE_TAG);
+        // SAFETY: wake_buf is boxed and lives as long as self; the read is reaped (or the ring
+        // closed) before self is dropped.
+        if unsafe { self.ring.submission().push(&read) }.is_err() {
+            return false;
+        }
+        self.wake_armed = true;
+        true
+    }
+}
+
+impl Io for UringIo {
+    fn push(&mut self, mut op: IoOp) -> Result<(), IoOp> {
+        if self.in_flight >= self.queue_depth {
+            return Err(op);
+        }
+        let Some(device) = self.devices.get(op.device.0 as usize).cloned().flatten() else {
+            self.in_flight += 1;
+            self.ready.push_back(IoCompletion {
+                tag: op.tag,
+                result: Err(libc::ENODEV),
+                buf: op.buf.take(),
+            });
+            return Ok(());
+        };
+        let i = device.spec.id.0 as usize;
+        if self.per_device_in_flight[i] >= device.spec.profile.queue_depth {
+            return Err(op);
+        }
+        let len = match op.kind {
+            IoKind::Zero { len_bytes } => len_bytes,
+            _ => op.buf.as_ref().map_or(0, |b| b.len() as u64),
+        };
+        let now = self.now_ns();
+        self.in_flight += 1;
+        self.per_device_in_flight[i] += 1;
+        let is_write = matches!(op.kind, IoKind::Write { .. } | IoKind::Zero { .. });
+        if let Some(errno) = device.fault.as_ref().and_then(|f| {
+            (op.kind != IoKind::Sync)
+                .then(|| f.inject(op.offset_bytes, len, is_write))
+                .flatten()
+        }) {
+            let kind = op.kind;
+            let c = IoCompletion {
+                tag: op.tag,
+                result: Err(errno),
+                buf: op.buf.take(),
+            };
+            self.finish(&device, kind, len, now, c);
+            return Ok(());
+        }
+        if !matches!(device.backend, Backend::Direct { .. }) {
+            let result = Self::run_inline(&device, &mut op);
+            let kind = op.kind;
+            let c = IoCompletion {
+                tag: op.tag,
+                result,
+                buf: op.buf.take(),
+            };
+            self.finish(&device, kind, len, now, c);
+            return Ok(());
+        }
+        let bounce = op
+            .buf
+            .as_ref()
+            .filter(|b| (b.as_ptr() as usize) % DIRECT_MEM_ALIGN != 0)
+            .map(|b| {
+                let mut a = AlignedBuf::zeroed(b.len());
+                if matches!(op.kind, IoKind::Write { .. }) {
+                    a.as_mut_slice().copy_from_slice(b.as_slice());
+                }
+                a
+            });
+        let tag = match self.free_slots.pop() {
+            Some(t) => t,
+            None => {
+                self.slots.push(None);
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let mut slot = Slot {
+            op,
+            bounce,
+            submitted_ns: now,
+        };
+        let sqe = self.build_sqe(&device, &mut slot, u64::from(tag));
+        self.slots[tag as usize] = Some(slot);
+        // SAFETY: the SQE points into the slot's buffer (or bounce buffer), which the slot owns
+        // until the completion is reaped; slots are never dropped while in the ring.
+        while unsafe { self.ring.submission().push(&sqe) }.is_err() {
+            // The SQ is sized above the queue depth, so this only means "submit what is queued".
+            if let Err(e) = self.ring.submit() {
+                tracing::warn!("io_uring submit: {e}");
+            }
+        }
+        self.ring_in_flight += 1;
+        Ok(())
+    }
+
+    fn poll(&mut self, out: &mut Vec<IoCompletion>) -> Result<(), EngineError> {
+        if self.ring_in_flight > 0 || !self.ring.submission().is_empty() {
+            match self.ring.submit() {
+                Ok(_) => {}
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EBUSY)
+                        || e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => return Err(EngineError::Ring(e)),
+            }
+        }
+        self.reap_ring();
+        self.release_due();
+        self.in_flight -= self.ready.len();
+        out.extend(self.ready.drain(..));
+        Ok(())
+    }
+
+    fn park(&mut self, timeout_ns: Option<u64>) -> Result<(), EngineError> {
+        if !self.ready.is_empty() {
+            return Ok(());
+        }
+        let delay_ns = self
+            .delayed
+            .peek()
+            .map(|d| d.0.due_ns.saturating_sub(self.now_ns()));
+        let wait_ns = match (timeout_ns, delay_ns) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if wait_ns == Some(0) {
+            return Ok(());
+        }
+        if !self.arm_wake() {
+            return Ok(());
+        }
+        let res = match wait_ns {
+            Some(ns) if self.features.ext_arg => {
+                let ts = types::Timespec::new()
+                    .sec(ns / 1_000_000_000)
+                    .nsec((ns % 1_000_000_000) as u32);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(1, &args)
+            }
+            _ => self.ring.submit_and_wait(1),
+        };
+        match res {
+            Ok(_) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(EngineError::Ring(e)),
+        }?;
+        // Drain the eventfd counter so the next park blocks again.
+        let mut v = [0u8; 8];
+        // SAFETY: reads 8 bytes into a local from our nonblocking eventfd.
+        unsafe { libc::read(self.wake_fd.as_raw_fd(), v.as_mut_ptr().cast(), 8) };
+        Ok(())
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+}
+
+impl Drop for UringIo {
+    fn drop(&mut self) {
+        // Buffers in the ring belong to the kernel until their completions arrive: wait for
+        // them (bounded: each round reaps at least one) before the slots are freed.
+        if self.wake_armed {
+            wake(&self.wake_fd);
+        }
+        let mut rounds = 0;
+        while (self.ring_in_flight > 0 || self.wake_armed) && rounds < 100_000 {
+            let _ = self.ring.submit_and_wait(1);
+            self.reap_ring();
+            rounds += 1;
+        }
+    }
+}

@@ -1,0 +1,673 @@
+//! The running engine: one reactor thread per configured core, each pinned, each with its own
+//! io_uring; bounded lock-free inboxes between them; and the control API (volumes, stats).
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_queue::ArrayQueue;
+use serde::{Deserialize, Serialize};
+
+use crate::device::{DeviceConfig, OpenDevice};
+use crate::error::EngineError;
+use crate::ids::{DeviceId, ReactorId, VolumeId};
+use crate::io::uring::{new_wake_fd, wake, UringIo};
+use crate::io::Io;
+use crate::loader::load_device;
+use crate::reactor::{Control, FlushWaiter, Home, Msg, ReactorCore, Router};
+use crate::request::{Errno, Port, Request};
+use crate::volume::{checked_new_volume, DeviceState, Volume};
+
+/// Messages a reactor's inbox holds; a full inbox pushes back on submitters.
+pub const INBOX_CAPACITY: usize = 4096;
+/// Ring depth per reactor (bounded further per device by its profile).
+pub const DEFAULT_REACTOR_QUEUE_DEPTH: usize = 256;
+/// How long an idle reactor busy-polls before parking, unless a profile asks otherwise.
+pub const DEFAULT_POLL_IDLE_US: u64 = 50;
+
+/// Engine settings, usually from the daemon's configuration file.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineConfig {
+    /// CPU ids to run reactors on; empty = every core.
+    #[serde(default)]
+    pub cores: Vec<usize>,
+    #[serde(default, rename = "device")]
+    pub devices: Vec<DeviceConfig>,
+    /// Busy-poll window before parking; default: the largest `poll_idle_us` of the profiles.
+    #[serde(default)]
+    pub poll_idle_us: Option<u64>,
+    #[serde(default)]
+    pub queue_depth: Option<usize>,
+}
+
+/// Live counters of one reactor, readable by anyone.
+#[derive(Debug, Default)]
+pub struct ReactorStats {
+    pub busy_ns: AtomicU64,
+    pub idle_ns: AtomicU64,
+    pub parks: AtomicU64,
+    pub messages: AtomicU64,
+    pub completions: AtomicU64,
+    pub ops_in_flight: AtomicU64,
+}
+
+struct ReactorShared {
+    inbox: ArrayQueue<Msg>,
+    parked: AtomicBool,
+    wake_fd: Arc<OwnedFd>,
+    stats: ReactorStats,
+    core_id: Option<usize>,
+}
+
+struct Shared {
+    reactors: Vec<ReactorShared>,
+    stopping: AtomicBool,
+}
+
+impl Router for Shared {
+    fn reactors(&self) -> u32 {
+        self.reactors.len() as u32
+    }
+    fn try_send(&self, to: ReactorId, msg: Msg) -> Result<(), Msg> {
+        let r = &self.reactors[to.0 as usize];
+        r.inbox.push(msg)?;
+        if r.parked.load(Ordering::SeqCst) {
+            wake(&r.wake_fd);
+        }
+        Ok(())
+    }
+}
+
+impl Shared {
+    /// Send from outside a reactor: waits (yielding) while the inbox is full.
+    fn send_blocking(&self, to: ReactorId, mut msg: Msg) {
+        loop {
+            match self.try_send(to, msg) {
+                Ok(()) => return,
+                Err(m) => {
+                    msg = m;
+                    std::thread::yield_now();
+                }
+            }
+        }
+    }
+}
+
+/// A volume opened for IO. While any handle is open the volume cannot be deleted.
+pub struct VolumeHandle {
+    volume: Arc<Volume>,
+    shared: Arc<Shared>,
+}
+
+impl VolumeHandle {
+    pub fn volume(&self) -> &Arc<Volume> {
+        &self.volume
+    }
+
+    /// Submit a request; its completion arrives on `port`. A refused request comes back.
+    pub fn submit(&self, req: Request, port: &Arc<Port>) -> Result<(), (Request, Errno)> {
+        if self.shared.stopping.load(Ordering::Acquire) {
+            return Err((req, Errno::ESHUTDOWN));
+        }
+        let n = self.shared.reactors.len() as u32;
+        crate::front::submit(&self.volume, req, port, n, &mut |to, msg| {
+            self.shared.send_blocking(to, msg)
+        })
+    }
+}
+
+impl Clone for VolumeHandle {
+    fn clone(&self) -> Self {
+        self.volume.open_handles.fetch_add(1, Ordering::AcqRel);
+        Self {
+            volume: self.volume.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for VolumeHandle {
+    fn drop(&mut self) {
+        self.volume.open_handles.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A snapshot of one reactor, for status pages and metrics.
+#[derive(Clone, Debug, Serialize)]
+pub struct ReactorSnapshot {
+    pub id: u32,
+    pub core: Option<usize>,
+    pub busy_ns: u64,
+    pub idle_ns: u64,
+    pub parks: u64,
+    pub messages: u64,
+    pub completions: u64,
+    pub ops_in_flight: u64,
+    pub parked: bool,
+}
+
+pub struct Engine {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    devices: Vec<Arc<DeviceState>>,
+    open_devices: Vec<Arc<OpenDevice>>,
+    volumes: Mutex<Vec<Arc<Volume>>>,
+    next_volume_id: AtomicU32,
+}
+
+impl Engine {
+    /// Open every device, load its metadata, and start the reactors.
+    pub fn start(config: &EngineConfig) -> Result<Engine, EngineError> {
+        let cores = select_cores(&config.cores)?;
+        let n = cores.len() as u32;
+        let mut names = HashMap::new();
+        let mut open_devices = Vec::new();
+        let mut loaded = Vec::new();
+        for (i, dc) in config.devices.iter().enumerate() {
+            if names.insert(dc.name.clone(), i).is_some() {
+                return Err(EngineError::Config(format!(
+                    "device name {:?} is used twice",
+                    dc.name
+                )));
+            }
+            let dev = Arc::new(OpenDevice::open(DeviceId(i as u32), dc)?);
+            let l = load_device(&dev.spec, &mut dev.sync_access())?;
+            tracing::info!(device = %dc.name, kind = %dev.spec.kind, size_bytes = dev.spec.size_bytes, volumes = l.volumes.len(), generation = l.generation, "device ready");
+            open_devices.push(dev);
+            loaded.push(l);
+        }
+        let mut volume_names = HashMap::new();
+        for l in &loaded {
+            for v in &l.volumes {
+                if let Some(other) = volume_names.insert(v.name.clone(), l.state.name.clone()) {
+                    return Err(EngineError::Config(format!(
+                        "volume {:?} exists on devices {other} and {}",
+                        v.name, l.state.name
+                    )));
+                }
+            }
+        }
+        let poll_idle_us = config.poll_idle_us.unwrap_or_else(|| {
+            open_devices
+                .iter()
+                .map(|d| u64::from(d.spec.profile.poll_idle_us))
+                .max()
+                .unwrap_or(DEFAULT_POLL_IDLE_US)
+        });
+        let queue_depth = config.queue_depth.unwrap_or(DEFAULT_REACTOR_QUEUE_DEPTH);
+        if !(1..=4096).contains(&queue_depth) {
+            return Err(EngineError::Config(format!(
+                "queue_depth = {queue_depth} must be between 1 and 4096"
+            )));
+        }
+        let mut reactors = Vec::new();
+        for &core in &cores {
+            reactors.push(ReactorShared {
+                inbox: ArrayQueue::new(INBOX_CAPACITY),
+                parked: AtomicBool::new(false),
+                wake_fd: new_wake_fd()?,
+                stats: ReactorStats::default(),
+                core_id: core,
+            });
+        }
+        let shared = Arc::new(Shared {
+            reactors,
+            stopping: AtomicBool::new(false),
+        });
+        let devices: Vec<Arc<DeviceState>> = loaded.iter().map(|l| l.state.clone()).collect();
+        let mut homes: Vec<Vec<Home>> = (0..n).map(|_| Vec::new()).collect();
+        let mut volumes = Vec::new();
+        let mut max_id = 0;
+        for l in loaded {
+            max_id = l
+                .volumes
+                .iter()
+                .map(|v| v.id.0)
+                .max()
+                .unwrap_or(0)
+                .max(max_id);
+            volumes.extend(l.volumes.iter().cloned());
+            let home = l.state.home_reactor(n);
+            homes[home.0 as usize].push(Home::new(l.state, l.volumes, l.generation, l.slot));
+        }
+        let mut threads = Vec::new();
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<(), EngineError>>();
+        for (i, home) in homes.into_iter().enumerate() {
+            let shared2 = shared.clone();
+            let opens = open_devices.clone();
+            let tx = ready_tx.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("reactor-{i}"))
+                .spawn(move || {
+                    reactor_thread(
+                        ReactorId(i as u32),
+                        shared2,
+                        opens,
+                        home,
+                        queue_depth,
+                        poll_idle_us,
+                        tx,
+                    )
+                })
+                .map_err(|e| EngineError::Config(format!("cannot spawn reactor thread: {e}")))?;
+            threads.push(t);
+        }
+        drop(ready_tx);
+        let mut first_err = None;
+        for _ in 0..n {
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => first_err = first_err.or(Some(e)),
+                Err(_) => {
+                    first_err = first_err.or(Some(EngineError::Config(
+                        "a reactor died while starting".into(),
+                    )))
+                }
+            }
+        }
+        let engine = Engine {
+            shared,
+            threads,
+            devices,
+            open_devices,
+            volumes: Mutex::new(volumes),
+            next_volume_id: AtomicU32::new(max_id + 1),
+        };
+        if let Some(e) = first_err {
+            engine.stop_threads();
+            return Err(e);
+        }
+        tracing::info!(reactors = n, poll_idle_us, queue_depth, "engine started");
+        Ok(engine)
+    }
+
+    pub fn reactor_count(&self) -> u32 {
+        self.shared.reactors.len() as u32
+    }
+
+    pub fn devices(&self) -> &[Arc<DeviceState>] {
+        &self.devices
+    }
+
+    pub fn device_path(&self, id: DeviceId) -> Option<std::path::PathBuf> {
+        self.open_devices
+            .get(id.0 as usize)
+            .and_then(|d| d.path.clone())
+    }
+
+    pub fn volumes(&self) -> Vec<Arc<Volume>> {
+        self.volumes.lock().expect("volume table").clone()
+    }
+
+    pub fn volume(&self, name: &str) -> Option<Arc<Volume>> {
+        self.volumes
+            .lock()
+            .expect("volume table")
+            .iter()
+            .find(|v| v.name == name)
+            .cloned()
+    }
+
+    /// Open a volume for IO.
+    pub fn open(&self, name: &str) -> Result<VolumeHandle, EngineError> {
+        let volume = self.volume(name).ok_or_else(|| EngineError::Volume {
+            volume: name.into(),
+            message: "no such volume".into(),
+        })?;
+        volume.open_handles.fetch_add(1, Ordering::AcqRel);
+        Ok(VolumeHandle {
+            volume,
+            shared: self.shared.clone(),
+        })
+    }
+
+    fn control(&self, device: &DeviceState, control: Control) -> Result<(), Errno> {
+        let home = device.home_reactor(self.reactor_count());
+        let (tx, rx) = mpsc::sync_channel(1);
+        let reply: crate::reactor::Reply = Box::new(move |r| {
+            let _ = tx.send(r);
+        });
+        let control = match control {
+            Control::CreateVolume { volume, .. } => Control::CreateVolume { volume, reply },
+            Control::DeleteVolume { id, .. } => Control::DeleteVolume { id, reply },
+            Control::GrowVolume { id, size_bytes, .. } => Control::GrowVolume {
+                id,
+                size_bytes,
+                reply,
+            },
+        };
+        self.shared.send_blocking(
+            home,
+            Msg::Control {
+                device: device.id,
+                control,
+            },
+        );
+        rx.recv().unwrap_or(Err(Errno::ESHUTDOWN))
+    }
+
+    fn noop_reply() -> crate::reactor::Reply {
+        Box::new(|_| {})
+    }
+
+    /// Create a thin volume on `device`; returns once its metadata is durable.
+    pub fn create_volume(
+        &self,
+        device: &str,
+        name: &str,
+        size_bytes: u64,
+    ) -> Result<Arc<Volume>, EngineError> {
+        let verr = |message: String| EngineError::Volume {
+            volume: name.into(),
+            message,
+        };
+        let dev = self
+            .devices
+            .iter()
+            .find(|d| d.name == device)
+            .ok_or_else(|| verr(format!("no device named {device:?}")))?
+            .clone();
+        let mut table = self.volumes.lock().expect("volume table");
+        if table.iter().any(|v| v.name == name) {
+            return Err(verr("a volume with this name exists".into()));
+        }
+        if table.iter().filter(|v| v.device.id == dev.id).count()
+            >= crate::meta::MAX_VOLUMES_PER_DEVICE
+        {
+            return Err(verr(format!(
+                "device {device} holds the maximum of {} volumes",
+                crate::meta::MAX_VOLUMES_PER_DEVICE
+            )));
+        }
+        let id = VolumeId(self.next_volume_id.fetch_add(1, Ordering::Relaxed));
+        let volume = Arc::new(checked_new_volume(id, name, dev.clone(), size_bytes)?);
+        self.control(
+            &dev,
+            Control::CreateVolume {
+                volume: volume.clone(),
+                reply: Self::noop_reply(),
+            },
+        )
+        .map_err(|e| verr(format!("could not persist metadata: {e}")))?;
+        table.push(volume.clone());
+        tracing::info!(volume = name, device, size_bytes, "volume created");
+        Ok(volume)
+    }
+
+    /// Delete a volume that no one has open; its chunks return to the device.
+    pub fn delete_volume(&self, name: &str) -> Result<(), EngineError> {
+        let verr = |message: String| EngineError::Volume {
+            volume: name.into(),
+            message,
+        };
+        let mut table = self.volumes.lock().expect("volume table");
+        let pos = table
+            .iter()
+            .position(|v| v.name == name)
+            .ok_or_else(|| verr("no such volume".into()))?;
+        let volume = table[pos].clone();
+        let open = volume.open_handles.load(Ordering::Acquire);
+        if open > 0 {
+            return Err(verr(format!(
+                "in use ({open} open handle(s), e.g. an export or a connected client)"
+            )));
+        }
+        volume.deleted.store(true, Ordering::Release);
+        self.control(
+            &volume.device,
+            Control::DeleteVolume {
+                id: volume.id,
+                reply: Self::noop_reply(),
+            },
+        )
+        .map_err(|e| verr(format!("could not persist metadata: {e}")))?;
+        table.remove(pos);
+        tracing::info!(volume = name, "volume deleted");
+        Ok(())
+    }
+
+    /// Grow a volume online. Shrinking is refused: it would destroy data.
+    pub fn grow_volume(&self, name: &str, size_bytes: u64) -> Result<(), EngineError> {
+        let verr = |message: String| EngineError::Volume {
+            volume: name.into(),
+            message,
+        };
+        let table = self.volumes.lock().expect("volume table");
+        let volume = table
+            .iter()
+            .find(|v| v.name == name)
+            .ok_or_else(|| verr("no such volume".into()))?
+            .clone();
+        let current = volume.size_bytes();
+        if size_bytes < current {
+            return Err(verr(format!("new size {size_bytes} is smaller than the current {current}; shrinking is not supported")));
+        }
+        let block = u64::from(volume.device.profile.logical_block_size_bytes);
+        if size_bytes % block != 0 {
+            return Err(verr(format!(
+                "size {size_bytes} must be a multiple of the device block size {block}"
+            )));
+        }
+        if size_bytes > volume.max_size_bytes() {
+            return Err(verr(format!(
+                "size {size_bytes} is larger than device {} can hold ({} bytes)",
+                volume.device.name,
+                volume.max_size_bytes()
+            )));
+        }
+        self.control(
+            &volume.device,
+            Control::GrowVolume {
+                id: volume.id,
+                size_bytes,
+                reply: Self::noop_reply(),
+            },
+        )
+        .map_err(|e| verr(format!("could not persist metadata: {e}")))?;
+        tracing::info!(volume = name, size_bytes, "volume grown");
+        Ok(())
+    }
+
+    /// Flush every device (data and metadata), e.g. before stopping.
+    pub fn flush_all(&self) -> Result<(), EngineError> {
+        let mut rxs = Vec::new();
+        for d in &self.devices {
+            let (tx, rx) = mpsc::sync_channel(1);
+            let reply: crate::reactor::Reply = Box::new(move |r| {
+                let _ = tx.send(r);
+            });
+            let home = d.home_reactor(self.reactor_count());
+            self.shared.send_blocking(
+                home,
+                Msg::Flush {
+                    device: d.id,
+                    waiter: FlushWaiter::Control(reply),
+                },
+            );
+            rxs.push((d.name.clone(), rx));
+        }
+        for (name, rx) in rxs {
+            rx.recv()
+                .unwrap_or(Err(Errno::ESHUTDOWN))
+                .map_err(|e| EngineError::Device {
+                    device: name,
+                    message: format!("flush failed: {e}"),
+                })?;
+        }
+        Ok(())
+    }
+
+    pub fn reactor_stats(&self) -> Vec<ReactorSnapshot> {
+        self.shared
+            .reactors
+            .iter()
+            .enumerate()
+            .map(|(i, r)| ReactorSnapshot {
+                id: i as u32,
+                core: r.core_id,
+                busy_ns: r.stats.busy_ns.load(Ordering::Relaxed),
+                idle_ns: r.stats.idle_ns.load(Ordering::Relaxed),
+                parks: r.stats.parks.load(Ordering::Relaxed),
+                messages: r.stats.messages.load(Ordering::Relaxed),
+                completions: r.stats.completions.load(Ordering::Relaxed),
+                ops_in_flight: r.stats.ops_in_flight.load(Ordering::Relaxed),
+                parked: r.parked.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    /// Drain, flush everything, stop the reactors.
+    pub fn shutdown(mut self) -> Result<(), EngineError> {
+        let flushed = self.flush_all();
+        self.stop_threads();
+        self.threads.clear();
+        flushed
+    }
+
+    fn stop_threads(&self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        for r in &self.shared.reactors {
+            wake(&r.wake_fd);
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop_threads();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn select_cores(wanted: &[usize]) -> Result<Vec<Option<usize>>, EngineError> {
+    let available: Vec<usize> = core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    if wanted.is_empty() {
+        if available.is_empty() {
+            let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+            return Ok(vec![None; n]);
+        }
+        return Ok(available.into_iter().map(Some).collect());
+    }
+    if wanted.len() > 256 {
+        return Err(EngineError::Config("at most 256 cores".into()));
+    }
+    for c in wanted {
+        if !available.is_empty() && !available.contains(c) {
+            return Err(EngineError::Config(format!(
+                "core {c} is not available (this machine offers {available:?})"
+            )));
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    if !wanted.iter().all(|c| seen.insert(*c)) {
+        return Err(EngineError::Config(format!(
+            "cores {wanted:?} lists a core twice"
+        )));
+    }
+    Ok(wanted.iter().copied().map(Some).collect())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn reactor_thread(
+    id: ReactorId,
+    shared: Arc<Shared>,
+    opens: Vec<Arc<OpenDevice>>,
+    homes: Vec<Home>,
+    queue_depth: usize,
+    poll_idle_us: u64,
+    ready: mpsc::Sender<Result<(), EngineError>>,
+) {
+    let me = &shared.reactors[id.0 as usize];
+    if let Some(core) = me.core_id {
+        if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
+            tracing::warn!(reactor = id.0, core, "could not pin reactor to its core");
+        }
+    }
+    let io = match UringIo::new(&opens, queue_depth, me.wake_fd.clone()) {
+        Ok(io) => io,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    tracing::debug!(reactor = id.0, features = ?io.features(), "reactor ring ready");
+    let router: Arc<dyn Router> = shared.clone();
+    let mut core = ReactorCore::new(id, io, router, homes);
+    let _ = ready.send(Ok(()));
+    drop(ready);
+    let poll_idle = Duration::from_micros(poll_idle_us);
+    let mut last_work = Instant::now();
+    let mut busy_since: Option<Instant> = None;
+    loop {
+        let mut work = 0usize;
+        // Bounded batch so completions are reaped between inbox drains.
+        for _ in 0..256 {
+            match me.inbox.pop() {
+                Some(msg) => {
+                    core.handle(msg);
+                    work += 1;
+                }
+                None => break,
+            }
+        }
+        let reaped = match core.poll() {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(reactor = id.0, "ring failed: {e}");
+                0
+            }
+        };
+        me.stats.messages.fetch_add(work as u64, Ordering::Relaxed);
+        me.stats
+            .completions
+            .fetch_add(reaped as u64, Ordering::Relaxed);
+        me.stats
+            .ops_in_flight
+            .store(core.ops_in_flight() as u64, Ordering::Relaxed);
+        let now = Instant::now();
+        if work + reaped > 0 {
+            last_work = now;
+            busy_since.get_or_insert(now);
+            continue;
+        }
+        if shared.stopping.load(Ordering::Acquire) && core.is_idle() && me.inbox.is_empty() {
+            break;
+        }
+        if now.duration_since(last_work) < poll_idle {
+            std::hint::spin_loop();
+            continue;
+        }
+        // Park: announce it, re-check the inbox (a sender may have pushed before seeing the
+        // flag), then block in the ring until a completion, a wake or a timer.
+        if let Some(since) = busy_since.take() {
+            me.stats.busy_ns.fetch_add(
+                now.duration_since(since).as_nanos() as u64,
+                Ordering::Relaxed,
+            );
+        }
+        me.parked.store(true, Ordering::SeqCst);
+        if me.inbox.is_empty() && !shared.stopping.load(Ordering::SeqCst) {
+            me.stats.parks.fetch_add(1, Ordering::Relaxed);
+            let t0 = Instant::now();
+            if let Err(e) = core.io.park(None) {
+                tracing::error!(reactor = id.0, "park failed: {e}");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            me.stats
+                .idle_ns
+                .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        }
+        me.parked.store(false, Ordering::SeqCst);
+        last_work = Instant::now();
+    }
+}
