@@ -1,1 +1,87 @@
-fn main() {}
+//! `ringblock`: the daemon and its command line.
+
+mod config;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use ringblock_engine::profile;
+
+#[derive(Parser)]
+#[command(name = "ringblock", version, about = "Polled-mode storage appliance on io_uring")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon (the default when no command is given).
+    Serve(serve::ServeArgs),
+    /// Firmware profiles of device classes.
+    Profile {
+        #[command(subcommand)]
+        command: ProfileCommand,
+    },
+    /// Check a configuration file without starting anything.
+    CheckConfig { file: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum ProfileCommand {
+    /// List the builtin profiles.
+    List,
+    /// Print a profile (builtin name or path to a TOML file).
+    Show { name: String },
+}
+
+/// Exit codes: 0 fine, 1 failure while running, 2 bad usage or configuration.
+const EXIT_RUNTIME: u8 = 1;
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command.unwrap_or(Command::Serve(serve::ServeArgs::default())) {
+        Command::Serve(args) => serve::run(args),
+        Command::Profile { command: ProfileCommand::List } => {
+            for name in profile::builtin_names() {
+                match profile::builtin(name) {
+                    Ok(p) => println!("{name:8} {}", p.description),
+                    Err(e) => println!("{name:8} (invalid: {e})"),
+                }
+            }
+            Ok(())
+        }
+        Command::Profile { command: ProfileCommand::Show { name } } => match profile::resolve(&name) {
+            Ok(p) => {
+                print!("{}", toml::to_string(&p).expect("profile serializes"));
+                Ok(())
+            }
+            Err(e) => Err(serve::Failure::Config(e.into())),
+        },
+        Command::CheckConfig { file } => match config::DaemonConfig::load(&file) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                Ok(())
+            }
+            Err(e) => Err(serve::Failure::Config(e)),
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(serve::Failure::Config(e)) => {
+            eprintln!("ringblock: error: {e:#}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(serve::Failure::Runtime(e)) => {
+            eprintln!("ringblock: error: {e:#}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}

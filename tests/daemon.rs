@@ -1,0 +1,100 @@
+//! The daemon binary end to end: configuration errors, idle CPU, and data across restarts.
+
+mod common;
+
+use common::{cpu_ticks, run, write_file, Daemon};
+
+fn assert_config_error(args: &[&str], needle: &str) {
+    let (code, _out, err) = run(args);
+    assert_eq!(code, 2, "exit code for {args:?}; stderr: {err}");
+    assert!(err.contains(needle), "stderr for {args:?} should mention {needle:?}: {err}");
+    assert!(!err.contains("panicked"), "panic on bad input: {err}");
+}
+
+#[test]
+fn bad_configurations_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let unknown = write_file(dir.path(), "unknown.toml", "[[device]]\nname = \"d\"\nkind = \"ram\"\nsize_bytes = 67108864\nfrobnicate = true\n");
+    assert_config_error(&["serve", "--config", &unknown], "frobnicate");
+
+    let missing = write_file(dir.path(), "missing.toml", &format!("[[device]]\nname = \"d\"\nkind = \"file\"\npath = \"{}/nope.img\"\n", dir.path().display()));
+    assert_config_error(&["serve", "--config", &missing], "does not exist");
+
+    let profile = write_file(
+        dir.path(),
+        "bad-profile.toml",
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/firmware-profiles/nvme.toml")).unwrap().replace("logical_block_size_bytes = 4096", "logical_block_size_bytes = 3000"),
+    );
+    let with_profile = write_file(dir.path(), "uses-profile.toml", &format!("[[device]]\nname = \"d\"\nkind = \"ram\"\nsize_bytes = 67108864\nprofile = \"{profile}\"\n"));
+    assert_config_error(&["serve", "--config", &with_profile], "logical_block_size_bytes");
+
+    let too_big = write_file(
+        dir.path(),
+        "too-big.toml",
+        "[[device]]\nname = \"d\"\nkind = \"ram\"\nsize_bytes = 67108864\n[[volume]]\nname = \"v\"\ndevice = \"d\"\nsize_bytes = 1073741824\n",
+    );
+    assert_config_error(&["serve", "--config", &too_big], "larger than device");
+
+    let syntax = write_file(dir.path(), "syntax.toml", "[[device]\nname = ");
+    assert_config_error(&["serve", "--config", &syntax], "syntax.toml");
+    assert_config_error(&["serve", "--config", "/nonexistent/ringblock.toml"], "cannot read");
+    assert_config_error(&["profile", "show", "no-such-profile"], "no-such-profile");
+
+    // A file that holds something else is never overwritten.
+    let foreign = dir.path().join("foreign.img");
+    std::fs::write(&foreign, vec![0xAB; 8 << 20]).unwrap();
+    let cfg = write_file(dir.path(), "foreign.toml", &format!("[[device]]\nname = \"d\"\nkind = \"file\"\npath = \"{}\"\n", foreign.display()));
+    assert_config_error(&["serve", "--config", &cfg], "refusing to overwrite");
+    assert!(std::fs::read(&foreign).unwrap().iter().all(|&b| b == 0xAB));
+}
+
+#[test]
+fn cli_basics() {
+    let (code, out, _) = run(&["--version"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("ringblock "));
+    let (code, out, _) = run(&["profile", "list"]);
+    assert_eq!(code, 0);
+    for p in ["nvme", "flash", "bbram"] {
+        assert!(out.contains(p), "{out}");
+    }
+    let (code, out, _) = run(&["profile", "show", "nvme"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("queue_depth"), "{out}");
+}
+
+#[test]
+fn idle_daemon_uses_under_two_percent_of_a_core() {
+    let d = Daemon::start(&[]);
+    assert!(d.stdout_lines.iter().any(|l| l.contains("volume default on ram0")), "{:?}", d.stdout_lines);
+    // Let start-up settle, then measure over a bounded window. A resource check, not a speed one.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let before = cpu_ticks(d.pid());
+    let window = std::time::Duration::from_secs(5);
+    std::thread::sleep(window);
+    let used_s = (cpu_ticks(d.pid()) - before) as f64 / ticks_per_s;
+    let share = used_s / window.as_secs_f64();
+    assert!(share < 0.02, "idle daemon used {:.1}% of a core", share * 100.0);
+    let rest = d.stop();
+    assert!(rest.iter().any(|l| l.contains("stopped cleanly")), "{rest:?}");
+}
+
+#[test]
+fn file_volume_is_found_again_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_file(
+        dir.path(),
+        "file.toml",
+        &format!(
+            "cores = [0]\n[[device]]\nname = \"disk0\"\nkind = \"file\"\npath = \"{}/disk0.img\"\nsize_bytes = 268435456\nprofile = \"nvme\"\n[[volume]]\nname = \"vol1\"\ndevice = \"disk0\"\nsize_bytes = 134217728\n",
+            dir.path().display()
+        ),
+    );
+    let d = Daemon::start(&["--config", &cfg]);
+    d.stop();
+    let d = Daemon::start(&["--config", &cfg]);
+    assert!(d.stdout_lines.iter().any(|l| l.contains("volume vol1 on disk0 (134217728 bytes")), "{:?}", d.stdout_lines);
+    d.stop();
+}
