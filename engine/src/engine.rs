@@ -18,6 +18,7 @@ use crate::io::uring::{new_wake_fd, wake, UringIo};
 use crate::io::Io;
 use crate::loader::load_device;
 use crate::reactor::{Control, FlushWaiter, Home, Msg, ReactorCore, Router};
+use crate::task::{ReactorTask, TaskCtx, MAX_TASKS_PER_REACTOR, RAW_BIT};
 use crate::request::{Errno, Port, Request};
 use crate::volume::{checked_new_volume, DeviceState, Volume};
 
@@ -55,7 +56,7 @@ pub struct ReactorStats {
     pub ops_in_flight: AtomicU64,
 }
 
-struct ReactorShared {
+pub(crate) struct ReactorShared {
     inbox: ArrayQueue<Msg>,
     parked: AtomicBool,
     wake_fd: Arc<OwnedFd>,
@@ -63,8 +64,8 @@ struct ReactorShared {
     core_id: Option<usize>,
 }
 
-struct Shared {
-    reactors: Vec<ReactorShared>,
+pub(crate) struct Shared {
+    pub(crate) reactors: Vec<ReactorShared>,
     stopping: AtomicBool,
 }
 
@@ -83,6 +84,15 @@ impl Router for Shared {
 }
 
 impl Shared {
+    pub(crate) fn wake_if_parked(&self, reactor: usize) {
+        // Pairs with the fence after the reactor announces it is parked.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let r = &self.reactors[reactor];
+        if r.parked.load(Ordering::SeqCst) {
+            wake(&r.wake_fd);
+        }
+    }
+
     /// Send from outside a reactor: waits (yielding) while the inbox is full.
     fn send_blocking(&self, to: ReactorId, mut msg: Msg) {
         loop {
@@ -157,6 +167,7 @@ pub struct Engine {
     open_devices: Vec<Arc<OpenDevice>>,
     volumes: Mutex<Vec<Arc<Volume>>>,
     next_volume_id: AtomicU32,
+    next_task_reactor: AtomicU32,
 }
 
 impl Engine {
@@ -276,6 +287,7 @@ impl Engine {
             open_devices,
             volumes: Mutex::new(volumes),
             next_volume_id: AtomicU32::new(max_id + 1),
+            next_task_reactor: AtomicU32::new(0),
         };
         if let Some(e) = first_err {
             engine.stop_threads();
@@ -283,6 +295,16 @@ impl Engine {
         }
         tracing::info!(reactors = n, poll_idle_us, queue_depth, "engine started");
         Ok(engine)
+    }
+
+    /// Host a transport task on `reactor` (or the least loaded one).
+    pub fn spawn_task(&self, reactor: Option<ReactorId>, task: Box<dyn ReactorTask>) -> ReactorId {
+        let to = reactor.unwrap_or_else(|| {
+            let i = self.next_task_reactor.fetch_add(1, Ordering::Relaxed) % self.reactor_count();
+            ReactorId(i)
+        });
+        self.shared.send_blocking(to, Msg::Task(task));
+        to
     }
 
     pub fn reactor_count(&self) -> u32 {
@@ -608,11 +630,23 @@ fn reactor_thread(
     let poll_idle = Duration::from_micros(poll_idle_us);
     let mut last_work = Instant::now();
     let mut busy_since: Option<Instant> = None;
+    let mut tasks: Vec<Option<Box<dyn ReactorTask>>> = Vec::new();
+    let mut raw_in_flight = 0usize;
+    let mut raw_done: Vec<(u64, i32)> = Vec::new();
+    let mut stop_sent = false;
     loop {
         let mut work = 0usize;
         // Bounded batch so completions are reaped between inbox drains.
         for _ in 0..256 {
             match me.inbox.pop() {
+                Some(Msg::Task(t)) => {
+                    work += 1;
+                    match tasks.iter().position(Option::is_none) {
+                        Some(i) => tasks[i] = Some(t),
+                        None if tasks.len() < MAX_TASKS_PER_REACTOR => tasks.push(Some(t)),
+                        None => tracing::error!(reactor = id.0, "task table full; dropping a task"),
+                    }
+                }
                 Some(msg) => {
                     core.handle(msg);
                     work += 1;
@@ -627,45 +661,64 @@ fn reactor_thread(
                 0
             }
         };
+        work += reaped;
+        core.io.take_raw(&mut raw_done);
+        for (user_data, result) in raw_done.drain(..) {
+            raw_in_flight -= 1;
+            let task_id = ((user_data & !RAW_BIT) >> 32) as u32;
+            if let Some(Some(task)) = tasks.get_mut(task_id as usize) {
+                let mut ctx = TaskCtx { core: &mut core, shared: &shared, task_id, raw_in_flight: &mut raw_in_flight };
+                task.on_ring(&mut ctx, user_data as u32, result);
+            }
+            work += 1;
+        }
+        let stopping = shared.stopping.load(Ordering::Acquire);
+        for (i, slot) in tasks.iter_mut().enumerate() {
+            let Some(task) = slot else { continue };
+            let mut ctx = TaskCtx { core: &mut core, shared: &shared, task_id: i as u32, raw_in_flight: &mut raw_in_flight };
+            if stopping && !stop_sent {
+                task.stop(&mut ctx);
+            }
+            work += task.poll(&mut ctx);
+            if task.finished() {
+                *slot = None;
+            }
+        }
+        stop_sent |= stopping;
         me.stats.messages.fetch_add(work as u64, Ordering::Relaxed);
-        me.stats
-            .completions
-            .fetch_add(reaped as u64, Ordering::Relaxed);
-        me.stats
-            .ops_in_flight
-            .store(core.ops_in_flight() as u64, Ordering::Relaxed);
+        me.stats.completions.fetch_add(reaped as u64, Ordering::Relaxed);
+        me.stats.ops_in_flight.store(core.ops_in_flight() as u64, Ordering::Relaxed);
         let now = Instant::now();
-        if work + reaped > 0 {
+        if work > 0 {
             last_work = now;
             busy_since.get_or_insert(now);
             continue;
         }
-        if shared.stopping.load(Ordering::Acquire) && core.is_idle() && me.inbox.is_empty() {
+        let no_tasks = tasks.iter().all(Option::is_none);
+        if stopping && core.is_idle() && me.inbox.is_empty() && no_tasks && raw_in_flight == 0 {
             break;
         }
         if now.duration_since(last_work) < poll_idle {
             std::hint::spin_loop();
             continue;
         }
-        // Park: announce it, re-check the inbox (a sender may have pushed before seeing the
-        // flag), then block in the ring until a completion, a wake or a timer.
+        // Park: announce it, then re-check the inbox and the tasks' ports (a sender may have
+        // pushed before it saw the flag), then block in the ring until a completion, a wake or
+        // a timer.
         if let Some(since) = busy_since.take() {
-            me.stats.busy_ns.fetch_add(
-                now.duration_since(since).as_nanos() as u64,
-                Ordering::Relaxed,
-            );
+            me.stats.busy_ns.fetch_add(now.duration_since(since).as_nanos() as u64, Ordering::Relaxed);
         }
         me.parked.store(true, Ordering::SeqCst);
-        if me.inbox.is_empty() && !shared.stopping.load(Ordering::SeqCst) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let ready = tasks.iter().flatten().any(|t| t.has_ready());
+        if me.inbox.is_empty() && !ready && !shared.stopping.load(Ordering::SeqCst) {
             me.stats.parks.fetch_add(1, Ordering::Relaxed);
             let t0 = Instant::now();
             if let Err(e) = core.io.park(None) {
                 tracing::error!(reactor = id.0, "park failed: {e}");
                 std::thread::sleep(Duration::from_millis(1));
             }
-            me.stats
-                .idle_ns
-                .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            me.stats.idle_ns.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
         }
         me.parked.store(false, Ordering::SeqCst);
         last_work = Instant::now();

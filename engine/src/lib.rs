@@ -11,6 +11,7 @@ pub mod loader;
 pub mod meta;
 pub mod profile;
 pub mod sim_cluster;
+pub mod task;
 
 mod engine;
 mod error;
@@ -23,6 +24,7 @@ mod volume;
 pub use buf::{AlignedBuf, IoBuf};
 pub use device::{DeviceConfig, DeviceKind, FaultConfig};
 pub use engine::{Engine, EngineConfig, ReactorSnapshot, VolumeHandle};
+pub use io_uring;
 pub use error::EngineError;
 pub use front::{validate, MAX_REQUEST_BYTES};
 pub use ids::*;

@@ -62,6 +62,8 @@ pub(crate) enum Msg {
         device: DeviceId,
         control: Control,
     },
+    /// A transport task to host (threaded runtime only; taken before it reaches the core).
+    Task(Box<dyn crate::task::ReactorTask>),
 }
 
 /// How reactors reach each other.
@@ -182,6 +184,7 @@ impl<I: Io> ReactorCore<I> {
                 self.start_round(device);
             }
             Msg::Control { device, control } => self.control(device, control),
+            Msg::Task(_) => unreachable!("tasks are taken by the runtime before the core"),
         }
     }
 
@@ -214,7 +217,7 @@ impl<I: Io> ReactorCore<I> {
         }
     }
 
-    fn send(&mut self, to: ReactorId, msg: Msg) {
+    pub(crate) fn send(&mut self, to: ReactorId, msg: Msg) {
         if to == self.id {
             self.handle(msg);
         } else if !self.outbox.is_empty() {

@@ -1,7 +1,7 @@
 //! Requests from transports, their split into per-chunk parts, and completion delivery.
 
 use std::cell::UnsafeCell;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use crossbeam_queue::ArrayQueue;
@@ -70,7 +70,7 @@ pub enum PortWaker {
     None,
     /// The owner may be in `std::thread::park`.
     Thread(std::thread::Thread),
-    /// Any callback (e.g. write an eventfd the owner's ring waits on).
+    /// Any callback, run on every delivery (e.g. wake a parked reactor).
     Callback(Box<dyn Fn() + Send + Sync>),
 }
 
@@ -79,8 +79,6 @@ pub enum PortWaker {
 pub struct Port {
     queue: ArrayQueue<Completion>,
     waker: PortWaker,
-    /// Set by the owner before it sleeps so callback wakers only fire when needed.
-    sleeping: AtomicBool,
 }
 
 impl Port {
@@ -89,7 +87,6 @@ impl Port {
         Arc::new(Port {
             queue: ArrayQueue::new(capacity),
             waker,
-            sleeping: AtomicBool::new(false),
         })
     }
 
@@ -101,11 +98,6 @@ impl Port {
         self.queue.pop()
     }
 
-    /// Announce that the owner is about to sleep; it must check [`Port::pop`] once more after.
-    pub fn set_sleeping(&self, sleeping: bool) {
-        self.sleeping.store(sleeping, Ordering::SeqCst);
-    }
-
     pub(crate) fn deliver(&self, c: Completion) {
         // The submitter bounds its in-flight requests by the capacity, so this cannot fail.
         if self.queue.push(c).is_err() {
@@ -114,11 +106,7 @@ impl Port {
         match &self.waker {
             PortWaker::None => {}
             PortWaker::Thread(t) => t.unpark(),
-            PortWaker::Callback(f) => {
-                if self.sleeping.load(Ordering::SeqCst) {
-                    f()
-                }
-            }
+            PortWaker::Callback(f) => f(),
         }
     }
 }

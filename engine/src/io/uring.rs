@@ -69,6 +69,9 @@ pub struct UringIo {
     slots: Vec<Option<Slot>>,
     free_slots: Vec<u32>,
     ring_in_flight: usize,
+    /// Completions of tasks' raw ops, as (user_data, result).
+    raw_done: Vec<(u64, i32)>,
+    raw_in_flight: usize,
     ready: VecDeque<IoCompletion>,
     delayed: BinaryHeap<Reverse<Delayed>>,
     delayed_seq: u64,
@@ -107,7 +110,9 @@ impl UringIo {
         wake_fd: Arc<OwnedFd>,
     ) -> Result<Self, EngineError> {
         assert!((1..=4096).contains(&queue_depth));
-        let entries = (queue_depth as u32 + 1).next_power_of_two();
+        // Device ops, the wake read and tasks' raw ops all fit at once: the CQ (twice the SQ)
+        // can never overflow.
+        let entries = (queue_depth as u32 + 1 + crate::task::MAX_RAW_OPS_PER_REACTOR as u32).next_power_of_two();
         let mut features = RingFeatures::default();
         let ring = match IoUring::builder()
             .setup_single_issuer()
@@ -160,6 +165,8 @@ impl UringIo {
             slots: Vec::with_capacity(queue_depth),
             free_slots: Vec::new(),
             ring_in_flight: 0,
+            raw_done: Vec::new(),
+            raw_in_flight: 0,
             ready: VecDeque::new(),
             delayed: BinaryHeap::new(),
             delayed_seq: 0,
@@ -170,6 +177,26 @@ impl UringIo {
             wake_buf: Box::new([0; 8]),
             epoch: Instant::now(),
         })
+    }
+
+    /// Queue a task's ring op (user_data carries the raw bit, the task and its tag).
+    ///
+    /// # Safety
+    /// What the entry points to must stay valid until its completion is reaped.
+    pub(crate) unsafe fn push_raw(&mut self, entry: squeue::Entry) -> Result<(), ()> {
+        // SAFETY: forwarded contract.
+        if unsafe { self.ring.submission().push(&entry) }.is_err() {
+            self.ring.submit().map_err(|_| ())?;
+            // SAFETY: as above.
+            unsafe { self.ring.submission().push(&entry) }.map_err(|_| ())?;
+        }
+        self.raw_in_flight += 1;
+        Ok(())
+    }
+
+    /// Hand over completed raw ops.
+    pub(crate) fn take_raw(&mut self, out: &mut Vec<(u64, i32)>) {
+        out.append(&mut self.raw_done);
     }
 
     pub fn features(&self) -> RingFeatures {
@@ -304,6 +331,11 @@ impl UringIo {
         for (tag, res) in done {
             if tag == WAKE_TAG {
                 self.wake_armed = false;
+                continue;
+            }
+            if tag & crate::task::RAW_BIT != 0 {
+                self.raw_in_flight -= 1;
+                self.raw_done.push((tag, res));
                 continue;
             }
             let slot = self.slots[tag as usize]
@@ -470,7 +502,7 @@ impl Io for UringIo {
     }
 
     fn poll(&mut self, out: &mut Vec<IoCompletion>) -> Result<(), EngineError> {
-        if self.ring_in_flight > 0 || !self.ring.submission().is_empty() {
+        if self.ring_in_flight > 0 || self.raw_in_flight > 0 || !self.ring.submission().is_empty() {
             match self.ring.submit() {
                 Ok(_) => {}
                 Err(e)
@@ -487,7 +519,7 @@ impl Io for UringIo {
     }
 
     fn park(&mut self, timeout_ns: Option<u64>) -> Result<(), EngineError> {
-        if !self.ready.is_empty() {
+        if !self.ready.is_empty() || !self.raw_done.is_empty() {
             return Ok(());
         }
         let delay_ns = self
@@ -546,7 +578,7 @@ impl Drop for UringIo {
             wake(&self.wake_fd);
         }
         let mut rounds = 0;
-        while (self.ring_in_flight > 0 || self.wake_armed) && rounds < 100_000 {
+        while (self.ring_in_flight > 0 || self.raw_in_flight > 0 || self.wake_armed) && rounds < 100_000 {
             let _ = self.ring.submit_and_wait(1);
             self.reap_ring();
             rounds += 1;

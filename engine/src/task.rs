@@ -1,0 +1,80 @@
+//! Tasks hosted on a reactor: transports run their connections here so that a connection's
+//! socket IO goes through the same io_uring as its chunks' device IO, and a request for a chunk
+//! this reactor owns is served inline, without crossing cores.
+
+use std::sync::Arc;
+
+use io_uring::squeue;
+
+use crate::engine::{Shared, VolumeHandle};
+use crate::ids::ReactorId;
+use crate::io::uring::UringIo;
+use crate::reactor::ReactorCore;
+use crate::request::{Errno, Port, PortWaker, Request};
+
+/// Most ring operations (socket sends/receives…) all tasks of one reactor may have in flight.
+pub const MAX_RAW_OPS_PER_REACTOR: usize = 1024;
+/// Most tasks one reactor hosts.
+pub const MAX_TASKS_PER_REACTOR: usize = 256;
+
+/// A state machine that lives on one reactor thread.
+pub trait ReactorTask: Send {
+    /// Called every loop iteration; returns how much work was done (0 = nothing to do now).
+    fn poll(&mut self, ctx: &mut TaskCtx<'_>) -> usize;
+    /// A ring operation this task pushed with `tag` completed with `result` (bytes or -errno).
+    fn on_ring(&mut self, ctx: &mut TaskCtx<'_>, tag: u32, result: i32);
+    /// The daemon is stopping: finish what is in flight and close.
+    fn stop(&mut self, ctx: &mut TaskCtx<'_>);
+    /// Something is waiting to be handled (e.g. completions in the task's port). Checked just
+    /// before the reactor parks.
+    fn has_ready(&self) -> bool;
+    /// Done, with no ring operation in flight: the reactor drops the task.
+    fn finished(&self) -> bool;
+}
+
+/// What a task may do on its reactor.
+pub struct TaskCtx<'a> {
+    pub(crate) core: &'a mut ReactorCore<UringIo>,
+    pub(crate) shared: &'a Arc<Shared>,
+    pub(crate) task_id: u32,
+    pub(crate) raw_in_flight: &'a mut usize,
+}
+
+pub(crate) const RAW_BIT: u64 = 1 << 63;
+
+impl TaskCtx<'_> {
+    pub fn reactor(&self) -> ReactorId {
+        self.core.id
+    }
+
+    /// Queue a ring operation; its completion comes back through [`ReactorTask::on_ring`].
+    ///
+    /// # Safety
+    /// Every buffer and file descriptor the entry refers to must stay valid until that
+    /// completion arrives (the task owns them and must not drop them earlier).
+    pub unsafe fn push_raw(&mut self, entry: squeue::Entry, tag: u32) -> Result<(), Errno> {
+        if *self.raw_in_flight >= MAX_RAW_OPS_PER_REACTOR {
+            return Err(Errno(libc::EAGAIN));
+        }
+        let user_data = RAW_BIT | (u64::from(self.task_id) << 32) | u64::from(tag);
+        // SAFETY: forwarded contract.
+        unsafe { self.core.io.push_raw(entry.user_data(user_data)) }.map_err(|()| Errno(libc::EAGAIN))?;
+        *self.raw_in_flight += 1;
+        Ok(())
+    }
+
+    /// Submit an engine request. Parts for chunks this reactor owns run right now (a RAM read
+    /// completes before this returns); the rest go to their owners.
+    pub fn submit(&mut self, handle: &VolumeHandle, req: Request, port: &Arc<Port>) -> Result<(), (Request, Errno)> {
+        let n = self.shared.reactors.len() as u32;
+        let core = &mut *self.core;
+        crate::front::submit(handle.volume(), req, port, n, &mut |to, msg| core.send(to, msg))
+    }
+
+    /// A waker for ports this task owns: wakes this reactor if it is parked.
+    pub fn port_waker(&self) -> PortWaker {
+        let shared = self.shared.clone();
+        let me = self.core.id.0 as usize;
+        PortWaker::Callback(Box::new(move || shared.wake_if_parked(me)))
+    }
+}
