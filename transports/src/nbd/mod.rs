@@ -1,3 +1,89 @@
-//! NBD server.
+//! NBD server: the fixed-newstyle handshake runs with blocking IO on the acceptor thread (it is
+//! short and rare); once the client enters the transmission phase the connection becomes a
+//! task on a reactor, where its socket IO goes through that reactor's io_uring.
 
+pub mod conn;
+pub mod handshake;
+pub mod server;
 pub mod wire;
+
+use std::sync::Arc;
+
+use ringblock_engine::{Engine, VolumeHandle};
+
+/// Largest request payload we accept (the NBD recommendation; clients split larger IO).
+pub const MAX_BLOCK_BYTES: u32 = 32 << 20;
+/// Preferred request size we advertise.
+pub const PREFERRED_BLOCK_BYTES: u32 = 4096;
+
+/// What a client sees of one export.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportInfo {
+    pub name: String,
+    pub description: String,
+    pub size_bytes: u64,
+    pub read_only: bool,
+    /// Smallest alignment of offsets and lengths (the device's logical block size).
+    pub min_block_bytes: u32,
+    pub preferred_block_bytes: u32,
+    pub max_block_bytes: u32,
+}
+
+/// The exports a server offers; backed by the engine's volumes.
+pub trait ExportCatalog: Send + Sync {
+    fn list(&self) -> Vec<ExportInfo>;
+    /// Open an export for IO. `None` if there is no such export.
+    fn open(&self, name: &str) -> Option<(ExportInfo, VolumeHandle)>;
+    /// The export used when a client asks for the empty name.
+    fn default_export(&self) -> Option<String>;
+}
+
+/// Every engine volume is an export; `read_only` lists those exported read-only.
+pub struct EngineCatalog {
+    pub engine: Arc<Engine>,
+    pub read_only: Vec<String>,
+}
+
+impl EngineCatalog {
+    fn info(&self, v: &ringblock_engine::Volume) -> ExportInfo {
+        ExportInfo {
+            name: v.name.clone(),
+            description: format!("ringblock volume {} on device {} ({})", v.name, v.device.name, v.device.kind),
+            size_bytes: v.size_bytes(),
+            read_only: self.read_only.iter().any(|r| r == &v.name),
+            min_block_bytes: v.device.profile.logical_block_size_bytes,
+            preferred_block_bytes: v.device.profile.physical_block_size_bytes.max(PREFERRED_BLOCK_BYTES),
+            max_block_bytes: MAX_BLOCK_BYTES,
+        }
+    }
+}
+
+impl ExportCatalog for EngineCatalog {
+    fn list(&self) -> Vec<ExportInfo> {
+        self.engine.volumes().iter().map(|v| self.info(v)).collect()
+    }
+
+    fn open(&self, name: &str) -> Option<(ExportInfo, VolumeHandle)> {
+        let handle = self.engine.open(name).ok()?;
+        Some((self.info(handle.volume()), handle))
+    }
+
+    fn default_export(&self) -> Option<String> {
+        let vols = self.engine.volumes();
+        vols.iter().find(|v| v.name == "default").or(vols.first()).map(|v| v.name.clone())
+    }
+}
+
+/// What the handshake agreed on; everything the transmission phase needs.
+pub struct Negotiated {
+    pub info: ExportInfo,
+    pub handle: VolumeHandle,
+    /// Structured replies (READ as OFFSET_DATA/OFFSET_HOLE chunks, BLOCK_STATUS).
+    pub structured_replies: bool,
+    /// Extended headers: 64-bit lengths, every reply structured-extended.
+    pub extended_headers: bool,
+    /// Context id of `base:allocation`, if the client selected it.
+    pub base_allocation_id: Option<u32>,
+    /// The transmission flags sent to the client.
+    pub transmission_flags: u16,
+}

@@ -1,0 +1,1 @@
+//! Transmission phase (being written).

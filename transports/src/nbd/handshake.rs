@@ -1,0 +1,1 @@
+//! Fixed-newstyle handshake (being written).
