@@ -40,7 +40,11 @@ fn default_nbd_listen() -> Vec<String> {
 
 impl Default for NbdConfig {
     fn default() -> Self {
-        Self { listen: default_nbd_listen(), unix: None, read_only: Vec::new() }
+        Self {
+            listen: default_nbd_listen(),
+            unix: None,
+            read_only: Vec::new(),
+        }
     }
 }
 
@@ -68,18 +72,24 @@ impl DaemonConfig {
         let overhead = 64 << 20; // label, metadata slots and chunk rounding
         Self {
             devices: vec![DeviceConfig::ram("ram0", DEFAULT_VOLUME_BYTES + overhead)],
-            volumes: vec![VolumeConfig { name: "default".into(), device: "ram0".into(), size_bytes: DEFAULT_VOLUME_BYTES }],
+            volumes: vec![VolumeConfig {
+                name: "default".into(),
+                device: "ram0".into(),
+                size_bytes: DEFAULT_VOLUME_BYTES,
+            }],
             ..Self::default()
         }
     }
 
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("config {}: cannot read", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("config {}: cannot read", path.display()))?;
         Self::parse(&text).with_context(|| format!("config {}", path.display()))
     }
 
     pub fn parse(text: &str) -> anyhow::Result<Self> {
-        let cfg: DaemonConfig = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))?;
+        let cfg: DaemonConfig =
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -90,7 +100,11 @@ impl DaemonConfig {
         }
         for v in &self.volumes {
             if !self.devices.iter().any(|d| d.name == v.device) {
-                bail!("[[volume]] {:?} names device {:?}, which is not configured", v.name, v.device);
+                bail!(
+                    "[[volume]] {:?} names device {:?}, which is not configured",
+                    v.name,
+                    v.device
+                );
             }
         }
         let mut names: Vec<&str> = self.volumes.iter().map(|v| v.name.as_str()).collect();
@@ -99,13 +113,19 @@ impl DaemonConfig {
             bail!("[[volume]] {:?} is configured twice", w[0]);
         }
         for addr in &self.nbd.listen {
-            addr.parse::<std::net::SocketAddr>().with_context(|| format!("[nbd] listen = {addr:?} is not an address:port"))?;
+            addr.parse::<std::net::SocketAddr>()
+                .with_context(|| format!("[nbd] listen = {addr:?} is not an address:port"))?;
         }
         Ok(())
     }
 
     pub fn engine_config(&self) -> EngineConfig {
-        EngineConfig { cores: self.cores.clone(), devices: self.devices.clone(), poll_idle_us: self.poll_idle_us, queue_depth: self.queue_depth }
+        EngineConfig {
+            cores: self.cores.clone(),
+            devices: self.devices.clone(),
+            poll_idle_us: self.poll_idle_us,
+            queue_depth: self.queue_depth,
+        }
     }
 }
 
@@ -123,7 +143,8 @@ mod tests {
 
     #[test]
     fn unknown_key_names_the_key() {
-        let e = DaemonConfig::parse("[[device]]\nname='a'\nkind='ram'\nsize_bytes=1\nbogus=1\n").unwrap_err();
+        let e = DaemonConfig::parse("[[device]]\nname='a'\nkind='ram'\nsize_bytes=1\nbogus=1\n")
+            .unwrap_err();
         assert!(format!("{e:#}").contains("bogus"), "{e:#}");
     }
 

@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand};
 use ringblock_engine::profile;
 
 #[derive(Parser)]
-#[command(name = "ringblock", version, about = "Polled-mode storage appliance on io_uring")]
+#[command(
+    name = "ringblock",
+    version,
+    about = "Polled-mode storage appliance on io_uring"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -44,12 +48,19 @@ const EXIT_CONFIG: u8 = 2;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
-    let result = match cli.command.unwrap_or(Command::Serve(serve::ServeArgs::default())) {
+    let result = match cli
+        .command
+        .unwrap_or(Command::Serve(serve::ServeArgs::default()))
+    {
         Command::Serve(args) => serve::run(args),
-        Command::Profile { command: ProfileCommand::List } => {
+        Command::Profile {
+            command: ProfileCommand::List,
+        } => {
             for name in profile::builtin_names() {
                 match profile::builtin(name) {
                     Ok(p) => println!("{name:8} {}", p.description),
@@ -58,7 +69,9 @@ fn main() -> ExitCode {
             }
             Ok(())
         }
-        Command::Profile { command: ProfileCommand::Show { name } } => match profile::resolve(&name) {
+        Command::Profile {
+            command: ProfileCommand::Show { name },
+        } => match profile::resolve(&name) {
             Ok(p) => {
                 print!("{}", toml::to_string(&p).expect("profile serializes"));
                 Ok(())

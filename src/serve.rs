@@ -27,10 +27,14 @@ pub enum Failure {
 impl From<EngineError> for Failure {
     fn from(e: EngineError) -> Self {
         match e {
-            EngineError::Profile { .. } | EngineError::Config(_) | EngineError::Volume { .. } | EngineError::Device { .. } | EngineError::Metadata { .. } => {
-                Failure::Config(e.into())
+            EngineError::Profile { .. }
+            | EngineError::Config(_)
+            | EngineError::Volume { .. }
+            | EngineError::Device { .. }
+            | EngineError::Metadata { .. } => Failure::Config(e.into()),
+            EngineError::DeviceIo { .. } | EngineError::Ring(_) | EngineError::Shutdown => {
+                Failure::Runtime(e.into())
             }
-            EngineError::DeviceIo { .. } | EngineError::Ring(_) | EngineError::Shutdown => Failure::Runtime(e.into()),
         }
     }
 }
@@ -48,7 +52,9 @@ pub fn run(args: ServeArgs) -> Result<(), Failure> {
     let mut stop = SigSet::empty();
     stop.add(Signal::SIGINT);
     stop.add(Signal::SIGTERM);
-    stop.thread_block().context("blocking signals").map_err(Failure::Runtime)?;
+    stop.thread_block()
+        .context("blocking signals")
+        .map_err(Failure::Runtime)?;
 
     let engine = Engine::start(&cfg.engine_config())?;
     for v in &cfg.volumes {
@@ -64,7 +70,9 @@ pub fn run(args: ServeArgs) -> Result<(), Failure> {
                     existing.device.name
                 )));
             }
-            Some(existing) if existing.size_bytes() < v.size_bytes => engine.grow_volume(&v.name, v.size_bytes)?,
+            Some(existing) if existing.size_bytes() < v.size_bytes => {
+                engine.grow_volume(&v.name, v.size_bytes)?
+            }
             Some(_) => {}
         }
     }
@@ -78,11 +86,20 @@ pub fn run(args: ServeArgs) -> Result<(), Failure> {
             v.size_bytes().div_ceil(v.chunk_size_bytes())
         );
     }
-    println!("ringblock: engine running on {} reactor(s)", engine.reactor_count());
+    println!(
+        "ringblock: engine running on {} reactor(s)",
+        engine.reactor_count()
+    );
     println!("ringblock: ready");
-    let signal = stop.wait().context("waiting for signals").map_err(Failure::Runtime)?;
+    let signal = stop
+        .wait()
+        .context("waiting for signals")
+        .map_err(Failure::Runtime)?;
     tracing::info!(?signal, "stopping: draining and flushing");
-    engine.shutdown().context("flushing at shutdown").map_err(Failure::Runtime)?;
+    engine
+        .shutdown()
+        .context("flushing at shutdown")
+        .map_err(Failure::Runtime)?;
     println!("ringblock: stopped cleanly");
     Ok(())
 }

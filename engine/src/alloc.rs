@@ -33,7 +33,7 @@ impl ChunkAllocator {
         let words = (total_chunks as usize).div_ceil(BITS);
         let used: Box<[AtomicU64]> = (0..words).map(|_| AtomicU64::new(0)).collect();
         // Bits past the end are permanently "used" so the search never returns them.
-        if total_chunks as usize % BITS != 0 {
+        if !(total_chunks as usize).is_multiple_of(BITS) {
             let tail = !0u64 << (total_chunks as usize % BITS);
             used[words - 1].store(tail, Ordering::Relaxed);
         }

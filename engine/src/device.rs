@@ -280,7 +280,7 @@ impl FaultState {
         }
         if is_write && self.config.fail_every_nth_write > 0 {
             let n = self.writes.fetch_add(1, Ordering::Relaxed) + 1;
-            if n % self.config.fail_every_nth_write == 0 {
+            if n.is_multiple_of(self.config.fail_every_nth_write) {
                 return Some(libc::EIO);
             }
         }
@@ -292,7 +292,7 @@ impl FaultState {
             return 0;
         }
         let n = self.ops.fetch_add(1, Ordering::Relaxed) + 1;
-        if n % self.config.spike_every_nth == 0 {
+        if n.is_multiple_of(self.config.spike_every_nth) {
             self.config.spike_us * 1000
         } else {
             0

@@ -18,8 +18,8 @@ use crate::io::uring::{new_wake_fd, wake, UringIo};
 use crate::io::Io;
 use crate::loader::load_device;
 use crate::reactor::{Control, FlushWaiter, Home, Msg, ReactorCore, Router};
-use crate::task::{ReactorTask, TaskCtx, MAX_TASKS_PER_REACTOR, RAW_BIT};
 use crate::request::{Errno, Port, Request};
+use crate::task::{ReactorTask, TaskCtx, MAX_TASKS_PER_REACTOR, RAW_BIT};
 use crate::volume::{checked_new_volume, DeviceState, Volume};
 
 /// Messages a reactor's inbox holds; a full inbox pushes back on submitters.
@@ -354,9 +354,9 @@ impl Engine {
             let _ = tx.send(r);
         });
         let control = match control {
-            Control::CreateVolume { volume, .. } => Control::CreateVolume { volume, reply },
-            Control::DeleteVolume { id, .. } => Control::DeleteVolume { id, reply },
-            Control::GrowVolume { id, size_bytes, .. } => Control::GrowVolume {
+            Control::Create { volume, .. } => Control::Create { volume, reply },
+            Control::Delete { id, .. } => Control::Delete { id, reply },
+            Control::Grow { id, size_bytes, .. } => Control::Grow {
                 id,
                 size_bytes,
                 reply,
@@ -409,7 +409,7 @@ impl Engine {
         let volume = Arc::new(checked_new_volume(id, name, dev.clone(), size_bytes)?);
         self.control(
             &dev,
-            Control::CreateVolume {
+            Control::Create {
                 volume: volume.clone(),
                 reply: Self::noop_reply(),
             },
@@ -441,7 +441,7 @@ impl Engine {
         volume.deleted.store(true, Ordering::Release);
         self.control(
             &volume.device,
-            Control::DeleteVolume {
+            Control::Delete {
                 id: volume.id,
                 reply: Self::noop_reply(),
             },
@@ -469,7 +469,7 @@ impl Engine {
             return Err(verr(format!("new size {size_bytes} is smaller than the current {current}; shrinking is not supported")));
         }
         let block = u64::from(volume.device.profile.logical_block_size_bytes);
-        if size_bytes % block != 0 {
+        if !size_bytes.is_multiple_of(block) {
             return Err(verr(format!(
                 "size {size_bytes} must be a multiple of the device block size {block}"
             )));
@@ -483,7 +483,7 @@ impl Engine {
         }
         self.control(
             &volume.device,
-            Control::GrowVolume {
+            Control::Grow {
                 id: volume.id,
                 size_bytes,
                 reply: Self::noop_reply(),
@@ -667,7 +667,12 @@ fn reactor_thread(
             raw_in_flight -= 1;
             let task_id = ((user_data & !RAW_BIT) >> 32) as u32;
             if let Some(Some(task)) = tasks.get_mut(task_id as usize) {
-                let mut ctx = TaskCtx { core: &mut core, shared: &shared, task_id, raw_in_flight: &mut raw_in_flight };
+                let mut ctx = TaskCtx {
+                    core: &mut core,
+                    shared: &shared,
+                    task_id,
+                    raw_in_flight: &mut raw_in_flight,
+                };
                 task.on_ring(&mut ctx, user_data as u32, result);
             }
             work += 1;
@@ -675,7 +680,12 @@ fn reactor_thread(
         let stopping = shared.stopping.load(Ordering::Acquire);
         for (i, slot) in tasks.iter_mut().enumerate() {
             let Some(task) = slot else { continue };
-            let mut ctx = TaskCtx { core: &mut core, shared: &shared, task_id: i as u32, raw_in_flight: &mut raw_in_flight };
+            let mut ctx = TaskCtx {
+                core: &mut core,
+                shared: &shared,
+                task_id: i as u32,
+                raw_in_flight: &mut raw_in_flight,
+            };
             if stopping && !stop_sent {
                 task.stop(&mut ctx);
             }
@@ -686,8 +696,12 @@ fn reactor_thread(
         }
         stop_sent |= stopping;
         me.stats.messages.fetch_add(work as u64, Ordering::Relaxed);
-        me.stats.completions.fetch_add(reaped as u64, Ordering::Relaxed);
-        me.stats.ops_in_flight.store(core.ops_in_flight() as u64, Ordering::Relaxed);
+        me.stats
+            .completions
+            .fetch_add(reaped as u64, Ordering::Relaxed);
+        me.stats
+            .ops_in_flight
+            .store(core.ops_in_flight() as u64, Ordering::Relaxed);
         let now = Instant::now();
         if work > 0 {
             last_work = now;
@@ -706,7 +720,10 @@ fn reactor_thread(
         // pushed before it saw the flag), then block in the ring until a completion, a wake or
         // a timer.
         if let Some(since) = busy_since.take() {
-            me.stats.busy_ns.fetch_add(now.duration_since(since).as_nanos() as u64, Ordering::Relaxed);
+            me.stats.busy_ns.fetch_add(
+                now.duration_since(since).as_nanos() as u64,
+                Ordering::Relaxed,
+            );
         }
         me.parked.store(true, Ordering::SeqCst);
         std::sync::atomic::fence(Ordering::SeqCst);
@@ -718,7 +735,9 @@ fn reactor_thread(
                 tracing::error!(reactor = id.0, "park failed: {e}");
                 std::thread::sleep(Duration::from_millis(1));
             }
-            me.stats.idle_ns.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            me.stats
+                .idle_ns
+                .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
         }
         me.parked.store(false, Ordering::SeqCst);
         last_work = Instant::now();

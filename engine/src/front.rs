@@ -38,7 +38,7 @@ pub fn validate(volume: &Volume, req: &Request) -> Result<(), Errno> {
         if req.buf.as_ref().map(|b| b.len() as u64) != Some(req.len_bytes) {
             return Err(Errno::EINVAL);
         }
-        if req.offset_bytes % block != 0 || req.len_bytes % block != 0 {
+        if !req.offset_bytes.is_multiple_of(block) || !req.len_bytes.is_multiple_of(block) {
             return Err(Errno::EINVAL);
         }
     }

@@ -24,10 +24,10 @@ mod volume;
 pub use buf::{AlignedBuf, IoBuf};
 pub use device::{DeviceConfig, DeviceKind, FaultConfig};
 pub use engine::{Engine, EngineConfig, ReactorSnapshot, VolumeHandle};
-pub use io_uring;
 pub use error::EngineError;
 pub use front::{validate, MAX_REQUEST_BYTES};
 pub use ids::*;
+pub use io_uring;
 pub use loader::{DeviceSpec, FormatPolicy};
 pub use request::{Completion, Errno, Port, PortWaker, Request, RequestKind};
 pub use volume::{

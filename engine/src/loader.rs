@@ -82,7 +82,7 @@ pub fn load_device(
     }
     if !spec.persistent {
         let label = plan(spec)?;
-        return Ok(build(spec, label, MetaSnapshot::default(), 0)?);
+        return build(spec, label, MetaSnapshot::default(), 0);
     }
     let mut label_buf = vec![0u8; LABEL_BYTES as usize];
     access.read_at(0, &mut label_buf).map_err(io_err)?;

@@ -123,7 +123,7 @@ impl Label {
         };
         if !label.chunk_size_bytes.is_power_of_two()
             || label.chunk_size_bytes < 4096
-            || label.slot_bytes % 4096 != 0
+            || !label.slot_bytes.is_multiple_of(4096)
             || label.data_offset_bytes < LABEL_BYTES + 2 * label.slot_bytes
         {
             return Err(MetaError::CorruptLabel("inconsistent layout"));

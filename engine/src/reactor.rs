@@ -36,16 +36,16 @@ pub(crate) enum FlushWaiter {
 
 /// Control-plane messages; they go to the home reactor of the volume's device.
 pub(crate) enum Control {
-    CreateVolume {
+    Create {
         volume: Arc<Volume>,
         reply: Reply,
     },
     /// The caller guarantees no IO is in flight on the volume.
-    DeleteVolume {
+    Delete {
         id: VolumeId,
         reply: Reply,
     },
-    GrowVolume {
+    Grow {
         id: VolumeId,
         size_bytes: u64,
         reply: Reply,
@@ -432,11 +432,11 @@ impl<I: Io> ReactorCore<I> {
             .get_mut(&device)
             .expect("control routed to the device's home reactor");
         let reply = match control {
-            Control::CreateVolume { volume, reply } => {
+            Control::Create { volume, reply } => {
                 home.volumes.push(volume);
                 reply
             }
-            Control::DeleteVolume { id, reply } => {
+            Control::Delete { id, reply } => {
                 if let Some(pos) = home.volumes.iter().position(|v| v.id == id) {
                     let volume = home.volumes.remove(pos);
                     let chunks = volume.size_bytes().div_ceil(volume.chunk_size_bytes());
@@ -449,7 +449,7 @@ impl<I: Io> ReactorCore<I> {
                 }
                 reply
             }
-            Control::GrowVolume {
+            Control::Grow {
                 id,
                 size_bytes,
                 reply,

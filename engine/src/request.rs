@@ -94,6 +94,10 @@ impl Port {
         self.queue.capacity()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
     pub fn pop(&self) -> Option<Completion> {
         self.queue.pop()
     }

@@ -221,7 +221,7 @@ impl SimCluster {
             home,
             Msg::Control {
                 device,
-                control: Control::CreateVolume {
+                control: Control::Create {
                     volume: volume.clone(),
                     reply,
                 },

@@ -58,17 +58,25 @@ impl TaskCtx<'_> {
         }
         let user_data = RAW_BIT | (u64::from(self.task_id) << 32) | u64::from(tag);
         // SAFETY: forwarded contract.
-        unsafe { self.core.io.push_raw(entry.user_data(user_data)) }.map_err(|()| Errno(libc::EAGAIN))?;
+        unsafe { self.core.io.push_raw(entry.user_data(user_data)) }
+            .map_err(|()| Errno(libc::EAGAIN))?;
         *self.raw_in_flight += 1;
         Ok(())
     }
 
     /// Submit an engine request. Parts for chunks this reactor owns run right now (a RAM read
     /// completes before this returns); the rest go to their owners.
-    pub fn submit(&mut self, handle: &VolumeHandle, req: Request, port: &Arc<Port>) -> Result<(), (Request, Errno)> {
+    pub fn submit(
+        &mut self,
+        handle: &VolumeHandle,
+        req: Request,
+        port: &Arc<Port>,
+    ) -> Result<(), (Request, Errno)> {
         let n = self.shared.reactors.len() as u32;
         let core = &mut *self.core;
-        crate::front::submit(handle.volume(), req, port, n, &mut |to, msg| core.send(to, msg))
+        crate::front::submit(handle.volume(), req, port, n, &mut |to, msg| {
+            core.send(to, msg)
+        })
     }
 
     /// A waker for ports this task owns: wakes this reactor if it is parked.

@@ -229,7 +229,7 @@ pub(crate) fn checked_new_volume(
     };
     validate_volume_name(name).map_err(err)?;
     let block = u64::from(device.profile.logical_block_size_bytes);
-    if size_bytes == 0 || size_bytes % block != 0 {
+    if size_bytes == 0 || !size_bytes.is_multiple_of(block) {
         return Err(err(format!(
             "size {size_bytes} bytes must be a non-zero multiple of the device block size {block}"
         )));

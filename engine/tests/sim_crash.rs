@@ -472,7 +472,7 @@ fn full_device_reports_enospc_and_trim_frees_space_after_flush() {
         .create_volume(DeviceId(0), VolumeId(2), "b", size)
         .unwrap();
     let port = Port::new(4, PortWaker::None);
-    let mut run =
+    let run =
         |cluster: &mut SimCluster, vol: &Arc<Volume>, kind: RequestKind, offset: u64, len: u64| {
             let buf = (kind == RequestKind::Write)
                 .then(|| IoBuf::owned(AlignedBuf::from_slice(&vec![1u8; len as usize])));

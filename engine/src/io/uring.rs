@@ -112,7 +112,8 @@ impl UringIo {
         assert!((1..=4096).contains(&queue_depth));
         // Device ops, the wake read and tasks' raw ops all fit at once: the CQ (twice the SQ)
         // can never overflow.
-        let entries = (queue_depth as u32 + 1 + crate::task::MAX_RAW_OPS_PER_REACTOR as u32).next_power_of_two();
+        let entries = (queue_depth as u32 + 1 + crate::task::MAX_RAW_OPS_PER_REACTOR as u32)
+            .next_power_of_two();
         let mut features = RingFeatures::default();
         let ring = match IoUring::builder()
             .setup_single_issuer()
@@ -467,7 +468,7 @@ impl Io for UringIo {
         let bounce = op
             .buf
             .as_ref()
-            .filter(|b| (b.as_ptr() as usize) % DIRECT_MEM_ALIGN != 0)
+            .filter(|b| !(b.as_ptr() as usize).is_multiple_of(DIRECT_MEM_ALIGN))
             .map(|b| {
                 let mut a = AlignedBuf::zeroed(b.len());
                 if matches!(op.kind, IoKind::Write { .. }) {
@@ -578,7 +579,9 @@ impl Drop for UringIo {
             wake(&self.wake_fd);
         }
         let mut rounds = 0;
-        while (self.ring_in_flight > 0 || self.raw_in_flight > 0 || self.wake_armed) && rounds < 100_000 {
+        while (self.ring_in_flight > 0 || self.raw_in_flight > 0 || self.wake_armed)
+            && rounds < 100_000
+        {
             let _ = self.ring.submit_and_wait(1);
             self.reap_ring();
             rounds += 1;

@@ -1,1 +1,666 @@
-//! Transmission phase (being written).
+//! The transmission phase of one NBD connection, as a task on a reactor.
+//!
+//! The socket is read and written through the reactor's io_uring: one `recv` into a buffer that
+//! requests are parsed from in place, and one `sendmsg` at a time that gathers every queued
+//! reply (headers and data buffers) into one iovec list. A request for chunks this reactor owns
+//! is served inline; others go to their owners and come back through the connection's port.
+//!
+//! Copies per 4 KiB request on a RAM volume: READ — the engine copies RAM into the reply
+//! buffer, the kernel copies it into the socket; WRITE — the kernel copies into the receive
+//! buffer, we copy the payload into an aligned buffer, the engine copies it into RAM.
+//!
+//! Bounds: requests in flight, bytes in flight, receive buffer size, iovecs per send.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use ringblock_engine::io_uring::{opcode, types};
+use ringblock_engine::task::{ReactorTask, TaskCtx};
+use ringblock_engine::{AlignedBuf, Engine, Errno, IoBuf, Port, Request, RequestKind, VolumeHandle};
+
+use super::wire::{self, Command, Extent, ReplyTarget, SimpleReply, WireError};
+use super::Negotiated;
+
+/// Requests one connection may have in the engine at once.
+pub const MAX_REQUESTS_IN_FLIGHT: usize = 256;
+/// Payload bytes (reads and writes) one connection may have in flight.
+pub const MAX_BYTES_IN_FLIGHT: u64 = 128 << 20;
+const RECV_BUF_BYTES: usize = 256 << 10;
+const MAX_IOV_PER_SEND: usize = 256;
+const TAG_RECV: u32 = 0;
+const TAG_SEND: u32 = 1;
+
+/// Counters of one connection, shared with whoever lists clients.
+#[derive(Debug, Default)]
+pub struct ConnStats {
+    pub requests: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+/// A reply waiting to be sent: header bytes and an optional data buffer, sent as `segs`.
+struct OutMsg {
+    bytes: Vec<u8>,
+    data: Option<IoBuf>,
+    /// (is_data, start, len) in send order.
+    segs: Vec<(bool, usize, usize)>,
+}
+
+impl OutMsg {
+    fn bytes_only(bytes: Vec<u8>) -> Self {
+        let n = bytes.len();
+        Self { bytes, data: None, segs: vec![(false, 0, n)] }
+    }
+
+    fn seg_ptr(&self, seg: (bool, usize, usize)) -> *const u8 {
+        let (is_data, start, _) = seg;
+        if is_data {
+            // SAFETY: start is within the data buffer (built that way below).
+            unsafe { self.data.as_ref().expect("data segment has a buffer").as_ptr().add(start) }
+        } else {
+            self.bytes[start..].as_ptr()
+        }
+    }
+}
+
+struct Pending {
+    cookie: u64,
+    offset: u64,
+    len: u64,
+    cmd: Command,
+    flags: u16,
+    /// A FUA trim or zero: after it completes, flush.
+    then_flush: bool,
+    payload_bytes: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Running,
+    /// DISC received, peer gone, or daemon stopping: no new requests, finish the rest.
+    Draining,
+    /// Framing lost or socket failed: abandon replies, wait for in-flight ops.
+    Failed,
+}
+
+pub struct Connection {
+    fd: OwnedFd,
+    handle: VolumeHandle,
+    neg: Negotiated,
+    peer: String,
+    port: Option<Arc<Port>>,
+    state: State,
+    shut_down: bool,
+    rbuf: Vec<u8>,
+    rstart: usize,
+    rend: usize,
+    recv_in_flight: bool,
+    pending: Vec<Option<Pending>>,
+    free_tags: Vec<u32>,
+    in_flight: usize,
+    bytes_in_flight: u64,
+    out: VecDeque<OutMsg>,
+    /// Position in `out.front()`: (segment index, offset within it).
+    out_cursor: (usize, usize),
+    send_in_flight: bool,
+    msghdr: Box<libc::msghdr>,
+    iov: Vec<libc::iovec>,
+    stats: Arc<ConnStats>,
+}
+
+// SAFETY: the raw pointers in msghdr/iov point into buffers this struct owns; the task moves
+// to its reactor before any of them is set, and is only touched there afterwards.
+unsafe impl Send for Connection {}
+
+/// Serve the transmission phase of a negotiated connection on a reactor (io_uring).
+pub fn spawn(engine: &Engine, stream: OwnedFd, negotiated: Negotiated, peer: String) -> Arc<ConnStats> {
+    let conn = Connection::new(stream, negotiated, peer);
+    let stats = conn.stats.clone();
+    engine.spawn_task(None, Box::new(conn));
+    stats
+}
+
+fn nbd_errno(e: Errno) -> u32 {
+    match e.0 {
+        libc::EPERM => wire::EPERM,
+        libc::EIO => wire::EIO,
+        libc::ENOMEM => wire::ENOMEM,
+        libc::EINVAL => wire::EINVAL,
+        libc::ENOSPC => wire::ENOSPC,
+        libc::EOVERFLOW => wire::EOVERFLOW,
+        libc::EOPNOTSUPP => wire::ENOTSUP,
+        libc::ESHUTDOWN => wire::ESHUTDOWN,
+        _ => wire::EIO,
+    }
+}
+
+impl Connection {
+    pub fn new(fd: OwnedFd, neg: Negotiated, peer: String) -> Self {
+        let handle = neg.handle.clone();
+        Self {
+            fd,
+            handle,
+            neg,
+            peer,
+            port: None,
+            state: State::Running,
+            shut_down: false,
+            rbuf: vec![0; RECV_BUF_BYTES],
+            rstart: 0,
+            rend: 0,
+            recv_in_flight: false,
+            pending: Vec::new(),
+            free_tags: Vec::new(),
+            in_flight: 0,
+            bytes_in_flight: 0,
+            out: VecDeque::new(),
+            out_cursor: (0, 0),
+            send_in_flight: false,
+            // SAFETY: msghdr is plain old data; all-zero is a valid empty header.
+            msghdr: Box::new(unsafe { std::mem::zeroed() }),
+            iov: Vec::with_capacity(MAX_IOV_PER_SEND),
+            stats: Arc::new(ConnStats::default()),
+        }
+    }
+
+    fn extended(&self) -> bool {
+        self.neg.extended_headers
+    }
+
+    fn structured(&self) -> bool {
+        self.neg.structured_replies || self.neg.extended_headers
+    }
+
+    fn fail(&mut self, why: &str) {
+        if self.state != State::Failed {
+            tracing::info!(peer = %self.peer, export = %self.neg.info.name, "closing connection: {why}");
+        }
+        self.state = State::Failed;
+        self.drop_replies();
+        self.shutdown_socket();
+    }
+
+    /// Abandon queued replies, unless a send still points into them (then after it completes).
+    fn drop_replies(&mut self) {
+        if !self.send_in_flight {
+            self.out.clear();
+            self.out_cursor = (0, 0);
+        }
+    }
+
+    fn shutdown_socket(&mut self) {
+        if !self.shut_down {
+            // Makes an in-flight recv complete, so the task can finish.
+            // SAFETY: shutdown on our own socket.
+            unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_RDWR) };
+            self.shut_down = true;
+        }
+    }
+
+    // ---- replies -------------------------------------------------------------------------
+
+    fn reply_ok(&mut self, p: &Pending) {
+        let mut b = Vec::with_capacity(32);
+        if self.extended() {
+            self.target(p).encode_none(&mut b);
+        } else {
+            SimpleReply { error: 0, cookie: p.cookie }.encode(&mut b);
+        }
+        self.out.push_back(OutMsg::bytes_only(b));
+    }
+
+    fn target(&self, p: &Pending) -> ReplyTarget {
+        ReplyTarget { cookie: p.cookie, offset: p.offset, extended: self.extended() }
+    }
+
+    fn reply_err(&mut self, cookie: u64, offset: u64, cmd_is_read: bool, errno: u32) {
+        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        let mut b = Vec::with_capacity(48);
+        if self.extended() || (self.structured() && cmd_is_read) {
+            let t = ReplyTarget { cookie, offset, extended: self.extended() };
+            t.encode_error(&mut b, wire::REPLY_FLAG_DONE, errno, "");
+        } else {
+            SimpleReply { error: errno, cookie }.encode(&mut b);
+        }
+        self.out.push_back(OutMsg::bytes_only(b));
+    }
+
+    fn reply_read(&mut self, p: &Pending, data: IoBuf) {
+        let len = data.len();
+        let mut msg = OutMsg { bytes: Vec::with_capacity(64), data: Some(data), segs: Vec::with_capacity(4) };
+        if !self.structured() {
+            SimpleReply { error: 0, cookie: p.cookie }.encode(&mut msg.bytes);
+            msg.segs.push((false, 0, msg.bytes.len()));
+            msg.segs.push((true, 0, len));
+            self.out.push_back(msg);
+            return;
+        }
+        let t = self.target(p);
+        let runs = if p.flags & wire::CMD_FLAG_DF != 0 {
+            vec![(len as u64, true)]
+        } else {
+            let max_runs = (len as u64 / self.handle.volume().chunk_size_bytes()) as usize + 2;
+            let mut r = self.handle.volume().allocation_runs(p.offset, p.len, max_runs);
+            let covered: u64 = r.iter().map(|x| x.0).sum();
+            if covered < p.len {
+                r.push((p.len - covered, true));
+            }
+            r
+        };
+        let mut pos = 0u64;
+        let last = runs.len() - 1;
+        for (i, (run_len, allocated)) in runs.into_iter().enumerate() {
+            let flags = if i == last { wire::REPLY_FLAG_DONE } else { 0 };
+            let start = msg.bytes.len();
+            if allocated {
+                t.encode_offset_data_header(&mut msg.bytes, flags, p.offset + pos, run_len as u32);
+                msg.segs.push((false, start, msg.bytes.len() - start));
+                msg.segs.push((true, pos as usize, run_len as usize));
+            } else {
+                t.encode_offset_hole(&mut msg.bytes, flags, p.offset + pos, run_len as u32);
+                msg.segs.push((false, start, msg.bytes.len() - start));
+            }
+            pos += run_len;
+        }
+        self.out.push_back(msg);
+    }
+
+    fn reply_block_status(&mut self, cookie: u64, offset: u64, len: u64, flags: u16, context_id: u32) {
+        let volume = self.handle.volume().clone();
+        let max = if flags & wire::CMD_FLAG_REQ_ONE != 0 { 1 } else { 1024 };
+        let runs = volume.allocation_runs(offset, len, max);
+        let extents: Vec<Extent> = runs
+            .iter()
+            .map(|&(length, allocated)| Extent { length, status: if allocated { 0 } else { u64::from(wire::STATE_HOLE | wire::STATE_ZERO) } })
+            .collect();
+        let mut b = Vec::with_capacity(32 + extents.len() * 16);
+        let t = ReplyTarget { cookie, offset, extended: self.extended() };
+        t.encode_block_status(&mut b, wire::REPLY_FLAG_DONE, context_id, &extents);
+        self.out.push_back(OutMsg::bytes_only(b));
+    }
+
+    // ---- requests ------------------------------------------------------------------------
+
+    fn alloc_tag(&mut self, p: Pending) -> u32 {
+        match self.free_tags.pop() {
+            Some(t) => {
+                self.pending[t as usize] = Some(p);
+                t
+            }
+            None => {
+                self.pending.push(Some(p));
+                (self.pending.len() - 1) as u32
+            }
+        }
+    }
+
+    fn submit(&mut self, ctx: &mut TaskCtx<'_>, p: Pending, kind: RequestKind, buf: Option<IoBuf>) {
+        let (cookie, offset, is_read) = (p.cookie, p.offset, p.cmd == Command::Read);
+        let len_bytes = if kind == RequestKind::Flush { 0 } else { p.len };
+        let fua = p.flags & wire::CMD_FLAG_FUA != 0 && kind == RequestKind::Write;
+        let payload = p.payload_bytes;
+        let tag = self.alloc_tag(p);
+        let req = Request { kind, offset_bytes: offset, len_bytes, fua, buf, tag: u64::from(tag) };
+        let port = self.port.clone().expect("port created on first poll");
+        match ctx.submit(&self.handle, req, &port) {
+            Ok(()) => {
+                self.in_flight += 1;
+                self.bytes_in_flight += payload;
+            }
+            Err((_, e)) => {
+                self.pending[tag as usize] = None;
+                self.free_tags.push(tag);
+                self.reply_err(cookie, offset, is_read, nbd_errno(e));
+            }
+        }
+    }
+
+    /// Check a request against the export; None if it may go ahead, else the NBD errno.
+    fn check(&self, req: &wire::Request, cmd: Command) -> Option<u32> {
+        let info = &self.neg.info;
+        let size = self.handle.volume().size_bytes();
+        let known = wire::CMD_FLAG_FUA | wire::CMD_FLAG_NO_HOLE | wire::CMD_FLAG_DF | wire::CMD_FLAG_REQ_ONE | wire::CMD_FLAG_FAST_ZERO | wire::CMD_FLAG_PAYLOAD_LEN;
+        if req.flags & !known != 0 {
+            return Some(wire::EINVAL);
+        }
+        let writes = matches!(cmd, Command::Write | Command::Trim | Command::WriteZeroes);
+        if writes && info.read_only {
+            return Some(wire::EPERM);
+        }
+        let ranged = matches!(cmd, Command::Read | Command::Write | Command::Trim | Command::WriteZeroes | Command::Cache | Command::BlockStatus);
+        if !ranged {
+            return None;
+        }
+        if req.length == 0 {
+            return Some(wire::EINVAL);
+        }
+        let end = req.offset.checked_add(req.length);
+        if end.is_none_or(|e| e > size) {
+            return Some(if writes { wire::ENOSPC } else { wire::EINVAL });
+        }
+        let min = u64::from(info.min_block_bytes.max(1));
+        let needs_alignment = matches!(cmd, Command::Read | Command::Write | Command::Trim | Command::WriteZeroes | Command::Cache);
+        if needs_alignment && (!req.offset.is_multiple_of(min) || !req.length.is_multiple_of(min)) {
+            return Some(wire::EINVAL);
+        }
+        if matches!(cmd, Command::Read | Command::Write) && req.length > u64::from(info.max_block_bytes) {
+            return Some(if cmd == Command::Read && req.flags & wire::CMD_FLAG_DF != 0 { wire::EOVERFLOW } else { wire::EINVAL });
+        }
+        if matches!(cmd, Command::Trim | Command::WriteZeroes) && req.length > ringblock_engine::MAX_REQUEST_BYTES {
+            return Some(wire::EINVAL);
+        }
+        None
+    }
+
+    /// Parse and start every complete request in the receive buffer, within the bounds.
+    fn parse(&mut self, ctx: &mut TaskCtx<'_>) -> usize {
+        let mut started = 0;
+        let extended = self.extended();
+        let max_payload = u64::from(self.neg.info.max_block_bytes);
+        // Bounded by the bytes in the buffer and by the in-flight limits.
+        while self.state == State::Running && self.in_flight < MAX_REQUESTS_IN_FLIGHT && self.bytes_in_flight < MAX_BYTES_IN_FLIGHT {
+            let avail = &self.rbuf[self.rstart..self.rend];
+            let (req, payload_range, consumed) = match wire::Request::decode_frame(avail, extended, max_payload) {
+                Ok((req, payload, consumed)) => {
+                    let ps = self.rstart + (consumed - payload.len());
+                    (req, ps..ps + payload.len(), consumed)
+                }
+                Err(WireError::Incomplete { needed }) => {
+                    self.make_room(needed);
+                    break;
+                }
+                Err(e) => {
+                    self.fail(&format!("framing lost: {e}"));
+                    break;
+                }
+            };
+            self.rstart += consumed;
+            started += 1;
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            self.start(ctx, req, payload_range);
+        }
+        if self.rstart == self.rend {
+            self.rstart = 0;
+            self.rend = 0;
+        }
+        started
+    }
+
+    /// After an incomplete frame: make sure `needed` more bytes fit after what we have.
+    fn make_room(&mut self, needed: usize) {
+        let have = self.rend - self.rstart;
+        if self.rend + needed <= self.rbuf.len() {
+            return;
+        }
+        if self.recv_in_flight {
+            return; // the buffer is the kernel's until the recv completes; retry then
+        }
+        self.rbuf.copy_within(self.rstart..self.rend, 0);
+        self.rstart = 0;
+        self.rend = have;
+        if have + needed > self.rbuf.len() {
+            // Only a large write payload gets here; bounded by the max block size.
+            self.rbuf.resize((have + needed).next_power_of_two().max(RECV_BUF_BYTES), 0);
+        }
+    }
+
+    fn start(&mut self, ctx: &mut TaskCtx<'_>, req: wire::Request, payload: std::ops::Range<usize>) {
+        let Some(cmd) = req.command() else {
+            self.reply_err(req.cookie, req.offset, false, wire::EINVAL);
+            return;
+        };
+        if cmd == Command::Disc {
+            tracing::debug!(peer = %self.peer, "client disconnects");
+            self.state = State::Draining;
+            return;
+        }
+        if let Some(errno) = self.check(&req, cmd) {
+            self.reply_err(req.cookie, req.offset, cmd == Command::Read, errno);
+            return;
+        }
+        let fua = req.flags & wire::CMD_FLAG_FUA != 0;
+        let mut p = Pending { cookie: req.cookie, offset: req.offset, len: req.length, cmd, flags: req.flags, then_flush: false, payload_bytes: 0 };
+        match cmd {
+            Command::Read => {
+                p.payload_bytes = req.length;
+                let buf = IoBuf::owned(AlignedBuf::zeroed(req.length as usize));
+                self.submit(ctx, p, RequestKind::Read, Some(buf));
+            }
+            Command::Write => {
+                p.payload_bytes = req.length;
+                self.stats.bytes_written.fetch_add(req.length, Ordering::Relaxed);
+                let buf = IoBuf::owned(AlignedBuf::from_slice(&self.rbuf[payload]));
+                self.submit(ctx, p, RequestKind::Write, Some(buf));
+            }
+            Command::Flush => self.submit(ctx, p, RequestKind::Flush, None),
+            Command::Trim => {
+                p.then_flush = fua;
+                self.submit(ctx, p, RequestKind::Trim, None);
+            }
+            Command::WriteZeroes => {
+                if req.flags & wire::CMD_FLAG_NO_HOLE != 0 {
+                    if req.flags & wire::CMD_FLAG_FAST_ZERO != 0 {
+                        // Allocated zeros mean writing them: not fast.
+                        self.reply_err(req.cookie, req.offset, false, wire::ENOTSUP);
+                        return;
+                    }
+                    if req.length > u64::from(self.neg.info.max_block_bytes) {
+                        self.reply_err(req.cookie, req.offset, false, wire::EINVAL);
+                        return;
+                    }
+                    p.payload_bytes = req.length;
+                    let buf = IoBuf::owned(AlignedBuf::zeroed(req.length as usize));
+                    self.submit(ctx, p, RequestKind::Write, Some(buf));
+                } else {
+                    p.then_flush = fua;
+                    self.submit(ctx, p, RequestKind::WriteZeroes, None);
+                }
+            }
+            Command::Cache => {
+                // Data is already where the engine serves it from; nothing to prefetch.
+                let p = Pending { payload_bytes: 0, ..p };
+                self.reply_ok(&p);
+            }
+            Command::BlockStatus => match (self.neg.base_allocation_id, self.structured()) {
+                (Some(id), true) => self.reply_block_status(req.cookie, req.offset, req.length, req.flags, id),
+                _ => self.reply_err(req.cookie, req.offset, false, wire::EINVAL),
+            },
+            Command::Resize | Command::Disc => self.reply_err(req.cookie, req.offset, false, wire::EINVAL),
+        }
+    }
+
+    fn on_engine_completion(&mut self, ctx: &mut TaskCtx<'_>, c: ringblock_engine::Completion) {
+        let tag = c.tag as u32;
+        let p = self.pending[tag as usize].take().expect("completion for a pending request");
+        self.free_tags.push(tag);
+        self.in_flight -= 1;
+        self.bytes_in_flight -= p.payload_bytes;
+        if self.state == State::Failed {
+            return;
+        }
+        match c.result {
+            Err(e) => self.reply_err(p.cookie, p.offset, p.cmd == Command::Read, nbd_errno(e)),
+            Ok(()) if p.then_flush => {
+                let next = Pending { then_flush: false, payload_bytes: 0, ..p };
+                self.submit(ctx, next, RequestKind::Flush, None);
+            }
+            Ok(()) if p.cmd == Command::Read => {
+                self.stats.bytes_read.fetch_add(p.len, Ordering::Relaxed);
+                self.reply_read(&p, c.buf.expect("read completion returns its buffer"));
+            }
+            Ok(()) => self.reply_ok(&p),
+        }
+    }
+
+    // ---- socket --------------------------------------------------------------------------
+
+    fn post_recv(&mut self, ctx: &mut TaskCtx<'_>) -> bool {
+        if self.recv_in_flight || self.state != State::Running || self.shut_down {
+            return false;
+        }
+        if self.in_flight >= MAX_REQUESTS_IN_FLIGHT || self.bytes_in_flight >= MAX_BYTES_IN_FLIGHT {
+            return false; // backpressure: stop reading until replies drain
+        }
+        if self.rend == self.rbuf.len() {
+            if self.rstart == 0 {
+                return false; // parse made room if a frame needed it
+            }
+            self.rbuf.copy_within(self.rstart..self.rend, 0);
+            self.rend -= self.rstart;
+            self.rstart = 0;
+        }
+        let ptr = self.rbuf[self.rend..].as_mut_ptr();
+        let len = (self.rbuf.len() - self.rend) as u32;
+        let entry = opcode::Recv::new(types::Fd(self.fd.as_raw_fd()), ptr, len).build();
+        // SAFETY: rbuf is neither resized nor moved while the recv is in flight (make_room and
+        // post_recv check recv_in_flight), and the task outlives the op (finished() waits).
+        match unsafe { ctx.push_raw(entry, TAG_RECV) } {
+            Ok(()) => {
+                self.recv_in_flight = true;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn post_send(&mut self, ctx: &mut TaskCtx<'_>) -> bool {
+        if self.send_in_flight || self.out.is_empty() || self.state == State::Failed {
+            return false;
+        }
+        self.iov.clear();
+        let (mut seg_i, mut seg_off) = self.out_cursor;
+        'msgs: for msg in self.out.iter() {
+            for &seg in &msg.segs[seg_i..] {
+                if self.iov.len() == MAX_IOV_PER_SEND {
+                    break 'msgs;
+                }
+                let (_, _, len) = seg;
+                if len > seg_off {
+                    // SAFETY: seg_off < len keeps the pointer inside the segment.
+                    let base = unsafe { msg.seg_ptr(seg).add(seg_off) };
+                    self.iov.push(libc::iovec { iov_base: base as *mut libc::c_void, iov_len: len - seg_off });
+                }
+                seg_off = 0;
+            }
+            seg_i = 0;
+        }
+        if self.iov.is_empty() {
+            return false;
+        }
+        self.msghdr.msg_iov = self.iov.as_mut_ptr();
+        self.msghdr.msg_iovlen = self.iov.len() as _;
+        let entry = opcode::SendMsg::new(types::Fd(self.fd.as_raw_fd()), &*self.msghdr as *const libc::msghdr).flags(libc::MSG_NOSIGNAL as u32).build();
+        // SAFETY: msghdr is boxed, iov is not touched while a send is in flight, and the queued
+        // messages it points into are only popped after the completion.
+        match unsafe { ctx.push_raw(entry, TAG_SEND) } {
+            Ok(()) => {
+                self.send_in_flight = true;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn on_sent(&mut self, mut n: usize) {
+        // Advance the cursor over `n` bytes, popping whole messages (their buffers are freed).
+        while n > 0 {
+            let Some(msg) = self.out.front() else { break };
+            let (seg_i, seg_off) = self.out_cursor;
+            let (_, _, len) = msg.segs[seg_i];
+            let left = len - seg_off;
+            if n < left {
+                self.out_cursor = (seg_i, seg_off + n);
+                return;
+            }
+            n -= left;
+            if seg_i + 1 == msg.segs.len() {
+                self.out.pop_front();
+                self.out_cursor = (0, 0);
+            } else {
+                self.out_cursor = (seg_i + 1, 0);
+            }
+        }
+    }
+}
+
+impl ReactorTask for Connection {
+    fn poll(&mut self, ctx: &mut TaskCtx<'_>) -> usize {
+        if self.port.is_none() {
+            self.port = Some(Port::new(MAX_REQUESTS_IN_FLIGHT, ctx.port_waker()));
+            tracing::debug!(peer = %self.peer, export = %self.neg.info.name, reactor = %ctx.reactor(), "connection on reactor");
+        }
+        let mut work = 0;
+        let port = self.port.clone().expect("port");
+        // Bounded: the port holds at most MAX_REQUESTS_IN_FLIGHT completions.
+        while let Some(c) = port.pop() {
+            self.on_engine_completion(ctx, c);
+            work += 1;
+        }
+        if self.state == State::Running {
+            work += self.parse(ctx);
+        }
+        if self.post_recv(ctx) {
+            work += 1;
+        }
+        if self.post_send(ctx) {
+            work += 1;
+        }
+        if self.state == State::Draining && self.in_flight == 0 && self.out.is_empty() && !self.send_in_flight {
+            self.shutdown_socket();
+        }
+        work
+    }
+
+    fn on_ring(&mut self, ctx: &mut TaskCtx<'_>, tag: u32, result: i32) {
+        match tag {
+            TAG_RECV => {
+                self.recv_in_flight = false;
+                if result > 0 {
+                    self.rend += result as usize;
+                    self.parse(ctx);
+                } else if result == 0 {
+                    if self.state == State::Running {
+                        tracing::debug!(peer = %self.peer, "peer closed the connection");
+                        // A client that vanished mid-request: nothing to reply to; finish the rest.
+                        self.state = State::Draining;
+                    }
+                } else if result != -libc::EINTR && result != -libc::EAGAIN {
+                    self.fail(&format!("recv: {}", std::io::Error::from_raw_os_error(-result)));
+                }
+            }
+            TAG_SEND => {
+                self.send_in_flight = false;
+                if self.state == State::Failed {
+                    self.drop_replies();
+                } else if result >= 0 {
+                    self.on_sent(result as usize);
+                } else if result != -libc::EINTR && result != -libc::EAGAIN {
+                    self.fail(&format!("send: {}", std::io::Error::from_raw_os_error(-result)));
+                }
+            }
+            _ => unreachable!("unknown ring tag {tag}"),
+        }
+    }
+
+    fn stop(&mut self, _ctx: &mut TaskCtx<'_>) {
+        if self.state == State::Running {
+            self.state = State::Draining;
+        }
+    }
+
+    fn has_ready(&self) -> bool {
+        self.port.as_ref().is_some_and(|p| !p.is_empty())
+    }
+
+    fn finished(&self) -> bool {
+        let quiet = self.in_flight == 0 && !self.recv_in_flight && !self.send_in_flight;
+        match self.state {
+            State::Running => false,
+            State::Draining => quiet && self.out.is_empty() && self.shut_down,
+            State::Failed => quiet,
+        }
+    }
+}
