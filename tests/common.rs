@@ -36,7 +36,11 @@ impl Daemon {
                 }
             }
         });
-        let mut d = Daemon { child, stdout_lines: Vec::new(), rx };
+        let mut d = Daemon {
+            child,
+            stdout_lines: Vec::new(),
+            rx,
+        };
         loop {
             match d.rx.recv_timeout(Duration::from_secs(60)) {
                 Ok(line) => {
@@ -46,7 +50,10 @@ impl Daemon {
                         return d;
                     }
                 }
-                Err(_) => panic!("daemon did not become ready; output so far: {:?}", d.stdout_lines),
+                Err(_) => panic!(
+                    "daemon did not become ready; output so far: {:?}",
+                    d.stdout_lines
+                ),
             }
         }
     }
@@ -57,7 +64,11 @@ impl Daemon {
 
     /// SIGTERM and wait for a clean exit; returns the remaining output.
     pub fn stop(mut self) -> Vec<String> {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), nix::sys::signal::Signal::SIGTERM).unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid()),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
         let status = self.child.wait().unwrap();
         assert!(status.success(), "daemon exited with {status}");
         let mut rest = std::mem::take(&mut self.stdout_lines);
@@ -83,8 +94,15 @@ impl Drop for Daemon {
 
 /// Run `ringblock ARGS` to completion: (exit code, stdout, stderr).
 pub fn run(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN).args(args).output().expect("run ringblock");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    let out = Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("run ringblock");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 pub fn write_file(dir: &Path, name: &str, text: &str) -> String {

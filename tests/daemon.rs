@@ -7,26 +7,51 @@ use common::{cpu_ticks, run, write_file, Daemon};
 fn assert_config_error(args: &[&str], needle: &str) {
     let (code, _out, err) = run(args);
     assert_eq!(code, 2, "exit code for {args:?}; stderr: {err}");
-    assert!(err.contains(needle), "stderr for {args:?} should mention {needle:?}: {err}");
+    assert!(
+        err.contains(needle),
+        "stderr for {args:?} should mention {needle:?}: {err}"
+    );
     assert!(!err.contains("panicked"), "panic on bad input: {err}");
 }
 
 #[test]
 fn bad_configurations_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let unknown = write_file(dir.path(), "unknown.toml", "[[device]]\nname = \"d\"\nkind = \"ram\"\nsize_bytes = 67108864\nfrobnicate = true\n");
+    let unknown = write_file(
+        dir.path(),
+        "unknown.toml",
+        "[[device]]\nname = \"d\"\nkind = \"ram\"\nsize_bytes = 67108864\nfrobnicate = true\n",
+    );
     assert_config_error(&["serve", "--config", &unknown], "frobnicate");
 
-    let missing = write_file(dir.path(), "missing.toml", &format!("[[device]]\nname = \"d\"\nkind = \"file\"\npath = \"{}/nope.img\"\n", dir.path().display()));
+    let missing = write_file(
+        dir.path(),
+        "missing.toml",
+        &format!(
+            "[[device]]\nname = \"d\"\nkind = \"file\"\npath = \"{}/nope.img\"\n",
+            dir.path().display()
+        ),
+    );
     assert_config_error(&["serve", "--config", &missing], "does not exist");
 
     let profile = write_file(
         dir.path(),
         "bad-profile.toml",
-        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/firmware-profiles/nvme.toml")).unwrap().replace("logical_block_size_bytes = 4096", "logical_block_size_bytes = 3000"),
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/firmware-profiles/nvme.toml"
+        ))
+        .unwrap()
+        .replace(
+            "logical_block_size_bytes = 4096",
+            "logical_block_size_bytes = 3000",
+        ),
     );
     let with_profile = write_file(dir.path(), "uses-profile.toml", &format!("[[device]]\nname = \"d\"\nkind = \"ram\"\nsize_bytes = 67108864\nprofile = \"{profile}\"\n"));
-    assert_config_error(&["serve", "--config", &with_profile], "logical_block_size_bytes");
+    assert_config_error(
+        &["serve", "--config", &with_profile],
+        "logical_block_size_bytes",
+    );
 
     let too_big = write_file(
         dir.path(),
@@ -37,13 +62,23 @@ fn bad_configurations_are_clear_errors() {
 
     let syntax = write_file(dir.path(), "syntax.toml", "[[device]\nname = ");
     assert_config_error(&["serve", "--config", &syntax], "syntax.toml");
-    assert_config_error(&["serve", "--config", "/nonexistent/ringblock.toml"], "cannot read");
+    assert_config_error(
+        &["serve", "--config", "/nonexistent/ringblock.toml"],
+        "cannot read",
+    );
     assert_config_error(&["profile", "show", "no-such-profile"], "no-such-profile");
 
     // A file that holds something else is never overwritten.
     let foreign = dir.path().join("foreign.img");
     std::fs::write(&foreign, vec![0xAB; 8 << 20]).unwrap();
-    let cfg = write_file(dir.path(), "foreign.toml", &format!("[[device]]\nname = \"d\"\nkind = \"file\"\npath = \"{}\"\n", foreign.display()));
+    let cfg = write_file(
+        dir.path(),
+        "foreign.toml",
+        &format!(
+            "[[device]]\nname = \"d\"\nkind = \"file\"\npath = \"{}\"\n",
+            foreign.display()
+        ),
+    );
     assert_config_error(&["serve", "--config", &cfg], "refusing to overwrite");
     assert!(std::fs::read(&foreign).unwrap().iter().all(|&b| b == 0xAB));
 }
@@ -66,7 +101,13 @@ fn cli_basics() {
 #[test]
 fn idle_daemon_uses_under_two_percent_of_a_core() {
     let d = Daemon::start(&[]);
-    assert!(d.stdout_lines.iter().any(|l| l.contains("volume default on ram0")), "{:?}", d.stdout_lines);
+    assert!(
+        d.stdout_lines
+            .iter()
+            .any(|l| l.contains("volume default on ram0")),
+        "{:?}",
+        d.stdout_lines
+    );
     // Let start-up settle, then measure over a bounded window. A resource check, not a speed one.
     std::thread::sleep(std::time::Duration::from_millis(500));
     // SAFETY: sysconf has no preconditions.
@@ -76,9 +117,16 @@ fn idle_daemon_uses_under_two_percent_of_a_core() {
     std::thread::sleep(window);
     let used_s = (cpu_ticks(d.pid()) - before) as f64 / ticks_per_s;
     let share = used_s / window.as_secs_f64();
-    assert!(share < 0.02, "idle daemon used {:.1}% of a core", share * 100.0);
+    assert!(
+        share < 0.02,
+        "idle daemon used {:.1}% of a core",
+        share * 100.0
+    );
     let rest = d.stop();
-    assert!(rest.iter().any(|l| l.contains("stopped cleanly")), "{rest:?}");
+    assert!(
+        rest.iter().any(|l| l.contains("stopped cleanly")),
+        "{rest:?}"
+    );
 }
 
 #[test]
@@ -95,6 +143,12 @@ fn file_volume_is_found_again_after_restart() {
     let d = Daemon::start(&["--config", &cfg]);
     d.stop();
     let d = Daemon::start(&["--config", &cfg]);
-    assert!(d.stdout_lines.iter().any(|l| l.contains("volume vol1 on disk0 (134217728 bytes")), "{:?}", d.stdout_lines);
+    assert!(
+        d.stdout_lines
+            .iter()
+            .any(|l| l.contains("volume vol1 on disk0 (134217728 bytes")),
+        "{:?}",
+        d.stdout_lines
+    );
     d.stop();
 }
