@@ -76,6 +76,20 @@ pub fn run(args: ServeArgs) -> Result<(), Failure> {
             Some(_) => {}
         }
     }
+    for d in engine.devices() {
+        println!(
+            "ringblock: device {} ({}, profile {}): {} bytes, {} chunks of {} bytes, {} in use, block {}/{} bytes",
+            d.name,
+            d.kind,
+            d.profile.name,
+            d.size_bytes,
+            d.total_chunks(),
+            d.chunk_size_bytes(),
+            d.used_chunks(),
+            d.profile.logical_block_size_bytes,
+            d.profile.physical_block_size_bytes
+        );
+    }
     for v in engine.volumes() {
         println!(
             "ringblock: volume {} on {} ({} bytes, {} of {} chunks allocated)",

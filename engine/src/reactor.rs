@@ -347,7 +347,8 @@ impl<I: Io> ReactorCore<I> {
             (RequestKind::Write, Some(p)) => {
                 let off = device.label.chunk_offset_bytes(p) + part.offset_in_chunk;
                 let buf = part.buf.take();
-                let fua = part.req.fua;
+                // A device without FUA gets a plain write and a flush after it (below).
+                let fua = part.req.fua && device.profile.fua;
                 self.submit(
                     device.id,
                     IoKind::Write { fua },
@@ -407,9 +408,10 @@ impl<I: Io> ReactorCore<I> {
             && req.fua
             && req.errno.load(Ordering::Acquire) == 0
             && req.stage.load(Ordering::Acquire) == 0
-            && device.meta_dirty();
+            && (device.meta_dirty() || !device.profile.fua);
         if needs_flush {
-            // A FUA write into a new chunk is durable only with its chunk's mapping.
+            // A FUA write into a new chunk is durable only with its chunk's mapping; on a
+            // device without FUA only a flush makes it durable.
             req.stage.store(1, Ordering::Release);
             req.remaining.store(1, Ordering::Release);
             let home = device.home_reactor(self.router.reactors());

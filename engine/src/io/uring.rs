@@ -223,7 +223,9 @@ impl UringIo {
         let service = match (&device.delay, kind) {
             (Some(p), IoKind::Read) => p.read_delay_ns(len),
             (Some(p), IoKind::Write { .. } | IoKind::Zero { .. }) => p.write_delay_ns(len),
-            (Some(p), IoKind::Sync) => p.flush_delay_ns(),
+            // With no volatile cache (or PLP) a flush costs nothing on the emulated device.
+            (Some(p), IoKind::Sync) if p.flush_needs_sync() => p.flush_delay_ns(),
+            (Some(_), IoKind::Sync) => 0,
             (None, _) => 0,
         } + spike;
         if service == 0 {
