@@ -191,3 +191,134 @@ mod tests {
         assert_eq!(io.into_owned().unwrap().len(), 5000);
     }
 }
+
+/// A reactor's registered buffers: one aligned region cut into `buf_bytes` pieces, registered
+/// with the reactor's ring so device IO into them skips pinning pages on every op. Any thread
+/// may take a buffer; dropping it gives it back (lock-free).
+pub struct RegisteredPool {
+    region: std::cell::UnsafeCell<AlignedBuf>,
+    buf_bytes: usize,
+    count: usize,
+    free: crossbeam_queue::ArrayQueue<u32>,
+}
+
+// SAFETY: the region is only handed out in disjoint leases (an index is in `free` or leased,
+// never both); the pool itself only reads the base pointer.
+unsafe impl Sync for RegisteredPool {}
+// SAFETY: as above; AlignedBuf is Send.
+unsafe impl Send for RegisteredPool {}
+
+struct Lease {
+    pool: Arc<RegisteredPool>,
+    index: u32,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        // Cannot fail: each index is pushed back exactly once and capacity is `count`.
+        let _ = self.pool.free.push(self.index);
+    }
+}
+
+impl RegisteredPool {
+    pub fn new(count: usize, buf_bytes: usize) -> Arc<Self> {
+        assert!(count > 0 && count <= u16::MAX as usize && buf_bytes % BUF_ALIGN_BYTES == 0);
+        let free = crossbeam_queue::ArrayQueue::new(count);
+        for i in 0..count as u32 {
+            free.push(i).expect("capacity");
+        }
+        Arc::new(Self {
+            region: std::cell::UnsafeCell::new(AlignedBuf::zeroed(count * buf_bytes)),
+            buf_bytes,
+            count,
+            free,
+        })
+    }
+
+    pub fn buf_bytes(&self) -> usize {
+        self.buf_bytes
+    }
+
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    pub fn available(&self) -> usize {
+        self.free.len()
+    }
+
+    fn base(&self) -> *mut u8 {
+        // SAFETY: only the base address is read; the bytes are accessed through leases.
+        unsafe { (*self.region.get()).as_mut_ptr() }
+    }
+
+    /// A buffer of `len` bytes (≤ `buf_bytes`), or None when the pool is empty or `len` too big.
+    pub fn take(self: &Arc<Self>, len: usize) -> Option<IoBuf> {
+        if len > self.buf_bytes {
+            return None;
+        }
+        let index = self.free.pop()?;
+        // SAFETY: index < count, so the window is inside the region.
+        let ptr = unsafe { self.base().add(index as usize * self.buf_bytes) };
+        let keep: Arc<dyn KeepAlive> = Arc::new(Lease {
+            pool: self.clone(),
+            index,
+        });
+        // SAFETY: the lease keeps the pool (and region) alive, and the index is ours alone until
+        // the lease drops.
+        Some(unsafe { IoBuf::from_raw_parts(ptr, len, keep) })
+    }
+
+    /// The registered buffer holding `[ptr, ptr+len)`, if it lies inside one.
+    pub fn index_of(&self, ptr: *const u8, len: usize) -> Option<u16> {
+        let base = self.base() as usize;
+        let p = ptr as usize;
+        if p < base || p + len > base + self.count * self.buf_bytes {
+            return None;
+        }
+        let index = (p - base) / self.buf_bytes;
+        ((p + len - base).div_ceil(self.buf_bytes) == index + 1 || len == 0).then_some(index as u16)
+    }
+
+    /// The iovecs to register with a ring.
+    pub fn iovecs(&self) -> Vec<libc::iovec> {
+        (0..self.count)
+            .map(|i| libc::iovec {
+                // SAFETY: inside the region.
+                iov_base: unsafe { self.base().add(i * self.buf_bytes) }.cast(),
+                iov_len: self.buf_bytes,
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod pool_tests {
+    use super::*;
+
+    #[test]
+    fn take_return_and_locate() {
+        let pool = RegisteredPool::new(4, 8192);
+        let a = pool.take(4096).unwrap();
+        assert_eq!(a.as_ptr() as usize % BUF_ALIGN_BYTES, 0);
+        assert_eq!(pool.available(), 3);
+        let idx = pool.index_of(a.as_ptr(), 4096).unwrap();
+        // SAFETY: still inside buffer `idx`.
+        assert_eq!(
+            pool.index_of(unsafe { a.as_ptr().add(4096) }, 4096),
+            Some(idx)
+        );
+        assert_eq!(
+            pool.index_of(a.as_ptr(), 8193),
+            None,
+            "crossing into the next buffer"
+        );
+        assert!(pool.take(8193).is_none());
+        drop(a);
+        assert_eq!(pool.available(), 4);
+        let all: Vec<_> = (0..4).map(|_| pool.take(1).unwrap()).collect();
+        assert!(pool.take(1).is_none());
+        drop(all);
+        assert_eq!(pool.available(), 4);
+    }
+}

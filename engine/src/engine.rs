@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use crossbeam_queue::ArrayQueue;
 use serde::{Deserialize, Serialize};
 
+use crate::buf::RegisteredPool;
 use crate::device::{DeviceConfig, OpenDevice};
 use crate::error::EngineError;
 use crate::ids::{DeviceId, ReactorId, VolumeId};
@@ -56,7 +57,12 @@ pub struct ReactorStats {
     pub ops_in_flight: AtomicU64,
 }
 
+/// Registered buffers per reactor: count and size of each.
+pub const POOL_BUFFERS_PER_REACTOR: usize = 128;
+pub const POOL_BUFFER_BYTES: usize = 64 << 10;
+
 pub(crate) struct ReactorShared {
+    pool: Arc<RegisteredPool>,
     inbox: ArrayQueue<Msg>,
     parked: AtomicBool,
     wake_fd: Arc<OwnedFd>,
@@ -80,6 +86,12 @@ impl Router for Shared {
             wake(&r.wake_fd);
         }
         Ok(())
+    }
+}
+
+impl ReactorShared {
+    pub(crate) fn pool_take(&self, len: usize) -> Option<crate::buf::IoBuf> {
+        self.pool.take(len)
     }
 }
 
@@ -218,6 +230,7 @@ impl Engine {
         let mut reactors = Vec::new();
         for &core in &cores {
             reactors.push(ReactorShared {
+                pool: RegisteredPool::new(POOL_BUFFERS_PER_REACTOR, POOL_BUFFER_BYTES),
                 inbox: ArrayQueue::new(INBOX_CAPACITY),
                 parked: AtomicBool::new(false),
                 wake_fd: new_wake_fd()?,
@@ -305,6 +318,15 @@ impl Engine {
         });
         self.shared.send_blocking(to, Msg::Task(task));
         to
+    }
+
+    /// The registered buffer pool of `reactor`: IO on chunks that reactor owns is cheapest
+    /// from these buffers.
+    pub fn buffer_pool(&self, reactor: ReactorId) -> Option<Arc<RegisteredPool>> {
+        self.shared
+            .reactors
+            .get(reactor.0 as usize)
+            .map(|r| r.pool.clone())
     }
 
     pub fn reactor_count(&self) -> u32 {
@@ -615,7 +637,12 @@ fn reactor_thread(
             tracing::warn!(reactor = id.0, core, "could not pin reactor to its core");
         }
     }
-    let io = match UringIo::new(&opens, queue_depth, me.wake_fd.clone()) {
+    let io = match UringIo::new(
+        &opens,
+        queue_depth,
+        me.wake_fd.clone(),
+        Some(me.pool.clone()),
+    ) {
         Ok(io) => io,
         Err(e) => {
             let _ = ready.send(Err(e));

@@ -21,7 +21,7 @@ mod reactor;
 mod request;
 mod volume;
 
-pub use buf::{AlignedBuf, IoBuf};
+pub use buf::{AlignedBuf, IoBuf, RegisteredPool};
 pub use device::{DeviceConfig, DeviceKind, FaultConfig};
 pub use engine::{Engine, EngineConfig, ReactorSnapshot, VolumeHandle};
 pub use error::EngineError;

@@ -79,6 +79,12 @@ impl TaskCtx<'_> {
         })
     }
 
+    /// A buffer from this reactor's registered pool (cheapest for device IO here), if one is
+    /// free and `len` fits.
+    pub fn take_buffer(&self, len: usize) -> Option<crate::buf::IoBuf> {
+        self.shared.reactors[self.core.id.0 as usize].pool_take(len)
+    }
+
     /// A waker for ports this task owns: wakes this reactor if it is parked.
     pub fn port_waker(&self) -> PortWaker {
         let shared = self.shared.clone();

@@ -350,3 +350,72 @@ fn concurrent_clients_on_many_threads() {
         }
     });
 }
+
+#[test]
+fn registered_pool_buffers_roundtrip_on_a_file() {
+    use ringblock_engine::{chunk_owner, ChunkIndex, Port, PortWaker, Request, RequestKind};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dev.img");
+    let engine = Engine::start(&config(vec![device(
+        "d0",
+        DeviceKind::File,
+        Some(&path),
+        Some(64 << 20),
+    )]))
+    .unwrap();
+    engine.create_volume("d0", "v", 16 << 20).unwrap();
+    let handle = engine.open("v").unwrap();
+    let port = Port::new(1, PortWaker::Thread(std::thread::current()));
+    let wait = || loop {
+        if let Some(c) = port.pop() {
+            return c;
+        }
+        std::thread::park();
+    };
+    for chunk in 0..8u64 {
+        let owner = chunk_owner(
+            handle.volume().id,
+            ChunkIndex(chunk),
+            engine.reactor_count(),
+        );
+        let pool = engine.buffer_pool(owner).unwrap();
+        let before = pool.available();
+        let data = pattern(chunk, 16384);
+        let mut wbuf = pool.take(16384).unwrap();
+        wbuf.as_mut_slice().copy_from_slice(&data);
+        let off = chunk * CHUNK + 8192;
+        handle
+            .submit(
+                Request {
+                    kind: RequestKind::Write,
+                    offset_bytes: off,
+                    len_bytes: 16384,
+                    fua: false,
+                    buf: Some(wbuf),
+                    tag: 1,
+                },
+                &port,
+            )
+            .unwrap();
+        assert_eq!(wait().result, Ok(()));
+        let rbuf = pool.take(16384).unwrap();
+        handle
+            .submit(
+                Request {
+                    kind: RequestKind::Read,
+                    offset_bytes: off,
+                    len_bytes: 16384,
+                    fua: false,
+                    buf: Some(rbuf),
+                    tag: 2,
+                },
+                &port,
+            )
+            .unwrap();
+        let c = wait();
+        assert_eq!(c.result, Ok(()));
+        assert_eq!(c.buf.as_ref().unwrap().as_slice(), &data[..]);
+        drop(c);
+        assert_eq!(pool.available(), before, "leases return to the pool");
+    }
+}

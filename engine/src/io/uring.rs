@@ -12,7 +12,7 @@ use std::time::Instant;
 use io_uring::{opcode, squeue, types, IoUring};
 
 use super::{Io, IoCompletion, IoKind, IoOp};
-use crate::buf::AlignedBuf;
+use crate::buf::{AlignedBuf, RegisteredPool};
 use crate::device::{Backend, OpenDevice};
 use crate::error::EngineError;
 
@@ -56,10 +56,13 @@ pub struct RingFeatures {
     pub single_issuer: bool,
     pub defer_taskrun: bool,
     pub fixed_files: bool,
+    pub registered_buffers: bool,
     pub ext_arg: bool,
 }
 
 pub struct UringIo {
+    /// Registered with the ring: ops whose buffer lies inside use the fixed opcodes.
+    pool: Option<Arc<RegisteredPool>>,
     ring: IoUring,
     features: RingFeatures,
     devices: Vec<Option<Arc<OpenDevice>>>,
@@ -108,6 +111,7 @@ impl UringIo {
         devices: &[Arc<OpenDevice>],
         queue_depth: usize,
         wake_fd: Arc<OwnedFd>,
+        pool: Option<Arc<RegisteredPool>>,
     ) -> Result<Self, EngineError> {
         assert!((1..=4096).contains(&queue_depth));
         // Device ops, the wake read and tasks' raw ops all fit at once: the CQ (twice the SQ)
@@ -156,7 +160,22 @@ impl UringIo {
                 }
             }
         }
+        let pool = pool.filter(|p| {
+            let iovecs = p.iovecs();
+            // SAFETY: the pool's region outlives the ring (we hold an Arc to it).
+            match unsafe { ring.submitter().register_buffers(&iovecs) } {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::info!(
+                        "registered buffers unavailable ({e}); device IO pins pages per op"
+                    );
+                    false
+                }
+            }
+        });
+        features.registered_buffers = pool.is_some();
         Ok(Self {
+            pool,
             ring,
             features,
             per_device_in_flight: vec![0; max_id],
@@ -296,21 +315,35 @@ impl UringIo {
             (None, Some(b)) => (b.as_mut_ptr(), b.len() as u32),
             (None, None) => (std::ptr::null_mut(), 0),
         };
-        let entry = match op.kind {
-            IoKind::Read => with_fd!(|fd| opcode::Read::new(fd, ptr, len)
+        // A buffer inside the registered pool skips per-op page pinning.
+        let fixed_buf = self
+            .pool
+            .as_ref()
+            .and_then(|p| p.index_of(ptr, len as usize));
+        let flags_for = |fua: bool| if fua { libc::RWF_DSYNC } else { 0 };
+        let entry = match (op.kind, fixed_buf) {
+            (IoKind::Read, Some(i)) => with_fd!(|fd| opcode::ReadFixed::new(fd, ptr, len, i)
                 .offset(op.offset_bytes)
                 .build()),
-            IoKind::Write { fua } => {
-                let flags = if fua { libc::RWF_DSYNC } else { 0 };
-                with_fd!(|fd| opcode::Write::new(fd, ptr as *const u8, len)
+            (IoKind::Write { fua }, Some(i)) => {
+                with_fd!(|fd| opcode::WriteFixed::new(fd, ptr as *const u8, len, i)
                     .offset(op.offset_bytes)
-                    .rw_flags(flags)
+                    .rw_flags(flags_for(fua))
                     .build())
             }
-            IoKind::Sync => with_fd!(|fd| opcode::Fsync::new(fd)
+            (IoKind::Read, None) => with_fd!(|fd| opcode::Read::new(fd, ptr, len)
+                .offset(op.offset_bytes)
+                .build()),
+            (IoKind::Write { fua }, None) => {
+                with_fd!(|fd| opcode::Write::new(fd, ptr as *const u8, len)
+                    .offset(op.offset_bytes)
+                    .rw_flags(flags_for(fua))
+                    .build())
+            }
+            (IoKind::Sync, _) => with_fd!(|fd| opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build()),
-            IoKind::Zero { len_bytes } => {
+            (IoKind::Zero { len_bytes }, _) => {
                 // Files: punch a hole (reads zeros, frees space). Block devices: zero the range.
                 let mode = if blockdev {
                     libc::FALLOC_FL_ZERO_RANGE

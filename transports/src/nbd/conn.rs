@@ -426,13 +426,21 @@ impl Connection {
         match cmd {
             Command::Read => {
                 p.payload_bytes = req.length;
-                let buf = IoBuf::owned(AlignedBuf::zeroed(req.length as usize));
+                let len = req.length as usize;
+                let buf = ctx.take_buffer(len).unwrap_or_else(|| IoBuf::owned(AlignedBuf::zeroed(len)));
                 self.submit(ctx, p, RequestKind::Read, Some(buf));
             }
             Command::Write => {
                 p.payload_bytes = req.length;
                 self.stats.bytes_written.fetch_add(req.length, Ordering::Relaxed);
-                let buf = IoBuf::owned(AlignedBuf::from_slice(&self.rbuf[payload]));
+                let data = &self.rbuf[payload];
+                let buf = match ctx.take_buffer(data.len()) {
+                    Some(mut b) => {
+                        b.as_mut_slice().copy_from_slice(data);
+                        b
+                    }
+                    None => IoBuf::owned(AlignedBuf::from_slice(data)),
+                };
                 self.submit(ctx, p, RequestKind::Write, Some(buf));
             }
             Command::Flush => self.submit(ctx, p, RequestKind::Flush, None),
