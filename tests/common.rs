@@ -119,3 +119,64 @@ pub fn cpu_ticks(pid: i32) -> u64 {
     let f: Vec<&str> = rest.split_whitespace().collect();
     f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
+
+/// The NBD endpoints a daemon printed at start: (`ADDR:PORT`, Unix socket path).
+pub fn nbd_endpoints(d: &Daemon) -> (Option<String>, Option<String>) {
+    let mut tcp = None;
+    let mut unix = None;
+    for line in &d.stdout_lines {
+        if let Some(rest) = line.strip_prefix("ringblock: nbd listening on ") {
+            let addr = rest.split(' ').next().unwrap_or_default();
+            if let Some(path) = addr.strip_prefix("nbd+unix:///?socket=") {
+                unix = Some(path.to_string());
+            } else if tcp.is_none() {
+                tcp = Some(addr.to_string());
+            }
+        }
+    }
+    (tcp, unix)
+}
+
+/// What an external tool printed.
+#[derive(Debug)]
+pub struct ToolOutput {
+    /// Exit code; 124 (or -1 when killed by a signal) if the time limit was hit.
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl ToolOutput {
+    pub fn ok(&self) -> bool {
+        self.code == 0
+    }
+}
+
+/// Run an external program with a time limit (coreutils `timeout`, SIGKILL 5 s later) and
+/// `/usr/bin` first in `PATH` (so `nbdsh` finds the system python with the `nbd` module).
+pub fn run_tool(limit_s: u64, program: &str, args: &[&str], envs: &[(&str, &str)]) -> ToolOutput {
+    let path = format!(
+        "/usr/bin:/bin:/usr/sbin:/sbin:{}",
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new("timeout")
+        .args(["-k", "5", &limit_s.to_string(), program])
+        .args(args)
+        .env("PATH", path)
+        .envs(envs.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run timeout(1)");
+    ToolOutput {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into(),
+        stderr: String::from_utf8_lossy(&out.stderr).into(),
+    }
+}
+
+/// Whether `program` is on the system `PATH`.
+pub fn have_tool(program: &str) -> bool {
+    ["/usr/bin", "/bin", "/usr/sbin", "/sbin", "/usr/local/bin"]
+        .iter()
+        .any(|d| Path::new(d).join(program).exists())
+}

@@ -100,7 +100,8 @@ fn cli_basics() {
 
 #[test]
 fn idle_daemon_uses_under_two_percent_of_a_core() {
-    let d = Daemon::start(&[]);
+    // The embedded default, on a free port (the default port is the next test's).
+    let d = Daemon::start(&["--listen", "127.0.0.1:0"]);
     assert!(
         d.stdout_lines
             .iter()
@@ -140,9 +141,9 @@ fn file_volume_is_found_again_after_restart() {
             dir.path().display()
         ),
     );
-    let d = Daemon::start(&["--config", &cfg]);
+    let d = Daemon::start(&["--config", &cfg, "--listen", "127.0.0.1:0"]);
     d.stop();
-    let d = Daemon::start(&["--config", &cfg]);
+    let d = Daemon::start(&["--config", &cfg, "--listen", "127.0.0.1:0"]);
     assert!(
         d.stdout_lines
             .iter()
@@ -150,5 +151,28 @@ fn file_volume_is_found_again_after_restart() {
         "{:?}",
         d.stdout_lines
     );
+    d.stop();
+}
+
+/// The one test that uses the default port: `ringblock` with no arguments exports `default`
+/// on 127.0.0.1:10809.
+#[test]
+fn embedded_default_exports_default_on_10809() {
+    let d = Daemon::start(&[]);
+    assert!(
+        d.stdout_lines
+            .iter()
+            .any(|l| l == "ringblock: nbd listening on 127.0.0.1:10809"),
+        "{:?}",
+        d.stdout_lines
+    );
+    let out = common::run_tool(
+        60,
+        "nbdinfo",
+        &["--size", "nbd://127.0.0.1:10809/default"],
+        &[],
+    );
+    assert!(out.ok(), "nbdinfo failed: {out:?}");
+    assert_eq!(out.stdout.trim(), "1073741824");
     d.stop();
 }

@@ -18,7 +18,9 @@ use std::sync::Arc;
 
 use ringblock_engine::io_uring::{opcode, types};
 use ringblock_engine::task::{ReactorTask, TaskCtx};
-use ringblock_engine::{AlignedBuf, Engine, Errno, IoBuf, Port, Request, RequestKind, VolumeHandle};
+use ringblock_engine::{
+    AlignedBuf, Engine, Errno, IoBuf, Port, Request, RequestKind, VolumeHandle,
+};
 
 use super::wire::{self, Command, Extent, ReplyTarget, SimpleReply, WireError};
 use super::Negotiated;
@@ -52,14 +54,24 @@ struct OutMsg {
 impl OutMsg {
     fn bytes_only(bytes: Vec<u8>) -> Self {
         let n = bytes.len();
-        Self { bytes, data: None, segs: vec![(false, 0, n)] }
+        Self {
+            bytes,
+            data: None,
+            segs: vec![(false, 0, n)],
+        }
     }
 
     fn seg_ptr(&self, seg: (bool, usize, usize)) -> *const u8 {
         let (is_data, start, _) = seg;
         if is_data {
             // SAFETY: start is within the data buffer (built that way below).
-            unsafe { self.data.as_ref().expect("data segment has a buffer").as_ptr().add(start) }
+            unsafe {
+                self.data
+                    .as_ref()
+                    .expect("data segment has a buffer")
+                    .as_ptr()
+                    .add(start)
+            }
         } else {
             self.bytes[start..].as_ptr()
         }
@@ -116,7 +128,12 @@ pub struct Connection {
 unsafe impl Send for Connection {}
 
 /// Serve the transmission phase of a negotiated connection on a reactor (io_uring).
-pub fn spawn(engine: &Engine, stream: OwnedFd, negotiated: Negotiated, peer: String) -> Arc<ConnStats> {
+pub fn spawn(
+    engine: &Engine,
+    stream: OwnedFd,
+    negotiated: Negotiated,
+    peer: String,
+) -> Arc<ConnStats> {
     let conn = Connection::new(stream, negotiated, peer);
     let stats = conn.stats.clone();
     engine.spawn_task(None, Box::new(conn));
@@ -207,32 +224,56 @@ impl Connection {
         if self.extended() {
             self.target(p).encode_none(&mut b);
         } else {
-            SimpleReply { error: 0, cookie: p.cookie }.encode(&mut b);
+            SimpleReply {
+                error: 0,
+                cookie: p.cookie,
+            }
+            .encode(&mut b);
         }
         self.out.push_back(OutMsg::bytes_only(b));
     }
 
     fn target(&self, p: &Pending) -> ReplyTarget {
-        ReplyTarget { cookie: p.cookie, offset: p.offset, extended: self.extended() }
+        ReplyTarget {
+            cookie: p.cookie,
+            offset: p.offset,
+            extended: self.extended(),
+        }
     }
 
     fn reply_err(&mut self, cookie: u64, offset: u64, cmd_is_read: bool, errno: u32) {
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
         let mut b = Vec::with_capacity(48);
         if self.extended() || (self.structured() && cmd_is_read) {
-            let t = ReplyTarget { cookie, offset, extended: self.extended() };
+            let t = ReplyTarget {
+                cookie,
+                offset,
+                extended: self.extended(),
+            };
             t.encode_error(&mut b, wire::REPLY_FLAG_DONE, errno, "");
         } else {
-            SimpleReply { error: errno, cookie }.encode(&mut b);
+            SimpleReply {
+                error: errno,
+                cookie,
+            }
+            .encode(&mut b);
         }
         self.out.push_back(OutMsg::bytes_only(b));
     }
 
     fn reply_read(&mut self, p: &Pending, data: IoBuf) {
         let len = data.len();
-        let mut msg = OutMsg { bytes: Vec::with_capacity(64), data: Some(data), segs: Vec::with_capacity(4) };
+        let mut msg = OutMsg {
+            bytes: Vec::with_capacity(64),
+            data: Some(data),
+            segs: Vec::with_capacity(4),
+        };
         if !self.structured() {
-            SimpleReply { error: 0, cookie: p.cookie }.encode(&mut msg.bytes);
+            SimpleReply {
+                error: 0,
+                cookie: p.cookie,
+            }
+            .encode(&mut msg.bytes);
             msg.segs.push((false, 0, msg.bytes.len()));
             msg.segs.push((true, 0, len));
             self.out.push_back(msg);
@@ -243,7 +284,10 @@ impl Connection {
             vec![(len as u64, true)]
         } else {
             let max_runs = (len as u64 / self.handle.volume().chunk_size_bytes()) as usize + 2;
-            let mut r = self.handle.volume().allocation_runs(p.offset, p.len, max_runs);
+            let mut r = self
+                .handle
+                .volume()
+                .allocation_runs(p.offset, p.len, max_runs);
             let covered: u64 = r.iter().map(|x| x.0).sum();
             if covered < p.len {
                 r.push((p.len - covered, true));
@@ -268,16 +312,38 @@ impl Connection {
         self.out.push_back(msg);
     }
 
-    fn reply_block_status(&mut self, cookie: u64, offset: u64, len: u64, flags: u16, context_id: u32) {
+    fn reply_block_status(
+        &mut self,
+        cookie: u64,
+        offset: u64,
+        len: u64,
+        flags: u16,
+        context_id: u32,
+    ) {
         let volume = self.handle.volume().clone();
-        let max = if flags & wire::CMD_FLAG_REQ_ONE != 0 { 1 } else { 1024 };
+        let max = if flags & wire::CMD_FLAG_REQ_ONE != 0 {
+            1
+        } else {
+            1024
+        };
         let runs = volume.allocation_runs(offset, len, max);
         let extents: Vec<Extent> = runs
             .iter()
-            .map(|&(length, allocated)| Extent { length, status: if allocated { 0 } else { u64::from(wire::STATE_HOLE | wire::STATE_ZERO) } })
+            .map(|&(length, allocated)| Extent {
+                length,
+                status: if allocated {
+                    0
+                } else {
+                    u64::from(wire::STATE_HOLE | wire::STATE_ZERO)
+                },
+            })
             .collect();
         let mut b = Vec::with_capacity(32 + extents.len() * 16);
-        let t = ReplyTarget { cookie, offset, extended: self.extended() };
+        let t = ReplyTarget {
+            cookie,
+            offset,
+            extended: self.extended(),
+        };
         t.encode_block_status(&mut b, wire::REPLY_FLAG_DONE, context_id, &extents);
         self.out.push_back(OutMsg::bytes_only(b));
     }
@@ -303,7 +369,14 @@ impl Connection {
         let fua = p.flags & wire::CMD_FLAG_FUA != 0 && kind == RequestKind::Write;
         let payload = p.payload_bytes;
         let tag = self.alloc_tag(p);
-        let req = Request { kind, offset_bytes: offset, len_bytes, fua, buf, tag: u64::from(tag) };
+        let req = Request {
+            kind,
+            offset_bytes: offset,
+            len_bytes,
+            fua,
+            buf,
+            tag: u64::from(tag),
+        };
         let port = self.port.clone().expect("port created on first poll");
         match ctx.submit(&self.handle, req, &port) {
             Ok(()) => {
@@ -322,7 +395,12 @@ impl Connection {
     fn check(&self, req: &wire::Request, cmd: Command) -> Option<u32> {
         let info = &self.neg.info;
         let size = self.handle.volume().size_bytes();
-        let known = wire::CMD_FLAG_FUA | wire::CMD_FLAG_NO_HOLE | wire::CMD_FLAG_DF | wire::CMD_FLAG_REQ_ONE | wire::CMD_FLAG_FAST_ZERO | wire::CMD_FLAG_PAYLOAD_LEN;
+        let known = wire::CMD_FLAG_FUA
+            | wire::CMD_FLAG_NO_HOLE
+            | wire::CMD_FLAG_DF
+            | wire::CMD_FLAG_REQ_ONE
+            | wire::CMD_FLAG_FAST_ZERO
+            | wire::CMD_FLAG_PAYLOAD_LEN;
         if req.flags & !known != 0 {
             return Some(wire::EINVAL);
         }
@@ -330,7 +408,15 @@ impl Connection {
         if writes && info.read_only {
             return Some(wire::EPERM);
         }
-        let ranged = matches!(cmd, Command::Read | Command::Write | Command::Trim | Command::WriteZeroes | Command::Cache | Command::BlockStatus);
+        let ranged = matches!(
+            cmd,
+            Command::Read
+                | Command::Write
+                | Command::Trim
+                | Command::WriteZeroes
+                | Command::Cache
+                | Command::BlockStatus
+        );
         if !ranged {
             return None;
         }
@@ -342,14 +428,27 @@ impl Connection {
             return Some(if writes { wire::ENOSPC } else { wire::EINVAL });
         }
         let min = u64::from(info.min_block_bytes.max(1));
-        let needs_alignment = matches!(cmd, Command::Read | Command::Write | Command::Trim | Command::WriteZeroes | Command::Cache);
+        let needs_alignment = matches!(
+            cmd,
+            Command::Read | Command::Write | Command::Trim | Command::WriteZeroes | Command::Cache
+        );
         if needs_alignment && (!req.offset.is_multiple_of(min) || !req.length.is_multiple_of(min)) {
             return Some(wire::EINVAL);
         }
-        if matches!(cmd, Command::Read | Command::Write) && req.length > u64::from(info.max_block_bytes) {
-            return Some(if cmd == Command::Read && req.flags & wire::CMD_FLAG_DF != 0 { wire::EOVERFLOW } else { wire::EINVAL });
+        if matches!(cmd, Command::Read | Command::Write)
+            && req.length > u64::from(info.max_block_bytes)
+        {
+            return Some(
+                if cmd == Command::Read && req.flags & wire::CMD_FLAG_DF != 0 {
+                    wire::EOVERFLOW
+                } else {
+                    wire::EINVAL
+                },
+            );
         }
-        if matches!(cmd, Command::Trim | Command::WriteZeroes) && req.length > ringblock_engine::MAX_REQUEST_BYTES {
+        if matches!(cmd, Command::Trim | Command::WriteZeroes)
+            && req.length > ringblock_engine::MAX_REQUEST_BYTES
+        {
             return Some(wire::EINVAL);
         }
         None
@@ -361,22 +460,26 @@ impl Connection {
         let extended = self.extended();
         let max_payload = u64::from(self.neg.info.max_block_bytes);
         // Bounded by the bytes in the buffer and by the in-flight limits.
-        while self.state == State::Running && self.in_flight < MAX_REQUESTS_IN_FLIGHT && self.bytes_in_flight < MAX_BYTES_IN_FLIGHT {
+        while self.state == State::Running
+            && self.in_flight < MAX_REQUESTS_IN_FLIGHT
+            && self.bytes_in_flight < MAX_BYTES_IN_FLIGHT
+        {
             let avail = &self.rbuf[self.rstart..self.rend];
-            let (req, payload_range, consumed) = match wire::Request::decode_frame(avail, extended, max_payload) {
-                Ok((req, payload, consumed)) => {
-                    let ps = self.rstart + (consumed - payload.len());
-                    (req, ps..ps + payload.len(), consumed)
-                }
-                Err(WireError::Incomplete { needed }) => {
-                    self.make_room(needed);
-                    break;
-                }
-                Err(e) => {
-                    self.fail(&format!("framing lost: {e}"));
-                    break;
-                }
-            };
+            let (req, payload_range, consumed) =
+                match wire::Request::decode_frame(avail, extended, max_payload) {
+                    Ok((req, payload, consumed)) => {
+                        let ps = self.rstart + (consumed - payload.len());
+                        (req, ps..ps + payload.len(), consumed)
+                    }
+                    Err(WireError::Incomplete { needed }) => {
+                        self.make_room(needed);
+                        break;
+                    }
+                    Err(e) => {
+                        self.fail(&format!("framing lost: {e}"));
+                        break;
+                    }
+                };
             self.rstart += consumed;
             started += 1;
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
@@ -403,11 +506,17 @@ impl Connection {
         self.rend = have;
         if have + needed > self.rbuf.len() {
             // Only a large write payload gets here; bounded by the max block size.
-            self.rbuf.resize((have + needed).next_power_of_two().max(RECV_BUF_BYTES), 0);
+            self.rbuf
+                .resize((have + needed).next_power_of_two().max(RECV_BUF_BYTES), 0);
         }
     }
 
-    fn start(&mut self, ctx: &mut TaskCtx<'_>, req: wire::Request, payload: std::ops::Range<usize>) {
+    fn start(
+        &mut self,
+        ctx: &mut TaskCtx<'_>,
+        req: wire::Request,
+        payload: std::ops::Range<usize>,
+    ) {
         let Some(cmd) = req.command() else {
             self.reply_err(req.cookie, req.offset, false, wire::EINVAL);
             return;
@@ -422,17 +531,29 @@ impl Connection {
             return;
         }
         let fua = req.flags & wire::CMD_FLAG_FUA != 0;
-        let mut p = Pending { cookie: req.cookie, offset: req.offset, len: req.length, cmd, flags: req.flags, then_flush: false, payload_bytes: 0 };
+        let mut p = Pending {
+            cookie: req.cookie,
+            offset: req.offset,
+            len: req.length,
+            cmd,
+            flags: req.flags,
+            then_flush: false,
+            payload_bytes: 0,
+        };
         match cmd {
             Command::Read => {
                 p.payload_bytes = req.length;
                 let len = req.length as usize;
-                let buf = ctx.take_buffer(len).unwrap_or_else(|| IoBuf::owned(AlignedBuf::zeroed(len)));
+                let buf = ctx
+                    .take_buffer(len)
+                    .unwrap_or_else(|| IoBuf::owned(AlignedBuf::zeroed(len)));
                 self.submit(ctx, p, RequestKind::Read, Some(buf));
             }
             Command::Write => {
                 p.payload_bytes = req.length;
-                self.stats.bytes_written.fetch_add(req.length, Ordering::Relaxed);
+                self.stats
+                    .bytes_written
+                    .fetch_add(req.length, Ordering::Relaxed);
                 let data = &self.rbuf[payload];
                 let buf = match ctx.take_buffer(data.len()) {
                     Some(mut b) => {
@@ -469,20 +590,29 @@ impl Connection {
             }
             Command::Cache => {
                 // Data is already where the engine serves it from; nothing to prefetch.
-                let p = Pending { payload_bytes: 0, ..p };
+                let p = Pending {
+                    payload_bytes: 0,
+                    ..p
+                };
                 self.reply_ok(&p);
             }
             Command::BlockStatus => match (self.neg.base_allocation_id, self.structured()) {
-                (Some(id), true) => self.reply_block_status(req.cookie, req.offset, req.length, req.flags, id),
+                (Some(id), true) => {
+                    self.reply_block_status(req.cookie, req.offset, req.length, req.flags, id)
+                }
                 _ => self.reply_err(req.cookie, req.offset, false, wire::EINVAL),
             },
-            Command::Resize | Command::Disc => self.reply_err(req.cookie, req.offset, false, wire::EINVAL),
+            Command::Resize | Command::Disc => {
+                self.reply_err(req.cookie, req.offset, false, wire::EINVAL)
+            }
         }
     }
 
     fn on_engine_completion(&mut self, ctx: &mut TaskCtx<'_>, c: ringblock_engine::Completion) {
         let tag = c.tag as u32;
-        let p = self.pending[tag as usize].take().expect("completion for a pending request");
+        let p = self.pending[tag as usize]
+            .take()
+            .expect("completion for a pending request");
         self.free_tags.push(tag);
         self.in_flight -= 1;
         self.bytes_in_flight -= p.payload_bytes;
@@ -492,7 +622,11 @@ impl Connection {
         match c.result {
             Err(e) => self.reply_err(p.cookie, p.offset, p.cmd == Command::Read, nbd_errno(e)),
             Ok(()) if p.then_flush => {
-                let next = Pending { then_flush: false, payload_bytes: 0, ..p };
+                let next = Pending {
+                    then_flush: false,
+                    payload_bytes: 0,
+                    ..p
+                };
                 self.submit(ctx, next, RequestKind::Flush, None);
             }
             Ok(()) if p.cmd == Command::Read => {
@@ -549,7 +683,10 @@ impl Connection {
                 if len > seg_off {
                     // SAFETY: seg_off < len keeps the pointer inside the segment.
                     let base = unsafe { msg.seg_ptr(seg).add(seg_off) };
-                    self.iov.push(libc::iovec { iov_base: base as *mut libc::c_void, iov_len: len - seg_off });
+                    self.iov.push(libc::iovec {
+                        iov_base: base as *mut libc::c_void,
+                        iov_len: len - seg_off,
+                    });
                 }
                 seg_off = 0;
             }
@@ -560,7 +697,12 @@ impl Connection {
         }
         self.msghdr.msg_iov = self.iov.as_mut_ptr();
         self.msghdr.msg_iovlen = self.iov.len() as _;
-        let entry = opcode::SendMsg::new(types::Fd(self.fd.as_raw_fd()), &*self.msghdr as *const libc::msghdr).flags(libc::MSG_NOSIGNAL as u32).build();
+        let entry = opcode::SendMsg::new(
+            types::Fd(self.fd.as_raw_fd()),
+            &*self.msghdr as *const libc::msghdr,
+        )
+        .flags(libc::MSG_NOSIGNAL as u32)
+        .build();
         // SAFETY: msghdr is boxed, iov is not touched while a send is in flight, and the queued
         // messages it points into are only popped after the completion.
         match unsafe { ctx.push_raw(entry, TAG_SEND) } {
@@ -616,7 +758,11 @@ impl ReactorTask for Connection {
         if self.post_send(ctx) {
             work += 1;
         }
-        if self.state == State::Draining && self.in_flight == 0 && self.out.is_empty() && !self.send_in_flight {
+        if self.state == State::Draining
+            && self.in_flight == 0
+            && self.out.is_empty()
+            && !self.send_in_flight
+        {
             self.shutdown_socket();
         }
         work
@@ -636,7 +782,10 @@ impl ReactorTask for Connection {
                         self.state = State::Draining;
                     }
                 } else if result != -libc::EINTR && result != -libc::EAGAIN {
-                    self.fail(&format!("recv: {}", std::io::Error::from_raw_os_error(-result)));
+                    self.fail(&format!(
+                        "recv: {}",
+                        std::io::Error::from_raw_os_error(-result)
+                    ));
                 }
             }
             TAG_SEND => {
@@ -646,7 +795,10 @@ impl ReactorTask for Connection {
                 } else if result >= 0 {
                     self.on_sent(result as usize);
                 } else if result != -libc::EINTR && result != -libc::EAGAIN {
-                    self.fail(&format!("send: {}", std::io::Error::from_raw_os_error(-result)));
+                    self.fail(&format!(
+                        "send: {}",
+                        std::io::Error::from_raw_os_error(-result)
+                    ));
                 }
             }
             _ => unreachable!("unknown ring tag {tag}"),

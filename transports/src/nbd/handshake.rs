@@ -1,1 +1,1463 @@
-//! Fixed-newstyle handshake (being written).
+//! Server side of the fixed-newstyle handshake (NBD protocol document, "Handshake" and
+//! "Option types", plus the `EXTENDED_HEADERS` extension).
+//!
+//! [`negotiate`] runs with blocking IO on whatever stream it is given (a socket with read and
+//! write timeouts in the server, a Unix socket pair in tests). It reads exactly the bytes of
+//! each message and never more, so when it returns [`Negotiated`] the stream is positioned at
+//! the first transmission request and can be handed to the transmission phase as is.
+//!
+//! Limits: at most [`MAX_OPTIONS`] options per connection, each payload at most
+//! [`MAX_OPTION_LEN`] bytes; an oversized payload of up to [`MAX_DISCARD_BYTES`] is read,
+//! discarded and answered with `REP_ERR_TOO_BIG`, a larger one ends the connection.
+//!
+//! Block sizes: every `OPT_INFO`/`OPT_GO` success carries `INFO_BLOCK_SIZE` (the export's
+//! minimum, preferred and maximum). Our exports have a minimum block size above the spec's
+//! default of 1, so the spec allows refusing clients that did not promise to honour it
+//! (`REP_ERR_BLOCK_SIZE_REQD` for `OPT_GO`/`OPT_INFO` without an `INFO_BLOCK_SIZE` request, a
+//! hard disconnect for `OPT_EXPORT_NAME`). By default we do not refuse them — the spec says
+//! servers SHOULD NOT when they can cleanly error misaligned requests, which the transmission
+//! phase does (EINVAL) — and [`HandshakeConfig::require_block_size`] turns the refusal on.
+
+use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use super::wire::{
+    BlockSize, ClientFlags, ClientOption, ExportNameReply, Greeting, InfoRequest,
+    MetaContextRequest, OptionHeader, OptionReply, WireError, CLIENT_FLAGS_LEN,
+    FLAG_CAN_MULTI_CONN, FLAG_FIXED_NEWSTYLE, FLAG_HAS_FLAGS, FLAG_NO_ZEROES, FLAG_READ_ONLY,
+    FLAG_SEND_CACHE, FLAG_SEND_DF, FLAG_SEND_FAST_ZERO, FLAG_SEND_FLUSH, FLAG_SEND_FUA,
+    FLAG_SEND_TRIM, FLAG_SEND_WRITE_ZEROES, INFO_BLOCK_SIZE, INFO_DESCRIPTION, INFO_NAME,
+    MAX_OPTION_LEN, META_CONTEXT_BASE_ALLOCATION, OPTION_HEADER_LEN, OPT_EXPORT_NAME,
+    REP_ERR_BLOCK_SIZE_REQD, REP_ERR_EXT_HEADER_REQD, REP_ERR_INVALID, REP_ERR_SHUTDOWN,
+    REP_ERR_TLS_REQD, REP_ERR_TOO_BIG, REP_ERR_UNKNOWN, REP_ERR_UNSUP,
+};
+use super::{ExportCatalog, ExportInfo, Negotiated};
+
+/// Most options one connection may send before the server hangs up (a denial-of-service
+/// guard; real clients send a handful, `nbdinfo --list` about three per export).
+pub const MAX_OPTIONS: usize = 1024;
+/// Largest oversized option payload that is read and discarded (then answered with
+/// `REP_ERR_TOO_BIG`); anything larger is treated as an attack and ends the connection.
+pub const MAX_DISCARD_BYTES: u64 = 1 << 20;
+/// Context id the server gives `base:allocation` when a client selects it.
+pub const BASE_ALLOCATION_ID: u32 = 1;
+/// Handshake flags this server offers.
+pub const SERVER_HANDSHAKE_FLAGS: u16 = FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES;
+
+/// Server policy for the handshake.
+#[derive(Clone, Debug, Default)]
+pub struct HandshakeConfig {
+    /// FORCEDTLS mode: every option except `OPT_STARTTLS`/`OPT_ABORT` is refused with
+    /// `REP_ERR_TLS_REQD` (and `OPT_EXPORT_NAME` disconnects). TLS itself is not implemented
+    /// yet (`OPT_STARTTLS` is answered `REP_ERR_UNSUP`), so this is off in practice.
+    pub tls_required: bool,
+    /// Refuse clients that did not request `INFO_BLOCK_SIZE` for exports whose minimum block
+    /// size is above 1 (see the module documentation).
+    pub require_block_size: bool,
+    /// Set when the server is stopping: further options get `REP_ERR_SHUTDOWN`.
+    pub stopping: Option<Arc<AtomicBool>>,
+}
+
+impl HandshakeConfig {
+    fn stopping(&self) -> bool {
+        self.stopping
+            .as_ref()
+            .is_some_and(|s| s.load(Ordering::Acquire))
+    }
+}
+
+/// Why a handshake ended without a connection; every variant means "close the socket".
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// Reading or writing failed (client went away, reset, timeout).
+    #[error("i/o error during handshake: {0}")]
+    Io(#[from] io::Error),
+    /// The client broke the framing or sent unknown client flags; the spec requires hanging up.
+    #[error("protocol violation during handshake: {0}")]
+    Protocol(#[from] WireError),
+    /// More than [`MAX_OPTIONS`] options.
+    #[error("client sent more than {MAX_OPTIONS} options")]
+    TooManyOptions,
+    /// An option payload too large to even skip ([`MAX_DISCARD_BYTES`]).
+    #[error("option {option} carries {length} bytes of data, more than the {MAX_DISCARD_BYTES} the server will skip")]
+    OptionTooLarge {
+        /// Option code.
+        option: u32,
+        /// Declared payload length.
+        length: u32,
+    },
+    /// `OPT_EXPORT_NAME` cannot report errors: the spec requires hanging up instead.
+    #[error("OPT_EXPORT_NAME {name:?} refused: {reason}")]
+    ExportNameRefused {
+        /// The requested export name (lossy if it was not valid UTF-8).
+        name: String,
+        /// Why.
+        reason: &'static str,
+    },
+}
+
+impl HandshakeError {
+    /// Whether this is the client simply going away or being slow (EOF, reset, timeout), as
+    /// opposed to a protocol violation worth reporting.
+    pub fn is_disconnect(&self) -> bool {
+        match self {
+            HandshakeError::Io(e) => matches!(
+                e.kind(),
+                io::ErrorKind::UnexpectedEof
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::TimedOut
+                    | io::ErrorKind::WouldBlock
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// The transmission flags for `info`, given whether structured (or extended) replies were
+/// negotiated.
+///
+/// Always: `HAS_FLAGS`, `SEND_FLUSH`, `SEND_CACHE`, `CAN_MULTI_CONN` (a flush covers writes
+/// completed on every connection). Writable exports add `SEND_FUA`, `SEND_TRIM`,
+/// `SEND_WRITE_ZEROES`, `SEND_FAST_ZERO`; read-only ones set `READ_ONLY` instead. `SEND_DF` only
+/// with structured replies, as the spec requires.
+pub fn transmission_flags(info: &ExportInfo, structured: bool) -> u16 {
+    let mut flags = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_CACHE | FLAG_CAN_MULTI_CONN;
+    if info.read_only {
+        flags |= FLAG_READ_ONLY;
+    } else {
+        flags |= FLAG_SEND_FUA | FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES | FLAG_SEND_FAST_ZERO;
+    }
+    if structured {
+        flags |= FLAG_SEND_DF;
+    }
+    flags
+}
+
+/// The `INFO_BLOCK_SIZE` values for `info`, repaired (with a warning) if the catalog gave
+/// values a client would have to reject.
+pub fn block_size(info: &ExportInfo) -> BlockSize {
+    let bs = BlockSize {
+        min: info.min_block_bytes,
+        preferred: info.preferred_block_bytes,
+        max: info.max_block_bytes,
+    };
+    if bs.is_valid() {
+        return bs;
+    }
+    let min = info.min_block_bytes.clamp(1, 1 << 16).next_power_of_two();
+    let preferred = info
+        .preferred_block_bytes
+        .clamp(min.max(512), 1 << 30)
+        .next_power_of_two();
+    let fixed = BlockSize {
+        min,
+        preferred,
+        max: info.max_block_bytes.max(preferred),
+    };
+    tracing::warn!(export = %info.name, ?bs, ?fixed, "export has invalid block size constraints; advertising repaired values");
+    fixed
+}
+
+/// Selected metadata contexts: what the last `OPT_SET_META_CONTEXT` chose, for which export.
+struct MetaSelection {
+    export: String,
+    base_allocation: bool,
+}
+
+/// What one option asks the loop to do next.
+enum Step {
+    Continue,
+    Abort,
+    Go(Negotiated),
+}
+
+struct Session<'a, S> {
+    stream: &'a mut S,
+    catalog: &'a dyn ExportCatalog,
+    cfg: &'a HandshakeConfig,
+    no_zeroes: bool,
+    structured: bool,
+    extended: bool,
+    meta: Option<MetaSelection>,
+    /// Replies to the current option, written with one `write_all`.
+    out: Vec<u8>,
+}
+
+/// Runs the server side of the fixed-newstyle handshake on `stream`.
+///
+/// Returns `Ok(Some(_))` when the client entered transmission (`OPT_GO` or `OPT_EXPORT_NAME`),
+/// `Ok(None)` when it ended the session cleanly (`OPT_ABORT`, or closing the connection between
+/// messages), and an error when the connection must be dropped.
+pub fn negotiate<S: Read + Write>(
+    stream: &mut S,
+    catalog: &dyn ExportCatalog,
+    cfg: &HandshakeConfig,
+) -> Result<Option<Negotiated>, HandshakeError> {
+    stream.write_all(
+        &Greeting {
+            flags: SERVER_HANDSHAKE_FLAGS,
+        }
+        .to_bytes(),
+    )?;
+    stream.flush()?;
+    let mut flags = [0u8; CLIENT_FLAGS_LEN];
+    if !read_exact_or_eof(stream, &mut flags)? {
+        return Ok(None);
+    }
+    // Unknown flags, or NO_ZEROES without our offer, must make the server hang up.
+    let (client, _) = ClientFlags::decode(&flags, SERVER_HANDSHAKE_FLAGS)?;
+    // Clients that do not set FIXED_NEWSTYLE are served fixed newstyle anyway (the spec allows
+    // it); a non-fixed client only sends OPT_EXPORT_NAME, which behaves identically.
+    let mut session = Session {
+        stream,
+        catalog,
+        cfg,
+        no_zeroes: client.no_zeroes(),
+        structured: false,
+        extended: false,
+        meta: None,
+        out: Vec::with_capacity(512),
+    };
+    let mut payload = Vec::new();
+    for _ in 0..MAX_OPTIONS {
+        let mut header = [0u8; OPTION_HEADER_LEN];
+        if !read_exact_or_eof(session.stream, &mut header)? {
+            return Ok(None);
+        }
+        let hdr = match OptionHeader::decode(&header) {
+            Ok((hdr, _)) => hdr,
+            Err(WireError::OptionTooLarge { option, length }) => {
+                session.skip_oversized(option, length)?;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // `length` <= MAX_OPTION_LEN (64 KiB), checked by the decoder.
+        payload.resize(hdr.length as usize, 0);
+        session.stream.read_exact(&mut payload)?;
+        let option = match ClientOption::parse(hdr.option, &payload) {
+            Ok(option) => option,
+            Err(_) if hdr.option == OPT_EXPORT_NAME => {
+                return Err(HandshakeError::ExportNameRefused {
+                    name: String::from_utf8_lossy(&payload).into_owned(),
+                    reason: "the name is not a valid NBD string",
+                })
+            }
+            Err(e) => {
+                let reply = e.option_reply_type().unwrap_or(REP_ERR_INVALID);
+                session.reply(hdr.option, &[error(reply, &e.to_string())])?;
+                continue;
+            }
+        };
+        match session.handle(option)? {
+            Step::Continue => {}
+            Step::Abort => return Ok(None),
+            Step::Go(negotiated) => return Ok(Some(negotiated)),
+        }
+    }
+    Err(HandshakeError::TooManyOptions)
+}
+
+/// Reads exactly `buf.len()` bytes; `Ok(false)` if the stream ended before the first byte (a
+/// clean end between messages), `UnexpectedEof` if it ended in the middle.
+fn read_exact_or_eof<S: Read>(stream: &mut S, buf: &mut [u8]) -> io::Result<bool> {
+    let mut have = 0;
+    while have < buf.len() {
+        match stream.read(&mut buf[have..]) {
+            Ok(0) if have == 0 => return Ok(false),
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => have += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+fn error(reply: u32, message: &str) -> OptionReply<'_> {
+    OptionReply::Error { reply, message }
+}
+
+impl<S: Read + Write> Session<'_, S> {
+    fn reply(&mut self, option: u32, replies: &[OptionReply<'_>]) -> io::Result<()> {
+        self.out.clear();
+        for r in replies {
+            r.encode(option, &mut self.out);
+        }
+        self.stream.write_all(&self.out)?;
+        self.stream.flush()
+    }
+
+    /// Reads and drops the payload of an option longer than [`MAX_OPTION_LEN`], then answers
+    /// `REP_ERR_TOO_BIG`; hangs up if it is absurdly long or is `OPT_EXPORT_NAME` (which cannot
+    /// be answered with an error).
+    fn skip_oversized(&mut self, option: u32, length: u32) -> Result<(), HandshakeError> {
+        if option == OPT_EXPORT_NAME || u64::from(length) > MAX_DISCARD_BYTES {
+            return Err(HandshakeError::OptionTooLarge { option, length });
+        }
+        let skipped = io::copy(
+            &mut (&mut *self.stream).take(u64::from(length)),
+            &mut io::sink(),
+        )?;
+        if skipped != u64::from(length) {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+        }
+        let message =
+            format!("option data of {length} bytes exceeds the limit of {MAX_OPTION_LEN} bytes");
+        self.reply(option, &[error(REP_ERR_TOO_BIG, &message)])?;
+        Ok(())
+    }
+
+    /// The canonical name of the export `name` selects (the default export for "").
+    fn resolve(&self, name: &str) -> Option<String> {
+        if name.is_empty() {
+            self.catalog.default_export()
+        } else {
+            Some(name.to_string())
+        }
+    }
+
+    fn handle(&mut self, option: ClientOption<'_>) -> Result<Step, HandshakeError> {
+        let code = option.option();
+        if let ClientOption::Abort = option {
+            // The client may already have closed its end; the session is over either way.
+            let _ = self.reply(code, &[OptionReply::Ack]);
+            return Ok(Step::Abort);
+        }
+        if let ClientOption::ExportName(name) = option {
+            return self.export_name(name);
+        }
+        if self.cfg.stopping() {
+            self.reply(code, &[error(REP_ERR_SHUTDOWN, "server is shutting down")])?;
+            return Ok(Step::Continue);
+        }
+        if self.cfg.tls_required && !matches!(option, ClientOption::StartTls) {
+            self.reply(
+                code,
+                &[error(REP_ERR_TLS_REQD, "TLS is required by this server")],
+            )?;
+            return Ok(Step::Continue);
+        }
+        match option {
+            ClientOption::Abort | ClientOption::ExportName(_) => unreachable!("handled above"),
+            ClientOption::List => {
+                let exports = self.catalog.list();
+                let mut replies: Vec<OptionReply<'_>> = exports
+                    .iter()
+                    .map(|e| OptionReply::Server {
+                        name: &e.name,
+                        description: &e.description,
+                    })
+                    .collect();
+                replies.push(OptionReply::Ack);
+                self.reply(code, &replies)?;
+            }
+            ClientOption::StartTls => {
+                self.reply(
+                    code,
+                    &[error(REP_ERR_UNSUP, "TLS is not supported by this server")],
+                )?;
+            }
+            ClientOption::Info(req) => return self.info_or_go(code, req, false),
+            ClientOption::Go(req) => return self.info_or_go(code, req, true),
+            ClientOption::StructuredReply => {
+                if self.extended {
+                    self.reply(
+                        code,
+                        &[error(
+                            REP_ERR_EXT_HEADER_REQD,
+                            "extended headers are negotiated and take precedence",
+                        )],
+                    )?;
+                } else if self.structured {
+                    self.reply(
+                        code,
+                        &[error(
+                            REP_ERR_INVALID,
+                            "structured replies are already negotiated",
+                        )],
+                    )?;
+                } else {
+                    self.structured = true;
+                    self.reply(code, &[OptionReply::Ack])?;
+                }
+            }
+            ClientOption::ExtendedHeaders => {
+                if self.extended {
+                    self.reply(
+                        code,
+                        &[error(
+                            REP_ERR_INVALID,
+                            "extended headers are already negotiated",
+                        )],
+                    )?;
+                } else {
+                    self.extended = true;
+                    self.reply(code, &[OptionReply::Ack])?;
+                }
+            }
+            ClientOption::ListMetaContext(req) => self.list_meta_context(code, req)?,
+            ClientOption::SetMetaContext(req) => self.set_meta_context(code, req)?,
+            ClientOption::Unknown { option, .. } => {
+                let message = format!("option {option} is not supported");
+                self.reply(code, &[error(REP_ERR_UNSUP, &message)])?;
+            }
+        }
+        Ok(Step::Continue)
+    }
+
+    fn export_name(&mut self, name: &str) -> Result<Step, HandshakeError> {
+        let refuse = |reason| {
+            Err(HandshakeError::ExportNameRefused {
+                name: name.to_string(),
+                reason,
+            })
+        };
+        if self.extended {
+            return refuse("OPT_EXPORT_NAME is forbidden after extended headers");
+        }
+        if self.cfg.tls_required {
+            return refuse("TLS is required");
+        }
+        if self.cfg.stopping() {
+            return refuse("server is shutting down");
+        }
+        let Some((info, handle)) = self.resolve(name).and_then(|n| self.catalog.open(&n)) else {
+            return refuse("no such export");
+        };
+        let bs = block_size(&info);
+        if self.cfg.require_block_size && bs.min > 1 {
+            return refuse("the export needs block size constraints, which require OPT_GO");
+        }
+        let flags = transmission_flags(&info, self.structured);
+        self.out.clear();
+        ExportNameReply {
+            size: info.size_bytes,
+            flags,
+        }
+        .encode(self.no_zeroes, &mut self.out);
+        self.stream.write_all(&self.out)?;
+        self.stream.flush()?;
+        Ok(Step::Go(self.negotiated(info, handle, flags)))
+    }
+
+    fn negotiated(
+        &self,
+        info: ExportInfo,
+        handle: ringblock_engine::VolumeHandle,
+        flags: u16,
+    ) -> Negotiated {
+        let base_allocation_id = self
+            .meta
+            .as_ref()
+            .filter(|m| m.base_allocation && m.export == info.name)
+            .map(|_| BASE_ALLOCATION_ID);
+        Negotiated {
+            info,
+            handle,
+            // Extended headers imply structured replies (every reply is an extended chunk).
+            structured_replies: self.structured || self.extended,
+            extended_headers: self.extended,
+            base_allocation_id,
+            transmission_flags: flags,
+        }
+    }
+
+    fn info_or_go(
+        &mut self,
+        code: u32,
+        req: InfoRequest<'_>,
+        go: bool,
+    ) -> Result<Step, HandshakeError> {
+        let Some((info, handle)) = self.resolve(req.name).and_then(|n| self.catalog.open(&n))
+        else {
+            let message = format!("no export named {:?}", req.name);
+            self.reply(code, &[error(REP_ERR_UNKNOWN, &message)])?;
+            return Ok(Step::Continue);
+        };
+        let bs = block_size(&info);
+        if self.cfg.require_block_size && bs.min > 1 && !req.requests.contains(INFO_BLOCK_SIZE) {
+            // The spec asks for the constraints first, to save the client a round trip.
+            self.reply(
+                code,
+                &[
+                    OptionReply::InfoBlockSize(bs),
+                    error(
+                        REP_ERR_BLOCK_SIZE_REQD,
+                        "this export needs block size constraints: request INFO_BLOCK_SIZE",
+                    ),
+                ],
+            )?;
+            return Ok(Step::Continue);
+        }
+        let flags = transmission_flags(&info, self.structured || self.extended);
+        let mut replies = vec![OptionReply::InfoExport {
+            size: info.size_bytes,
+            flags,
+        }];
+        if req.requests.contains(INFO_NAME) {
+            replies.push(OptionReply::InfoName(&info.name));
+        }
+        if req.requests.contains(INFO_DESCRIPTION) {
+            replies.push(OptionReply::InfoDescription(&info.description));
+        }
+        replies.push(OptionReply::InfoBlockSize(bs));
+        replies.push(OptionReply::Ack);
+        self.reply(code, &replies)?;
+        if !go {
+            return Ok(Step::Continue);
+        }
+        Ok(Step::Go(self.negotiated(info, handle, flags)))
+    }
+
+    /// Structured replies (or extended headers) are a precondition of meta contexts.
+    fn meta_allowed(&mut self, code: u32) -> io::Result<bool> {
+        if self.structured || self.extended {
+            return Ok(true);
+        }
+        self.reply(
+            code,
+            &[error(
+                REP_ERR_INVALID,
+                "negotiate structured replies or extended headers first",
+            )],
+        )?;
+        Ok(false)
+    }
+
+    fn list_meta_context(&mut self, code: u32, req: MetaContextRequest<'_>) -> io::Result<()> {
+        if !self.meta_allowed(code)? {
+            return Ok(());
+        }
+        if self
+            .resolve(req.export)
+            .and_then(|n| self.catalog.open(&n))
+            .is_none()
+        {
+            let message = format!("no export named {:?}", req.export);
+            return self.reply(code, &[error(REP_ERR_UNKNOWN, &message)]);
+        }
+        // No query lists everything; `base:` is the namespace wildcard; anything else that
+        // is not `base:allocation` (unknown namespaces, unknown base leaves) is ignored.
+        let base_allocation = req.queries.is_empty()
+            || req
+                .queries
+                .iter()
+                .any(|q| q == "base:" || q == META_CONTEXT_BASE_ALLOCATION);
+        let mut replies = Vec::with_capacity(2);
+        if base_allocation {
+            replies.push(OptionReply::MetaContext {
+                id: 0,
+                name: META_CONTEXT_BASE_ALLOCATION,
+            });
+        }
+        replies.push(OptionReply::Ack);
+        self.reply(code, &replies)
+    }
+
+    fn set_meta_context(&mut self, code: u32, req: MetaContextRequest<'_>) -> io::Result<()> {
+        // Every SET replaces the previous selection, even one that fails.
+        self.meta = None;
+        if !self.meta_allowed(code)? {
+            return Ok(());
+        }
+        let Some((info, _handle)) = self.resolve(req.export).and_then(|n| self.catalog.open(&n))
+        else {
+            let message = format!("no export named {:?}", req.export);
+            return self.reply(code, &[error(REP_ERR_UNKNOWN, &message)]);
+        };
+        // `base:` selects nothing in SET; unknown namespaces and leaves are ignored.
+        let base_allocation = req
+            .queries
+            .iter()
+            .any(|q| q == META_CONTEXT_BASE_ALLOCATION);
+        self.meta = Some(MetaSelection {
+            export: info.name,
+            base_allocation,
+        });
+        let mut replies = Vec::with_capacity(2);
+        if base_allocation {
+            replies.push(OptionReply::MetaContext {
+                id: BASE_ALLOCATION_ID,
+                name: META_CONTEXT_BASE_ALLOCATION,
+            });
+        }
+        replies.push(OptionReply::Ack);
+        self.reply(code, &replies)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::Shutdown;
+    use std::os::unix::net::UnixStream;
+    use std::sync::{Arc, OnceLock};
+    use std::thread::JoinHandle;
+    use std::time::Duration;
+
+    use ringblock_engine::{DeviceConfig, Engine, EngineConfig, VolumeHandle};
+
+    use super::*;
+    use crate::nbd::wire::{
+        ExportNameReply, Greeting, InfoRequest, MetaContextRequest, OptionHeader, OptionReply,
+        Request, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, GREETING_LEN, IHAVEOPT, INFO_BLOCK_SIZE,
+        INFO_DESCRIPTION, INFO_NAME, OPTION_REPLY_HEADER_LEN, OPT_ABORT, OPT_EXPORT_NAME,
+        OPT_EXTENDED_HEADERS, OPT_GO, OPT_INFO, OPT_LIST, OPT_LIST_META_CONTEXT, OPT_PEEK_EXPORT,
+        OPT_SET_META_CONTEXT, OPT_STARTTLS, OPT_STRUCTURED_REPLY, REP_ACK,
+    };
+
+    const MIB: u64 = 1 << 20;
+
+    /// One engine for every test: a 64 MiB RAM device with volumes `v` (32 MiB) and `ro`.
+    fn engine() -> Arc<Engine> {
+        static ENGINE: OnceLock<Arc<Engine>> = OnceLock::new();
+        ENGINE
+            .get_or_init(|| {
+                let engine = Engine::start(&EngineConfig {
+                    devices: vec![DeviceConfig::ram("r", 64 * MIB)],
+                    cores: vec![0],
+                    ..Default::default()
+                })
+                .expect("engine starts");
+                engine.create_volume("r", "v", 32 * MIB).expect("volume v");
+                engine
+                    .create_volume("r", "ro", 16 * MIB)
+                    .expect("volume ro");
+                Arc::new(engine)
+            })
+            .clone()
+    }
+
+    fn export(name: &str, size_bytes: u64, read_only: bool) -> ExportInfo {
+        ExportInfo {
+            name: name.into(),
+            description: format!("test export {name}"),
+            size_bytes,
+            read_only,
+            min_block_bytes: 512,
+            preferred_block_bytes: 4096,
+            max_block_bytes: 32 << 20,
+        }
+    }
+
+    /// Exports with chosen properties, each backed by a real engine volume.
+    struct TestCatalog {
+        engine: Arc<Engine>,
+        exports: Vec<(ExportInfo, &'static str)>,
+        default: Option<&'static str>,
+    }
+
+    impl ExportCatalog for TestCatalog {
+        fn list(&self) -> Vec<ExportInfo> {
+            self.exports.iter().map(|(e, _)| e.clone()).collect()
+        }
+        fn open(&self, name: &str) -> Option<(ExportInfo, VolumeHandle)> {
+            let (info, volume) = self.exports.iter().find(|(e, _)| e.name == name)?;
+            Some((info.clone(), self.engine.open(volume).ok()?))
+        }
+        fn default_export(&self) -> Option<String> {
+            self.default.map(str::to_string)
+        }
+    }
+
+    fn catalog() -> Arc<TestCatalog> {
+        let mut odd = export("odd", 32 * MIB, false);
+        odd.min_block_bytes = 3;
+        odd.preferred_block_bytes = 100;
+        odd.max_block_bytes = 10;
+        Arc::new(TestCatalog {
+            engine: engine(),
+            exports: vec![
+                (export("v", 32 * MIB, false), "v"),
+                (export("ro", 16 * MIB, true), "ro"),
+                (odd, "v"),
+            ],
+            default: Some("v"),
+        })
+    }
+
+    /// What the server side saw, plus any bytes the client sent after the handshake.
+    #[derive(Debug)]
+    struct Summary {
+        export: String,
+        size: u64,
+        structured: bool,
+        extended: bool,
+        base: Option<u32>,
+        flags: u16,
+        leftover: Vec<u8>,
+    }
+
+    type ServerResult = Result<Option<Summary>, String>;
+
+    /// An owned view of one option reply.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum R {
+        Ack,
+        Server(String, String),
+        Export(u64, u16),
+        Name(String),
+        Desc(String),
+        Block(u32, u32, u32),
+        Meta(u32, String),
+        Err(u32),
+        Other(u32),
+    }
+
+    struct Client {
+        s: UnixStream,
+        server: Option<JoinHandle<ServerResult>>,
+    }
+
+    fn serve_with(catalog: Arc<dyn ExportCatalog>, cfg: HandshakeConfig) -> Client {
+        let (client, server) = UnixStream::pair().unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        server
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let handle = std::thread::spawn(move || {
+            let mut s = server;
+            match negotiate(&mut s, &*catalog, &cfg) {
+                Ok(Some(n)) => {
+                    // Whatever the client sent after the handshake must still be unread.
+                    let mut leftover = Vec::new();
+                    let _ = s.read_to_end(&mut leftover);
+                    Ok(Some(Summary {
+                        export: n.info.name.clone(),
+                        size: n.info.size_bytes,
+                        structured: n.structured_replies,
+                        extended: n.extended_headers,
+                        base: n.base_allocation_id,
+                        flags: n.transmission_flags,
+                        leftover,
+                    }))
+                }
+                Ok(None) => Ok(None),
+                Err(e) => Err(format!("{e:?}")),
+            }
+        });
+        Client {
+            s: client,
+            server: Some(handle),
+        }
+    }
+
+    fn serve() -> Client {
+        serve_with(catalog(), HandshakeConfig::default())
+    }
+
+    /// A server past the greeting, with a fixed-newstyle, no-zeroes client.
+    fn connected() -> Client {
+        let mut c = serve();
+        c.hello(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
+        c
+    }
+
+    impl Client {
+        fn hello(&mut self, flags: u32) {
+            let mut g = [0u8; GREETING_LEN];
+            self.s.read_exact(&mut g).unwrap();
+            let (greeting, _) = Greeting::decode(&g).unwrap();
+            assert_eq!(greeting.flags, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+            self.send(&flags.to_be_bytes());
+        }
+
+        fn send(&mut self, bytes: &[u8]) {
+            self.s.write_all(bytes).unwrap();
+        }
+
+        fn raw_option(&mut self, option: u32, data: &[u8]) {
+            let mut v = Vec::new();
+            OptionHeader {
+                option,
+                length: data.len() as u32,
+            }
+            .encode(&mut v);
+            v.extend_from_slice(data);
+            self.send(&v);
+        }
+
+        fn info(&mut self, option: u32, name: &str, infos: &[u16]) {
+            let mut v = Vec::new();
+            InfoRequest::encode_option(&mut v, option, name, infos);
+            self.send(&v);
+        }
+
+        fn meta(&mut self, option: u32, export: &str, queries: &[&str]) {
+            let mut v = Vec::new();
+            MetaContextRequest::encode_option(&mut v, option, export, queries);
+            self.send(&v);
+        }
+
+        fn reply(&mut self) -> (u32, R) {
+            let mut buf = vec![0u8; OPTION_REPLY_HEADER_LEN];
+            self.s.read_exact(&mut buf).unwrap();
+            let len = u32::from_be_bytes(buf[16..20].try_into().unwrap()) as usize;
+            buf.resize(OPTION_REPLY_HEADER_LEN + len, 0);
+            self.s
+                .read_exact(&mut buf[OPTION_REPLY_HEADER_LEN..])
+                .unwrap();
+            let (option, reply, used) = OptionReply::decode(&buf).unwrap();
+            assert_eq!(used, buf.len());
+            let r = match reply {
+                OptionReply::Ack => R::Ack,
+                OptionReply::Server { name, description } => {
+                    R::Server(name.into(), description.into())
+                }
+                OptionReply::InfoExport { size, flags } => R::Export(size, flags),
+                OptionReply::InfoName(n) => R::Name(n.into()),
+                OptionReply::InfoDescription(d) => R::Desc(d.into()),
+                OptionReply::InfoBlockSize(b) => R::Block(b.min, b.preferred, b.max),
+                OptionReply::MetaContext { id, name } => R::Meta(id, name.into()),
+                OptionReply::Error { reply, .. } => R::Err(reply),
+                other => R::Other(other.reply_type()),
+            };
+            (option, r)
+        }
+
+        /// Every reply to one option, up to and including the final ACK or error.
+        fn replies(&mut self, option: u32) -> Vec<R> {
+            let mut out = Vec::new();
+            for _ in 0..64 {
+                let (o, r) = self.reply();
+                assert_eq!(o, option, "reply for the wrong option: {out:?} {r:?}");
+                let last = matches!(r, R::Ack | R::Err(_));
+                out.push(r);
+                if last {
+                    return out;
+                }
+            }
+            panic!("no final reply among {out:?}");
+        }
+
+        fn expect_eof(&mut self) {
+            let mut rest = Vec::new();
+            self.s.read_to_end(&mut rest).unwrap();
+            assert!(rest.is_empty(), "unexpected bytes before EOF: {rest:?}");
+        }
+
+        /// Close our sending side and collect the server's result.
+        fn finish(mut self) -> ServerResult {
+            let _ = self.s.shutdown(Shutdown::Write);
+            self.server.take().unwrap().join().unwrap()
+        }
+    }
+
+    fn go_ok(c: &mut Client, name: &str, infos: &[u16]) -> Vec<R> {
+        c.info(OPT_GO, name, infos);
+        let r = c.replies(OPT_GO);
+        assert_eq!(r.last(), Some(&R::Ack), "{r:?}");
+        r
+    }
+
+    #[test]
+    fn go_sends_export_info_before_ack_and_enters_transmission() {
+        let mut c = connected();
+        let r = go_ok(&mut c, "", &[INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE]);
+        let flags = FLAG_HAS_FLAGS
+            | FLAG_SEND_FLUSH
+            | FLAG_SEND_FUA
+            | FLAG_SEND_TRIM
+            | FLAG_SEND_WRITE_ZEROES
+            | FLAG_SEND_FAST_ZERO
+            | FLAG_SEND_CACHE
+            | FLAG_CAN_MULTI_CONN;
+        assert_eq!(
+            r,
+            vec![
+                R::Export(32 * MIB, flags),
+                R::Name("v".into()),
+                R::Desc("test export v".into()),
+                R::Block(512, 4096, 32 << 20),
+                R::Ack
+            ]
+        );
+        let s = c.finish().unwrap().unwrap();
+        assert_eq!((s.export.as_str(), s.size, s.flags), ("v", 32 * MIB, flags));
+        assert!(!s.structured && !s.extended && s.base.is_none());
+    }
+
+    #[test]
+    fn block_size_is_always_sent_and_name_only_when_asked() {
+        let mut c = connected();
+        c.info(OPT_INFO, "ro", &[]);
+        let r = c.replies(OPT_INFO);
+        let ro_flags = FLAG_HAS_FLAGS
+            | FLAG_READ_ONLY
+            | FLAG_SEND_FLUSH
+            | FLAG_SEND_CACHE
+            | FLAG_CAN_MULTI_CONN;
+        assert_eq!(
+            r,
+            vec![
+                R::Export(16 * MIB, ro_flags),
+                R::Block(512, 4096, 32 << 20),
+                R::Ack
+            ]
+        );
+        // Unknown info requests are ignored.
+        go_ok(&mut c, "ro", &[77, INFO_BLOCK_SIZE]);
+        let s = c.finish().unwrap().unwrap();
+        assert_eq!(s.flags, ro_flags);
+    }
+
+    #[test]
+    fn invalid_catalog_block_sizes_are_repaired() {
+        let mut c = connected();
+        c.info(OPT_INFO, "odd", &[INFO_BLOCK_SIZE]);
+        let r = c.replies(OPT_INFO);
+        let R::Block(min, preferred, max) = r[1].clone() else {
+            panic!("{r:?}")
+        };
+        assert!(
+            BlockSize {
+                min,
+                preferred,
+                max
+            }
+            .is_valid(),
+            "{min} {preferred} {max}"
+        );
+        assert_eq!(min, 4);
+        drop(c);
+    }
+
+    #[test]
+    fn unknown_export_is_an_error_reply_for_info_and_go() {
+        let mut c = connected();
+        c.info(OPT_INFO, "nope", &[]);
+        assert_eq!(c.replies(OPT_INFO), vec![R::Err(REP_ERR_UNKNOWN)]);
+        c.info(OPT_GO, "nope", &[INFO_BLOCK_SIZE]);
+        assert_eq!(c.replies(OPT_GO), vec![R::Err(REP_ERR_UNKNOWN)]);
+        // Negotiation continues.
+        go_ok(&mut c, "v", &[]);
+        assert_eq!(c.finish().unwrap().unwrap().export, "v");
+
+        // No default export: the empty name is unknown too.
+        let empty = Arc::new(TestCatalog {
+            engine: engine(),
+            exports: vec![],
+            default: None,
+        });
+        let mut c = serve_with(empty, HandshakeConfig::default());
+        c.hello(FLAG_C_FIXED_NEWSTYLE);
+        c.info(OPT_GO, "", &[]);
+        assert_eq!(c.replies(OPT_GO), vec![R::Err(REP_ERR_UNKNOWN)]);
+        c.raw_option(OPT_LIST, &[]);
+        assert_eq!(c.replies(OPT_LIST), vec![R::Ack]);
+        drop(c);
+    }
+
+    #[test]
+    fn export_name_replies_with_and_without_zeroes() {
+        for (flags, len) in [
+            (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES, 10),
+            (FLAG_C_FIXED_NEWSTYLE, 134),
+            (0, 134),
+        ] {
+            let mut c = serve();
+            c.hello(flags);
+            c.raw_option(OPT_EXPORT_NAME, b"ro");
+            let mut buf = vec![0u8; len];
+            c.s.read_exact(&mut buf).unwrap();
+            let (r, _) = ExportNameReply::decode(&buf, len == 10).unwrap();
+            assert_eq!(r.size, 16 * MIB);
+            assert_ne!(r.flags & FLAG_READ_ONLY, 0);
+            assert!(buf[10..].iter().all(|&b| b == 0));
+            let s = c.finish().unwrap().unwrap();
+            assert_eq!(s.export, "ro");
+            assert!(s.leftover.is_empty());
+        }
+    }
+
+    #[test]
+    fn export_name_failures_hang_up() {
+        // Unknown export.
+        let mut c = connected();
+        c.raw_option(OPT_EXPORT_NAME, b"nope");
+        c.expect_eof();
+        let e = c.finish().unwrap_err();
+        assert!(e.contains("ExportNameRefused"), "{e}");
+        // Not a valid string.
+        let mut c = connected();
+        c.raw_option(OPT_EXPORT_NAME, b"a\0b");
+        c.expect_eof();
+        assert!(c.finish().unwrap_err().contains("ExportNameRefused"));
+        // After extended headers.
+        let mut c = connected();
+        c.raw_option(OPT_EXTENDED_HEADERS, &[]);
+        assert_eq!(c.replies(OPT_EXTENDED_HEADERS), vec![R::Ack]);
+        c.raw_option(OPT_EXPORT_NAME, b"v");
+        c.expect_eof();
+        assert!(c.finish().unwrap_err().contains("extended"));
+    }
+
+    #[test]
+    fn abort_is_acked_and_ends_cleanly() {
+        let mut c = connected();
+        // Data on OPT_ABORT is ignored, as the spec asks.
+        c.raw_option(OPT_ABORT, b"junk");
+        assert_eq!(c.replies(OPT_ABORT), vec![R::Ack]);
+        c.expect_eof();
+        assert!(c.finish().unwrap().is_none());
+    }
+
+    #[test]
+    fn clean_and_unclean_ends() {
+        // Closing right after the greeting, or between options: a clean end.
+        let c = serve();
+        assert!(c.finish().unwrap().is_none());
+        let mut c = connected();
+        c.raw_option(OPT_LIST, &[]);
+        c.replies(OPT_LIST);
+        assert!(c.finish().unwrap().is_none());
+        // Closing in the middle of a header or payload: an error.
+        let mut c = connected();
+        c.send(&IHAVEOPT.to_be_bytes());
+        let e = c.finish().unwrap_err();
+        assert!(e.contains("UnexpectedEof"), "{e}");
+        let mut c = connected();
+        c.send(
+            &OptionHeader {
+                option: OPT_GO,
+                length: 100,
+            }
+            .to_bytes(),
+        );
+        c.send(&[0u8; 10]);
+        assert!(c.finish().unwrap_err().contains("UnexpectedEof"));
+    }
+
+    #[test]
+    fn unknown_client_flags_hang_up() {
+        for flags in [1u32 << 2, 1 << 31, FLAG_C_FIXED_NEWSTYLE | 0x10] {
+            let mut c = serve();
+            c.hello(flags);
+            c.expect_eof();
+            let e = c.finish().unwrap_err();
+            assert!(e.contains("UnsupportedClientFlags"), "{e}");
+        }
+    }
+
+    #[test]
+    fn list_names_every_export_then_acks() {
+        let mut c = connected();
+        c.raw_option(OPT_LIST, &[]);
+        assert_eq!(
+            c.replies(OPT_LIST),
+            vec![
+                R::Server("v".into(), "test export v".into()),
+                R::Server("ro".into(), "test export ro".into()),
+                R::Server("odd".into(), "test export odd".into()),
+                R::Ack
+            ]
+        );
+        // OPT_LIST takes no data.
+        c.raw_option(OPT_LIST, b"x");
+        assert_eq!(c.replies(OPT_LIST), vec![R::Err(REP_ERR_INVALID)]);
+        drop(c);
+    }
+
+    #[test]
+    fn starttls_unknown_and_malformed_options_get_errors() {
+        let mut c = connected();
+        c.raw_option(OPT_STARTTLS, &[]);
+        assert_eq!(c.replies(OPT_STARTTLS), vec![R::Err(REP_ERR_UNSUP)]);
+        c.raw_option(OPT_STARTTLS, b"x");
+        assert_eq!(c.replies(OPT_STARTTLS), vec![R::Err(REP_ERR_INVALID)]);
+        c.raw_option(99, b"some data");
+        assert_eq!(c.replies(99), vec![R::Err(REP_ERR_UNSUP)]);
+        c.raw_option(OPT_PEEK_EXPORT, &[]);
+        assert_eq!(c.replies(OPT_PEEK_EXPORT), vec![R::Err(REP_ERR_UNSUP)]);
+        c.raw_option(0xffff_ffff, &[]);
+        assert_eq!(c.replies(0xffff_ffff), vec![R::Err(REP_ERR_UNSUP)]);
+        // GO whose name length runs past the data.
+        c.raw_option(OPT_GO, &[0, 0, 0, 50, b'v', 0, 0]);
+        assert_eq!(c.replies(OPT_GO), vec![R::Err(REP_ERR_INVALID)]);
+        // INFO with trailing bytes.
+        c.raw_option(OPT_INFO, &[0, 0, 0, 1, b'v', 0, 0, 9]);
+        assert_eq!(c.replies(OPT_INFO), vec![R::Err(REP_ERR_INVALID)]);
+        // A meta context query count larger than the data.
+        c.raw_option(OPT_STRUCTURED_REPLY, &[]);
+        assert_eq!(c.replies(OPT_STRUCTURED_REPLY), vec![R::Ack]);
+        c.raw_option(OPT_SET_META_CONTEXT, &[0, 0, 0, 1, b'v', 0, 0, 0, 5]);
+        assert_eq!(
+            c.replies(OPT_SET_META_CONTEXT),
+            vec![R::Err(REP_ERR_INVALID)]
+        );
+        c.raw_option(OPT_STRUCTURED_REPLY, b"x");
+        assert_eq!(
+            c.replies(OPT_STRUCTURED_REPLY),
+            vec![R::Err(REP_ERR_INVALID)]
+        );
+        // And after all that, GO still works.
+        go_ok(&mut c, "v", &[INFO_BLOCK_SIZE]);
+        assert!(c.finish().unwrap().unwrap().structured);
+    }
+
+    #[test]
+    fn structured_replies_once_and_df_flag() {
+        let mut c = connected();
+        c.raw_option(OPT_STRUCTURED_REPLY, &[]);
+        assert_eq!(c.replies(OPT_STRUCTURED_REPLY), vec![R::Ack]);
+        c.raw_option(OPT_STRUCTURED_REPLY, &[]);
+        assert_eq!(
+            c.replies(OPT_STRUCTURED_REPLY),
+            vec![R::Err(REP_ERR_INVALID)]
+        );
+        let r = go_ok(&mut c, "v", &[]);
+        let R::Export(_, flags) = r[0] else {
+            panic!("{r:?}")
+        };
+        assert_ne!(flags & FLAG_SEND_DF, 0);
+        let s = c.finish().unwrap().unwrap();
+        assert!(s.structured && !s.extended);
+        assert_eq!(s.flags, flags);
+    }
+
+    #[test]
+    fn extended_headers_imply_structured_and_refuse_downgrade() {
+        let mut c = connected();
+        c.raw_option(OPT_EXTENDED_HEADERS, &[]);
+        assert_eq!(c.replies(OPT_EXTENDED_HEADERS), vec![R::Ack]);
+        c.raw_option(OPT_EXTENDED_HEADERS, &[]);
+        assert_eq!(
+            c.replies(OPT_EXTENDED_HEADERS),
+            vec![R::Err(REP_ERR_INVALID)]
+        );
+        c.raw_option(OPT_STRUCTURED_REPLY, &[]);
+        assert_eq!(
+            c.replies(OPT_STRUCTURED_REPLY),
+            vec![R::Err(REP_ERR_EXT_HEADER_REQD)]
+        );
+        c.raw_option(OPT_EXTENDED_HEADERS, b"x");
+        assert_eq!(
+            c.replies(OPT_EXTENDED_HEADERS),
+            vec![R::Err(REP_ERR_INVALID)]
+        );
+        // Meta contexts are allowed with extended headers alone.
+        c.meta(OPT_SET_META_CONTEXT, "v", &["base:allocation"]);
+        assert_eq!(
+            c.replies(OPT_SET_META_CONTEXT),
+            vec![
+                R::Meta(BASE_ALLOCATION_ID, "base:allocation".into()),
+                R::Ack
+            ]
+        );
+        let r = go_ok(&mut c, "v", &[INFO_BLOCK_SIZE]);
+        let R::Export(_, flags) = r[0] else {
+            panic!("{r:?}")
+        };
+        assert_ne!(flags & FLAG_SEND_DF, 0);
+        let s = c.finish().unwrap().unwrap();
+        assert!(s.structured && s.extended);
+        assert_eq!(s.base, Some(BASE_ALLOCATION_ID));
+
+        // Structured first, then extended: allowed.
+        let mut c = connected();
+        c.raw_option(OPT_STRUCTURED_REPLY, &[]);
+        assert_eq!(c.replies(OPT_STRUCTURED_REPLY), vec![R::Ack]);
+        c.raw_option(OPT_EXTENDED_HEADERS, &[]);
+        assert_eq!(c.replies(OPT_EXTENDED_HEADERS), vec![R::Ack]);
+        go_ok(&mut c, "v", &[]);
+        let s = c.finish().unwrap().unwrap();
+        assert!(s.structured && s.extended);
+    }
+
+    #[test]
+    fn meta_contexts_need_structured_replies() {
+        let mut c = connected();
+        c.meta(OPT_LIST_META_CONTEXT, "v", &[]);
+        assert_eq!(
+            c.replies(OPT_LIST_META_CONTEXT),
+            vec![R::Err(REP_ERR_INVALID)]
+        );
+        c.meta(OPT_SET_META_CONTEXT, "v", &["base:allocation"]);
+        assert_eq!(
+            c.replies(OPT_SET_META_CONTEXT),
+            vec![R::Err(REP_ERR_INVALID)]
+        );
+        c.raw_option(OPT_STRUCTURED_REPLY, &[]);
+        c.replies(OPT_STRUCTURED_REPLY);
+        go_ok(&mut c, "v", &[]);
+        // The failed SET selected nothing.
+        assert_eq!(c.finish().unwrap().unwrap().base, None);
+    }
+
+    #[test]
+    fn list_meta_context_queries() {
+        let mut c = connected();
+        c.raw_option(OPT_STRUCTURED_REPLY, &[]);
+        c.replies(OPT_STRUCTURED_REPLY);
+        let base = R::Meta(0, "base:allocation".into());
+        for (queries, expect) in [
+            (&[][..], vec![base.clone(), R::Ack]),
+            (&["base:"][..], vec![base.clone(), R::Ack]),
+            (
+                &["base:allocation", "base:"][..],
+                vec![base.clone(), R::Ack],
+            ),
+            (&["x-foo:bar", "qemu:dirty-bitmap:a"][..], vec![R::Ack]),
+            (&["base:nonesuch", "nocolon"][..], vec![R::Ack]),
+        ] {
+            c.meta(OPT_LIST_META_CONTEXT, "v", queries);
+            assert_eq!(c.replies(OPT_LIST_META_CONTEXT), expect, "{queries:?}");
+        }
+        c.meta(OPT_LIST_META_CONTEXT, "", &[]);
+        assert_eq!(c.replies(OPT_LIST_META_CONTEXT), vec![base, R::Ack]);
+        c.meta(OPT_LIST_META_CONTEXT, "nope", &[]);
+        assert_eq!(
+            c.replies(OPT_LIST_META_CONTEXT),
+            vec![R::Err(REP_ERR_UNKNOWN)]
+        );
+        drop(c);
+    }
+
+    #[test]
+    fn set_meta_context_selects_for_the_same_export_only() {
+        let selected = |queries: &[&str], set_on: &str, go_to: &str| {
+            let mut c = connected();
+            c.raw_option(OPT_STRUCTURED_REPLY, &[]);
+            c.replies(OPT_STRUCTURED_REPLY);
+            c.meta(OPT_SET_META_CONTEXT, set_on, queries);
+            let r = c.replies(OPT_SET_META_CONTEXT);
+            go_ok(&mut c, go_to, &[]);
+            (r, c.finish().unwrap().unwrap().base)
+        };
+        let meta = R::Meta(BASE_ALLOCATION_ID, "base:allocation".into());
+        assert_eq!(
+            selected(&["base:allocation", "x-a:b", "base:allocation"], "v", "v"),
+            (vec![meta.clone(), R::Ack], Some(BASE_ALLOCATION_ID))
+        );
+        // `base:` selects nothing in SET; no queries select nothing.
+        assert_eq!(selected(&["base:"], "v", "v"), (vec![R::Ack], None));
+        assert_eq!(selected(&[], "v", "v"), (vec![R::Ack], None));
+        // The default export by its empty name is the same export as "v".
+        assert_eq!(
+            selected(&["base:allocation"], "", "v"),
+            (vec![meta.clone(), R::Ack], Some(BASE_ALLOCATION_ID))
+        );
+        // Selected for another export: nothing for this one.
+        assert_eq!(
+            selected(&["base:allocation"], "ro", "v"),
+            (vec![meta, R::Ack], None)
+        );
+        // Unknown export: an error, and the previous selection is gone.
+        let mut c = connected();
+        c.raw_option(OPT_STRUCTURED_REPLY, &[]);
+        c.replies(OPT_STRUCTURED_REPLY);
+        c.meta(OPT_SET_META_CONTEXT, "v", &["base:allocation"]);
+        c.replies(OPT_SET_META_CONTEXT);
+        c.meta(OPT_SET_META_CONTEXT, "nope", &["base:allocation"]);
+        assert_eq!(
+            c.replies(OPT_SET_META_CONTEXT),
+            vec![R::Err(REP_ERR_UNKNOWN)]
+        );
+        go_ok(&mut c, "v", &[]);
+        assert_eq!(c.finish().unwrap().unwrap().base, None);
+        // OPT_EXPORT_NAME keeps a selection made for the same export.
+        let mut c = connected();
+        c.raw_option(OPT_STRUCTURED_REPLY, &[]);
+        c.replies(OPT_STRUCTURED_REPLY);
+        c.meta(OPT_SET_META_CONTEXT, "v", &["base:allocation"]);
+        c.replies(OPT_SET_META_CONTEXT);
+        c.raw_option(OPT_EXPORT_NAME, b"v");
+        let mut buf = [0u8; 10];
+        c.s.read_exact(&mut buf).unwrap();
+        let s = c.finish().unwrap().unwrap();
+        assert_eq!((s.base, s.structured), (Some(BASE_ALLOCATION_ID), true));
+    }
+
+    #[test]
+    fn oversized_options_are_skipped_or_hang_up() {
+        let mut c = connected();
+        let big = vec![7u8; (MAX_OPTION_LEN + 1000) as usize];
+        c.raw_option(OPT_GO, &big);
+        assert_eq!(c.replies(OPT_GO), vec![R::Err(REP_ERR_TOO_BIG)]);
+        c.raw_option(OPT_LIST, &[]);
+        assert_eq!(c.replies(OPT_LIST).last(), Some(&R::Ack));
+        // Larger than the server is willing to skip: hang up without reading it.
+        c.send(
+            &OptionHeader {
+                option: OPT_INFO,
+                length: u32::MAX,
+            }
+            .to_bytes(),
+        );
+        c.expect_eof();
+        assert!(c.finish().unwrap_err().contains("OptionTooLarge"));
+        // An oversized OPT_EXPORT_NAME cannot be answered: hang up.
+        let mut c = connected();
+        c.send(
+            &OptionHeader {
+                option: OPT_EXPORT_NAME,
+                length: MAX_OPTION_LEN + 1,
+            }
+            .to_bytes(),
+        );
+        c.expect_eof();
+        assert!(c.finish().unwrap_err().contains("OptionTooLarge"));
+    }
+
+    #[test]
+    fn bad_option_magic_hangs_up() {
+        let mut c = connected();
+        c.send(&[0x42; 16]);
+        c.expect_eof();
+        assert!(c.finish().unwrap_err().contains("BadMagic"));
+    }
+
+    #[test]
+    fn option_count_is_bounded() {
+        let mut c = connected();
+        for _ in 0..MAX_OPTIONS {
+            c.raw_option(1000, &[]);
+            assert_eq!(c.replies(1000), vec![R::Err(REP_ERR_UNSUP)]);
+        }
+        // The server hangs up without waiting for another option.
+        c.expect_eof();
+        assert!(c.finish().unwrap_err().contains("TooManyOptions"));
+    }
+
+    #[test]
+    fn bytes_after_go_are_left_for_the_transmission_phase() {
+        let mut c = connected();
+        let mut v = Vec::new();
+        InfoRequest::encode_option(&mut v, OPT_GO, "v", &[INFO_BLOCK_SIZE]);
+        let mut req = Vec::new();
+        Request {
+            flags: 0,
+            kind: 0,
+            cookie: 42,
+            offset: 0,
+            length: 4096,
+        }
+        .encode(false, &mut req);
+        v.extend_from_slice(&req);
+        c.send(&v);
+        assert_eq!(c.replies(OPT_GO).last(), Some(&R::Ack));
+        assert_eq!(c.finish().unwrap().unwrap().leftover, req);
+    }
+
+    #[test]
+    fn block_size_can_be_required() {
+        let cfg = HandshakeConfig {
+            require_block_size: true,
+            ..Default::default()
+        };
+        let mut c = serve_with(catalog(), cfg.clone());
+        c.hello(FLAG_C_FIXED_NEWSTYLE);
+        c.info(OPT_GO, "v", &[INFO_NAME]);
+        assert_eq!(
+            c.replies(OPT_GO),
+            vec![
+                R::Block(512, 4096, 32 << 20),
+                R::Err(REP_ERR_BLOCK_SIZE_REQD)
+            ]
+        );
+        c.info(OPT_INFO, "v", &[]);
+        assert_eq!(
+            c.replies(OPT_INFO).last(),
+            Some(&R::Err(REP_ERR_BLOCK_SIZE_REQD))
+        );
+        go_ok(&mut c, "v", &[INFO_BLOCK_SIZE]);
+        assert!(c.finish().unwrap().is_some());
+        let mut c = serve_with(catalog(), cfg);
+        c.hello(FLAG_C_FIXED_NEWSTYLE);
+        c.raw_option(OPT_EXPORT_NAME, b"v");
+        c.expect_eof();
+        assert!(c.finish().is_err());
+    }
+
+    #[test]
+    fn stopping_server_answers_shutdown_but_still_acks_abort() {
+        let stopping = Arc::new(AtomicBool::new(false));
+        let cfg = HandshakeConfig {
+            stopping: Some(stopping.clone()),
+            ..Default::default()
+        };
+        let mut c = serve_with(catalog(), cfg);
+        c.hello(FLAG_C_FIXED_NEWSTYLE);
+        c.raw_option(OPT_LIST, &[]);
+        assert_eq!(c.replies(OPT_LIST).last(), Some(&R::Ack));
+        stopping.store(true, Ordering::Release);
+        c.info(OPT_GO, "v", &[]);
+        assert_eq!(c.replies(OPT_GO), vec![R::Err(REP_ERR_SHUTDOWN)]);
+        c.raw_option(OPT_ABORT, &[]);
+        assert_eq!(c.replies(OPT_ABORT), vec![R::Ack]);
+        assert!(c.finish().unwrap().is_none());
+    }
+
+    #[test]
+    fn tls_required_refuses_everything_but_starttls_and_abort() {
+        let cfg = HandshakeConfig {
+            tls_required: true,
+            ..Default::default()
+        };
+        let mut c = serve_with(catalog(), cfg);
+        c.hello(FLAG_C_FIXED_NEWSTYLE);
+        c.raw_option(OPT_LIST, &[]);
+        assert_eq!(c.replies(OPT_LIST), vec![R::Err(REP_ERR_TLS_REQD)]);
+        c.info(OPT_GO, "v", &[]);
+        assert_eq!(c.replies(OPT_GO), vec![R::Err(REP_ERR_TLS_REQD)]);
+        c.raw_option(OPT_STARTTLS, &[]);
+        assert_eq!(c.replies(OPT_STARTTLS), vec![R::Err(REP_ERR_UNSUP)]);
+        c.raw_option(OPT_EXPORT_NAME, b"v");
+        c.expect_eof();
+        assert!(c.finish().is_err());
+    }
+
+    /// Random garbage after the greeting never panics or hangs the server: it ends with a
+    /// result once the client closes.
+    #[test]
+    fn garbage_never_panics_or_hangs() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for round in 0..200 {
+            let mut c = serve();
+            let mut input = Vec::new();
+            // Half the rounds start with valid flags and a valid option header prefix.
+            if round % 2 == 0 {
+                input.extend_from_slice(&FLAG_C_FIXED_NEWSTYLE.to_be_bytes());
+                input.extend_from_slice(&IHAVEOPT.to_be_bytes());
+                input.extend_from_slice(&((next() % 12) as u32).to_be_bytes());
+                input.extend_from_slice(&((next() % 64) as u32).to_be_bytes());
+            }
+            let len = (next() % 200) as usize;
+            input.extend((0..len).map(|_| next() as u8));
+            let mut reader = c.s.try_clone().unwrap();
+            let drain = std::thread::spawn(move || {
+                let mut sink = Vec::new();
+                let _ = reader.read_to_end(&mut sink);
+            });
+            let _ = c.s.write_all(&input);
+            let _ = c.finish();
+            drain.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn reply_framing_uses_the_option_reply_magic() {
+        // A raw look at one reply: magic, option, type, length.
+        let mut c = connected();
+        c.raw_option(OPT_ABORT, &[]);
+        let mut buf = [0u8; OPTION_REPLY_HEADER_LEN];
+        c.s.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf[0..8], &0x0003_e889_0455_65a9u64.to_be_bytes());
+        assert_eq!(&buf[8..12], &OPT_ABORT.to_be_bytes());
+        assert_eq!(&buf[12..16], &REP_ACK.to_be_bytes());
+        assert_eq!(&buf[16..20], &[0, 0, 0, 0]);
+        assert!(c.finish().unwrap().is_none());
+    }
+}

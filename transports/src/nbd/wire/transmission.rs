@@ -168,15 +168,15 @@ impl Request {
 
     /// Number of payload bytes that follow the header on the wire.
     ///
-    /// Compact: only `CMD_WRITE` carries `length` bytes. Extended: exactly the requests with
-    /// `CMD_FLAG_PAYLOAD_LEN`. A payload above `max_payload` is
-    /// [`WireError::PayloadTooLarge`]: the spec lets the server hang up rather than swallow it.
+    /// `CMD_WRITE` always carries `length` bytes. With extended headers, any other request
+    /// carries a payload exactly when it sets `CMD_FLAG_PAYLOAD_LEN`. (The extension says a
+    /// client MUST set the flag on writes; some clients, qemu among them, do not, and a write's
+    /// bytes follow either way, so accepting both keeps the framing.) A payload above
+    /// `max_payload` is [`WireError::PayloadTooLarge`]: the spec lets the server hang up rather
+    /// than swallow it.
     pub fn payload_len(&self, extended: bool, max_payload: u64) -> Result<u64, WireError> {
-        let has_payload = if extended {
-            self.flags & CMD_FLAG_PAYLOAD_LEN != 0
-        } else {
-            self.kind == CMD_WRITE
-        };
+        let has_payload =
+            self.kind == CMD_WRITE || (extended && self.flags & CMD_FLAG_PAYLOAD_LEN != 0);
         if !has_payload {
             return Ok(0);
         }

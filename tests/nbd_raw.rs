@@ -1,0 +1,934 @@
+//! The NBD server against a raw-socket client written with our own wire codec: hostile and
+//! broken input (each time another client keeps being served and flushed data stays intact),
+//! extended headers (which the installed libnbd cannot speak), systemd socket activation over
+//! TCP, and the server's client registry.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{nbd_endpoints, write_file, Daemon, BIN};
+use ringblock_transports::nbd::wire::{
+    ClientOption, ExtendedReplyHeader, Greeting, InfoRequest, MetaContextRequest, OptionReply,
+    ReplyChunk, Request, SimpleReply, StructuredReplyHeader, CMD_BLOCK_STATUS, CMD_DISC,
+    CMD_FLAG_DF, CMD_FLAG_FUA, CMD_FLAG_PAYLOAD_LEN, CMD_FLAG_REQ_ONE, CMD_FLUSH, CMD_READ,
+    CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, EINVAL, ENOSPC, EPERM, EXTENDED_REPLY_HEADER_LEN,
+    EXTENDED_REPLY_MAGIC, FLAG_CAN_MULTI_CONN, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES,
+    FLAG_HAS_FLAGS, FLAG_READ_ONLY, GREETING_LEN, IHAVEOPT, INFO_BLOCK_SIZE,
+    OPTION_REPLY_HEADER_LEN, OPT_GO, OPT_SET_META_CONTEXT, REPLY_FLAG_DONE, SIMPLE_REPLY_LEN,
+    SIMPLE_REPLY_MAGIC, STATE_HOLE, STATE_ZERO, STRUCTURED_REPLY_HEADER_LEN,
+    STRUCTURED_REPLY_MAGIC,
+};
+
+const IO_TIMEOUT: Duration = Duration::from_secs(20);
+const MIB: u64 = 1 << 20;
+const SMALL_BYTES: u64 = 64 * MIB;
+
+fn config(dir: &std::path::Path) -> String {
+    write_file(
+        dir,
+        "raw.toml",
+        "[[device]]\nname = \"ram0\"\nkind = \"ram\"\nsize_bytes = 268435456\n\
+         [[volume]]\nname = \"small\"\ndevice = \"ram0\"\nsize_bytes = 67108864\n\
+         [[volume]]\nname = \"ro\"\ndevice = \"ram0\"\nsize_bytes = 16777216\n\
+         [nbd]\nread_only = [\"ro\"]\n",
+    )
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    daemon: Option<Daemon>,
+    addr: SocketAddr,
+}
+
+impl Fixture {
+    fn start() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let daemon = Daemon::start(&["--config", &cfg, "--listen", "127.0.0.1:0"]);
+        let (tcp, _) = nbd_endpoints(&daemon);
+        let addr = tcp
+            .expect("daemon printed its TCP address")
+            .parse()
+            .unwrap();
+        Fixture {
+            _dir: dir,
+            daemon: Some(daemon),
+            addr,
+        }
+    }
+
+    fn stop(mut self) {
+        let rest = self.daemon.take().unwrap().stop();
+        assert!(
+            rest.iter().any(|l| l.contains("stopped cleanly")),
+            "{rest:?}"
+        );
+    }
+}
+
+/// Options a raw client negotiates.
+#[derive(Clone, Copy, Default)]
+struct Opts {
+    structured: bool,
+    extended: bool,
+    meta: bool,
+}
+
+/// A reply to one request, reassembled.
+#[derive(Debug, Default)]
+struct Reply {
+    error: u32,
+    data: Vec<u8>,
+    /// (context id, length, status) of block status descriptors.
+    extents: Vec<(u32, u64, u64)>,
+    chunks: usize,
+}
+
+struct Raw {
+    s: TcpStream,
+    opts: Opts,
+    size: u64,
+    flags: u16,
+    base_id: Option<u32>,
+    next_cookie: u64,
+}
+
+fn read_opt_reply(s: &mut TcpStream) -> (u32, u32, Vec<u8>) {
+    let mut buf = vec![0u8; OPTION_REPLY_HEADER_LEN];
+    s.read_exact(&mut buf).unwrap();
+    let len = u32::from_be_bytes(buf[16..20].try_into().unwrap()) as usize;
+    buf.resize(OPTION_REPLY_HEADER_LEN + len, 0);
+    s.read_exact(&mut buf[OPTION_REPLY_HEADER_LEN..]).unwrap();
+    let (option, reply, _) = OptionReply::decode(&buf).unwrap();
+    (option, reply.reply_type(), buf)
+}
+
+impl Raw {
+    fn connect(addr: SocketAddr, export: &str, opts: Opts) -> Raw {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+        let mut g = [0u8; GREETING_LEN];
+        s.read_exact(&mut g).unwrap();
+        Greeting::decode(&g).unwrap();
+        s.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())
+            .unwrap();
+        let simple_option = |s: &mut TcpStream, o: ClientOption| {
+            let mut v = Vec::new();
+            o.encode(&mut v);
+            s.write_all(&v).unwrap();
+            let (_, reply, raw) = read_opt_reply(s);
+            assert_eq!(reply, 1, "option {o:?} not acked: {raw:?}");
+        };
+        if opts.structured {
+            simple_option(&mut s, ClientOption::StructuredReply);
+        }
+        if opts.extended {
+            simple_option(&mut s, ClientOption::ExtendedHeaders);
+        }
+        let mut base_id = None;
+        if opts.meta {
+            let mut v = Vec::new();
+            MetaContextRequest::encode_option(
+                &mut v,
+                OPT_SET_META_CONTEXT,
+                export,
+                &["base:allocation"],
+            );
+            s.write_all(&v).unwrap();
+            for _ in 0..4 {
+                let (_, _, raw) = read_opt_reply(&mut s);
+                match OptionReply::decode(&raw).unwrap().1 {
+                    OptionReply::MetaContext { id, name } => {
+                        assert_eq!(name, "base:allocation");
+                        base_id = Some(id);
+                    }
+                    OptionReply::Ack => break,
+                    other => panic!("SET_META_CONTEXT: {other:?}"),
+                }
+            }
+            assert!(base_id.is_some());
+        }
+        let mut v = Vec::new();
+        InfoRequest::encode_option(&mut v, OPT_GO, export, &[INFO_BLOCK_SIZE]);
+        s.write_all(&v).unwrap();
+        let (mut size, mut flags) = (0, 0);
+        for _ in 0..8 {
+            let (option, _, raw) = read_opt_reply(&mut s);
+            assert_eq!(option, OPT_GO);
+            match OptionReply::decode(&raw).unwrap().1 {
+                OptionReply::InfoExport { size: sz, flags: f } => (size, flags) = (sz, f),
+                OptionReply::Ack => {
+                    return Raw {
+                        s,
+                        opts,
+                        size,
+                        flags,
+                        base_id,
+                        next_cookie: 1,
+                    };
+                }
+                OptionReply::Error { reply, message } => panic!("GO failed: {reply:#x} {message}"),
+                _ => {}
+            }
+        }
+        panic!("no ACK to OPT_GO");
+    }
+
+    fn send(&mut self, flags: u16, kind: u16, offset: u64, length: u64, payload: &[u8]) -> u64 {
+        let cookie = self.next_cookie;
+        self.next_cookie += 1;
+        let mut v = Vec::new();
+        Request {
+            flags,
+            kind,
+            cookie,
+            offset,
+            length,
+        }
+        .encode(self.opts.extended, &mut v);
+        v.extend_from_slice(payload);
+        self.s.write_all(&v).unwrap();
+        cookie
+    }
+
+    /// Reads the (complete) reply to `cookie`; `read_len` is the data length of a simple read
+    /// reply, `offset` the request's offset (to place structured data).
+    fn reply(&mut self, cookie: u64, offset: u64, read_len: usize) -> Reply {
+        let mut r = Reply {
+            data: vec![0u8; read_len],
+            ..Default::default()
+        };
+        for _ in 0..100_000 {
+            let mut magic = [0u8; 4];
+            self.s.read_exact(&mut magic).unwrap();
+            let magic = u32::from_be_bytes(magic);
+            let (flags, kind, length) = match magic {
+                SIMPLE_REPLY_MAGIC => {
+                    let mut b = vec![0u8; SIMPLE_REPLY_LEN];
+                    b[..4].copy_from_slice(&magic.to_be_bytes());
+                    self.s.read_exact(&mut b[4..]).unwrap();
+                    let (sr, _) = SimpleReply::decode(&b).unwrap();
+                    assert_eq!(sr.cookie, cookie);
+                    r.error = sr.error;
+                    if sr.error == 0 && read_len > 0 {
+                        assert!(
+                            !self.opts.structured,
+                            "simple reply with data after structured replies"
+                        );
+                        self.s.read_exact(&mut r.data).unwrap();
+                    }
+                    return r;
+                }
+                STRUCTURED_REPLY_MAGIC => {
+                    let mut b = vec![0u8; STRUCTURED_REPLY_HEADER_LEN];
+                    b[..4].copy_from_slice(&magic.to_be_bytes());
+                    self.s.read_exact(&mut b[4..]).unwrap();
+                    let (h, _) = StructuredReplyHeader::decode(&b).unwrap();
+                    assert!(
+                        !self.opts.extended,
+                        "structured header after extended headers"
+                    );
+                    assert_eq!(h.cookie, cookie);
+                    (h.flags, h.kind, u64::from(h.length))
+                }
+                EXTENDED_REPLY_MAGIC => {
+                    let mut b = vec![0u8; EXTENDED_REPLY_HEADER_LEN];
+                    b[..4].copy_from_slice(&magic.to_be_bytes());
+                    self.s.read_exact(&mut b[4..]).unwrap();
+                    let (h, _) = ExtendedReplyHeader::decode(&b).unwrap();
+                    assert!(
+                        self.opts.extended,
+                        "extended header without extended headers"
+                    );
+                    assert_eq!((h.cookie, h.offset), (cookie, offset));
+                    (h.flags, h.kind, h.length)
+                }
+                other => panic!("bad reply magic {other:#x}"),
+            };
+            assert!(length <= 64 * MIB, "chunk of {length} bytes");
+            let mut payload = vec![0u8; length as usize];
+            self.s.read_exact(&mut payload).unwrap();
+            r.chunks += 1;
+            match ReplyChunk::parse(kind, &payload).unwrap() {
+                ReplyChunk::None => {}
+                ReplyChunk::OffsetData { offset: o, data } => {
+                    let at = (o - offset) as usize;
+                    r.data[at..at + data.len()].copy_from_slice(data);
+                }
+                ReplyChunk::OffsetHole { offset: o, size } => {
+                    let at = (o - offset) as usize;
+                    r.data[at..at + size as usize].fill(0);
+                }
+                ReplyChunk::BlockStatus {
+                    context_id,
+                    descriptors,
+                } => {
+                    r.extents
+                        .extend(descriptors.iter().map(|e| (context_id, e.length, e.status)));
+                }
+                ReplyChunk::Error { error, .. } | ReplyChunk::ErrorOffset { error, .. } => {
+                    r.error = error;
+                }
+                ReplyChunk::Unknown { kind, .. } => panic!("unknown chunk type {kind}"),
+            }
+            if flags & REPLY_FLAG_DONE != 0 {
+                return r;
+            }
+        }
+        panic!("reply never finished");
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8], flags: u16) -> u32 {
+        let flags = if self.opts.extended {
+            flags | CMD_FLAG_PAYLOAD_LEN
+        } else {
+            flags
+        };
+        let c = self.send(flags, CMD_WRITE, offset, data.len() as u64, data);
+        self.reply(c, offset, 0).error
+    }
+
+    fn read(&mut self, offset: u64, len: usize) -> Reply {
+        let c = self.send(0, CMD_READ, offset, len as u64, &[]);
+        self.reply(c, offset, len)
+    }
+
+    fn simple(&mut self, kind: u16, flags: u16, offset: u64, len: u64) -> Reply {
+        let c = self.send(flags, kind, offset, len, &[]);
+        self.reply(c, offset, 0)
+    }
+
+    fn flush(&mut self) -> u32 {
+        self.simple(CMD_FLUSH, 0, 0, 0).error
+    }
+
+    /// Waits (bounded) for the server to close the connection.
+    fn expect_closed(&mut self) {
+        expect_closed(&mut self.s);
+    }
+}
+
+fn expect_closed(s: &mut TcpStream) {
+    let deadline = Instant::now() + IO_TIMEOUT;
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+            Err(e) => panic!("connection not closed: {e}"),
+        }
+        assert!(Instant::now() < deadline, "connection not closed in time");
+    }
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A well-behaved client on another thread that keeps writing, flushing and verifying its own
+/// region until told to stop; returns how many rounds it completed.
+fn background_client(
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    rounds: Arc<AtomicU64>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut c = Raw::connect(
+            addr,
+            "small",
+            Opts {
+                structured: true,
+                ..Default::default()
+            },
+        );
+        let base = 32 * MIB;
+        for round in 0..100_000u64 {
+            if stop.load(Ordering::Acquire) {
+                return;
+            }
+            let data = pattern(round + 1000, 65536);
+            let off = base + (round % 64) * 65536;
+            assert_eq!(c.write(off, &data, 0), 0);
+            if round % 8 == 0 {
+                assert_eq!(c.flush(), 0);
+            }
+            let r = c.read(off, data.len());
+            assert_eq!(r.error, 0);
+            assert!(
+                r.data == data,
+                "background client read back different data at {off}"
+            );
+            rounds.fetch_add(1, Ordering::Release);
+        }
+    })
+}
+
+#[test]
+fn hostile_input_only_costs_the_offending_connection() {
+    let f = Fixture::start();
+    let stop = Arc::new(AtomicBool::new(false));
+    let rounds = Arc::new(AtomicU64::new(0));
+    let bg = background_client(f.addr, stop.clone(), rounds.clone());
+
+    // Data written and flushed before any of the abuse.
+    let mut good = Raw::connect(f.addr, "small", Opts::default());
+    assert_eq!(good.flags & FLAG_HAS_FLAGS, FLAG_HAS_FLAGS);
+    assert_eq!(good.size, SMALL_BYTES);
+    let keep = pattern(1, 256 << 10);
+    assert_eq!(good.write(0, &keep, 0), 0);
+    assert_eq!(good.flush(), 0);
+
+    let check = |good: &mut Raw, what: &str| {
+        let r = good.read(0, keep.len());
+        assert_eq!(r.error, 0, "after {what}");
+        assert!(r.data == keep, "data changed after {what}");
+        let mut fresh = Raw::connect(
+            f.addr,
+            "small",
+            Opts {
+                structured: true,
+                ..Default::default()
+            },
+        );
+        let r = fresh.read(0, keep.len());
+        assert!(
+            r.error == 0 && r.data == keep,
+            "a new connection after {what} reads other data"
+        );
+        fresh.send(0, CMD_DISC, 0, 0, &[]);
+        fresh.expect_closed();
+    };
+
+    // 1. Wrong request magic: the framing is lost, so the server hangs up.
+    let mut c = Raw::connect(f.addr, "small", Opts::default());
+    let mut bad = Vec::new();
+    Request {
+        flags: 0,
+        kind: CMD_READ,
+        cookie: 1,
+        offset: 0,
+        length: 4096,
+    }
+    .encode(false, &mut bad);
+    bad[0..4].copy_from_slice(&0xdead_beefu32.to_be_bytes());
+    c.s.write_all(&bad).unwrap();
+    c.expect_closed();
+    check(&mut good, "a wrong request magic");
+
+    // 2. A write whose payload exceeds the maximum: cannot be skipped safely, hang up.
+    let mut c = Raw::connect(f.addr, "small", Opts::default());
+    c.send(0, CMD_WRITE, 0, 64 * MIB, &[0xee; 4096]);
+    c.expect_closed();
+    check(&mut good, "an oversized write");
+
+    // 3. An oversized read: an error, or a disconnect — never data.
+    let mut c = Raw::connect(f.addr, "small", Opts::default());
+    let cookie = c.send(0, CMD_READ, 0, 64 * MIB, &[]);
+    let mut hdr = [0u8; SIMPLE_REPLY_LEN];
+    match c.s.read_exact(&mut hdr) {
+        Ok(()) => {
+            let (r, _) = SimpleReply::decode(&hdr).unwrap();
+            assert_eq!(r.cookie, cookie);
+            assert_ne!(r.error, 0, "64 MiB read above the 32 MiB maximum succeeded");
+            let r = c.read(0, 4096);
+            assert!(r.error == 0 && r.data == keep[..4096]);
+        }
+        Err(_) => c.expect_closed(),
+    }
+    check(&mut good, "an oversized read");
+
+    // 4. Requests past the end and misaligned: error replies, the connection stays.
+    for opts in [
+        Opts::default(),
+        Opts {
+            structured: true,
+            ..Default::default()
+        },
+    ] {
+        let mut c = Raw::connect(f.addr, "small", opts);
+        let size = c.size;
+        assert_eq!(c.read(size, 4096).error, EINVAL, "read at the end");
+        assert_eq!(
+            c.read(size - 4096, 8192).error,
+            EINVAL,
+            "read across the end"
+        );
+        assert_eq!(
+            c.read(u64::MAX - 4095, 4096).error,
+            EINVAL,
+            "read at 2^64 - 4096"
+        );
+        let e = c.write(size, &[1; 4096], 0);
+        assert!(e == EINVAL || e == ENOSPC, "write past the end: {e}");
+        let e = c.simple(CMD_TRIM, 0, size - 4096, 8192).error;
+        assert!(e == EINVAL || e == ENOSPC, "trim across the end: {e}");
+        let e = c.simple(CMD_WRITE_ZEROES, 0, u64::MAX - 511, 512).error;
+        assert!(e == EINVAL || e == ENOSPC, "zeroes at 2^64 - 512: {e}");
+        assert_eq!(c.read(100, 512).error, EINVAL, "misaligned read");
+        assert_eq!(c.write(512, &[1; 100], 0), EINVAL, "misaligned write");
+        // Unknown command, unknown flag, block status without a selected context.
+        assert_eq!(c.simple(42, 0, 0, 4096).error, EINVAL, "unknown command");
+        assert_eq!(
+            c.simple(CMD_READ, 1 << 12, 0, 4096).error,
+            EINVAL,
+            "unknown flag"
+        );
+        assert_eq!(
+            c.simple(CMD_BLOCK_STATUS, 0, 0, 4096).error,
+            EINVAL,
+            "block status without a context"
+        );
+        if !opts.structured {
+            // DF is only for structured replies: refused or ignored, never a broken stream.
+            let cookie = c.send(CMD_FLAG_DF, CMD_READ, 0, 4096, &[]);
+            let r = c.reply(cookie, 0, 4096);
+            assert!(
+                r.error == EINVAL || (r.error == 0 && r.data == keep[..4096]),
+                "DF without structured replies: {}",
+                r.error
+            );
+        }
+        let r = c.read(0, 4096);
+        assert!(
+            r.error == 0 && r.data == keep[..4096],
+            "connection unusable after errors"
+        );
+    }
+    check(&mut good, "out-of-range requests");
+
+    // 5. A frame cut short, then the client disappears mid-request.
+    let mut c = Raw::connect(f.addr, "small", Opts::default());
+    let mut half = Vec::new();
+    Request {
+        flags: 0,
+        kind: CMD_READ,
+        cookie: 9,
+        offset: 0,
+        length: 4096,
+    }
+    .encode(false, &mut half);
+    c.s.write_all(&half[..10]).unwrap();
+    drop(c);
+    // A write whose payload never fully arrives must not land (even partly).
+    let mut c = Raw::connect(f.addr, "small", Opts::default());
+    let mut req = Vec::new();
+    Request {
+        flags: 0,
+        kind: CMD_WRITE,
+        cookie: 10,
+        offset: 0,
+        length: 1 << 20,
+    }
+    .encode(false, &mut req);
+    req.extend_from_slice(&[0xcc; 1000]);
+    c.s.write_all(&req).unwrap();
+    drop(c);
+    check(&mut good, "truncated frames");
+
+    // 6. Garbage during the handshake.
+    for garbage in [
+        &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        &[0xff; 100][..],
+        &[0, 0, 0, 1, 0x49, 0x48][..],
+    ] {
+        let mut s = TcpStream::connect(f.addr).unwrap();
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let mut g = [0u8; GREETING_LEN];
+        s.read_exact(&mut g).unwrap();
+        let _ = s.write_all(garbage);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        expect_closed(&mut s);
+    }
+    // Valid flags, then an option header with a wrong magic.
+    let mut s = TcpStream::connect(f.addr).unwrap();
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let mut g = [0u8; GREETING_LEN];
+    s.read_exact(&mut g).unwrap();
+    s.write_all(&FLAG_C_FIXED_NEWSTYLE.to_be_bytes()).unwrap();
+    let mut opt = (IHAVEOPT ^ 1).to_be_bytes().to_vec();
+    opt.extend_from_slice(&[0, 0, 0, 7, 0, 0, 0, 0]);
+    s.write_all(&opt).unwrap();
+    expect_closed(&mut s);
+    // A client that connects and says nothing does not block others (it times out later).
+    let _silent = TcpStream::connect(f.addr).unwrap();
+    check(&mut good, "garbage handshakes");
+
+    // 7. DISC drains what is in flight, then closes.
+    let mut c = Raw::connect(f.addr, "small", Opts::default());
+    let disc_data = pattern(7, 65536);
+    let cookie = c.send(
+        CMD_FLAG_FUA,
+        CMD_WRITE,
+        16 * MIB,
+        disc_data.len() as u64,
+        &disc_data,
+    );
+    c.send(0, CMD_DISC, 0, 0, &[]);
+    assert_eq!(c.reply(cookie, 16 * MIB, 0).error, 0);
+    c.expect_closed();
+    let r = good.read(16 * MIB, disc_data.len());
+    assert!(
+        r.error == 0 && r.data == disc_data,
+        "write before DISC lost"
+    );
+
+    // 8. Read-only export: writes get EPERM, reads work.
+    let mut ro = Raw::connect(
+        f.addr,
+        "ro",
+        Opts {
+            structured: true,
+            ..Default::default()
+        },
+    );
+    assert_ne!(ro.flags & FLAG_READ_ONLY, 0);
+    assert_eq!(ro.write(0, &[1; 4096], 0), EPERM);
+    assert_eq!(ro.simple(CMD_TRIM, 0, 0, 4096).error, EPERM);
+    assert_eq!(ro.simple(CMD_WRITE_ZEROES, 0, 0, 4096).error, EPERM);
+    assert_eq!(ro.read(0, 4096).data, vec![0u8; 4096]);
+
+    check(&mut good, "everything");
+    stop.store(true, Ordering::Release);
+    bg.join()
+        .expect("the concurrent well-behaved client never failed");
+    assert!(
+        rounds.load(Ordering::Acquire) > 0,
+        "the concurrent client made no progress"
+    );
+    drop(good);
+    f.stop();
+}
+
+#[test]
+fn structured_reads_holes_and_block_status() {
+    let f = Fixture::start();
+    let mut c = Raw::connect(
+        f.addr,
+        "small",
+        Opts {
+            structured: true,
+            meta: true,
+            ..Default::default()
+        },
+    );
+    assert_ne!(c.flags & FLAG_CAN_MULTI_CONN, 0);
+    let base = c.base_id.unwrap();
+    // All hole and zero at first.
+    let r = c.simple(CMD_BLOCK_STATUS, 0, 0, SMALL_BYTES);
+    assert_eq!(r.error, 0);
+    assert!(!r.extents.is_empty());
+    assert!(
+        r.extents
+            .iter()
+            .all(|&(id, _, st)| id == base && st == u64::from(STATE_HOLE | STATE_ZERO)),
+        "{:?}",
+        r.extents
+    );
+    let data = pattern(3, 8192);
+    assert_eq!(c.write(MIB, &data, CMD_FLAG_FUA), 0);
+    let r = c.simple(CMD_BLOCK_STATUS, 0, 0, 4 * MIB);
+    assert_eq!(r.error, 0);
+    let mut at = 0;
+    let mut saw_data = false;
+    for &(_, len, st) in &r.extents {
+        if at <= MIB && MIB < at + len {
+            assert_eq!(
+                st & u64::from(STATE_HOLE),
+                0,
+                "written range reported as a hole: {:?}",
+                r.extents
+            );
+            saw_data = true;
+        }
+        at += len;
+    }
+    assert!(saw_data, "{:?}", r.extents);
+    let r = c.simple(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 0, 4096);
+    assert_eq!(r.extents.len(), 1, "REQ_ONE: {:?}", r.extents);
+    assert!(r.extents[0].1 <= 4096);
+    // A read across data and hole reassembles correctly; DF gives one chunk.
+    let r = c.read(MIB - 8192, 24576);
+    assert_eq!(r.error, 0);
+    assert!(
+        r.data[..8192].iter().all(|&b| b == 0)
+            && r.data[8192..16384] == data[..]
+            && r.data[16384..].iter().all(|&b| b == 0)
+    );
+    let cookie = c.send(CMD_FLAG_DF, CMD_READ, MIB - 8192, 24576, &[]);
+    let r = c.reply(cookie, MIB - 8192, 24576);
+    assert_eq!((r.error, r.chunks), (0, 1), "DF read");
+    assert!(r.data[8192..16384] == data[..]);
+    // Errors arrive as error chunks.
+    let r = c.read(SMALL_BYTES, 4096);
+    assert_eq!(r.error, EINVAL);
+    drop(c);
+    f.stop();
+}
+
+#[test]
+fn extended_headers_from_a_raw_client() {
+    let f = Fixture::start();
+    let mut c = Raw::connect(
+        f.addr,
+        "small",
+        Opts {
+            structured: false,
+            extended: true,
+            meta: true,
+        },
+    );
+    let base = c.base_id.unwrap();
+    let data = pattern(5, 65536);
+    assert_eq!(c.write(4 * MIB, &data, 0), 0);
+    assert_eq!(c.flush(), 0);
+    let r = c.read(4 * MIB, data.len());
+    assert!(r.error == 0 && r.data == data);
+    let r = c.simple(CMD_BLOCK_STATUS, 0, 0, SMALL_BYTES);
+    assert_eq!(r.error, 0);
+    assert!(r.extents.iter().all(|&(id, _, _)| id == base));
+    assert!(
+        r.extents
+            .iter()
+            .any(|&(_, _, st)| st & u64::from(STATE_HOLE) == 0),
+        "{:?}",
+        r.extents
+    );
+    // 64-bit effect lengths: a trim and a zero over the whole export in one request.
+    assert_eq!(c.simple(CMD_WRITE_ZEROES, 0, 0, SMALL_BYTES).error, 0);
+    let r = c.read(4 * MIB, 4096);
+    assert!(r.error == 0 && r.data.iter().all(|&b| b == 0));
+    assert_eq!(c.simple(CMD_TRIM, 0, 0, SMALL_BYTES).error, 0);
+    // Errors still arrive, as extended chunks, and the connection stays.
+    assert_eq!(c.read(SMALL_BYTES, 4096).error, EINVAL);
+    assert_ne!(c.simple(CMD_READ, 0, 0, 1 << 40).error, 0, "a 1 TiB read");
+    assert_eq!(c.write(0, &data[..4096], 0), 0);
+    drop(c);
+    f.stop();
+}
+
+/// qemu (9.x/10.x) negotiates extended headers and then sends NBD_CMD_WRITE *without*
+/// NBD_CMD_FLAG_PAYLOAD_LEN; qemu's own server accepts that ("client is noncompliant, trace it
+/// but proceed"). We must too, or `qemu-io`/`qemu-img` writes fail.
+#[test]
+fn extended_write_without_payload_flag_like_qemu() {
+    let f = Fixture::start();
+    let mut c = Raw::connect(
+        f.addr,
+        "small",
+        Opts {
+            structured: true,
+            extended: true,
+            meta: false,
+        },
+    );
+    let data = pattern(11, 65536);
+    let cookie = c.send(0, CMD_WRITE, 0, data.len() as u64, &data);
+    let r = c.reply(cookie, 0, 0);
+    assert_eq!(r.error, 0, "write without PAYLOAD_LEN");
+    let r = c.read(0, data.len());
+    assert!(r.error == 0 && r.data == data);
+    drop(c);
+    f.stop();
+}
+
+#[test]
+fn listen_address_in_use_is_a_clear_error() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (code, _, err) = common::run(&["serve", "--listen", &addr]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&addr) && err.to_lowercase().contains("in use"),
+        "{err}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = common::write_file(dir.path(), "not-a-socket", "x");
+    let (code, _, err) = common::run(&["serve", "--listen", "127.0.0.1:0", "--unix", &file]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("not a socket"), "{err}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "x");
+}
+
+/// systemd-style activation over TCP: the daemon serves the socket it is handed on fd 3 and
+/// binds nothing else.
+#[test]
+fn socket_activation_over_tcp() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let fd = listener.as_raw_fd();
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        "LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=nbd exec \"$0\" serve",
+        BIN,
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if fd == 3 {
+                let flags = libc::fcntl(3, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
+    drop(listener);
+    // The socket already listens: connecting works before the daemon is even ready.
+    let mut c = Raw::connect(
+        addr,
+        "",
+        Opts {
+            structured: true,
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        c.size,
+        1 << 30,
+        "the default export of the default configuration"
+    );
+    let data = pattern(9, 4096);
+    assert_eq!(c.write(0, &data, CMD_FLAG_FUA), 0);
+    assert_eq!(c.read(0, 4096).data, data);
+    drop(c);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.is_empty(),
+        "socket-activated daemon wrote to stdout: {stdout}"
+    );
+    let listening: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("nbd listening on"))
+        .collect();
+    assert_eq!(
+        listening,
+        vec![format!("ringblock: nbd listening on {addr} (socket activation)").as_str()],
+        "{stderr}"
+    );
+    assert!(stderr.contains("ringblock: stopped cleanly"), "{stderr}");
+}
+
+/// The server's registry lists connected clients and forgets them once they leave.
+#[test]
+fn client_registry_follows_connections() {
+    use ringblock_engine::{DeviceConfig, Engine, EngineConfig};
+    use ringblock_transports::nbd::server::{BoundAddr, NbdServer, ServerConfig};
+    use ringblock_transports::nbd::EngineCatalog;
+
+    let engine = Engine::start(&EngineConfig {
+        devices: vec![DeviceConfig::ram("r", 64 << 20)],
+        cores: vec![0],
+        ..Default::default()
+    })
+    .unwrap();
+    engine.create_volume("r", "v", 32 << 20).unwrap();
+    let engine = Arc::new(engine);
+    let catalog = Arc::new(EngineCatalog {
+        engine: engine.clone(),
+        read_only: vec![],
+    });
+    let server = NbdServer::start(
+        engine.clone(),
+        catalog,
+        ServerConfig {
+            tcp: vec!["127.0.0.1:0".parse().unwrap()],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let BoundAddr::Tcp(addr) = server.addrs()[0].clone() else {
+        panic!()
+    };
+    let wait_for = |n: usize| {
+        let deadline = Instant::now() + IO_TIMEOUT;
+        loop {
+            let clients = server.clients();
+            if clients.len() == n {
+                return clients;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "expected {n} clients, have {clients:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    assert!(server.clients().is_empty());
+    let mut a = Raw::connect(
+        addr,
+        "v",
+        Opts {
+            structured: true,
+            ..Default::default()
+        },
+    );
+    let b = Raw::connect(
+        addr,
+        "",
+        Opts {
+            extended: true,
+            ..Default::default()
+        },
+    );
+    let clients = wait_for(2);
+    assert!(
+        clients
+            .iter()
+            .all(|c| c.export == "v" && c.peer.starts_with("127.0.0.1:")),
+        "{clients:?}"
+    );
+    assert!(clients.iter().any(|c| c.extended_headers));
+    assert_eq!(a.write(0, &[7; 4096], 0), 0);
+    let clients = server.clients();
+    assert!(
+        clients
+            .iter()
+            .any(|c| c.requests >= 1 && c.bytes_written >= 4096),
+        "{clients:?}"
+    );
+    drop(b);
+    wait_for(1);
+    a.send(0, CMD_DISC, 0, 0, &[]);
+    a.expect_closed();
+    wait_for(0);
+    server.stop();
+    drop(server);
+    let engine = Arc::try_unwrap(engine)
+        .ok()
+        .expect("a stopped server releases the engine");
+    engine.shutdown().unwrap();
+}
