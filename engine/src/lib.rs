@@ -11,6 +11,7 @@ pub mod loader;
 pub mod meta;
 pub mod profile;
 pub mod sim_cluster;
+pub mod stats;
 pub mod task;
 
 mod engine;

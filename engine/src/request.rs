@@ -128,6 +128,7 @@ pub(crate) struct InFlight {
     pub errno: AtomicI32,
     /// 0: the parts; 1: the trailing flush of a FUA write.
     pub stage: AtomicU32,
+    pub submitted: std::time::Instant,
     buf: UnsafeCell<Option<IoBuf>>,
 }
 
@@ -146,6 +147,7 @@ impl InFlight {
             remaining: AtomicU32::new(0),
             errno: AtomicI32::new(0),
             stage: AtomicU32::new(0),
+            submitted: std::time::Instant::now(),
             buf: UnsafeCell::new(req.buf.take()),
         })
     }
@@ -189,8 +191,15 @@ impl InFlight {
         } else {
             Err(Errno(errno))
         };
+        let stats = &self.volume.stats;
         if result.is_err() {
-            self.volume.stats.errors.fetch_add(1, Ordering::Relaxed);
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        let ns = self.submitted.elapsed().as_nanos() as u64;
+        match self.kind {
+            RequestKind::Read => stats.read_latency.record(ns),
+            RequestKind::Write | RequestKind::WriteZeroes | RequestKind::Trim => stats.write_latency.record(ns),
+            RequestKind::Flush => stats.flush_latency.record(ns),
         }
         self.port.deliver(Completion {
             tag: self.tag,

@@ -79,6 +79,10 @@ pub struct VolumeStats {
     pub flushes: AtomicU64,
     pub trims: AtomicU64,
     pub errors: AtomicU64,
+    /// Submission to completion, per kind.
+    pub read_latency: crate::stats::LatencyHistogram,
+    pub write_latency: crate::stats::LatencyHistogram,
+    pub flush_latency: crate::stats::LatencyHistogram,
 }
 
 /// A thin volume: a size and a map from its chunks to device chunks.
