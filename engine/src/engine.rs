@@ -655,6 +655,11 @@ fn reactor_thread(
     let _ = ready.send(Ok(()));
     drop(ready);
     let poll_idle = Duration::from_micros(poll_idle_us);
+    // Adaptive polling: spin after work only while idle gaps are typically shorter than the
+    // window (the next request is likely to arrive while we spin). At a steady light load with
+    // longer gaps, spinning would only burn CPU: park at once instead.
+    let mut gap_ewma_ns: u64 = 0;
+    let mut idle_since: Option<Instant> = None;
     let mut last_work = Instant::now();
     let mut busy_since: Option<Instant> = None;
     let mut tasks: Vec<Option<Box<dyn ReactorTask>>> = Vec::new();
@@ -731,15 +736,21 @@ fn reactor_thread(
             .store(core.ops_in_flight() as u64, Ordering::Relaxed);
         let now = Instant::now();
         if work > 0 {
+            if let Some(t) = idle_since.take() {
+                let gap = now.duration_since(t).as_nanos() as u64;
+                gap_ewma_ns = (3 * gap_ewma_ns + gap) / 4;
+            }
             last_work = now;
             busy_since.get_or_insert(now);
             continue;
         }
+        idle_since.get_or_insert(now);
         let no_tasks = tasks.iter().all(Option::is_none);
         if stopping && core.is_idle() && me.inbox.is_empty() && no_tasks && raw_in_flight == 0 {
             break;
         }
-        if now.duration_since(last_work) < poll_idle {
+        let spin = gap_ewma_ns < poll_idle.as_nanos() as u64;
+        if spin && now.duration_since(last_work) < poll_idle {
             std::hint::spin_loop();
             continue;
         }
