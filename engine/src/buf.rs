@@ -222,7 +222,9 @@ impl Drop for Lease {
 
 impl RegisteredPool {
     pub fn new(count: usize, buf_bytes: usize) -> Arc<Self> {
-        assert!(count > 0 && count <= u16::MAX as usize && buf_bytes.is_multiple_of(BUF_ALIGN_BYTES));
+        assert!(
+            count > 0 && count <= u16::MAX as usize && buf_bytes.is_multiple_of(BUF_ALIGN_BYTES)
+        );
         let free = crossbeam_queue::ArrayQueue::new(count);
         for i in 0..count as u32 {
             free.push(i).expect("capacity");

@@ -198,7 +198,9 @@ impl InFlight {
         let ns = self.submitted.elapsed().as_nanos() as u64;
         match self.kind {
             RequestKind::Read => stats.read_latency.record(ns),
-            RequestKind::Write | RequestKind::WriteZeroes | RequestKind::Trim => stats.write_latency.record(ns),
+            RequestKind::Write | RequestKind::WriteZeroes | RequestKind::Trim => {
+                stats.write_latency.record(ns)
+            }
             RequestKind::Flush => stats.flush_latency.record(ns),
         }
         self.port.deliver(Completion {

@@ -14,7 +14,10 @@ pub struct LatencyHistogram {
 
 impl Default for LatencyHistogram {
     fn default() -> Self {
-        Self { buckets: std::array::from_fn(|_| AtomicU64::new(0)), sum_ns: AtomicU64::new(0) }
+        Self {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_ns: AtomicU64::new(0),
+        }
     }
 }
 
@@ -34,7 +37,14 @@ impl LatencyHistogram {
     }
 
     pub fn snapshot(&self) -> LatencySnapshot {
-        LatencySnapshot { counts: self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect(), sum_ns: self.sum_ns.load(Ordering::Relaxed) }
+        LatencySnapshot {
+            counts: self
+                .buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
+            sum_ns: self.sum_ns.load(Ordering::Relaxed),
+        }
     }
 }
 

@@ -48,11 +48,18 @@ impl EngineCatalog {
     fn info(&self, v: &ringblock_engine::Volume) -> ExportInfo {
         ExportInfo {
             name: v.name.clone(),
-            description: format!("ringblock volume {} on device {} ({})", v.name, v.device.name, v.device.kind),
+            description: format!(
+                "ringblock volume {} on device {} ({})",
+                v.name, v.device.name, v.device.kind
+            ),
             size_bytes: v.size_bytes(),
             read_only: self.read_only.iter().any(|r| r == &v.name),
             min_block_bytes: v.device.profile.logical_block_size_bytes,
-            preferred_block_bytes: v.device.profile.physical_block_size_bytes.max(PREFERRED_BLOCK_BYTES),
+            preferred_block_bytes: v
+                .device
+                .profile
+                .physical_block_size_bytes
+                .max(PREFERRED_BLOCK_BYTES),
             max_block_bytes: MAX_BLOCK_BYTES,
         }
     }
@@ -70,7 +77,10 @@ impl ExportCatalog for EngineCatalog {
 
     fn default_export(&self) -> Option<String> {
         let vols = self.engine.volumes();
-        vols.iter().find(|v| v.name == "default").or(vols.first()).map(|v| v.name.clone())
+        vols.iter()
+            .find(|v| v.name == "default")
+            .or(vols.first())
+            .map(|v| v.name.clone())
     }
 }
 
