@@ -34,7 +34,7 @@ pub const DEFAULT_POLL_IDLE_US: u64 = 50;
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EngineConfig {
-    /// CPU ids to run reactors on; empty = every core.
+    /// CPU ids to run reactors on; empty = every core (one reactor on machines with ≤ 2 cores).
     #[serde(default)]
     pub cores: Vec<usize>,
     #[serde(default, rename = "device")]
@@ -599,6 +599,12 @@ fn select_cores(wanted: &[usize]) -> Result<Vec<Option<usize>>, EngineError> {
         if available.is_empty() {
             let n = std::thread::available_parallelism().map_or(1, |n| n.get());
             return Ok(vec![None; n]);
+        }
+        // On a machine with two cores or fewer, a polling reactor on every core leaves nothing
+        // for anything else (local clients, the kernel's network stack): one reactor, on the
+        // last core. Larger machines get one per core.
+        if available.len() <= 2 {
+            return Ok(vec![available.last().copied()]);
         }
         return Ok(available.into_iter().map(Some).collect());
     }

@@ -28,8 +28,11 @@ fn device(name: &str, kind: DeviceKind, path: Option<&Path>, size: Option<u64>) 
 }
 
 fn config(devices: Vec<DeviceConfig>) -> EngineConfig {
+    // Two reactors where the machine has two cores, so chunk ownership, cross-reactor parts
+    // and flush rounds on a home reactor are exercised (the default would be one here).
+    let two = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
     EngineConfig {
-        cores: vec![],
+        cores: if two { vec![0, 1] } else { vec![] },
         devices,
         poll_idle_us: Some(20),
         queue_depth: Some(64),
