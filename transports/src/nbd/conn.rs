@@ -34,6 +34,46 @@ const MAX_IOV_PER_SEND: usize = 256;
 const TAG_RECV: u32 = 0;
 const TAG_SEND: u32 = 1;
 
+/// Bytes of large buffers one connection keeps for reuse.
+const BUF_CACHE_BYTES: usize = 64 << 20;
+/// Requests up to this size use the reactor's registered pool; larger ones the cache.
+const SMALL_BUF_BYTES: usize = 64 << 10;
+
+/// Large IO buffers kept for reuse: allocating (and faulting in) a fresh megabyte per request
+/// costs more than the copy itself.
+#[derive(Default)]
+struct BufCache {
+    free: Vec<AlignedBuf>,
+    bytes: usize,
+}
+
+impl BufCache {
+    /// A buffer of `len` bytes; its contents are whatever was there (callers overwrite all).
+    fn take(&mut self, len: usize) -> AlignedBuf {
+        let class = len.next_power_of_two().max(SMALL_BUF_BYTES);
+        match self.free.iter().position(|b| b.capacity() == class) {
+            Some(i) => {
+                let mut b = self.free.swap_remove(i);
+                self.bytes -= b.capacity();
+                b.set_len(len);
+                b
+            }
+            None => {
+                let mut b = AlignedBuf::zeroed(class);
+                b.set_len(len);
+                b
+            }
+        }
+    }
+
+    fn give(&mut self, buf: AlignedBuf) {
+        if buf.capacity() >= SMALL_BUF_BYTES && self.bytes + buf.capacity() <= BUF_CACHE_BYTES {
+            self.bytes += buf.capacity();
+            self.free.push(buf);
+        }
+    }
+}
+
 /// Counters of one connection, shared with whoever lists clients.
 #[derive(Debug, Default)]
 pub struct ConnStats {
@@ -87,6 +127,27 @@ struct Pending {
     /// A FUA trim or zero: after it completes, flush.
     then_flush: bool,
     payload_bytes: u64,
+    /// TRIM / WRITE_ZEROES longer than the engine takes at once (the kernel's client sends
+    /// the whole device in one TRIM) go in parts of at most [`MAX_RANGE_PART_BYTES`]: bytes
+    /// of `len` already done.
+    done_bytes: u64,
+}
+
+/// Largest part of a TRIM / WRITE_ZEROES handed to the engine at once.
+const MAX_RANGE_PART_BYTES: u64 = ringblock_engine::MAX_REQUEST_BYTES;
+
+impl Pending {
+    /// The range of the next engine request for this NBD request.
+    fn part(&self, kind: RequestKind) -> (u64, u64) {
+        match kind {
+            RequestKind::Flush => (self.offset, 0),
+            RequestKind::Trim | RequestKind::WriteZeroes => (
+                self.offset + self.done_bytes,
+                (self.len - self.done_bytes).min(MAX_RANGE_PART_BYTES),
+            ),
+            RequestKind::Read | RequestKind::Write => (self.offset, self.len),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,6 +181,7 @@ pub struct Connection {
     send_in_flight: bool,
     msghdr: Box<libc::msghdr>,
     iov: Vec<libc::iovec>,
+    bufs: BufCache,
     stats: Arc<ConnStats>,
 }
 
@@ -179,6 +241,7 @@ impl Connection {
             // SAFETY: msghdr is plain old data; all-zero is a valid empty header.
             msghdr: Box::new(unsafe { std::mem::zeroed() }),
             iov: Vec::with_capacity(MAX_IOV_PER_SEND),
+            bufs: BufCache::default(),
             stats: Arc::new(ConnStats::default()),
         }
     }
@@ -365,13 +428,13 @@ impl Connection {
 
     fn submit(&mut self, ctx: &mut TaskCtx<'_>, p: Pending, kind: RequestKind, buf: Option<IoBuf>) {
         let (cookie, offset, is_read) = (p.cookie, p.offset, p.cmd == Command::Read);
-        let len_bytes = if kind == RequestKind::Flush { 0 } else { p.len };
+        let (part_offset, len_bytes) = p.part(kind);
         let fua = p.flags & wire::CMD_FLAG_FUA != 0 && kind == RequestKind::Write;
         let payload = p.payload_bytes;
         let tag = self.alloc_tag(p);
         let req = Request {
             kind,
-            offset_bytes: offset,
+            offset_bytes: part_offset,
             len_bytes,
             fua,
             buf,
@@ -445,11 +508,6 @@ impl Connection {
                     wire::EINVAL
                 },
             );
-        }
-        if matches!(cmd, Command::Trim | Command::WriteZeroes)
-            && req.length > ringblock_engine::MAX_REQUEST_BYTES
-        {
-            return Some(wire::EINVAL);
         }
         None
     }
@@ -539,6 +597,7 @@ impl Connection {
             flags: req.flags,
             then_flush: false,
             payload_bytes: 0,
+            done_bytes: 0,
         };
         match cmd {
             Command::Read => {
@@ -546,7 +605,7 @@ impl Connection {
                 let len = req.length as usize;
                 let buf = ctx
                     .take_buffer(len)
-                    .unwrap_or_else(|| IoBuf::owned(AlignedBuf::zeroed(len)));
+                    .unwrap_or_else(|| IoBuf::owned(self.bufs.take(len)));
                 self.submit(ctx, p, RequestKind::Read, Some(buf));
             }
             Command::Write => {
@@ -560,7 +619,11 @@ impl Connection {
                         b.as_mut_slice().copy_from_slice(data);
                         b
                     }
-                    None => IoBuf::owned(AlignedBuf::from_slice(data)),
+                    None => {
+                        let mut b = self.bufs.take(data.len());
+                        b.as_mut_slice().copy_from_slice(data);
+                        IoBuf::owned(b)
+                    }
                 };
                 self.submit(ctx, p, RequestKind::Write, Some(buf));
             }
@@ -619,6 +682,22 @@ impl Connection {
         if self.state == State::Failed {
             return;
         }
+        // A long TRIM / WRITE_ZEROES goes in parts: after each part, the next one.
+        let range_kind = match p.cmd {
+            Command::Trim => Some(RequestKind::Trim),
+            Command::WriteZeroes if p.payload_bytes == 0 => Some(RequestKind::WriteZeroes),
+            _ => None,
+        };
+        let mut p = p;
+        if let (Ok(()), Some(kind)) = (&c.result, range_kind) {
+            if p.done_bytes < p.len {
+                p.done_bytes += p.part(kind).1;
+                if p.done_bytes < p.len {
+                    self.submit(ctx, p, kind, None);
+                    return;
+                }
+            }
+        }
         match c.result {
             Err(e) => self.reply_err(p.cookie, p.offset, p.cmd == Command::Read, nbd_errno(e)),
             Ok(()) if p.then_flush => {
@@ -633,7 +712,12 @@ impl Connection {
                 self.stats.bytes_read.fetch_add(p.len, Ordering::Relaxed);
                 self.reply_read(&p, c.buf.expect("read completion returns its buffer"));
             }
-            Ok(()) => self.reply_ok(&p),
+            Ok(()) => {
+                if let Some(buf) = c.buf.and_then(IoBuf::into_owned) {
+                    self.bufs.give(buf);
+                }
+                self.reply_ok(&p)
+            }
         }
     }
 
@@ -727,7 +811,14 @@ impl Connection {
             }
             n -= left;
             if seg_i + 1 == msg.segs.len() {
-                self.out.pop_front();
+                if let Some(buf) = self
+                    .out
+                    .pop_front()
+                    .and_then(|m| m.data)
+                    .and_then(IoBuf::into_owned)
+                {
+                    self.bufs.give(buf);
+                }
                 self.out_cursor = (0, 0);
             } else {
                 self.out_cursor = (seg_i + 1, 0);

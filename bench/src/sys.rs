@@ -1,0 +1,414 @@
+//! Small OS helpers: CPU sets and pinning, process CPU time, file allocation, clock formatting.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+
+/// CPUs this process may run on, in increasing order.
+pub fn available_cpus() -> Result<Vec<usize>> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it for the calling process.
+    let set = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Err(std::io::Error::last_os_error()).context("sched_getaffinity");
+        }
+        set
+    };
+    let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: the index is below CPU_SETSIZE.
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect();
+    if cpus.is_empty() {
+        bail!("this process may run on no CPU");
+    }
+    Ok(cpus)
+}
+
+/// Pin the calling thread to one CPU.
+pub fn pin_current_thread(cpu: usize) -> Result<()> {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        bail!("cpu {cpu} is out of range");
+    }
+    // SAFETY: cpu_set_t is plain data; pid 0 = the calling thread.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("pinning to cpu {cpu}"));
+    }
+    Ok(())
+}
+
+/// User and system CPU time of the whole process (every thread).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuTimes {
+    pub user: Duration,
+    pub system: Duration,
+}
+
+impl CpuTimes {
+    /// (user, system) spent since `earlier`.
+    pub fn since(&self, earlier: &CpuTimes) -> (Duration, Duration) {
+        (
+            self.user.saturating_sub(earlier.user),
+            self.system.saturating_sub(earlier.system),
+        )
+    }
+}
+
+pub fn cpu_times() -> Result<CpuTimes> {
+    // SAFETY: rusage is plain data that getrusage fills.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        if libc::getrusage(libc::RUSAGE_SELF, &mut ru) != 0 {
+            return Err(std::io::Error::last_os_error()).context("getrusage");
+        }
+        ru
+    };
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+    };
+    Ok(CpuTimes {
+        user: tv(ru.ru_utime),
+        system: tv(ru.ru_stime),
+    })
+}
+
+/// Scheduler counters of one thread of this process (`/proc/self/task/TID/{schedstat,status}`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ThreadSched {
+    pub tid: u32,
+    pub comm: String,
+    /// Time on a CPU.
+    pub run_ns: u64,
+    /// Time runnable but waiting for a CPU (taken by another thread or process).
+    pub runq_wait_ns: u64,
+    pub voluntary_switches: u64,
+    /// Preemptions: the thread wanted to go on running.
+    pub involuntary_switches: u64,
+}
+
+impl ThreadSched {
+    /// Counters accumulated since `earlier` (same thread).
+    pub fn since(&self, earlier: &ThreadSched) -> ThreadSched {
+        ThreadSched {
+            tid: self.tid,
+            comm: self.comm.clone(),
+            run_ns: self.run_ns.saturating_sub(earlier.run_ns),
+            runq_wait_ns: self.runq_wait_ns.saturating_sub(earlier.runq_wait_ns),
+            voluntary_switches: self
+                .voluntary_switches
+                .saturating_sub(earlier.voluntary_switches),
+            involuntary_switches: self
+                .involuntary_switches
+                .saturating_sub(earlier.involuntary_switches),
+        }
+    }
+}
+
+/// Scheduler counters of every thread of this process; threads that vanish while being read
+/// are skipped.
+pub fn thread_sched() -> Vec<ThreadSched> {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    let mut v: Vec<ThreadSched> = dir
+        .flatten()
+        .filter_map(|e| {
+            let tid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let p = e.path();
+            let comm = std::fs::read_to_string(p.join("comm")).ok()?;
+            let sched = std::fs::read_to_string(p.join("schedstat")).ok()?;
+            let status = std::fs::read_to_string(p.join("status")).ok()?;
+            parse_thread_sched(tid, comm.trim(), &sched, &status)
+        })
+        .collect();
+    v.sort_by_key(|t| t.tid);
+    v
+}
+
+fn parse_thread_sched(tid: u32, comm: &str, schedstat: &str, status: &str) -> Option<ThreadSched> {
+    let mut f = schedstat.split_whitespace().map(|x| x.parse::<u64>().ok());
+    let (run_ns, runq_wait_ns) = (f.next()??, f.next()??);
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|r| r.trim().parse::<u64>().ok())
+    };
+    Some(ThreadSched {
+        tid,
+        comm: comm.to_string(),
+        run_ns,
+        runq_wait_ns,
+        voluntary_switches: field("voluntary_ctxt_switches:")?,
+        involuntary_switches: field("nonvoluntary_ctxt_switches:")?,
+    })
+}
+
+/// Per-thread deltas between two [`thread_sched`] snapshots, for threads present in both.
+pub fn thread_sched_deltas(a: &[ThreadSched], b: &[ThreadSched]) -> Vec<ThreadSched> {
+    b.iter()
+        .filter_map(|t| a.iter().find(|x| x.tid == t.tid).map(|x| t.since(x)))
+        .collect()
+}
+
+/// System-wide CPU time from `/proc/stat` (clock ticks, all CPUs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuStat {
+    pub busy: u64,
+    pub idle: u64,
+    pub iowait: u64,
+    pub irq: u64,
+    /// Time the hypervisor ran something else while a virtual CPU wanted to run.
+    pub steal: u64,
+}
+
+impl CpuStat {
+    fn total(&self) -> u64 {
+        self.busy + self.idle + self.iowait + self.irq + self.steal
+    }
+}
+
+fn parse_cpu_stat(text: &str) -> Option<CpuStat> {
+    let line = text.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    let at = |i: usize| v.get(i).copied().unwrap_or(0);
+    // user nice system idle iowait irq softirq steal
+    Some(CpuStat {
+        busy: at(0) + at(1) + at(2),
+        idle: at(3),
+        iowait: at(4),
+        irq: at(5) + at(6),
+        steal: at(7),
+    })
+}
+
+/// Completed reads and milliseconds spent on them, of one block device (`/proc/diskstats`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DiskStat {
+    pub reads: u64,
+    pub read_ms: u64,
+}
+
+fn parse_disk_stat(text: &str, major: u64, minor: u64) -> Option<DiskStat> {
+    text.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() < 7 || f[0].parse::<u64>().ok()? != major || f[1].parse::<u64>().ok()? != minor {
+            return None;
+        }
+        Some(DiskStat {
+            reads: f[3].parse().ok()?,
+            read_ms: f[6].parse().ok()?,
+        })
+    })
+}
+
+/// Machine-level counters around a run: CPU steal and the block device under a file.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HostSnapshot {
+    cpu: Option<CpuStat>,
+    disk: Option<DiskStat>,
+}
+
+/// What the machine did between two [`HostSnapshot`]s (every process, not only ours).
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct HostDelta {
+    /// Percent of all CPUs' time stolen by the hypervisor.
+    pub steal_pct: Option<f64>,
+    /// Percent of all CPUs' time busy (user + system + irq).
+    pub busy_pct: Option<f64>,
+    /// Reads the block device holding the file completed.
+    pub device_reads: Option<u64>,
+    /// Mean time a read spent in the block layer and device (queue included), in µs.
+    pub device_us_per_read: Option<f64>,
+}
+
+/// Take a [`HostSnapshot`]; `file` picks the block device (its `st_dev`).
+pub fn host_snapshot(file: &Path) -> HostSnapshot {
+    let cpu = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|t| parse_cpu_stat(&t));
+    let disk = std::fs::metadata(file).ok().and_then(|m| {
+        let dev = m.dev();
+        let text = std::fs::read_to_string("/proc/diskstats").ok()?;
+        parse_disk_stat(
+            &text,
+            u64::from(libc::major(dev)),
+            u64::from(libc::minor(dev)),
+        )
+    });
+    HostSnapshot { cpu, disk }
+}
+
+impl HostSnapshot {
+    pub fn since(&self, earlier: &HostSnapshot) -> HostDelta {
+        let mut d = HostDelta::default();
+        if let (Some(a), Some(b)) = (earlier.cpu, self.cpu) {
+            let total = b.total().saturating_sub(a.total()) as f64;
+            if total > 0.0 {
+                d.steal_pct = Some(b.steal.saturating_sub(a.steal) as f64 / total * 100.0);
+                let busy = (b.busy + b.irq).saturating_sub(a.busy + a.irq) as f64;
+                d.busy_pct = Some(busy / total * 100.0);
+            }
+        }
+        if let (Some(a), Some(b)) = (earlier.disk, self.disk) {
+            let reads = b.reads.saturating_sub(a.reads);
+            d.device_reads = Some(reads);
+            if reads > 0 {
+                d.device_us_per_read =
+                    Some(b.read_ms.saturating_sub(a.read_ms) as f64 * 1000.0 / reads as f64);
+            }
+        }
+        d
+    }
+}
+
+/// Bytes the file system has allocated for `path` (less than its length when it has holes).
+pub fn allocated_bytes(path: &Path) -> Result<u64> {
+    let m = std::fs::metadata(path).with_context(|| format!("stat {}", path.display()))?;
+    Ok(m.blocks() * 512)
+}
+
+/// The running kernel's release, e.g. `6.12.0-1-amd64`.
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// `YYYYMMDDTHHMMSSZ` (UTC) for `t`: sortable, and safe in a directory name.
+pub fn utc_stamp(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_stamps() {
+        assert_eq!(utc_stamp(UNIX_EPOCH), "19700101T000000Z");
+        let t = UNIX_EPOCH + Duration::from_secs(951_782_400 + 3_723); // 2000-02-29 01:02:03
+        assert_eq!(utc_stamp(t), "20000229T010203Z");
+        let t = UNIX_EPOCH + Duration::from_secs(1_795_426_218); // fio sample's timestamp
+        assert_eq!(utc_stamp(t), "20261123T093018Z");
+    }
+
+    #[test]
+    fn host_counters() {
+        let stat = "cpu  10 1 5 100 7 2 1 4 0 0\ncpu0 5 0 2 50 3 1 0 2 0 0\n";
+        let c = parse_cpu_stat(stat).unwrap();
+        assert_eq!(
+            (c.busy, c.idle, c.iowait, c.irq, c.steal),
+            (16, 100, 7, 3, 4)
+        );
+        let disk = "   8       0 sda 100 0 800 40 5 0 40 3 0 0 0\n 254       0 vda 2000 3 16000 500 0 0 0 0\n";
+        assert_eq!(
+            parse_disk_stat(disk, 254, 0),
+            Some(DiskStat {
+                reads: 2000,
+                read_ms: 500
+            })
+        );
+        assert_eq!(parse_disk_stat(disk, 1, 1), None);
+        let a = HostSnapshot {
+            cpu: Some(c),
+            disk: Some(DiskStat {
+                reads: 1000,
+                read_ms: 100,
+            }),
+        };
+        let b = HostSnapshot {
+            cpu: Some(CpuStat {
+                busy: 66,
+                idle: 140,
+                iowait: 7,
+                irq: 3,
+                steal: 14,
+            }),
+            disk: Some(DiskStat {
+                reads: 3000,
+                read_ms: 300,
+            }),
+        };
+        let d = b.since(&a);
+        // 100 ticks passed: 50 busy, 40 idle, 10 steal.
+        assert_eq!(d.steal_pct, Some(10.0));
+        assert_eq!(d.busy_pct, Some(50.0));
+        assert_eq!(d.device_reads, Some(2000));
+        assert_eq!(d.device_us_per_read, Some(100.0));
+        // The real machine's counters parse.
+        let live = host_snapshot(Path::new("/"));
+        assert!(live.cpu.is_some());
+    }
+
+    #[test]
+    fn thread_scheduler_counters() {
+        let t = parse_thread_sched(
+            7,
+            "reactor-0",
+            "123 456 9\n",
+            "Name:\treactor-0\nvoluntary_ctxt_switches:\t10\nnonvoluntary_ctxt_switches:\t3\n",
+        )
+        .unwrap();
+        assert_eq!((t.run_ns, t.runq_wait_ns), (123, 456));
+        assert_eq!((t.voluntary_switches, t.involuntary_switches), (10, 3));
+        assert_eq!(parse_thread_sched(7, "x", "", ""), None);
+        let later = ThreadSched {
+            run_ns: 200,
+            ..t.clone()
+        };
+        assert_eq!(
+            thread_sched_deltas(std::slice::from_ref(&t), &[later])[0].run_ns,
+            77
+        );
+        let me = thread_sched();
+        assert!(!me.is_empty(), "this test's own threads are listed");
+    }
+
+    #[test]
+    fn cpus_and_cpu_time() {
+        let cpus = available_cpus().unwrap();
+        assert!(!cpus.is_empty());
+        let a = cpu_times().unwrap();
+        let mut x = 0u64;
+        for i in 0..2_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        std::hint::black_box(x);
+        let b = cpu_times().unwrap();
+        assert!(b.user + b.system >= a.user + a.system);
+    }
+}
