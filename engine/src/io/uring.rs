@@ -626,10 +626,8 @@ impl Io for UringIo {
             }
             Err(e) => Err(EngineError::Ring(e)),
         }?;
-        // Drain the eventfd counter so the next park blocks again.
-        let mut v = [0u8; 8];
-        // SAFETY: reads 8 bytes into a local from our nonblocking eventfd.
-        unsafe { libc::read(self.wake_fd.as_raw_fd(), v.as_mut_ptr().cast(), 8) };
+        // No drain needed: the armed ring read of the eventfd consumes its counter when a
+        // wake arrives, and is re-armed at the next park.
         Ok(())
     }
 
