@@ -147,6 +147,16 @@ fn connect(cfg: &LoadConfig) -> Result<(OwnedFd, u64)> {
     }
 }
 
+/// Append a compact NBD request header.
+fn encode_request(out: &mut Vec<u8>, command: u16, cookie: u64, offset: u64, length: u32) {
+    out.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    out.extend_from_slice(&0u16.to_be_bytes());
+    out.extend_from_slice(&command.to_be_bytes());
+    out.extend_from_slice(&cookie.to_be_bytes());
+    out.extend_from_slice(&offset.to_be_bytes());
+    out.extend_from_slice(&length.to_be_bytes());
+}
+
 fn pattern(block: u64, generation: u32, out: &mut [u8]) {
     let mut x = block.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (u64::from(generation) << 32 | 0xA5A5);
     for w in out.chunks_mut(8) {
@@ -273,14 +283,14 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadResult> {
             }
             let is_read = rng.gen_range(0..100u8) < cfg.read_percent;
             let offset = block * cfg.block_bytes as u64;
-            c.out.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-            c.out.extend_from_slice(&0u16.to_be_bytes());
-            c.out
-                .extend_from_slice(&(if is_read { CMD_READ } else { CMD_WRITE }).to_be_bytes());
-            c.out.extend_from_slice(&u64::from(slot).to_be_bytes());
-            c.out.extend_from_slice(&offset.to_be_bytes());
-            c.out
-                .extend_from_slice(&(cfg.block_bytes as u32).to_be_bytes());
+            let command = if is_read { CMD_READ } else { CMD_WRITE };
+            encode_request(
+                &mut c.out,
+                command,
+                u64::from(slot),
+                offset,
+                cfg.block_bytes as u32,
+            );
             if !is_read {
                 if cfg.verify {
                     let g = generation[block as usize].wrapping_add(1).max(1);
@@ -310,9 +320,7 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadResult> {
             &mut scratch,
         );
     }
-    let mut loops = 0u64;
     loop {
-        loops += 1;
         let now = Instant::now();
         if !stopping && now >= deadline {
             stopping = true;
@@ -468,10 +476,7 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadResult> {
     for c in conns.iter_mut() {
         // Best effort NBD_CMD_DISC; the server drains and closes.
         let mut disc = Vec::with_capacity(28);
-        disc.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        disc.extend_from_slice(&0u16.to_be_bytes());
-        disc.extend_from_slice(&CMD_DISC.to_be_bytes());
-        disc.extend_from_slice(&[0u8; 20]);
+        encode_request(&mut disc, CMD_DISC, 0, 0, 0);
         // SAFETY: a plain send of a local buffer on our socket.
         unsafe {
             libc::send(
@@ -483,7 +488,6 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadResult> {
         };
         c.closed = true;
     }
-    let _ = loops;
     let ops = reads + writes;
     let q = |p: f64| hist.value_at_quantile(p) as f64 / 1000.0;
     Ok(LoadResult {
