@@ -176,3 +176,57 @@ fn embedded_default_exports_default_on_10809() {
     assert_eq!(out.stdout.trim(), "1073741824");
     d.stop();
 }
+
+/// Patterns written over NBD to a file-backed volume (flushed) read back after a restart of the
+/// daemon, and after a `kill -9` for writes that were flushed before it.
+#[test]
+fn nbd_writes_survive_daemon_restart_and_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_file(
+        dir.path(),
+        "file.toml",
+        &format!(
+            "[[device]]\nname = \"disk0\"\nkind = \"file\"\npath = \"{}/disk0.img\"\nsize_bytes = 268435456\n[[volume]]\nname = \"vol1\"\ndevice = \"disk0\"\nsize_bytes = 134217728\n",
+            dir.path().display()
+        ),
+    );
+    let sock = dir.path().join("nbd.sock");
+    let sock = sock.to_str().unwrap();
+    let uri = format!("nbd+unix:///vol1?socket={sock}");
+    let qemu_io = |cmds: &[&str]| {
+        let mut args = vec!["-f", "raw"];
+        for c in cmds {
+            args.push("-c");
+            args.push(c);
+        }
+        args.push(&uri);
+        let out = common::run_tool(120, "qemu-io", &args, &[]);
+        assert!(
+            out.ok()
+                && !out.stdout.contains("failed")
+                && !out.stdout.contains("Pattern verification failed"),
+            "qemu-io {cmds:?}: {out:?}"
+        );
+    };
+    let d = Daemon::start(&["--config", &cfg, "--listen", "127.0.0.1:0", "--unix", sock]);
+    qemu_io(&[
+        "write -P 0x11 0 1M",
+        "write -P 0x22 5M 64k",
+        "write -P 0x33 100M 4k",
+        "flush",
+    ]);
+    d.stop();
+    let d = Daemon::start(&["--config", &cfg, "--listen", "127.0.0.1:0", "--unix", sock]);
+    qemu_io(&[
+        "read -P 0x11 0 1M",
+        "read -P 0x22 5M 64k",
+        "read -P 0x33 100M 4k",
+        "read -P 0 2M 1M",
+    ]);
+    // Flushed before a crash of the daemon: still there after it.
+    qemu_io(&["write -P 0x44 7M 128k", "flush"]);
+    d.kill();
+    let d = Daemon::start(&["--config", &cfg, "--listen", "127.0.0.1:0", "--unix", sock]);
+    qemu_io(&["read -P 0x44 7M 128k", "read -P 0x11 0 1M"]);
+    d.stop();
+}
