@@ -48,6 +48,57 @@ impl Default for NbdConfig {
     }
 }
 
+/// What an `[[export]]` exposes a volume as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExportKind {
+    /// A local block device `/dev/ublkbN` (kernel ublk driver).
+    Ublk,
+}
+
+/// `[[export]]`: a volume made available beyond NBD (which exports every volume anyway).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportConfig {
+    pub kind: ExportKind,
+    pub volume: String,
+    /// ublk: tags per queue (default: the device profile's queue depth, at most 128).
+    #[serde(default)]
+    pub queue_depth: Option<u16>,
+    /// ublk: largest request in bytes (default: the profile's max transfer, at most 512 KiB).
+    #[serde(default)]
+    pub max_io_bytes: Option<u32>,
+}
+
+/// `[ublk]`: settings shared by every ublk export.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UblkConfig {
+    /// Where each export records its device id, so a restarted daemon recovers the device.
+    #[serde(default = "default_ublk_state_dir")]
+    pub state_dir: PathBuf,
+    /// Keep `/dev/ublkbN` across a daemon crash/restart (USER_RECOVERY).
+    #[serde(default = "default_true")]
+    pub recovery: bool,
+}
+
+fn default_ublk_state_dir() -> PathBuf {
+    PathBuf::from(ringblock_transports::ublk::DEFAULT_STATE_DIR)
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Default for UblkConfig {
+    fn default() -> Self {
+        Self {
+            state_dir: default_ublk_state_dir(),
+            recovery: true,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DaemonConfig {
@@ -64,6 +115,13 @@ pub struct DaemonConfig {
     pub volumes: Vec<VolumeConfig>,
     #[serde(default)]
     pub nbd: NbdConfig,
+    #[serde(default, rename = "export")]
+    pub exports: Vec<ExportConfig>,
+    #[serde(default)]
+    pub ublk: UblkConfig,
+    /// Management API and dashboard.
+    #[serde(default)]
+    pub web: ringblock_web::WebConfig,
 }
 
 impl DaemonConfig {
@@ -112,10 +170,27 @@ impl DaemonConfig {
         if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
             bail!("[[volume]] {:?} is configured twice", w[0]);
         }
+        let mut exported: Vec<(ExportKind, &str)> = Vec::new();
+        for e in &self.exports {
+            if exported.contains(&(e.kind, e.volume.as_str())) {
+                bail!(
+                    "[[export]] kind = \"ublk\" volume = {:?} is configured twice",
+                    e.volume
+                );
+            }
+            exported.push((e.kind, &e.volume));
+            if e.queue_depth == Some(0) {
+                bail!(
+                    "[[export]] volume = {:?}: queue_depth must be at least 1",
+                    e.volume
+                );
+            }
+        }
         for addr in &self.nbd.listen {
             addr.parse::<std::net::SocketAddr>()
                 .with_context(|| format!("[nbd] listen = {addr:?} is not an address:port"))?;
         }
+        self.web.validate().map_err(anyhow::Error::msg)?;
         Ok(())
     }
 
@@ -146,6 +221,38 @@ mod tests {
         let e = DaemonConfig::parse("[[device]]\nname='a'\nkind='ram'\nsize_bytes=1\nbogus=1\n")
             .unwrap_err();
         assert!(format!("{e:#}").contains("bogus"), "{e:#}");
+    }
+
+    #[test]
+    fn ublk_exports() {
+        let base = "[[device]]\nname='a'\nkind='ram'\nsize_bytes=1\n";
+        let c = DaemonConfig::parse(&format!(
+            "{base}[[export]]\nkind='ublk'\nvolume='v'\n[ublk]\nstate_dir='/tmp/x'\n"
+        ))
+        .unwrap();
+        assert_eq!(c.exports[0].kind, ExportKind::Ublk);
+        assert_eq!(c.ublk.state_dir, PathBuf::from("/tmp/x"));
+        assert!(c.ublk.recovery);
+        let e = DaemonConfig::parse(&format!("{base}[[export]]\nkind='iscsi'\nvolume='v'\n"))
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("iscsi"), "{e:#}");
+        let e = DaemonConfig::parse(&format!(
+            "{base}[[export]]\nkind='ublk'\nvolume='v'\n[[export]]\nkind='ublk'\nvolume='v'\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("twice"), "{e}");
+    }
+
+    #[test]
+    fn web_section() {
+        let base = "[[device]]\nname='a'\nkind='ram'\nsize_bytes=1\n";
+        let c = DaemonConfig::parse(&format!("{base}[web]\nlisten = '127.0.0.1:9090'\nstate_dir = '/tmp/rb'\nallowed_hosts = ['ui.lan:9090']\n")).unwrap();
+        assert_eq!(c.web.listen.as_deref(), Some("127.0.0.1:9090"));
+        assert!(c.web.enabled);
+        let e = DaemonConfig::parse(&format!("{base}[web]\nlisten = 'nope'\n")).unwrap_err();
+        assert!(format!("{e:#}").contains("[web] listen"), "{e:#}");
+        let e = DaemonConfig::parse(&format!("{base}[web]\nport = 1\n")).unwrap_err();
+        assert!(format!("{e:#}").contains("port"), "{e:#}");
     }
 
     #[test]

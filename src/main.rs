@@ -1,7 +1,10 @@
 //! `ringblock`: the daemon and its command line.
 
 mod config;
+mod doctor;
+mod export_cmd;
 mod serve;
+mod web;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,6 +34,32 @@ enum Command {
     },
     /// Check a configuration file without starting anything.
     CheckConfig { file: PathBuf },
+    /// Manage volumes of a running daemon through its web API.
+    Volume {
+        #[command(flatten)]
+        api: web::ApiArgs,
+        #[command(subcommand)]
+        command: web::VolumeCommand,
+    },
+    /// Show a running daemon's reactors, devices, volumes and clients (through its web API).
+    Status {
+        #[command(flatten)]
+        api: web::ApiArgs,
+    },
+    /// The web API token.
+    Token {
+        #[command(subcommand)]
+        command: web::TokenCommand,
+    },
+    /// Say what this kernel offers (io_uring, ublk, nbd) and what to load.
+    Doctor,
+    /// Manage a running daemon's ublk exports (/dev/ublkbN) through its web API.
+    Export {
+        #[command(flatten)]
+        api: web::ApiArgs,
+        #[command(subcommand)]
+        command: export_cmd::ExportCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -78,6 +107,11 @@ fn main() -> ExitCode {
             }
             Err(e) => Err(serve::Failure::Config(e.into())),
         },
+        Command::Doctor => doctor::run(),
+        Command::Export { api, command } => export_cmd::run(&api, command),
+        Command::Volume { api, command } => web::run_volume(&api, command),
+        Command::Status { api } => web::run_status(&api),
+        Command::Token { command } => web::run_token(command),
         Command::CheckConfig { file } => match config::DaemonConfig::load(&file) {
             Ok(_) => {
                 println!("{}: ok", file.display());

@@ -10,7 +10,7 @@ use ringblock_engine::{Engine, EngineError};
 use ringblock_transports::nbd::server::{take_systemd_listeners, NbdServer, ServerConfig};
 use ringblock_transports::nbd::EngineCatalog;
 
-use crate::config::DaemonConfig;
+use crate::config::{DaemonConfig, ExportConfig, ExportKind};
 
 #[derive(clap::Args, Default)]
 pub struct ServeArgs {
@@ -26,6 +26,11 @@ pub struct ServeArgs {
     /// NBD Unix socket to create (replaces `[nbd] unix`).
     #[arg(long, value_name = "PATH")]
     pub unix: Option<PathBuf>,
+    /// Also export VOLUME as a local block device /dev/ublkbN (adds to `[[export]]`; repeatable).
+    #[arg(long = "ublk", value_name = "VOLUME")]
+    pub ublk: Vec<String>,
+    #[command(flatten)]
+    pub web: crate::web::WebArgs,
 }
 
 /// Why the daemon stopped with an error: the operator's input, or the machine.
@@ -73,6 +78,20 @@ pub fn run(args: ServeArgs) -> Result<(), Failure> {
     if let Some(cores) = args.cores {
         cfg.cores = cores;
     }
+    for volume in &args.ublk {
+        if !cfg
+            .exports
+            .iter()
+            .any(|e| e.kind == ExportKind::Ublk && &e.volume == volume)
+        {
+            cfg.exports.push(ExportConfig {
+                kind: ExportKind::Ublk,
+                volume: volume.clone(),
+                queue_depth: None,
+                max_io_bytes: None,
+            });
+        }
+    }
     // Addresses given on the command line always apply; the configured ones only without
     // socket activation.
     let tcp_text = if !args.listen.is_empty() {
@@ -97,6 +116,7 @@ pub fn run(args: ServeArgs) -> Result<(), Failure> {
             cfg.nbd.unix.clone()
         }
     });
+    let web = crate::web::prepare(&args.web, &cfg, activated, &say)?;
     // Block the stop signals before any thread starts, so every thread inherits the mask and
     // only the sigwait below sees them.
     let mut stop = SigSet::empty();
@@ -179,6 +199,21 @@ pub fn run(args: ServeArgs) -> Result<(), Failure> {
         };
         say(format!("ringblock: nbd listening on {addr}{how}"));
     }
+    if let Err(e) = start_exports(&engine, &cfg, &say) {
+        stop_exports();
+        server.stop();
+        return Err(e);
+    }
+    // After the signal mask is set: the web server's threads inherit it.
+    let mut web = match web.map(|w| crate::web::start(w, &engine, &server, &cfg, &say)) {
+        Some(Err(e)) => {
+            stop_exports();
+            server.stop();
+            return Err(e);
+        }
+        Some(Ok(w)) => Some(w),
+        None => None,
+    };
     say(format!(
         "ringblock: engine running on {} reactor(s)",
         engine.reactor_count()
@@ -189,6 +224,13 @@ pub fn run(args: ServeArgs) -> Result<(), Failure> {
         .context("waiting for signals")
         .map_err(Failure::Runtime)?;
     tracing::info!(?signal, "stopping: draining and flushing");
+    // The web server drops its engine reference (and any command in progress finishes).
+    if let Some(w) = web.as_mut() {
+        w.stop();
+    }
+    drop(web);
+    // ublk queues live on the reactors: remove the devices before the engine stops.
+    stop_exports();
     // Stop accepting first; afterwards the server holds the only other engine reference.
     server.stop();
     drop(server);
@@ -207,4 +249,86 @@ pub fn run(args: ServeArgs) -> Result<(), Failure> {
     }
     say("ringblock: stopped cleanly".into());
     Ok(())
+}
+
+/// Start the configured `[[export]]`s. A volume that does not exist, or a kernel without ublk,
+/// stops the daemon with a clear error.
+fn start_exports(engine: &Engine, cfg: &DaemonConfig, say: &dyn Fn(String)) -> Result<(), Failure> {
+    use ringblock_transports::ublk::{self, UblkError, UblkOptions};
+    for e in &cfg.exports {
+        match e.kind {
+            ExportKind::Ublk => {
+                if engine.volume(&e.volume).is_none() {
+                    return Err(Failure::Config(anyhow::anyhow!(
+                        "[[export]] kind = \"ublk\" names volume {:?}, which does not exist",
+                        e.volume
+                    )));
+                }
+                let opts = UblkOptions {
+                    state_dir: cfg.ublk.state_dir.clone(),
+                    queue_depth: e.queue_depth,
+                    max_io_bytes: e.max_io_bytes,
+                    recovery: cfg.ublk.recovery,
+                };
+                let dev =
+                    ublk::start_ublk_export_with(engine, &e.volume, &opts).map_err(|err| {
+                        let config = matches!(err, UblkError::Volume(_));
+                        let err = anyhow::anyhow!("ublk export of volume {:?}: {err}", e.volume);
+                        if config {
+                            Failure::Config(err)
+                        } else {
+                            Failure::Runtime(err)
+                        }
+                    })?;
+                let i = dev.info();
+                say(format!(
+                    "ringblock: ublk {} serves volume {} ({} queue(s) x {} tags, max io {} bytes{})",
+                    i.path,
+                    i.volume,
+                    i.queues,
+                    i.queue_depth,
+                    i.max_io_bytes,
+                    if i.recovered {
+                        ", recovered from the previous daemon"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+        }
+    }
+    let configured: Vec<&str> = cfg
+        .exports
+        .iter()
+        .filter(|e| e.kind == ExportKind::Ublk)
+        .map(|e| e.volume.as_str())
+        .collect();
+    let opts = UblkOptions {
+        state_dir: cfg.ublk.state_dir.clone(),
+        queue_depth: None,
+        max_io_bytes: None,
+        recovery: cfg.ublk.recovery,
+    };
+    for left in ublk::resume_leftovers(engine, &opts, &configured) {
+        match left {
+            ublk::Leftover::Recovered(dev) => say(format!(
+                "ringblock: ublk {} serves volume {} (started at runtime before a crash; recovered from the previous daemon)",
+                dev.path().display(),
+                dev.volume()
+            )),
+            ublk::Leftover::Deleted { volume, device } => say(format!(
+                "ringblock: deleted {device}, left by a previous daemon for volume {volume}"
+            )),
+            ublk::Leftover::Failed { volume, error } => {
+                tracing::error!(volume = %volume, "ublk device left by a previous daemon: {error}")
+            }
+        }
+    }
+    Ok(())
+}
+
+fn stop_exports() {
+    for (volume, e) in ringblock_transports::ublk::stop_all() {
+        tracing::error!(volume = %volume, "stopping ublk export: {e}");
+    }
 }

@@ -72,7 +72,14 @@ impl Daemon {
         let status = self.child.wait().unwrap();
         assert!(status.success(), "daemon exited with {status}");
         let mut rest = std::mem::take(&mut self.stdout_lines);
-        rest.extend(self.rx.try_iter());
+        // Read to EOF (the reader thread ends when the pipe closes), bounded in time.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match self.rx.recv_timeout(left) {
+                Ok(line) => rest.push(line),
+                Err(_) => break,
+            }
+        }
         rest
     }
 
@@ -179,4 +186,276 @@ pub fn have_tool(program: &str) -> bool {
     ["/usr/bin", "/bin", "/usr/sbin", "/sbin", "/usr/local/bin"]
         .iter()
         .any(|d| Path::new(d).join(program).exists())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Web UI/API helpers (tests/web_*.rs).
+
+impl Daemon {
+    /// SIGTERM, wait for a successful exit, and return all the remaining output: unlike
+    /// `stop`, it reads stdout to its end (the reader thread may not have passed on the last
+    /// lines when the process exits), then checks that the daemon said it stopped cleanly.
+    pub fn stop_clean(mut self) -> Vec<String> {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid()),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "daemon exited with {status}");
+        let mut rest = std::mem::take(&mut self.stdout_lines);
+        let until = std::time::Instant::now() + Duration::from_secs(30);
+        while let Ok(line) = self
+            .rx
+            .recv_timeout(until.saturating_duration_since(std::time::Instant::now()))
+        {
+            rest.push(line);
+        }
+        assert!(
+            rest.iter().any(|l| l == "ringblock: stopped cleanly"),
+            "{rest:?}"
+        );
+        rest
+    }
+}
+
+/// The web UI address (`127.0.0.1:PORT`) and, at a first start, the API token a daemon printed.
+pub fn web_endpoint(d: &Daemon) -> (String, Option<String>) {
+    for line in &d.stdout_lines {
+        if let Some(rest) = line.strip_prefix("ringblock: web UI on http://") {
+            let addr = rest.split('/').next().unwrap_or_default().to_string();
+            let token = rest
+                .split_once("(shown once): ")
+                .map(|(_, t)| t.trim().to_string());
+            return (addr, token);
+        }
+    }
+    panic!("no web UI line in {:?}", d.stdout_lines)
+}
+
+/// An HTTP response read to its end.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// Header names in lowercase.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as JSON (panics with the body if it is not).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): HTTP {} {:?}", self.status, self.body))
+    }
+
+    /// The `error` of a JSON error body.
+    pub fn error(&self) -> String {
+        self.json()["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no \"error\" in {:?}", self.body))
+            .to_string()
+    }
+}
+
+/// One HTTP/1.1 request over a fresh connection (`Connection: close`), bounded in time. `Host`
+/// defaults to `addr`; pass a `("Host", …)` header to override it. A body is sent with
+/// `Content-Type: application/json` unless a content type is given.
+pub fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> HttpResponse {
+    use std::io::{Read, Write};
+    let mut s =
+        std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
+    let has = |n: &str| headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(n));
+    if !has("host") {
+        req.push_str(&format!("Host: {addr}\r\n"));
+    }
+    if body.is_some() && !has("content-type") {
+        req.push_str("Content-Type: application/json\r\n");
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Some(b) = body {
+        req.push_str(&format!("Content-Length: {}\r\n", b.len()));
+    }
+    req.push_str("\r\n");
+    let mut bytes = req.into_bytes();
+    if let Some(b) = body {
+        bytes.extend_from_slice(b);
+    }
+    // The server may answer (e.g. 413) before reading a large body: a failed write is fine.
+    let _ = s.write_all(&bytes);
+    // Read to the end of the body: Content-Length bytes if given (some servers keep the
+    // connection open regardless of `Connection: close`), else to EOF.
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 16 << 10];
+    loop {
+        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+            let len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok());
+            if len.is_some_and(|n| raw.len() >= end + 4 + n) {
+                break;
+            }
+        }
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+        }
+    }
+    parse_http_response(&raw)
+}
+
+/// `http` with `Authorization: Bearer TOKEN` added.
+pub fn http_auth(
+    addr: &str,
+    token: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> HttpResponse {
+    let auth = format!("Bearer {token}");
+    let mut h = headers.to_vec();
+    h.push(("Authorization", &auth));
+    http(addr, method, path, &h, body)
+}
+
+pub fn parse_http_response(raw: &[u8]) -> HttpResponse {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP header end in {:?}", String::from_utf8_lossy(raw)));
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status: u16 = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    if chunked {
+        let mut out = Vec::new();
+        let mut rest = &body[..];
+        while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
+            let size_text = String::from_utf8_lossy(&rest[..eol]).to_string();
+            let size =
+                usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16).unwrap_or(0);
+            if size == 0 || rest.len() < eol + 2 + size {
+                break;
+            }
+            out.extend_from_slice(&rest[eol + 2..eol + 2 + size]);
+            rest = &rest[(eol + 4 + size).min(rest.len())..];
+        }
+        body = out;
+    }
+    HttpResponse {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+/// Poll `f` every 100 ms until it returns `Some`, for at most `limit`.
+pub fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let until = std::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// An NBD client in the transmission phase over TCP (old-style `OPT_EXPORT_NAME`, simple
+/// replies): enough to hold a volume open and send a few requests.
+pub struct RawNbd {
+    pub stream: std::net::TcpStream,
+    pub size_bytes: u64,
+}
+
+impl RawNbd {
+    pub fn connect(addr: &str, export: &str) -> RawNbd {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut hello = [0u8; 18];
+        s.read_exact(&mut hello).unwrap();
+        assert_eq!(&hello[..8], b"NBDMAGIC");
+        assert_eq!(&hello[8..16], b"IHAVEOPT");
+        // FIXED_NEWSTYLE | NO_ZEROES
+        s.write_all(&3u32.to_be_bytes()).unwrap();
+        let mut opt = b"IHAVEOPT".to_vec();
+        opt.extend_from_slice(&1u32.to_be_bytes()); // NBD_OPT_EXPORT_NAME
+        opt.extend_from_slice(&(export.len() as u32).to_be_bytes());
+        opt.extend_from_slice(export.as_bytes());
+        s.write_all(&opt).unwrap();
+        let mut reply = [0u8; 10];
+        s.read_exact(&mut reply).unwrap();
+        RawNbd {
+            size_bytes: u64::from_be_bytes(reply[..8].try_into().unwrap()),
+            stream: s,
+        }
+    }
+
+    /// NBD_CMD_WRITE of `data` at `offset`; returns the reply's error (0 = ok).
+    pub fn write(&mut self, handle: u64, offset: u64, data: &[u8]) -> u32 {
+        use std::io::{Read, Write};
+        let mut req = Vec::with_capacity(28 + data.len());
+        req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        req.extend_from_slice(&0u16.to_be_bytes()); // flags
+        req.extend_from_slice(&1u16.to_be_bytes()); // NBD_CMD_WRITE
+        req.extend_from_slice(&handle.to_be_bytes());
+        req.extend_from_slice(&offset.to_be_bytes());
+        req.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        req.extend_from_slice(data);
+        self.stream.write_all(&req).unwrap();
+        let mut reply = [0u8; 16];
+        self.stream.read_exact(&mut reply).unwrap();
+        assert_eq!(&reply[..4], &0x6744_6698u32.to_be_bytes());
+        assert_eq!(&reply[8..16], &handle.to_be_bytes());
+        u32::from_be_bytes(reply[4..8].try_into().unwrap())
+    }
+
+    /// NBD_CMD_DISC, then close.
+    pub fn disconnect(mut self) {
+        use std::io::Write;
+        let mut req = Vec::with_capacity(28);
+        req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        req.extend_from_slice(&0u16.to_be_bytes());
+        req.extend_from_slice(&2u16.to_be_bytes()); // NBD_CMD_DISC
+        req.extend_from_slice(&[0u8; 20]);
+        let _ = self.stream.write_all(&req);
+    }
 }

@@ -7,13 +7,15 @@
 #   bench/vm/ublk-vs-loop.sh [--bin PATH] [--cores LIST] [--runtime S] [--rounds N]
 #     --bin      ringblock binary (default: target/release/ringblock, or $CARGO_TARGET_DIR's)
 #     --cores    reactor cores for the daemon, e.g. 0,1 (default: the daemon's default)
+#     --fio      fio options for both devices (default: --cpus_allowed=0: fio on CPU 0, the
+#                daemon's reactor pins itself to the last CPU, the loop worker floats)
 #   Results: the ratio on stdout, JSON in $OUT (default: a temp dir, path printed).
 set -euo pipefail
 
 if [[ ${1:-} == --guest ]]; then
   # ---- inside the VM -------------------------------------------------------------------------
   shift
-  BIN=$1 CORES=$2 RUNTIME=$3 ROUNDS=$4
+  BIN=$1 CORES=$2 RUNTIME=$3 ROUNDS=$4 FIO_EXTRA=${5:-}
   OUT=${VM_SHARE:-/tmp}
   cd /tmp
   SIZE_MIB=256
@@ -49,13 +51,17 @@ TOML
   [[ -b $ublk ]] || { echo "bench: no ublk device"; cat /tmp/daemon.log; exit 1; }
   truncate -s $((SIZE_MIB << 20)) /dev/shm/loop.img
   loop=$(losetup -f --show /dev/shm/loop.img)
+  for d in "$ublk" "$loop"; do
+    q=/sys/block/${d#/dev/}/queue
+    echo "bench: $d: scheduler $(cat $q/scheduler), hw queues $(ls /sys/block/${d#/dev/}/mq | wc -l), nr_requests $(cat $q/nr_requests)"
+  done
   # Same data in both (random, so nothing is a hole or a zero page).
   head -c $((SIZE_MIB << 20)) /dev/urandom >/dev/shm/data
   dd if=/dev/shm/data of="$ublk" bs=1M oflag=direct conv=fsync status=none
   dd if=/dev/shm/data of="$loop" bs=1M oflag=direct conv=fsync status=none
   rm /dev/shm/data
   run() { # DEV NAME ROUND
-    fio --name="$2" --filename="$1" --ioengine=io_uring --direct=1 --rw=randread --bs=4k \
+    fio --name="$2" --filename="$1" --ioengine=io_uring --direct=1 --rw=randread --bs=4k $FIO_EXTRA \
       --iodepth=32 --iodepth_batch_submit=8 --iodepth_batch_complete_min=1 --time_based \
       --runtime="$RUNTIME" --ramp_time=2 --randrepeat=0 --norandommap \
       --output-format=json --output="$OUT/$2-$3.json" >/dev/null
@@ -84,20 +90,21 @@ fi
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 bin=${CARGO_TARGET_DIR:-$repo/target}/release/ringblock
-cores="" runtime=8 rounds=6
+cores="" runtime=8 rounds=6 fio_extra="--cpus_allowed=0"
 while (($#)); do
   case $1 in
     --bin) bin=$2; shift 2 ;;
     --cores) cores=$2; shift 2 ;;
     --runtime) runtime=$2; shift 2 ;;
     --rounds) rounds=$2; shift 2 ;;
+    --fio) fio_extra=$2; shift 2 ;;
     *) sed -n '2,12p' "$0"; exit 2 ;;
   esac
 done
 [[ -x $bin ]] || { echo "ublk-vs-loop: no ringblock binary at $bin (cargo build --release)" >&2; exit 2; }
 OUT=${OUT:-$(mktemp -d /tmp/ublk-vs-loop.XXXXXX)}
 mkdir -p "$OUT"
-"$repo/../shared/vm/run.sh" --timeout 1200 --share "$OUT" "$0" --guest "$(realpath "$bin")" "$cores" "$runtime" "$rounds" |
+"$repo/../shared/vm/run.sh" --timeout 1200 --share "$OUT" "$0" --guest "$(realpath "$bin")" "$cores" "$runtime" "$rounds" "$fio_extra" |
   grep -E '^(bench|ringblock):' || true
 [[ -s $OUT/ublk.iops && -s $OUT/loop.iops ]] || { echo "ublk-vs-loop: the guest produced no results" >&2; exit 1; }
 python3 - "$OUT" <<'PY'

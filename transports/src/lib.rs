@@ -1,3 +1,4 @@
-//! ringblock transports: the NBD server (and later ublk and the peer protocol).
+//! ringblock transports: the NBD server, ublk devices (and later the peer protocol).
 
 pub mod nbd;
+pub mod ublk;

@@ -1,0 +1,159 @@
+//! API errors: a status and `{"error": "..."}`.
+
+use axum::extract::rejection::JsonRejection;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use ringblock_engine::EngineError;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// The body of every error response.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong, for a person.
+    pub error: String,
+}
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, message)
+    }
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, message)
+    }
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, message)
+    }
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::error!(status = %self.status, "web API: {}", self.message);
+        }
+        let mut resp = (
+            self.status,
+            Json(ErrorBody {
+                error: self.message,
+            }),
+        )
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        let status = match r.status() {
+            // Well-formed JSON of the wrong shape is bad input like any other.
+            StatusCode::UNPROCESSABLE_ENTITY => StatusCode::BAD_REQUEST,
+            s => s,
+        };
+        let message = match status {
+            StatusCode::PAYLOAD_TOO_LARGE => {
+                format!("request body larger than {} bytes", crate::MAX_BODY_BYTES)
+            }
+            _ => r.body_text(),
+        };
+        Self::new(status, message)
+    }
+}
+
+/// The status an engine error deserves. The engine reports volume errors as text; the phrases
+/// matched here are pinned by the API tests.
+pub fn engine_status(e: &EngineError) -> StatusCode {
+    match e {
+        EngineError::Volume { message, .. } => {
+            if message == "no such volume" {
+                StatusCode::NOT_FOUND
+            } else if message.starts_with("in use")
+                || message.contains("exists")
+                || message.contains("holds the maximum")
+            {
+                StatusCode::CONFLICT
+            } else if message.starts_with("could not persist") {
+                StatusCode::INTERNAL_SERVER_ERROR
+            } else {
+                StatusCode::BAD_REQUEST
+            }
+        }
+        EngineError::Shutdown => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        Self::new(engine_status(&e), e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verr(m: &str) -> EngineError {
+        EngineError::Volume {
+            volume: "v".into(),
+            message: m.into(),
+        }
+    }
+
+    #[test]
+    fn engine_errors_map_to_statuses() {
+        assert_eq!(
+            engine_status(&verr("no such volume")),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            engine_status(&verr(
+                "in use (1 open handle(s), e.g. an export or a connected client)"
+            )),
+            StatusCode::CONFLICT
+        );
+        assert_eq!(
+            engine_status(&verr("a volume with this name exists")),
+            StatusCode::CONFLICT
+        );
+        assert_eq!(
+            engine_status(&verr("could not persist metadata: EIO")),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+        assert_eq!(
+            engine_status(&verr(
+                "size 3 bytes must be a non-zero multiple of the device block size 4096"
+            )),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            engine_status(&EngineError::Shutdown),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+}
