@@ -1,6 +1,6 @@
 //! The daemon's side of the web UI (`ringblock-web`): its flags, starting and stopping it, and
-//! the CLI commands that talk to a running daemon through its API (`volume`, `status`) or
-//! manage its token (`token reset`).
+//! the CLI commands that talk to a running daemon through its API (`volume`, `status`; `export`
+//! in `export_cmd`) or manage its token (`token reset`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,7 +9,11 @@ use std::sync::Arc;
 use anyhow::Context;
 use ringblock_engine::Engine;
 use ringblock_transports::nbd::server::{BoundAddr, ClientRegistry, NbdServer};
-use ringblock_web::api::{unix_s, CreateVolumeRequest, NbdClient, NbdStatus};
+use ringblock_transports::ublk::{self, UblkError, UblkInfo, UblkOptions};
+use ringblock_web::api::{
+    unix_s, CreateVolumeRequest, NbdClient, NbdStatus, UblkControl, UblkControlError, UblkExport,
+    UblkExportStats,
+};
 use ringblock_web::client::{self, ApiClient, ClientError};
 use ringblock_web::size::{format_size, parse_size};
 use ringblock_web::{BoundWeb, TokenStore, WebServer};
@@ -136,6 +140,83 @@ impl NbdStatus for NbdView {
     }
 }
 
+/// ublk exports for the API: the process-wide registry of `ringblock_transports::ublk`, so
+/// exports started here are stopped at shutdown with the configured ones (`ublk::stop_all`).
+struct UblkView {
+    /// `[ublk]` settings, so a restart finds runtime exports' state files where it looks for
+    /// left-over devices.
+    opts: UblkOptions,
+}
+
+fn ublk_export(i: UblkInfo) -> UblkExport {
+    let s = i.stats;
+    UblkExport {
+        name: i.name,
+        dev_id: i.dev_id,
+        path: i.path,
+        volume: i.volume,
+        queues: i.queues,
+        queue_depth: i.queue_depth,
+        max_io_bytes: i.max_io_bytes,
+        reactors: i.reactors,
+        state: i.state,
+        recovered: i.recovered,
+        features: i.features,
+        stats: UblkExportStats {
+            reads: s.reads,
+            writes: s.writes,
+            read_bytes: s.read_bytes,
+            write_bytes: s.write_bytes,
+            flushes: s.flushes,
+            discards: s.discards,
+            write_zeroes: s.write_zeroes,
+            errors: s.errors,
+            in_flight: s.in_flight,
+        },
+    }
+}
+
+/// The API status a ublk failure deserves.
+fn ublk_control_error(e: UblkError) -> UblkControlError {
+    match &e {
+        UblkError::NoDriver(_) => UblkControlError::Unavailable(e.to_string()),
+        UblkError::Command { errno, .. } if *errno == libc::EPERM || *errno == libc::EACCES => {
+            UblkControlError::Unavailable(format!("{e} (ublk needs root / CAP_SYS_ADMIN)"))
+        }
+        UblkError::InUse(_) => UblkControlError::Conflict(e.to_string()),
+        // The engine's "no such volume" (a race with a delete) and stop's "has no ublk export".
+        UblkError::Volume(m) if m.ends_with("no such volume") || m.ends_with("no ublk export") => {
+            UblkControlError::NotFound(e.to_string())
+        }
+        UblkError::Volume(_) => UblkControlError::Invalid(e.to_string()),
+        UblkError::Command { .. } | UblkError::Io(_) | UblkError::Queue(_) => {
+            UblkControlError::Failed(e.to_string())
+        }
+    }
+}
+
+impl UblkControl for UblkView {
+    fn list(&self) -> Vec<UblkExport> {
+        ublk::registry().into_iter().map(ublk_export).collect()
+    }
+    fn start(&self, engine: &Engine, volume: &str) -> Result<UblkExport, UblkControlError> {
+        let dev =
+            ublk::start_ublk_export_with(engine, volume, &self.opts).map_err(ublk_control_error)?;
+        let i = dev.info();
+        tracing::info!(device = %i.path, volume = %i.volume, "ublk export started through the API");
+        Ok(ublk_export(i))
+    }
+    fn stop(&self, volume: &str) -> Result<(), UblkControlError> {
+        ublk::stop_ublk_export(volume).map_err(ublk_control_error)
+    }
+    fn unavailable(&self) -> Option<String> {
+        match ublk::check_driver() {
+            Err(e @ UblkError::NoDriver(_)) => Some(e.to_string()),
+            _ => None,
+        }
+    }
+}
+
 /// Open (or create) the token and start serving; prints the address, and the token if it was
 /// just created. Call after the signal mask is set: the server's threads inherit it.
 pub fn start(
@@ -154,12 +235,21 @@ pub fn start(
         read_only: cfg.nbd.read_only.clone(),
         registry: nbd.registry(),
     });
+    let ublk = Arc::new(UblkView {
+        opts: UblkOptions {
+            state_dir: cfg.ublk.state_dir.clone(),
+            queue_depth: None,
+            max_io_bytes: None,
+            recovery: cfg.ublk.recovery,
+        },
+    });
     let server = WebServer::start(
         prepared.bound,
         tokens,
         &prepared.allowed_hosts,
         engine.clone(),
         view,
+        ublk,
     )
     .context("starting the web server")
     .map_err(Failure::Runtime)?;
@@ -231,7 +321,7 @@ pub enum TokenCommand {
     },
 }
 
-fn connect(api: &ApiArgs) -> Result<(ApiClient, String), Failure> {
+pub(crate) fn connect(api: &ApiArgs) -> Result<(ApiClient, String), Failure> {
     let base = api
         .api
         .clone()
@@ -249,14 +339,14 @@ fn connect(api: &ApiArgs) -> Result<(ApiClient, String), Failure> {
     Ok((c, base))
 }
 
-fn client_failure(e: ClientError) -> Failure {
+pub(crate) fn client_failure(e: ClientError) -> Failure {
     match e {
         ClientError::NoToken | ClientError::Usage(_) => Failure::Config(e.into()),
         e => Failure::Runtime(e.into()),
     }
 }
 
-fn print_json<T: serde::Serialize>(v: &T) {
+pub(crate) fn print_json<T: serde::Serialize>(v: &T) {
     println!(
         "{}",
         serde_json::to_string_pretty(v).expect("API types serialize")

@@ -109,7 +109,10 @@ fn lock() -> std::sync::MutexGuard<'static, ()> {
 /// ext4 on /dev/ublkbN (RAM volume, two queues on two reactors): files round-trip through
 /// unmount + cache drop + remount, fsck clean, discard/write-zeroes read as zeros, fio
 /// io_uring crc32c verify, SIGTERM removes the device. Also runs `ringblock doctor` in the
-/// guest (everything present).
+/// guest (everything present). Then, on a daemon without `[[export]]`, the runtime path of the
+/// API and the CLI: `ringblock export ublk` creates the device, `export list` and
+/// `GET /api/ublk` (the dashboard's source) show it, data written through it reads back,
+/// `export stop` removes it, and an export started this way is removed at SIGTERM too.
 #[test]
 fn ublk_filesystem_and_fio_verify() {
     let _g = lock();

@@ -309,6 +309,18 @@ fn dashboard_shows_live_numbers_in_chromium() {
     assert!(first["exports"].as_u64().unwrap() >= 2, "{first}");
     assert!(first["reactors"].as_u64().unwrap() >= 1, "{first}");
     assert!(first["write_iops_text"].as_str().unwrap() != "–", "{first}");
+    // No ublk device: the table says "none", and why ublk cannot be used on a machine without
+    // the driver.
+    let ublk = page.wait(
+        Duration::from_secs(30),
+        "the ublk table",
+        "(() => document.querySelector('#ublk tbody').textContent || null)()",
+    );
+    let ublk = ublk.as_str().unwrap();
+    assert!(ublk.starts_with("none"), "{ublk}");
+    if !std::path::Path::new("/dev/ublk-control").exists() {
+        assert!(ublk.contains("ublk_drv"), "{ublk}");
+    }
 
     // The numbers keep changing: later samples, different rates.
     let second = page.wait(

@@ -2,7 +2,9 @@
 # Guest side of tests/vm_ublk.rs `ublk_filesystem_and_fio_verify`: a ublk device on a ringblock
 # RAM volume; ext4 with files whose checksums survive unmount + cache drop + remount; fsck clean;
 # discard and write-zeroes read back as zeros; fio io_uring verify on the raw device; SIGTERM
-# removes the device.   Usage: ublk-fs.sh BIN
+# removes the device. Then the same volume exported at runtime through the web API
+# (`ringblock export ublk|list|stop`, GET /api/ublk): write + read back, stop, SIGTERM.
+#   Usage: ublk-fs.sh BIN
 set -euo pipefail
 BIN=$1
 source "$(dirname "$0")/lib.sh"
@@ -91,5 +93,73 @@ step "SIGTERM removes the device"
 stop_daemon
 grep -q 'ublk export stopped' /tmp/daemon2.log || fail "no 'ublk export stopped' in the log"
 grep -q 'stopped cleanly' /tmp/daemon2.log || fail "daemon did not stop cleanly"
+[[ ! -e $dev ]] || fail "$dev still exists after the daemon stopped"
+
+# The same volume exported at runtime through the web API, as `ringblock export …` and the
+# dashboard do it: the daemon starts without an [[export]]; the CLI gets the token the daemon
+# printed at its first start (only its hash is stored in the state directory).
+step "runtime export: daemon without [[export]], with the web API"
+grep -v -e '^\[\[export\]\]' -e '^kind = "ublk"' -e '^volume = "vol0"' /tmp/ublk.toml >/tmp/api.toml
+cat >>/tmp/api.toml <<TOML
+[web]
+listen = "127.0.0.1:18080"
+state_dir = "/tmp/webstate"
+TOML
+start_daemon /tmp/api.toml /tmp/daemon3.log
+grep -q '^ringblock: ublk' /tmp/daemon3.log && fail "a ublk device without an [[export]]"
+RINGBLOCK_TOKEN=$(sed -n 's/^ringblock: web UI on .*(shown once): //p' /tmp/daemon3.log)
+[[ -n $RINGBLOCK_TOKEN ]] || fail "the daemon printed no API token"
+export RINGBLOCK_TOKEN RINGBLOCK_API=http://127.0.0.1:18080
+# What the dashboard reads.
+api_get() { curl -fsS --max-time 30 -H "Authorization: Bearer $RINGBLOCK_TOKEN" "$RINGBLOCK_API$1"; }
+[[ $(api_get /api/ublk) == "[]" ]] || fail "GET /api/ublk before: $(api_get /api/ublk)"
+
+step "ringblock export ublk vol0"
+out=$("$BIN" export ublk vol0 2>&1) || fail "export ublk: $out"
+echo "$out"
+dev=$(sed -n 's|^\(/dev/ublkb[0-9]*\) serves volume vol0$|\1|p' <<<"$out")
+[[ -n $dev ]] || fail "export ublk printed: $out"
+wait_block "$dev"
+[[ $(blockdev --getsize64 "$dev") == 268435456 ]] || fail "size $(blockdev --getsize64 "$dev")"
+"$BIN" export list | tee /tmp/list.txt
+grep -qE "^$dev +vol0 +2 +[0-9]+ +live$" /tmp/list.txt || fail "export list does not show $dev"
+json=$(api_get /api/ublk)
+echo "vm-test: GET /api/ublk: $json"
+for want in "\"path\":\"$dev\"" '"volume":"vol0"' '"state":"live"'; do
+  grep -qF "$want" <<<"$json" || fail "GET /api/ublk lacks $want"
+done
+api_get /api/status | grep -qF '"ublk_exports":1' || fail "status: $(api_get /api/status)"
+out=$("$BIN" export ublk vol0 2>&1) && fail "a second export of vol0 succeeded: $out"
+grep -q '409' <<<"$out" || fail "second export: $out"
+
+step "write + read back through the runtime export"
+head -c $((8 << 20)) /dev/urandom >/tmp/pattern
+dd if=/tmp/pattern of="$dev" bs=1M seek=16 oflag=direct conv=fsync status=none
+echo 3 >/proc/sys/vm/drop_caches
+dd if="$dev" of=/tmp/readback bs=1M skip=16 count=8 iflag=direct status=none
+cmp /tmp/readback /tmp/pattern || fail "read-back through the runtime export differs"
+fio --name=api --filename="$dev" --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k \
+  --iodepth=8 --size=8M --offset=64M --verify=crc32c --do_verify=1 --verify_fatal=1 \
+  --output=/tmp/fio3.txt || { cat /tmp/fio3.txt; fail "fio verify on the runtime export"; }
+grep -E 'IOPS|err=' /tmp/fio3.txt | head -n 2
+api_get /api/ublk | grep -qE '"writes":[1-9]' || fail "no writes counted: $(api_get /api/ublk)"
+
+step "ringblock export stop vol0"
+"$BIN" export stop vol0 || fail "export stop"
+for ((i = 0; i < 100; i++)); do [[ -e $dev ]] || break; sleep 0.05; done
+[[ ! -e $dev ]] || fail "$dev still exists after export stop"
+[[ $(api_get /api/ublk) == "[]" ]] || fail "GET /api/ublk after stop: $(api_get /api/ublk)"
+[[ $("$BIN" export list | wc -l) == 1 ]] || fail "export list after stop: $("$BIN" export list)"
+out=$("$BIN" export stop vol0 2>&1) && fail "stopping a stopped export succeeded"
+grep -q '404' <<<"$out" || fail "second stop: $out"
+[[ ! -e /run/ringblock/ublk-vol0.state ]] || fail "state file left after export stop"
+
+step "an export started through the API is removed at SIGTERM too"
+out=$("$BIN" export ublk vol0 2>&1) || fail "export ublk again: $out"
+dev=$(sed -n 's|^\(/dev/ublkb[0-9]*\) serves volume vol0$|\1|p' <<<"$out")
+wait_block "$dev"
+stop_daemon
+grep -q 'ublk export stopped' /tmp/daemon3.log || fail "no 'ublk export stopped' in the log"
+grep -q 'stopped cleanly' /tmp/daemon3.log || fail "daemon did not stop cleanly"
 [[ ! -e $dev ]] || fail "$dev still exists after the daemon stopped"
 echo "vm-test: PASS ublk-fs in $((SECONDS - T0)) s"

@@ -60,6 +60,100 @@ pub struct NbdClient {
 }
 
 // ---------------------------------------------------------------------------------------------
+// What the daemon lets the web layer do with ublk (again without depending on transports).
+
+/// The daemon's ublk exports: list, start, stop. `start` and `stop` block on kernel control
+/// commands (START_DEV waits for every queue), so the API calls them on the blocking pool.
+pub trait UblkControl: Send + Sync + 'static {
+    fn list(&self) -> Vec<UblkExport>;
+    /// Export `volume` as `/dev/ublkbN`.
+    fn start(&self, engine: &Engine, volume: &str) -> Result<UblkExport, UblkControlError>;
+    /// Remove the export of `volume` (its in-flight IO completes first).
+    fn stop(&self, volume: &str) -> Result<(), UblkControlError>;
+    /// Why exports cannot be started here (no driver, no privilege); `None` if they can.
+    fn unavailable(&self) -> Option<String>;
+}
+
+/// Why a ublk command failed; each kind has its HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum UblkControlError {
+    /// No such volume, or it has no ublk export (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// Already exported, or otherwise in use (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// The volume cannot be exported this way, e.g. its block size (400).
+    #[error("{0}")]
+    Invalid(String),
+    /// No ublk driver, or no privilege to use it (503): the text says what to do.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The kernel or a queue failed (500).
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<UblkControlError> for ApiError {
+    fn from(e: UblkControlError) -> Self {
+        let status = match e {
+            UblkControlError::NotFound(_) => StatusCode::NOT_FOUND,
+            UblkControlError::Conflict(_) => StatusCode::CONFLICT,
+            UblkControlError::Invalid(_) => StatusCode::BAD_REQUEST,
+            UblkControlError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            UblkControlError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+/// A volume exported as a local block device through the kernel's ublk driver.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct UblkExport {
+    /// Block device name, e.g. `ublkb0`.
+    pub name: String,
+    pub dev_id: u32,
+    /// e.g. `/dev/ublkb0`.
+    pub path: String,
+    pub volume: String,
+    /// Hardware queues (one per reactor).
+    pub queues: u16,
+    /// Tags (requests in flight) per queue.
+    pub queue_depth: u16,
+    pub max_io_bytes: u32,
+    /// Reactor serving each queue (index = queue id).
+    pub reactors: Vec<u32>,
+    /// `live`, `stopping`, `stopped` or `failed: …`.
+    pub state: String,
+    /// Taken over from a previous daemon (USER_RECOVERY).
+    pub recovered: bool,
+    /// Driver features granted to the device.
+    pub features: Vec<String>,
+    pub stats: UblkExportStats,
+}
+
+/// Requests served by a ublk export since it started.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct UblkExportStats {
+    pub reads: u64,
+    pub writes: u64,
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    pub flushes: u64,
+    pub discards: u64,
+    pub write_zeroes: u64,
+    pub errors: u64,
+    pub in_flight: i64,
+}
+
+/// Export a volume as `/dev/ublkbN`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StartUblkRequest {
+    pub volume: String,
+}
+
+// ---------------------------------------------------------------------------------------------
 // Types.
 
 /// Daemon overview (`ringblock status`).
@@ -73,6 +167,12 @@ pub struct StatusInfo {
     pub volumes: usize,
     pub nbd_listeners: Vec<String>,
     pub nbd_clients: usize,
+    /// ublk exports (`/dev/ublkbN`) now.
+    #[serde(default)]
+    pub ublk_exports: usize,
+    /// Why ublk exports cannot be started on this machine (absent when they can).
+    #[serde(default)]
+    pub ublk_unavailable: Option<String>,
 }
 
 /// IO counters of a volume since the daemon started.
@@ -391,6 +491,8 @@ pub async fn status(State(st): State<AppState>) -> Json<StatusInfo> {
         volumes: e.volumes().len(),
         nbd_listeners: st.0.nbd.listeners(),
         nbd_clients: st.0.nbd.clients().len(),
+        ublk_exports: st.0.ublk.list().len(),
+        ublk_unavailable: st.0.ublk.unavailable(),
     })
 }
 
@@ -578,6 +680,80 @@ pub async fn list_exports(State(st): State<AppState>) -> Json<ExportsInfo> {
     security(("bearer" = [])))]
 pub async fn list_clients(State(st): State<AppState>) -> Json<Vec<NbdClient>> {
     Json(st.0.nbd.clients())
+}
+
+/// ublk exports: volumes served as local block devices `/dev/ublkbN`.
+#[utoipa::path(get, path = "/api/ublk", tag = "ublk",
+    responses((status = 200, body = [UblkExport]), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn list_ublk(State(st): State<AppState>) -> Json<Vec<UblkExport>> {
+    Json(st.0.ublk.list())
+}
+
+/// Export a volume as `/dev/ublkbN` through the kernel's ublk driver; returns once the device
+/// is live. The daemon keeps serving when ublk is unavailable (503 says why).
+#[utoipa::path(post, path = "/api/ublk", tag = "ublk",
+    request_body = StartUblkRequest,
+    responses(
+        (status = 201, body = UblkExport),
+        (status = 400, description = "malformed body, or the volume cannot be exported through ublk", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "bad Host or Origin", body = ErrorBody),
+        (status = 404, description = "no such volume", body = ErrorBody),
+        (status = 409, description = "the volume is already exported through ublk", body = ErrorBody),
+        (status = 413, body = ErrorBody),
+        (status = 500, description = "the kernel refused or a queue failed", body = ErrorBody),
+        (status = 503, description = "no ublk driver, or no privilege to use it (the reason says what to do)", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn start_ublk(
+    State(st): State<AppState>,
+    ApiJson(req): ApiJson<StartUblkRequest>,
+) -> Result<(StatusCode, Json<UblkExport>), ApiError> {
+    find_volume(&st, &req.volume)?;
+    if let Some(e) =
+        st.0.ublk
+            .list()
+            .into_iter()
+            .find(|e| e.volume == req.volume)
+    {
+        return Err(ApiError::conflict(format!(
+            "volume {} is already exported as {}",
+            req.volume, e.path
+        )));
+    }
+    let (engine, ublk) = (st.0.engine.clone(), st.0.ublk.clone());
+    let export = tokio::task::spawn_blocking(move || ublk.start(&engine, &req.volume))
+        .await
+        .map_err(|e| ApiError::internal(format!("ublk start failed: {e}")))??;
+    Ok((StatusCode::CREATED, Json(export)))
+}
+
+/// Stop the ublk export of a volume: `/dev/ublkbN` goes away once its in-flight IO completes.
+#[utoipa::path(delete, path = "/api/ublk/{volume}", tag = "ublk",
+    params(("volume" = String, Path, description = "volume name")),
+    responses(
+        (status = 204, description = "stopped and removed"),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "bad Host or Origin", body = ErrorBody),
+        (status = 404, description = "no such volume, or it has no ublk export", body = ErrorBody),
+        (status = 500, description = "the kernel refused or a queue did not finish", body = ErrorBody),
+        (status = 503, description = "no ublk driver, or no privilege to use it", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn stop_ublk(
+    State(st): State<AppState>,
+    Path(volume): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    find_volume(&st, &volume)?;
+    if !st.0.ublk.list().iter().any(|e| e.volume == volume) {
+        return Err(ApiError::not_found(format!(
+            "volume {volume} has no ublk export"
+        )));
+    }
+    let ublk = st.0.ublk.clone();
+    tokio::task::spawn_blocking(move || ublk.stop(&volume))
+        .await
+        .map_err(|e| ApiError::internal(format!("ublk stop failed: {e}")))??;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Reactors (one per core): counters since start and the last second's busy share.

@@ -6,8 +6,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::api::{
-    CreateVolumeRequest, DeviceInfo, ExportsInfo, GrowVolumeRequest, NbdClient, StatusInfo,
-    VolumeInfo,
+    CreateVolumeRequest, DeviceInfo, ExportsInfo, GrowVolumeRequest, NbdClient, StartUblkRequest,
+    StatusInfo, UblkExport, VolumeInfo,
 };
 use crate::error::ErrorBody;
 use crate::size::format_size;
@@ -186,6 +186,29 @@ impl ApiClient {
         self.call::<(), serde_json::Value>("DELETE", &path, None)
             .map(|_| ())
     }
+
+    pub fn ublk_exports(&self) -> Result<Vec<UblkExport>, ClientError> {
+        self.get("/api/ublk")
+    }
+
+    /// Export `volume` as `/dev/ublkbN`; returns once the device is live.
+    pub fn start_ublk(&self, volume: &str) -> Result<UblkExport, ClientError> {
+        let req = StartUblkRequest {
+            volume: volume.into(),
+        };
+        self.call("POST", "/api/ublk", Some(&req))?
+            .ok_or_else(|| ClientError::Decode {
+                method: "POST".into(),
+                path: "/api/ublk".into(),
+                message: "empty answer".into(),
+            })
+    }
+
+    pub fn stop_ublk(&self, volume: &str) -> Result<(), ClientError> {
+        let path = format!("/api/ublk/{}", path_segment(volume)?);
+        self.call::<(), serde_json::Value>("DELETE", &path, None)
+            .map(|_| ())
+    }
 }
 
 /// Volume names are plain (see `validate_volume_name`); refuse anything that would need
@@ -258,6 +281,22 @@ pub fn volumes_table(vols: &[VolumeInfo]) -> String {
     )
 }
 
+pub fn ublk_table(exports: &[UblkExport]) -> String {
+    let rows: Vec<Vec<String>> = exports
+        .iter()
+        .map(|e| {
+            vec![
+                e.path.clone(),
+                e.volume.clone(),
+                e.queues.to_string(),
+                e.queue_depth.to_string(),
+                e.state.clone(),
+            ]
+        })
+        .collect();
+    table(&["DEVICE", "VOLUME", "QUEUES", "DEPTH", "STATE"], &rows)
+}
+
 /// `ringblock status` as text.
 pub fn status_text(
     api: &str,
@@ -277,6 +316,10 @@ pub fn status_text(
         s.nbd_clients
     );
     out.push_str(&format!("nbd: {}\n", s.nbd_listeners.join(", ")));
+    match &s.ublk_unavailable {
+        Some(why) if s.ublk_exports == 0 => out.push_str(&format!("ublk: {why}\n")),
+        _ => out.push_str(&format!("ublk: {} export(s)\n", s.ublk_exports)),
+    }
     out.push_str("\nreactors\n");
     let rows: Vec<Vec<String>> = s
         .reactors

@@ -2,11 +2,12 @@
 //! stats stream (server-sent events), Prometheus `/metrics`, and a small embedded dashboard.
 //!
 //! The server runs on its own thread with a single-threaded tokio runtime. It reads the
-//! engine's statistics through lock-free snapshots (atomic counters and histograms) and sends
-//! commands (create/delete/grow a volume) through the engine's control API on tokio's blocking
-//! pool, so neither a slow HTTP client nor a slow command ever runs on a reactor or holds one
-//! up. Every API call needs the bearer token (see [`token`]); state-changing calls also check
-//! `Host` and `Origin` (see [`auth`]).
+//! engine's statistics through lock-free snapshots (atomic counters and histograms) and runs
+//! commands (create/delete/grow a volume through the engine's control API, start/stop a ublk
+//! export through the daemon's [`UblkControl`]) on tokio's blocking pool, so neither a slow HTTP
+//! client nor a slow command ever runs on a reactor or holds one up. Every API call needs the
+//! bearer token (see [`token`]); state-changing calls also check `Host` and `Origin` (see
+//! [`auth`]).
 //!
 //! The daemon binary wires it up: it binds the address ([`WebServer::bind`]) and opens the token
 //! store before the engine starts (clear errors early), then [`WebServer::start`]s it once the
@@ -37,7 +38,7 @@ use std::time::{Duration, Instant};
 use ringblock_engine::Engine;
 use tokio::sync::{oneshot, watch};
 
-pub use api::{NbdClient, NbdStatus};
+pub use api::{NbdClient, NbdStatus, UblkControl, UblkControlError, UblkExport};
 pub use config::{default_state_dir, WebConfig, DEFAULT_WEB_LISTEN};
 pub use routes::route_table;
 pub use token::TokenStore;
@@ -64,6 +65,7 @@ pub struct AppState(pub(crate) Arc<Inner>);
 pub(crate) struct Inner {
     pub(crate) engine: Arc<Engine>,
     pub(crate) nbd: Arc<dyn NbdStatus>,
+    pub(crate) ublk: Arc<dyn UblkControl>,
     pub(crate) tokens: TokenStore,
     pub(crate) hosts: auth::HostPolicy,
     pub(crate) started: Instant,
@@ -109,7 +111,7 @@ impl WebServer {
         Ok(BoundWeb { listener, addr })
     }
 
-    /// Serve on `bound` from a new thread. The server keeps `engine` and `nbd` until
+    /// Serve on `bound` from a new thread. The server keeps `engine`, `nbd` and `ublk` until
     /// [`WebServer::stop`].
     pub fn start(
         bound: BoundWeb,
@@ -117,6 +119,7 @@ impl WebServer {
         allowed_hosts: &[String],
         engine: Arc<Engine>,
         nbd: Arc<dyn NbdStatus>,
+        ublk: Arc<dyn UblkControl>,
     ) -> std::io::Result<WebServer> {
         let addr = bound.addr;
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -128,6 +131,7 @@ impl WebServer {
         let state = AppState(Arc::new(Inner {
             engine,
             nbd,
+            ublk,
             tokens,
             hosts: auth::HostPolicy::new(addr, allowed_hosts),
             started: Instant::now(),

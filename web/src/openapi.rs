@@ -11,7 +11,7 @@ use crate::routes;
 #[openapi(
     info(
         title = "ringblock management API",
-        description = "Volumes, devices, NBD exports and clients, live statistics and metrics of a ringblock daemon. Every operation except this document and the dashboard's static files needs `Authorization: Bearer TOKEN` (the token is printed once at the daemon's first start; `ringblock token reset` makes a new one). State-changing calls must be addressed to the daemon's listen address or localhost (`Host`) and, from a browser, come from the dashboard's own origin (`Origin`). Errors are `{\"error\": \"...\"}`. Replica state will be added with replication (`/api/volumes/{name}/replicas`)."
+        description = "Volumes, devices, NBD exports and clients, ublk exports, live statistics and metrics of a ringblock daemon. Every operation except this document and the dashboard's static files needs `Authorization: Bearer TOKEN` (the token is printed once at the daemon's first start; `ringblock token reset` makes a new one). State-changing calls must be addressed to the daemon's listen address or localhost (`Host`) and, from a browser, come from the dashboard's own origin (`Origin`). Errors are `{\"error\": \"...\"}`. Replica state will be added with replication (`/api/volumes/{name}/replicas`)."
     ),
     paths(
         api::status,
@@ -24,6 +24,9 @@ use crate::routes;
         api::list_devices,
         api::list_exports,
         api::list_clients,
+        api::list_ublk,
+        api::start_ublk,
+        api::stop_ublk,
         api::list_reactors,
         api::latest_stats,
         api::events,
@@ -38,6 +41,7 @@ use crate::routes;
         (name = "volumes", description = "Thin volumes"),
         (name = "devices", description = "Storage devices"),
         (name = "nbd", description = "NBD exports and clients"),
+        (name = "ublk", description = "Volumes as local block devices /dev/ublkbN (kernel ublk driver)"),
         (name = "stats", description = "Live statistics"),
         (name = "daemon", description = "The daemon as a whole"),
         (name = "ui", description = "The dashboard (no token needed to load it)"),

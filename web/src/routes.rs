@@ -58,8 +58,18 @@ fn table() -> Table {
         .add(true, g.clone(), "/api/volumes", get(api::list_volumes))
         .add(true, p.clone(), "/api/volumes", post(api::create_volume))
         .add(true, g.clone(), "/api/volumes/{name}", get(api::get_volume))
-        .add(true, d, "/api/volumes/{name}", delete(api::delete_volume))
-        .add(true, p, "/api/volumes/{name}/grow", post(api::grow_volume))
+        .add(
+            true,
+            d.clone(),
+            "/api/volumes/{name}",
+            delete(api::delete_volume),
+        )
+        .add(
+            true,
+            p.clone(),
+            "/api/volumes/{name}/grow",
+            post(api::grow_volume),
+        )
         .add(
             true,
             g.clone(),
@@ -69,6 +79,9 @@ fn table() -> Table {
         .add(true, g.clone(), "/api/devices", get(api::list_devices))
         .add(true, g.clone(), "/api/exports", get(api::list_exports))
         .add(true, g.clone(), "/api/clients", get(api::list_clients))
+        .add(true, g.clone(), "/api/ublk", get(api::list_ublk))
+        .add(true, p, "/api/ublk", post(api::start_ublk))
+        .add(true, d, "/api/ublk/{volume}", delete(api::stop_ublk))
         .add(true, g.clone(), "/api/reactors", get(api::list_reactors))
         .add(true, g.clone(), "/api/stats", get(api::latest_stats))
         .add(true, g.clone(), "/api/events", get(api::events))
@@ -182,7 +195,7 @@ mod tests {
         let extra: Vec<_> = documented.iter().filter(|r| !served.contains(r)).collect();
         assert!(missing.is_empty(), "served but not documented: {missing:?}");
         assert!(extra.is_empty(), "documented but not served: {extra:?}");
-        assert_eq!(served.len(), 18);
+        assert_eq!(served.len(), 21);
     }
 
     #[test]

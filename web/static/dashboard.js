@@ -58,9 +58,9 @@ function el(tag, attrs, ...children) {
   for (const c of children) e.append(c instanceof Node ? c : document.createTextNode(c == null ? '' : String(c)));
   return e;
 }
-function fillTable(id, rows, cols) {
+function fillTable(id, rows, cols, empty) {
   const tb = $(id).tBodies[0];
-  tb.replaceChildren(...(rows.length ? rows : [el('tr', {}, el('td', { class: 'empty', colspan: cols }, 'none'))]));
+  tb.replaceChildren(...(rows.length ? rows : [el('tr', {}, el('td', { class: 'empty', colspan: cols }, empty || 'none'))]));
 }
 function setValue(id, value, text) {
   const e = $(id); e.dataset.value = String(value); e.textContent = text;
@@ -294,9 +294,21 @@ async function refresh() {
     fillTable('clients', clients.map((c) => el('tr', {},
       el('td', {}, c.id), el('td', {}, c.peer), el('td', {}, c.export), el('td', { class: 'num' }, fmtAge(c.connected_unix_s)),
       el('td', { class: 'num' }, fmtCount(c.requests)), el('td', { class: 'num' }, fmtBytes(c.bytes_read)), el('td', { class: 'num' }, fmtBytes(c.bytes_written)))), 7);
+    await refreshUblk(status);
   } catch (e) {
     if (!(e instanceof Unauthorized)) say('Refreshing failed: ' + e.message, true);
   }
+}
+
+// Fetched on its own: a failing /api/ublk must not blank the other tables. When there is no
+// device, the reason ublk cannot be used here (from the API's error or the status) is shown.
+async function refreshUblk(status) {
+  let list = [], why = status.ublk_unavailable;
+  try { list = await api('GET', '/api/ublk'); } catch (e) { if (e instanceof Unauthorized) throw e; why = e.message; }
+  fillTable('ublk', list.map((u) => el('tr', { 'data-volume': u.volume },
+    el('td', {}, el('code', {}, u.path)), el('td', {}, u.volume), el('td', { class: 'num' }, u.queues), el('td', { class: 'num' }, u.queue_depth),
+    el('td', {}, u.state + (u.recovered ? ' (recovered)' : '')),
+    el('td', { class: 'num' }, fmtCount(u.stats.reads) + ' / ' + fmtCount(u.stats.writes)))), 6, why ? 'none — ' + why : 'none');
 }
 
 // ----- actions ------------------------------------------------------------------------------

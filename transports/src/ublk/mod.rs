@@ -307,6 +307,12 @@ pub fn stop_ublk_export(volume: &str) -> Result<(), UblkError> {
     dev.stop()
 }
 
+/// Whether this process can use the ublk driver now: `/dev/ublk-control` opens. The error
+/// (`NoDriver` when the module is missing or we lack the privilege) says what to do.
+pub fn check_driver() -> Result<(), UblkError> {
+    Control::open().map(drop)
+}
+
 /// Stop every export (daemon shutdown: before the engine stops, since the queues live on its
 /// reactors). Returns the failures.
 pub fn stop_all() -> Vec<(String, UblkError)> {
