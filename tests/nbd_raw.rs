@@ -932,3 +932,52 @@ fn client_registry_follows_connections() {
         .expect("a stopped server releases the engine");
     engine.shutdown().unwrap();
 }
+
+/// A client that pipelines far more read data than the socket holds and reads nothing for a
+/// while: the server's sends find the socket full and wait in the ring, other clients keep being
+/// served meanwhile, and every reply arrives intact once the client reads again.
+#[test]
+fn replies_wait_for_a_client_that_stops_reading() {
+    let f = Fixture::start();
+    let structured = Opts {
+        structured: true,
+        ..Default::default()
+    };
+    let mut c = Raw::connect(f.addr, "small", structured);
+    let data = pattern(77, 4 * MIB as usize);
+    for (i, part) in data.chunks(MIB as usize).enumerate() {
+        assert_eq!(c.write(i as u64 * MIB, part, 0), 0);
+    }
+    // 48 MiB of replies outstanding, far above the socket buffers of both ends.
+    let reads: Vec<(u64, u64)> = (0..48u64)
+        .map(|i| {
+            let off = (i % 4) * MIB;
+            (c.send(0, CMD_READ, off, MIB, &[]), off)
+        })
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let rounds = Arc::new(AtomicU64::new(0));
+    let other = background_client(f.addr, stop.clone(), rounds.clone());
+    // Progress of the other client is what proves the reactor is not stuck on this socket.
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while rounds.load(Ordering::Acquire) < 20 {
+        assert!(
+            Instant::now() < deadline,
+            "another client stalled while one stopped reading"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for (cookie, off) in reads {
+        let r = c.reply(cookie, off, MIB as usize);
+        assert_eq!(r.error, 0);
+        let at = off as usize;
+        assert!(
+            r.data[..] == data[at..at + MIB as usize],
+            "read at {off} came back different"
+        );
+    }
+    stop.store(true, Ordering::Release);
+    other.join().unwrap();
+    drop(c);
+    f.stop();
+}

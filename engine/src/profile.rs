@@ -238,31 +238,59 @@ impl FirmwareProfile {
     /// Service time in ns the delay wrapper adds for a read of `len` bytes
     /// (latency + len/bandwidth, rounded down, saturating).
     pub fn read_delay_ns(&self, len: u64) -> u64 {
-        delay_ns(self.read_latency_us, self.read_bandwidth_mib_s, len)
+        self.read_service(len).total_ns()
     }
 
     /// Service time in ns the delay wrapper adds for a write of `len` bytes
     /// (latency + len/bandwidth, rounded down, saturating).
     pub fn write_delay_ns(&self, len: u64) -> u64 {
-        delay_ns(self.write_latency_us, self.write_bandwidth_mib_s, len)
+        self.write_service(len).total_ns()
     }
 
     /// Service time in ns the delay wrapper adds for a FLUSH.
     pub fn flush_delay_ns(&self) -> u64 {
         u64::from(self.flush_latency_us) * NS_PER_US
     }
+
+    /// A read's service time split into its parts (see [`ServiceTime`]).
+    pub fn read_service(&self, len: u64) -> ServiceTime {
+        ServiceTime::new(self.read_latency_us, self.read_bandwidth_mib_s, len)
+    }
+
+    /// A write's service time split into its parts (see [`ServiceTime`]).
+    pub fn write_service(&self, len: u64) -> ServiceTime {
+        ServiceTime::new(self.write_latency_us, self.write_bandwidth_mib_s, len)
+    }
 }
 
-fn delay_ns(latency_us: u32, bandwidth_mib_s: u32, len: u64) -> u64 {
-    let latency_ns = u64::from(latency_us) * NS_PER_US;
-    let transfer_ns = if bandwidth_mib_s == 0 {
-        0
-    } else {
-        // u64::MAX * 1e9 < 2^94: no overflow in u128.
-        let ns = u128::from(len) * NS_PER_S / (u128::from(bandwidth_mib_s) * BYTES_PER_MIB);
-        u64::try_from(ns).unwrap_or(u64::MAX)
-    };
-    latency_ns.saturating_add(transfer_ns)
+/// How long an emulated device takes for one op. A real drive overlaps the latency of many
+/// queued commands (NAND dies, channels) but shares one link: the delay wrapper runs the
+/// `latency_ns` of queued ops in parallel and the `transfer_ns` one after another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceTime {
+    pub latency_ns: u64,
+    pub transfer_ns: u64,
+}
+
+impl ServiceTime {
+    fn new(latency_us: u32, bandwidth_mib_s: u32, len: u64) -> ServiceTime {
+        let latency_ns = u64::from(latency_us) * NS_PER_US;
+        let transfer_ns = if bandwidth_mib_s == 0 {
+            0
+        } else {
+            // u64::MAX * 1e9 < 2^94: no overflow in u128.
+            let ns = u128::from(len) * NS_PER_S / (u128::from(bandwidth_mib_s) * BYTES_PER_MIB);
+            u64::try_from(ns).unwrap_or(u64::MAX)
+        };
+        ServiceTime {
+            latency_ns,
+            transfer_ns,
+        }
+    }
+
+    pub fn total_ns(self) -> u64 {
+        self.latency_ns.saturating_add(self.transfer_ns)
+    }
 }
 
 fn profile_error(source: &str, message: String) -> EngineError {

@@ -15,6 +15,7 @@ use super::{Io, IoCompletion, IoKind, IoOp};
 use crate::buf::{AlignedBuf, RegisteredPool};
 use crate::device::{Backend, OpenDevice};
 use crate::error::EngineError;
+use crate::profile::ServiceTime;
 
 const WAKE_TAG: u64 = u64::MAX;
 /// Memory alignment we guarantee for O_DIRECT (buffers that miss it are bounced).
@@ -58,6 +59,23 @@ pub struct RingFeatures {
     pub fixed_files: bool,
     pub registered_buffers: bool,
     pub ext_arg: bool,
+}
+
+/// When an op of the emulated device completes: its transfer waits for the link
+/// (`busy_until_ns`, advanced here), its latency and any fault spike overlap with other ops.
+fn schedule_delayed(
+    busy_until_ns: &mut u64,
+    submitted_ns: u64,
+    service: ServiceTime,
+    spike_ns: u64,
+) -> u64 {
+    let transfer_end_ns = (*busy_until_ns)
+        .max(submitted_ns)
+        .saturating_add(service.transfer_ns);
+    *busy_until_ns = transfer_end_ns;
+    transfer_end_ns
+        .saturating_add(service.latency_ns)
+        .saturating_add(spike_ns)
 }
 
 pub struct UringIo {
@@ -243,23 +261,27 @@ impl UringIo {
     ) {
         let i = device.spec.id.0 as usize;
         self.per_device_in_flight[i] -= 1;
-        let spike = device.fault.as_ref().map_or(0, |f| f.spike_ns());
+        let spike_ns = device.fault.as_ref().map_or(0, |f| f.spike_ns());
         let service = match (&device.delay, kind) {
-            (Some(p), IoKind::Read) => p.read_delay_ns(len),
-            (Some(p), IoKind::Write { .. } | IoKind::Zero { .. }) => p.write_delay_ns(len),
-            // With no volatile cache (or PLP) a flush costs nothing on the emulated device.
-            (Some(p), IoKind::Sync) if p.flush_needs_sync() => p.flush_delay_ns(),
-            (Some(_), IoKind::Sync) => 0,
-            (None, _) => 0,
-        } + spike;
-        if service == 0 {
+            (Some(p), IoKind::Read) => p.read_service(len),
+            (Some(p), IoKind::Write { .. } | IoKind::Zero { .. }) => p.write_service(len),
+            // Charged even without a volatile cache: the command still travels to the device.
+            (Some(p), IoKind::Sync) => ServiceTime {
+                latency_ns: p.flush_delay_ns(),
+                transfer_ns: 0,
+            },
+            (None, _) => ServiceTime {
+                latency_ns: 0,
+                transfer_ns: 0,
+            },
+        };
+        if service.total_ns() == 0 && spike_ns == 0 {
             self.ready.push_back(c);
             return;
         }
-        // Serve one op at a time per device and direction-agnostic: bandwidth is shared.
-        let start = self.busy_until_ns[i].max(submitted_ns);
-        let due_ns = start + service;
-        self.busy_until_ns[i] = due_ns;
+        // Transfers share the device's bandwidth one after another; latencies (and fault
+        // spikes) overlap, up to the profile's queue depth which `push_on` enforces.
+        let due_ns = schedule_delayed(&mut self.busy_until_ns[i], submitted_ns, service, spike_ns);
         self.delayed_seq += 1;
         self.delayed.push(Reverse(Delayed {
             due_ns,
@@ -651,5 +673,38 @@ impl Drop for UringIo {
             self.reap_ring();
             rounds += 1;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emulated_latency_overlaps_and_transfers_queue() {
+        // 32 reads submitted together on an NVMe-like device: 80 µs latency, 1 µs transfer.
+        let service = ServiceTime {
+            latency_ns: 80_000,
+            transfer_ns: 1_000,
+        };
+        let mut busy_until_ns = 0;
+        let dues: Vec<u64> = (0..32)
+            .map(|_| schedule_delayed(&mut busy_until_ns, 0, service, 0))
+            .collect();
+        // Latencies overlap: the last op finishes after 32 transfers + one latency, not 32 × 81 µs.
+        assert_eq!(dues[0], 81_000);
+        assert_eq!(dues[31], 32_000 + 80_000);
+        assert!(dues.windows(2).all(|w| w[1] - w[0] == 1_000));
+        // An idle link does not carry its past: a later op starts at its own submission.
+        assert_eq!(
+            schedule_delayed(&mut busy_until_ns, 1_000_000, service, 0),
+            1_081_000
+        );
+        // A fault spike delays only its own op.
+        assert_eq!(
+            schedule_delayed(&mut busy_until_ns, 2_000_000, service, 5_000),
+            2_086_000
+        );
+        assert_eq!(busy_until_ns, 2_001_000);
     }
 }
