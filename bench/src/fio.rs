@@ -7,8 +7,9 @@
 //! `ioengine` and `extra` arguments.
 
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -29,10 +30,10 @@ pub struct FioJob {
     pub bs_bytes: u64,
     pub iodepth: u32,
     pub numjobs: u32,
-    /// Time-based run length; `None` runs until `size_bytes` has been transferred once.
-    pub runtime_s: Option<u64>,
-    /// Warm-up excluded from the results (`--ramp_time`).
-    pub ramp_s: Option<u64>,
+    /// Time-based run length in ms; `None` runs until `size_bytes` has been transferred once.
+    pub runtime_ms: Option<u64>,
+    /// Warm-up excluded from the results (`--ramp_time`), in ms.
+    pub ramp_ms: Option<u64>,
     /// Region length per job (`--size`).
     pub size_bytes: Option<u64>,
     /// Region start (`--offset`).
@@ -55,8 +56,8 @@ impl FioJob {
             bs_bytes: 4096,
             iodepth: 1,
             numjobs: 1,
-            runtime_s: Some(10),
-            ramp_s: None,
+            runtime_ms: Some(10_000),
+            ramp_ms: None,
             size_bytes: None,
             offset_bytes: None,
             direct: true,
@@ -89,11 +90,21 @@ impl FioJob {
         self
     }
     pub fn runtime_s(mut self, secs: Option<u64>) -> Self {
-        self.runtime_s = secs;
+        self.runtime_ms = secs.map(|s| s * 1000);
         self
     }
     pub fn ramp_s(mut self, secs: Option<u64>) -> Self {
-        self.ramp_s = secs;
+        self.ramp_ms = secs.map(|s| s * 1000);
+        self
+    }
+    /// Time-based run length (fio takes milliseconds); `None`: size-based.
+    pub fn runtime(mut self, t: Option<std::time::Duration>) -> Self {
+        self.runtime_ms = t.map(|d| d.as_millis() as u64);
+        self
+    }
+    /// Warm-up excluded from the results; `None` or zero: none.
+    pub fn ramp(mut self, t: Option<std::time::Duration>) -> Self {
+        self.ramp_ms = t.map(|d| d.as_millis() as u64).filter(|&ms| ms > 0);
         self
     }
     pub fn size_bytes(mut self, size: u64) -> Self {
@@ -134,12 +145,20 @@ impl FioJob {
         if let Some(o) = self.offset_bytes {
             a.push(format!("--offset={o}"));
         }
-        if let Some(r) = self.runtime_s {
-            a.push(format!("--runtime={r}"));
+        // Whole seconds as fio's plain number, anything else in ms.
+        let time = |ms: u64| {
+            if ms.is_multiple_of(1000) {
+                format!("{}", ms / 1000)
+            } else {
+                format!("{ms}ms")
+            }
+        };
+        if let Some(r) = self.runtime_ms {
+            a.push(format!("--runtime={}", time(r)));
             a.push("--time_based".into());
         }
-        if let Some(r) = self.ramp_s {
-            a.push(format!("--ramp_time={r}"));
+        if let Some(r) = self.ramp_ms {
+            a.push(format!("--ramp_time={}", time(r)));
         }
         if self.numjobs > 1 {
             a.push("--group_reporting".into());
@@ -163,11 +182,45 @@ impl FioJob {
 
     /// Run fio and parse what it printed.
     pub fn run(&self) -> Result<FioReport> {
+        self.run_raw().map(|(_, r)| r)
+    }
+
+    /// Run fio; fio's JSON output as printed, and parsed. On Ctrl-C (see
+    /// [`crate::interrupt`]) fio is stopped rather than waited for.
+    pub fn run_raw(&self) -> Result<(String, FioReport)> {
         tracing::debug!(cmd = %self.command_line(), "running fio");
-        let out = Command::new("fio")
+        let mut child = Command::new("fio")
             .args(self.args())
-            .output()
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .context("cannot run fio (is it installed and on PATH?)")?;
+        // Drain both pipes on threads so fio never blocks on a full pipe while we poll.
+        let drain = |mut r: Box<dyn Read + Send>| {
+            std::thread::spawn(move || {
+                let mut v = Vec::new();
+                let _ = r.read_to_end(&mut v);
+                v
+            })
+        };
+        let out_t = drain(Box::new(child.stdout.take().context("fio stdout")?));
+        let err_t = drain(Box::new(child.stderr.take().context("fio stderr")?));
+        let status = loop {
+            if let Some(s) = child.try_wait()? {
+                break s;
+            }
+            if crate::interrupt::requested() {
+                crate::procs::stop_child_and_workers(&mut child, std::time::Duration::from_secs(2));
+                bail!("interrupted: fio stopped");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        let out = std::process::Output {
+            status,
+            stdout: out_t.join().unwrap_or_default(),
+            stderr: err_t.join().unwrap_or_default(),
+        };
         let stdout = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {
             bail!(
@@ -177,7 +230,10 @@ impl FioJob {
                 stdout.trim()
             );
         }
-        parse(&stdout).with_context(|| format!("reading the output of {}", self.command_line()))
+        let report = parse(&stdout)
+            .with_context(|| format!("reading the output of {}", self.command_line()))?;
+        let json = json_start(&stdout).map_or(&stdout[..], |i| &stdout[i..]);
+        Ok((json.to_string(), report))
     }
 }
 
@@ -324,14 +380,20 @@ impl RawDirection {
     }
 }
 
+/// Where fio's JSON starts in its output (it prints notes such as `fio: connected to NBD
+/// server` before it).
+fn json_start(text: &str) -> Option<usize> {
+    if text.starts_with('{') {
+        Some(0)
+    } else {
+        text.find("\n{").map(|i| i + 1)
+    }
+}
+
 /// Parse fio's `--output-format=json` output. Text before the JSON (fio sometimes prints
 /// notes on stdout) is skipped.
 pub fn parse(text: &str) -> Result<FioReport> {
-    let start = text
-        .find("\n{")
-        .map(|i| i + 1)
-        .or_else(|| text.starts_with('{').then_some(0))
-        .context("no JSON object in fio's output")?;
+    let start = json_start(text).context("no JSON object in fio's output")?;
     let raw: RawReport = serde_json::from_str(&text[start..]).context("fio JSON")?;
     Ok(FioReport {
         fio_version: raw.fio_version,
@@ -475,5 +537,15 @@ mod tests {
         assert!(!grouped.iter().any(|x| x.starts_with("--runtime")));
         assert!(!grouped.iter().any(|x| x.starts_with("--filename")));
         assert!(job.command_line().starts_with("fio --name=raw "));
+        let short = FioJob::new("s")
+            .runtime(Some(std::time::Duration::from_millis(1500)))
+            .ramp(Some(std::time::Duration::from_millis(250)))
+            .args();
+        assert!(short.iter().any(|x| x == "--runtime=1500ms"));
+        assert!(short.iter().any(|x| x == "--ramp_time=250ms"));
+        let no_ramp = FioJob::new("s")
+            .ramp(Some(std::time::Duration::ZERO))
+            .args();
+        assert!(!no_ramp.iter().any(|x| x.starts_with("--ramp_time")));
     }
 }

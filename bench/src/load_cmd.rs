@@ -44,6 +44,12 @@ pub struct LoadArgs {
     pub fresh: bool,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Issue requests at this fixed rate (IOPS) instead of as fast as the server answers.
+    #[arg(long)]
+    pub rate_iops: Option<f64>,
+    /// Warm-up seconds before the measured runtime (not counted).
+    #[arg(long, default_value_t = 0.0)]
+    pub ramp_s: f64,
     /// Print JSON instead of a line of text.
     #[arg(long)]
     pub json: bool,
@@ -68,14 +74,19 @@ pub fn run(args: &LoadArgs) -> Result<()> {
         verify: args.verify,
         fresh_export: args.fresh,
         seed: args.seed,
+        rate_iops: args.rate_iops,
+        ramp: Duration::from_secs_f64(args.ramp_s.max(0.0)),
+        cancel: Some(crate::interrupt::flag()),
     };
+    crate::interrupt::install()?;
     let r = nbd_load::run(&cfg)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         println!(
-            "{:.0} IOPS, {:.1} MiB/s, p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us, p99.99 {:.1} us ({} ops, {} errors, {} verify failures)",
-            r.iops, r.mib_s, r.lat_p50_us, r.lat_p99_us, r.lat_p999_us, r.lat_p9999_us, r.ops, r.errors, r.verify_failures
+            "{:.0} IOPS, {:.1} MiB/s, p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us, p99.99 {:.1} us ({} ops, {} errors, {} verify failures, client CPU {:.2} us/IO)",
+            r.iops, r.mib_s, r.lat_p50_us, r.lat_p99_us, r.lat_p999_us, r.lat_p9999_us, r.ops, r.errors, r.verify_failures,
+            r.client_cpu_s * 1e6 / r.ops.max(1) as f64
         );
     }
     if r.verify_failures > 0 || r.errors > 0 {

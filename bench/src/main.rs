@@ -1,15 +1,24 @@
 //! ringblock-bench: benchmarks of ringblock against the raw device and its peers, run in one
 //! invocation on one machine and reported as ratios (see DESIGN.md section 6).
 
+mod compare;
 mod driver;
 mod engine_bench;
 mod engine_cmd;
 mod fio;
+mod interrupt;
 mod load_cmd;
+mod matrix;
 mod nbd_load;
+mod plot;
+mod procs;
 mod report;
+mod results;
+mod run_cmd;
+mod run_report;
 mod stats;
 mod sys;
+mod targets;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -27,6 +36,25 @@ enum Command {
     Engine(engine_cmd::EngineArgs),
     /// Drive an NBD server with the lean pipelined client (many connections, batched io_uring).
     Load(load_cmd::LoadArgs),
+    /// ringblock against its peers and the raw device in one run: starts every target, runs
+    /// the fio + lean-client matrix, writes a report (Markdown, JSON, SVG plots).
+    Run(run_cmd::RunArgs),
+    /// Print the change between two runs' summary.json.
+    Compare(compare::CompareArgs),
+    /// Write a run's report.md and plots again from its summary.json.
+    Report(run_report::ReportArgs),
+}
+
+/// `ringblock-bench --quick` (options, no subcommand) means `ringblock-bench run --quick`.
+fn with_default_subcommand(
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+) -> Vec<std::ffi::OsString> {
+    let mut v: Vec<std::ffi::OsString> = args.into_iter().collect();
+    let first = v.get(1).and_then(|a| a.to_str()).unwrap_or("");
+    if first.starts_with("--") && !["--help", "--version"].contains(&first) {
+        v.insert(1, "run".into());
+    }
+    v
 }
 
 fn main() -> Result<()> {
@@ -37,8 +65,39 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    match Cli::parse_from(with_default_subcommand(std::env::args_os())).command {
         Command::Engine(args) => engine_cmd::run(&args),
         Command::Load(args) => load_cmd::run(&args),
+        Command::Run(args) => run_cmd::run(&args),
+        Command::Compare(args) => compare::run(&args),
+        Command::Report(args) => run_report::rerun(&args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_without_a_subcommand_mean_run() {
+        let args = |v: &[&str]| {
+            with_default_subcommand(v.iter().map(std::ffi::OsString::from))
+                .into_iter()
+                .map(|a| a.into_string().unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(args(&["b", "--quick"]), ["b", "run", "--quick"]);
+        assert_eq!(
+            args(&["b", "--full", "--plan"]),
+            ["b", "run", "--full", "--plan"]
+        );
+        assert_eq!(
+            args(&["b", "engine", "--repeat", "1"]),
+            ["b", "engine", "--repeat", "1"]
+        );
+        assert_eq!(args(&["b", "--help"]), ["b", "--help"]);
+        assert_eq!(args(&["b"]), ["b"]);
+        let cli = Cli::try_parse_from(args(&["b", "--quick", "--plan"])).unwrap();
+        assert!(matches!(cli.command, Command::Run(ref r) if r.quick && r.plan));
     }
 }

@@ -16,6 +16,7 @@ use std::net::TcpStream;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -62,6 +63,36 @@ pub struct LoadConfig {
     /// In verify mode: the export is new, so unwritten blocks must read as zeros.
     pub fresh_export: bool,
     pub seed: u64,
+    /// Issue at most this many requests per second, evenly spaced (a fixed-rate run: what
+    /// does a server spend per IO when it is not saturated). `None`: as fast as replies come.
+    pub rate_iops: Option<f64>,
+    /// Warm-up at the start: requests completing before it are not counted.
+    pub ramp: Duration,
+    /// Checked every loop: when set, the run ends as if its time were up (Ctrl-C).
+    pub cancel: Option<&'static AtomicBool>,
+}
+
+impl LoadConfig {
+    /// A 4 KiB random-read run of `runtime` over one connection at QD32; adjust the fields.
+    pub fn new(endpoint: Endpoint, export: impl Into<String>, runtime: Duration) -> Self {
+        Self {
+            endpoint,
+            export: export.into(),
+            connections: 1,
+            queue_depth: 32,
+            block_bytes: 4096,
+            read_percent: 100,
+            random: true,
+            runtime,
+            range_bytes: None,
+            verify: false,
+            fresh_export: false,
+            seed: 1,
+            rate_iops: None,
+            ramp: Duration::ZERO,
+            cancel: None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -78,6 +109,22 @@ pub struct LoadResult {
     pub lat_p99_us: f64,
     pub lat_p999_us: f64,
     pub lat_p9999_us: f64,
+    /// CPU time (user + system) of the client's thread over the whole run, in seconds.
+    pub client_cpu_s: f64,
+}
+
+/// CPU time of the calling thread (user + system).
+fn thread_cpu() -> Duration {
+    // SAFETY: rusage is plain data that getrusage fills.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_THREAD, &mut ru);
+        ru
+    };
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+    };
+    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
 /// Fixed-newstyle handshake with OPT_GO; returns the export size.
@@ -130,21 +177,43 @@ fn handshake<S: Read + Write>(s: &mut S, export: &str) -> Result<u64> {
 }
 
 fn connect(cfg: &LoadConfig) -> Result<(OwnedFd, u64)> {
-    match &cfg.endpoint {
+    connect_to(&cfg.endpoint, &cfg.export)
+}
+
+fn connect_to(endpoint: &Endpoint, export: &str) -> Result<(OwnedFd, u64)> {
+    match endpoint {
         Endpoint::Tcp(addr) => {
             let mut s =
                 TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
             s.set_nodelay(true)?;
-            let size = handshake(&mut s, &cfg.export)?;
+            let size = handshake(&mut s, export)?;
             Ok((s.into(), size))
         }
         Endpoint::Unix(path) => {
             let mut s = UnixStream::connect(path)
                 .with_context(|| format!("connecting to {}", path.display()))?;
-            let size = handshake(&mut s, &cfg.export)?;
+            let size = handshake(&mut s, export)?;
             Ok((s.into(), size))
         }
     }
+}
+
+/// Connect, negotiate `export` and disconnect politely: a readiness probe. Returns the
+/// export's size in bytes.
+pub fn probe(endpoint: &Endpoint, export: &str) -> Result<u64> {
+    let (fd, size) = connect_to(endpoint, export)?;
+    let mut disc = Vec::with_capacity(28);
+    encode_request(&mut disc, CMD_DISC, 0, 0, 0);
+    // SAFETY: a plain send of a local buffer on our socket.
+    unsafe {
+        libc::send(
+            fd.as_raw_fd(),
+            disc.as_ptr().cast(),
+            disc.len(),
+            libc::MSG_NOSIGNAL,
+        )
+    };
+    Ok(size)
 }
 
 /// Append a compact NBD request header.
@@ -248,8 +317,24 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadResult> {
     let mut ring = IoUring::new((cfg.connections * 2 + 8).next_power_of_two() as u32)?;
     let (mut reads, mut writes, mut errors, mut verify_failures) = (0u64, 0u64, 0u64, 0u64);
     let mut scratch = vec![0u8; cfg.block_bytes];
+    if let Some(r) = cfg.rate_iops {
+        if !(r.is_finite() && r > 0.0) {
+            bail!("rate must be a positive number of IOPS");
+        }
+    }
+    let cpu_start = thread_cpu();
     let start = Instant::now();
-    let deadline = start + cfg.runtime;
+    let measure_from = start + cfg.ramp;
+    let deadline = measure_from + cfg.runtime;
+    // Requests issued so far, and how many the rate allows by now: evenly spaced, no burst
+    // beyond one request (behind schedule, at most the free slots catch up at once).
+    let mut issued = 0u64;
+    let allowed = |now: Instant| -> u64 {
+        match cfg.rate_iops {
+            Some(r) => (now.duration_since(start).as_secs_f64() * r) as u64 + 1,
+            None => u64::MAX,
+        }
+    };
     let mut stopping = false;
     let mut completions: VecDeque<(usize, u64, i32)> = VecDeque::new();
 
@@ -259,8 +344,12 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadResult> {
                 seq_next: &mut u64,
                 generation: &mut Vec<u32>,
                 block_busy: &mut Vec<bool>,
-                scratch: &mut Vec<u8>| {
-        while let Some(slot) = c.free.pop() {
+                scratch: &mut Vec<u8>,
+                issued: &mut u64,
+                budget: u64| {
+        while *issued < budget {
+            let Some(slot) = c.free.pop() else { break };
+            *issued += 1;
             let mut block = if cfg.random {
                 rng.gen_range(0..blocks)
             } else {
@@ -277,6 +366,7 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadResult> {
                 }
                 if block_busy[block as usize] {
                     c.free.push(slot);
+                    *issued -= 1;
                     break;
                 }
                 block_busy[block as usize] = true;
@@ -311,6 +401,7 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadResult> {
     };
 
     for c in conns.iter_mut() {
+        let budget = allowed(Instant::now());
         fill(
             c,
             &mut rng,
@@ -318,12 +409,31 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadResult> {
             &mut generation,
             &mut block_busy,
             &mut scratch,
+            &mut issued,
+            budget,
         );
     }
     loop {
         let now = Instant::now();
-        if !stopping && now >= deadline {
+        let cancelled = cfg.cancel.is_some_and(|f| f.load(Ordering::Relaxed));
+        if !stopping && (now >= deadline || cancelled) {
             stopping = true;
+        }
+        // At a fixed rate, replies do not free the budget: top up every loop.
+        if cfg.rate_iops.is_some() && !stopping {
+            let budget = allowed(now);
+            for c in conns.iter_mut().filter(|c| !c.closed) {
+                fill(
+                    c,
+                    &mut rng,
+                    &mut seq_next,
+                    &mut generation,
+                    &mut block_busy,
+                    &mut scratch,
+                    &mut issued,
+                    budget,
+                );
+            }
         }
         let in_flight: usize = conns
             .iter()
@@ -373,7 +483,38 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadResult> {
                 c.recv_in_flight = true;
             }
         }
-        ring.submit_and_wait(1)?;
+        // Wait for a completion; at a fixed rate, no longer than until the next request is due
+        // (with nothing in flight there would be nothing to wake us).
+        let due = match cfg.rate_iops {
+            Some(r) if !stopping && conns.iter().any(|c| !c.free.is_empty()) => {
+                Some(start + Duration::from_secs_f64(issued as f64 / r))
+            }
+            _ => None,
+        };
+        let timeout = match due {
+            Some(at) => Some(
+                at.saturating_duration_since(Instant::now())
+                    .min(deadline.saturating_duration_since(Instant::now()))
+                    .max(Duration::from_micros(1)),
+            ),
+            // Ctrl-C: do not wait forever on a server that stopped answering.
+            None if cancelled => Some(Duration::from_millis(100)),
+            None => None,
+        };
+        let waited = match timeout {
+            Some(t) => {
+                let ts = types::Timespec::from(t);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                ring.submitter().submit_with_args(1, &args)
+            }
+            None => ring.submit_and_wait(1),
+        };
+        if let Err(e) = waited {
+            // A timeout (the next request is due) or a signal (Ctrl-C) is not an error.
+            if !matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR)) {
+                return Err(e.into());
+            }
+        }
         for cqe in ring.completion() {
             completions.push_back((
                 (cqe.user_data() >> 1) as usize,
@@ -429,12 +570,16 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadResult> {
                 if avail.len() < need {
                     break;
                 }
-                let elapsed = s.issued.elapsed().as_nanos() as u64;
-                hist.record(elapsed.max(1)).ok();
+                let done_at = Instant::now();
+                let measured = done_at >= measure_from;
+                if measured {
+                    let elapsed = done_at.duration_since(s.issued).as_nanos() as u64;
+                    hist.record(elapsed.max(1)).ok();
+                }
                 if err != 0 {
                     errors += 1;
                 } else if s.is_read {
-                    reads += 1;
+                    reads += u64::from(measured);
                     if cfg.verify {
                         let g = generation[s.block as usize];
                         let data = &avail[16..need];
@@ -449,7 +594,7 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadResult> {
                         }
                     }
                 } else {
-                    writes += 1;
+                    writes += u64::from(measured);
                 }
                 if cfg.verify {
                     block_busy[s.block as usize] = false;
@@ -461,6 +606,7 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadResult> {
             c.rbuf.copy_within(at..c.rlen, 0);
             c.rlen -= at;
             if !stopping {
+                let budget = allowed(Instant::now());
                 fill(
                     c,
                     &mut rng,
@@ -468,11 +614,14 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadResult> {
                     &mut generation,
                     &mut block_busy,
                     &mut scratch,
+                    &mut issued,
+                    budget,
                 );
             }
         }
     }
-    let elapsed_s = start.elapsed().as_secs_f64();
+    let elapsed_s = measure_from.elapsed().as_secs_f64().max(1e-9);
+    let client_cpu_s = thread_cpu().saturating_sub(cpu_start).as_secs_f64();
     for c in conns.iter_mut() {
         // Best effort NBD_CMD_DISC; the server drains and closes.
         let mut disc = Vec::with_capacity(28);
@@ -503,5 +652,166 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadResult> {
         lat_p99_us: q(0.99),
         lat_p999_us: q(0.999),
         lat_p9999_us: q(0.9999),
+        client_cpu_s,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+    use std::sync::{Arc, Mutex};
+
+    /// A minimal NBD server for the client's own tests: fixed newstyle, OPT_GO, simple replies,
+    /// reads and writes on memory, a thread per connection. With `corrupt_every = n > 0` it
+    /// flips one byte of every n-th read it answers.
+    fn serve(dir: &std::path::Path, size: usize, corrupt_every: u64) -> PathBuf {
+        let sock = dir.join("mini.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let mem = Arc::new(Mutex::new(vec![0u8; size]));
+        let answered = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut s) = conn else { return };
+                let (mem, answered) = (mem.clone(), answered.clone());
+                std::thread::spawn(move || {
+                    let _ = session(&mut s, &mem, &answered, corrupt_every);
+                });
+            }
+        });
+        sock
+    }
+
+    fn session(
+        s: &mut UnixStream,
+        mem: &Mutex<Vec<u8>>,
+        answered: &std::sync::atomic::AtomicU64,
+        corrupt_every: u64,
+    ) -> std::io::Result<()> {
+        let size = mem.lock().unwrap().len() as u64;
+        let mut hello = NBDMAGIC.to_be_bytes().to_vec();
+        hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        hello.extend_from_slice(&3u16.to_be_bytes()); // fixed newstyle, no zeroes
+        s.write_all(&hello)?;
+        let mut b4 = [0u8; 4];
+        s.read_exact(&mut b4)?; // client flags
+        loop {
+            let mut h = [0u8; 16];
+            s.read_exact(&mut h)?;
+            let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
+            let len = u32::from_be_bytes(h[12..16].try_into().unwrap()) as usize;
+            let mut data = vec![0u8; len];
+            s.read_exact(&mut data)?;
+            let reply = |kind: u32, payload: &[u8]| {
+                let mut r = OPT_REPLY_MAGIC.to_be_bytes().to_vec();
+                r.extend_from_slice(&opt.to_be_bytes());
+                r.extend_from_slice(&kind.to_be_bytes());
+                r.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+                r.extend_from_slice(payload);
+                r
+            };
+            if opt == OPT_GO {
+                let mut info = 0u16.to_be_bytes().to_vec();
+                info.extend_from_slice(&size.to_be_bytes());
+                info.extend_from_slice(&1u16.to_be_bytes());
+                s.write_all(&reply(REP_INFO, &info))?;
+                s.write_all(&reply(REP_ACK, &[]))?;
+                break;
+            }
+            s.write_all(&reply(0x8000_0001, b"unsupported"))?;
+        }
+        let mut r = std::io::BufReader::new(s.try_clone()?);
+        loop {
+            let mut h = [0u8; 28];
+            r.read_exact(&mut h)?;
+            assert_eq!(
+                u32::from_be_bytes(h[0..4].try_into().unwrap()),
+                REQUEST_MAGIC
+            );
+            let kind = u16::from_be_bytes(h[6..8].try_into().unwrap());
+            let cookie = &h[8..16];
+            let off = u64::from_be_bytes(h[16..24].try_into().unwrap()) as usize;
+            let len = u32::from_be_bytes(h[24..28].try_into().unwrap()) as usize;
+            let mut out = SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+            out.extend_from_slice(&0u32.to_be_bytes());
+            out.extend_from_slice(cookie);
+            match kind {
+                CMD_READ => {
+                    out.extend_from_slice(&mem.lock().unwrap()[off..off + len]);
+                    let n = answered.fetch_add(1, Ordering::Relaxed) + 1;
+                    if corrupt_every > 0 && n.is_multiple_of(corrupt_every) {
+                        let last = out.len() - 1;
+                        out[last] ^= 0xff;
+                    }
+                }
+                CMD_WRITE => {
+                    let mut data = vec![0u8; len];
+                    r.read_exact(&mut data)?;
+                    mem.lock().unwrap()[off..off + len].copy_from_slice(&data);
+                }
+                CMD_DISC => return Ok(()),
+                _ => out[4..8].copy_from_slice(&22u32.to_be_bytes()), // EINVAL
+            }
+            s.write_all(&out)?;
+        }
+    }
+
+    fn verify_config(sock: PathBuf) -> LoadConfig {
+        let mut cfg = LoadConfig::new(Endpoint::Unix(sock), "x", Duration::from_millis(300));
+        cfg.connections = 2;
+        cfg.queue_depth = 8;
+        cfg.read_percent = 50;
+        cfg.verify = true;
+        cfg.fresh_export = true;
+        cfg.range_bytes = Some(256 << 10);
+        cfg
+    }
+
+    #[test]
+    fn probes_and_verifies_an_honest_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = serve(dir.path(), 1 << 20, 0);
+        assert_eq!(probe(&Endpoint::Unix(sock.clone()), "x").unwrap(), 1 << 20);
+        let r = run(&verify_config(sock)).unwrap();
+        assert!(r.reads > 0 && r.writes > 0, "{r:?}");
+        assert_eq!((r.errors, r.verify_failures), (0, 0), "{r:?}");
+        assert_eq!(r.ops, r.reads + r.writes);
+        assert!(r.lat_p50_us > 0.0 && r.lat_p50_us <= r.lat_p9999_us);
+        assert!(r.client_cpu_s >= 0.0);
+    }
+
+    #[test]
+    fn verify_catches_a_server_that_corrupts_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = run(&verify_config(serve(dir.path(), 1 << 20, 7))).unwrap();
+        assert!(r.verify_failures > 0, "{r:?}");
+    }
+
+    #[test]
+    fn a_fixed_rate_is_not_exceeded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = LoadConfig::new(
+            Endpoint::Unix(serve(dir.path(), 1 << 20, 0)),
+            "x",
+            Duration::from_millis(500),
+        );
+        cfg.rate_iops = Some(2000.0);
+        cfg.ramp = Duration::from_millis(100);
+        let r = run(&cfg).unwrap();
+        // Requests are spaced 0.5 ms apart from the start: at most 1200 in 0.6 s in all, and
+        // the measured share after the warm-up is below that. (A bound, not a speed.)
+        assert!(r.ops > 0 && r.ops <= 1100, "{r:?}");
+        assert!(r.iops <= 2000.0 * 1.1, "{r:?}");
+        assert_eq!(r.errors, 0);
+    }
+
+    #[test]
+    fn an_export_smaller_than_a_block_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = serve(dir.path(), 4096, 0);
+        let mut cfg = LoadConfig::new(Endpoint::Unix(sock), "x", Duration::from_millis(50));
+        cfg.block_bytes = 8192;
+        let e = run(&cfg).unwrap_err();
+        assert!(format!("{e:#}").contains("smaller than one block"), "{e:#}");
+    }
 }

@@ -1,6 +1,6 @@
 //! The small maths of repeated runs: median, spread, ratios.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Median of `xs` (mean of the middle two for an even count); `None` when empty or when a
 /// value is NaN.
@@ -24,7 +24,7 @@ pub fn ratio(num: f64, den: f64) -> Option<f64> {
 }
 
 /// Median and range of repeated measurements of one quantity.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Spread {
     pub median: f64,
     pub min: f64,
