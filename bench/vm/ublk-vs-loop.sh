@@ -7,6 +7,7 @@
 #   bench/vm/ublk-vs-loop.sh [--bin PATH] [--cores LIST] [--runtime S] [--rounds N]
 #     --bin      ringblock binary (default: target/release/ringblock, or $CARGO_TARGET_DIR's)
 #     --cores    reactor cores for the daemon, e.g. 0,1 (default: the daemon's default)
+#     --poll-idle-us  the daemon's busy-poll window before a reactor parks (default: profile's)
 #     --fio      fio options for both devices (default: --cpus_allowed=0: fio on CPU 0, the
 #                daemon's reactor pins itself to the last CPU, the loop worker floats)
 #   Results: the ratio on stdout, JSON in $OUT (default: a temp dir, path printed).
@@ -15,12 +16,14 @@ set -euo pipefail
 if [[ ${1:-} == --guest ]]; then
   # ---- inside the VM -------------------------------------------------------------------------
   shift
-  BIN=$1 CORES=$2 RUNTIME=$3 ROUNDS=$4 FIO_EXTRA=${5:-}
+  BIN=$1 CORES=$2 RUNTIME=$3 ROUNDS=$4 FIO_EXTRA=${5:-} POLL_IDLE_US=${6:-}
   OUT=${VM_SHARE:-/tmp}
   cd /tmp
   SIZE_MIB=256
   cores_line=""
   [[ -z $CORES ]] || cores_line="cores = [$CORES]"
+  [[ -z $POLL_IDLE_US ]] || cores_line="$cores_line
+poll_idle_us = $POLL_IDLE_US"
   cat >/tmp/bench.toml <<TOML
 $cores_line
 [[device]]
@@ -90,11 +93,12 @@ fi
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 bin=${CARGO_TARGET_DIR:-$repo/target}/release/ringblock
-cores="" runtime=8 rounds=6 fio_extra="--cpus_allowed=0"
+cores="" runtime=8 rounds=6 fio_extra="--cpus_allowed=0" poll_idle_us=""
 while (($#)); do
   case $1 in
     --bin) bin=$2; shift 2 ;;
     --cores) cores=$2; shift 2 ;;
+    --poll-idle-us) poll_idle_us=$2; shift 2 ;;
     --runtime) runtime=$2; shift 2 ;;
     --rounds) rounds=$2; shift 2 ;;
     --fio) fio_extra=$2; shift 2 ;;
@@ -104,7 +108,7 @@ done
 [[ -x $bin ]] || { echo "ublk-vs-loop: no ringblock binary at $bin (cargo build --release)" >&2; exit 2; }
 OUT=${OUT:-$(mktemp -d /tmp/ublk-vs-loop.XXXXXX)}
 mkdir -p "$OUT"
-"$repo/../shared/vm/run.sh" --timeout 1200 --share "$OUT" "$0" --guest "$(realpath "$bin")" "$cores" "$runtime" "$rounds" "$fio_extra" |
+"$repo/../shared/vm/run.sh" --timeout 1200 --share "$OUT" "$0" --guest "$(realpath "$bin")" "$cores" "$runtime" "$rounds" "$fio_extra" "$poll_idle_us" |
   grep -E '^(bench|ringblock):' || true
 [[ -s $OUT/ublk.iops && -s $OUT/loop.iops ]] || { echo "ublk-vs-loop: the guest produced no results" >&2; exit 1; }
 python3 - "$OUT" <<'PY'
