@@ -485,6 +485,17 @@ fn is_profile(s: &RunSummary, target: &str) -> bool {
     })
 }
 
+/// The keys of the points measured on any of `ids`, each once, in the order of the run.
+fn point_keys(s: &RunSummary, ids: &[String]) -> Vec<String> {
+    let mut keys: Vec<String> = Vec::new();
+    for p in s.points.iter().filter(|p| ids.contains(&p.target)) {
+        if !keys.contains(&p.key) {
+            keys.push(p.key.clone());
+        }
+    }
+    keys
+}
+
 fn profile_ids(s: &RunSummary) -> Vec<String> {
     s.settings["profiles"]
         .as_array()
@@ -533,17 +544,7 @@ fn profiles_markdown(s: &RunSummary) -> String {
         md.push_str("---:|");
     }
     md.push('\n');
-    let keys: Vec<String> = s
-        .points
-        .iter()
-        .filter(|p| ids.contains(&p.target))
-        .map(|p| p.key.clone())
-        .fold(Vec::new(), |mut v, key| {
-            if !v.contains(&key) {
-                v.push(key);
-            }
-            v
-        });
+    let keys = point_keys(s, &ids);
     let cell = |t: &str, key: &str| {
         s.point(t, key)
             .and_then(|p| p.summary.as_ref())
@@ -769,17 +770,7 @@ pub fn charts(s: &RunSummary) -> Vec<(String, Chart, bool)> {
     // Firmware profiles.
     let ids = profile_ids(s);
     if !ids.is_empty() {
-        let keys: Vec<String> = s
-            .points
-            .iter()
-            .filter(|p| ids.contains(&p.target))
-            .map(|p| p.key.clone())
-            .fold(Vec::new(), |mut v, key| {
-                if !v.contains(&key) {
-                    v.push(key);
-                }
-                v
-            });
+        let keys = point_keys(s, &ids);
         let mut all = vec!["ringblock".to_string()];
         all.extend(ids);
         out.push((
