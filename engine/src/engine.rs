@@ -715,6 +715,12 @@ fn reactor_thread(
             }
             work += 1;
         }
+        // What the tasks just started on this reactor's memory devices is done already: hand
+        // it to them now, so their replies and next receives go into the ring together.
+        match core.poll_local() {
+            Ok(n) => work += n,
+            Err(e) => tracing::error!(reactor = id.0, "ring failed: {e}"),
+        }
         let stopping = shared.stopping.load(Ordering::Acquire);
         for (i, slot) in tasks.iter_mut().enumerate() {
             let Some(task) = slot else { continue };

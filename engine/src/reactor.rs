@@ -199,12 +199,25 @@ impl<I: Io> ReactorCore<I> {
         }
         let mut completions = std::mem::take(&mut self.completions);
         self.io.poll(&mut completions)?;
+        Ok(self.handle_completions(completions))
+    }
+
+    /// Act on completions that are ready without entering the kernel: ops a task's request
+    /// just ran inline (a memory device) complete in the same loop turn, so the task sees them
+    /// before the ring is entered again.
+    pub fn poll_local(&mut self) -> Result<usize, crate::EngineError> {
+        let mut completions = std::mem::take(&mut self.completions);
+        self.io.poll_local(&mut completions)?;
+        Ok(self.handle_completions(completions))
+    }
+
+    fn handle_completions(&mut self, mut completions: Vec<IoCompletion>) -> usize {
         let n = completions.len();
         for c in completions.drain(..) {
             self.on_completion(c);
         }
         self.completions = completions;
-        Ok(n)
+        n
     }
 
     fn retry_outbox(&mut self) {

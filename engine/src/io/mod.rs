@@ -49,6 +49,12 @@ pub trait Io {
     /// Submit queued ops and append every completion that is ready to `out`, without blocking.
     fn poll(&mut self, out: &mut Vec<IoCompletion>) -> Result<(), crate::EngineError>;
 
+    /// Append the completions that are ready without entering the kernel (ops served inline,
+    /// such as memory devices, and whatever the ring already holds). Default: [`Io::poll`].
+    fn poll_local(&mut self, out: &mut Vec<IoCompletion>) -> Result<(), crate::EngineError> {
+        self.poll(out)
+    }
+
     /// Block until a completion is ready, [`Io::wake_fd`] is written, or `timeout_ns` passes.
     fn park(&mut self, timeout_ns: Option<u64>) -> Result<(), crate::EngineError>;
 

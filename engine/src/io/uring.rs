@@ -601,6 +601,10 @@ impl Io for UringIo {
                 Err(e) => return Err(EngineError::Ring(e)),
             }
         }
+        self.poll_local(out)
+    }
+
+    fn poll_local(&mut self, out: &mut Vec<IoCompletion>) -> Result<(), EngineError> {
         self.reap_ring();
         self.release_due();
         self.in_flight -= self.ready.len();
