@@ -8,7 +8,10 @@
 //!
 //! Measured and rejected: sending replies with a direct `sendmsg(MSG_DONTWAIT)` from the task
 //! (ring only when the socket is full) saves the send completion but cut fio's QD1 rate by
-//! ~15% in 6 of 7 paired runs on a 2-core VM; the ring send stays.
+//! ~15% in 6 of 7 paired runs on a 2-core VM; the ring send stays. So did linking a reply's
+//! send to the next receive (no completion for the send, one enter per request): CPU per IO
+//! did not move and the reactor woke once per request for the lean client (see
+//! docs/bench/nbd-cpu-per-io-2026-11-23.md, which also shows why zero-copy reads would not pay).
 //!
 //! Copies per 4 KiB request on a RAM volume: READ — the engine copies RAM into the reply
 //! buffer, the kernel copies it into the socket; WRITE — the kernel copies into the receive
