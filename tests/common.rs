@@ -219,6 +219,28 @@ impl Daemon {
     }
 }
 
+/// A daemon with NBD and the web UI on free loopback ports, its state (API token) under
+/// `state_dir`, optionally a config file; returns it with the web address and the token it
+/// printed at this first start.
+pub fn start_with_web(config: Option<&str>, state_dir: &Path) -> (Daemon, String, String) {
+    let state = state_dir.to_str().unwrap();
+    let mut args = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--web-listen",
+        "127.0.0.1:0",
+        "--state-dir",
+        state,
+    ];
+    if let Some(cfg) = config {
+        args.extend(["--config", cfg]);
+    }
+    let d = Daemon::start(&args);
+    let (addr, token) = web_endpoint(&d);
+    let token = token.unwrap_or_else(|| panic!("no token at first start: {:?}", d.stdout_lines));
+    (d, addr, token)
+}
+
 /// The web UI address (`127.0.0.1:PORT`) and, at a first start, the API token a daemon printed.
 pub fn web_endpoint(d: &Daemon) -> (String, Option<String>) {
     for line in &d.stdout_lines {

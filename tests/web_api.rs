@@ -7,7 +7,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::time::{Duration, Instant};
 
 use common::{
-    http, http_auth, nbd_endpoints, run, wait_for, web_endpoint, write_file, Daemon, RawNbd,
+    http, http_auth, nbd_endpoints, run, start_with_web, wait_for, web_endpoint, write_file,
+    Daemon, RawNbd,
 };
 use serde_json::{json, Value};
 
@@ -34,19 +35,7 @@ impl Web {
              [nbd]\nread_only = [\"ro\"]\n",
         );
         let state = dir.path().join("state");
-        let daemon = Daemon::start(&[
-            "--config",
-            &cfg,
-            "--listen",
-            "127.0.0.1:0",
-            "--web-listen",
-            "127.0.0.1:0",
-            "--state-dir",
-            state.to_str().unwrap(),
-        ]);
-        let (addr, token) = web_endpoint(&daemon);
-        let token =
-            token.unwrap_or_else(|| panic!("no token at first start: {:?}", daemon.stdout_lines));
+        let (daemon, addr, token) = start_with_web(Some(&cfg), &state);
         let nbd = nbd_endpoints(&daemon).0.unwrap();
         Web {
             daemon: Some(daemon),

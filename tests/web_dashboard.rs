@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    have_tool, http, http_auth, nbd_endpoints, run_tool, wait_for, web_endpoint, write_file, Daemon,
+    have_tool, http, http_auth, nbd_endpoints, run_tool, start_with_web, wait_for, write_file,
 };
 use serde_json::{json, Value};
 use tungstenite::{Message, WebSocket};
@@ -237,18 +237,7 @@ fn dashboard_shows_live_numbers_in_chromium() {
          [[volume]]\nname = \"archive\"\ndevice = \"ram0\"\nsize_bytes = 67108864\n",
     );
     let state = dir.path().join("state");
-    let d = Daemon::start(&[
-        "--config",
-        &cfg,
-        "--listen",
-        "127.0.0.1:0",
-        "--web-listen",
-        "127.0.0.1:0",
-        "--state-dir",
-        state.to_str().unwrap(),
-    ]);
-    let (web, token) = web_endpoint(&d);
-    let token = token.unwrap();
+    let (d, web, token) = start_with_web(Some(&cfg), &state);
     let nbd = nbd_endpoints(&d).0.unwrap();
 
     // fio writes (and reads) through NBD for a bounded time while the page watches.

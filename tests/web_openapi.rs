@@ -3,22 +3,13 @@
 
 mod common;
 
-use common::{http, http_auth, web_endpoint, Daemon};
+use common::{http, http_auth, start_with_web};
 
 #[test]
 fn openapi_document_matches_the_routes() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let d = Daemon::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--web-listen",
-        "127.0.0.1:0",
-        "--state-dir",
-        state.to_str().unwrap(),
-    ]);
-    let (addr, token) = web_endpoint(&d);
-    let token = token.unwrap();
+    let (d, addr, token) = start_with_web(None, &state);
     let r = http(&addr, "GET", "/api/openapi.json", &[], None);
     assert_eq!(r.status, 200);
     assert!(r
