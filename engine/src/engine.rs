@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::buf::RegisteredPool;
 use crate::device::{DeviceConfig, OpenDevice};
-use crate::error::EngineError;
+use crate::error::{EngineError, VolumeErrorKind};
 use crate::ids::{DeviceId, ReactorId, VolumeId};
 use crate::io::uring::{new_wake_fd, wake, UringIo};
 use crate::io::Io;
@@ -360,6 +360,7 @@ impl Engine {
     pub fn open(&self, name: &str) -> Result<VolumeHandle, EngineError> {
         let volume = self.volume(name).ok_or_else(|| EngineError::Volume {
             volume: name.into(),
+            kind: VolumeErrorKind::NotFound,
             message: "no such volume".into(),
         })?;
         volume.open_handles.fetch_add(1, Ordering::AcqRel);
@@ -405,27 +406,39 @@ impl Engine {
         name: &str,
         size_bytes: u64,
     ) -> Result<Arc<Volume>, EngineError> {
-        let verr = |message: String| EngineError::Volume {
+        let verr = |kind: VolumeErrorKind, message: String| EngineError::Volume {
             volume: name.into(),
+            kind,
             message,
         };
         let dev = self
             .devices
             .iter()
             .find(|d| d.name == device)
-            .ok_or_else(|| verr(format!("no device named {device:?}")))?
+            .ok_or_else(|| {
+                verr(
+                    VolumeErrorKind::Invalid,
+                    format!("no device named {device:?}"),
+                )
+            })?
             .clone();
         let mut table = self.volumes.lock().expect("volume table");
         if table.iter().any(|v| v.name == name) {
-            return Err(verr("a volume with this name exists".into()));
+            return Err(verr(
+                VolumeErrorKind::Conflict,
+                "a volume with this name exists".into(),
+            ));
         }
         if table.iter().filter(|v| v.device.id == dev.id).count()
             >= crate::meta::MAX_VOLUMES_PER_DEVICE
         {
-            return Err(verr(format!(
-                "device {device} holds the maximum of {} volumes",
-                crate::meta::MAX_VOLUMES_PER_DEVICE
-            )));
+            return Err(verr(
+                VolumeErrorKind::Conflict,
+                format!(
+                    "device {device} holds the maximum of {} volumes",
+                    crate::meta::MAX_VOLUMES_PER_DEVICE
+                ),
+            ));
         }
         let id = VolumeId(self.next_volume_id.fetch_add(1, Ordering::Relaxed));
         let volume = Arc::new(checked_new_volume(id, name, dev.clone(), size_bytes)?);
@@ -436,7 +449,12 @@ impl Engine {
                 reply: Self::noop_reply(),
             },
         )
-        .map_err(|e| verr(format!("could not persist metadata: {e}")))?;
+        .map_err(|e| {
+            verr(
+                VolumeErrorKind::NotPersisted,
+                format!("could not persist metadata: {e}"),
+            )
+        })?;
         table.push(volume.clone());
         tracing::info!(volume = name, device, size_bytes, "volume created");
         Ok(volume)
@@ -444,21 +462,23 @@ impl Engine {
 
     /// Delete a volume that no one has open; its chunks return to the device.
     pub fn delete_volume(&self, name: &str) -> Result<(), EngineError> {
-        let verr = |message: String| EngineError::Volume {
+        let verr = |kind: VolumeErrorKind, message: String| EngineError::Volume {
             volume: name.into(),
+            kind,
             message,
         };
         let mut table = self.volumes.lock().expect("volume table");
         let pos = table
             .iter()
             .position(|v| v.name == name)
-            .ok_or_else(|| verr("no such volume".into()))?;
+            .ok_or_else(|| verr(VolumeErrorKind::NotFound, "no such volume".into()))?;
         let volume = table[pos].clone();
         let open = volume.open_handles.load(Ordering::Acquire);
         if open > 0 {
-            return Err(verr(format!(
-                "in use ({open} open handle(s), e.g. an export or a connected client)"
-            )));
+            return Err(verr(
+                VolumeErrorKind::Conflict,
+                format!("in use ({open} open handle(s), e.g. an export or a connected client)"),
+            ));
         }
         volume.deleted.store(true, Ordering::Release);
         self.control(
@@ -468,7 +488,12 @@ impl Engine {
                 reply: Self::noop_reply(),
             },
         )
-        .map_err(|e| verr(format!("could not persist metadata: {e}")))?;
+        .map_err(|e| {
+            verr(
+                VolumeErrorKind::NotPersisted,
+                format!("could not persist metadata: {e}"),
+            )
+        })?;
         table.remove(pos);
         tracing::info!(volume = name, "volume deleted");
         Ok(())
@@ -476,32 +501,37 @@ impl Engine {
 
     /// Grow a volume online. Shrinking is refused: it would destroy data.
     pub fn grow_volume(&self, name: &str, size_bytes: u64) -> Result<(), EngineError> {
-        let verr = |message: String| EngineError::Volume {
+        let verr = |kind: VolumeErrorKind, message: String| EngineError::Volume {
             volume: name.into(),
+            kind,
             message,
         };
         let table = self.volumes.lock().expect("volume table");
         let volume = table
             .iter()
             .find(|v| v.name == name)
-            .ok_or_else(|| verr("no such volume".into()))?
+            .ok_or_else(|| verr(VolumeErrorKind::NotFound, "no such volume".into()))?
             .clone();
         let current = volume.size_bytes();
         if size_bytes < current {
-            return Err(verr(format!("new size {size_bytes} is smaller than the current {current}; shrinking is not supported")));
+            return Err(verr(VolumeErrorKind::Invalid, format!("new size {size_bytes} is smaller than the current {current}; shrinking is not supported")));
         }
         let block = u64::from(volume.device.profile.logical_block_size_bytes);
         if !size_bytes.is_multiple_of(block) {
-            return Err(verr(format!(
-                "size {size_bytes} must be a multiple of the device block size {block}"
-            )));
+            return Err(verr(
+                VolumeErrorKind::Invalid,
+                format!("size {size_bytes} must be a multiple of the device block size {block}"),
+            ));
         }
         if size_bytes > volume.max_size_bytes() {
-            return Err(verr(format!(
-                "size {size_bytes} is larger than device {} can hold ({} bytes)",
-                volume.device.name,
-                volume.max_size_bytes()
-            )));
+            return Err(verr(
+                VolumeErrorKind::Invalid,
+                format!(
+                    "size {size_bytes} is larger than device {} can hold ({} bytes)",
+                    volume.device.name,
+                    volume.max_size_bytes()
+                ),
+            ));
         }
         self.control(
             &volume.device,
@@ -511,7 +541,12 @@ impl Engine {
                 reply: Self::noop_reply(),
             },
         )
-        .map_err(|e| verr(format!("could not persist metadata: {e}")))?;
+        .map_err(|e| {
+            verr(
+                VolumeErrorKind::NotPersisted,
+                format!("could not persist metadata: {e}"),
+            )
+        })?;
         tracing::info!(volume = name, size_bytes, "volume grown");
         Ok(())
     }

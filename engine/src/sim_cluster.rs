@@ -235,6 +235,7 @@ impl SimCluster {
             .expect("control answered");
         result.map_err(|e| EngineError::Volume {
             volume: name.into(),
+            kind: crate::VolumeErrorKind::NotPersisted,
             message: format!("metadata not persisted: {e}"),
         })?;
         self.volumes.push(volume.clone());

@@ -229,6 +229,7 @@ pub(crate) fn checked_new_volume(
 ) -> Result<Volume, crate::EngineError> {
     let err = |message: String| crate::EngineError::Volume {
         volume: name.to_string(),
+        kind: crate::VolumeErrorKind::Invalid,
         message,
     };
     validate_volume_name(name).map_err(err)?;

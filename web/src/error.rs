@@ -4,7 +4,7 @@ use axum::extract::rejection::JsonRejection;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use ringblock_engine::EngineError;
+use ringblock_engine::{EngineError, VolumeErrorKind};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -85,24 +85,15 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
-/// The status an engine error deserves. The engine reports volume errors as text; the phrases
-/// matched here are pinned by the API tests.
+/// The status an engine error deserves.
 pub fn engine_status(e: &EngineError) -> StatusCode {
     match e {
-        EngineError::Volume { message, .. } => {
-            if message == "no such volume" {
-                StatusCode::NOT_FOUND
-            } else if message.starts_with("in use")
-                || message.contains("exists")
-                || message.contains("holds the maximum")
-            {
-                StatusCode::CONFLICT
-            } else if message.starts_with("could not persist") {
-                StatusCode::INTERNAL_SERVER_ERROR
-            } else {
-                StatusCode::BAD_REQUEST
-            }
-        }
+        EngineError::Volume { kind, .. } => match kind {
+            VolumeErrorKind::NotFound => StatusCode::NOT_FOUND,
+            VolumeErrorKind::Conflict => StatusCode::CONFLICT,
+            VolumeErrorKind::Invalid => StatusCode::BAD_REQUEST,
+            VolumeErrorKind::NotPersisted => StatusCode::INTERNAL_SERVER_ERROR,
+        },
         EngineError::Shutdown => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
@@ -118,39 +109,28 @@ impl From<EngineError> for ApiError {
 mod tests {
     use super::*;
 
-    fn verr(m: &str) -> EngineError {
+    fn verr(kind: VolumeErrorKind) -> EngineError {
         EngineError::Volume {
             volume: "v".into(),
-            message: m.into(),
+            kind,
+            message: "m".into(),
         }
     }
 
     #[test]
     fn engine_errors_map_to_statuses() {
-        assert_eq!(
-            engine_status(&verr("no such volume")),
-            StatusCode::NOT_FOUND
-        );
-        assert_eq!(
-            engine_status(&verr(
-                "in use (1 open handle(s), e.g. an export or a connected client)"
-            )),
-            StatusCode::CONFLICT
-        );
-        assert_eq!(
-            engine_status(&verr("a volume with this name exists")),
-            StatusCode::CONFLICT
-        );
-        assert_eq!(
-            engine_status(&verr("could not persist metadata: EIO")),
-            StatusCode::INTERNAL_SERVER_ERROR
-        );
-        assert_eq!(
-            engine_status(&verr(
-                "size 3 bytes must be a non-zero multiple of the device block size 4096"
-            )),
-            StatusCode::BAD_REQUEST
-        );
+        let cases = [
+            (VolumeErrorKind::NotFound, StatusCode::NOT_FOUND),
+            (VolumeErrorKind::Conflict, StatusCode::CONFLICT),
+            (VolumeErrorKind::Invalid, StatusCode::BAD_REQUEST),
+            (
+                VolumeErrorKind::NotPersisted,
+                StatusCode::INTERNAL_SERVER_ERROR,
+            ),
+        ];
+        for (kind, status) in cases {
+            assert_eq!(engine_status(&verr(kind)), status, "{kind:?}");
+        }
         assert_eq!(
             engine_status(&EngineError::Shutdown),
             StatusCode::SERVICE_UNAVAILABLE
