@@ -425,6 +425,7 @@ impl QueueTask {
             len_bytes,
             fua,
             buf,
+            mover: None,
             tag: u64::from(tag),
         };
         let port = self.port.clone().expect("port made on first poll");
