@@ -115,6 +115,25 @@ pub(crate) fn submit(
         .store(parts, std::sync::atomic::Ordering::Release);
     let has_buf =
         matches!(kind, RequestKind::Read | RequestKind::Write) && inflight.mover.is_none();
+    if parts == 1 {
+        // The common case (a request inside one chunk): no list of parts, and the part takes
+        // over the submitter's reference to the request.
+        let buf = has_buf.then(|| {
+            // SAFETY: the only window, taken before the part is sent.
+            unsafe { inflight.window(0, len as usize) }
+        });
+        let to = chunk_owner(volume.id, ChunkIndex(first), reactors);
+        let part = Part {
+            req: inflight,
+            chunk: ChunkIndex(first),
+            offset_in_chunk: offset - first * cs,
+            len_bytes: len,
+            offset_in_request: 0,
+            buf,
+        };
+        send(to, Msg::Part(part));
+        return Ok(());
+    }
     let mut ready = Vec::with_capacity(parts as usize);
     for c in first..=last {
         let start = (c * cs).max(offset);
