@@ -80,6 +80,10 @@ pub struct UblkConfig {
     /// Keep `/dev/ublkbN` across a daemon crash/restart (USER_RECOVERY).
     #[serde(default = "default_true")]
     pub recovery: bool,
+    /// Let the daemon copy request data itself (USER_COPY, Linux 6.5+) where the driver
+    /// offers it: one copy per request instead of two. A recovered device keeps its mode.
+    #[serde(default = "default_true")]
+    pub user_copy: bool,
 }
 
 fn default_ublk_state_dir() -> PathBuf {
@@ -95,6 +99,7 @@ impl Default for UblkConfig {
         Self {
             state_dir: default_ublk_state_dir(),
             recovery: true,
+            user_copy: true,
         }
     }
 }

@@ -106,6 +106,21 @@ fn ublk_checks() -> Vec<Check> {
                     ..Check::default()
                 });
             }
+            let user_copy = k.copy_mode() == Some(ublk::CopyMode::UserCopy);
+            out.push(Check {
+                info: true,
+                what: if user_copy {
+                    "ublk copy mode: user_copy (USER_COPY: the daemon moves each request's data \
+                     itself, straight between the request and RAM chunks, one copy per IO; \
+                     `[ublk] user_copy = false` turns it off)"
+                        .into()
+                } else {
+                    "ublk copy mode: tag_buffer (no USER_COPY in this kernel, 6.5+ has it: the \
+                     driver copies through per-tag buffers, two copies per IO)"
+                        .into()
+                },
+                ..Check::default()
+            });
             for (bit, why) in ublk::OPTIONAL_FEATURES {
                 out.push(Check {
                     info: true,

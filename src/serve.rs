@@ -269,6 +269,7 @@ fn start_exports(engine: &Engine, cfg: &DaemonConfig, say: &dyn Fn(String)) -> R
                     queue_depth: e.queue_depth,
                     max_io_bytes: e.max_io_bytes,
                     recovery: cfg.ublk.recovery,
+                    user_copy: cfg.ublk.user_copy,
                 };
                 let dev =
                     ublk::start_ublk_export_with(engine, &e.volume, &opts).map_err(|err| {
@@ -282,12 +283,13 @@ fn start_exports(engine: &Engine, cfg: &DaemonConfig, say: &dyn Fn(String)) -> R
                     })?;
                 let i = dev.info();
                 say(format!(
-                    "ringblock: ublk {} serves volume {} ({} queue(s) x {} tags, max io {} bytes{})",
+                    "ringblock: ublk {} serves volume {} ({} queue(s) x {} tags, max io {} bytes, copy {}{})",
                     i.path,
                     i.volume,
                     i.queues,
                     i.queue_depth,
                     i.max_io_bytes,
+                    i.copy_mode,
                     if i.recovered {
                         ", recovered from the previous daemon"
                     } else {
@@ -308,6 +310,7 @@ fn start_exports(engine: &Engine, cfg: &DaemonConfig, say: &dyn Fn(String)) -> R
         queue_depth: None,
         max_io_bytes: None,
         recovery: cfg.ublk.recovery,
+        user_copy: cfg.ublk.user_copy,
     };
     for left in ublk::resume_leftovers(engine, &opts, &configured) {
         match left {

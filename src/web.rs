@@ -162,6 +162,7 @@ fn ublk_export(i: UblkInfo) -> UblkExport {
         state: i.state,
         recovered: i.recovered,
         features: i.features,
+        copy_mode: i.copy_mode,
         stats: UblkExportStats {
             reads: s.reads,
             writes: s.writes,
@@ -241,6 +242,7 @@ pub fn start(
             queue_depth: None,
             max_io_bytes: None,
             recovery: cfg.ublk.recovery,
+            user_copy: cfg.ublk.user_copy,
         },
     });
     let server = WebServer::start(

@@ -1009,7 +1009,11 @@ fn ublk_routes_and_cli_without_a_driver() {
     };
     let (code, out, err) = cli(&["export", "list"]);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(out.trim(), "DEVICE  VOLUME  QUEUES  DEPTH  STATE", "{out}");
+    assert_eq!(
+        out.trim(),
+        "DEVICE  VOLUME  QUEUES  DEPTH  COPY  STATE",
+        "{out}"
+    );
     let (code, out, err) = cli(&["export", "list", "--json"]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(serde_json::from_str::<Value>(&out).unwrap(), json!([]));

@@ -89,6 +89,7 @@ impl ReadLoop {
             len_bytes: self.block_bytes,
             fua: false,
             buf: Some(buf),
+            mover: None,
             tag: tag as u64,
         }
     }

@@ -154,6 +154,7 @@ fn fill(handle: &VolumeHandle, region_bytes: u64) -> Result<()> {
                 len_bytes: FILL_BLOCK_BYTES as u64,
                 fua: false,
                 buf: Some(IoBuf::owned(buf)),
+                mover: None,
                 tag: next,
             };
             handle

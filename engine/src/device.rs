@@ -199,6 +199,24 @@ impl MemRegion {
         Ok(())
     }
 
+    /// Run `f` on `len` bytes of the region at `offset`, in place (no copy).
+    ///
+    /// # Safety
+    /// Nobody else may read or write those bytes during the call: the caller is the reactor
+    /// that owns the chunk holding them, calling synchronously.
+    pub unsafe fn with_range<R>(
+        &self,
+        offset: u64,
+        len: usize,
+        f: impl FnOnce(&mut [u8]) -> R,
+    ) -> Result<R, i32> {
+        let at = self.check(offset, len)?;
+        // SAFETY: in bounds (checked) of a mapping that lives as long as `self`; exclusive for
+        // the duration of the call by the caller's contract.
+        let slice = unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(at), len) };
+        Ok(f(slice))
+    }
+
     pub fn zero(&self, offset: u64, len: u64) -> Result<(), i32> {
         let at = self.check(offset, len as usize)?;
         let len = len as usize;

@@ -693,6 +693,7 @@ fn reactor_thread(
     tracing::debug!(reactor = id.0, features = ?io.features(), "reactor ring ready");
     let router: Arc<dyn Router> = shared.clone();
     let mut core = ReactorCore::new(id, io, router, homes);
+    core.set_bounce_pool(me.pool.clone());
     let _ = ready.send(Ok(()));
     drop(ready);
     let poll_idle = Duration::from_micros(poll_idle_us);

@@ -16,6 +16,11 @@ pub fn validate(volume: &Volume, req: &Request) -> Result<(), Errno> {
     if volume.deleted.load(std::sync::atomic::Ordering::Acquire) {
         return Err(Errno::ESHUTDOWN);
     }
+    let has_data = matches!(req.kind, RequestKind::Read | RequestKind::Write);
+    if req.mover.is_some() && (!has_data || req.buf.is_some()) {
+        // A mover is the data of a Read/Write, instead of a buffer.
+        return Err(Errno::EINVAL);
+    }
     if req.kind == RequestKind::Flush {
         return Ok(());
     }
@@ -33,9 +38,14 @@ pub fn validate(volume: &Volume, req: &Request) -> Result<(), Errno> {
             Errno::ENOSPC
         });
     }
-    if matches!(req.kind, RequestKind::Read | RequestKind::Write) {
+    if has_data {
         let block = u64::from(volume.device.profile.logical_block_size_bytes);
-        if req.buf.as_ref().map(|b| b.len() as u64) != Some(req.len_bytes) {
+        let data_len = match (&req.buf, &req.mover) {
+            (Some(b), None) => Some(b.len() as u64),
+            (None, Some(_)) => Some(req.len_bytes),
+            _ => None,
+        };
+        if data_len != Some(req.len_bytes) {
             return Err(Errno::EINVAL);
         }
         if !req.offset_bytes.is_multiple_of(block) || !req.len_bytes.is_multiple_of(block) {
@@ -103,12 +113,32 @@ pub(crate) fn submit(
     inflight
         .remaining
         .store(parts, std::sync::atomic::Ordering::Release);
-    let has_data = matches!(kind, RequestKind::Read | RequestKind::Write);
+    let has_buf =
+        matches!(kind, RequestKind::Read | RequestKind::Write) && inflight.mover.is_none();
+    if parts == 1 {
+        // The common case (a request inside one chunk): no list of parts, and the part takes
+        // over the submitter's reference to the request.
+        let buf = has_buf.then(|| {
+            // SAFETY: the only window, taken before the part is sent.
+            unsafe { inflight.window(0, len as usize) }
+        });
+        let to = chunk_owner(volume.id, ChunkIndex(first), reactors);
+        let part = Part {
+            req: inflight,
+            chunk: ChunkIndex(first),
+            offset_in_chunk: offset - first * cs,
+            len_bytes: len,
+            offset_in_request: 0,
+            buf,
+        };
+        send(to, Msg::Part(part));
+        return Ok(());
+    }
     let mut ready = Vec::with_capacity(parts as usize);
     for c in first..=last {
         let start = (c * cs).max(offset);
         let end = ((c + 1) * cs).min(offset + len);
-        let buf = has_data.then(|| {
+        let buf = has_buf.then(|| {
             // SAFETY: [start, end) ranges of distinct chunks are disjoint, and every window is
             // taken here before any part is sent.
             unsafe { inflight.window((start - offset) as usize, (end - start) as usize) }
@@ -118,6 +148,7 @@ pub(crate) fn submit(
             chunk: ChunkIndex(c),
             offset_in_chunk: start - c * cs,
             len_bytes: end - start,
+            offset_in_request: start - offset,
             buf,
         };
         ready.push((chunk_owner(volume.id, ChunkIndex(c), reactors), part));

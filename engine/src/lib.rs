@@ -30,7 +30,7 @@ pub use front::{validate, MAX_REQUEST_BYTES};
 pub use ids::*;
 pub use io_uring;
 pub use loader::{DeviceSpec, FormatPolicy};
-pub use request::{Completion, Errno, Port, PortWaker, Request, RequestKind};
+pub use request::{Completion, DataMover, Errno, Port, PortWaker, Request, RequestKind};
 pub use volume::{
     chunk_owner, validate_volume_name, DeviceHealth, DeviceState, Volume, VolumeStats,
 };

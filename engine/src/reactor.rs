@@ -16,15 +16,34 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::alloc::QuarantineSnapshot;
-use crate::buf::{AlignedBuf, IoBuf};
+use crate::buf::{AlignedBuf, IoBuf, RegisteredPool};
 use crate::ids::{ChunkIndex, DeviceId, PhysChunk, ReactorId, VolumeId};
-use crate::io::{Io, IoCompletion, IoKind, IoOp};
+use crate::io::{Io, IoCompletion, IoKind, IoOp, MemAccess};
 use crate::meta::MetaSnapshot;
-use crate::request::{Errno, InFlight, Part, RequestKind};
+use crate::request::{DataMover, Errno, InFlight, Part, RequestKind};
 use crate::volume::{DeviceState, Volume};
 
 /// Most device operations one reactor tracks at once (in the ring or waiting for ring space).
 pub const MAX_OPS_PER_REACTOR: usize = 1 << 16;
+
+/// Zeros handed to a [`DataMover`] for reads of unmapped chunks, a piece at a time.
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+
+/// A Read of unmapped space through a mover: zeros, in pieces of [`ZEROS`].
+fn copy_out_zeros(
+    mover: &dyn DataMover,
+    offset_in_request: u64,
+    len_bytes: u64,
+) -> Result<(), Errno> {
+    let mut done = 0u64;
+    // Bounded: len / 64 KiB pieces (a part is at most one chunk).
+    while done < len_bytes {
+        let n = (len_bytes - done).min(ZEROS.len() as u64);
+        mover.copy_out(offset_in_request + done, &ZEROS[..n as usize])?;
+        done += n;
+    }
+    Ok(())
+}
 
 /// A reply to a control message, run on the reactor that finishes it.
 pub(crate) type Reply = Box<dyn FnOnce(Result<(), Errno>) + Send>;
@@ -141,6 +160,8 @@ pub(crate) struct ReactorCore<I: Io> {
     initializing: HashMap<(VolumeId, ChunkIndex), Vec<Part>>,
     homes: HashMap<DeviceId, Home>,
     completions: Vec<IoCompletion>,
+    /// Where bounce buffers for requests with a mover come from (else the heap).
+    bounce_pool: Option<Arc<RegisteredPool>>,
 }
 
 impl<I: Io> ReactorCore<I> {
@@ -156,7 +177,23 @@ impl<I: Io> ReactorCore<I> {
             initializing: HashMap::new(),
             homes: homes.into_iter().map(|h| (h.device.id, h)).collect(),
             completions: Vec::with_capacity(256),
+            bounce_pool: None,
         }
+    }
+
+    /// Take bounce buffers from `pool` (the reactor's registered pool: device IO into it
+    /// skips page pinning) while it has one free that fits.
+    pub fn set_bounce_pool(&mut self, pool: Arc<RegisteredPool>) {
+        self.bounce_pool = Some(pool);
+    }
+
+    /// A buffer for a part whose data a mover brings or takes, when the device cannot be
+    /// reached in place. Its bytes are all overwritten before they are used.
+    fn bounce(&self, len: usize) -> IoBuf {
+        self.bounce_pool
+            .as_ref()
+            .and_then(|p| p.take(len))
+            .unwrap_or_else(|| IoBuf::owned(AlignedBuf::zeroed(len)))
     }
 
     /// Nothing in flight, nothing queued: safe to park.
@@ -293,6 +330,15 @@ impl<I: Io> ReactorCore<I> {
                     part.req.fail(Errno(errno));
                 }
                 part.buf = c.buf;
+                if let (Some(mover), RequestKind::Read, Ok(_)) =
+                    (part.req.mover.as_deref(), part.req.kind, c.result)
+                {
+                    // The bounced read is here: hand it to the mover, then the buffer goes.
+                    let src = part.buf.as_ref().expect("bounced read returns its buffer");
+                    if let Err(e) = mover.copy_out(part.offset_in_request, src.as_slice()) {
+                        part.req.fail(e);
+                    }
+                }
                 self.finish_part(part);
             }
             OpCtx::ChunkInit {
@@ -343,6 +389,24 @@ impl<I: Io> ReactorCore<I> {
             }
         }
         let mapped = volume.mapping(part.chunk);
+        if part.req.mover.is_some()
+            && matches!(part.req.kind, RequestKind::Read | RequestKind::Write)
+        {
+            if let Some(p) = mapped {
+                let off = device.label.chunk_offset_bytes(p) + part.offset_in_chunk;
+                self.start_moved_part(part, off);
+                return;
+            }
+            if part.req.kind == RequestKind::Read {
+                let mover = part.req.mover.as_deref().expect("checked");
+                if let Err(e) = copy_out_zeros(mover, part.offset_in_request, part.len_bytes) {
+                    part.req.fail(e);
+                }
+                self.finish_part(part);
+                return;
+            }
+            // An unmapped write allocates below, like one with a buffer.
+        }
         match (part.req.kind, mapped) {
             (RequestKind::Read, None) => {
                 part.buf
@@ -407,6 +471,58 @@ impl<I: Io> ReactorCore<I> {
                 }
             }
             (RequestKind::Flush, _) => unreachable!("flushes are not split into parts"),
+        }
+    }
+
+    /// A Read/Write part with a mover, on a mapped chunk at device offset `off`: straight
+    /// between the mover and the device's memory when it is plain memory, else through a
+    /// bounce buffer and a device op (Read: the mover gets the buffer on completion).
+    fn start_moved_part(&mut self, part: Part, off: u64) {
+        let device_id = part.req.volume.device.id;
+        // A device without FUA gets a plain write and a flush after it (`finish_part`).
+        let fua = part.req.fua && part.req.volume.device.profile.fua;
+        let len = part.len_bytes as usize;
+        let oir = part.offset_in_request;
+        let mover = part.req.mover.as_deref().expect("moved part has a mover");
+        let write = part.req.kind == RequestKind::Write;
+        let access = if write {
+            MemAccess::Write { fua }
+        } else {
+            MemAccess::Read
+        };
+        // A failed copy_in may leave the range half written: a failed write's range holds
+        // undefined data, as on any disk.
+        let direct = self
+            .io
+            .with_memory(device_id, off, len, access, &mut |mem| {
+                let r = if write {
+                    mover.copy_in(oir, mem)
+                } else {
+                    mover.copy_out(oir, mem)
+                };
+                r.map_err(|e| e.0)
+            });
+        match direct {
+            Some(result) => {
+                if let Err(errno) = result {
+                    part.req.fail(Errno(errno));
+                }
+                self.finish_part(part);
+            }
+            None if write => {
+                let mut buf = self.bounce(len);
+                if let Err(e) = mover.copy_in(oir, buf.as_mut_slice()) {
+                    part.req.fail(e);
+                    self.finish_part(part);
+                    return;
+                }
+                let kind = IoKind::Write { fua };
+                self.submit(device_id, kind, off, Some(buf), OpCtx::Part(part));
+            }
+            None => {
+                let buf = self.bounce(len);
+                self.submit(device_id, IoKind::Read, off, Some(buf), OpCtx::Part(part));
+            }
         }
     }
 

@@ -29,6 +29,29 @@ impl std::fmt::Display for Errno {
     }
 }
 
+/// Moves a Read or Write request's data between the engine and memory the transport does not
+/// lend as an [`IoBuf`] (e.g. the kernel's request pages, reached with `pread`/`pwrite` on
+/// `/dev/ublkcN` under `UBLK_F_USER_COPY`).
+///
+/// The engine calls it on the reactor that owns the chunk, once per piece of the request, with
+/// `offset_in_request` counting from the request's first byte. For a plain memory device the
+/// slice *is* the device's memory for that piece (one copy in all); for other devices it is a
+/// bounce buffer filled by (Read) or written to (Write) the device. Pieces of one request are
+/// disjoint and may be moved from several reactors at once, in any order. An error fails the
+/// request with that errno. Calls never happen after the request's completion was delivered.
+pub trait DataMover: Send + Sync + 'static {
+    /// Read: `src` holds the request's bytes at `offset_in_request`; move them out.
+    fn copy_out(&self, offset_in_request: u64, src: &[u8]) -> Result<(), Errno>;
+    /// Write: fill all of `dst` with the request's bytes at `offset_in_request`.
+    fn copy_in(&self, offset_in_request: u64, dst: &mut [u8]) -> Result<(), Errno>;
+}
+
+impl std::fmt::Debug for dyn DataMover {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DataMover")
+    }
+}
+
 /// What a request does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RequestKind {
@@ -52,6 +75,8 @@ pub struct Request {
     pub fua: bool,
     /// Read: destination; Write: source. Returned in the completion.
     pub buf: Option<IoBuf>,
+    /// Instead of `buf` (never both): who moves the data (Read/Write only).
+    pub mover: Option<Arc<dyn DataMover>>,
     /// Chosen by the submitter; comes back in the completion.
     pub tag: u64,
 }
@@ -129,6 +154,8 @@ pub(crate) struct InFlight {
     /// 0: the parts; 1: the trailing flush of a FUA write.
     pub stage: AtomicU32,
     pub submitted: std::time::Instant,
+    /// Moves the data of a Read/Write that has no buffer.
+    pub mover: Option<Arc<dyn DataMover>>,
     buf: UnsafeCell<Option<IoBuf>>,
 }
 
@@ -148,6 +175,7 @@ impl InFlight {
             errno: AtomicI32::new(0),
             stage: AtomicU32::new(0),
             submitted: std::time::Instant::now(),
+            mover: req.mover.take(),
             buf: UnsafeCell::new(req.buf.take()),
         })
     }
@@ -217,6 +245,9 @@ pub(crate) struct Part {
     pub chunk: ChunkIndex,
     pub offset_in_chunk: u64,
     pub len_bytes: u64,
-    /// Window into the request's buffer (Read/Write only).
+    /// Where this part starts, counted from the request's first byte.
+    pub offset_in_request: u64,
+    /// Window into the request's buffer (Read/Write with a buffer), or the bounce buffer of a
+    /// Read/Write with a mover while its device op is in flight.
     pub buf: Option<IoBuf>,
 }

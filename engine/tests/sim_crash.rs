@@ -175,6 +175,7 @@ impl Workload {
                     len_bytes: 0,
                     fua: false,
                     buf: None,
+                    mover: None,
                     tag,
                 },
                 Pending::Flush { snaps },
@@ -191,6 +192,7 @@ impl Workload {
                     len_bytes: len,
                     fua: false,
                     buf: Some(buf),
+                    mover: None,
                     tag,
                 },
                 Pending::Read {
@@ -230,6 +232,7 @@ impl Workload {
                     len_bytes: len,
                     fua,
                     buf,
+                    mover: None,
                     tag,
                 },
                 Pending::Write {
@@ -318,6 +321,7 @@ fn verify_after_crash(
                 len_bytes: len,
                 fua: false,
                 buf: Some(buf),
+                mover: None,
                 tag: 0,
             };
             cluster
@@ -430,6 +434,7 @@ fn eio_is_reported_and_other_ranges_keep_working() {
             len_bytes: 4096,
             fua: false,
             buf: Some(buf),
+            mover: None,
             tag: offset,
         };
         cluster
@@ -482,6 +487,7 @@ fn full_device_reports_enospc_and_trim_frees_space_after_flush() {
                 len_bytes: len,
                 fua: false,
                 buf,
+                mover: None,
                 tag: 0,
             };
             cluster

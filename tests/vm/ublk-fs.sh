@@ -2,8 +2,11 @@
 # Guest side of tests/vm_ublk.rs `ublk_filesystem_and_fio_verify`: a ublk device on a ringblock
 # RAM volume; ext4 with files whose checksums survive unmount + cache drop + remount; fsck clean;
 # discard and write-zeroes read back as zeros; fio io_uring verify on the raw device; SIGTERM
-# removes the device. Then the same volume exported at runtime through the web API
-# (`ringblock export ublk|list|stop`, GET /api/ublk): write + read back, stop, SIGTERM.
+# removes the device. The device must run in USER_COPY mode (6.12 has it), and a fio crc32c
+# verify with request sizes up to 2 MiB across 1 MiB chunk boundaries, plus large reads of
+# unmapped space, go through the daemon's pread/pwrite copies. Then the same volume exported at
+# runtime through the web API (`ringblock export ublk|list|stop`, GET /api/ublk) with
+# `[ublk] user_copy = false` (the tag-buffer path): write + read back, stop, SIGTERM.
 #   Usage: ublk-fs.sh BIN
 set -euo pipefail
 BIN=$1
@@ -38,6 +41,8 @@ dev=$(ublk_dev /tmp/daemon.log)
 [[ -n $dev ]] || fail "no ublk device announced"
 wait_block "$dev"
 grep '^ringblock: ublk' /tmp/daemon.log
+grep -q "^ringblock: ublk $dev serves volume vol0 .*copy user_copy" /tmp/daemon.log ||
+  fail "the device does not run in USER_COPY mode on this kernel"
 [[ $(blockdev --getsize64 "$dev") == 268435456 ]] || fail "size $(blockdev --getsize64 "$dev")"
 name=${dev#/dev/}
 echo "vm-test: $name: logical $(cat /sys/block/$name/queue/logical_block_size), max_sectors_kb $(cat /sys/block/$name/queue/max_sectors_kb), write_cache '$(cat /sys/block/$name/queue/write_cache)', fua $(cat /sys/block/$name/queue/fua), discard_max $(cat /sys/block/$name/queue/discard_max_bytes), hw queues $(ls /sys/block/$name/mq | wc -l)"
@@ -78,6 +83,24 @@ fio --name=par --filename="$dev" --ioengine=io_uring --direct=1 --rw=randwrite -
   --verify_fatal=1 --group_reporting --output=/tmp/fio2.txt || { cat /tmp/fio2.txt; fail "fio parallel verify"; }
 grep -E 'IOPS|err=' /tmp/fio2.txt | head -n 4
 
+step "USER_COPY: large and mixed request sizes across chunk boundaries"
+# Chunks are 1 MiB; requests up to 2 MiB at 4 KiB-aligned offsets straddle chunk boundaries
+# (the kernel splits them at chunk_sectors and max_sectors, so each ublk request moves in one or
+# more pieces at its own offsets). Random and sequential, written then verified (crc32c).
+fio --name=mixed --filename="$dev" --ioengine=io_uring --direct=1 --rw=randwrite \
+  --bsrange=4k-2M --iodepth=8 --size=40M --offset=130M --verify=crc32c --do_verify=1 \
+  --verify_fatal=1 --randseed=7 --output=/tmp/fio4.txt || { cat /tmp/fio4.txt; fail "fio mixed-size verify"; }
+grep -E 'IOPS|err=' /tmp/fio4.txt | head -n 4
+fio --name=seq --filename="$dev" --ioengine=psync --direct=1 --rw=write --bs=1536k \
+  --size=24M --offset=$((176 << 20)) --verify=crc32c --do_verify=1 \
+  --verify_fatal=1 --output=/tmp/fio5.txt || { cat /tmp/fio5.txt; fail "fio sequential 1.5 MiB verify"; }
+grep -E 'IOPS|err=' /tmp/fio5.txt | head -n 4
+# Unmapped space (whole chunks discarded), read in 2 MiB direct reads (512 KiB requests):
+# zeros, moved 64 KiB at a time at offsets inside each request.
+blkdiscard -f -o $((224 << 20)) -l $((16 << 20)) "$dev"
+dd if="$dev" bs=2M skip=112 count=8 iflag=direct status=none | cmp -n $((16 << 20)) - /dev/zero ||
+  fail "unmapped space does not read as zeros through USER_COPY"
+
 step "kill -9 with a RAM volume: its data died, so the restart replaces the device"
 kill -KILL "$DAEMON_PID"
 wait "$DAEMON_PID" 2>/dev/null || true
@@ -99,7 +122,8 @@ grep -q 'stopped cleanly' /tmp/daemon2.log || fail "daemon did not stop cleanly"
 # dashboard do it: the daemon starts without an [[export]]; the CLI gets the token the daemon
 # printed at its first start (only its hash is stored in the state directory).
 step "runtime export: daemon without [[export]], with the web API"
-grep -v -e '^\[\[export\]\]' -e '^kind = "ublk"' -e '^volume = "vol0"' /tmp/ublk.toml >/tmp/api.toml
+grep -v -e '^\[\[export\]\]' -e '^kind = "ublk"' -e '^volume = "vol0"' /tmp/ublk.toml |
+  sed 's/^\[ublk\]$/&\nuser_copy = false/' >/tmp/api.toml
 cat >>/tmp/api.toml <<TOML
 [web]
 listen = "127.0.0.1:18080"
@@ -122,10 +146,11 @@ dev=$(sed -n 's|^\(/dev/ublkb[0-9]*\) serves volume vol0$|\1|p' <<<"$out")
 wait_block "$dev"
 [[ $(blockdev --getsize64 "$dev") == 268435456 ]] || fail "size $(blockdev --getsize64 "$dev")"
 "$BIN" export list | tee /tmp/list.txt
-grep -qE "^$dev +vol0 +2 +[0-9]+ +live$" /tmp/list.txt || fail "export list does not show $dev"
+grep -qE "^$dev +vol0 +2 +[0-9]+ +tag_buffer +live$" /tmp/list.txt ||
+  fail "export list does not show $dev in tag_buffer mode ([ublk] user_copy = false)"
 json=$(api_get /api/ublk)
 echo "vm-test: GET /api/ublk: $json"
-for want in "\"path\":\"$dev\"" '"volume":"vol0"' '"state":"live"'; do
+for want in "\"path\":\"$dev\"" '"volume":"vol0"' '"state":"live"' '"copy_mode":"tag_buffer"'; do
   grep -qF "$want" <<<"$json" || fail "GET /api/ublk lacks $want"
 done
 api_get /api/status | grep -qF '"ublk_exports":1' || fail "status: $(api_get /api/status)"

@@ -38,6 +38,8 @@ dev=$(ublk_dev /tmp/daemon1.log)
 [[ -n $dev ]] || fail "no ublk device announced"
 wait_block "$dev"
 grep '^ringblock: ublk' /tmp/daemon1.log
+grep -q "^ringblock: ublk $dev serves volume vol0 .*copy user_copy" /tmp/daemon1.log ||
+  fail "the device does not run in USER_COPY mode on this kernel"
 cat /run/ringblock/ublk-vol0.state
 
 # Allocate every chunk fio will touch and make the volume's chunk map durable (FLUSH): a crash
@@ -75,8 +77,8 @@ for round in 1 2; do
   step "restart: recover $dev"
   start_daemon /tmp/ublk.toml /tmp/daemon$((round + 1)).log
   grep '^ringblock: ublk' /tmp/daemon$((round + 1)).log
-  grep -q "^ringblock: ublk $dev serves volume vol0 .*recovered from the previous daemon" /tmp/daemon$((round + 1)).log ||
-    fail "restart did not recover $dev"
+  grep -q "^ringblock: ublk $dev serves volume vol0 .*copy user_copy, recovered from the previous daemon" /tmp/daemon$((round + 1)).log ||
+    fail "restart did not recover $dev (in the USER_COPY mode it was created with)"
 done
 
 step "wait for fio"

@@ -129,6 +129,11 @@ pub struct UblkExport {
     pub recovered: bool,
     /// Driver features granted to the device.
     pub features: Vec<String>,
+    /// How request data moves: `user_copy` (USER_COPY: the daemon copies between the request
+    /// and the volume, one copy per IO) or `tag_buffer` (the driver copies through per-tag
+    /// buffers, two copies per IO).
+    #[serde(default)]
+    pub copy_mode: String,
     pub stats: UblkExportStats,
 }
 

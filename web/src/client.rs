@@ -290,11 +290,15 @@ pub fn ublk_table(exports: &[UblkExport]) -> String {
                 e.volume.clone(),
                 e.queues.to_string(),
                 e.queue_depth.to_string(),
+                e.copy_mode.clone(),
                 e.state.clone(),
             ]
         })
         .collect();
-    table(&["DEVICE", "VOLUME", "QUEUES", "DEPTH", "STATE"], &rows)
+    table(
+        &["DEVICE", "VOLUME", "QUEUES", "DEPTH", "COPY", "STATE"],
+        &rows,
+    )
 }
 
 /// `ringblock status` as text.

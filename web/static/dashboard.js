@@ -307,8 +307,9 @@ async function refreshUblk(status) {
   try { list = await api('GET', '/api/ublk'); } catch (e) { if (e instanceof Unauthorized) throw e; why = e.message; }
   fillTable('ublk', list.map((u) => el('tr', { 'data-volume': u.volume },
     el('td', {}, el('code', {}, u.path)), el('td', {}, u.volume), el('td', { class: 'num' }, u.queues), el('td', { class: 'num' }, u.queue_depth),
+    el('td', {}, u.copy_mode || ''),
     el('td', {}, u.state + (u.recovered ? ' (recovered)' : '')),
-    el('td', { class: 'num' }, fmtCount(u.stats.reads) + ' / ' + fmtCount(u.stats.writes)))), 6, why ? 'none — ' + why : 'none');
+    el('td', { class: 'num' }, fmtCount(u.stats.reads) + ' / ' + fmtCount(u.stats.writes)))), 7, why ? 'none — ' + why : 'none');
 }
 
 // ----- actions ------------------------------------------------------------------------------

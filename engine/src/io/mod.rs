@@ -40,6 +40,15 @@ pub struct IoCompletion {
     pub buf: Option<IoBuf>,
 }
 
+/// How [`Io::with_memory`] touches a memory device's bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemAccess {
+    /// The bytes are read (copied out of the device).
+    Read,
+    /// The bytes are written; `fua` makes them durable before the call returns.
+    Write { fua: bool },
+}
+
 /// A reactor's view of its devices. Not thread-safe by design: one per reactor.
 pub trait Io {
     /// Queue an op. When the submission side is full the op is handed back; the caller keeps
@@ -60,4 +69,22 @@ pub trait Io {
 
     /// Ops pushed and not yet completed.
     fn in_flight(&self) -> usize;
+
+    /// Run `f` on `len` bytes at `offset_bytes` of `device`'s own memory, synchronously, when
+    /// the device is plain memory (`ram`, `bbram`; not wrapped by `delay` or `fault`). `None`
+    /// when it is not: the caller goes through a buffer and [`Io::push`] instead.
+    ///
+    /// Only the reactor that owns the chunk holding the range may call this (chunk ownership
+    /// is what makes the access exclusive), and `f` must not keep the slice.
+    fn with_memory(
+        &mut self,
+        device: DeviceId,
+        offset_bytes: u64,
+        len: usize,
+        access: MemAccess,
+        f: &mut dyn FnMut(&mut [u8]) -> Result<(), i32>,
+    ) -> Option<Result<(), i32>> {
+        let _ = (device, offset_bytes, len, access, f);
+        None
+    }
 }

@@ -11,10 +11,11 @@ use std::time::Instant;
 
 use io_uring::{opcode, squeue, types, IoUring};
 
-use super::{Io, IoCompletion, IoKind, IoOp};
+use super::{Io, IoCompletion, IoKind, IoOp, MemAccess};
 use crate::buf::{AlignedBuf, RegisteredPool};
 use crate::device::{Backend, OpenDevice};
 use crate::error::EngineError;
+use crate::ids::DeviceId;
 use crate::profile::ServiceTime;
 
 const WAKE_TAG: u64 = u64::MAX;
@@ -659,6 +660,34 @@ impl Io for UringIo {
 
     fn in_flight(&self) -> usize {
         self.in_flight
+    }
+
+    fn with_memory(
+        &mut self,
+        device: DeviceId,
+        offset_bytes: u64,
+        len: usize,
+        access: MemAccess,
+        f: &mut dyn FnMut(&mut [u8]) -> Result<(), i32>,
+    ) -> Option<Result<(), i32>> {
+        let d = self.devices.get(device.0 as usize)?.as_ref()?;
+        // The wrappers shape each op (latency, injected errors): such devices take the op path.
+        if d.delay.is_some() || d.fault.is_some() {
+            return None;
+        }
+        let Backend::Mem(m) = &d.backend else {
+            return None;
+        };
+        // SAFETY: the trait's contract: we run on the reactor that owns the chunk holding this
+        // range, synchronously. Only that reactor reads, writes, allocates or unmaps the chunk
+        // (a whole-chunk TRIM that frees it runs on this same thread, so not during this call),
+        // and a volume is deleted only with no IO in flight; so no one else touches these
+        // bytes, and the chunk cannot be freed or given to another volume while `f` runs.
+        let result = unsafe { m.with_range(offset_bytes, len, f) }.and_then(|r| r);
+        Some(match (result, access) {
+            (Ok(()), MemAccess::Write { fua: true }) => m.persist(),
+            (r, _) => r,
+        })
     }
 }
 

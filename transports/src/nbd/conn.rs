@@ -467,6 +467,7 @@ impl Connection {
             len_bytes,
             fua,
             buf,
+            mover: None,
             tag: u64::from(tag),
         };
         let port = self.port.clone().expect("port created on first poll");

@@ -10,9 +10,14 @@
 //!   on reactor `q` that keeps FETCH_REQ / COMMIT_AND_FETCH_REQ commands (`UringCmd16`) in that
 //!   reactor's ring, so a request submitted on core `q` is served by the reactor pinned to core
 //!   `q`, and chunks that reactor owns are served inline.
-//! - **Buffers**: per tag, `max_io_bytes` of an anonymous mapping owned by the queue; the engine
-//!   gets windows into it. The driver copies data in (WRITE) and out (READ) — 6.12 has no
-//!   zero-copy that fits (AUTO_BUF_REG is 6.16+).
+//! - **Data** ([`CopyMode`]): with `UBLK_F_USER_COPY` (asked for when GET_FEATURES offers it,
+//!   unless `[ublk] user_copy = false`), the engine moves each part of a READ/WRITE itself with
+//!   `pwrite`/`pread` on `/dev/ublkcN`, on the reactor that owns the chunk and straight from/to
+//!   a RAM volume's chunk memory: one copy per request. Without it, per tag `max_io_bytes` of
+//!   an anonymous mapping owned by the queue, which the engine gets windows into and the driver
+//!   copies data into (WRITE) and out of (READ): two copies. 6.12 has no zero-copy mode that
+//!   fits (AUTO_BUF_REG is 6.16+). The mode is a property of the device (its flags), so a
+//!   recovered device keeps the one it was created with.
 //! - **Recovery**: devices are created with USER_RECOVERY + USER_RECOVERY_REISSUE (when the
 //!   kernel offers them) and their id is saved in `<state_dir>/ublk-<volume>.state`. When the
 //!   daemon dies, the driver quiesces the device and requeues in-flight IO; a restarted daemon
@@ -37,7 +42,7 @@ use std::time::{Duration, Instant};
 use ringblock_engine::{Engine, ReactorId, VolumeHandle};
 
 pub use ctrl::CONTROL_PATH;
-pub use queue::DevStats;
+pub use queue::{CopyMode, DevStats};
 use queue::{QueueMem, QueueStatus, QueueTask};
 use sys::DevInfo;
 
@@ -106,6 +111,9 @@ pub struct UblkOptions {
     pub max_io_bytes: Option<u32>,
     /// Create devices with USER_RECOVERY and recover existing ones.
     pub recovery: bool,
+    /// Create devices with USER_COPY when the driver offers it (one copy per request instead
+    /// of two). Off: per-tag buffers the driver copies to/from, as on kernels before 6.5.
+    pub user_copy: bool,
 }
 
 impl Default for UblkOptions {
@@ -115,6 +123,7 @@ impl Default for UblkOptions {
             queue_depth: None,
             max_io_bytes: None,
             recovery: true,
+            user_copy: true,
         }
     }
 }
@@ -174,6 +183,8 @@ pub struct UblkInfo {
     pub recovered: bool,
     /// Driver features granted to the device.
     pub features: Vec<String>,
+    /// How request data moves: `user_copy` or `tag_buffer`.
+    pub copy_mode: String,
     pub stats: UblkStats,
 }
 
@@ -232,6 +243,11 @@ impl UblkDevice {
         self.recovered
     }
 
+    /// How this device's request data moves (from the flags it was created with).
+    pub fn copy_mode(&self) -> CopyMode {
+        CopyMode::of(self.info.flags)
+    }
+
     pub fn state(&self) -> UblkState {
         self.state.lock().expect("ublk state").clone()
     }
@@ -251,6 +267,7 @@ impl UblkDevice {
             state: self.state().to_string(),
             recovered: self.recovered,
             features: sys::feature_names(self.info.flags),
+            copy_mode: self.copy_mode().to_string(),
             stats: UblkStats {
                 reads: s.reads.load(r),
                 writes: s.writes.load(r),
@@ -518,6 +535,7 @@ fn spawn_queues(
             q,
             info.queue_depth,
             info.max_io_buf_bytes as usize,
+            CopyMode::of(info.flags),
         )?);
     }
     let mut queues = Vec::new();
@@ -655,6 +673,10 @@ fn create(
     }
     if let Some(f) = features {
         flags &= f;
+        // Only when the driver says it has it: an unknown flag fails ADD_DEV on old kernels.
+        if opts.user_copy {
+            flags |= f & sys::UBLK_F_USER_COPY;
+        }
     }
     let queues_n = engine.reactor_count().min(sys::UBLK_MAX_NR_QUEUES) as u16;
     let mut info = DevInfo {
@@ -725,7 +747,7 @@ fn create(
         cdev: Mutex::new(Some(cdev)),
         state_file,
     });
-    tracing::info!(device = %dev.path().display(), volume = %vol.name, queues = info.nr_hw_queues, depth = info.queue_depth, max_io_bytes = info.max_io_buf_bytes, features = ?sys::feature_names(info.flags), "ublk export started");
+    tracing::info!(device = %dev.path().display(), volume = %vol.name, queues = info.nr_hw_queues, depth = info.queue_depth, max_io_bytes = info.max_io_buf_bytes, copy = %dev.copy_mode(), features = ?sys::feature_names(info.flags), "ublk export started");
     DEVICES.lock().expect("ublk registry").push(dev.clone());
     Ok(dev)
 }
@@ -771,7 +793,7 @@ fn recover(
         cdev: Mutex::new(Some(cdev)),
         state_file,
     });
-    tracing::info!(device = %dev.path().display(), volume = %vol.name, queues = info.nr_hw_queues, depth = info.queue_depth, "ublk export recovered from the previous daemon");
+    tracing::info!(device = %dev.path().display(), volume = %vol.name, queues = info.nr_hw_queues, depth = info.queue_depth, copy = %dev.copy_mode(), "ublk export recovered from the previous daemon");
     DEVICES.lock().expect("ublk registry").push(dev.clone());
     Ok(dev)
 }
@@ -911,6 +933,14 @@ pub const OPTIONAL_FEATURES: &[(u64, &str)] = &[
 ];
 
 impl KernelSupport {
+    /// The copy mode new exports get on this kernel (with the default `[ublk] user_copy`).
+    pub fn copy_mode(&self) -> Option<CopyMode> {
+        self.features
+            .as_ref()
+            .ok()
+            .map(|f| CopyMode::of(f & sys::UBLK_F_USER_COPY))
+    }
+
     /// Wanted features the driver lacks (empty when features are unknown).
     pub fn missing(&self) -> Vec<(u64, &'static str)> {
         match self.features {

@@ -2,11 +2,23 @@
 //!
 //! Queue `q` of a device lives on reactor `q % reactors`, so the driver's per-queue daemon (the
 //! task that issues the queue's commands) is that reactor's thread, and blk-mq's CPU→queue map
-//! sends IO submitted on core `q` to the reactor pinned there. Every tag has its own buffer of
-//! `max_io_bytes` in an anonymous mapping the queue owns; the driver copies WRITE data into it
-//! before delivering the request and copies READ data out of it when we commit. The engine gets
-//! a window into that buffer ([`IoBuf::from_raw_parts`]), so a request costs one copy each way
-//! between the tag buffer and the engine (as with NBD, minus the socket).
+//! sends IO submitted on core `q` to the reactor pinned there.
+//!
+//! Data moves in one of two ways ([`CopyMode`], fixed when the device is added):
+//!
+//! - **USER_COPY** (Linux 6.5+, the default where the driver offers it): no tag buffers. A
+//!   READ/WRITE becomes an engine request whose data a per-tag [`DataMover`] moves with
+//!   `pwrite` (READ: fills the request's pages) or `pread` (WRITE: takes them) on `/dev/ublkcN`
+//!   at the position the uapi defines for (queue, tag, offset in the request). The engine calls
+//!   it on the reactor that owns each chunk, with that chunk's memory for a RAM/bbram volume: a
+//!   request costs **one** copy, between the kernel's pages and the chunk (like a loop device's
+//!   page cache copy). Other devices go through a bounce buffer (two copies, as before).
+//!   FETCH/COMMIT carry `addr` 0, and every copy is done before COMMIT_AND_FETCH.
+//! - **Tag buffers** (older kernels): every tag has its own buffer of `max_io_bytes` in an
+//!   anonymous mapping the queue owns; the driver copies WRITE data into it before delivering
+//!   the request and copies READ data out of it when we commit. The engine gets a window into
+//!   that buffer ([`IoBuf::from_raw_parts`]): one copy each way between the tag buffer and the
+//!   engine, one more by the driver.
 //!
 //! Life of a tag: FETCH_REQ in the ring → a request arrives (CQE, the descriptor array says
 //! what) → engine request → completion → COMMIT_AND_FETCH_REQ (result + refetch in one command)
@@ -19,10 +31,130 @@ use std::sync::{Arc, Mutex};
 
 use ringblock_engine::io_uring::{opcode, types};
 use ringblock_engine::task::{ReactorTask, TaskCtx};
-use ringblock_engine::{Completion, IoBuf, Port, Request, RequestKind, VolumeHandle};
+use ringblock_engine::{
+    Completion, DataMover, Errno, IoBuf, Port, Request, RequestKind, VolumeHandle,
+};
 
 use super::sys::{self, IoCmd, IoDesc};
 use super::UblkError;
+
+/// How a device's request data moves between the kernel and the engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopyMode {
+    /// Per-tag buffers the driver copies to/from (two copies per request).
+    TagBuffer,
+    /// `UBLK_F_USER_COPY`: we `pread`/`pwrite` the request's pages on `/dev/ublkcN` straight
+    /// from/to the engine's memory (one copy per request on RAM volumes).
+    UserCopy,
+}
+
+impl CopyMode {
+    /// The mode a device added (or recovered) with driver flags `flags` runs in.
+    pub fn of(flags: u64) -> Self {
+        if flags & sys::UBLK_F_USER_COPY != 0 {
+            CopyMode::UserCopy
+        } else {
+            CopyMode::TagBuffer
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CopyMode::TagBuffer => "tag_buffer",
+            CopyMode::UserCopy => "user_copy",
+        }
+    }
+}
+
+impl std::fmt::Display for CopyMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// USER_COPY: moves the data of the request in one tag with `pread`/`pwrite` on `/dev/ublkcN`.
+/// Made once per tag; each READ/WRITE in the tag carries a clone of it.
+struct TagCopy {
+    cdev: Arc<OwnedFd>,
+    q_id: u16,
+    tag: u16,
+    /// Largest request (`max_io_buf_bytes`): offsets past it are refused, never sent.
+    max_io_bytes: u64,
+}
+
+/// Tries of a `pread`/`pwrite` interrupted by a signal before we give up.
+const COPY_EINTR_TRIES: u32 = 8;
+
+impl TagCopy {
+    fn pos(&self, offset_in_request: u64, len: usize) -> Result<i64, Errno> {
+        let end = offset_in_request
+            .checked_add(len as u64)
+            .ok_or(Errno::EINVAL)?;
+        if end > self.max_io_bytes {
+            return Err(Errno::EINVAL);
+        }
+        sys::user_copy_pos(self.q_id, self.tag, offset_in_request)
+            .and_then(|p| i64::try_from(p).ok())
+            .ok_or(Errno::EINVAL)
+    }
+
+    /// Finish one `pread`/`pwrite` result: all of `len` bytes, or an errno. The driver copies
+    /// up to the request's end, so a short count means the request is shorter than we were
+    /// told: EIO (never a panic on what the kernel says).
+    fn done(n: isize, len: usize) -> Result<bool, Errno> {
+        if n < 0 {
+            let e = std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO);
+            return if e == libc::EINTR {
+                Ok(false)
+            } else {
+                Err(Errno(e))
+            };
+        }
+        if n as usize != len {
+            return Err(Errno::EIO);
+        }
+        Ok(true)
+    }
+}
+
+impl DataMover for TagCopy {
+    fn copy_out(&self, offset_in_request: u64, src: &[u8]) -> Result<(), Errno> {
+        let pos = self.pos(offset_in_request, src.len())?;
+        for _ in 0..COPY_EINTR_TRIES {
+            // SAFETY: writes from a valid slice; the descriptor lives as long as `self`. The
+            // driver checks (queue, tag, offset) against a request it has handed us and not
+            // yet seen committed: ours until COMMIT_AND_FETCH, which waits for this request's
+            // engine completion, which waits for every part's copy.
+            let n =
+                unsafe { libc::pwrite(self.cdev.as_raw_fd(), src.as_ptr().cast(), src.len(), pos) };
+            if Self::done(n, src.len())? {
+                return Ok(());
+            }
+        }
+        Err(Errno(libc::EINTR))
+    }
+
+    fn copy_in(&self, offset_in_request: u64, dst: &mut [u8]) -> Result<(), Errno> {
+        let pos = self.pos(offset_in_request, dst.len())?;
+        for _ in 0..COPY_EINTR_TRIES {
+            // SAFETY: reads into a valid, exclusively borrowed slice; as in `copy_out`.
+            let n = unsafe {
+                libc::pread(
+                    self.cdev.as_raw_fd(),
+                    dst.as_mut_ptr().cast(),
+                    dst.len(),
+                    pos,
+                )
+            };
+            if Self::done(n, dst.len())? {
+                return Ok(());
+            }
+        }
+        Err(Errno(libc::EINTR))
+    }
+}
 
 /// Counters of one device, summed over its queues; read by the registry.
 #[derive(Debug, Default)]
@@ -95,15 +227,18 @@ impl QueueStatus {
 }
 
 /// The memory of one queue: the driver's descriptor array (mapped read-only from /dev/ublkcN)
-/// and the tags' data buffers. Kept alive by the task and by every IoBuf window handed to the
-/// engine.
+/// and, in [`CopyMode::TagBuffer`], the tags' data buffers. Kept alive by the task and by every
+/// IoBuf window handed to the engine.
 pub struct QueueMem {
     descs: *const IoDesc,
     descs_bytes: usize,
+    /// Null (and `bufs_bytes` 0) in USER_COPY mode: no tag buffers.
     bufs: *mut u8,
     bufs_bytes: usize,
+    /// Largest request (`max_io_buf_bytes`), and each tag buffer's size.
     buf_stride: usize,
     depth: u16,
+    mode: CopyMode,
 }
 
 // SAFETY: the descriptor mapping is only read; each tag's buffer window is used by one party at
@@ -118,6 +253,7 @@ impl QueueMem {
         q_id: u16,
         depth: u16,
         max_io_bytes: usize,
+        mode: CopyMode,
     ) -> Result<Arc<QueueMem>, UblkError> {
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
@@ -139,6 +275,17 @@ impl QueueMem {
                 "mmap of queue {q_id}'s descriptors: {}",
                 std::io::Error::last_os_error()
             )));
+        }
+        if mode == CopyMode::UserCopy {
+            return Ok(Arc::new(QueueMem {
+                descs: descs.cast(),
+                descs_bytes,
+                bufs: std::ptr::null_mut(),
+                bufs_bytes: 0,
+                buf_stride: max_io_bytes,
+                depth,
+                mode,
+            }));
         }
         let bufs_bytes = usize::from(depth) * max_io_bytes;
         // SAFETY: a fresh private anonymous mapping (zero pages, committed on first touch).
@@ -167,6 +314,7 @@ impl QueueMem {
             bufs_bytes,
             buf_stride: max_io_bytes,
             depth,
+            mode,
         }))
     }
 
@@ -177,9 +325,13 @@ impl QueueMem {
         unsafe { std::ptr::read_volatile(self.descs.add(usize::from(tag))) }
     }
 
+    /// The `addr` of the tag's FETCH/COMMIT: its buffer, or 0 in USER_COPY mode (required).
     fn buf_addr(&self, tag: u16) -> u64 {
         assert!(tag < self.depth);
-        self.bufs as u64 + u64::from(tag) * self.buf_stride as u64
+        match self.mode {
+            CopyMode::TagBuffer => self.bufs as u64 + u64::from(tag) * self.buf_stride as u64,
+            CopyMode::UserCopy => 0,
+        }
     }
 
     /// A window of `len` bytes of `tag`'s buffer, kept alive by `mem`.
@@ -188,7 +340,7 @@ impl QueueMem {
     /// Only while the tag's request is ours (between its fetch CQE and our commit), one window
     /// per tag at a time.
     unsafe fn window(mem: &Arc<QueueMem>, tag: u16, len: usize) -> IoBuf {
-        assert!(len <= mem.buf_stride);
+        assert!(len <= mem.buf_stride && mem.mode == CopyMode::TagBuffer);
         let ptr = mem.buf_addr(tag) as *mut u8;
         let keep: Arc<dyn ringblock_engine::buf::KeepAlive> = mem.clone();
         // SAFETY: inside the tag's buffer, alive while `keep` lives; exclusive by contract.
@@ -202,7 +354,9 @@ impl Drop for QueueMem {
         // any more (every window and the task are gone).
         unsafe {
             libc::munmap(self.descs as *mut libc::c_void, self.descs_bytes);
-            libc::munmap(self.bufs.cast(), self.bufs_bytes);
+            if !self.bufs.is_null() {
+                libc::munmap(self.bufs.cast(), self.bufs_bytes);
+            }
         }
     }
 }
@@ -233,6 +387,8 @@ pub struct QueueTask {
     handle: VolumeHandle,
     port: Option<Arc<Port>>,
     tags: Vec<Tag>,
+    /// USER_COPY: each tag's data mover (empty in tag-buffer mode).
+    movers: Vec<Arc<dyn DataMover>>,
     /// Tags whose next command did not fit in the ring, oldest first.
     waiting: VecDeque<u16>,
     in_ring: usize,
@@ -251,6 +407,19 @@ impl QueueTask {
         handle: VolumeHandle,
     ) -> Self {
         let depth = mem.depth;
+        let movers = match mem.mode {
+            CopyMode::UserCopy => (0..depth)
+                .map(|tag| {
+                    Arc::new(TagCopy {
+                        cdev: cdev.clone(),
+                        q_id,
+                        tag,
+                        max_io_bytes: mem.buf_stride as u64,
+                    }) as Arc<dyn DataMover>
+                })
+                .collect(),
+            CopyMode::TagBuffer => Vec::new(),
+        };
         Self {
             q_id,
             cdev,
@@ -260,6 +429,7 @@ impl QueueTask {
             handle,
             port: None,
             tags: vec![Tag::Pending(None); usize::from(depth)],
+            movers,
             waiting: (0..depth).collect(),
             in_ring: 0,
             in_engine: 0,
@@ -384,16 +554,22 @@ impl QueueTask {
                 return;
             }
         };
-        let buf = match kind {
+        let (buf, mover) = match kind {
             RequestKind::Read | RequestKind::Write => {
                 if len_bytes == 0 || len_bytes > self.mem.buf_stride as u64 {
                     self.finish(ctx, tag, -libc::EINVAL);
                     return;
                 }
-                // SAFETY: the request is ours until we commit; one window per tag.
-                Some(unsafe { QueueMem::window(&self.mem, tag, len_bytes as usize) })
+                match self.mem.mode {
+                    CopyMode::UserCopy => (None, Some(self.movers[usize::from(tag)].clone())),
+                    // SAFETY: the request is ours until we commit; one window per tag.
+                    CopyMode::TagBuffer => (
+                        Some(unsafe { QueueMem::window(&self.mem, tag, len_bytes as usize) }),
+                        None,
+                    ),
+                }
             }
-            _ => None,
+            _ => (None, None),
         };
         self.tags[usize::from(tag)] = Tag::Serving {
             op: d.op(),
@@ -405,7 +581,7 @@ impl QueueTask {
         } else {
             len_bytes
         };
-        self.submit(ctx, tag, kind, offset_bytes, len, fua, buf);
+        self.submit(ctx, tag, kind, offset_bytes, len, fua, buf, mover);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -418,6 +594,7 @@ impl QueueTask {
         len_bytes: u64,
         fua: bool,
         buf: Option<IoBuf>,
+        mover: Option<Arc<dyn DataMover>>,
     ) {
         let req = Request {
             kind,
@@ -425,6 +602,7 @@ impl QueueTask {
             len_bytes,
             fua,
             buf,
+            mover,
             tag: u64::from(tag),
         };
         let port = self.port.clone().expect("port made on first poll");
@@ -454,7 +632,7 @@ impl QueueTask {
                     len_bytes,
                     then_flush: false,
                 };
-                self.submit(ctx, tag, RequestKind::Flush, 0, 0, false, None);
+                self.submit(ctx, tag, RequestKind::Flush, 0, 0, false, None, None);
             }
             Ok(()) => {
                 let done = match op {

@@ -50,6 +50,16 @@ pub const UBLK_IO_RES_NEED_GET_DATA: i32 = 1;
 pub const UBLK_IO_RES_ABORT: i32 = -libc::ENODEV;
 
 pub const UBLKSRV_CMD_BUF_OFFSET: i64 = 0;
+/// USER_COPY: file position on `/dev/ublkcN` where requests' data starts (`pread`/`pwrite`).
+pub const UBLKSRV_IO_BUF_OFFSET: u64 = 0x8000_0000;
+/// USER_COPY position layout: the byte offset in the request takes the low 25 bits, the tag
+/// the next 16, the queue id the 12 above (`UBLK_IO_BUF_BITS`, `UBLK_TAG_OFF`/`_BITS`,
+/// `UBLK_QID_OFF`/`_BITS` of the 6.12 header).
+pub const UBLK_IO_BUF_BITS: u32 = 25;
+pub const UBLK_TAG_OFF: u32 = UBLK_IO_BUF_BITS;
+pub const UBLK_TAG_BITS: u32 = 16;
+pub const UBLK_QID_OFF: u32 = UBLK_TAG_OFF + UBLK_TAG_BITS;
+pub const UBLK_QID_BITS: u32 = 12;
 pub const UBLK_MAX_QUEUE_DEPTH: u32 = 4096;
 /// Largest single IO buffer the driver accepts (`1 << UBLK_IO_BUF_BITS`).
 pub const UBLK_IO_BUF_MAX_BYTES: u32 = 1 << 25;
@@ -309,6 +319,20 @@ pub fn cmd_buf_offset(q: u16, page_bytes: usize) -> i64 {
     UBLKSRV_CMD_BUF_OFFSET + (usize::from(q) * per_queue) as i64
 }
 
+/// USER_COPY: the `/dev/ublkcN` file position of byte `offset` of request (`q_id`, `tag`).
+/// `None` when a field does not fit its bits (the driver would read another request).
+pub fn user_copy_pos(q_id: u16, tag: u16, offset: u64) -> Option<u64> {
+    if u32::from(q_id) >> UBLK_QID_BITS != 0 || offset >> UBLK_IO_BUF_BITS != 0 {
+        return None;
+    }
+    Some(
+        UBLKSRV_IO_BUF_OFFSET
+            + (u64::from(q_id) << UBLK_QID_OFF)
+            + (u64::from(tag) << UBLK_TAG_OFF)
+            + offset,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -346,6 +370,22 @@ mod tests {
         assert_eq!(cmd_buf_offset(1, 4096), 4096 * 24);
         assert_eq!(cmd_buf_bytes(128, 4096), 4096);
         assert_eq!(cmd_buf_bytes(256, 4096), 8192);
+    }
+
+    #[test]
+    fn user_copy_positions() {
+        // ublk_pos_to_hwq/tag/buf_off of the 6.12 driver, inverted.
+        assert_eq!(user_copy_pos(0, 0, 0), Some(0x8000_0000));
+        assert_eq!(user_copy_pos(0, 1, 0), Some(0x8000_0000 + (1 << 25)));
+        assert_eq!(user_copy_pos(1, 0, 0), Some(0x8000_0000 + (1 << 41)));
+        assert_eq!(
+            user_copy_pos(3, 127, 4096),
+            Some(0x8000_0000 + (3 << 41) + (127 << 25) + 4096)
+        );
+        let max = user_copy_pos(4095, u16::MAX, (1 << 25) - 1).unwrap();
+        assert!(max < i64::MAX as u64, "fits pread's off_t");
+        assert_eq!(user_copy_pos(4096, 0, 0), None);
+        assert_eq!(user_copy_pos(0, 0, 1 << 25), None);
     }
 
     #[test]
