@@ -115,44 +115,35 @@ pub(crate) fn submit(
         .store(parts, std::sync::atomic::Ordering::Release);
     let has_buf =
         matches!(kind, RequestKind::Read | RequestKind::Write) && inflight.mover.is_none();
-    if parts == 1 {
-        // The common case (a request inside one chunk): no list of parts, and the part takes
-        // over the submitter's reference to the request.
-        let buf = has_buf.then(|| {
-            // SAFETY: the only window, taken before the part is sent.
-            unsafe { inflight.window(0, len as usize) }
-        });
-        let to = chunk_owner(volume.id, ChunkIndex(first), reactors);
-        let part = Part {
-            req: inflight,
-            chunk: ChunkIndex(first),
-            offset_in_chunk: offset - first * cs,
-            len_bytes: len,
-            offset_in_request: 0,
-            buf,
-        };
-        send(to, Msg::Part(part));
-        return Ok(());
-    }
-    let mut ready = Vec::with_capacity(parts as usize);
-    for c in first..=last {
+    // The part of chunk `c`, holding `req`. Every window is taken before any part is sent.
+    let make_part = |c: u64, req: Arc<InFlight>| {
         let start = (c * cs).max(offset);
         let end = ((c + 1) * cs).min(offset + len);
         let buf = has_buf.then(|| {
             // SAFETY: [start, end) ranges of distinct chunks are disjoint, and every window is
-            // taken here before any part is sent.
-            unsafe { inflight.window((start - offset) as usize, (end - start) as usize) }
+            // taken (here, by the callers below) before any part is sent.
+            unsafe { req.window((start - offset) as usize, (end - start) as usize) }
         });
         let part = Part {
-            req: inflight.clone(),
+            req,
             chunk: ChunkIndex(c),
             offset_in_chunk: start - c * cs,
             len_bytes: end - start,
             offset_in_request: start - offset,
             buf,
         };
-        ready.push((chunk_owner(volume.id, ChunkIndex(c), reactors), part));
+        (chunk_owner(volume.id, ChunkIndex(c), reactors), part)
+    };
+    if parts == 1 {
+        // The common case (a request inside one chunk): no list of parts, and the part takes
+        // over the submitter's reference to the request.
+        let (to, part) = make_part(first, inflight);
+        send(to, Msg::Part(part));
+        return Ok(());
     }
+    let ready: Vec<_> = (first..=last)
+        .map(|c| make_part(c, inflight.clone()))
+        .collect();
     for (to, part) in ready {
         send(to, Msg::Part(part));
     }
