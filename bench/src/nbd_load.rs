@@ -259,6 +259,93 @@ struct Conn {
     closed: bool,
 }
 
+/// What decides the next requests: offsets (random or sequential), reads or writes, and with
+/// verify, which blocks are busy and what was last written to each.
+struct Issuer<'a> {
+    cfg: &'a LoadConfig,
+    blocks: u64,
+    rng: SmallRng,
+    seq_next: u64,
+    /// Verify bookkeeping: last generation written per block (0 = never) and a busy flag.
+    generation: Vec<u32>,
+    block_busy: Vec<bool>,
+    /// A block's pattern, written or expected.
+    scratch: Vec<u8>,
+    /// Requests issued so far (the fixed rate's schedule counts them).
+    issued: u64,
+}
+
+impl<'a> Issuer<'a> {
+    fn new(cfg: &'a LoadConfig, blocks: u64) -> Self {
+        let per_block = if cfg.verify { blocks as usize } else { 0 };
+        Self {
+            cfg,
+            blocks,
+            rng: SmallRng::seed_from_u64(cfg.seed),
+            seq_next: 0,
+            generation: vec![0; per_block],
+            block_busy: vec![false; per_block],
+            scratch: vec![0; cfg.block_bytes],
+            issued: 0,
+        }
+    }
+
+    /// Encode new requests into the connection's free slots, up to `budget` issued in all.
+    fn fill(&mut self, c: &mut Conn, budget: u64) {
+        while self.issued < budget {
+            let Some(slot) = c.free.pop() else { break };
+            self.issued += 1;
+            let mut block = if self.cfg.random {
+                self.rng.gen_range(0..self.blocks)
+            } else {
+                let b = self.seq_next % self.blocks;
+                self.seq_next += 1;
+                b
+            };
+            if self.cfg.verify {
+                // Bounded probe for a block nobody is using.
+                let mut tries = 0;
+                while self.block_busy[block as usize] && tries < 64 {
+                    block = self.rng.gen_range(0..self.blocks);
+                    tries += 1;
+                }
+                if self.block_busy[block as usize] {
+                    c.free.push(slot);
+                    self.issued -= 1;
+                    break;
+                }
+                self.block_busy[block as usize] = true;
+            }
+            let is_read = self.rng.gen_range(0..100u8) < self.cfg.read_percent;
+            let offset = block * self.cfg.block_bytes as u64;
+            let command = if is_read { CMD_READ } else { CMD_WRITE };
+            encode_request(
+                &mut c.out,
+                command,
+                u64::from(slot),
+                offset,
+                self.cfg.block_bytes as u32,
+            );
+            if !is_read {
+                if self.cfg.verify {
+                    let g = self.generation[block as usize].wrapping_add(1).max(1);
+                    self.generation[block as usize] = g;
+                    pattern(block, g, &mut self.scratch);
+                } else {
+                    pattern(block, 7, &mut self.scratch);
+                }
+                c.out.extend_from_slice(&self.scratch);
+            }
+            c.slots[slot as usize] = Slot {
+                busy: true,
+                is_read,
+                block,
+                issued: Instant::now(),
+            };
+        }
+    }
+}
+
 /// Drive the load for `cfg.runtime` and return the totals.
 pub fn run(cfg: &LoadConfig) -> Result<LoadResult> {
     if cfg.connections == 0
@@ -300,23 +387,9 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadResult> {
     if blocks == 0 {
         bail!("export of {size} bytes is smaller than one block");
     }
-    // Verify bookkeeping: last generation written per block (0 = never) and a busy flag.
-    let mut generation = if cfg.verify {
-        vec![0u32; blocks as usize]
-    } else {
-        Vec::new()
-    };
-    let mut block_busy = if cfg.verify {
-        vec![false; blocks as usize]
-    } else {
-        Vec::new()
-    };
-    let mut rng = SmallRng::seed_from_u64(cfg.seed);
-    let mut seq_next = 0u64;
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
     let mut ring = IoUring::new((cfg.connections * 2 + 8).next_power_of_two() as u32)?;
     let (mut reads, mut writes, mut errors, mut verify_failures) = (0u64, 0u64, 0u64, 0u64);
-    let mut scratch = vec![0u8; cfg.block_bytes];
     if let Some(r) = cfg.rate_iops {
         if !(r.is_finite() && r > 0.0) {
             bail!("rate must be a positive number of IOPS");
@@ -326,9 +399,9 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadResult> {
     let start = Instant::now();
     let measure_from = start + cfg.ramp;
     let deadline = measure_from + cfg.runtime;
-    // Requests issued so far, and how many the rate allows by now: evenly spaced, no burst
-    // beyond one request (behind schedule, at most the free slots catch up at once).
-    let mut issued = 0u64;
+    let mut iss = Issuer::new(cfg, blocks);
+    // How many requests the rate allows by now: evenly spaced, no burst beyond one request
+    // (behind schedule, at most the free slots catch up at once).
     let allowed = |now: Instant| -> u64 {
         match cfg.rate_iops {
             Some(r) => (now.duration_since(start).as_secs_f64() * r) as u64 + 1,
@@ -338,80 +411,9 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadResult> {
     let mut stopping = false;
     let mut completions: VecDeque<(usize, u64, i32)> = VecDeque::new();
 
-    // Encode new requests into every connection's free slots.
-    let fill = |c: &mut Conn,
-                rng: &mut SmallRng,
-                seq_next: &mut u64,
-                generation: &mut Vec<u32>,
-                block_busy: &mut Vec<bool>,
-                scratch: &mut Vec<u8>,
-                issued: &mut u64,
-                budget: u64| {
-        while *issued < budget {
-            let Some(slot) = c.free.pop() else { break };
-            *issued += 1;
-            let mut block = if cfg.random {
-                rng.gen_range(0..blocks)
-            } else {
-                let b = *seq_next % blocks;
-                *seq_next += 1;
-                b
-            };
-            if cfg.verify {
-                // Bounded probe for a block nobody is using.
-                let mut tries = 0;
-                while block_busy[block as usize] && tries < 64 {
-                    block = rng.gen_range(0..blocks);
-                    tries += 1;
-                }
-                if block_busy[block as usize] {
-                    c.free.push(slot);
-                    *issued -= 1;
-                    break;
-                }
-                block_busy[block as usize] = true;
-            }
-            let is_read = rng.gen_range(0..100u8) < cfg.read_percent;
-            let offset = block * cfg.block_bytes as u64;
-            let command = if is_read { CMD_READ } else { CMD_WRITE };
-            encode_request(
-                &mut c.out,
-                command,
-                u64::from(slot),
-                offset,
-                cfg.block_bytes as u32,
-            );
-            if !is_read {
-                if cfg.verify {
-                    let g = generation[block as usize].wrapping_add(1).max(1);
-                    generation[block as usize] = g;
-                    pattern(block, g, scratch);
-                } else {
-                    pattern(block, 7, scratch);
-                }
-                c.out.extend_from_slice(scratch);
-            }
-            c.slots[slot as usize] = Slot {
-                busy: true,
-                is_read,
-                block,
-                issued: Instant::now(),
-            };
-        }
-    };
-
     for c in conns.iter_mut() {
         let budget = allowed(Instant::now());
-        fill(
-            c,
-            &mut rng,
-            &mut seq_next,
-            &mut generation,
-            &mut block_busy,
-            &mut scratch,
-            &mut issued,
-            budget,
-        );
+        iss.fill(c, budget);
     }
     loop {
         let now = Instant::now();
@@ -423,16 +425,7 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadResult> {
         if cfg.rate_iops.is_some() && !stopping {
             let budget = allowed(now);
             for c in conns.iter_mut().filter(|c| !c.closed) {
-                fill(
-                    c,
-                    &mut rng,
-                    &mut seq_next,
-                    &mut generation,
-                    &mut block_busy,
-                    &mut scratch,
-                    &mut issued,
-                    budget,
-                );
+                iss.fill(c, budget);
             }
         }
         let in_flight: usize = conns
@@ -487,7 +480,7 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadResult> {
         // (with nothing in flight there would be nothing to wake us).
         let due = match cfg.rate_iops {
             Some(r) if !stopping && conns.iter().any(|c| !c.free.is_empty()) => {
-                Some(start + Duration::from_secs_f64(issued as f64 / r))
+                Some(start + Duration::from_secs_f64(iss.issued as f64 / r))
             }
             _ => None,
         };
@@ -581,13 +574,13 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadResult> {
                 } else if s.is_read {
                     reads += u64::from(measured);
                     if cfg.verify {
-                        let g = generation[s.block as usize];
+                        let g = iss.generation[s.block as usize];
                         let data = &avail[16..need];
                         let ok = if g == 0 {
                             !cfg.fresh_export || data.iter().all(|&b| b == 0)
                         } else {
-                            pattern(s.block, g, &mut scratch);
-                            data == &scratch[..]
+                            pattern(s.block, g, &mut iss.scratch);
+                            data == &iss.scratch[..]
                         };
                         if !ok {
                             verify_failures += 1;
@@ -597,7 +590,7 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadResult> {
                     writes += u64::from(measured);
                 }
                 if cfg.verify {
-                    block_busy[s.block as usize] = false;
+                    iss.block_busy[s.block as usize] = false;
                 }
                 c.slots[slot].busy = false;
                 c.free.push(slot as u16);
@@ -607,16 +600,7 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadResult> {
             c.rlen -= at;
             if !stopping {
                 let budget = allowed(Instant::now());
-                fill(
-                    c,
-                    &mut rng,
-                    &mut seq_next,
-                    &mut generation,
-                    &mut block_busy,
-                    &mut scratch,
-                    &mut issued,
-                    budget,
-                );
+                iss.fill(c, budget);
             }
         }
     }
