@@ -772,6 +772,7 @@ fn reactor_thread(
             work += task.poll(&mut ctx);
             if task.finished() {
                 *slot = None;
+                core.io.release_task_fds(i as u32);
             }
         }
         stop_sent |= stopping;
@@ -816,16 +817,17 @@ fn reactor_thread(
         let ready = tasks.iter().flatten().any(|t| t.has_ready());
         if me.inbox.is_empty() && !ready && !shared.stopping.load(Ordering::SeqCst) {
             me.stats.parks.fetch_add(1, Ordering::Relaxed);
-            let t0 = Instant::now();
             if let Err(e) = core.io.park(None) {
                 tracing::error!(reactor = id.0, "park failed: {e}");
                 std::thread::sleep(Duration::from_millis(1));
             }
-            me.stats
-                .idle_ns
-                .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
         }
         me.parked.store(false, Ordering::SeqCst);
+        // One clock read serves the idle time and the spin window (this runs once per wake-up).
         last_work = Instant::now();
+        me.stats.idle_ns.fetch_add(
+            last_work.duration_since(now).as_nanos() as u64,
+            Ordering::Relaxed,
+        );
     }
 }

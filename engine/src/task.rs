@@ -64,6 +64,16 @@ impl TaskCtx<'_> {
         Ok(())
     }
 
+    /// Put `fd` (a socket this task owns) in the ring's file table, so the task's ops can name
+    /// it as `io_uring::types::Fixed(slot)`: each op then skips a descriptor lookup and a
+    /// reference count. None when the kernel cannot: use the plain descriptor. The slot is
+    /// released when the reactor drops the finished task; until then the table holds a
+    /// reference to the file, so closing `fd` alone does not close the socket (use
+    /// `shutdown(2)` to end a connection early).
+    pub fn register_fd(&mut self, fd: std::os::fd::RawFd) -> Option<u32> {
+        self.core.io.register_task_fd(self.task_id, fd)
+    }
+
     /// Submit an engine request. Parts for chunks this reactor owns run right now (a RAM read
     /// completes before this returns); the rest go to their owners.
     pub fn submit(

@@ -60,6 +60,10 @@ pub struct RingFeatures {
     pub fixed_files: bool,
     pub registered_buffers: bool,
     pub ext_arg: bool,
+    /// The ring's own fd is registered: io_uring_enter skips the fd lookup.
+    pub registered_ring: bool,
+    /// Tasks' sockets can be fixed files too (a sparse file table).
+    pub task_files: bool,
 }
 
 /// When an op of the emulated device completes: its transfer waits for the link
@@ -104,6 +108,63 @@ pub struct UringIo {
     wake_armed: bool,
     wake_buf: Box<[u8; 8]>,
     epoch: Instant,
+    /// Index of the registered ring fd, passed to io_uring_enter instead of the fd.
+    ring_index: Option<u32>,
+    /// Free slots of the file table for tasks' descriptors, and who holds the taken ones.
+    free_task_files: Vec<u32>,
+    task_files: Vec<(u32, u32)>,
+}
+
+/// The kernel's `struct io_uring_getevents_arg` (IORING_ENTER_EXT_ARG).
+#[repr(C)]
+struct GeteventsArg {
+    sigmask: u64,
+    sigmask_sz: u32,
+    min_wait_usec: u32,
+    ts: u64,
+}
+
+/// The kernel's `struct __kernel_timespec`.
+#[repr(C)]
+struct KernelTimespec {
+    tv_sec: i64,
+    tv_nsec: i64,
+}
+
+const ENTER_GETEVENTS: u32 = 1 << 0;
+const ENTER_EXT_ARG: u32 = 1 << 3;
+const ENTER_REGISTERED_RING: u32 = 1 << 4;
+const REGISTER_RING_FDS: u32 = 20;
+
+/// Register `ring_fd` in the thread's ring-fd table; returns its index.
+fn register_ring_fd(ring_fd: RawFd) -> std::io::Result<u32> {
+    // struct io_uring_rsrc_update: offset (u32::MAX = any free slot), resv, data (the fd).
+    #[repr(C)]
+    struct RsrcUpdate {
+        offset: u32,
+        resv: u32,
+        data: u64,
+    }
+    let mut up = RsrcUpdate {
+        offset: u32::MAX,
+        resv: 0,
+        data: ring_fd as u64,
+    };
+    // SAFETY: io_uring_register reads and writes back one RsrcUpdate, which lives on our stack
+    // for the whole call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_io_uring_register,
+            ring_fd,
+            REGISTER_RING_FDS,
+            &mut up as *mut RsrcUpdate,
+            1u32,
+        )
+    };
+    if r != 1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(up.offset)
 }
 
 /// An eventfd a reactor parks on; writing it wakes the reactor.
@@ -174,15 +235,53 @@ impl UringIo {
             }
             by_id[i] = Some(d.clone());
         }
-        if !fds.is_empty() {
-            match ring.submitter().register_files(&fds) {
-                Ok(()) => features.fixed_files = true,
-                Err(e) => {
-                    tracing::debug!("fixed files unavailable ({e}); using plain descriptors");
-                    fixed_index.iter_mut().for_each(|f| *f = None);
+        // One file table: the devices first, then a slot for each task a reactor may host
+        // (their sockets), filled in as tasks arrive. A fixed file saves a descriptor lookup
+        // and a reference count on every op.
+        let task_slots = crate::task::MAX_TASKS_PER_REACTOR as u32;
+        let table = fds.len() as u32 + task_slots;
+        let sparse = ring
+            .submitter()
+            .register_files_sparse(table)
+            .and_then(|()| {
+                if fds.is_empty() {
+                    return Ok(());
+                }
+                match ring.submitter().register_files_update(0, &fds) {
+                    Ok(n) if n == fds.len() => Ok(()),
+                    Ok(_) => Err(std::io::Error::from_raw_os_error(libc::EIO)),
+                    Err(e) => Err(e),
+                }
+            });
+        let mut free_task_files = Vec::new();
+        match sparse {
+            Ok(()) => {
+                features.fixed_files = !fds.is_empty();
+                features.task_files = true;
+                free_task_files = (fds.len() as u32..table).rev().collect();
+            }
+            Err(e) if !fds.is_empty() => {
+                let _ = ring.submitter().unregister_files();
+                match ring.submitter().register_files(&fds) {
+                    Ok(()) => features.fixed_files = true,
+                    Err(e2) => {
+                        tracing::debug!(
+                            "fixed files unavailable ({e}, {e2}); using plain descriptors"
+                        );
+                        fixed_index.iter_mut().for_each(|f| *f = None);
+                    }
                 }
             }
+            Err(e) => tracing::debug!("no sparse file table ({e}); tasks use plain descriptors"),
         }
+        let ring_index = match register_ring_fd(ring.as_raw_fd()) {
+            Ok(i) => Some(i),
+            Err(e) => {
+                tracing::debug!("ring fd not registered ({e}); enter with the plain fd");
+                None
+            }
+        };
+        features.registered_ring = ring_index.is_some();
         let pool = pool.filter(|p| {
             let iovecs = p.iovecs();
             // SAFETY: the pool's region outlives the ring (we hold an Arc to it).
@@ -220,7 +319,106 @@ impl UringIo {
             wake_armed: false,
             wake_buf: Box::new([0; 8]),
             epoch: Instant::now(),
+            ring_index,
+            free_task_files,
+            task_files: Vec::new(),
         })
+    }
+
+    /// io_uring_enter: submit what is queued and wait for `want` completions (at most
+    /// `timeout_ns`), through the registered ring index when there is one.
+    fn enter(&mut self, want: u32, timeout_ns: Option<u64>) -> std::io::Result<usize> {
+        let sq = self.ring.submission();
+        let to_submit = sq.len() as u32;
+        // Deferred task work runs, and overflowed completions are flushed, only with GETEVENTS.
+        let mut flags = if want > 0 || sq.taskrun() || sq.cq_overflow() {
+            ENTER_GETEVENTS
+        } else {
+            0
+        };
+        drop(sq);
+        let ts;
+        let arg;
+        let (arg_ptr, arg_size) = match timeout_ns {
+            Some(ns) => {
+                ts = KernelTimespec {
+                    tv_sec: (ns / 1_000_000_000) as i64,
+                    tv_nsec: (ns % 1_000_000_000) as i64,
+                };
+                arg = GeteventsArg {
+                    sigmask: 0,
+                    sigmask_sz: 0,
+                    min_wait_usec: 0,
+                    ts: &ts as *const KernelTimespec as u64,
+                };
+                flags |= ENTER_EXT_ARG;
+                (
+                    &arg as *const GeteventsArg as *const libc::c_void,
+                    std::mem::size_of::<GeteventsArg>(),
+                )
+            }
+            None => (std::ptr::null(), 0),
+        };
+        let fd = match self.ring_index {
+            Some(i) => {
+                flags |= ENTER_REGISTERED_RING;
+                libc::c_long::from(i)
+            }
+            None => libc::c_long::from(self.ring.as_raw_fd()),
+        };
+        // SAFETY: the ring's SQ entries were pushed under their own safety contracts; `arg`
+        // and `ts` live on this stack frame for the whole call.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_io_uring_enter,
+                fd,
+                to_submit,
+                want,
+                flags,
+                arg_ptr,
+                arg_size,
+            )
+        };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(r as usize)
+    }
+
+    /// Put a task's descriptor in the ring's file table; ops may then name it as
+    /// `types::Fixed(slot)`. None when the kernel has no sparse table or all slots are taken:
+    /// the task uses the plain descriptor.
+    pub(crate) fn register_task_fd(&mut self, task_id: u32, fd: RawFd) -> Option<u32> {
+        let slot = self.free_task_files.pop()?;
+        match self.ring.submitter().register_files_update(slot, &[fd]) {
+            Ok(1) => {
+                self.task_files.push((task_id, slot));
+                Some(slot)
+            }
+            _ => {
+                self.free_task_files.push(slot);
+                None
+            }
+        }
+    }
+
+    /// Drop a finished task's descriptors from the file table (the table holds a reference to
+    /// each file, so its socket only really closes now).
+    pub(crate) fn release_task_fds(&mut self, task_id: u32) {
+        let mut i = 0;
+        while i < self.task_files.len() {
+            if self.task_files[i].0 != task_id {
+                i += 1;
+                continue;
+            }
+            let (_, slot) = self.task_files.swap_remove(i);
+            // Updating a slot to -1 empties it; ops still in flight keep their own reference.
+            if let Err(e) = self.ring.submitter().register_files_update(slot, &[-1]) {
+                tracing::warn!("releasing fixed file slot {slot}: {e}");
+                continue; // the slot stays taken rather than be reused while still filled
+            }
+            self.free_task_files.push(slot);
+        }
     }
 
     /// Queue a task's ring op (user_data carries the raw bit, the task and its tag).
@@ -230,7 +428,7 @@ impl UringIo {
     pub(crate) unsafe fn push_raw(&mut self, entry: squeue::Entry) -> Result<(), ()> {
         // SAFETY: forwarded contract.
         if unsafe { self.ring.submission().push(&entry) }.is_err() {
-            self.ring.submit().map_err(|_| ())?;
+            self.enter(0, None).map_err(|_| ())?;
             // SAFETY: as above.
             unsafe { self.ring.submission().push(&entry) }.map_err(|_| ())?;
         }
@@ -554,7 +752,7 @@ impl UringIo {
         // until the completion is reaped; slots are never dropped while in the ring.
         while unsafe { self.ring.submission().push(&sqe) }.is_err() {
             // The SQ is sized above the queue depth, so this only means "submit what is queued".
-            if let Err(e) = self.ring.submit() {
+            if let Err(e) = self.enter(0, None) {
                 tracing::warn!("io_uring submit: {e}");
             }
         }
@@ -594,7 +792,7 @@ impl Io for UringIo {
             sq_pending || self.ring_in_flight > 0 || self.raw_in_flight > 0
         };
         if enter {
-            match self.ring.submit() {
+            match self.enter(0, None) {
                 Ok(_) => {}
                 Err(e)
                     if e.raw_os_error() == Some(libc::EBUSY)
@@ -632,14 +830,8 @@ impl Io for UringIo {
             return Ok(());
         }
         let res = match wait_ns {
-            Some(ns) if self.features.ext_arg => {
-                let ts = types::Timespec::new()
-                    .sec(ns / 1_000_000_000)
-                    .nsec((ns % 1_000_000_000) as u32);
-                let args = types::SubmitArgs::new().timespec(&ts);
-                self.ring.submitter().submit_with_args(1, &args)
-            }
-            _ => self.ring.submit_and_wait(1),
+            Some(ns) if self.features.ext_arg => self.enter(1, Some(ns)),
+            _ => self.enter(1, None),
         };
         match res {
             Ok(_) => Ok(()),
@@ -702,7 +894,7 @@ impl Drop for UringIo {
         while (self.ring_in_flight > 0 || self.raw_in_flight > 0 || self.wake_armed)
             && rounds < 100_000
         {
-            let _ = self.ring.submit_and_wait(1);
+            let _ = self.enter(1, None);
             self.reap_ring();
             rounds += 1;
         }
@@ -712,6 +904,46 @@ impl Drop for UringIo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn task_sockets_take_fixed_slots_and_give_them_back() {
+        let mut io = UringIo::new(&[], 8, new_wake_fd().unwrap(), None).unwrap();
+        if !io.features().task_files {
+            eprintln!("skipped: this kernel has no sparse file table");
+            return;
+        }
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let slots: Vec<u32> = (0..crate::task::MAX_TASKS_PER_REACTOR as u32)
+            .map(|task| {
+                io.register_task_fd(task, a.as_raw_fd())
+                    .expect("a free slot")
+            })
+            .collect();
+        let mut distinct = slots.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), slots.len());
+        // Full: the next task falls back to its plain descriptor.
+        assert_eq!(io.register_task_fd(9999, b.as_raw_fd()), None);
+        io.release_task_fds(7);
+        assert_eq!(io.register_task_fd(9999, b.as_raw_fd()), Some(slots[7]));
+
+        // The table holds its own reference: a socket released from it really closes, so the
+        // peer sees end-of-file.
+        let (c, mut d) = std::os::unix::net::UnixStream::pair().unwrap();
+        io.release_task_fds(8);
+        assert_eq!(io.register_task_fd(42, c.as_raw_fd()), Some(slots[8]));
+        drop(c);
+        d.set_nonblocking(true).unwrap();
+        let mut byte = [0u8; 1];
+        let still_open = std::io::Read::read(&mut d, &mut byte);
+        assert!(
+            matches!(&still_open, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "{still_open:?}"
+        );
+        io.release_task_fds(42);
+        assert_eq!(std::io::Read::read(&mut d, &mut byte).unwrap(), 0);
+    }
 
     #[test]
     fn emulated_latency_overlaps_and_transfers_queue() {

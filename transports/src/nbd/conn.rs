@@ -170,8 +170,20 @@ enum State {
     Failed,
 }
 
+/// An op on the connection's socket: through the ring's file table when the socket is in it.
+macro_rules! on_socket {
+    ($conn:expr, $build:expr) => {
+        match $conn.socket_slot {
+            Some(slot) => $build(types::Fixed(slot)),
+            None => $build(types::Fd($conn.fd.as_raw_fd())),
+        }
+    };
+}
+
 pub struct Connection {
     fd: OwnedFd,
+    /// The socket's slot in the reactor ring's file table (set on the reactor, if it has one).
+    socket_slot: Option<u32>,
     handle: VolumeHandle,
     neg: Negotiated,
     peer: String,
@@ -235,6 +247,7 @@ impl Connection {
         let handle = neg.handle.clone();
         Self {
             fd,
+            socket_slot: None,
             handle,
             neg,
             peer,
@@ -792,12 +805,15 @@ impl Connection {
         }
         let ptr = self.rbuf[self.rend..].as_mut_ptr();
         let len = (self.rbuf.len() - self.rend) as u32;
-        let mut recv = opcode::Recv::new(types::Fd(self.fd.as_raw_fd()), ptr, len);
-        if self.recv_drained {
-            // The last receive emptied the socket: skip the attempt that would find it empty.
-            recv = recv.ioprio(IORING_RECVSEND_POLL_FIRST);
-        }
-        let entry = recv.build();
+        // After a receive that emptied the socket, skip the attempt that would find it empty.
+        let ioprio = if self.recv_drained {
+            IORING_RECVSEND_POLL_FIRST
+        } else {
+            0
+        };
+        let entry = on_socket!(self, |fd| opcode::Recv::new(fd, ptr, len)
+            .ioprio(ioprio)
+            .build());
         // SAFETY: rbuf is neither resized nor moved while the recv is in flight (make_room and
         // post_recv check recv_in_flight), and the task outlives the op (finished() waits).
         match unsafe { ctx.push_raw(entry, TAG_RECV) } {
@@ -839,12 +855,10 @@ impl Connection {
         }
         self.msghdr.msg_iov = self.iov.as_mut_ptr();
         self.msghdr.msg_iovlen = self.iov.len() as _;
-        let entry = opcode::SendMsg::new(
-            types::Fd(self.fd.as_raw_fd()),
-            &*self.msghdr as *const libc::msghdr,
-        )
-        .flags(libc::MSG_NOSIGNAL as u32)
-        .build();
+        let msghdr = &*self.msghdr as *const libc::msghdr;
+        let entry = on_socket!(self, |fd| opcode::SendMsg::new(fd, msghdr)
+            .flags(libc::MSG_NOSIGNAL as u32)
+            .build());
         // SAFETY: msghdr is boxed, iov is not touched while a send is in flight, and the queued
         // messages it points into are only popped after the completion.
         match unsafe { ctx.push_raw(entry, TAG_SEND) } {
@@ -889,12 +903,12 @@ impl ReactorTask for Connection {
     fn poll(&mut self, ctx: &mut TaskCtx<'_>) -> usize {
         if self.port.is_none() {
             self.port = Some(Port::new(MAX_REQUESTS_IN_FLIGHT, ctx.port_waker()));
-            tracing::debug!(peer = %self.peer, export = %self.neg.info.name, reactor = %ctx.reactor(), "connection on reactor");
+            self.socket_slot = ctx.register_fd(self.fd.as_raw_fd());
+            tracing::debug!(peer = %self.peer, export = %self.neg.info.name, reactor = %ctx.reactor(), fixed_file = ?self.socket_slot, "connection on reactor");
         }
         let mut work = 0;
-        let port = self.port.clone().expect("port");
         // Bounded: the port holds at most MAX_REQUESTS_IN_FLIGHT completions.
-        while let Some(c) = port.pop() {
+        while let Some(c) = self.port.as_ref().and_then(|p| p.pop()) {
             self.on_engine_completion(ctx, c);
             work += 1;
         }
