@@ -164,11 +164,25 @@ impl Volume {
         len_bytes: u64,
         max_runs: usize,
     ) -> Vec<(u64, bool)> {
+        let mut runs = Vec::new();
+        self.allocation_runs_into(offset_bytes, len_bytes, max_runs, &mut runs);
+        runs
+    }
+
+    /// [`Self::allocation_runs`] into a vector the caller reuses (cleared first): the data
+    /// path asks this for every read.
+    pub fn allocation_runs_into(
+        &self,
+        offset_bytes: u64,
+        len_bytes: u64,
+        max_runs: usize,
+        runs: &mut Vec<(u64, bool)>,
+    ) {
+        runs.clear();
         let cs = self.chunk_size_bytes();
         let end = offset_bytes
             .saturating_add(len_bytes)
             .min(self.size_bytes());
-        let mut runs: Vec<(u64, bool)> = Vec::new();
         let mut pos = offset_bytes;
         while pos < end {
             let chunk = ChunkIndex(pos / cs);
@@ -185,7 +199,6 @@ impl Volume {
             }
             pos = chunk_end;
         }
-        runs
     }
 
     pub(crate) fn record(&self) -> VolumeRecord {

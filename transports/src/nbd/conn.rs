@@ -85,6 +85,10 @@ impl BufCache {
     }
 }
 
+/// Reply messages kept for reuse (their header and segment vectors), per connection.
+const SPARE_MSGS: usize = 64;
+const SPARE_MSG_BYTES: usize = 256;
+
 /// Counters of one connection, shared with whoever lists clients.
 #[derive(Debug, Default)]
 pub struct ConnStats {
@@ -208,6 +212,10 @@ pub struct Connection {
     msghdr: Box<libc::msghdr>,
     iov: Vec<libc::iovec>,
     bufs: BufCache,
+    /// Sent messages, emptied, for the next replies: no allocation per read reply.
+    spare_msgs: Vec<OutMsg>,
+    /// Scratch for a read's allocation runs.
+    runs: Vec<(u64, bool)>,
     stats: Arc<ConnStats>,
 }
 
@@ -271,6 +279,8 @@ impl Connection {
             msghdr: Box::new(unsafe { std::mem::zeroed() }),
             iov: Vec::with_capacity(MAX_IOV_PER_SEND),
             bufs: BufCache::default(),
+            spare_msgs: Vec::new(),
+            runs: Vec::new(),
             stats: Arc::new(ConnStats::default()),
         }
     }
@@ -355,24 +365,37 @@ impl Connection {
 
     /// Whether a READ can be answered with a single hole chunk: structured replies, no DF
     /// (which asks for data), and nothing allocated in the range.
-    fn read_is_hole(&self, req: &wire::Request) -> bool {
-        self.structured()
-            && req.flags & wire::CMD_FLAG_DF == 0
-            && req.length <= u64::from(u32::MAX)
-            && self
-                .handle
-                .volume()
-                .allocation_runs(req.offset, req.length, 1)
-                == [(req.length, false)]
+    fn read_is_hole(&mut self, req: &wire::Request) -> bool {
+        if !self.structured()
+            || req.flags & wire::CMD_FLAG_DF != 0
+            || req.length > u64::from(u32::MAX)
+        {
+            return false;
+        }
+        self.handle
+            .volume()
+            .allocation_runs_into(req.offset, req.length, 1, &mut self.runs);
+        self.runs == [(req.length, false)]
+    }
+
+    /// An empty message for a reply, reused when one is spare.
+    fn new_msg(&mut self, data: Option<IoBuf>) -> OutMsg {
+        match self.spare_msgs.pop() {
+            Some(mut m) => {
+                m.data = data;
+                m
+            }
+            None => OutMsg {
+                bytes: Vec::with_capacity(64),
+                data,
+                segs: Vec::with_capacity(4),
+            },
+        }
     }
 
     fn reply_read(&mut self, p: &Pending, data: IoBuf) {
         let len = data.len();
-        let mut msg = OutMsg {
-            bytes: Vec::with_capacity(64),
-            data: Some(data),
-            segs: Vec::with_capacity(4),
-        };
+        let mut msg = self.new_msg(Some(data));
         if !self.structured() {
             SimpleReply {
                 error: 0,
@@ -385,23 +408,23 @@ impl Connection {
             return;
         }
         let t = self.target(p);
-        let runs = if p.flags & wire::CMD_FLAG_DF != 0 {
-            vec![(len as u64, true)]
+        let mut runs = std::mem::take(&mut self.runs);
+        if p.flags & wire::CMD_FLAG_DF != 0 {
+            runs.clear();
+            runs.push((len as u64, true));
         } else {
             let max_runs = (len as u64 / self.handle.volume().chunk_size_bytes()) as usize + 2;
-            let mut r = self
-                .handle
+            self.handle
                 .volume()
-                .allocation_runs(p.offset, p.len, max_runs);
-            let covered: u64 = r.iter().map(|x| x.0).sum();
+                .allocation_runs_into(p.offset, p.len, max_runs, &mut runs);
+            let covered: u64 = runs.iter().map(|x| x.0).sum();
             if covered < p.len {
-                r.push((p.len - covered, true));
+                runs.push((p.len - covered, true));
             }
-            r
-        };
+        }
         let mut pos = 0u64;
         let last = runs.len() - 1;
-        for (i, (run_len, allocated)) in runs.into_iter().enumerate() {
+        for (i, &(run_len, allocated)) in runs.iter().enumerate() {
             let flags = if i == last { wire::REPLY_FLAG_DONE } else { 0 };
             let start = msg.bytes.len();
             if allocated {
@@ -414,6 +437,7 @@ impl Connection {
             }
             pos += run_len;
         }
+        self.runs = runs;
         self.out.push_back(msg);
     }
 
@@ -883,13 +907,15 @@ impl Connection {
             }
             n -= left;
             if seg_i + 1 == msg.segs.len() {
-                if let Some(buf) = self
-                    .out
-                    .pop_front()
-                    .and_then(|m| m.data)
-                    .and_then(IoBuf::into_owned)
-                {
+                let mut msg = self.out.pop_front().expect("front exists");
+                if let Some(buf) = msg.data.take().and_then(IoBuf::into_owned) {
                     self.bufs.give(buf);
+                }
+                // Only small ones: a block-status reply's header may be kilobytes.
+                if self.spare_msgs.len() < SPARE_MSGS && msg.bytes.capacity() <= SPARE_MSG_BYTES {
+                    msg.bytes.clear();
+                    msg.segs.clear();
+                    self.spare_msgs.push(msg);
                 }
                 self.out_cursor = (0, 0);
             } else {
