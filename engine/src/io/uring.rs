@@ -186,8 +186,9 @@ pub fn wake(fd: &OwnedFd) {
 }
 
 impl UringIo {
-    /// Build a ring for `devices` (indexed by device id). Call on the thread that will use it:
-    /// the ring is set up single-issuer when the kernel allows.
+    /// Build a ring for `devices` (indexed by device id). Call on the thread that will use it,
+    /// and keep it there: the ring is set up single-issuer when the kernel allows, and its
+    /// registered fd lives in this thread's ring-fd table.
     pub fn new(
         devices: &[Arc<OpenDevice>],
         queue_depth: usize,
