@@ -12,6 +12,7 @@ use crate::driver::Buffers;
 use crate::engine_bench::{self, DriverKind, EngineRun, Placement, Prepared, Workload};
 use crate::fio::{FioJob, JobReport};
 use crate::report::{self, Row, Sample};
+use crate::run_cmd::RAW_BATCHED_ARGS;
 use crate::sys;
 
 /// The ratio engine/raw the issue asks for.
@@ -33,7 +34,8 @@ pub struct EngineArgs {
     /// Warm-up seconds per run, not measured.
     #[arg(long, default_value_t = 1)]
     pub ramp_s: u64,
-    /// Rounds of (raw fio, then each engine placement).
+    /// Rounds of (raw fio with its default and with batched submission, then each engine
+    /// placement).
     #[arg(long, default_value_t = 3)]
     pub repeat: usize,
     /// Reactor CPUs of one engine placement, e.g. `0` or `0,1` or `0-3`; repeat the option
@@ -138,7 +140,9 @@ struct EngineReport {
     workload: Workload,
     prepared: Prepared,
     fio_command: String,
+    fio_batched_command: String,
     raw_fio: Vec<FioRun>,
+    raw_fio_batched: Vec<FioRun>,
     engine: Vec<PlacementRuns>,
     summary: Vec<Row>,
     target_ratio: f64,
@@ -250,6 +254,9 @@ pub fn run(args: &EngineArgs) -> Result<()> {
         .direct(true)
         // Uniform random with replacement, like the engine drivers.
         .extra("--norandommap");
+    let fio_batched = RAW_BATCHED_ARGS
+        .iter()
+        .fold(fio_job.clone(), |job, arg| job.extra(*arg));
     let workload = Workload {
         block_bytes: args.bs,
         iodepth: args.iodepth,
@@ -262,6 +269,7 @@ pub fn run(args: &EngineArgs) -> Result<()> {
     };
 
     let mut raw_runs = Vec::new();
+    let mut raw_batched_runs = Vec::new();
     let mut engine_runs: Vec<PlacementRuns> = placements
         .iter()
         .map(|p| PlacementRuns {
@@ -271,14 +279,19 @@ pub fn run(args: &EngineArgs) -> Result<()> {
         .collect();
     for round in 1..=args.repeat {
         if !args.skip_raw {
-            eprintln!("round {round}/{}: raw fio ...", args.repeat);
-            let before = sys::host_snapshot(&prep.device_path);
-            let report = fio_job.run()?;
-            let host = sys::host_snapshot(&prep.device_path).since(&before);
-            let job = report.job()?.clone();
-            ensure!(job.error == 0, "fio reported error {}", job.error);
-            eprintln!("  raw fio: {:.0} IOPS", job.read.iops);
-            raw_runs.push(FioRun { job, host });
+            for (variant, job, runs) in [
+                ("default", &fio_job, &mut raw_runs),
+                ("batched", &fio_batched, &mut raw_batched_runs),
+            ] {
+                eprintln!("round {round}/{}: raw fio ({variant}) ...", args.repeat);
+                let before = sys::host_snapshot(&prep.device_path);
+                let report = job.run()?;
+                let host = sys::host_snapshot(&prep.device_path).since(&before);
+                let job = report.job()?.clone();
+                ensure!(job.error == 0, "fio reported error {}", job.error);
+                eprintln!("  raw fio ({variant}): {:.0} IOPS", job.read.iops);
+                runs.push(FioRun { job, host });
+            }
         }
         for pr in &mut engine_runs {
             eprintln!("round {round}/{}: {} ...", args.repeat, pr.placement.label);
@@ -300,10 +313,34 @@ pub fn run(args: &EngineArgs) -> Result<()> {
         .iter()
         .map(raw_sample)
         .collect::<Result<Vec<_>>>()?;
-    let mut rows: Vec<Row> = Row::new("raw fio io_uring O_DIRECT", &raw_samples, None)
-        .into_iter()
+    let batched_samples = raw_batched_runs
+        .iter()
+        .map(raw_sample)
+        .collect::<Result<Vec<_>>>()?;
+    // The engine is judged against the raw device's limit: per round, the better fio pattern.
+    let best_samples: Vec<Sample> = raw_samples
+        .iter()
+        .zip(&batched_samples)
+        .map(|(a, b)| {
+            if b.iops > a.iops {
+                b.clone()
+            } else {
+                a.clone()
+            }
+        })
         .collect();
-    let baseline = (!raw_samples.is_empty()).then_some(raw_samples.as_slice());
+    let mut rows: Vec<Row> = [
+        (
+            "raw fio io_uring O_DIRECT (default submission)",
+            &raw_samples,
+        ),
+        ("raw fio io_uring O_DIRECT (batched 8/8)", &batched_samples),
+        ("raw fio: the better of the two, per round", &best_samples),
+    ]
+    .into_iter()
+    .filter_map(|(label, samples)| Row::new(label, samples, None))
+    .collect();
+    let baseline = (!best_samples.is_empty()).then_some(best_samples.as_slice());
     for pr in &engine_runs {
         let s: Vec<Sample> = pr.runs.iter().map(engine_sample).collect();
         rows.push(Row::new(&pr.placement.label, &s, baseline).context("no engine runs")?);
@@ -350,7 +387,9 @@ pub fn run(args: &EngineArgs) -> Result<()> {
         workload,
         prepared: prep,
         fio_command: fio_job.command_line(),
+        fio_batched_command: fio_batched.command_line(),
         raw_fio: raw_runs,
+        raw_fio_batched: raw_batched_runs,
         engine: engine_runs,
         summary: rows,
         target_ratio: TARGET_RATIO,
