@@ -321,13 +321,7 @@ pub fn run(args: &EngineArgs) -> Result<()> {
     let best_samples: Vec<Sample> = raw_samples
         .iter()
         .zip(&batched_samples)
-        .map(|(a, b)| {
-            if b.iops > a.iops {
-                b.clone()
-            } else {
-                a.clone()
-            }
-        })
+        .map(|(a, b)| if b.iops > a.iops { *b } else { *a })
         .collect();
     let mut rows: Vec<Row> = [
         (
