@@ -17,13 +17,26 @@ use ringblock_engine::{
 use serde::Serialize;
 
 use crate::driver::{drive_on_thread, Buffers, ReadLoop, ReadTask, STUCK_AFTER};
-use crate::fio::Percentiles;
+use crate::fio::{FioJob, Percentiles};
 use crate::sys;
 
 pub const DEVICE_NAME: &str = "bench";
 pub const VOLUME_NAME: &str = "bench";
 const FILL_BLOCK_BYTES: usize = 1 << 20;
 const FILL_DEPTH: usize = 4;
+
+/// The fio patterns the engine's raw reference runs, named: fio's default (each read
+/// submitted as it is issued) and batched, a quarter of the queue depth (8 of 32) per submit and
+/// per reap, as the engine's reactor does. On a virtio disk that batches its interrupts either
+/// can be the faster one (docs/bench/engine-vs-raw-2026-11-23-evening.md), so the raw device's
+/// limit is the better of the two.
+pub fn raw_fio_patterns(job: FioJob) -> [(&'static str, FioJob); 2] {
+    let batched = job
+        .clone()
+        .extra("--iodepth_batch_submit=8")
+        .extra("--iodepth_batch_complete_min=8");
+    [("default", job), ("batched", batched)]
+}
 
 /// The benchmark file once prepared.
 #[derive(Clone, Debug, Serialize)]

@@ -12,7 +12,6 @@ use crate::driver::Buffers;
 use crate::engine_bench::{self, DriverKind, EngineRun, Placement, Prepared, Workload};
 use crate::fio::{FioJob, JobReport};
 use crate::report::{self, Row, Sample};
-use crate::run_cmd::RAW_BATCHED_ARGS;
 use crate::sys;
 
 /// The ratio engine/raw the issue asks for.
@@ -254,9 +253,7 @@ pub fn run(args: &EngineArgs) -> Result<()> {
         .direct(true)
         // Uniform random with replacement, like the engine drivers.
         .extra("--norandommap");
-    let fio_batched = RAW_BATCHED_ARGS
-        .iter()
-        .fold(fio_job.clone(), |job, arg| job.extra(*arg));
+    let fio_patterns = engine_bench::raw_fio_patterns(fio_job);
     let workload = Workload {
         block_bytes: args.bs,
         iodepth: args.iodepth,
@@ -279,10 +276,10 @@ pub fn run(args: &EngineArgs) -> Result<()> {
         .collect();
     for round in 1..=args.repeat {
         if !args.skip_raw {
-            for (variant, job, runs) in [
-                ("default", &fio_job, &mut raw_runs),
-                ("batched", &fio_batched, &mut raw_batched_runs),
-            ] {
+            for ((variant, job), runs) in fio_patterns
+                .iter()
+                .zip([&mut raw_runs, &mut raw_batched_runs])
+            {
                 eprintln!("round {round}/{}: raw fio ({variant}) ...", args.repeat);
                 let before = sys::host_snapshot(&prep.device_path);
                 let report = job.run()?;
@@ -380,8 +377,8 @@ pub fn run(args: &EngineArgs) -> Result<()> {
         },
         workload,
         prepared: prep,
-        fio_command: fio_job.command_line(),
-        fio_batched_command: fio_batched.command_line(),
+        fio_command: fio_patterns[0].1.command_line(),
+        fio_batched_command: fio_patterns[1].1.command_line(),
         raw_fio: raw_runs,
         raw_fio_batched: raw_batched_runs,
         engine: engine_runs,

@@ -442,17 +442,9 @@ fn steady_window(ctx: &Ctx, t0: Instant, ramp: Duration) -> CpuWindow {
     )
 }
 
-/// fio's options for batched submission in the engine step's raw runs: a quarter of the queue
-/// depth per submit and per reap, as the engine's reactor does. On a virtio disk that batches
-/// its interrupts this ran up to 1.25x faster than fio's default of submitting each read as it
-/// is issued (docs/bench/engine-vs-raw-2026-11-23-evening.md), so one setting is not the raw
-/// device's limit.
-pub const RAW_BATCHED_ARGS: [&str; 2] =
-    ["--iodepth_batch_submit=8", "--iodepth_batch_complete_min=8"];
-
 /// Raw fio io_uring on the backing file, 4k random read QD32: one round of the engine step.
-/// fio runs twice, with its default submission and batched ([`RAW_BATCHED_ARGS`]); the round's
-/// raw figure is the better of the two (its `raw` file names which).
+/// fio runs in both [`engine_bench::raw_fio_patterns`]; the round's raw figure is the better of
+/// the two (its `raw` file names which).
 fn run_raw_round(
     ctx: &Ctx,
     raw: &Running,
@@ -466,14 +458,10 @@ fn run_raw_round(
         jobs: 1,
         rate_iops: None,
     };
+    // fio_job's --randseed is 0x5eed + its `repeat` argument.
+    let job = fio_job(ctx, raw, &point, seed.saturating_sub(0x5eed) as usize)?.ramp(Some(ramp));
     let mut best: Option<Sample> = None;
-    for (variant, extra) in [("default", &[][..]), ("batched", &RAW_BATCHED_ARGS[..])] {
-        // fio_job's --randseed is 0x5eed + its `repeat` argument.
-        let mut job =
-            fio_job(ctx, raw, &point, seed.saturating_sub(0x5eed) as usize)?.ramp(Some(ramp));
-        for arg in extra {
-            job = job.extra(*arg);
-        }
+    for (variant, job) in engine_bench::raw_fio_patterns(job) {
         let rel = raw_rel.replace(".json", &format!("-{variant}.json"));
         let window = steady_window(ctx, Instant::now(), ramp);
         let (text, report) = job.run_raw()?;
