@@ -102,16 +102,7 @@ impl BlockingClient {
         len_bytes: u64,
         mover: Arc<dyn DataMover>,
     ) -> Result<(), Errno> {
-        self.run(Request {
-            kind: RequestKind::Read,
-            offset_bytes,
-            len_bytes,
-            fua: false,
-            buf: None,
-            mover: Some(mover),
-            tag: 0,
-        })
-        .map(|_| ())
+        self.run_moved(RequestKind::Read, offset_bytes, len_bytes, false, mover)
     }
 
     /// Write `len_bytes` at `offset_bytes`, taken from `mover` (no buffer).
@@ -122,8 +113,19 @@ impl BlockingClient {
         fua: bool,
         mover: Arc<dyn DataMover>,
     ) -> Result<(), Errno> {
+        self.run_moved(RequestKind::Write, offset_bytes, len_bytes, fua, mover)
+    }
+
+    fn run_moved(
+        &mut self,
+        kind: RequestKind,
+        offset_bytes: u64,
+        len_bytes: u64,
+        fua: bool,
+        mover: Arc<dyn DataMover>,
+    ) -> Result<(), Errno> {
         self.run(Request {
-            kind: RequestKind::Write,
+            kind,
             offset_bytes,
             len_bytes,
             fua,
