@@ -13,7 +13,7 @@ pub const MAX_REQUEST_BYTES: u64 = 64 << 20;
 
 /// Why a request was refused before any IO.
 pub fn validate(volume: &Volume, req: &Request) -> Result<(), Errno> {
-    if volume.deleted.load(std::sync::atomic::Ordering::Acquire) {
+    if volume_deleted(volume) {
         return Err(Errno::ESHUTDOWN);
     }
     let has_data = matches!(req.kind, RequestKind::Read | RequestKind::Write);
@@ -21,38 +21,76 @@ pub fn validate(volume: &Volume, req: &Request) -> Result<(), Errno> {
         // A mover is the data of a Read/Write, instead of a buffer.
         return Err(Errno::EINVAL);
     }
-    if req.kind == RequestKind::Flush {
+    let data_len = match (&req.buf, &req.mover) {
+        (Some(b), None) => Some(b.len() as u64),
+        (None, Some(_)) => Some(req.len_bytes),
+        _ => None,
+    };
+    validate_range(volume, req.kind, req.offset_bytes, req.len_bytes, data_len)
+}
+
+fn volume_deleted(volume: &Volume) -> bool {
+    volume.deleted.load(std::sync::atomic::Ordering::Acquire)
+}
+
+/// The checks of [`validate`] on a request's parts: `data_len` is the length of the buffer
+/// (or mover) of a Read/Write, which must equal `len_bytes`.
+pub(crate) fn validate_range(
+    volume: &Volume,
+    kind: RequestKind,
+    offset_bytes: u64,
+    len_bytes: u64,
+    data_len: Option<u64>,
+) -> Result<(), Errno> {
+    if volume_deleted(volume) {
+        return Err(Errno::ESHUTDOWN);
+    }
+    if kind == RequestKind::Flush {
         return Ok(());
     }
-    if req.len_bytes > MAX_REQUEST_BYTES {
+    if len_bytes > MAX_REQUEST_BYTES {
         return Err(Errno::EINVAL);
     }
-    let end = req
-        .offset_bytes
-        .checked_add(req.len_bytes)
-        .ok_or(Errno::EINVAL)?;
+    let end = offset_bytes.checked_add(len_bytes).ok_or(Errno::EINVAL)?;
     if end > volume.size_bytes() {
-        return Err(if req.kind == RequestKind::Read {
+        return Err(if kind == RequestKind::Read {
             Errno::EINVAL
         } else {
             Errno::ENOSPC
         });
     }
-    if has_data {
+    if matches!(kind, RequestKind::Read | RequestKind::Write) {
         let block = u64::from(volume.device.profile.logical_block_size_bytes);
-        let data_len = match (&req.buf, &req.mover) {
-            (Some(b), None) => Some(b.len() as u64),
-            (None, Some(_)) => Some(req.len_bytes),
-            _ => None,
-        };
-        if data_len != Some(req.len_bytes) {
+        if data_len != Some(len_bytes) {
             return Err(Errno::EINVAL);
         }
-        if !req.offset_bytes.is_multiple_of(block) || !req.len_bytes.is_multiple_of(block) {
+        if !offset_bytes.is_multiple_of(block) || !len_bytes.is_multiple_of(block) {
             return Err(Errno::EINVAL);
         }
     }
     Ok(())
+}
+
+/// Count a request the engine accepted in its volume's statistics.
+pub(crate) fn count_accepted(volume: &Volume, kind: RequestKind, len_bytes: u64) {
+    let stats = &volume.stats;
+    let relaxed = std::sync::atomic::Ordering::Relaxed;
+    match kind {
+        RequestKind::Read => {
+            stats.reads.fetch_add(1, relaxed);
+            stats.read_bytes.fetch_add(len_bytes, relaxed);
+        }
+        RequestKind::Write => {
+            stats.writes.fetch_add(1, relaxed);
+            stats.write_bytes.fetch_add(len_bytes, relaxed);
+        }
+        RequestKind::Flush => {
+            stats.flushes.fetch_add(1, relaxed);
+        }
+        RequestKind::Trim | RequestKind::WriteZeroes => {
+            stats.trims.fetch_add(1, relaxed);
+        }
+    }
 }
 
 /// Split `req` and hand its messages to `send`. On refusal the request (with its buffer) comes
@@ -67,24 +105,7 @@ pub(crate) fn submit(
     if let Err(e) = validate(volume, &req) {
         return Err((req, e));
     }
-    let stats = &volume.stats;
-    let relaxed = std::sync::atomic::Ordering::Relaxed;
-    match req.kind {
-        RequestKind::Read => {
-            stats.reads.fetch_add(1, relaxed);
-            stats.read_bytes.fetch_add(req.len_bytes, relaxed);
-        }
-        RequestKind::Write => {
-            stats.writes.fetch_add(1, relaxed);
-            stats.write_bytes.fetch_add(req.len_bytes, relaxed);
-        }
-        RequestKind::Flush => {
-            stats.flushes.fetch_add(1, relaxed);
-        }
-        RequestKind::Trim | RequestKind::WriteZeroes => {
-            stats.trims.fetch_add(1, relaxed);
-        }
-    }
+    count_accepted(volume, req.kind, req.len_bytes);
     let kind = req.kind;
     let (offset, len) = (req.offset_bytes, req.len_bytes);
     let inflight = InFlight::new(volume.clone(), &mut req, port.clone());

@@ -21,7 +21,7 @@ use crate::ids::{ChunkIndex, DeviceId, PhysChunk, ReactorId, VolumeId};
 use crate::io::{Io, IoCompletion, IoKind, IoOp, MemAccess};
 use crate::meta::MetaSnapshot;
 use crate::request::{DataMover, Errno, InFlight, Part, RequestKind};
-use crate::volume::{DeviceState, Volume};
+use crate::volume::{chunk_owner, DeviceState, Volume};
 
 /// Most device operations one reactor tracks at once (in the ring or waiting for ring space).
 pub const MAX_OPS_PER_REACTOR: usize = 1 << 16;
@@ -524,6 +524,76 @@ impl<I: Io> ReactorCore<I> {
                 self.submit(device_id, IoKind::Read, off, Some(buf), OpCtx::Part(part));
             }
         }
+    }
+
+    /// A Read served in place, when it can be: inside one chunk this reactor owns, on a device
+    /// that is plain memory (or an unmapped chunk, which reads as zeros). The bytes go straight
+    /// to `sink`, in order, in one or more pieces, before this returns: no request, part, op or
+    /// completion. None when it cannot be (`sink` was not called): submit a request instead.
+    pub(crate) fn read_in_place(
+        &mut self,
+        volume: &Volume,
+        offset_bytes: u64,
+        len_bytes: u64,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> Option<Result<(), Errno>> {
+        let cs = volume.chunk_size_bytes();
+        let end = offset_bytes.checked_add(len_bytes)?;
+        if len_bytes == 0 || offset_bytes / cs != (end - 1) / cs {
+            return None;
+        }
+        let chunk = ChunkIndex(offset_bytes / cs);
+        if chunk_owner(volume.id, chunk, self.router.reactors()) != self.id {
+            return None;
+        }
+        let started = std::time::Instant::now();
+        let checked = crate::front::validate_range(
+            volume,
+            RequestKind::Read,
+            offset_bytes,
+            len_bytes,
+            Some(len_bytes),
+        );
+        if let Err(e) = checked {
+            return Some(Err(e));
+        }
+        let device = &volume.device;
+        let result = match volume.mapping(chunk) {
+            None => {
+                let mut done = 0u64;
+                // Bounded: len / 64 KiB pieces (the range is inside one chunk).
+                while done < len_bytes {
+                    let n = (len_bytes - done).min(ZEROS.len() as u64);
+                    sink(&ZEROS[..n as usize]);
+                    done += n;
+                }
+                Ok(())
+            }
+            Some(p) => {
+                let off = device.label.chunk_offset_bytes(p) + offset_bytes % cs;
+                let copied = self.io.with_memory(
+                    device.id,
+                    off,
+                    len_bytes as usize,
+                    MemAccess::Read,
+                    &mut |mem| {
+                        sink(mem);
+                        Ok(())
+                    },
+                )?;
+                copied.map_err(|errno| {
+                    device.health.read_errors.fetch_add(1, Ordering::Relaxed);
+                    Errno(errno)
+                })
+            }
+        };
+        crate::front::count_accepted(volume, RequestKind::Read, len_bytes);
+        if result.is_err() {
+            volume.stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        let ns = started.elapsed().as_nanos() as u64;
+        volume.stats.read_latency.record(ns);
+        Some(result)
     }
 
     fn finish_part(&mut self, part: Part) {

@@ -89,6 +89,22 @@ impl TaskCtx<'_> {
         })
     }
 
+    /// Read `len_bytes` at `offset_bytes` straight from where the volume keeps them, when this
+    /// reactor can serve it at once: the range lies in one chunk this reactor owns, on a memory
+    /// device (or not yet written: zeros). The bytes go to `sink`, in order, in one or more
+    /// pieces, before this returns; the volume's statistics count it as a request. None when
+    /// it cannot be (`sink` untouched): [`TaskCtx::submit`] the read instead.
+    pub fn read_in_place(
+        &mut self,
+        handle: &VolumeHandle,
+        offset_bytes: u64,
+        len_bytes: u64,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> Option<Result<(), Errno>> {
+        self.core
+            .read_in_place(handle.volume(), offset_bytes, len_bytes, sink)
+    }
+
     /// A buffer from this reactor's registered pool (cheapest for device IO here), if one is
     /// free and `len` fits.
     pub fn take_buffer(&self, len: usize) -> Option<crate::buf::IoBuf> {

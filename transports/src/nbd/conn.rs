@@ -2,9 +2,15 @@
 //!
 //! The socket is read and written through the reactor's io_uring: one `recv` into a buffer that
 //! requests are parsed from in place (after a receive that emptied the socket, the next one arms
-//! its poll first instead of trying), and one `sendmsg` at a time that gathers every queued
-//! reply (headers and data buffers) into one iovec list. A request for chunks this reactor owns
-//! is served inline; others go to their owners and come back through the connection's port.
+//! its poll first instead of trying), and one send at a time that gathers every queued reply
+//! (headers and data buffers) into one iovec list (`sendmsg`), or a plain `send` when that is
+//! one piece. A READ inside one chunk this reactor owns on a memory device is answered on the
+//! spot (`TaskCtx::read_in_place`): up to 8 KiB its data is copied right behind the reply
+//! header, so the reply is one piece: sent as a header and a separate page-aligned buffer, the
+//! kernel's copy of a 4 KiB reply into the socket cost ~4x the CPU (perf, fio at 20k IOPS;
+//! docs/bench/nbd-cpu-per-io-2026-11-23.md, "Night").
+//! Other requests go to the engine: parts for chunks this reactor owns run inline, others on
+//! their owners, and completions come back through the connection's port.
 //!
 //! Measured and rejected: sending replies with a direct `sendmsg(MSG_DONTWAIT)` from the task
 //! (ring only when the socket is full) saves the send completion but cut fio's QD1 rate by
@@ -13,8 +19,8 @@
 //! did not move and the reactor woke once per request for the lean client (see
 //! docs/bench/nbd-cpu-per-io-2026-11-23.md, which also shows why zero-copy reads would not pay).
 //!
-//! Copies per 4 KiB request on a RAM volume: READ — the engine copies RAM into the reply
-//! buffer, the kernel copies it into the socket; WRITE — the kernel copies into the receive
+//! Copies per 4 KiB request on a RAM volume: READ — RAM is copied behind the reply header,
+//! the kernel copies the reply into the socket; WRITE — the kernel copies into the receive
 //! buffer, we copy the payload into an aligned buffer, the engine copies it into RAM.
 //!
 //! Bounds: requests in flight, bytes in flight, receive buffer size, iovecs per send.
@@ -85,9 +91,13 @@ impl BufCache {
     }
 }
 
-/// Reply messages kept for reuse (their header and segment vectors), per connection.
+/// Reads up to this size that a reactor serves from memory are copied right behind their
+/// reply header: the reply goes out as one contiguous piece.
+const INLINE_READ_MAX_BYTES: usize = 8 << 10;
+/// Reply messages kept for reuse (their header and segment vectors), per connection: at most
+/// SPARE_MSGS x SPARE_MSG_BYTES = 576 KiB.
 const SPARE_MSGS: usize = 64;
-const SPARE_MSG_BYTES: usize = 256;
+const SPARE_MSG_BYTES: usize = INLINE_READ_MAX_BYTES + 64;
 
 /// Counters of one connection, shared with whoever lists clients.
 #[derive(Debug, Default)]
@@ -378,6 +388,25 @@ impl Connection {
         self.runs == [(req.length, false)]
     }
 
+    /// Done with an IO buffer: a large owned one goes back to the cache (a pool lease returns
+    /// to its pool when dropped).
+    fn recycle(&mut self, buf: IoBuf) {
+        if let Some(buf) = buf.into_owned() {
+            self.bufs.give(buf);
+        }
+    }
+
+    /// Keep an emptied message for the next reply, within the bounds.
+    fn spare_msg(&mut self, mut msg: OutMsg) {
+        // Only small ones: a block-status reply's header may be kilobytes.
+        if self.spare_msgs.len() < SPARE_MSGS && msg.bytes.capacity() <= SPARE_MSG_BYTES {
+            msg.bytes.clear();
+            msg.segs.clear();
+            msg.data = None;
+            self.spare_msgs.push(msg);
+        }
+    }
+
     /// An empty message for a reply, reused when one is spare.
     fn new_msg(&mut self, data: Option<IoBuf>) -> OutMsg {
         match self.spare_msgs.pop() {
@@ -439,6 +468,72 @@ impl Connection {
         }
         self.runs = runs;
         self.out.push_back(msg);
+    }
+
+    /// Answer a READ from memory this reactor owns, with no engine request: a small one is
+    /// copied straight behind its reply header (one contiguous send), a larger one into an IO
+    /// buffer. None when answered; otherwise the buffer to submit the read with.
+    fn read_in_place(&mut self, ctx: &mut TaskCtx<'_>, p: &Pending) -> Option<IoBuf> {
+        let len = p.len as usize;
+        if len <= INLINE_READ_MAX_BYTES {
+            let mut msg = self.new_msg(None);
+            if self.structured() {
+                let t = self.target(p);
+                t.encode_offset_data_header(
+                    &mut msg.bytes,
+                    wire::REPLY_FLAG_DONE,
+                    p.offset,
+                    len as u32,
+                );
+            } else {
+                SimpleReply {
+                    error: 0,
+                    cookie: p.cookie,
+                }
+                .encode(&mut msg.bytes);
+            }
+            let bytes = &mut msg.bytes;
+            let done = ctx.read_in_place(&self.handle, p.offset, p.len, &mut |src| {
+                bytes.extend_from_slice(src)
+            });
+            match done {
+                Some(Ok(())) => {
+                    self.stats.bytes_read.fetch_add(p.len, Ordering::Relaxed);
+                    msg.segs.push((false, 0, msg.bytes.len()));
+                    self.out.push_back(msg);
+                    return None;
+                }
+                Some(Err(e)) => self.reply_err(p.cookie, p.offset, true, nbd_errno(e)),
+                None => {}
+            }
+            self.spare_msg(msg);
+            return done.is_none().then(|| self.read_buffer(ctx, len));
+        }
+        let mut buf = self.read_buffer(ctx, len);
+        let mut at = 0;
+        let dst = buf.as_mut_slice();
+        let done = ctx.read_in_place(&self.handle, p.offset, p.len, &mut |src| {
+            dst[at..at + src.len()].copy_from_slice(src);
+            at += src.len();
+        });
+        match done {
+            None => return Some(buf),
+            Some(Ok(())) => {
+                self.stats.bytes_read.fetch_add(p.len, Ordering::Relaxed);
+                self.reply_read(p, buf);
+            }
+            Some(Err(e)) => {
+                self.recycle(buf);
+                self.reply_err(p.cookie, p.offset, true, nbd_errno(e));
+            }
+        }
+        None
+    }
+
+    /// A buffer for `len` bytes of read data: from the reactor's pool, else the cache.
+    fn read_buffer(&mut self, ctx: &mut TaskCtx<'_>, len: usize) -> IoBuf {
+        ctx.take_buffer(len)
+            .unwrap_or_else(|| IoBuf::owned(self.bufs.take(len)))
     }
 
     fn reply_block_status(
@@ -691,10 +786,9 @@ impl Connection {
                     return;
                 }
                 p.payload_bytes = req.length;
-                let len = req.length as usize;
-                let buf = ctx
-                    .take_buffer(len)
-                    .unwrap_or_else(|| IoBuf::owned(self.bufs.take(len)));
+                let Some(buf) = self.read_in_place(ctx, &p) else {
+                    return; // answered
+                };
                 self.submit(ctx, p, RequestKind::Read, Some(buf));
             }
             Command::Write => {
@@ -802,8 +896,8 @@ impl Connection {
                 self.reply_read(&p, c.buf.expect("read completion returns its buffer"));
             }
             Ok(()) => {
-                if let Some(buf) = c.buf.and_then(IoBuf::into_owned) {
-                    self.bufs.give(buf);
+                if let Some(buf) = c.buf {
+                    self.recycle(buf);
                 }
                 self.reply_ok(&p)
             }
@@ -877,14 +971,24 @@ impl Connection {
         if self.iov.is_empty() {
             return false;
         }
-        self.msghdr.msg_iov = self.iov.as_mut_ptr();
-        self.msghdr.msg_iovlen = self.iov.len() as _;
-        let msghdr = &*self.msghdr as *const libc::msghdr;
-        let entry = on_socket!(self, |fd| opcode::SendMsg::new(fd, msghdr)
-            .flags(libc::MSG_NOSIGNAL as u32)
-            .build());
+        let entry = if let [one] = self.iov[..] {
+            // One piece (a reply with its data behind the header): a plain send, which spares
+            // the kernel importing a message header and an iovec.
+            let (ptr, len) = (one.iov_base as *const u8, one.iov_len as u32);
+            on_socket!(self, |fd| opcode::Send::new(fd, ptr, len)
+                .flags(libc::MSG_NOSIGNAL)
+                .build())
+        } else {
+            self.msghdr.msg_iov = self.iov.as_mut_ptr();
+            self.msghdr.msg_iovlen = self.iov.len() as _;
+            let msghdr = &*self.msghdr as *const libc::msghdr;
+            on_socket!(self, |fd| opcode::SendMsg::new(fd, msghdr)
+                .flags(libc::MSG_NOSIGNAL as u32)
+                .build())
+        };
         // SAFETY: msghdr is boxed, iov is not touched while a send is in flight, and the queued
-        // messages it points into are only popped after the completion.
+        // messages it (or a plain send's pointer) points into are only popped after the
+        // completion.
         match unsafe { ctx.push_raw(entry, TAG_SEND) } {
             Ok(()) => {
                 self.send_in_flight = true;
@@ -908,15 +1012,10 @@ impl Connection {
             n -= left;
             if seg_i + 1 == msg.segs.len() {
                 let mut msg = self.out.pop_front().expect("front exists");
-                if let Some(buf) = msg.data.take().and_then(IoBuf::into_owned) {
-                    self.bufs.give(buf);
+                if let Some(buf) = msg.data.take() {
+                    self.recycle(buf);
                 }
-                // Only small ones: a block-status reply's header may be kilobytes.
-                if self.spare_msgs.len() < SPARE_MSGS && msg.bytes.capacity() <= SPARE_MSG_BYTES {
-                    msg.bytes.clear();
-                    msg.segs.clear();
-                    self.spare_msgs.push(msg);
-                }
+                self.spare_msg(msg);
                 self.out_cursor = (0, 0);
             } else {
                 self.out_cursor = (seg_i + 1, 0);
