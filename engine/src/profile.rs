@@ -77,6 +77,11 @@ pub struct FirmwareProfile {
     pub write_bandwidth_mib_s: u32,
     /// How long an idle reactor busy-polls before parking, µs; <= 1 s.
     pub poll_idle_us: u32,
+    /// Device operations a reactor queues before it enters the kernel to submit them: 1 =
+    /// each at once, N = in groups of N, 0 (the default) = once per reactor loop turn;
+    /// <= 4096.
+    #[serde(default)]
+    pub submit_batch: u32,
     /// Advice: set up the device ring with IORING_SETUP_IOPOLL where the kernel allows.
     pub iopoll: bool,
     /// Advice: use a kernel SQ polling thread (IORING_SETUP_SQPOLL).
@@ -218,6 +223,13 @@ impl FirmwareProfile {
             out.push(format!(
                 "poll_idle_us = {} is more than {POLL_IDLE_MAX_US} µs (1 s)",
                 self.poll_idle_us
+            ));
+        }
+
+        if self.submit_batch > QUEUE_DEPTH_MAX {
+            out.push(format!(
+                "submit_batch = {} is more than {QUEUE_DEPTH_MAX} (0 = once per loop turn)",
+                self.submit_batch
             ));
         }
 
@@ -518,6 +530,8 @@ mod tests {
         assert!(msg.contains("discard_granularity_bytes = 1000"), "{msg}");
         let msg = rejected("poll_idle_us", "1000001");
         assert!(msg.contains("poll_idle_us = 1000001"), "{msg}");
+        let msg = rejected("submit_batch", "4097");
+        assert!(msg.contains("submit_batch = 4097"), "{msg}");
         let msg = rejected("flush_latency_us", "20000000");
         assert!(msg.contains("flush_latency_us = 20000000"), "{msg}");
         let msg = rejected("name", "\"\"");
@@ -646,13 +660,14 @@ mod tests {
             any::<u32>(),
             any::<u32>(),
             0..=POLL_IDLE_MAX_US,
+            0..=QUEUE_DEPTH_MAX,
         );
         (text, geometry, flags, numbers).prop_map(
             |(
                 (name, description),
                 (logical, physical, max_transfer, discard),
                 (vwc, plp, fua, wz, iopoll, sqpoll, regbuf),
-                (qd, rlat, wlat, flat, rbw, wbw, poll),
+                (qd, rlat, wlat, flat, rbw, wbw, poll, batch),
             )| FirmwareProfile {
                 name,
                 description: description.chars().take(200).collect(),
@@ -671,6 +686,7 @@ mod tests {
                 read_bandwidth_mib_s: rbw,
                 write_bandwidth_mib_s: wbw,
                 poll_idle_us: poll,
+                submit_batch: batch,
                 iopoll,
                 sqpoll,
                 registered_buffers: regbuf,
@@ -678,7 +694,7 @@ mod tests {
         )
     }
 
-    const KEYS: [&str; 20] = [
+    const KEYS: [&str; 21] = [
         "name",
         "description",
         "logical_block_size_bytes",
@@ -696,6 +712,7 @@ mod tests {
         "read_bandwidth_mib_s",
         "write_bandwidth_mib_s",
         "poll_idle_us",
+        "submit_batch",
         "iopoll",
         "sqpoll",
         "registered_buffers",
