@@ -38,6 +38,30 @@ pub fn raw_fio_patterns(job: FioJob) -> [(&'static str, FioJob); 2] {
     [("default", job), ("batched", batched)]
 }
 
+/// The CPU an engine-vs-raw comparison runs on (raw fio and the engine's reactor both), and
+/// why: the one taking the backing device's completion interrupts when it can be told, else
+/// the last CPU (where the engine puts its one reactor on small machines).
+pub fn comparison_cpu(device_path: &Path, cpus: &[usize]) -> (usize, String) {
+    match crate::sys::device_irq_cpu(device_path) {
+        Some((cpu, irq)) if cpus.contains(&cpu) => (
+            cpu,
+            format!("cpu {cpu}, which takes the device's interrupts ({irq})"),
+        ),
+        _ => {
+            let cpu = cpus.last().copied().unwrap_or(0);
+            (
+                cpu,
+                format!("cpu {cpu}, the last (the device's interrupt CPU is unknown)"),
+            )
+        }
+    }
+}
+
+/// Pin a fio job to `cpu`.
+pub fn pinned(job: FioJob, cpu: usize) -> FioJob {
+    job.extra(format!("--cpus_allowed={cpu}"))
+}
+
 /// The benchmark file once prepared.
 #[derive(Clone, Debug, Serialize)]
 pub struct Prepared {
@@ -221,7 +245,7 @@ impl Placement {
     pub fn on(driver: DriverKind, cores: &[usize], cpus: &[usize]) -> Placement {
         let used: &[usize] = if cores.is_empty() { cpus } else { cores };
         let reactors = if cores.is_empty() {
-            format!("{} reactors (every cpu)", cpus.len())
+            "the engine's default cores".to_string()
         } else {
             format!(
                 "{} reactor{} (cpu {})",
@@ -246,15 +270,17 @@ impl Placement {
         }
     }
 
-    /// On a machine with several CPUs: one reactor (driver thread on another CPU) and the
-    /// engine's default of a reactor on every CPU, for each driver kind.
-    pub fn defaults(drivers: &[DriverKind], cpus: &[usize]) -> Vec<Placement> {
+    /// For each driver kind: one reactor on `home` (a thread driver on another CPU), and the
+    /// engine's default cores unless that is the same thing (on machines with two CPUs or fewer
+    /// the engine runs one reactor, on the last CPU).
+    pub fn defaults(drivers: &[DriverKind], cpus: &[usize], home: usize) -> Vec<Placement> {
+        let default_is_home = cpus.len() <= 2 && cpus.last() == Some(&home);
         let mut v = Vec::new();
         for &d in drivers {
-            if cpus.len() >= 2 {
-                v.push(Placement::on(d, &cpus[..1], cpus));
+            v.push(Placement::on(d, &[home], cpus));
+            if !default_is_home {
+                v.push(Placement::on(d, &[], cpus));
             }
-            v.push(Placement::on(d, &[], cpus));
         }
         v
     }
@@ -490,12 +516,21 @@ mod tests {
         assert_eq!(p.driver_core, None, "every cpu has a reactor");
         let p = Placement::on(DriverKind::Task, &[0], &[0, 1]);
         assert_eq!(p.driver_core, None);
-        let d = Placement::defaults(&[DriverKind::Thread, DriverKind::Task], &[0, 1]);
+        let d = Placement::defaults(&[DriverKind::Thread, DriverKind::Task], &[0, 1], 0);
         assert_eq!(d.len(), 4);
         assert_eq!(d[0].reactor_cores, vec![0]);
+        assert_eq!(d[0].driver_core, Some(1));
         assert!(d[1].reactor_cores.is_empty());
         assert_eq!(d[2].driver, DriverKind::Task);
-        assert_eq!(Placement::defaults(&[DriverKind::Thread], &[3]).len(), 1);
+        // On two CPUs the engine's default is one reactor on the last: not run twice.
+        let d = Placement::defaults(&[DriverKind::Thread, DriverKind::Task], &[0, 1], 1);
+        assert_eq!(d.len(), 2);
+        assert_eq!(d[1].reactor_cores, vec![1]);
+        assert_eq!(
+            Placement::defaults(&[DriverKind::Task], &[0, 1, 2, 3], 3).len(),
+            2
+        );
+        assert_eq!(Placement::defaults(&[DriverKind::Thread], &[3], 3).len(), 1);
     }
 
     /// A short end-to-end run on a small file: fill, then drive reads for a moment with each

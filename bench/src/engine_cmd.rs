@@ -74,15 +74,16 @@ pub struct EngineArgs {
 }
 
 /// Placements from the `--cores` groups and `--driver` kinds (default groups:
-/// [`Placement::defaults`]).
+/// [`Placement::defaults`] around `home`).
 fn placements(
     groups: &[Vec<usize>],
     drivers: &[DriverKind],
     cpus: &[usize],
+    home: usize,
 ) -> Result<Vec<Placement>> {
     ensure!(!drivers.is_empty(), "--driver needs at least one kind");
     if groups.is_empty() {
-        return Ok(Placement::defaults(drivers, cpus));
+        return Ok(Placement::defaults(drivers, cpus, home));
     }
     for g in groups {
         ensure!(!g.is_empty(), "--cores needs at least one CPU");
@@ -114,6 +115,9 @@ pub fn parse_core_group(s: &str) -> Result<Vec<usize>> {
 #[derive(Serialize)]
 struct Host {
     cpus: Vec<usize>,
+    /// Where raw fio (and the one-reactor placements) ran, and why there.
+    comparison_cpu: usize,
+    comparison_cpu_why: String,
     kernel: String,
     fio_version: String,
 }
@@ -195,7 +199,13 @@ pub fn run(args: &EngineArgs) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     let started = SystemTime::now();
     let cpus = sys::available_cpus()?;
-    let placements = placements(&core_groups, &args.driver, &cpus)?;
+    // Checked before the (slow) preparation; the default placements need its device.
+    placements(
+        &core_groups,
+        &args.driver,
+        &cpus,
+        cpus.first().copied().unwrap_or(0),
+    )?;
     let fio_version = crate::fio::version()?;
     let out_dir = args
         .out
@@ -239,6 +249,9 @@ pub fn run(args: &EngineArgs) -> Result<()> {
         }
     );
 
+    let (cpu, cpu_why) = engine_bench::comparison_cpu(&prep.device_path, &cpus);
+    let placements = placements(&core_groups, &args.driver, &cpus, cpu)?;
+    eprintln!("raw fio runs on {cpu_why}");
     let fio_job = FioJob::new("raw-randread")
         .filename(&prep.device_path)
         .ioengine("io_uring")
@@ -253,7 +266,7 @@ pub fn run(args: &EngineArgs) -> Result<()> {
         .direct(true)
         // Uniform random with replacement, like the engine drivers.
         .extra("--norandommap");
-    let fio_patterns = engine_bench::raw_fio_patterns(fio_job);
+    let fio_patterns = engine_bench::raw_fio_patterns(engine_bench::pinned(fio_job, cpu));
     let workload = Workload {
         block_bytes: args.bs,
         iodepth: args.iodepth,
@@ -353,6 +366,10 @@ pub fn run(args: &EngineArgs) -> Result<()> {
         fio_version,
         sys::kernel_release()
     );
+    md.push_str(&format!(
+        "Raw fio runs on {cpu_why}; so does the engine's reactor where one placement puts it \
+         there.\n\n"
+    ));
     md.push_str(&report::markdown_table(&rows));
     md.push_str(&format!(
         "\nLatency: submit to completion (fio `lat`, engine driver clock). CPU: the whole \
@@ -372,6 +389,8 @@ pub fn run(args: &EngineArgs) -> Result<()> {
         started_utc: sys::utc_stamp(started),
         host: Host {
             cpus,
+            comparison_cpu: cpu,
+            comparison_cpu_why: cpu_why,
             kernel: sys::kernel_release(),
             fio_version,
         },
@@ -417,18 +436,20 @@ mod tests {
     fn placements_check_cpus() {
         let cpus = [0, 1];
         let both = [DriverKind::Thread, DriverKind::Task];
-        assert_eq!(placements(&[], &both, &cpus).unwrap().len(), 4);
-        let p = placements(&[vec![1]], &[DriverKind::Thread], &cpus).unwrap();
+        assert_eq!(placements(&[], &both, &cpus, 0).unwrap().len(), 4);
+        // On the last of two CPUs, the engine's default placement is the same one.
+        assert_eq!(placements(&[], &both, &cpus, 1).unwrap().len(), 2);
+        let p = placements(&[vec![1]], &[DriverKind::Thread], &cpus, 0).unwrap();
         assert_eq!(p.len(), 1);
         assert_eq!(p[0].driver_core, Some(0));
         assert_eq!(
-            placements(&[vec![0], vec![0, 1]], &both, &cpus)
+            placements(&[vec![0], vec![0, 1]], &both, &cpus, 0)
                 .unwrap()
                 .len(),
             4
         );
-        assert!(placements(&[vec![7]], &both, &cpus).is_err());
-        assert!(placements(&[vec![]], &both, &cpus).is_err());
-        assert!(placements(&[], &[], &cpus).is_err());
+        assert!(placements(&[vec![7]], &both, &cpus, 0).is_err());
+        assert!(placements(&[vec![]], &both, &cpus, 0).is_err());
+        assert!(placements(&[], &[], &cpus, 0).is_err());
     }
 }

@@ -384,7 +384,8 @@ fn headline_specs(rate_iops: u32) -> Vec<HeadlineSpec> {
     v.push((
         "engine",
         "ringblock engine (local, 1 reactor) ÷ raw fio io_uring (the better of fio's default \
-         and batched submission): 4k random read QD32, rounds alternated"
+         and batched submission), both pinned to the CPU of the device's interrupts: 4k random \
+         read QD32, rounds alternated"
             .into(),
         Metric::Iops,
         "engine",

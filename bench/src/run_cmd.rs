@@ -226,6 +226,8 @@ struct Ctx {
     verify: Duration,
     idle: Duration,
     cpus: Vec<usize>,
+    /// Where the engine step runs raw fio and the engine's reactor, and why there.
+    engine_cpu: (usize, String),
 }
 
 /// The fio job of `point` on `target`.
@@ -403,7 +405,7 @@ const ENGINE_WORKLOAD: &str = "randread-4k-qd32";
 /// driver: one thread does everything, like fio). One round of the engine step.
 fn run_engine(ctx: &Ctx, ramp: Duration, seed: u64, raw_rel: &str) -> Result<Sample> {
     let prep = ctx.prep.as_ref().context("no backing file")?;
-    let placement = Placement::on(DriverKind::Task, &ctx.cpus[..1], &ctx.cpus);
+    let placement = Placement::on(DriverKind::Task, &[ctx.engine_cpu.0], &ctx.cpus);
     let w = engine_bench::Workload {
         block_bytes: 4096,
         iodepth: 32,
@@ -460,6 +462,7 @@ fn run_raw_round(
     };
     // fio_job's --randseed is 0x5eed + its `repeat` argument.
     let job = fio_job(ctx, raw, &point, seed.saturating_sub(0x5eed) as usize)?.ramp(Some(ramp));
+    let job = engine_bench::pinned(job, ctx.engine_cpu.0);
     let mut best: Option<Sample> = None;
     for (variant, job) in engine_bench::raw_fio_patterns(job) {
         let rel = raw_rel.replace(".json", &format!("-{variant}.json"));
@@ -797,6 +800,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         None
     };
     let region_bytes = prep.as_ref().map_or(size_mib << 20, |p| p.region_bytes);
+    let prep_path = prep.as_ref().map(|p| p.device_path.clone());
     if needs_peer_file {
         write_peer_file(&peer_file, region_bytes)?;
     }
@@ -825,6 +829,10 @@ pub fn run(args: &RunArgs) -> Result<()> {
         ramp,
         verify: Duration::from_secs_f64(args.verify_s.unwrap_or(d.verify_s).max(0.1)),
         idle: Duration::from_secs_f64(args.idle_s.unwrap_or(d.idle_s).max(0.5)),
+        engine_cpu: match &prep_path {
+            Some(p) => engine_bench::comparison_cpu(p, &cpus),
+            None => (cpus.last().copied().unwrap_or(0), String::new()),
+        },
         cpus: cpus.clone(),
     };
 
@@ -1076,6 +1084,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
     };
     let host = serde_json::json!({
         "cpus": cpus,
+        "engine_step_cpu": ctx.engine_cpu.0,
+        "engine_step_cpu_why": ctx.engine_cpu.1,
         "kernel": sys::kernel_release(),
         "fio": fio_version,
         "nbdkit": tool_version("nbdkit", &["--version"]),
