@@ -95,7 +95,7 @@ impl BufCache {
 /// reply header: the reply goes out as one contiguous piece.
 const INLINE_READ_MAX_BYTES: usize = 8 << 10;
 /// Reply messages kept for reuse (their header and segment vectors), per connection: at most
-/// SPARE_MSGS x SPARE_MSG_BYTES = 576 KiB.
+/// SPARE_MSGS x SPARE_MSG_BYTES, about 520 KiB.
 const SPARE_MSGS: usize = 64;
 const SPARE_MSG_BYTES: usize = INLINE_READ_MAX_BYTES + 64;
 
