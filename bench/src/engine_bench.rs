@@ -42,7 +42,7 @@ pub fn raw_fio_patterns(job: FioJob) -> [(&'static str, FioJob); 2] {
 /// why: the one taking the backing device's completion interrupts when it can be told, else
 /// the last CPU (where the engine puts its one reactor on small machines).
 pub fn comparison_cpu(device_path: &Path, cpus: &[usize]) -> (usize, String) {
-    match crate::sys::device_irq_cpu(device_path) {
+    match ringblock_engine::irq::device_irq_cpu(device_path) {
         Some((cpu, irq)) if cpus.contains(&cpu) => (
             cpu,
             format!("cpu {cpu}, which takes the device's interrupts ({irq})"),

@@ -12,7 +12,7 @@ use crossbeam_queue::ArrayQueue;
 use serde::{Deserialize, Serialize};
 
 use crate::buf::RegisteredPool;
-use crate::device::{DeviceConfig, OpenDevice};
+use crate::device::{DeviceConfig, DeviceKind, OpenDevice};
 use crate::error::{EngineError, VolumeErrorKind};
 use crate::ids::{DeviceId, ReactorId, VolumeId};
 use crate::io::uring::{new_wake_fd, wake, UringIo};
@@ -185,7 +185,13 @@ pub struct Engine {
 impl Engine {
     /// Open every device, load its metadata, and start the reactors.
     pub fn start(config: &EngineConfig) -> Result<Engine, EngineError> {
-        let cores = select_cores(&config.cores)?;
+        let irq = device_irq_core(&config.devices);
+        let cores = select_cores(&config.cores, irq.as_ref().map(|(core, _)| *core))?;
+        if let (Some((core, name)), [Some(chosen)]) = (&irq, cores.as_slice()) {
+            if core == chosen {
+                tracing::info!(core, interrupt = %name, "one reactor, on the core that takes the device's interrupts");
+            }
+        }
         let n = cores.len() as u32;
         let mut names = HashMap::new();
         let mut open_devices = Vec::new();
@@ -624,7 +630,28 @@ impl Drop for Engine {
     }
 }
 
-fn select_cores(wanted: &[usize]) -> Result<Vec<Option<usize>>, EngineError> {
+/// The core taking the interrupts of the first device that does block IO (a file or a block
+/// device; for a file not created yet, its directory's), and the interrupt's name.
+fn device_irq_core(devices: &[DeviceConfig]) -> Option<(usize, String)> {
+    devices
+        .iter()
+        .filter(|d| matches!(d.kind, DeviceKind::File | DeviceKind::Blockdev))
+        .find_map(|d| {
+            let path = d.path.as_deref()?;
+            crate::irq::device_irq_cpu(path).or_else(|| {
+                let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
+                crate::irq::device_irq_cpu(dir.unwrap_or(std::path::Path::new(".")))
+            })
+        })
+}
+
+/// Reactor cores: `wanted`, or by default one per core; on a machine with two cores or fewer,
+/// one reactor, on `preferred` (the core taking the devices' interrupts) when it is available,
+/// else on the last core.
+fn select_cores(
+    wanted: &[usize],
+    preferred: Option<usize>,
+) -> Result<Vec<Option<usize>>, EngineError> {
     let available: Vec<usize> = core_affinity::get_core_ids()
         .unwrap_or_default()
         .into_iter()
@@ -636,10 +663,12 @@ fn select_cores(wanted: &[usize]) -> Result<Vec<Option<usize>>, EngineError> {
             return Ok(vec![None; n]);
         }
         // On a machine with two cores or fewer, a polling reactor on every core leaves nothing
-        // for anything else (local clients, the kernel's network stack): one reactor, on the
-        // last core. Larger machines get one per core.
+        // for anything else (local clients, the kernel's network stack): one reactor, where
+        // its device completes IO without a cross-core wake-up, else on the last core. Larger
+        // machines get one per core.
         if available.len() <= 2 {
-            return Ok(vec![available.last().copied()]);
+            let core = preferred.filter(|c| available.contains(c));
+            return Ok(vec![core.or(available.last().copied())]);
         }
         return Ok(available.into_iter().map(Some).collect());
     }
@@ -828,6 +857,40 @@ fn reactor_thread(
         me.stats.idle_ns.fetch_add(
             last_work.duration_since(now).as_nanos() as u64,
             Ordering::Relaxed,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_machines_run_one_reactor_on_the_preferred_core() {
+        let available: Vec<usize> = core_affinity::get_core_ids()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+        if available.is_empty() {
+            return; // no affinity information here: nothing to choose from
+        }
+        if available.len() > 2 {
+            // One reactor per core there; the preference does not apply.
+            let all: Vec<_> = available.iter().map(|&c| Some(c)).collect();
+            assert_eq!(select_cores(&[], Some(available[0])).unwrap(), all);
+            return;
+        }
+        let first = available[0];
+        let last = *available.last().unwrap();
+        assert_eq!(select_cores(&[], Some(first)).unwrap(), vec![Some(first)]);
+        assert_eq!(select_cores(&[], None).unwrap(), vec![Some(last)]);
+        // A preferred core this process may not use is ignored.
+        assert_eq!(select_cores(&[], Some(10_000)).unwrap(), vec![Some(last)]);
+        // An explicit list wins over the preference.
+        assert_eq!(
+            select_cores(&[last], Some(first)).unwrap(),
+            vec![Some(last)]
         );
     }
 }

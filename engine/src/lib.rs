@@ -7,6 +7,7 @@ pub mod buf;
 pub mod client;
 pub mod device;
 pub mod io;
+pub mod irq;
 pub mod loader;
 pub mod meta;
 pub mod profile;
