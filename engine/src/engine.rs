@@ -630,6 +630,15 @@ impl Drop for Engine {
     }
 }
 
+/// The cores this process may run on (empty when that cannot be told).
+fn available_cores() -> Vec<usize> {
+    core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.id)
+        .collect()
+}
+
 /// The core taking the interrupts of the first device that does block IO (a file or a block
 /// device; for a file not created yet, its directory's), and the interrupt's name.
 fn device_irq_core(devices: &[DeviceConfig]) -> Option<(usize, String)> {
@@ -652,11 +661,7 @@ fn select_cores(
     wanted: &[usize],
     preferred: Option<usize>,
 ) -> Result<Vec<Option<usize>>, EngineError> {
-    let available: Vec<usize> = core_affinity::get_core_ids()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|c| c.id)
-        .collect();
+    let available = available_cores();
     if wanted.is_empty() {
         if available.is_empty() {
             let n = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -867,11 +872,7 @@ mod tests {
 
     #[test]
     fn small_machines_run_one_reactor_on_the_preferred_core() {
-        let available: Vec<usize> = core_affinity::get_core_ids()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|c| c.id)
-            .collect();
+        let available = available_cores();
         if available.is_empty() {
             return; // no affinity information here: nothing to choose from
         }
