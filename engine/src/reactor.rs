@@ -26,8 +26,24 @@ use crate::volume::{chunk_owner, DeviceState, Volume};
 /// Most device operations one reactor tracks at once (in the ring or waiting for ring space).
 pub const MAX_OPS_PER_REACTOR: usize = 1 << 16;
 
-/// Zeros handed to a [`DataMover`] for reads of unmapped chunks, a piece at a time.
+/// Zeros handed out (to a mover or a sink) for reads of unmapped chunks, a piece at a time.
 static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+
+/// `len_bytes` of zeros handed to `f` in pieces of at most [`ZEROS`], each with its offset from
+/// the first; stops at the first error.
+fn zero_pieces(
+    len_bytes: u64,
+    mut f: impl FnMut(u64, &[u8]) -> Result<(), Errno>,
+) -> Result<(), Errno> {
+    let mut done = 0u64;
+    // Bounded: len / 64 KiB pieces (a part is at most one chunk).
+    while done < len_bytes {
+        let n = (len_bytes - done).min(ZEROS.len() as u64);
+        f(done, &ZEROS[..n as usize])?;
+        done += n;
+    }
+    Ok(())
+}
 
 /// A Read of unmapped space through a mover: zeros, in pieces of [`ZEROS`].
 fn copy_out_zeros(
@@ -35,14 +51,9 @@ fn copy_out_zeros(
     offset_in_request: u64,
     len_bytes: u64,
 ) -> Result<(), Errno> {
-    let mut done = 0u64;
-    // Bounded: len / 64 KiB pieces (a part is at most one chunk).
-    while done < len_bytes {
-        let n = (len_bytes - done).min(ZEROS.len() as u64);
-        mover.copy_out(offset_in_request + done, &ZEROS[..n as usize])?;
-        done += n;
-    }
-    Ok(())
+    zero_pieces(len_bytes, |at, zeros| {
+        mover.copy_out(offset_in_request + at, zeros)
+    })
 }
 
 /// A reply to a control message, run on the reactor that finishes it.
@@ -559,16 +570,10 @@ impl<I: Io> ReactorCore<I> {
         }
         let device = &volume.device;
         let result = match volume.mapping(chunk) {
-            None => {
-                let mut done = 0u64;
-                // Bounded: len / 64 KiB pieces (the range is inside one chunk).
-                while done < len_bytes {
-                    let n = (len_bytes - done).min(ZEROS.len() as u64);
-                    sink(&ZEROS[..n as usize]);
-                    done += n;
-                }
+            None => zero_pieces(len_bytes, |_, zeros| {
+                sink(zeros);
                 Ok(())
-            }
+            }),
             Some(p) => {
                 let off = device.label.chunk_offset_bytes(p) + offset_bytes % cs;
                 let copied = self.io.with_memory(
