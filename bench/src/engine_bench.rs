@@ -271,10 +271,11 @@ impl Placement {
     }
 
     /// For each driver kind: one reactor on `home` (a thread driver on another CPU), and the
-    /// engine's default cores unless that is the same thing (on machines with two CPUs or fewer
-    /// the engine runs one reactor, on the last CPU).
+    /// engine's default cores unless that is the same thing: on machines with two CPUs or fewer
+    /// the engine runs one reactor, on the CPU [`comparison_cpu`] picks as `home` (the device's
+    /// interrupt CPU, else the last).
     pub fn defaults(drivers: &[DriverKind], cpus: &[usize], home: usize) -> Vec<Placement> {
-        let default_is_home = cpus.len() <= 2 && cpus.last() == Some(&home);
+        let default_is_home = cpus.len() <= 2;
         let mut v = Vec::new();
         for &d in drivers {
             v.push(Placement::on(d, &[home], cpus));
@@ -516,20 +517,17 @@ mod tests {
         assert_eq!(p.driver_core, None, "every cpu has a reactor");
         let p = Placement::on(DriverKind::Task, &[0], &[0, 1]);
         assert_eq!(p.driver_core, None);
+        // On two CPUs the engine's default is one reactor on `home`: not run twice.
         let d = Placement::defaults(&[DriverKind::Thread, DriverKind::Task], &[0, 1], 0);
-        assert_eq!(d.len(), 4);
+        assert_eq!(d.len(), 2);
         assert_eq!(d[0].reactor_cores, vec![0]);
         assert_eq!(d[0].driver_core, Some(1));
+        assert_eq!(d[1].driver, DriverKind::Task);
+        assert_eq!(d[1].reactor_cores, vec![0]);
+        let d = Placement::defaults(&[DriverKind::Thread, DriverKind::Task], &[0, 1, 2, 3], 3);
+        assert_eq!(d.len(), 4);
+        assert_eq!(d[0].reactor_cores, vec![3]);
         assert!(d[1].reactor_cores.is_empty());
-        assert_eq!(d[2].driver, DriverKind::Task);
-        // On two CPUs the engine's default is one reactor on the last: not run twice.
-        let d = Placement::defaults(&[DriverKind::Thread, DriverKind::Task], &[0, 1], 1);
-        assert_eq!(d.len(), 2);
-        assert_eq!(d[1].reactor_cores, vec![1]);
-        assert_eq!(
-            Placement::defaults(&[DriverKind::Task], &[0, 1, 2, 3], 3).len(),
-            2
-        );
         assert_eq!(Placement::defaults(&[DriverKind::Thread], &[3], 3).len(), 1);
     }
 

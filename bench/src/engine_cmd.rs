@@ -436,8 +436,7 @@ mod tests {
     fn placements_check_cpus() {
         let cpus = [0, 1];
         let both = [DriverKind::Thread, DriverKind::Task];
-        assert_eq!(placements(&[], &both, &cpus, 0).unwrap().len(), 4);
-        // On the last of two CPUs, the engine's default placement is the same one.
+        // On two CPUs the engine's default placement is the one on `home`.
         assert_eq!(placements(&[], &both, &cpus, 1).unwrap().len(), 2);
         let p = placements(&[vec![1]], &[DriverKind::Thread], &cpus, 0).unwrap();
         assert_eq!(p.len(), 1);
