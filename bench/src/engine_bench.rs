@@ -42,19 +42,16 @@ pub fn raw_fio_patterns(job: FioJob) -> [(&'static str, FioJob); 2] {
 /// why: the one taking the backing device's completion interrupts when it can be told, else
 /// the last CPU (where the engine puts its one reactor on small machines).
 pub fn comparison_cpu(device_path: &Path, cpus: &[usize]) -> (usize, String) {
-    match ringblock_engine::irq::device_irq_cpu(device_path) {
-        Some((cpu, irq)) if cpus.contains(&cpu) => (
-            cpu,
-            format!("cpu {cpu}, which takes the device's interrupts ({irq})"),
-        ),
-        _ => {
-            let cpu = cpus.last().copied().unwrap_or(0);
-            (
-                cpu,
-                format!("cpu {cpu}, the last (the device's interrupt CPU is unknown)"),
-            )
+    use ringblock_engine::irq;
+    let found = irq::device_irq_cpu(device_path);
+    let cpu = irq::lone_reactor_core(found.as_ref().map(|(c, _)| *c), cpus).unwrap_or(0);
+    let why = match found {
+        Some((c, name)) if c == cpu => {
+            format!("cpu {cpu}, which takes the device's interrupts ({name})")
         }
-    }
+        _ => format!("cpu {cpu}, the last (the device's interrupt CPU is unknown)"),
+    };
+    (cpu, why)
 }
 
 /// Pin a fio job to `cpu`.

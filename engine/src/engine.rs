@@ -640,18 +640,12 @@ fn available_cores() -> Vec<usize> {
 }
 
 /// The core taking the interrupts of the first device that does block IO (a file or a block
-/// device; for a file not created yet, its directory's), and the interrupt's name.
+/// device), and the interrupt's name.
 fn device_irq_core(devices: &[DeviceConfig]) -> Option<(usize, String)> {
     devices
         .iter()
         .filter(|d| matches!(d.kind, DeviceKind::File | DeviceKind::Blockdev))
-        .find_map(|d| {
-            let path = d.path.as_deref()?;
-            crate::irq::device_irq_cpu(path).or_else(|| {
-                let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
-                crate::irq::device_irq_cpu(dir.unwrap_or(std::path::Path::new(".")))
-            })
-        })
+        .find_map(|d| crate::irq::device_irq_cpu(d.path.as_deref()?))
 }
 
 /// Reactor cores: `wanted`, or by default one per core; on a machine with two cores or fewer,
@@ -672,8 +666,7 @@ fn select_cores(
         // its device completes IO without a cross-core wake-up, else on the last core. Larger
         // machines get one per core.
         if available.len() <= 2 {
-            let core = preferred.filter(|c| available.contains(c));
-            return Ok(vec![core.or(available.last().copied())]);
+            return Ok(vec![crate::irq::lone_reactor_core(preferred, &available)]);
         }
         return Ok(available.into_iter().map(Some).collect());
     }

@@ -7,13 +7,27 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
+/// The core a lone reactor runs on, among `available`: `irq_cpu` (the core taking its device's
+/// interrupts) when it is one of them, else the last. The engine places its one reactor on a
+/// small machine this way, and the bench its engine-vs-raw comparison, so both agree.
+pub fn lone_reactor_core(irq_cpu: Option<usize>, available: &[usize]) -> Option<usize> {
+    irq_cpu
+        .filter(|c| available.contains(c))
+        .or(available.last().copied())
+}
+
 /// The CPU that takes the completion interrupts of the block device holding `file` (or of
-/// `file` itself, a block device node), and the interrupt's name (e.g. `(1, "virtio1-req.0")`):
-/// the CPU with the most of them so far. None when it cannot be told (no block device behind
-/// it, no interrupts yet, no /proc or /sys).
+/// `file` itself, a block device node; for a file not created yet, of its directory), and the
+/// interrupt's name (e.g. `(1, "virtio1-req.0")`): the CPU with the most of them so far. None
+/// when it cannot be told (no block device behind it, no interrupts yet, no /proc or /sys).
 pub fn device_irq_cpu(file: &Path) -> Option<(usize, String)> {
     use std::os::unix::fs::FileTypeExt;
-    let meta = std::fs::metadata(file).ok()?;
+    let meta = std::fs::metadata(file)
+        .or_else(|e| {
+            let dir = file.parent().filter(|p| !p.as_os_str().is_empty());
+            std::fs::metadata(dir.unwrap_or(Path::new("."))).map_err(|_| e)
+        })
+        .ok()?;
     let dev = if meta.file_type().is_block_device() {
         meta.rdev()
     } else {
@@ -78,6 +92,14 @@ pub fn busiest_irq_cpu(text: &str, prefix: &str) -> Option<(usize, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lone_reactor_goes_to_the_interrupt_core_when_it_may() {
+        assert_eq!(lone_reactor_core(Some(0), &[0, 1]), Some(0));
+        assert_eq!(lone_reactor_core(None, &[0, 1]), Some(1));
+        assert_eq!(lone_reactor_core(Some(5), &[0, 1]), Some(1));
+        assert_eq!(lone_reactor_core(Some(0), &[]), None);
+    }
 
     #[test]
     fn irq_cpu_of_a_device() {
