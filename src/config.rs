@@ -32,6 +32,10 @@ pub struct NbdConfig {
     /// Volumes exported read-only.
     #[serde(default)]
     pub read_only: Vec<String>,
+    /// Receive requests with one multishot receive into provided buffers (Linux 6.0+; older
+    /// kernels fall back by themselves). `false`: one receive per arrival.
+    #[serde(default = "default_true")]
+    pub multishot_receive: bool,
 }
 
 fn default_nbd_listen() -> Vec<String> {
@@ -44,6 +48,7 @@ impl Default for NbdConfig {
             listen: default_nbd_listen(),
             unix: None,
             read_only: Vec::new(),
+            multishot_receive: true,
         }
     }
 }

@@ -187,6 +187,7 @@ pub fn run(args: ServeArgs) -> Result<(), Failure> {
             tcp,
             unix,
             inherited,
+            multishot_recv: cfg.nbd.multishot_receive,
             ..ServerConfig::default()
         },
     )

@@ -31,14 +31,17 @@ const IO_TIMEOUT: Duration = Duration::from_secs(20);
 const MIB: u64 = 1 << 20;
 const SMALL_BYTES: u64 = 64 * MIB;
 
-fn config(dir: &std::path::Path) -> String {
+/// The tests' configuration; `nbd_extra` goes into its `[nbd]` section.
+fn config(dir: &std::path::Path, nbd_extra: &str) -> String {
     write_file(
         dir,
         "raw.toml",
-        "[[device]]\nname = \"ram0\"\nkind = \"ram\"\nsize_bytes = 268435456\n\
-         [[volume]]\nname = \"small\"\ndevice = \"ram0\"\nsize_bytes = 67108864\n\
-         [[volume]]\nname = \"ro\"\ndevice = \"ram0\"\nsize_bytes = 16777216\n\
-         [nbd]\nread_only = [\"ro\"]\n",
+        &format!(
+            "[[device]]\nname = \"ram0\"\nkind = \"ram\"\nsize_bytes = 268435456\n\
+             [[volume]]\nname = \"small\"\ndevice = \"ram0\"\nsize_bytes = 67108864\n\
+             [[volume]]\nname = \"ro\"\ndevice = \"ram0\"\nsize_bytes = 16777216\n\
+             [nbd]\nread_only = [\"ro\"]\n{nbd_extra}"
+        ),
     )
 }
 
@@ -50,8 +53,12 @@ struct Fixture {
 
 impl Fixture {
     fn start() -> Fixture {
+        Self::start_with("")
+    }
+
+    fn start_with(nbd_extra: &str) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = config(dir.path());
+        let cfg = config(dir.path(), nbd_extra);
         let daemon = Daemon::start(&["--config", &cfg, "--listen", "127.0.0.1:0"]);
         let (tcp, _) = nbd_endpoints(&daemon);
         let addr = tcp
@@ -980,4 +987,155 @@ fn replies_wait_for_a_client_that_stops_reading() {
     other.join().unwrap();
     drop(c);
     f.stop();
+}
+
+/// Send `bytes` in awkward pieces (single bytes, a header cut in two, more than one receive
+/// buffer), pausing now and then so the server sees the pieces apart.
+fn trickle(s: &mut TcpStream, bytes: &[u8]) {
+    const PIECES: [usize; 8] = [1, 1, 5, 27, 4093, 1, 16 * 1024 + 7, 70_000];
+    let (mut at, mut i) = (0, 0);
+    while at < bytes.len() {
+        let n = PIECES[i % PIECES.len()].min(bytes.len() - at);
+        s.write_all(&bytes[at..at + n]).unwrap();
+        at += n;
+        i += 1;
+        if i % 4 == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// Read one simple reply per entry of `data_len` (cookie -> bytes of data its success
+/// carries), in whatever order they come: cookie -> (error, data).
+fn simple_replies(
+    s: &mut TcpStream,
+    data_len: &std::collections::HashMap<u64, usize>,
+) -> std::collections::HashMap<u64, (u32, Vec<u8>)> {
+    let mut got = std::collections::HashMap::new();
+    for _ in 0..data_len.len() {
+        let mut b = [0u8; SIMPLE_REPLY_LEN];
+        s.read_exact(&mut b).unwrap();
+        let (r, _) = SimpleReply::decode(&b).unwrap();
+        let len = *data_len
+            .get(&r.cookie)
+            .unwrap_or_else(|| panic!("reply to unknown cookie {}", r.cookie));
+        let mut data = vec![0u8; if r.error == 0 { len } else { 0 }];
+        s.read_exact(&mut data).unwrap();
+        assert!(
+            got.insert(r.cookie, (r.error, data)).is_none(),
+            "two replies to cookie {}",
+            r.cookie
+        );
+    }
+    got
+}
+
+fn encode_request(out: &mut Vec<u8>, kind: u16, cookie: u64, offset: u64, length: u64) {
+    Request {
+        flags: 0,
+        kind,
+        cookie,
+        offset,
+        length,
+    }
+    .encode(false, out);
+}
+
+/// However the network cuts the request stream, requests come out whole: a byte at a time,
+/// odd pieces, hundreds of requests in one piece, a payload twelve times a receive buffer.
+/// And a client that pipelines more replies than the server queues (64 MiB) before reading
+/// any is held back, not dropped. Both receive modes: the multishot receive into provided
+/// buffers (the default) and one recv at a time.
+#[test]
+fn requests_split_anywhere_in_both_receive_modes() {
+    for multishot in [true, false] {
+        let f = Fixture::start_with(&format!("multishot_receive = {multishot}\n"));
+        let mut c = Raw::connect(f.addr, "small", Opts::default());
+        c.s.set_nodelay(true).unwrap();
+        let mode = if multishot { "multishot" } else { "one recv" };
+
+        // A write of 3 MiB + 512 bytes, in pieces.
+        let big_at = 4096u64;
+        let big = pattern(5 + u64::from(multishot), 3 * MIB as usize + 512);
+        let mut frame = Vec::new();
+        encode_request(&mut frame, CMD_WRITE, 1, big_at, big.len() as u64);
+        frame.extend_from_slice(&big);
+        trickle(&mut c.s, &frame);
+        let replies = simple_replies(&mut c.s, &[(1, 0)].into());
+        assert_eq!(replies[&1].0, 0, "{mode}: big write");
+
+        // Writes of 512 B to 4.5 KiB and reads of the big write, pipelined, in pieces, while
+        // replies are read as they come.
+        let mut frame = Vec::new();
+        let mut data_len = std::collections::HashMap::new();
+        let mut writes = Vec::new();
+        for i in 0..400u64 {
+            let cookie = 100 + i;
+            if i % 2 == 0 {
+                let off = 8 * MIB + i * 8192;
+                let data = pattern(cookie, 512 * (1 + i as usize % 9));
+                encode_request(&mut frame, CMD_WRITE, cookie, off, data.len() as u64);
+                frame.extend_from_slice(&data);
+                data_len.insert(cookie, 0);
+                writes.push((off, data));
+            } else {
+                let off = big_at + (i * 4096) % (3 * MIB);
+                encode_request(&mut frame, CMD_READ, cookie, off, 4096);
+                data_len.insert(cookie, 4096);
+            }
+        }
+        let mut w = c.s.try_clone().unwrap();
+        let writer = std::thread::spawn(move || trickle(&mut w, &frame));
+        let replies = simple_replies(&mut c.s, &data_len);
+        writer.join().unwrap();
+        for i in (1..400u64).step_by(2) {
+            let (error, data) = &replies[&(100 + i)];
+            let at = ((i * 4096) % (3 * MIB)) as usize;
+            assert_eq!(*error, 0, "{mode}: read {i}");
+            assert!(data[..] == big[at..at + 4096], "{mode}: read {i} differs");
+        }
+        assert!(replies.values().all(|r| r.0 == 0), "{mode}: an error reply");
+        for (off, data) in &writes {
+            let r = c.read(*off, data.len());
+            assert_eq!(r.error, 0);
+            assert!(
+                r.data == *data,
+                "{mode}: write at {off} read back different"
+            );
+        }
+
+        // 20 000 reads (~80 MiB of replies) sent before any reply is read.
+        let n = 20_000u64;
+        let mut frame = Vec::new();
+        let mut data_len = std::collections::HashMap::new();
+        for i in 0..n {
+            let cookie = 10_000 + i;
+            encode_request(
+                &mut frame,
+                CMD_READ,
+                cookie,
+                big_at + (i % 700) * 4096,
+                4096,
+            );
+            data_len.insert(cookie, 4096);
+        }
+        let mut w = c.s.try_clone().unwrap();
+        let writer = std::thread::spawn(move || w.write_all(&frame).unwrap());
+        std::thread::sleep(Duration::from_millis(300));
+        let replies = simple_replies(&mut c.s, &data_len);
+        writer.join().unwrap();
+        for i in 0..n {
+            let (error, data) = &replies[&(10_000 + i)];
+            let at = ((i % 700) * 4096) as usize;
+            assert_eq!(*error, 0, "{mode}: pipelined read {i}");
+            assert!(
+                data[..] == big[at..at + 4096],
+                "{mode}: pipelined read {i} differs"
+            );
+        }
+        c.next_cookie = 100_000;
+        assert_eq!(c.flush(), 0);
+        drop(c);
+        f.stop();
+    }
 }

@@ -14,7 +14,7 @@ use anyhow::{bail, ensure, Context, Result};
 use hdrhistogram::Histogram;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use ringblock_engine::task::{ReactorTask, TaskCtx};
+use ringblock_engine::task::{ReactorTask, RingCompletion, TaskCtx};
 use ringblock_engine::{
     AlignedBuf, Completion, IoBuf, Port, PortWaker, RegisteredPool, Request, RequestKind,
     VolumeHandle,
@@ -320,8 +320,11 @@ impl ReactorTask for ReadTask {
         }
     }
 
-    fn on_ring(&mut self, _ctx: &mut TaskCtx<'_>, tag: u32, _result: i32) {
-        tracing::error!(tag, "read task got a ring completion it never asked for");
+    fn on_ring(&mut self, _ctx: &mut TaskCtx<'_>, c: RingCompletion) {
+        tracing::error!(
+            tag = c.tag,
+            "read task got a ring completion it never asked for"
+        );
     }
 
     fn stop(&mut self, _ctx: &mut TaskCtx<'_>) {

@@ -20,7 +20,7 @@ use crate::io::Io;
 use crate::loader::load_device;
 use crate::reactor::{Control, FlushWaiter, Home, Msg, ReactorCore, Router};
 use crate::request::{Errno, Port, Request};
-use crate::task::{ReactorTask, TaskCtx, MAX_TASKS_PER_REACTOR, RAW_BIT};
+use crate::task::{ReactorTask, RingCompletion, TaskCtx, MAX_TASKS_PER_REACTOR, RAW_BIT};
 use crate::volume::{checked_new_volume, DeviceState, Volume};
 
 /// Messages a reactor's inbox holds; a full inbox pushes back on submitters.
@@ -729,11 +729,16 @@ fn reactor_thread(
     // longer gaps, spinning would only burn CPU: park at once instead.
     let mut gap_ewma_ns: u64 = 0;
     let mut idle_since: Option<Instant> = None;
-    let mut last_work = Instant::now();
+    // The clock is read once per idle turn and once per wake-up, never in a turn that did
+    // work: a request costs two reads, not one per loop turn. Work is dated by the last read
+    // before it (the wake-up, or the last spin), which is when it arrived.
+    let mut last_read = Instant::now();
+    let mut idle_from = last_read;
+    let mut worked = false;
     let mut busy_since: Option<Instant> = None;
     let mut tasks: Vec<Option<Box<dyn ReactorTask>>> = Vec::new();
     let mut raw_in_flight = 0usize;
-    let mut raw_done: Vec<(u64, i32)> = Vec::new();
+    let mut raw_done: Vec<(u64, i32, u32)> = Vec::new();
     let mut stop_sent = false;
     loop {
         let mut work = 0usize;
@@ -764,8 +769,16 @@ fn reactor_thread(
         };
         work += reaped;
         core.io.take_raw(&mut raw_done);
-        for (user_data, result) in raw_done.drain(..) {
-            raw_in_flight -= 1;
+        for (user_data, result, flags) in raw_done.drain(..) {
+            let c = RingCompletion {
+                tag: user_data as u32,
+                result,
+                flags,
+            };
+            // A multishot op stays in flight until its last completion.
+            if !c.more() {
+                raw_in_flight -= 1;
+            }
             let task_id = ((user_data & !RAW_BIT) >> 32) as u32;
             if let Some(Some(task)) = tasks.get_mut(task_id as usize) {
                 let mut ctx = TaskCtx {
@@ -774,7 +787,7 @@ fn reactor_thread(
                     task_id,
                     raw_in_flight: &mut raw_in_flight,
                 };
-                task.on_ring(&mut ctx, user_data as u32, result);
+                task.on_ring(&mut ctx, c);
             }
             work += 1;
         }
@@ -798,8 +811,9 @@ fn reactor_thread(
             }
             work += task.poll(&mut ctx);
             if task.finished() {
+                // Unregister first: the task owns the memory of its provided buffers.
+                core.io.release_task_resources(i as u32);
                 *slot = None;
-                core.io.release_task_fds(i as u32);
             }
         }
         stop_sent |= stopping;
@@ -810,15 +824,19 @@ fn reactor_thread(
         me.stats
             .ops_in_flight
             .store(core.ops_in_flight() as u64, Ordering::Relaxed);
-        let now = Instant::now();
         if work > 0 {
             if let Some(t) = idle_since.take() {
-                let gap = now.duration_since(t).as_nanos() as u64;
+                let gap = last_read.duration_since(t).as_nanos() as u64;
                 gap_ewma_ns = (3 * gap_ewma_ns + gap) / 4;
             }
-            last_work = now;
-            busy_since.get_or_insert(now);
+            worked = true;
+            busy_since.get_or_insert(last_read);
             continue;
+        }
+        let now = Instant::now();
+        last_read = now;
+        if std::mem::take(&mut worked) {
+            idle_from = now; // the spin window starts when the work ran out
         }
         idle_since.get_or_insert(now);
         let no_tasks = tasks.iter().all(Option::is_none);
@@ -826,7 +844,7 @@ fn reactor_thread(
             break;
         }
         let spin = gap_ewma_ns < poll_idle.as_nanos() as u64;
-        if spin && now.duration_since(last_work) < poll_idle {
+        if spin && now.duration_since(idle_from) < poll_idle {
             std::hint::spin_loop();
             continue;
         }
@@ -850,10 +868,11 @@ fn reactor_thread(
             }
         }
         me.parked.store(false, Ordering::SeqCst);
-        // One clock read serves the idle time and the spin window (this runs once per wake-up).
-        last_work = Instant::now();
+        // One clock read serves the idle time, the spin window and the gap (once per wake-up).
+        last_read = Instant::now();
+        idle_from = last_read;
         me.stats.idle_ns.fetch_add(
-            last_work.duration_since(now).as_nanos() as u64,
+            last_read.duration_since(now).as_nanos() as u64,
             Ordering::Relaxed,
         );
     }

@@ -11,6 +11,7 @@ pub mod irq;
 pub mod loader;
 pub mod meta;
 pub mod profile;
+pub mod provided;
 pub mod sim_cluster;
 pub mod stats;
 pub mod task;

@@ -9,6 +9,7 @@ use io_uring::squeue;
 use crate::engine::{Shared, VolumeHandle};
 use crate::ids::ReactorId;
 use crate::io::uring::UringIo;
+use crate::provided::ProvidedBuffers;
 use crate::reactor::ReactorCore;
 use crate::request::{Errno, Port, PortWaker, Request};
 
@@ -21,8 +22,8 @@ pub const MAX_TASKS_PER_REACTOR: usize = 256;
 pub trait ReactorTask: Send {
     /// Called every loop iteration; returns how much work was done (0 = nothing to do now).
     fn poll(&mut self, ctx: &mut TaskCtx<'_>) -> usize;
-    /// A ring operation this task pushed with `tag` completed with `result` (bytes or -errno).
-    fn on_ring(&mut self, ctx: &mut TaskCtx<'_>, tag: u32, result: i32);
+    /// A ring operation this task pushed completed (a multishot one may complete many times).
+    fn on_ring(&mut self, ctx: &mut TaskCtx<'_>, c: RingCompletion);
     /// The daemon is stopping: finish what is in flight and close.
     fn stop(&mut self, ctx: &mut TaskCtx<'_>);
     /// Something is waiting to be handled (e.g. completions in the task's port). Checked just
@@ -30,6 +31,29 @@ pub trait ReactorTask: Send {
     fn has_ready(&self) -> bool;
     /// Done, with no ring operation in flight: the reactor drops the task.
     fn finished(&self) -> bool;
+}
+
+/// A completion of a task's ring operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingCompletion {
+    /// The tag the operation was pushed with.
+    pub tag: u32,
+    /// Bytes, or -errno.
+    pub result: i32,
+    /// The CQE's flags (`IORING_CQE_F_*`).
+    pub flags: u32,
+}
+
+impl RingCompletion {
+    /// More completions of this operation will follow: a multishot one is still armed.
+    pub fn more(&self) -> bool {
+        io_uring::cqueue::more(self.flags)
+    }
+
+    /// The provided buffer this completion filled, if any.
+    pub fn buffer(&self) -> Option<u16> {
+        io_uring::cqueue::buffer_select(self.flags)
+    }
 }
 
 /// What a task may do on its reactor.
@@ -72,6 +96,18 @@ impl TaskCtx<'_> {
     /// `shutdown(2)` to end a connection early).
     pub fn register_fd(&mut self, fd: std::os::fd::RawFd) -> Option<u32> {
         self.core.io.register_task_fd(self.task_id, fd)
+    }
+
+    /// Register `bufs` on this reactor's ring, so receives may name its group
+    /// ([`ProvidedBuffers::group`]). None when the kernel cannot or every group is taken.
+    ///
+    /// # Safety
+    /// `bufs` must not be dropped before the reactor drops this task (it unregisters the ring
+    /// first): the kernel reads its ring and writes into its buffers. Moving it is fine; its
+    /// memory is on the heap.
+    pub unsafe fn register_buffers(&mut self, bufs: &mut ProvidedBuffers) -> Option<u16> {
+        // SAFETY: forwarded contract.
+        unsafe { self.core.io.register_task_buffers(self.task_id, bufs) }
     }
 
     /// Submit an engine request. Parts for chunks this reactor owns run right now (a RAM read

@@ -7,7 +7,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use ringblock_engine::client::BlockingClient;
-use ringblock_engine::task::{ReactorTask, TaskCtx};
+use ringblock_engine::task::{ReactorTask, RingCompletion, TaskCtx};
 use ringblock_engine::{
     chunk_owner, ChunkIndex, DeviceConfig, DeviceKind, Engine, EngineConfig, Errno, FormatPolicy,
     ReactorId, VolumeHandle,
@@ -61,7 +61,7 @@ impl ReactorTask for Prober {
         self.finished = true;
         1
     }
-    fn on_ring(&mut self, _: &mut TaskCtx<'_>, _: u32, _: i32) {}
+    fn on_ring(&mut self, _: &mut TaskCtx<'_>, _: RingCompletion) {}
     fn stop(&mut self, _: &mut TaskCtx<'_>) {}
     fn has_ready(&self) -> bool {
         false

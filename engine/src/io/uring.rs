@@ -95,9 +95,9 @@ pub struct UringIo {
     slots: Vec<Option<Slot>>,
     free_slots: Vec<u32>,
     ring_in_flight: usize,
-    /// Completions of tasks' raw ops, as (user_data, result).
-    raw_done: Vec<(u64, i32)>,
-    reap_scratch: Vec<(u64, i32)>,
+    /// Completions of tasks' raw ops, as (user_data, result, flags).
+    raw_done: Vec<(u64, i32, u32)>,
+    reap_scratch: Vec<(u64, i32, u32)>,
     raw_in_flight: usize,
     ready: VecDeque<IoCompletion>,
     delayed: BinaryHeap<Reverse<Delayed>>,
@@ -113,6 +113,9 @@ pub struct UringIo {
     /// Free slots of the file table for tasks' descriptors, and who holds the taken ones.
     free_task_files: Vec<u32>,
     task_files: Vec<(u32, u32)>,
+    /// Free provided-buffer group ids, and who holds the taken ones.
+    free_buf_groups: Vec<u16>,
+    task_buf_groups: Vec<(u32, u16)>,
 }
 
 /// The kernel's `struct io_uring_getevents_arg` (IORING_ENTER_EXT_ARG).
@@ -323,6 +326,10 @@ impl UringIo {
             ring_index,
             free_task_files,
             task_files: Vec::new(),
+            free_buf_groups: (0..crate::task::MAX_TASKS_PER_REACTOR as u16)
+                .rev()
+                .collect(),
+            task_buf_groups: Vec::new(),
         })
     }
 
@@ -403,9 +410,62 @@ impl UringIo {
         }
     }
 
-    /// Drop a finished task's descriptors from the file table (the table holds a reference to
-    /// each file, so its socket only really closes now).
-    pub(crate) fn release_task_fds(&mut self, task_id: u32) {
+    /// Register a task's provided-buffer ring under a free group id. None when the kernel
+    /// cannot (older than 5.19) or every group is taken: the task receives without it.
+    ///
+    /// # Safety
+    /// The ring's memory must stay valid until [`UringIo::release_task_resources`] runs for
+    /// this task.
+    pub(crate) unsafe fn register_task_buffers(
+        &mut self,
+        task_id: u32,
+        bufs: &mut crate::provided::ProvidedBuffers,
+    ) -> Option<u16> {
+        let group = self.free_buf_groups.pop()?;
+        // SAFETY: forwarded contract; the ring is page aligned with `count` entries.
+        let registered = unsafe {
+            self.ring.submitter().register_buf_ring_with_flags(
+                bufs.ring_addr(),
+                bufs.count(),
+                group,
+                0,
+            )
+        };
+        match registered {
+            Ok(()) => {
+                self.task_buf_groups.push((task_id, group));
+                bufs.set_group(group);
+                Some(group)
+            }
+            Err(e) => {
+                tracing::debug!("provided buffers unavailable: {e}");
+                self.free_buf_groups.push(group);
+                None
+            }
+        }
+    }
+
+    /// Drop what a finished task registered: its descriptors from the file table (the table
+    /// holds a reference to each file, so its socket only really closes now) and its
+    /// provided-buffer rings (before the task, which owns their memory, is dropped).
+    pub(crate) fn release_task_resources(&mut self, task_id: u32) {
+        let mut i = 0;
+        while i < self.task_buf_groups.len() {
+            if self.task_buf_groups[i].0 != task_id {
+                i += 1;
+                continue;
+            }
+            let (_, group) = self.task_buf_groups.swap_remove(i);
+            if let Err(e) = self.ring.submitter().unregister_buf_ring(group) {
+                tracing::warn!("releasing provided-buffer group {group}: {e}");
+                continue; // the group stays taken rather than be reused while still registered
+            }
+            self.free_buf_groups.push(group);
+        }
+        self.release_task_fds(task_id);
+    }
+
+    fn release_task_fds(&mut self, task_id: u32) {
         let mut i = 0;
         while i < self.task_files.len() {
             if self.task_files[i].0 != task_id {
@@ -438,7 +498,7 @@ impl UringIo {
     }
 
     /// Hand over completed raw ops.
-    pub(crate) fn take_raw(&mut self, out: &mut Vec<(u64, i32)>) {
+    pub(crate) fn take_raw(&mut self, out: &mut Vec<(u64, i32, u32)>) {
         out.append(&mut self.raw_done);
     }
 
@@ -591,16 +651,19 @@ impl UringIo {
         done.extend(
             self.ring
                 .completion()
-                .map(|cqe| (cqe.user_data(), cqe.result())),
+                .map(|cqe| (cqe.user_data(), cqe.result(), cqe.flags())),
         );
-        for &(tag, res) in &done {
+        for &(tag, res, flags) in &done {
             if tag == WAKE_TAG {
                 self.wake_armed = false;
                 continue;
             }
             if tag & crate::task::RAW_BIT != 0 {
-                self.raw_in_flight -= 1;
-                self.raw_done.push((tag, res));
+                // A multishot op stays in flight until its last completion.
+                if !io_uring::cqueue::more(flags) {
+                    self.raw_in_flight -= 1;
+                }
+                self.raw_done.push((tag, res, flags));
                 continue;
             }
             let slot = self.slots[tag as usize]
@@ -935,13 +998,13 @@ mod tests {
         assert_eq!(distinct.len(), slots.len());
         // Full: the next task falls back to its plain descriptor.
         assert_eq!(io.register_task_fd(9999, b.as_raw_fd()), None);
-        io.release_task_fds(7);
+        io.release_task_resources(7);
         assert_eq!(io.register_task_fd(9999, b.as_raw_fd()), Some(slots[7]));
 
         // The table holds its own reference: a socket released from it really closes, so the
         // peer sees end-of-file.
         let (c, mut d) = std::os::unix::net::UnixStream::pair().unwrap();
-        io.release_task_fds(8);
+        io.release_task_resources(8);
         assert_eq!(io.register_task_fd(42, c.as_raw_fd()), Some(slots[8]));
         drop(c);
         d.set_nonblocking(true).unwrap();
@@ -951,7 +1014,7 @@ mod tests {
             matches!(&still_open, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
             "{still_open:?}"
         );
-        io.release_task_fds(42);
+        io.release_task_resources(42);
         assert_eq!(std::io::Read::read(&mut d, &mut byte).unwrap(), 0);
     }
 

@@ -31,7 +31,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use ringblock_engine::io_uring::{opcode, types};
-use ringblock_engine::task::{ReactorTask, TaskCtx};
+use ringblock_engine::provided::ProvidedBuffers;
+use ringblock_engine::task::{ReactorTask, RingCompletion, TaskCtx};
 use ringblock_engine::{
     AlignedBuf, Engine, Errno, IoBuf, Port, Request, RequestKind, VolumeHandle,
 };
@@ -43,7 +44,16 @@ use super::Negotiated;
 pub const MAX_REQUESTS_IN_FLIGHT: usize = 256;
 /// Payload bytes (reads and writes) one connection may have in flight.
 pub const MAX_BYTES_IN_FLIGHT: u64 = 128 << 20;
+/// Reply bytes one connection may have waiting to be sent: beyond it, no new requests start
+/// until the client reads (a client that pipelines reads and never reads the replies must
+/// not grow the daemon's memory without bound).
+pub const MAX_QUEUED_REPLY_BYTES: usize = 64 << 20;
+/// Receive buffer of a connection that receives one `recv` at a time.
 const RECV_BUF_BYTES: usize = 256 << 10;
+/// Provided buffers of a connection's multishot receive: as much memory as `RECV_BUF_BYTES`,
+/// in pieces, so a few pipelined requests fill one and a burst fills several.
+const RX_BUFS: u16 = 16;
+const RX_BUF_BYTES: usize = 16 << 10;
 const MAX_IOV_PER_SEND: usize = 256;
 const TAG_RECV: u32 = 0;
 const TAG_SEND: u32 = 1;
@@ -117,6 +127,11 @@ struct OutMsg {
 }
 
 impl OutMsg {
+    /// Bytes on the wire.
+    fn len(&self) -> usize {
+        self.segs.iter().map(|s| s.2).sum()
+    }
+
     fn bytes_only(bytes: Vec<u8>) -> Self {
         let n = bytes.len();
         Self {
@@ -156,6 +171,25 @@ struct Pending {
     /// the whole device in one TRIM) go in parts of at most [`MAX_RANGE_PART_BYTES`]: bytes
     /// of `len` already done.
     done_bytes: u64,
+}
+
+/// A request header is in, its payload is still arriving: the payload goes straight into the
+/// buffer it will be written from, however it is split across receives.
+struct Fill {
+    req: wire::Request,
+    /// None: the payload is read and dropped (the request is refused, or is not a WRITE).
+    buf: Option<IoBuf>,
+    /// Payload bytes received so far, and in all.
+    have: usize,
+    total: usize,
+}
+
+/// Where a request's payload is.
+enum Payload<'a> {
+    /// In received bytes: copied into an IO buffer if the request writes it.
+    Bytes(&'a [u8]),
+    /// Already in its IO buffer (see [`Fill`]).
+    Filled(IoBuf),
 }
 
 /// Largest part of a TRIM / WRITE_ZEROES handed to the engine at once.
@@ -204,9 +238,22 @@ pub struct Connection {
     port: Option<Arc<Port>>,
     state: State,
     shut_down: bool,
+    /// Received bytes not taken yet: `rbuf[rstart..rend]`. With one recv at a time, the recv
+    /// target; with the multishot receive, only what a provided buffer left over (a partial
+    /// header, or what arrived while the bounds held requests back).
     rbuf: Vec<u8>,
     rstart: usize,
     rend: usize,
+    /// The multishot receive's buffers, once registered on the reactor; None: one recv at a
+    /// time into `rbuf` (no kernel support, or turned off).
+    rx: Option<ProvidedBuffers>,
+    /// Whether to try the multishot receive.
+    multishot: bool,
+    /// Provided buffers received while requests were held back, in arrival order:
+    /// (buffer id, bytes). Bounded by `RX_BUFS`: the receive stops when all are out.
+    held: VecDeque<(u16, usize)>,
+    /// A request whose payload is still arriving, straight into its own buffer.
+    fill: Option<Fill>,
     recv_in_flight: bool,
     /// Bytes the receive in flight may return; fewer means it emptied the socket.
     recv_asked: usize,
@@ -216,6 +263,8 @@ pub struct Connection {
     in_flight: usize,
     bytes_in_flight: u64,
     out: VecDeque<OutMsg>,
+    /// Bytes of the replies in `out`, sent or not (a message leaves when all of it is sent).
+    queued_bytes: usize,
     /// Position in `out.front()`: (segment index, offset within it).
     out_cursor: (usize, usize),
     send_in_flight: bool,
@@ -234,13 +283,18 @@ pub struct Connection {
 unsafe impl Send for Connection {}
 
 /// Serve the transmission phase of a negotiated connection on a reactor (io_uring).
+///
+/// `multishot`: receive with one multishot `recv` into provided buffers, where the kernel can
+/// (else, and when false, one `recv` at a time).
 pub fn spawn(
     engine: &Engine,
     stream: OwnedFd,
     negotiated: Negotiated,
     peer: String,
+    multishot: bool,
 ) -> Arc<ConnStats> {
-    let conn = Connection::new(stream, negotiated, peer);
+    let mut conn = Connection::new(stream, negotiated, peer);
+    conn.multishot = multishot;
     let stats = conn.stats.clone();
     engine.spawn_task(None, Box::new(conn));
     stats
@@ -272,9 +326,13 @@ impl Connection {
             port: None,
             state: State::Running,
             shut_down: false,
-            rbuf: vec![0; RECV_BUF_BYTES],
+            rbuf: Vec::new(),
             rstart: 0,
             rend: 0,
+            rx: None,
+            multishot: true,
+            held: VecDeque::new(),
+            fill: None,
             recv_in_flight: false,
             recv_asked: 0,
             recv_drained: false,
@@ -283,6 +341,7 @@ impl Connection {
             in_flight: 0,
             bytes_in_flight: 0,
             out: VecDeque::new(),
+            queued_bytes: 0,
             out_cursor: (0, 0),
             send_in_flight: false,
             // SAFETY: msghdr is plain old data; all-zero is a valid empty header.
@@ -316,6 +375,7 @@ impl Connection {
     fn drop_replies(&mut self) {
         if !self.send_in_flight {
             self.out.clear();
+            self.queued_bytes = 0;
             self.out_cursor = (0, 0);
         }
     }
@@ -342,7 +402,7 @@ impl Connection {
             }
             .encode(&mut b);
         }
-        self.out.push_back(OutMsg::bytes_only(b));
+        self.queue(OutMsg::bytes_only(b));
     }
 
     fn target(&self, p: &Pending) -> ReplyTarget {
@@ -370,7 +430,7 @@ impl Connection {
             }
             .encode(&mut b);
         }
-        self.out.push_back(OutMsg::bytes_only(b));
+        self.queue(OutMsg::bytes_only(b));
     }
 
     /// Whether a READ can be answered with a single hole chunk: structured replies, no DF
@@ -433,7 +493,7 @@ impl Connection {
             .encode(&mut msg.bytes);
             msg.segs.push((false, 0, msg.bytes.len()));
             msg.segs.push((true, 0, len));
-            self.out.push_back(msg);
+            self.queue(msg);
             return;
         }
         let t = self.target(p);
@@ -467,7 +527,7 @@ impl Connection {
             pos += run_len;
         }
         self.runs = runs;
-        self.out.push_back(msg);
+        self.queue(msg);
     }
 
     /// Answer a READ from memory this reactor owns, with no engine request: a small one is
@@ -500,16 +560,16 @@ impl Connection {
                 Some(Ok(())) => {
                     self.stats.bytes_read.fetch_add(p.len, Ordering::Relaxed);
                     msg.segs.push((false, 0, msg.bytes.len()));
-                    self.out.push_back(msg);
+                    self.queue(msg);
                     return None;
                 }
                 Some(Err(e)) => self.reply_err(p.cookie, p.offset, true, nbd_errno(e)),
                 None => {}
             }
             self.spare_msg(msg);
-            return done.is_none().then(|| self.read_buffer(ctx, len));
+            return done.is_none().then(|| self.io_buffer(ctx, len));
         }
-        let mut buf = self.read_buffer(ctx, len);
+        let mut buf = self.io_buffer(ctx, len);
         let mut at = 0;
         let dst = buf.as_mut_slice();
         let done = ctx.read_in_place(&self.handle, p.offset, p.len, &mut |src| {
@@ -530,8 +590,8 @@ impl Connection {
         None
     }
 
-    /// A buffer for `len` bytes of read data: from the reactor's pool, else the cache.
-    fn read_buffer(&mut self, ctx: &mut TaskCtx<'_>, len: usize) -> IoBuf {
+    /// A buffer for `len` bytes of read or write data: from the reactor's pool, else the cache.
+    fn io_buffer(&mut self, ctx: &mut TaskCtx<'_>, len: usize) -> IoBuf {
         ctx.take_buffer(len)
             .unwrap_or_else(|| IoBuf::owned(self.bufs.take(len)))
     }
@@ -569,7 +629,7 @@ impl Connection {
             extended: self.extended(),
         };
         t.encode_block_status(&mut b, wire::REPLY_FLAG_DONE, context_id, &extents);
-        self.out.push_back(OutMsg::bytes_only(b));
+        self.queue(OutMsg::bytes_only(b));
     }
 
     // ---- requests ------------------------------------------------------------------------
@@ -674,69 +734,169 @@ impl Connection {
         None
     }
 
-    /// Parse and start every complete request in the receive buffer, within the bounds.
-    fn parse(&mut self, ctx: &mut TaskCtx<'_>) -> usize {
-        let mut started = 0;
+    /// Whether requests are held back: no new ones start (bounds reached, or not running).
+    fn held_back(&self) -> bool {
+        self.state != State::Running
+            || self.in_flight >= MAX_REQUESTS_IN_FLIGHT
+            || self.bytes_in_flight >= MAX_BYTES_IN_FLIGHT
+            || self.queued_bytes >= MAX_QUEUED_REPLY_BYTES
+    }
+
+    /// Queue a reply to be sent.
+    fn queue(&mut self, msg: OutMsg) {
+        self.queued_bytes += msg.len();
+        self.out.push_back(msg);
+    }
+
+    /// Take requests from `src`, received bytes in order: finish a payload being filled,
+    /// then start every request whose header is in, within the bounds. A payload that is not
+    /// all there yet becomes the [`Fill`]. Returns the bytes used; the rest (a partial header,
+    /// or all that follows once requests are held back) is for later.
+    fn feed(&mut self, ctx: &mut TaskCtx<'_>, src: &[u8]) -> usize {
         let extended = self.extended();
         let max_payload = u64::from(self.neg.info.max_block_bytes);
-        // Bounded by the bytes in the buffer and by the in-flight limits.
-        while self.state == State::Running
-            && self.in_flight < MAX_REQUESTS_IN_FLIGHT
-            && self.bytes_in_flight < MAX_BYTES_IN_FLIGHT
-        {
-            let avail = &self.rbuf[self.rstart..self.rend];
-            let (req, payload_range, consumed) =
-                match wire::Request::decode_frame(avail, extended, max_payload) {
-                    Ok((req, payload, consumed)) => {
-                        let ps = self.rstart + (consumed - payload.len());
-                        (req, ps..ps + payload.len(), consumed)
-                    }
-                    Err(WireError::Incomplete { needed }) => {
-                        self.make_room(needed);
-                        break;
-                    }
-                    Err(e) => {
-                        self.fail(&format!("framing lost: {e}"));
-                        break;
-                    }
-                };
-            self.rstart += consumed;
-            started += 1;
+        let mut at = 0;
+        loop {
+            if let Some(fill) = &mut self.fill {
+                let n = (fill.total - fill.have).min(src.len() - at);
+                if let Some(buf) = &mut fill.buf {
+                    buf.as_mut_slice()[fill.have..fill.have + n].copy_from_slice(&src[at..at + n]);
+                }
+                fill.have += n;
+                at += n;
+                if fill.have < fill.total {
+                    return at;
+                }
+                let fill = self.fill.take().expect("checked above");
+                self.finish_fill(ctx, fill);
+            }
+            // Bounded by the bytes in `src` and by the in-flight limits.
+            if self.held_back() {
+                return at;
+            }
+            let avail = &src[at..];
+            let (req, header) = match wire::Request::decode(avail, extended) {
+                Ok(x) => x,
+                Err(WireError::Incomplete { .. }) => return at,
+                Err(e) => {
+                    self.fail(&format!("framing lost: {e}"));
+                    return at;
+                }
+            };
+            let payload = match req.payload_len(extended, max_payload) {
+                // Bounded by the max block size, so it fits a usize.
+                Ok(n) => n as usize,
+                Err(e) => {
+                    self.fail(&format!("framing lost: {e}"));
+                    return at;
+                }
+            };
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            self.start(ctx, req, payload_range);
+            if avail.len() - header >= payload {
+                at += header + payload;
+                self.start(ctx, req, Payload::Bytes(&avail[header..header + payload]));
+            } else {
+                at += header;
+                self.fill = Some(self.begin_fill(ctx, req, payload));
+            }
         }
-        if self.rstart == self.rend {
-            self.rstart = 0;
-            self.rend = 0;
-        }
-        started
     }
 
-    /// After an incomplete frame: make sure `needed` more bytes fit after what we have.
-    fn make_room(&mut self, needed: usize) {
-        let have = self.rend - self.rstart;
-        if self.rend + needed <= self.rbuf.len() {
+    /// A request whose payload has started to arrive: where its bytes go.
+    fn begin_fill(&mut self, ctx: &mut TaskCtx<'_>, req: wire::Request, total: usize) -> Fill {
+        let writes =
+            req.command() == Some(Command::Write) && self.check(&req, Command::Write).is_none();
+        Fill {
+            req,
+            buf: writes.then(|| self.io_buffer(ctx, total)),
+            have: 0,
+            total,
+        }
+    }
+
+    /// The whole payload is in: start the request (unless the connection is going away; it was
+    /// never acknowledged, so dropping it loses nothing the client was told is written).
+    fn finish_fill(&mut self, ctx: &mut TaskCtx<'_>, fill: Fill) {
+        if self.state != State::Running {
+            if let Some(buf) = fill.buf {
+                self.recycle(buf);
+            }
             return;
         }
-        if self.recv_in_flight {
-            return; // the buffer is the kernel's until the recv completes; retry then
-        }
-        self.rbuf.copy_within(self.rstart..self.rend, 0);
-        self.rstart = 0;
-        self.rend = have;
-        if have + needed > self.rbuf.len() {
-            // Only a large write payload gets here; bounded by the max block size.
-            self.rbuf
-                .resize((have + needed).next_power_of_two().max(RECV_BUF_BYTES), 0);
+        let payload = match fill.buf {
+            Some(buf) => Payload::Filled(buf),
+            None => Payload::Bytes(&[]),
+        };
+        self.start(ctx, fill.req, payload);
+    }
+
+    /// Feed what is waiting: the leftover in `rbuf`, then provided buffers held back.
+    fn feed_waiting(&mut self, ctx: &mut TaskCtx<'_>) -> usize {
+        let mut fed = 0;
+        loop {
+            if self.rstart < self.rend && !self.held_back() {
+                let rbuf = std::mem::take(&mut self.rbuf);
+                let used = self.feed(ctx, &rbuf[self.rstart..self.rend]);
+                self.rbuf = rbuf;
+                self.rstart += used;
+                fed += usize::from(used > 0);
+                if self.rstart == self.rend {
+                    self.rstart = 0;
+                    self.rend = 0;
+                }
+            }
+            if self.held_back() {
+                return fed;
+            }
+            let Some((bid, len)) = self.held.pop_front() else {
+                return fed;
+            };
+            self.take_in(ctx, bid, len);
+            fed += 1;
         }
     }
 
-    fn start(
-        &mut self,
-        ctx: &mut TaskCtx<'_>,
-        req: wire::Request,
-        payload: std::ops::Range<usize>,
-    ) {
+    /// Bytes a multishot receive put in provided buffer `bid`: fed straight from the buffer
+    /// when nothing older waits, else appended to `rbuf`; then the buffer goes back.
+    fn take_in(&mut self, ctx: &mut TaskCtx<'_>, bid: u16, len: usize) {
+        let Some(rx) = self.rx.take() else { return };
+        let data = rx.bytes(bid, len);
+        if self.rstart == self.rend && !self.held_back() {
+            let used = self.feed(ctx, data);
+            self.stash(&data[used..]);
+        } else {
+            self.stash(data);
+        }
+        let mut rx = rx;
+        rx.recycle(bid);
+        self.rx = Some(rx);
+        if self.rstart < self.rend && !self.held_back() {
+            // A header completed by this buffer, or requests it carried past the leftover.
+            self.feed_waiting(ctx);
+        }
+    }
+
+    /// Keep received bytes that cannot be used yet, after what `rbuf` already holds. Bounded:
+    /// a leftover is at most a partial header plus one provided buffer, since buffers that
+    /// arrive while requests are held back stay in `held`.
+    fn stash(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        if self.rstart > 0 {
+            self.rbuf.copy_within(self.rstart..self.rend, 0);
+            self.rend -= self.rstart;
+            self.rstart = 0;
+        }
+        let end = self.rend + bytes.len();
+        if self.rbuf.len() < end {
+            self.rbuf.resize(end.next_power_of_two(), 0);
+        }
+        self.rbuf[self.rend..end].copy_from_slice(bytes);
+        self.rend = end;
+    }
+
+    fn start(&mut self, ctx: &mut TaskCtx<'_>, req: wire::Request, payload: Payload<'_>) {
         let Some(cmd) = req.command() else {
             self.reply_err(req.cookie, req.offset, false, wire::EINVAL);
             return;
@@ -782,7 +942,7 @@ impl Connection {
                         req.offset,
                         req.length as u32,
                     );
-                    self.out.push_back(OutMsg::bytes_only(b));
+                    self.queue(OutMsg::bytes_only(b));
                     return;
                 }
                 p.payload_bytes = req.length;
@@ -796,16 +956,12 @@ impl Connection {
                 self.stats
                     .bytes_written
                     .fetch_add(req.length, Ordering::Relaxed);
-                let data = &self.rbuf[payload];
-                let buf = match ctx.take_buffer(data.len()) {
-                    Some(mut b) => {
-                        b.as_mut_slice().copy_from_slice(data);
-                        b
-                    }
-                    None => {
-                        let mut b = self.bufs.take(data.len());
-                        b.as_mut_slice().copy_from_slice(data);
-                        IoBuf::owned(b)
+                let buf = match payload {
+                    Payload::Filled(buf) => buf,
+                    Payload::Bytes(data) => {
+                        let mut buf = self.io_buffer(ctx, data.len());
+                        buf.as_mut_slice().copy_from_slice(data);
+                        buf
                     }
                 };
                 self.submit(ctx, p, RequestKind::Write, Some(buf));
@@ -910,12 +1066,29 @@ impl Connection {
         if self.recv_in_flight || self.state != State::Running || self.shut_down {
             return false;
         }
-        if self.in_flight >= MAX_REQUESTS_IN_FLIGHT || self.bytes_in_flight >= MAX_BYTES_IN_FLIGHT {
+        if self.held_back() {
             return false; // backpressure: stop reading until replies drain
+        }
+        if let (true, Some(rx)) = (self.multishot, &self.rx) {
+            if rx.lent() == rx.count() {
+                return false; // every buffer is out (held): nothing to receive into
+            }
+            let group = rx.group().expect("registered");
+            let entry = on_socket!(self, |fd| opcode::RecvMulti::new(fd, group).build());
+            // SAFETY: the provided buffers live as long as the task (registered through
+            // `register_buffers`), and the task outlives the op (finished() waits for its last
+            // completion).
+            return match unsafe { ctx.push_raw(entry, TAG_RECV) } {
+                Ok(()) => {
+                    self.recv_in_flight = true;
+                    true
+                }
+                Err(_) => false,
+            };
         }
         if self.rend == self.rbuf.len() {
             if self.rstart == 0 {
-                return false; // parse made room if a frame needed it
+                return false; // a full buffer of requests held back
             }
             self.rbuf.copy_within(self.rstart..self.rend, 0);
             self.rend -= self.rstart;
@@ -932,8 +1105,9 @@ impl Connection {
         let entry = on_socket!(self, |fd| opcode::Recv::new(fd, ptr, len)
             .ioprio(ioprio)
             .build());
-        // SAFETY: rbuf is neither resized nor moved while the recv is in flight (make_room and
-        // post_recv check recv_in_flight), and the task outlives the op (finished() waits).
+        // SAFETY: without the multishot receive, rbuf is only resized before the first recv (on
+        // the first poll, or when falling back), and the task outlives the op (finished()
+        // waits).
         match unsafe { ctx.push_raw(entry, TAG_RECV) } {
             Ok(()) => {
                 self.recv_in_flight = true;
@@ -998,6 +1172,62 @@ impl Connection {
         }
     }
 
+    /// A completion of the multishot receive: bytes in a provided buffer, or its end.
+    fn on_multishot_recv(&mut self, ctx: &mut TaskCtx<'_>, c: RingCompletion) {
+        if !c.more() {
+            self.recv_in_flight = false;
+        }
+        let Some(bid) = c.buffer() else {
+            if c.result == -libc::ENOBUFS {
+                return; // every buffer is held: post_recv re-arms once they come back
+            }
+            if c.result == -libc::EINVAL && self.stats.requests.load(Ordering::Relaxed) == 0 {
+                // A kernel with provided-buffer rings but no multishot receive (5.19): one
+                // recv at a time from now on. The buffers stay registered until the end.
+                tracing::debug!(peer = %self.peer, "no multishot receive; one recv at a time");
+                self.multishot = false;
+                let len = self.rbuf.len().max(RECV_BUF_BYTES);
+                self.rbuf.resize(len, 0);
+                return;
+            }
+            if c.result > 0 {
+                self.fail("receive completed without its buffer");
+            } else {
+                self.on_recv_end(c.result);
+            }
+            return;
+        };
+        let rx = self
+            .rx
+            .as_mut()
+            .expect("multishot receives into provided buffers");
+        rx.take(bid);
+        let len = usize::try_from(c.result).unwrap_or(0);
+        if self.state != State::Running || len == 0 {
+            rx.recycle(bid); // the connection is going away: nothing will read these bytes
+        } else if self.held_back() || !self.held.is_empty() {
+            self.held.push_back((bid, len));
+        } else {
+            self.take_in(ctx, bid, len);
+        }
+    }
+
+    /// A receive that brought no bytes: the peer closed (0), or it failed (-errno).
+    fn on_recv_end(&mut self, result: i32) {
+        if result == 0 {
+            if self.state == State::Running {
+                tracing::debug!(peer = %self.peer, "peer closed the connection");
+                // A client that vanished mid-request: nothing to reply to; finish the rest.
+                self.state = State::Draining;
+            }
+        } else if result != -libc::EINTR && result != -libc::EAGAIN {
+            self.fail(&format!(
+                "recv: {}",
+                std::io::Error::from_raw_os_error(-result)
+            ));
+        }
+    }
+
     fn on_sent(&mut self, mut n: usize) {
         // Advance the cursor over `n` bytes, popping whole messages (their buffers are freed).
         while n > 0 {
@@ -1012,6 +1242,7 @@ impl Connection {
             n -= left;
             if seg_i + 1 == msg.segs.len() {
                 let mut msg = self.out.pop_front().expect("front exists");
+                self.queued_bytes -= msg.len();
                 if let Some(buf) = msg.data.take() {
                     self.recycle(buf);
                 }
@@ -1029,7 +1260,19 @@ impl ReactorTask for Connection {
         if self.port.is_none() {
             self.port = Some(Port::new(MAX_REQUESTS_IN_FLIGHT, ctx.port_waker()));
             self.socket_slot = ctx.register_fd(self.fd.as_raw_fd());
-            tracing::debug!(peer = %self.peer, export = %self.neg.info.name, reactor = %ctx.reactor(), fixed_file = ?self.socket_slot, "connection on reactor");
+            if self.multishot {
+                let mut rx = ProvidedBuffers::new(RX_BUFS, RX_BUF_BYTES);
+                // SAFETY: `rx` lives in `self.rx` until the reactor drops this task.
+                if unsafe { ctx.register_buffers(&mut rx) }.is_some() {
+                    self.rx = Some(rx);
+                } else {
+                    self.multishot = false;
+                }
+            }
+            if !self.multishot {
+                self.rbuf = vec![0; RECV_BUF_BYTES];
+            }
+            tracing::debug!(peer = %self.peer, export = %self.neg.info.name, reactor = %ctx.reactor(), fixed_file = ?self.socket_slot, multishot = self.multishot, "connection on reactor");
         }
         let mut work = 0;
         // Bounded: the port holds at most MAX_REQUESTS_IN_FLIGHT completions.
@@ -1038,7 +1281,7 @@ impl ReactorTask for Connection {
             work += 1;
         }
         if self.state == State::Running {
-            work += self.parse(ctx);
+            work += self.feed_waiting(ctx);
         }
         if self.post_recv(ctx) {
             work += 1;
@@ -1056,25 +1299,18 @@ impl ReactorTask for Connection {
         work
     }
 
-    fn on_ring(&mut self, ctx: &mut TaskCtx<'_>, tag: u32, result: i32) {
-        match tag {
+    fn on_ring(&mut self, ctx: &mut TaskCtx<'_>, c: RingCompletion) {
+        let result = c.result;
+        match c.tag {
+            TAG_RECV if self.multishot => self.on_multishot_recv(ctx, c),
             TAG_RECV => {
                 self.recv_in_flight = false;
                 self.recv_drained = result >= 0 && (result as usize) < self.recv_asked;
                 if result > 0 {
                     self.rend += result as usize;
-                    self.parse(ctx);
-                } else if result == 0 {
-                    if self.state == State::Running {
-                        tracing::debug!(peer = %self.peer, "peer closed the connection");
-                        // A client that vanished mid-request: nothing to reply to; finish the rest.
-                        self.state = State::Draining;
-                    }
-                } else if result != -libc::EINTR && result != -libc::EAGAIN {
-                    self.fail(&format!(
-                        "recv: {}",
-                        std::io::Error::from_raw_os_error(-result)
-                    ));
+                    self.feed_waiting(ctx);
+                } else {
+                    self.on_recv_end(result);
                 }
             }
             TAG_SEND => {
@@ -1090,7 +1326,7 @@ impl ReactorTask for Connection {
                     ));
                 }
             }
-            _ => unreachable!("unknown ring tag {tag}"),
+            tag => unreachable!("unknown ring tag {tag}"),
         }
     }
 

@@ -129,6 +129,9 @@ pub struct ServerConfig {
     pub handshake_deadline: Duration,
     /// Handshakes in progress at once.
     pub max_handshakes: usize,
+    /// Receive requests with one multishot `recv` into provided buffers where the kernel can
+    /// (6.0+), rather than one `recv` per arrival.
+    pub multishot_recv: bool,
 }
 
 impl Default for ServerConfig {
@@ -141,6 +144,7 @@ impl Default for ServerConfig {
             handshake_timeout: HANDSHAKE_IO_TIMEOUT,
             handshake_deadline: HANDSHAKE_DEADLINE,
             max_handshakes: MAX_CONCURRENT_HANDSHAKES,
+            multishot_recv: true,
         }
     }
 }
@@ -384,6 +388,7 @@ struct Inner {
     handshake_timeout: Duration,
     handshake_deadline: Duration,
     max_handshakes: usize,
+    multishot_recv: bool,
     handshakes: Arc<Handshakes>,
     registry: Arc<ClientRegistry>,
     next_id: AtomicU64,
@@ -436,6 +441,7 @@ impl NbdServer {
             handshake,
             stopping,
             handshake_timeout: config.handshake_timeout,
+            multishot_recv: config.multishot_recv,
             handshake_deadline: config.handshake_deadline,
             max_handshakes: config.max_handshakes.max(1),
             handshakes: Arc::default(),
@@ -719,7 +725,7 @@ fn handshake_thread(
     let fd = conn.into_fd();
     tracing::info!(%peer, export = %info.export, structured = info.structured_replies,
         extended = info.extended_headers, "nbd: client connected");
-    let stats = conn::spawn(&inner.engine, fd, negotiated, peer);
+    let stats = conn::spawn(&inner.engine, fd, negotiated, peer, inner.multishot_recv);
     inner.registry.add(info, stats);
 }
 

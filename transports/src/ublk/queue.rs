@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ringblock_engine::io_uring::{opcode, types};
-use ringblock_engine::task::{ReactorTask, TaskCtx};
+use ringblock_engine::task::{ReactorTask, RingCompletion, TaskCtx};
 use ringblock_engine::{
     Completion, DataMover, Errno, IoBuf, Port, Request, RequestKind, VolumeHandle,
 };
@@ -665,8 +665,8 @@ impl ReactorTask for QueueTask {
         work + self.flush_waiting(ctx)
     }
 
-    fn on_ring(&mut self, ctx: &mut TaskCtx<'_>, tag: u32, result: i32) {
-        let tag = tag as u16;
+    fn on_ring(&mut self, ctx: &mut TaskCtx<'_>, c: RingCompletion) {
+        let (tag, result) = (c.tag as u16, c.result);
         assert_eq!(
             self.tags[usize::from(tag)],
             Tag::InRing,
