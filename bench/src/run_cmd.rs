@@ -336,6 +336,114 @@ fn lean_config(ctx: &Ctx, r: &Running, point: &Point, repeat: usize) -> Result<L
 }
 
 /// Run one point once; raw output goes under `raw/`.
+/// File a point's sample (or failure) and print it.
+fn record(points: &mut [PointResult], target: &str, p: &Point, rep: usize, res: Result<Sample>) {
+    let key = p.key();
+    let pr = points
+        .iter_mut()
+        .find(|x| x.target == target && x.key == key)
+        .expect("planned point");
+    match res {
+        Ok(s) => {
+            eprintln!(
+                "  {:<44} {:>9.0} IOPS {:>8.1} MiB/s{}",
+                p.label(),
+                s.iops,
+                s.mib_s,
+                s.server_cpu_us_per_io
+                    .map_or(String::new(), |c| format!("  server {c:.2} µs/IO"))
+            );
+            pr.samples.push(s);
+        }
+        Err(e) => {
+            eprintln!("  {} failed: {e:#}", p.label());
+            pr.failures.push(format!("repeat {rep}: {e:#}"));
+        }
+    }
+}
+
+/// The fixed-rate points (server CPU per IO) of every target that has them, with those
+/// targets running side by side and taking turns, point by point (the order reversed every
+/// other repeat). Measured minutes apart, as the rest of the matrix is, two servers' CPU per
+/// IO also differed by the host's drift: on a 2-vCPU VM one server's repeats swung by 30 %
+/// between runs while another's did not.
+fn rate_step(
+    ctx: &Ctx,
+    plan: &[(TargetSpec, Vec<Point>)],
+    statuses: &[TargetStatus],
+    rep: usize,
+    repeat: usize,
+    points: &mut [PointResult],
+) -> Result<()> {
+    let mut order: Vec<usize> = (0..plan.len())
+        .filter(|&i| statuses[i].status == "ran" && plan[i].1.iter().any(|p| p.rate_iops.is_some()))
+        .collect();
+    if rep.is_multiple_of(2) {
+        order.reverse();
+    }
+    eprintln!("[repeat {rep}/{repeat}] fixed-rate points, targets side by side ...");
+    let mut running: Vec<(usize, Running)> = Vec::new();
+    let fail_all = |points: &mut [PointResult], ti: usize, why: String| {
+        for p in points
+            .iter_mut()
+            .filter(|p| p.target == plan[ti].0.id && p.rate_iops.is_some())
+        {
+            p.failures.push(format!("repeat {rep}: {why}"));
+        }
+    };
+    for &ti in &order {
+        interrupt::check()?;
+        let spec = &plan[ti].0;
+        let started = targets::start(spec, &ctx.env, Duration::from_secs(15)).and_then(|r| {
+            if spec.needs_prefill() {
+                prefill(ctx, &r).context("prefill")?;
+            }
+            Ok(r)
+        });
+        match started {
+            Ok(r) => running.push((ti, r)),
+            Err(e) => {
+                interrupt::check()?;
+                eprintln!("  {} failed to start: {e:#}", spec.id);
+                fail_all(points, ti, format!("{e:#}"));
+            }
+        }
+    }
+    let mut rated: Vec<Point> = Vec::new();
+    for &(ti, _) in &running {
+        for p in plan[ti].1.iter().filter(|p| p.rate_iops.is_some()) {
+            if !rated.contains(p) {
+                rated.push(*p);
+            }
+        }
+    }
+    for p in &rated {
+        for (ti, r) in running.iter_mut() {
+            if !plan[*ti].1.contains(p) || r.server.as_mut().is_some_and(|s| !s.alive()) {
+                continue;
+            }
+            interrupt::check()?;
+            eprintln!("  {}:", r.spec.id);
+            let res = run_point(ctx, r, p, rep);
+            interrupt::check()?;
+            record(points, &r.spec.id, p, rep, res);
+        }
+    }
+    for (ti, mut r) in running {
+        if let Some(mut s) = r.server.take() {
+            if !s.alive() {
+                let why = format!("{} died:\n{}", plan[ti].0.id, s.log_tail(15));
+                eprintln!("  {why}");
+                fail_all(points, ti, why);
+            }
+            if let Err(e) = s.stop() {
+                eprintln!("  stopping: {e:#}");
+            }
+        }
+    }
+    Ok(())
+}
+
 fn run_point(ctx: &Ctx, r: &Running, point: &Point, repeat: usize) -> Result<Sample> {
     let raw_rel = format!(
         "raw/{}/{}-{}-x{}{}-r{repeat}.json",
@@ -888,6 +996,13 @@ pub fn run(args: &RunArgs) -> Result<()> {
     }
     let mut verifies: Vec<VerifyResult> = Vec::new();
     let mut idles: Vec<(String, Vec<f64>)> = Vec::new();
+    // With two targets or more at a fixed rate, those points run in a step of their own, the
+    // targets side by side (see `rate_step`).
+    let rate_side_by_side = plan
+        .iter()
+        .filter(|(_, pts)| pts.iter().any(|p| p.rate_iops.is_some()))
+        .count()
+        >= 2;
 
     let outcome = (|| -> Result<()> {
         for rep in 1..=repeat {
@@ -993,31 +1108,13 @@ pub fn run(args: &RunArgs) -> Result<()> {
                     }
                 }
                 for p in pts {
+                    if rate_side_by_side && p.rate_iops.is_some() {
+                        continue;
+                    }
                     interrupt::check()?;
-                    let key = p.key();
                     let res = run_point(&ctx, &running, p, rep);
                     interrupt::check()?;
-                    let pr = points
-                        .iter_mut()
-                        .find(|x| x.target == spec.id && x.key == key)
-                        .expect("planned point");
-                    match res {
-                        Ok(s) => {
-                            eprintln!(
-                                "  {:<44} {:>9.0} IOPS {:>8.1} MiB/s{}",
-                                p.label(),
-                                s.iops,
-                                s.mib_s,
-                                s.server_cpu_us_per_io
-                                    .map_or(String::new(), |c| format!("  server {c:.2} µs/IO"))
-                            );
-                            pr.samples.push(s);
-                        }
-                        Err(e) => {
-                            eprintln!("  {} failed: {e:#}", p.label());
-                            pr.failures.push(format!("repeat {rep}: {e:#}"));
-                        }
-                    }
+                    record(&mut points, &spec.id, p, rep, res);
                     if let Some(s) = running.server.as_mut() {
                         if !s.alive() {
                             let why = format!("{} died:\n{}", spec.id, s.log_tail(15));
@@ -1032,6 +1129,9 @@ pub fn run(args: &RunArgs) -> Result<()> {
                         eprintln!("  stopping: {e:#}");
                     }
                 }
+            }
+            if rate_side_by_side {
+                rate_step(&ctx, &plan, &statuses, rep, repeat, &mut points)?;
             }
         }
         Ok(())

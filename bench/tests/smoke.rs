@@ -204,7 +204,21 @@ fn quick_run_writes_a_well_formed_report() {
             .find(|p| p["target"] == t && p["key"] == "randread-4k-qd32|lean|x1")
             .unwrap();
         assert!(lean["summary"]["iops"]["median"].as_f64().unwrap() > 0.0);
+        // The fixed-rate points ran, in their own step with both servers side by side.
+        let rated = summary["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["target"] == t && p["key"] == "randread-4k-qd32|fio|x1|rate=5000")
+            .unwrap();
+        // (0.4 s points are too short for a CPU window: only the rate is checked.)
+        let iops = rated["samples"][0]["iops"].as_f64();
+        assert!(iops.is_some_and(|x| x > 0.0), "{t}: {rated}");
     }
+    assert!(
+        stderr.contains("fixed-rate points, targets side by side"),
+        "{stderr}"
+    );
     let headline = summary["headline"].as_array().unwrap();
     assert!(headline
         .iter()

@@ -1,14 +1,19 @@
 //! The transmission phase of one NBD connection, as a task on a reactor.
 //!
-//! The socket is read and written through the reactor's io_uring: one `recv` into a buffer that
-//! requests are parsed from in place (after a receive that emptied the socket, the next one arms
-//! its poll first instead of trying), and one send at a time that gathers every queued reply
-//! (headers and data buffers) into one iovec list (`sendmsg`), or a plain `send` when that is
-//! one piece. A READ inside one chunk this reactor owns on a memory device is answered on the
-//! spot (`TaskCtx::read_in_place`): up to 8 KiB its data is copied right behind the reply
-//! header, so the reply is one piece: sent as a header and a separate page-aligned buffer, the
-//! kernel's copy of a 4 KiB reply into the socket cost ~4x the CPU (perf, fio at 20k IOPS;
-//! docs/bench/nbd-cpu-per-io-2026-11-23.md, "Night").
+//! The socket is read and written through the reactor's io_uring. One multishot `recv` stays
+//! armed over a ring of provided buffers, and requests are parsed straight from the buffer
+//! each arrival lands in (a partial header waits in `rbuf`; a payload still arriving goes
+//! straight into the buffer it will be written from). Re-arming a recv per request cost ~2.5 %
+//! of the CPU per request (prep, async poll arming; docs/bench/nbd-cpu-per-io-2026-11-23.md).
+//! Without kernel support, or with `[nbd] multishot_receive = false`, one `recv` at a time
+//! into `rbuf` (after a receive that emptied the socket, the next one arms its poll first).
+//! One send at a time gathers every queued reply (headers and data buffers) into one iovec
+//! list (`sendmsg`), or a plain `send` when that is one piece. A READ inside one chunk this
+//! reactor owns on a memory device is answered on the spot (`TaskCtx::read_in_place`): up to
+//! 8 KiB its data is copied right behind the reply header, so the reply is one piece: sent as
+//! a header and a separate page-aligned buffer, the kernel's copy of a 4 KiB reply into the
+//! socket cost ~4x the CPU (perf, fio at 20k IOPS; docs/bench/nbd-cpu-per-io-2026-11-23.md,
+//! "Night").
 //! Other requests go to the engine: parts for chunks this reactor owns run inline, others on
 //! their owners, and completions come back through the connection's port.
 //!
@@ -23,7 +28,9 @@
 //! the kernel copies the reply into the socket; WRITE — the kernel copies into the receive
 //! buffer, we copy the payload into an aligned buffer, the engine copies it into RAM.
 //!
-//! Bounds: requests in flight, bytes in flight, receive buffer size, iovecs per send.
+//! Bounds: requests in flight, bytes in flight, reply bytes queued (beyond any of them no new
+//! request starts, and the receive stops once its buffers are all held), receive buffers,
+//! iovecs per send.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
