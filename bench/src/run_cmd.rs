@@ -363,8 +363,8 @@ fn record(points: &mut [PointResult], target: &str, p: &Point, rep: usize, res: 
 }
 
 /// The fixed-rate points (server CPU per IO) of every target that has them, with those
-/// targets running side by side and taking turns, point by point (the order reversed every
-/// other repeat). Measured minutes apart, as the rest of the matrix is, two servers' CPU per
+/// targets running side by side and taking turns, point by point, twice: in one order, then
+/// in the reverse (and the first order reversed every other repeat). Measured minutes apart, as the rest of the matrix is, two servers' CPU per
 /// IO also differed by the host's drift: on a 2-vCPU VM one server's repeats swung by 30 %
 /// between runs while another's did not.
 fn rate_step(
@@ -417,16 +417,29 @@ fn rate_step(
             }
         }
     }
+    // Two rounds, the second in reverse order: each target takes each place once per repeat
+    // (an A/A test of one server in two slots read 1.054: the slot alone moves CPU per IO).
     for p in &rated {
-        for (ti, r) in running.iter_mut() {
-            if !plan[*ti].1.contains(p) || r.server.as_mut().is_some_and(|s| !s.alive()) {
-                continue;
+        for round in 1..=2 {
+            let turns: Vec<usize> = if round == 1 {
+                (0..running.len()).collect()
+            } else {
+                (0..running.len()).rev().collect()
+            };
+            for i in turns {
+                let (ti, r) = &mut running[i];
+                if !plan[*ti].1.contains(p) || r.server.as_mut().is_some_and(|s| !s.alive()) {
+                    continue;
+                }
+                interrupt::check()?;
+                eprintln!("  {} (round {round}/2):", r.spec.id);
+                let res = run_point(ctx, r, p, rep, Some(round)).map(|mut s| {
+                    s.round = Some(round);
+                    s
+                });
+                interrupt::check()?;
+                record(points, &r.spec.id, p, rep, res);
             }
-            interrupt::check()?;
-            eprintln!("  {}:", r.spec.id);
-            let res = run_point(ctx, r, p, rep);
-            interrupt::check()?;
-            record(points, &r.spec.id, p, rep, res);
         }
     }
     for (ti, mut r) in running {
@@ -444,16 +457,25 @@ fn rate_step(
     Ok(())
 }
 
-fn run_point(ctx: &Ctx, r: &Running, point: &Point, repeat: usize) -> Result<Sample> {
+/// One run of `point` on `r`; `round` when the point is measured several times per repeat
+/// (recorded in the sample, so ratios pair the same round).
+fn run_point(
+    ctx: &Ctx,
+    r: &Running,
+    point: &Point,
+    repeat: usize,
+    round: Option<usize>,
+) -> Result<Sample> {
     let raw_rel = format!(
-        "raw/{}/{}-{}-x{}{}-r{repeat}.json",
+        "raw/{}/{}-{}-x{}{}-r{repeat}{}.json",
         r.spec.id,
         point.workload.id,
         point.client.name(),
         point.jobs,
         point
             .rate_iops
-            .map_or(String::new(), |x| format!("-rate{x}"))
+            .map_or(String::new(), |x| format!("-rate{x}")),
+        round.map_or(String::new(), |k| format!("-round{k}"))
     );
     let raw_path = ctx.out_dir.join(&raw_rel);
     std::fs::create_dir_all(raw_path.parent().expect("has a parent"))?;
@@ -1112,7 +1134,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
                         continue;
                     }
                     interrupt::check()?;
-                    let res = run_point(&ctx, &running, p, rep);
+                    let res = run_point(&ctx, &running, p, rep, None);
                     interrupt::check()?;
                     record(&mut points, &spec.id, p, rep, res);
                     if let Some(s) = running.server.as_mut() {

@@ -392,8 +392,9 @@ pub fn markdown(s: &RunSummary) -> String {
             "\n## Fixed rate: {rate} IOPS, 4k random read\n\nWhat a server spends when it is not \
              saturated: a polling server must not burn a core for a light load. When several \
              targets have these points, they run side by side in a step of their own and take \
-             turns point by point (the order reversed every other repeat): measured minutes \
-             apart, two servers' CPU per IO also differed by the host's drift.\n\n\
+             turns point by point, twice per repeat, the second time in reverse order (ratios \
+             pair the same round): measured minutes apart, two servers' CPU per IO also \
+             differed by the host's drift.\n\n\
              | target | client | IOPS | server CPU (cores) | server CPU µs/IO | p50 µs | p99 µs | ringblock ÷ this (CPU/IO) |\n\
              |---|---|---:|---:|---:|---:|---:|---:|\n"
         );

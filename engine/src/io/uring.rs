@@ -449,36 +449,28 @@ impl UringIo {
     /// holds a reference to each file, so its socket only really closes now) and its
     /// provided-buffer rings (before the task, which owns their memory, is dropped).
     pub(crate) fn release_task_resources(&mut self, task_id: u32) {
-        let mut i = 0;
-        while i < self.task_buf_groups.len() {
-            if self.task_buf_groups[i].0 != task_id {
-                i += 1;
-                continue;
+        let groups: Vec<_> = self
+            .task_buf_groups
+            .extract_if(.., |(t, _)| *t == task_id)
+            .collect();
+        for (_, group) in groups {
+            match self.ring.submitter().unregister_buf_ring(group) {
+                Ok(()) => self.free_buf_groups.push(group),
+                // The group stays taken rather than be reused while still registered.
+                Err(e) => tracing::warn!("releasing provided-buffer group {group}: {e}"),
             }
-            let (_, group) = self.task_buf_groups.swap_remove(i);
-            if let Err(e) = self.ring.submitter().unregister_buf_ring(group) {
-                tracing::warn!("releasing provided-buffer group {group}: {e}");
-                continue; // the group stays taken rather than be reused while still registered
-            }
-            self.free_buf_groups.push(group);
         }
-        self.release_task_fds(task_id);
-    }
-
-    fn release_task_fds(&mut self, task_id: u32) {
-        let mut i = 0;
-        while i < self.task_files.len() {
-            if self.task_files[i].0 != task_id {
-                i += 1;
-                continue;
-            }
-            let (_, slot) = self.task_files.swap_remove(i);
+        let slots: Vec<_> = self
+            .task_files
+            .extract_if(.., |(t, _)| *t == task_id)
+            .collect();
+        for (_, slot) in slots {
             // Updating a slot to -1 empties it; ops still in flight keep their own reference.
-            if let Err(e) = self.ring.submitter().register_files_update(slot, &[-1]) {
-                tracing::warn!("releasing fixed file slot {slot}: {e}");
-                continue; // the slot stays taken rather than be reused while still filled
+            match self.ring.submitter().register_files_update(slot, &[-1]) {
+                Ok(_) => self.free_task_files.push(slot),
+                // The slot stays taken rather than be reused while still filled.
+                Err(e) => tracing::warn!("releasing fixed file slot {slot}: {e}"),
             }
-            self.free_task_files.push(slot);
         }
     }
 
