@@ -1041,6 +1041,74 @@ fn encode_request(out: &mut Vec<u8>, kind: u16, cookie: u64, offset: u64, length
     .encode(false, out);
 }
 
+/// Reads answered from the device's memory are sent together at the end of a receive, from
+/// that memory, so a request behind them in the same receive that changes data must not run
+/// before they are sent. NBD would let a read racing a write see either; ringblock runs one
+/// connection's requests to a chunk in order, so a read sees what was there at its place in
+/// the stream (a write that must first allocate its chunk finishes later), and a TRIM that
+/// frees its chunk and a WRITE elsewhere that may be given the freed space never leak into it.
+#[test]
+fn reads_in_one_receive_answer_what_was_there_before_later_writes() {
+    let f = Fixture::start();
+    let mut c = Raw::connect(f.addr, "small", Opts::default());
+    let chunk = MIB;
+    let zeros = vec![0u8; 4096];
+    for round in 0..8u64 {
+        // A: written before; B: a chunk never written, which a write allocates.
+        let a = (2 + 2 * round) * chunk + 8192;
+        let b = (3 + 2 * round) * chunk + 8192;
+        let old = pattern(70 + round, 4096);
+        let same = pattern(90 + round, 4096);
+        let elsewhere = pattern(110 + round, 4096);
+        assert_eq!(c.write(a, &old, 0), 0);
+
+        let mut frame = Vec::new();
+        let mut data_len = std::collections::HashMap::new();
+        let mut push = |kind, cookie, off, len, payload: Option<&[u8]>| {
+            encode_request(&mut frame, kind, cookie, off, len);
+            frame.extend_from_slice(payload.unwrap_or_default());
+            data_len.insert(cookie, if kind == CMD_READ { len as usize } else { 0 });
+        };
+        push(CMD_READ, 1, a, 4096, None);
+        push(CMD_WRITE, 2, a, 4096, Some(&same));
+        push(CMD_READ, 3, a, 4096, None);
+        push(CMD_TRIM, 4, a - 8192, chunk, None);
+        push(CMD_WRITE, 5, b, 4096, Some(&elsewhere));
+        push(CMD_READ, 6, a, 4096, None);
+        push(CMD_READ, 7, b, 4096, None);
+        // One write: the requests arrive in as few receives as the socket allows.
+        c.s.write_all(&frame).unwrap();
+        let replies = simple_replies(&mut c.s, &data_len);
+        assert!(replies.values().all(|r| r.0 == 0), "{replies:?}");
+        let got = |cookie| &replies[&cookie].1;
+        assert!(
+            *got(1) == old,
+            "round {round}: read 1 sees the write behind it"
+        );
+        assert!(
+            *got(3) == same,
+            "round {round}: read 3 misses the write before it"
+        );
+        // Behind a write that allocates a chunk, still in flight: either is right.
+        assert!(
+            *got(6) == zeros,
+            "round {round}: read 6 misses the trim before it"
+        );
+        assert!(
+            *got(7) == elsewhere || *got(7) == zeros,
+            "round {round}: read 7"
+        );
+        // Settled: the trim and the write are done.
+        assert!(
+            c.read(a, 4096).data == zeros,
+            "round {round}: A after the trim"
+        );
+        assert!(c.read(b, 4096).data == elsewhere, "round {round}: B");
+    }
+    drop(c);
+    f.stop();
+}
+
 /// However the network cuts the request stream, requests come out whole: a byte at a time,
 /// odd pieces, hundreds of requests in one piece, a payload twelve times a receive buffer.
 /// And a client that pipelines more replies than the server queues (64 MiB) before reading

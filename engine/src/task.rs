@@ -130,6 +130,13 @@ impl TaskCtx<'_> {
     /// device (or not yet written: zeros). The bytes go to `sink`, in order, in one or more
     /// pieces, before this returns; the volume's statistics count it as a request. None when
     /// it cannot be (`sink` untouched): [`TaskCtx::submit`] the read instead.
+    ///
+    /// The pieces are the device's own memory (or static zeros). They stay valid and
+    /// unchanged after this returns until this reactor runs something that can change data:
+    /// a request this task or another starts (or submits) that writes, trims or zeroes, a
+    /// message or completion the reactor handles. A task may keep pointers to them across
+    /// further `read_in_place` calls of its own, and must be done with them before any of
+    /// that (the NBD connection sends a receive's replies from them at its end).
     pub fn read_in_place(
         &mut self,
         handle: &VolumeHandle,

@@ -11,24 +11,25 @@
 //! list (`sendmsg`), or a plain `send` when that is one piece.
 //!
 //! A READ inside one chunk this reactor owns on a memory device is answered on the spot
-//! (`TaskCtx::read_in_place`). Up to 8 KiB, when it is the last request received and nothing
-//! is queued or being sent, its reply
-//! goes out at once with one `sendmsg(MSG_DONTWAIT)` of the header and the device's memory: no
-//! copy of ours, no ring send (~4 % less CPU per IO at 20k IOPS, fio's QD1 and QD32 rates
-//! unchanged; docs/bench/nbd-cpu-per-io-2026-11-23.md, "Session 6"). Otherwise, or for what
-//! the socket did not take, the data is copied right behind the reply header so the queued
-//! reply is one piece: sent as a header and a separate page-aligned buffer through the ring,
-//! the kernel's copy of a 4 KiB reply cost ~4x the CPU ("Night" in the same notes).
+//! (`TaskCtx::read_in_place`). Up to 8 KiB, when nothing is being sent, its reply waits with
+//! the others of the same receive, as a header and a pointer into the device's memory; at the
+//! end of the receive (or before a request that changes data starts) one
+//! `sendmsg(MSG_DONTWAIT)` sends them all: no copy of ours, no ring send. Against the ring
+//! send of copied replies this took 3–7 % off the CPU per IO at 20k IOPS and raised the lean
+//! client's QD32 rate by a third or more (docs/bench/nbd-cpu-per-io-2026-11-23.md,
+//! "Session 8"). Otherwise, or for what the socket did not take, the data is copied right
+//! behind the reply header so the queued reply is one piece: sent as a header and a separate
+//! page-aligned buffer through the ring, the kernel's copy of a 4 KiB reply cost ~4x the CPU
+//! ("Night" in the same notes).
 //! Other requests go to the engine: parts for chunks this reactor owns run inline, others on
 //! their owners, and completions come back through the connection's port.
 //!
-//! Measured and rejected earlier: sending every reply with a direct `sendmsg(MSG_DONTWAIT)`
-//! (the ring only when the socket is full) cut fio's QD1 rate by ~15% in 6 of 7 paired runs
-//! on a 2-core VM. The direct send above is limited to small reads answered on the spot with
-//! nothing queued, and measured no loss at QD1 or QD32 (6 alternated rounds each). Linking a
-//! reply's
-//! send to the next receive (no completion for the send, one enter per request): CPU per IO
-//! did not move and the reactor woke once per request for the lean client.
+//! Measured and rejected earlier: sending every reply with its own direct
+//! `sendmsg(MSG_DONTWAIT)` (the ring only when the socket is full) cut fio's QD1 rate by ~15%
+//! in 6 of 7 paired runs on a 2-core VM, and a pipelined burst's replies each became a syscall
+//! (the lean client at QD32 fell from ~535k to 315k IOPS): one send per receive is the unit.
+//! Linking a reply's send to the next receive (no completion for the send, one enter per
+//! request): CPU per IO did not move and the reactor woke once per request for the lean client.
 //!
 //! Copies per 4 KiB request on a RAM volume: READ — the kernel copies from the device's memory
 //! into the socket (or, when the reply is queued, RAM is copied behind the reply header first);
@@ -37,7 +38,7 @@
 //!
 //! Bounds: requests in flight, bytes in flight, reply bytes queued (beyond any of them no new
 //! request starts, and the receive stops once its buffers are all held), receive buffers,
-//! iovecs per send.
+//! iovecs per send, replies gathered for one direct send.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -69,6 +70,8 @@ const RECV_BUF_BYTES: usize = 256 << 10;
 const RX_BUFS: u16 = 16;
 const RX_BUF_BYTES: usize = 16 << 10;
 const MAX_IOV_PER_SEND: usize = 256;
+/// Replies one direct `sendmsg` carries (two iovecs each); more in one receive means another.
+const MAX_DIRECT_REPLIES: usize = 64;
 const TAG_RECV: u32 = 0;
 const TAG_SEND: u32 = 1;
 /// `sqe->ioprio` flag of socket sends and receives: arm the poll before the first attempt
@@ -172,6 +175,14 @@ impl OutMsg {
     }
 }
 
+/// A small read's reply answered in place during one `feed`: its header, and its data where
+/// the device keeps it. Sent with the others at the end of the feed (see `flush_direct`).
+struct DirectReply {
+    msg: OutMsg,
+    data: *const u8,
+    len: usize,
+}
+
 struct Pending {
     cookie: u64,
     offset: u64,
@@ -268,8 +279,11 @@ pub struct Connection {
     held: VecDeque<(u16, usize)>,
     /// A request whose payload is still arriving, straight into its own buffer.
     fill: Option<Fill>,
-    /// The request being started is the last one received so far.
-    lone: bool,
+    /// Replies of small reads answered in place in the current `feed`, to go out together at
+    /// its end with one `sendmsg` straight from the device's memory. Empty outside `feed`.
+    direct: Vec<DirectReply>,
+    /// Scratch iovecs of that `sendmsg`.
+    direct_iov: Vec<libc::iovec>,
     recv_in_flight: bool,
     /// Bytes the receive in flight may return; fewer means it emptied the socket.
     recv_asked: usize,
@@ -316,25 +330,15 @@ pub fn spawn(
     stats
 }
 
-/// `sendmsg(MSG_DONTWAIT)` of `head` then `tail`: the bytes the socket took (0 when it took
-/// none or failed; the ring send of what is left reports any error).
-fn send_now(fd: std::os::fd::RawFd, head: &[u8], tail: &[u8]) -> usize {
-    let mut iov = [
-        libc::iovec {
-            iov_base: head.as_ptr() as *mut libc::c_void,
-            iov_len: head.len(),
-        },
-        libc::iovec {
-            iov_base: tail.as_ptr() as *mut libc::c_void,
-            iov_len: tail.len(),
-        },
-    ];
+/// `sendmsg(MSG_DONTWAIT)` of `iov`: the bytes the socket took (0 when it took none or
+/// failed; the ring send of what is left reports any error).
+fn send_now(fd: std::os::fd::RawFd, iov: &[libc::iovec]) -> usize {
     // SAFETY: msghdr is plain old data; all-zero is an empty header.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
     msg.msg_iovlen = iov.len() as _;
-    // SAFETY: the iovecs point into `head` and `tail`, which outlive this synchronous call;
-    // the kernel only reads them.
+    // SAFETY: the iovecs point at memory the caller keeps valid and unchanged for this
+    // synchronous call; the kernel only reads them.
     let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
     usize::try_from(n).unwrap_or(0)
 }
@@ -372,7 +376,8 @@ impl Connection {
             multishot: true,
             held: VecDeque::new(),
             fill: None,
-            lone: false,
+            direct: Vec::with_capacity(MAX_DIRECT_REPLIES),
+            direct_iov: Vec::with_capacity(2 * MAX_DIRECT_REPLIES),
             recv_in_flight: false,
             recv_asked: 0,
             recv_drained: false,
@@ -592,43 +597,39 @@ impl Connection {
                 }
                 .encode(&mut msg.bytes);
             }
-            // The last request received, and nothing queued or in flight that its reply must
-            // follow (a burst's replies go out together, in one ring send): send it right
-            // away with one sendmsg(MSG_DONTWAIT), straight from the device's memory (the
-            // reactor owns the chunk; nothing can change or free it while the sink runs), with
-            // no copy of ours and no ring send to complete. What the socket does not take is
-            // queued as usual. At 20k IOPS this cut CPU per IO by ~4 % (0.966 and 0.957 in the
-            // two orders), with fio's QD1 and QD32 rates unchanged.
-            let direct = self.lone
-                && self.out.is_empty()
-                && !self.send_in_flight
-                && self.state == State::Running;
-            let (fd, header_len) = (self.fd.as_raw_fd(), msg.bytes.len());
-            let mut sent = 0;
+            // Nothing being sent: keep a pointer to the data where the device holds it, and
+            // send this reply with the others of this receive in one sendmsg at the end of the
+            // feed (`flush_direct`): no copy of ours and no ring send to complete.
+            let gather = self.may_send_direct() && self.direct.len() < MAX_DIRECT_REPLIES;
+            let header_len = msg.bytes.len();
+            let mut kept: Option<*const u8> = None;
             let bytes = &mut msg.bytes;
             let done = ctx.read_in_place(&self.handle, p.offset, p.len, &mut |src| {
-                if direct && bytes.len() == header_len && src.len() == len {
-                    sent = send_now(fd, bytes, src);
-                    if sent == header_len + len {
-                        return;
-                    }
+                if gather && bytes.len() == header_len && src.len() == len {
+                    kept = Some(src.as_ptr());
+                } else {
+                    bytes.extend_from_slice(src)
                 }
-                bytes.extend_from_slice(src)
             });
             match done {
-                Some(Err(e)) if sent == 0 => self.reply_err(p.cookie, p.offset, true, nbd_errno(e)),
-                // Bytes already on the wire finish their reply: the sink had all the data.
-                Some(_) => {
+                Some(Err(e)) => {
+                    self.spare_msg(msg);
+                    self.reply_err(p.cookie, p.offset, true, nbd_errno(e));
+                    return None;
+                }
+                Some(Ok(())) => {
                     self.stats.bytes_read.fetch_add(p.len, Ordering::Relaxed);
-                    if sent == header_len + len {
-                        self.spare_msg(msg);
-                        return None;
-                    }
-                    msg.segs.push((false, 0, msg.bytes.len()));
-                    self.queue(msg);
-                    if sent > 0 {
-                        // The direct send took the start (the queue was empty: this is the front).
-                        self.out_cursor = (0, sent);
+                    match kept {
+                        Some(data) => {
+                            self.direct.push(DirectReply { msg, data, len });
+                            if self.direct.len() == MAX_DIRECT_REPLIES {
+                                self.flush_direct();
+                            }
+                        }
+                        None => {
+                            msg.segs.push((false, 0, msg.bytes.len()));
+                            self.queue(msg);
+                        }
                     }
                     return None;
                 }
@@ -656,6 +657,76 @@ impl Connection {
             }
         }
         None
+    }
+
+    /// Whether a reply may go straight to the socket now, ahead of the queued ones: no send in
+    /// flight and none of the queue sent yet (the stream is at a reply boundary).
+    fn may_send_direct(&self) -> bool {
+        self.state == State::Running
+            && !self.shut_down
+            && !self.send_in_flight
+            && self.out_cursor == (0, 0)
+    }
+
+    /// Send the replies gathered by `read_in_place`: one `sendmsg(MSG_DONTWAIT)` of each header
+    /// and the device's memory behind it. What the socket does not take is copied into queued
+    /// replies at the front of the queue, in order, for the ring to send; nothing queued had
+    /// started (`may_send_direct`), so the stream stays whole.
+    ///
+    /// Called at the end of every `feed` and before a request that changes data starts: the
+    /// pointers are valid until then (`TaskCtx::read_in_place`).
+    fn flush_direct(&mut self) {
+        if self.direct.is_empty() {
+            return;
+        }
+        let mut direct = std::mem::take(&mut self.direct);
+        let mut sent = 0;
+        if self.state != State::Failed {
+            self.direct_iov.clear();
+            for d in &direct {
+                self.direct_iov.push(libc::iovec {
+                    iov_base: d.msg.bytes.as_ptr() as *mut libc::c_void,
+                    iov_len: d.msg.bytes.len(),
+                });
+                self.direct_iov.push(libc::iovec {
+                    iov_base: d.data as *mut libc::c_void,
+                    iov_len: d.len,
+                });
+            }
+            // The iovecs point at the headers in `direct` and at device memory that stays
+            // valid until this returns (see below).
+            sent = send_now(self.fd.as_raw_fd(), &self.direct_iov);
+        }
+        // The first reply not all sent, and how much of it was.
+        let (mut first_unsent, mut first_sent) = (direct.len(), 0);
+        for (i, d) in direct.iter().enumerate() {
+            let n = d.msg.bytes.len() + d.len;
+            if sent < n {
+                (first_unsent, first_sent) = (i, sent);
+                break;
+            }
+            sent -= n;
+        }
+        if self.state != State::Failed {
+            for d in direct.drain(first_unsent..).rev() {
+                let DirectReply { mut msg, data, len } = d;
+                // SAFETY: `data` came from `read_in_place` in this feed, and nothing that can
+                // change or free it has run since (this runs at the end of the feed or before
+                // such a request starts; see `TaskCtx::read_in_place`): `len` bytes, valid.
+                msg.bytes
+                    .extend_from_slice(unsafe { std::slice::from_raw_parts(data, len) });
+                msg.segs.push((false, 0, msg.bytes.len()));
+                self.queued_bytes += msg.len();
+                self.out.push_front(msg);
+            }
+            if first_sent > 0 {
+                self.out_cursor = (0, first_sent);
+            }
+        }
+        for d in direct.drain(..) {
+            self.spare_msg(d.msg);
+        }
+        self.direct = direct;
     }
 
     /// A buffer for `len` bytes of read or write data: from the reactor's pool, else the cache.
@@ -821,6 +892,12 @@ impl Connection {
     /// all there yet becomes the [`Fill`]. Returns the bytes used; the rest (a partial header,
     /// or all that follows once requests are held back) is for later.
     fn feed(&mut self, ctx: &mut TaskCtx<'_>, src: &[u8]) -> usize {
+        let used = self.feed_requests(ctx, src);
+        self.flush_direct();
+        used
+    }
+
+    fn feed_requests(&mut self, ctx: &mut TaskCtx<'_>, src: &[u8]) -> usize {
         let extended = self.extended();
         let max_payload = u64::from(self.neg.info.max_block_bytes);
         let mut at = 0;
@@ -862,11 +939,7 @@ impl Connection {
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
             if avail.len() - header >= payload {
                 at += header + payload;
-                // Nothing received behind it: its reply may go out at once (see read_in_place);
-                // replies to a burst of requests are batched into one send instead.
-                self.lone = at == src.len() && self.held.is_empty();
                 self.start(ctx, req, Payload::Bytes(&avail[header..header + payload]));
-                self.lone = false;
             } else {
                 at += header;
                 self.fill = Some(self.begin_fill(ctx, req, payload));
@@ -973,6 +1046,10 @@ impl Connection {
             self.reply_err(req.cookie, req.offset, false, wire::EINVAL);
             return;
         };
+        if cmd != Command::Read {
+            // It may change data that gathered replies point at: send those first.
+            self.flush_direct();
+        }
         if cmd == Command::Disc {
             tracing::debug!(peer = %self.peer, "client disconnects");
             self.state = State::Draining;
