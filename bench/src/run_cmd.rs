@@ -1224,6 +1224,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         "engine_step_cpu": ctx.engine_cpu.0,
         "engine_step_cpu_why": ctx.engine_cpu.1,
         "kernel": sys::kernel_release(),
+        "idle": sys::idle_policy(),
         "fio": fio_version,
         "nbdkit": tool_version("nbdkit", &["--version"]),
         "qemu-nbd": tool_version("qemu-nbd", &["--version"]),

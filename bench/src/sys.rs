@@ -286,6 +286,33 @@ pub fn kernel_release() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// How idle CPUs wait, which sets the cost of every wake-up across CPUs (on a VM, a halted
+/// vCPU needs an IPI from the hypervisor): the cpuidle driver, and the guest halt-poll window
+/// when the haltpoll driver is in use. E.g. `cpuidle haltpoll, guest halt polling 0 ns (off)`.
+pub fn idle_policy() -> String {
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .ok()
+            .map(|s| s.trim().to_string())
+    };
+    describe_idle_policy(
+        read("/sys/devices/system/cpu/cpuidle/current_driver").as_deref(),
+        read("/sys/module/haltpoll/parameters/guest_halt_poll_ns").as_deref(),
+    )
+}
+
+fn describe_idle_policy(driver: Option<&str>, halt_poll_ns: Option<&str>) -> String {
+    let driver = driver.filter(|d| !d.is_empty() && *d != "none");
+    let Some(driver) = driver else {
+        return "cpuidle: no driver".into();
+    };
+    match (driver, halt_poll_ns.and_then(|n| n.parse::<u64>().ok())) {
+        ("haltpoll", Some(0)) => "cpuidle haltpoll, guest halt polling 0 ns (off)".into(),
+        ("haltpoll", Some(ns)) => format!("cpuidle haltpoll, guest halt polling {ns} ns"),
+        (d, _) => format!("cpuidle {d}"),
+    }
+}
+
 /// `YYYYMMDDTHHMMSSZ` (UTC) for `t`: sortable, and safe in a directory name.
 pub fn utc_stamp(t: SystemTime) -> String {
     let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
@@ -316,6 +343,27 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idle_policy_names_the_halt_poll_window() {
+        assert_eq!(
+            describe_idle_policy(Some("haltpoll"), Some("0")),
+            "cpuidle haltpoll, guest halt polling 0 ns (off)"
+        );
+        assert_eq!(
+            describe_idle_policy(Some("haltpoll"), Some("200000")),
+            "cpuidle haltpoll, guest halt polling 200000 ns"
+        );
+        assert_eq!(
+            describe_idle_policy(Some("intel_idle"), None),
+            "cpuidle intel_idle"
+        );
+        assert_eq!(describe_idle_policy(None, None), "cpuidle: no driver");
+        assert_eq!(
+            describe_idle_policy(Some("none"), None),
+            "cpuidle: no driver"
+        );
+    }
 
     #[test]
     fn utc_stamps() {
