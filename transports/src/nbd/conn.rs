@@ -897,6 +897,7 @@ impl Connection {
         used
     }
 
+    /// `feed` without the send of the replies gathered on the way.
     fn feed_requests(&mut self, ctx: &mut TaskCtx<'_>, src: &[u8]) -> usize {
         let extended = self.extended();
         let max_payload = u64::from(self.neg.info.max_block_bytes);
