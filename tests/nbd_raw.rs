@@ -1089,11 +1089,11 @@ fn reads_in_one_receive_answer_what_was_there_before_later_writes() {
             *got(3) == same,
             "round {round}: read 3 misses the write before it"
         );
-        // Behind a write that allocates a chunk, still in flight: either is right.
         assert!(
             *got(6) == zeros,
             "round {round}: read 6 misses the trim before it"
         );
+        // Behind a write that allocates a chunk, still in flight: either is right.
         assert!(
             *got(7) == elsewhere || *got(7) == zeros,
             "round {round}: read 7"

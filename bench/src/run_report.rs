@@ -278,8 +278,11 @@ pub fn markdown(s: &RunSummary) -> String {
         "# ringblock-bench run {} ({} preset)\n",
         s.started_utc, s.preset
     );
-    let _ =
-        writeln!(
+    // Older summaries have no idle policy.
+    let idle = s.host["idle"]
+        .as_str()
+        .unwrap_or("idle policy not recorded");
+    let _ = writeln!(
         md,
         "`{}` — {} repeat(s), {} s per point (+{} s warm-up), {} MiB data region, {} in {:.0} s. \
          Host: CPUs {}, kernel {} ({}), {}, load average at the end {}.\n",
@@ -292,8 +295,7 @@ pub fn markdown(s: &RunSummary) -> String {
         s.elapsed_s,
         s.host["cpus"],
         s.host["kernel"].as_str().unwrap_or("?"),
-        // Older summaries have no idle policy.
-        s.host["idle"].as_str().unwrap_or("idle policy not recorded"),
+        idle,
         s.host["fio"].as_str().unwrap_or("fio ?"),
         s.host["load_average"].as_str().unwrap_or("?"),
     );

@@ -680,23 +680,32 @@ impl Connection {
             return;
         }
         let mut direct = std::mem::take(&mut self.direct);
-        let mut sent = 0;
         if self.state != State::Failed {
-            self.direct_iov.clear();
-            for d in &direct {
-                self.direct_iov.push(libc::iovec {
-                    iov_base: d.msg.bytes.as_ptr() as *mut libc::c_void,
-                    iov_len: d.msg.bytes.len(),
-                });
-                self.direct_iov.push(libc::iovec {
-                    iov_base: d.data as *mut libc::c_void,
-                    iov_len: d.len,
-                });
-            }
-            // The iovecs point at the headers in `direct` and at device memory that stays
-            // valid until this returns (see below).
-            sent = send_now(self.fd.as_raw_fd(), &self.direct_iov);
+            self.send_direct(&mut direct);
         }
+        for d in direct.drain(..) {
+            self.spare_msg(d.msg);
+        }
+        self.direct = direct;
+    }
+
+    /// `flush_direct`'s send. What the socket did not take moves from `direct` to the front of
+    /// the queue; what it took stays in `direct`, for the caller to spare.
+    fn send_direct(&mut self, direct: &mut Vec<DirectReply>) {
+        self.direct_iov.clear();
+        for d in direct.iter() {
+            self.direct_iov.push(libc::iovec {
+                iov_base: d.msg.bytes.as_ptr() as *mut libc::c_void,
+                iov_len: d.msg.bytes.len(),
+            });
+            self.direct_iov.push(libc::iovec {
+                iov_base: d.data as *mut libc::c_void,
+                iov_len: d.len,
+            });
+        }
+        // The iovecs point at the headers in `direct` and at device memory that stays valid
+        // until `flush_direct` returns (see below).
+        let mut sent = send_now(self.fd.as_raw_fd(), &self.direct_iov);
         // The first reply not all sent, and how much of it was.
         let (mut first_unsent, mut first_sent) = (direct.len(), 0);
         for (i, d) in direct.iter().enumerate() {
@@ -707,26 +716,20 @@ impl Connection {
             }
             sent -= n;
         }
-        if self.state != State::Failed {
-            for d in direct.drain(first_unsent..).rev() {
-                let DirectReply { mut msg, data, len } = d;
-                // SAFETY: `data` came from `read_in_place` in this feed, and nothing that can
-                // change or free it has run since (this runs at the end of the feed or before
-                // such a request starts; see `TaskCtx::read_in_place`): `len` bytes, valid.
-                msg.bytes
-                    .extend_from_slice(unsafe { std::slice::from_raw_parts(data, len) });
-                msg.segs.push((false, 0, msg.bytes.len()));
-                self.queued_bytes += msg.len();
-                self.out.push_front(msg);
-            }
-            if first_sent > 0 {
-                self.out_cursor = (0, first_sent);
-            }
+        for d in direct.drain(first_unsent..).rev() {
+            let DirectReply { mut msg, data, len } = d;
+            // SAFETY: `data` came from `read_in_place` in this feed, and nothing that can
+            // change or free it has run since (`flush_direct` runs at the end of the feed or
+            // before such a request starts; see `TaskCtx::read_in_place`): `len` bytes, valid.
+            msg.bytes
+                .extend_from_slice(unsafe { std::slice::from_raw_parts(data, len) });
+            msg.segs.push((false, 0, msg.bytes.len()));
+            self.queued_bytes += msg.len();
+            self.out.push_front(msg);
         }
-        for d in direct.drain(..) {
-            self.spare_msg(d.msg);
+        if first_sent > 0 {
+            self.out_cursor = (0, first_sent);
         }
-        self.direct = direct;
     }
 
     /// A buffer for `len` bytes of read or write data: from the reactor's pool, else the cache.
