@@ -26,6 +26,8 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
+use crate::sys::thread_cpu;
+
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
@@ -111,20 +113,6 @@ pub struct LoadResult {
     pub lat_p9999_us: f64,
     /// CPU time (user + system) of the client's thread over the whole run, in seconds.
     pub client_cpu_s: f64,
-}
-
-/// CPU time of the calling thread (user + system).
-fn thread_cpu() -> Duration {
-    // SAFETY: rusage is plain data that getrusage fills.
-    let ru = unsafe {
-        let mut ru: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_THREAD, &mut ru);
-        ru
-    };
-    let tv = |t: libc::timeval| {
-        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
-    };
-    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
 /// Fixed-newstyle handshake with OPT_GO; returns the export size.

@@ -900,6 +900,9 @@ pub fn run(args: &RunArgs) -> Result<()> {
     );
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let fio_version = crate::fio::version()?;
+    // What a sleep and wake-up costs here, measured before anything starts: it sets the CPU
+    // per IO of every server that sleeps between requests (the fixed-rate points).
+    let wake_cost = measure_wake_cost(&cpus);
 
     // Files: the ringblock-formatted backing file (raw, engine, ringblock-file) and a plain
     // one for the file-serving peers.
@@ -1225,6 +1228,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         "engine_step_cpu_why": ctx.engine_cpu.1,
         "kernel": sys::kernel_release(),
         "idle": sys::idle_policy(),
+        "wake_cost": wake_cost,
         "fio": fio_version,
         "nbdkit": tool_version("nbdkit", &["--version"]),
         "qemu-nbd": tool_version("qemu-nbd", &["--version"]),
@@ -1286,6 +1290,28 @@ pub fn run(args: &RunArgs) -> Result<()> {
         bail!("interrupted: the report holds what was measured before Ctrl-C");
     }
     Ok(())
+}
+
+/// Round trips per wake-cost measurement: about 0.1 s across CPUs even where a round trip costs
+/// 50 µs, and enough that the mean is steady.
+const WAKE_COST_ROUND_TRIPS: u32 = 2000;
+
+/// The sleep-and-wake cost on one CPU and across the first and last CPUs, as the host record
+/// keeps it (`null` where it could not be measured).
+fn measure_wake_cost(cpus: &[usize]) -> serde_json::Value {
+    let (first, last) = (cpus[0], cpus[cpus.len() - 1]);
+    let one = |a, b| match sys::wake_cost(a, b, WAKE_COST_ROUND_TRIPS) {
+        Ok(w) => serde_json::json!(w),
+        Err(e) => {
+            eprintln!("could not time a wake-up on cpus {a} and {b}: {e:#}");
+            serde_json::Value::Null
+        }
+    };
+    serde_json::json!({
+        "cpus": [first, last],
+        "across_cpus": if first != last { one(first, last) } else { serde_json::Value::Null },
+        "same_cpu": one(first, first),
+    })
 }
 
 #[cfg(test)]

@@ -269,6 +269,23 @@ fn point_row(s: &RunSummary, p: &PointResult) -> Option<String> {
     ))
 }
 
+/// `; a sleep-and-wake round trip costs 46.1 µs of CPU across CPUs 0 and 1, 6.0 µs on one`, from
+/// the host record; empty where it was not measured (older summaries).
+fn wake_cost_text(w: &serde_json::Value) -> String {
+    let us = |v: &serde_json::Value| v["cpu_ns"].as_f64().map(|ns| ns / 1e3);
+    let cpus = (w["cpus"][0].as_u64(), w["cpus"][1].as_u64());
+    match (us(&w["across_cpus"]), us(&w["same_cpu"]), cpus) {
+        (Some(across), Some(same), (Some(a), Some(b))) => format!(
+            "; a sleep-and-wake round trip costs {across:.1} µs of CPU across CPUs {a} and {b}, \
+             {same:.1} µs on one"
+        ),
+        (None, Some(same), _) => {
+            format!("; a sleep-and-wake round trip costs {same:.1} µs of CPU on one CPU")
+        }
+        _ => String::new(),
+    }
+}
+
 /// The whole report.
 pub fn markdown(s: &RunSummary) -> String {
     let mut md = String::new();
@@ -282,10 +299,11 @@ pub fn markdown(s: &RunSummary) -> String {
     let idle = s.host["idle"]
         .as_str()
         .unwrap_or("idle policy not recorded");
+    let wake = wake_cost_text(&s.host["wake_cost"]);
     let _ = writeln!(
         md,
         "`{}` — {} repeat(s), {} s per point (+{} s warm-up), {} MiB data region, {} in {:.0} s. \
-         Host: CPUs {}, kernel {} ({}), {}, load average at the end {}.\n",
+         Host: CPUs {}, kernel {} ({}{}), {}, load average at the end {}.\n",
         s.command,
         settings["repeat"],
         settings["runtime_s"],
@@ -296,6 +314,7 @@ pub fn markdown(s: &RunSummary) -> String {
         s.host["cpus"],
         s.host["kernel"].as_str().unwrap_or("?"),
         idle,
+        wake,
         s.host["fio"].as_str().unwrap_or("fio ?"),
         s.host["load_average"].as_str().unwrap_or("?"),
     );
@@ -971,6 +990,25 @@ mod tests {
                 cols = 0;
             }
         }
+    }
+
+    #[test]
+    fn the_host_line_gives_the_wake_up_cost_when_it_was_measured() {
+        let mut s = run();
+        s.host = serde_json::json!({"kernel": "6.18", "idle": "cpuidle haltpoll, guest halt polling 0 ns (off)"});
+        let md = markdown(&s);
+        assert!(
+            md.contains("(cpuidle haltpoll, guest halt polling 0 ns (off)),"),
+            "{md}"
+        );
+        assert!(!md.contains("sleep-and-wake"), "{md}");
+        s.host["wake_cost"] = serde_json::json!({"cpus": [0, 1],
+            "across_cpus": {"cpu_ns": 46_120.0, "wall_ns": 60_000.0},
+            "same_cpu": {"cpu_ns": 5_960.0, "wall_ns": 6_000.0}});
+        let md = markdown(&s);
+        assert!(md.contains("(cpuidle haltpoll, guest halt polling 0 ns (off); a sleep-and-wake round trip costs 46.1 µs of CPU across CPUs 0 and 1, 6.0 µs on one),"), "{md}");
+        s.host["wake_cost"]["across_cpus"] = serde_json::Value::Null;
+        assert!(markdown(&s).contains("costs 6.0 µs of CPU on one CPU)"));
     }
 
     #[test]

@@ -1,6 +1,9 @@
-//! Small OS helpers: CPU sets and pinning, process CPU time, file allocation, clock formatting.
+//! Small OS helpers: CPU sets and pinning, process and thread CPU time, what a wake-up costs,
+//! file allocation, clock formatting.
 
+use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -313,6 +316,74 @@ fn describe_idle_policy(driver: Option<&str>, halt_poll_ns: Option<&str>) -> Str
     }
 }
 
+/// CPU time of the calling thread (user + system).
+pub fn thread_cpu() -> Duration {
+    // SAFETY: rusage is plain data that getrusage fills.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_THREAD, &mut ru);
+        ru
+    };
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+    };
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// What one sleep-and-wake round trip costs between two threads, each blocking in `read` until
+/// the other writes: the pattern of an event-loop server and its client, one receive each way.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct WakeCost {
+    /// CPU time of both threads together, per round trip (ns).
+    pub cpu_ns: f64,
+    /// Wall time per round trip (ns).
+    pub wall_ns: f64,
+}
+
+/// Measure [`WakeCost`] with one thread pinned to `cpu_a` and one to `cpu_b`, passing a byte back
+/// and forth over a Unix socket pair `round_trips` times. On a VM whose idle vCPUs halt at once,
+/// across CPUs this is many times the cost on one CPU, and it sets the CPU per IO of every
+/// server that sleeps between requests: the bench's host line reports it.
+pub fn wake_cost(cpu_a: usize, cpu_b: usize, round_trips: u32) -> Result<WakeCost> {
+    if round_trips == 0 {
+        bail!("no round trips to time");
+    }
+    let (mut a, mut b) = UnixStream::pair().context("socketpair")?;
+    let echo = std::thread::spawn(move || -> Result<Duration> {
+        pin_current_thread(cpu_b)?;
+        let start = thread_cpu();
+        let mut byte = [0u8; 1];
+        for _ in 0..round_trips {
+            b.read_exact(&mut byte)?;
+            b.write_all(&byte)?;
+        }
+        Ok(thread_cpu().saturating_sub(start))
+    });
+    let ping = std::thread::spawn(move || -> Result<(Duration, Duration)> {
+        pin_current_thread(cpu_a)?;
+        // Let the echo thread reach its first read and sleep.
+        std::thread::sleep(Duration::from_millis(10));
+        let (cpu0, wall0) = (thread_cpu(), std::time::Instant::now());
+        let mut byte = [0u8; 1];
+        for _ in 0..round_trips {
+            a.write_all(&byte)?;
+            a.read_exact(&mut byte)?;
+        }
+        Ok((thread_cpu().saturating_sub(cpu0), wall0.elapsed()))
+    });
+    let (ping_cpu, wall) = ping
+        .join()
+        .map_err(|_| anyhow::anyhow!("a wake-cost thread panicked"))??;
+    let echo_cpu = echo
+        .join()
+        .map_err(|_| anyhow::anyhow!("a wake-cost thread panicked"))??;
+    let n = f64::from(round_trips);
+    Ok(WakeCost {
+        cpu_ns: (ping_cpu + echo_cpu).as_nanos() as f64 / n,
+        wall_ns: wall.as_nanos() as f64 / n,
+    })
+}
+
 /// `YYYYMMDDTHHMMSSZ` (UTC) for `t`: sortable, and safe in a directory name.
 pub fn utc_stamp(t: SystemTime) -> String {
     let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
@@ -343,6 +414,19 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wake_cost_times_round_trips_on_one_cpu_and_across() {
+        let cpus = available_cpus().unwrap();
+        let pairs = [(cpus[0], cpus[0]), (cpus[0], *cpus.last().unwrap())];
+        for (a, b) in pairs {
+            let w = wake_cost(a, b, 200).unwrap();
+            // Both threads slept and woke 200 times: some CPU and wall time went by.
+            assert!(w.cpu_ns > 0.0 && w.cpu_ns.is_finite(), "{w:?}");
+            assert!(w.wall_ns > 0.0 && w.wall_ns.is_finite(), "{w:?}");
+        }
+        assert!(wake_cost(cpus[0], cpus[0], 0).is_err());
+    }
 
     #[test]
     fn idle_policy_names_the_halt_poll_window() {
