@@ -10,6 +10,8 @@
 //               both sleep);
 //   one-spins   B polls its eventfd without blocking, so only A sleeps and is woken.
 // Printed per round trip: each thread's CPU time (CLOCK_THREAD_CPUTIME_ID) and the wall time.
+// Then one thread on CPU_A alone sleeps in nanosleep (10 µs to 1 ms) and prints the CPU time
+// charged to it per sleep: with the CPU otherwise idle, what a sleep costs, however long.
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <sched.h>
@@ -80,6 +82,19 @@ static void round_trip(const char *name) {
   close(to_b);
 }
 
+static void sleep_alone(void) {
+  static const long sleep_us[] = {10, 50, 200, 1000};
+  pin(cpu_a);
+  for (unsigned k = 0; k < sizeof sleep_us / sizeof sleep_us[0]; k++) {
+    int n = 200000 / (sleep_us[k] + 20);  // about 0.2 s of sleeping each
+    struct timespec d = {0, sleep_us[k] * 1000};
+    double cpu0 = clock_ns(CLOCK_THREAD_CPUTIME_ID), wall0 = clock_ns(CLOCK_MONOTONIC);
+    for (int i = 0; i < n; i++) nanosleep(&d, NULL);
+    printf("sleep %4ld us alone: %6.0f ns CPU, %8.0f ns wall per sleep\n", sleep_us[k],
+           (clock_ns(CLOCK_THREAD_CPUTIME_ID) - cpu0) / n, (clock_ns(CLOCK_MONOTONIC) - wall0) / n);
+  }
+}
+
 int main(int argc, char **argv) {
   if (argc != 3) {
     fprintf(stderr, "usage: %s CPU_A CPU_B\n", argv[0]);
@@ -93,5 +108,6 @@ int main(int argc, char **argv) {
     b_spins = 1;
     round_trip("one-spins");
   }
+  sleep_alone();
   return 0;
 }
