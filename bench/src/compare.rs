@@ -92,6 +92,44 @@ fn cell(x: Option<f64>) -> String {
     }
 }
 
+/// Wake-up costs further apart than this factor make two hosts differ.
+const WAKE_COST_ALIKE: f64 = 1.25;
+
+/// How the two runs' hosts differ in what moves the numbers: kernel, CPUs, how idle CPUs wait,
+/// and what a sleep and wake-up costs. Empty when they look alike, or were not recorded.
+fn host_differences(old: &Value, new: &Value) -> Vec<String> {
+    let (ho, hn) = (&old["host"], &new["host"]);
+    let mut lines = Vec::new();
+    for (field, name) in [
+        ("kernel", "kernel"),
+        ("cpus", "CPUs"),
+        ("idle", "idle CPUs"),
+    ] {
+        let (a, b) = (&ho[field], &hn[field]);
+        if !a.is_null() && !b.is_null() && a != b {
+            let text = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_string);
+            lines.push(format!("{name}: {} → {}", text(a), text(b)));
+        }
+    }
+    for (field, name) in [("across_cpus", "across CPUs"), ("same_cpu", "on one CPU")] {
+        let cost = |h: &Value| {
+            h["wake_cost"][field]["cpu_ns"]
+                .as_f64()
+                .filter(|c| *c > 0.0)
+        };
+        if let (Some(a), Some(b)) = (cost(ho), cost(hn)) {
+            if a.max(b) / a.min(b) > WAKE_COST_ALIKE {
+                lines.push(format!(
+                    "a sleep-and-wake round trip {name}: {:.1} µs → {:.1} µs of CPU",
+                    a / 1e3,
+                    b / 1e3
+                ));
+            }
+        }
+    }
+    lines
+}
+
 /// A Markdown comparison of two summaries.
 pub fn compare(old: &Value, new: &Value) -> String {
     let mut md = format!(
@@ -99,6 +137,17 @@ pub fn compare(old: &Value, new: &Value) -> String {
         old["started_utc"].as_str().unwrap_or("?"),
         new["started_utc"].as_str().unwrap_or("?")
     );
+    let hosts = host_differences(old, new);
+    if !hosts.is_empty() {
+        md.push_str(
+            "**The hosts differ**, so changes in CPU per IO and latency may come from the host \
+             rather than the code:\n",
+        );
+        for l in &hosts {
+            let _ = writeln!(md, "- {l}");
+        }
+        md.push('\n');
+    }
     let (ho, hn) = (headline_values(old), headline_values(new));
     if !hn.is_empty() {
         md.push_str("| headline | before | after | change |\n|---|---:|---:|---:|\n");
@@ -199,6 +248,41 @@ mod tests {
         assert_eq!(compare_files(dir.path(), &f).unwrap(), md);
         std::fs::write(&f, "{\"schema\": \"other\"}").unwrap();
         assert!(compare_files(&f, &f).is_err());
+    }
+
+    #[test]
+    fn hosts_that_differ_are_named_before_the_numbers() {
+        let s = summary(vec![], vec![]);
+        let mut old = serde_json::to_value(&s).unwrap();
+        old["host"] = serde_json::json!({"kernel": "6.18", "cpus": [0, 1],
+            "idle": "cpuidle haltpoll, guest halt polling 0 ns (off)",
+            "wake_cost": {"cpus": [0, 1], "across_cpus": {"cpu_ns": 40_000.0, "wall_ns": 1.0},
+                "same_cpu": {"cpu_ns": 11_600.0, "wall_ns": 1.0}}});
+        let mut new = old.clone();
+        assert!(!compare(&old, &new).contains("hosts differ"));
+        // Within the tolerance: alike.
+        new["host"]["wake_cost"]["across_cpus"]["cpu_ns"] = serde_json::json!(34_000.0);
+        assert!(!compare(&old, &new).contains("hosts differ"));
+        new["host"]["wake_cost"]["across_cpus"]["cpu_ns"] = serde_json::json!(9_000.0);
+        new["host"]["idle"] = serde_json::json!("cpuidle haltpoll, guest halt polling 200000 ns");
+        let md = compare(&old, &new);
+        let at = md.find("**The hosts differ**").expect(&md);
+        assert!(at < md.find("| target |").unwrap(), "{md}");
+        assert!(
+            md.contains("- idle CPUs: cpuidle haltpoll, guest halt polling 0 ns (off) → cpuidle haltpoll, guest halt polling 200000 ns\n"),
+            "{md}"
+        );
+        assert!(
+            md.contains("- a sleep-and-wake round trip across CPUs: 40.0 µs → 9.0 µs of CPU\n"),
+            "{md}"
+        );
+        assert!(
+            !md.contains("kernel:") && !md.contains("on one CPU:"),
+            "{md}"
+        );
+        // An older summary without the host fields compares without the section.
+        new["host"] = serde_json::json!({});
+        assert!(!compare(&old, &new).contains("hosts differ"));
     }
 
     #[test]
