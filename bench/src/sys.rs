@@ -332,7 +332,7 @@ pub fn thread_cpu() -> Duration {
 
 /// What one sleep-and-wake round trip costs between two threads, each blocking in `read` until
 /// the other writes: the pattern of an event-loop server and its client, one receive each way.
-#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
 pub struct WakeCost {
     /// CPU time of both threads together, per round trip (ns).
     pub cpu_ns: f64,
