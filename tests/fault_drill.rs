@@ -569,6 +569,14 @@ fn decode_block(data: &[u8], block: u64) -> Result<u64, String> {
     }
 }
 
+/// `values` with `v` added unless it is there already.
+fn distinct(mut values: Vec<u64>, v: u64) -> Vec<u64> {
+    if !values.contains(&v) {
+        values.push(v);
+    }
+    values
+}
+
 /// One modifying request as the model knows it.
 #[derive(Clone, Copy, Debug)]
 struct WriteRec {
@@ -596,6 +604,9 @@ struct Model {
     sent: u64,
     kill_at: u64,
     killed: bool,
+    /// This cycle's mix: how often a request is a FLUSH, and a modifying one carries FUA.
+    flush_percent: u64,
+    fua_percent: u64,
     acked_in_cycle: u64,
     checked_reads: u64,
     /// Reads of a block that returned a mix of racing writes' values.
@@ -624,6 +635,8 @@ impl Model {
             sent: 0,
             kill_at: u64::MAX,
             killed: false,
+            flush_percent: 12,
+            fua_percent: 30,
             acked_in_cycle: 0,
             checked_reads: 0,
             mixed_reads: 0,
@@ -673,7 +686,7 @@ impl Model {
                     .is_none_or(|a| a >= newest_durable_sent)
             })
             .map(|v| v.value)
-            .collect()
+            .fold(Vec::new(), distinct)
     }
 
     /// Values a read sent at `read_sent` may return for `block` (checked when its reply is in).
@@ -692,7 +705,7 @@ impl Model {
                     .is_none_or(|a| a >= newest_done_sent)
             })
             .map(|v| v.value)
-            .collect()
+            .fold(Vec::new(), distinct)
     }
 
     fn describe(&self, block: u64) -> String {
@@ -761,14 +774,27 @@ const WORKING_BLOCKS: u64 = 8 * MIB / BLOCK_BYTES;
 const BLOCKS_PER_CHUNK: u64 = CHUNK_BYTES / BLOCK_BYTES;
 
 impl Model {
-    /// Pick the next request of the mix (20% READ, 48% WRITE, 12% FLUSH, 10% TRIM, 10%
-    /// WRITE_ZEROES; 30% of the modifying ones with FUA) and stamp it as sent.
+    /// Pick the next request of the mix (20% READ, `flush_percent` FLUSH, 10% TRIM, 10%
+    /// WRITE_ZEROES, the rest WRITE; `fua_percent` of the modifying ones with FUA) and stamp it
+    /// as sent.
     fn plan(&mut self, rng: &mut Rng) -> Planned {
-        let roll = rng.below(100);
-        let fua_flag = if rng.chance(30) { CMD_FLAG_FUA } else { 0 };
+        let f = self.flush_percent;
+        let kind = match rng.below(100) {
+            r if r < 20 => CMD_READ,
+            r if r < 20 + f => CMD_FLUSH,
+            r if r < 30 + f => CMD_TRIM,
+            r if r < 40 + f => CMD_WRITE_ZEROES,
+            _ => CMD_WRITE,
+        };
+        let fua_flag = if rng.chance(self.fua_percent) {
+            CMD_FLAG_FUA
+        } else {
+            0
+        };
         // Mostly small ranges, some across a chunk boundary; trims and zeroes sometimes whole
         // chunks (a whole-chunk trim unmaps the chunk).
-        let (first, blocks) = if roll >= 80 && rng.chance(40) {
+        let ranged_zeros = kind == CMD_TRIM || kind == CMD_WRITE_ZEROES;
+        let (first, blocks) = if ranged_zeros && rng.chance(40) {
             let chunk = rng.below(WORKING_BLOCKS / BLOCKS_PER_CHUNK);
             (chunk * BLOCKS_PER_CHUNK, BLOCKS_PER_CHUNK)
         } else {
@@ -784,8 +810,8 @@ impl Model {
             pending,
         };
         let fua = fua_flag != 0;
-        match roll {
-            0..=19 => {
+        match kind {
+            CMD_READ => {
                 let sent = self.tick();
                 let pending = Pending::Read {
                     first,
@@ -794,7 +820,7 @@ impl Model {
                 };
                 range(CMD_READ, 0, Vec::new(), pending)
             }
-            20..=67 => {
+            CMD_WRITE => {
                 let value = self.next_value;
                 self.next_value += 1;
                 let write = self.record_write(first, blocks, value, fua);
@@ -804,7 +830,7 @@ impl Model {
                 }
                 range(CMD_WRITE, fua_flag, data, Pending::Write { write })
             }
-            68..=79 => {
+            CMD_FLUSH => {
                 let sent = self.tick();
                 Planned {
                     kind: CMD_FLUSH,
@@ -815,7 +841,7 @@ impl Model {
                     pending: Pending::Flush { sent },
                 }
             }
-            80..=89 => {
+            CMD_TRIM => {
                 let write = self.record_write(first, blocks, ZEROS, fua);
                 range(CMD_TRIM, fua_flag, Vec::new(), Pending::Write { write })
             }
@@ -1040,7 +1066,11 @@ fn run_cycle(
         return (model, stats);
     }
 
-    model.kill_at = 40 + rng.below(1200);
+    // Some cycles flush rarely, so the crash finds many unflushed writes, chunk allocations
+    // and unmaps.
+    model.kill_at = 40 + rng.below(1600);
+    model.flush_percent = [1, 4, 12][rng.below(3) as usize];
+    model.fua_percent = [5, 30][rng.below(2) as usize];
     let depth = [1usize, 2, 4, 8][rng.below(4) as usize];
     let shared = Arc::new(DrillShared {
         model: Mutex::new(model),
@@ -1072,7 +1102,10 @@ fn run_cycle(
         .unwrap();
     assert!(model.killed, "cycle {cycle} never reached its kill point");
     println!(
-        "cycle {cycle}: depth {depth}, killed at request {} with {} in flight, {} durable writes",
+        "cycle {cycle}: depth {depth}, {}% flush, {}% FUA, killed at request {} with {} in \
+         flight, {} durable writes",
+        model.flush_percent,
+        model.fua_percent,
         model.kill_at,
         model.sent - model.acked_in_cycle,
         model.durable_writes()
