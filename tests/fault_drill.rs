@@ -4,8 +4,8 @@
 //!   WRITE+FUA, FLUSH, TRIM, WRITE_ZEROES and READ; after each restart every block must hold
 //!   its last durable value or a value written after it (a write-log verifier like crucible's
 //!   crutest);
-//! - damaged device files (truncated, zeroed label, corrupt newest metadata slot, deleted while
-//!   running): the daemon either starts with every flushed byte intact, the deleted volume still
+//! - damaged device files (truncated, label zeroed or corrupt, newest metadata slot corrupt,
+//!   deleted while running): the daemon either starts with every flushed byte intact, the deleted volume still
 //!   deleted and a warning logged, or refuses with an error naming the device. Never zeros
 //!   where flushed data was, never a reformat, never a rollback.
 //!
@@ -1019,6 +1019,8 @@ fn verify_after_crash(c: &mut NbdClient, model: &mut Model, seed: u64, cycle: us
     checked
 }
 
+/// The kill drill's daemon: one volume on a 256 MiB file device, no web UI, and state (if the
+/// daemon keeps any) in the test's own directory.
 fn drill_config(dir: &Path) -> PathBuf {
     PathBuf::from(write_file(
         dir,
@@ -1027,7 +1029,8 @@ fn drill_config(dir: &Path) -> PathBuf {
             "[[device]]\nname = \"disk0\"\nkind = \"file\"\npath = \"{}/disk0.img\"\n\
              size_bytes = 268435456\n\
              [[volume]]\nname = \"vol\"\ndevice = \"disk0\"\nsize_bytes = 67108864\n\
-             [web]\nenabled = false\n",
+             [web]\nenabled = false\nstate_dir = \"{}/state\"\n",
+            dir.display(),
             dir.display()
         ),
     ))
@@ -1188,7 +1191,7 @@ const LABEL_BYTES: u64 = 4096;
 /// A device image holding known flushed data in volume `data`, and the trace of a volume
 /// `scratch` that was created and deleted through the web API; the daemon is stopped.
 struct Bed {
-    dir: tempfile::TempDir,
+    _dir: tempfile::TempDir,
     cfg: PathBuf,
     img: PathBuf,
     token: String,
@@ -1258,7 +1261,7 @@ impl Bed {
         assert_eq!(r.status, 404, "scratch is deleted: {r:?}");
         daemon.stop_clean();
         Bed {
-            dir,
+            _dir: dir,
             cfg,
             img,
             token,
@@ -1557,7 +1560,6 @@ fn damaged_image_deleted_while_running() {
             ));
         }
     }
-    let _ = &bed.dir;
     assert!(
         problems.is_empty(),
         "device file deleted while running:\n- {}",
