@@ -10,9 +10,9 @@ use serde::{Deserialize, Serialize};
 use crate::alloc::ChunkAllocator;
 use crate::error::EngineError;
 use crate::ids::{ChunkIndex, DeviceId};
-use crate::meta::{pick_slot, Label, MetaError, MetaSnapshot, LABEL_BYTES};
+use crate::meta::{choose_slot, Label, MetaError, MetaSnapshot, LABEL_BYTES};
 use crate::profile::FirmwareProfile;
-use crate::volume::{DeviceHealth, DeviceState, Volume};
+use crate::volume::{validate_volume_name, DeviceHealth, DeviceState, Volume};
 
 /// When the daemon may write a fresh label on a device.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,8 +143,19 @@ pub fn load_device(
             .read_at(label.slot_offset_bytes(i as u64), s)
             .map_err(io_err)?;
     }
-    let (slot, snapshot) = pick_slot(&slots[0], &slots[1]).map_err(meta_err)?;
-    build(spec, label, snapshot, slot)
+    let choice = choose_slot(&slots[0], &slots[1]).map_err(meta_err)?;
+    let warning = choice.warning;
+    let loaded = build(spec, label, choice.snapshot, choice.slot)?;
+    if let Some(warning) = warning {
+        tracing::warn!(
+            device = %spec.name,
+            "{warning}; the next metadata write rewrites both slots"
+        );
+        loaded.state.health.set_metadata_warning(warning);
+        // The next flush round rewrites both slots, which repairs the bad one.
+        loaded.state.mark_meta_dirty();
+    }
+    Ok(loaded)
 }
 
 fn plan(spec: &DeviceSpec) -> Result<Label, EngineError> {
@@ -184,6 +195,11 @@ fn build(
     let mut volumes = Vec::new();
     let mut ids = HashSet::new();
     for rec in snapshot.volumes {
+        // A crafted slot must not put control characters into logs and terminals: the name
+        // is shown only escaped until it passes the same check as names from the API.
+        if let Err(e) = validate_volume_name(&rec.name) {
+            return Err(corrupt(format!("volume id {}: {e}", rec.id)));
+        }
         if !ids.insert(rec.id) {
             return Err(corrupt(format!("volume id {} appears twice", rec.id)));
         }
