@@ -470,6 +470,74 @@ mod tests {
         assert_eq!(pick_slot(&ea, &eb).unwrap(), (0, a));
     }
 
+    fn snap(generation: u64, names: &[&str]) -> MetaSnapshot {
+        MetaSnapshot {
+            generation,
+            volumes: names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| VolumeRecord {
+                    id: VolumeId(i as u32 + 1),
+                    name: n.to_string(),
+                    size_bytes: 1 << 20,
+                    mapped: vec![],
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn fallback_names_both_generations_and_the_reason() {
+        let older = snap(6, &["a"]).encode(8192).unwrap();
+        let mut newer = snap(7, &["a"]).encode(8192).unwrap();
+        newer[40] ^= 1; // payload byte: the header (generation 7) stays readable
+        let c = choose_slot(&older, &newer).unwrap();
+        assert_eq!((c.slot, c.snapshot.generation), (0, 6));
+        let w = c.warning.unwrap();
+        assert!(
+            w.contains("slot 1 (generation 7)")
+                && w.contains("checksum mismatch")
+                && w.contains("slot 0 (generation 6)"),
+            "{w}"
+        );
+        newer[0] ^= 1; // magic: the header is unreadable
+        let w = choose_slot(&newer, &older).unwrap().warning.unwrap();
+        assert!(
+            w.contains("slot 0 (header unreadable)") && w.contains("slot 1 (generation 6)"),
+            "{w}"
+        );
+    }
+
+    #[test]
+    fn fresh_format_is_no_fallback_but_a_zeroed_slot_later_is() {
+        let blank = vec![0u8; 8192];
+        let fresh = snap(0, &[]).encode(8192).unwrap();
+        assert_eq!(choose_slot(&fresh, &blank).unwrap().warning, None);
+        let later = snap(9, &["a"]).encode(8192).unwrap();
+        let w = choose_slot(&blank, &later).unwrap().warning.unwrap();
+        assert!(w.contains("slot 0 (header unreadable)"), "{w}");
+    }
+
+    #[test]
+    fn slot_generations_decide_safely() {
+        let g = |n: u64, names: &[&str]| snap(n, names).encode(8192).unwrap();
+        // Adjacent: the newer, quietly.
+        let c = choose_slot(&g(8, &["a"]), &g(9, &[])).unwrap();
+        assert_eq!((c.slot, c.snapshot.generation, c.warning), (1, 9, None));
+        // Not adjacent: still the newer (the older is stale), with a warning.
+        let c = choose_slot(&g(12, &[]), &g(9, &["a"])).unwrap();
+        assert_eq!((c.slot, c.snapshot.generation), (0, 12));
+        assert!(c.warning.unwrap().contains("not adjacent"));
+        // The same generation: fine if identical, refused if not.
+        let c = choose_slot(&g(5, &["a"]), &g(5, &["a"])).unwrap();
+        assert_eq!((c.snapshot.generation, c.warning), (5, None));
+        let e = choose_slot(&g(5, &["a"]), &g(5, &["b"])).unwrap_err();
+        assert!(e.to_string().contains("cannot tell which is newer"), "{e}");
+        // Both invalid: an error naming both reasons.
+        let e = choose_slot(&[0u8; 64], &[1u8; 64]).unwrap_err();
+        assert!(e.to_string().contains("slot 0: ") && e.to_string().contains("slot 1: "));
+    }
+
     proptest! {
         #[test]
         fn snapshot_roundtrip(s in arb_snapshot()) {
