@@ -88,7 +88,14 @@ fn a_corrupt_newest_slot_does_not_undo_an_acknowledged_delete() {
     let (daemon, addr, token) = start_with_web(Some(&cfg), &state);
     let create = |name: &str| {
         let body = json!({"name": name, "device": "d0", "size_bytes": 8 * MIB}).to_string();
-        let r = http_auth(&addr, &token, "POST", "/api/volumes", &[], Some(body.as_bytes()));
+        let r = http_auth(
+            &addr,
+            &token,
+            "POST",
+            "/api/volumes",
+            &[],
+            Some(body.as_bytes()),
+        );
         assert_eq!(r.status, 201, "{r:?}");
     };
     create("keeper");
@@ -105,7 +112,10 @@ fn a_corrupt_newest_slot_does_not_undo_an_acknowledged_delete() {
         .unwrap();
     let generations = [slot_generation(&image, 0), slot_generation(&image, 1)];
     let newest = u64::from(generations[1] > generations[0]);
-    let (new_gen, old_gen) = (generations[newest as usize], generations[newest as usize ^ 1]);
+    let (new_gen, old_gen) = (
+        generations[newest as usize],
+        generations[newest as usize ^ 1],
+    );
     // One byte of the newest slot's payload (the volume count, just after the 32-byte header).
     let at = slot_offset(&image, newest) + 32;
     let mut byte = [0u8; 1];
@@ -156,7 +166,14 @@ fn a_corrupt_newest_slot_does_not_undo_an_acknowledged_delete() {
 
     // The next metadata round rewrites both slots: the warning clears, and says so.
     let body = json!({"name": "after", "device": "d0", "size_bytes": 8 * MIB}).to_string();
-    let r = http_auth(&addr, &token, "POST", "/api/volumes", &[], Some(body.as_bytes()));
+    let r = http_auth(
+        &addr,
+        &token,
+        "POST",
+        "/api/volumes",
+        &[],
+        Some(body.as_bytes()),
+    );
     assert_eq!(r.status, 201, "{r:?}");
     let health = device_health(&addr, &token);
     assert_eq!(health["status"], "ok", "{health}");

@@ -321,7 +321,10 @@ mod tests {
                 volumes: vec![volume(bad)],
             };
             let mut access = device_with(Some(&snapshot), None);
-            assert!(load_device(&spec(), &mut access).is_err(), "{bad:?} accepted");
+            assert!(
+                load_device(&spec(), &mut access).is_err(),
+                "{bad:?} accepted"
+            );
         }
         let snapshot = MetaSnapshot {
             generation: 3,
@@ -352,7 +355,13 @@ mod tests {
         let l = load_device(&spec(), &mut access).unwrap();
         assert_eq!((l.slot, l.generation), (0, 4));
         let w = l.state.health.metadata_warning().expect("warning recorded");
-        assert!(w.contains("generation 5") && w.contains("generation 4"), "{w}");
-        assert!(l.state.meta_dirty(), "the next round must rewrite both slots");
+        assert!(
+            w.contains("generation 5") && w.contains("generation 4"),
+            "{w}"
+        );
+        assert!(
+            l.state.meta_dirty(),
+            "the next round must rewrite both slots"
+        );
     }
 }

@@ -347,7 +347,9 @@ pub fn choose_slot(slot0: &[u8], slot1: &[u8]) -> Result<SlotChoice, MetaError> 
                 && bad[..SLOT_HEADER_BYTES].iter().all(|&x| x == 0);
             let warning = (!never_written).then(|| {
                 let bad_generation = header_generation(bad)
-                    .map_or("header unreadable".to_string(), |g| format!("generation {g}"));
+                    .map_or("header unreadable".to_string(), |g| {
+                        format!("generation {g}")
+                    });
                 format!(
                     "metadata slot {} ({bad_generation}) is invalid ({err}); using slot {slot} \
                      (generation {})",

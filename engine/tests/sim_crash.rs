@@ -871,7 +871,12 @@ fn a_corrupt_slot_loses_no_acknowledged_change() {
             model.next_id += 1;
             let name = format!("v{}", model.next_id);
             let (_, reply) = cluster
-                .begin_create_volume(DeviceId(0), VolumeId(model.next_id), &name, META_VOLUME_BYTES)
+                .begin_create_volume(
+                    DeviceId(0),
+                    VolumeId(model.next_id),
+                    &name,
+                    META_VOLUME_BYTES,
+                )
                 .unwrap();
             model.creating.push((name, reply));
         } else {
@@ -922,9 +927,13 @@ fn a_corrupt_slot_loses_no_acknowledged_change() {
                 };
                 let covers = model.acked.iter().map(|(k, v)| (k.clone(), *v)).collect();
                 cluster.submit(&volume, flush, &port).unwrap();
-                model
-                    .pending
-                    .insert(tag + 1, MetaPending::Flush { volume: name, covers });
+                model.pending.insert(
+                    tag + 1,
+                    MetaPending::Flush {
+                        volume: name,
+                        covers,
+                    },
+                );
             }
         }
         cluster.run_until_idle(1_000_000);
@@ -941,7 +950,10 @@ fn a_corrupt_slot_loses_no_acknowledged_change() {
             let mut bad = image.clone();
             let at = label.slot_offset_bytes(slot) + [12, 16, 32, 33][rng.gen_range(0..4)];
             bad[at as usize] ^= 1 << rng.gen_range(0..8);
-            (bad, format!("seed {seed}: slot {slot} corrupt at byte {at}"))
+            (
+                bad,
+                format!("seed {seed}: slot {slot} corrupt at byte {at}"),
+            )
         };
         for slot in 0..2u64 {
             let (bad, what) = corrupt(slot, &mut rng);
@@ -1024,7 +1036,13 @@ fn a_failed_write_leaves_no_chunk_allocated() {
     submit_write(&mut cluster, 5 * CHUNK, 2);
     submit_write(&mut cluster, 5 * CHUNK + 8192, 3);
     let r = results(&mut cluster);
-    assert_eq!((r[&2], r[&3]), (Err(ringblock_engine::Errno::EIO), Err(ringblock_engine::Errno::EIO)));
+    assert_eq!(
+        (r[&2], r[&3]),
+        (
+            Err(ringblock_engine::Errno::EIO),
+            Err(ringblock_engine::Errno::EIO)
+        )
+    );
     assert_eq!((vol.allocated_chunks(), dev.used_chunks()), (0, 0));
     // Now only the first 4 KiB of every chunk fails: the write that allocates fails, the one
     // waiting behind it succeeds in a chunk of its own, and only its data is there.
@@ -1038,7 +1056,12 @@ fn a_failed_write_leaves_no_chunk_allocated() {
     let r = results(&mut cluster);
     assert_eq!((r[&4], r[&5]), (Err(ringblock_engine::Errno::EIO), Ok(())));
     assert_eq!((vol.allocated_chunks(), dev.used_chunks()), (1, 1));
-    assert!(dev.health.write_errors.load(std::sync::atomic::Ordering::Relaxed) >= 4);
+    assert!(
+        dev.health
+            .write_errors
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 4
+    );
     for (offset, want) in [(7 * CHUNK, 0), (7 * CHUNK + 8192, 5)] {
         let req = Request {
             kind: RequestKind::Read,

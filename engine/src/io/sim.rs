@@ -107,6 +107,12 @@ impl SimDisk {
             .any(|r| offset < r.end && r.start < offset + len)
     }
 
+    fn hits_write_eio(&self, offset: u64, len: u64) -> bool {
+        self.write_eio_ranges
+            .iter()
+            .any(|r| offset < r.end && r.start < offset + len)
+    }
+
     fn write_cached(&mut self, offset: u64, data: Vec<u8>, fua: bool) {
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -230,13 +236,8 @@ impl SimIo {
             .is_none_or(|e| e > disk.size_bytes());
         let result = if out_of_range {
             Err(libc::EINVAL)
-        } else if kind != IoKind::Sync && disk.hits_eio(offset_bytes, len) {
-            Err(libc::EIO)
-        } else if matches!(kind, IoKind::Write { .. })
-            && disk
-                .write_eio_ranges
-                .iter()
-                .any(|r| offset_bytes < r.end && r.start < offset_bytes + len)
+        } else if (kind != IoKind::Sync && disk.hits_eio(offset_bytes, len))
+            || (matches!(kind, IoKind::Write { .. }) && disk.hits_write_eio(offset_bytes, len))
         {
             Err(libc::EIO)
         } else {
