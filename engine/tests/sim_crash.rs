@@ -1080,3 +1080,59 @@ fn a_failed_write_leaves_no_chunk_allocated() {
         assert_eq!(got, want, "offset {offset}");
     }
 }
+
+#[test]
+fn a_failed_second_slot_write_is_retried_safely() {
+    use ringblock_engine::meta::MetaSnapshot;
+    let disk = Arc::new(Mutex::new(SimDisk::new(DEVICE_BYTES, true)));
+    let mut cluster =
+        SimCluster::start(4, SimOptions::default(), vec![(spec(), disk.clone())]).unwrap();
+    cluster
+        .create_volume(DeviceId(0), VolumeId(1), "a", VOLUME_BYTES)
+        .unwrap();
+    let dev = cluster.device(DeviceId(0)).unwrap();
+    let label = dev.label.clone();
+    let read_slot = |disk: &Mutex<SimDisk>, slot: u64| {
+        let mut b = vec![0u8; label.slot_bytes as usize];
+        disk.lock()
+            .unwrap()
+            .read(label.slot_offset_bytes(slot), &mut b);
+        MetaSnapshot::decode(&b)
+    };
+    let gens = |disk: &Mutex<SimDisk>| {
+        [0, 1].map(|s| read_slot(disk, s).map(|m| m.generation).unwrap_or(0))
+    };
+    // The slot a round writes second is the newest one.
+    let g = gens(&disk);
+    let second = u64::from(g[1] > g[0]);
+    let range = label.slot_offset_bytes(second)..label.slot_offset_bytes(second) + 4096;
+    disk.lock().unwrap().inject_write_eio(range);
+    assert!(cluster
+        .create_volume(DeviceId(0), VolumeId(2), "b", VOLUME_BYTES)
+        .is_err());
+    assert!(dev
+        .health
+        .metadata_failing
+        .load(std::sync::atomic::Ordering::Relaxed));
+    disk.lock().unwrap().clear_eio();
+    cluster
+        .create_volume(DeviceId(0), VolumeId(3), "c", VOLUME_BYTES)
+        .unwrap();
+    assert!(!dev
+        .health
+        .metadata_failing
+        .load(std::sync::atomic::Ordering::Relaxed));
+    // Both slots hold the last round, with adjacent generations above everything before.
+    let image = cluster.crash(&[(spec(), disk)], 4).remove(0);
+    let disk = Mutex::new(SimDisk::from_image(image.clone(), true));
+    let (s0, s1) = (read_slot(&disk, 0).unwrap(), read_slot(&disk, 1).unwrap());
+    assert_eq!(s0.generation.abs_diff(s1.generation), 1);
+    assert_eq!(s0.volumes, s1.volumes);
+    assert!(s0.generation.min(s1.generation) > g[0].max(g[1]) + 1);
+    for slot in 0..2u64 {
+        let mut bad = image.clone();
+        bad[(label.slot_offset_bytes(slot) + 32) as usize] ^= 1;
+        let (cluster, _) = restart(5, SimOptions::default(), bad, "after a failed round");
+        assert!(cluster.volume("a").is_some() && cluster.volume("c").is_some());
+    }
+}
