@@ -20,11 +20,16 @@ pub struct Daemon {
 impl Daemon {
     /// Start `ringblock serve ARGS` and wait (bounded) for its "ready" line.
     pub fn start(args: &[&str]) -> Daemon {
+        Self::start_with_stderr(args, Stdio::inherit())
+    }
+
+    /// [`Daemon::start`] with the log (stderr) going to `stderr`, e.g. a file to read back.
+    pub fn start_with_stderr(args: &[&str], stderr: Stdio) -> Daemon {
         let mut child = Command::new(BIN)
             .arg("serve")
             .args(args)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn ringblock");
         let stdout = child.stdout.take().unwrap();

@@ -10,9 +10,9 @@ use serde::{Deserialize, Serialize};
 use crate::alloc::ChunkAllocator;
 use crate::error::EngineError;
 use crate::ids::{ChunkIndex, DeviceId};
-use crate::meta::{pick_slot, Label, MetaError, MetaSnapshot, LABEL_BYTES};
+use crate::meta::{choose_slot, Label, MetaError, MetaSnapshot, LABEL_BYTES};
 use crate::profile::FirmwareProfile;
-use crate::volume::{DeviceHealth, DeviceState, Volume};
+use crate::volume::{validate_volume_name, DeviceHealth, DeviceState, Volume};
 
 /// When the daemon may write a fresh label on a device.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,8 +143,19 @@ pub fn load_device(
             .read_at(label.slot_offset_bytes(i as u64), s)
             .map_err(io_err)?;
     }
-    let (slot, snapshot) = pick_slot(&slots[0], &slots[1]).map_err(meta_err)?;
-    build(spec, label, snapshot, slot)
+    let choice = choose_slot(&slots[0], &slots[1]).map_err(meta_err)?;
+    let warning = choice.warning;
+    let loaded = build(spec, label, choice.snapshot, choice.slot)?;
+    if let Some(warning) = warning {
+        tracing::warn!(
+            device = %spec.name,
+            "{warning}; the next metadata write rewrites both slots"
+        );
+        loaded.state.health.set_metadata_warning(warning);
+        // The next flush round rewrites both slots, which repairs the bad one.
+        loaded.state.mark_meta_dirty();
+    }
+    Ok(loaded)
 }
 
 fn plan(spec: &DeviceSpec) -> Result<Label, EngineError> {
@@ -184,6 +195,11 @@ fn build(
     let mut volumes = Vec::new();
     let mut ids = HashSet::new();
     for rec in snapshot.volumes {
+        // A crafted slot must not put control characters into logs and terminals: the name
+        // is shown only escaped until it passes the same check as names from the API.
+        if let Err(e) = validate_volume_name(&rec.name) {
+            return Err(corrupt(format!("volume id {}: {e}", rec.id)));
+        }
         if !ids.insert(rec.id) {
             return Err(corrupt(format!("volume id {} appears twice", rec.id)));
         }
@@ -217,4 +233,135 @@ fn build(
         generation: snapshot.generation,
         slot,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{PhysChunk, VolumeId};
+    use crate::meta::VolumeRecord;
+
+    /// A device image in memory.
+    struct MemAccess(Vec<u8>);
+
+    impl SyncAccess for MemAccess {
+        fn read_at(&mut self, offset_bytes: u64, buf: &mut [u8]) -> std::io::Result<()> {
+            let at = offset_bytes as usize;
+            buf.copy_from_slice(&self.0[at..at + buf.len()]);
+            Ok(())
+        }
+        fn write_at(&mut self, offset_bytes: u64, data: &[u8]) -> std::io::Result<()> {
+            let at = offset_bytes as usize;
+            self.0[at..at + data.len()].copy_from_slice(data);
+            Ok(())
+        }
+        fn sync(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn spec() -> DeviceSpec {
+        DeviceSpec {
+            id: DeviceId(0),
+            name: "d0".into(),
+            kind: "file".into(),
+            size_bytes: 8 << 20,
+            persistent: true,
+            profile: crate::profile::builtin("flash").unwrap(),
+            chunk_size_bytes: 1 << 20,
+            format: FormatPolicy::IfBlank,
+        }
+    }
+
+    /// A formatted device whose slots hold `slot0` and `slot1` (None: left as formatted).
+    fn device_with(slot0: Option<&MetaSnapshot>, slot1: Option<&MetaSnapshot>) -> MemAccess {
+        let spec = spec();
+        let mut access = MemAccess(vec![0; spec.size_bytes as usize]);
+        let label = load_device(&spec, &mut access).unwrap().state.label.clone();
+        for (i, s) in [slot0, slot1].into_iter().enumerate() {
+            if let Some(s) = s {
+                let image = s.encode(label.slot_bytes).unwrap();
+                access
+                    .write_at(label.slot_offset_bytes(i as u64), &image)
+                    .unwrap();
+            }
+        }
+        access
+    }
+
+    fn volume(name: &str) -> VolumeRecord {
+        VolumeRecord {
+            id: VolumeId(1),
+            name: name.into(),
+            size_bytes: 1 << 20,
+            mapped: vec![(ChunkIndex(0), PhysChunk(0))],
+        }
+    }
+
+    #[test]
+    fn a_volume_name_from_disk_is_checked_and_shown_escaped() {
+        let evil = "x\u{1b}[2J\nINFO fake log line";
+        let snapshot = MetaSnapshot {
+            generation: 3,
+            volumes: vec![volume(evil)],
+        };
+        let mut access = device_with(Some(&snapshot), None);
+        let e = load_device(&spec(), &mut access).err().expect("refused");
+        let msg = e.to_string();
+        assert!(msg.contains("corrupt metadata"), "{msg}");
+        assert!(
+            !msg.contains('\u{1b}') && !msg.contains('\n'),
+            "the raw name reached the message: {msg:?}"
+        );
+        assert!(msg.contains(&format!("{evil:?}")), "{msg}");
+        // Names the API would refuse are refused from disk too.
+        for bad in ["", ".hidden", "a b", "a/b"] {
+            let snapshot = MetaSnapshot {
+                generation: 3,
+                volumes: vec![volume(bad)],
+            };
+            let mut access = device_with(Some(&snapshot), None);
+            assert!(
+                load_device(&spec(), &mut access).is_err(),
+                "{bad:?} accepted"
+            );
+        }
+        let snapshot = MetaSnapshot {
+            generation: 3,
+            volumes: vec![volume("good-name_1.0")],
+        };
+        let mut access = device_with(Some(&snapshot), None);
+        assert_eq!(load_device(&spec(), &mut access).unwrap().volumes.len(), 1);
+    }
+
+    #[test]
+    fn a_fallback_is_recorded_in_health_and_schedules_a_rewrite() {
+        let older = MetaSnapshot {
+            generation: 4,
+            volumes: vec![volume("a")],
+        };
+        let newer = MetaSnapshot {
+            generation: 5,
+            volumes: vec![volume("a")],
+        };
+        let mut access = device_with(Some(&older), Some(&newer));
+        let l = load_device(&spec(), &mut access).unwrap();
+        assert_eq!((l.slot, l.generation), (1, 5));
+        assert_eq!(l.state.health.metadata_warning(), None);
+        assert!(!l.state.meta_dirty());
+        // Corrupt the newest slot's payload.
+        let at = l.state.label.slot_offset_bytes(1) + 40;
+        access.0[at as usize] ^= 0x20;
+        let l = load_device(&spec(), &mut access).unwrap();
+        assert_eq!((l.slot, l.generation), (0, 4));
+        let w = l.state.health.metadata_warning().expect("warning recorded");
+        assert!(
+            w.contains("generation 5") && w.contains("generation 4"),
+            "{w}"
+        );
+        assert!(
+            l.state.meta_dirty(),
+            "the next round must rewrite both slots"
+        );
+    }
 }

@@ -1,6 +1,7 @@
-//! On-device metadata: a label written once at format, and two metadata slots written
-//! alternately, each with a generation number and a crc32c. A torn slot write leaves the other
-//! slot, one generation older, intact.
+//! On-device metadata: a label written once at format, and two metadata slots, each with a
+//! generation number and a crc32c. Every metadata round writes both slots one after the other
+//! (see [`choose_slot`]): a torn write of either leaves the other holding every acknowledged
+//! change.
 //!
 //! ```text
 //! offset 0                 label (4 KiB)
@@ -257,19 +258,117 @@ impl MetaSnapshot {
     }
 }
 
-/// Choose the newest valid slot. Both invalid means the metadata is lost: an error, never a
-/// silent reformat.
-pub fn pick_slot(slot0: &[u8], slot1: &[u8]) -> Result<(u64, MetaSnapshot), MetaError> {
-    match (MetaSnapshot::decode(slot0), MetaSnapshot::decode(slot1)) {
-        (Ok(a), Ok(b)) => Ok(if b.generation > a.generation {
-            (1, b)
-        } else {
-            (0, a)
-        }),
-        (Ok(a), Err(_)) => Ok((0, a)),
-        (Err(_), Ok(b)) => Ok((1, b)),
-        (Err(e), Err(_)) => Err(e),
+/// Which slot the loader uses, and why it is not simply the newest one when it is not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotChoice {
+    pub slot: u64,
+    pub snapshot: MetaSnapshot,
+    /// Set when the slots are not as a completed metadata round leaves them (one invalid, or
+    /// generations not adjacent): what was found, for the log and the device's health.
+    pub warning: Option<String>,
+}
+
+/// The generation in a slot's header when its magic and version are right (its checksum may
+/// still be wrong): to name it in a warning, never to trust it.
+pub fn header_generation(b: &[u8]) -> Option<u64> {
+    if b.len() < SLOT_HEADER_BYTES || &b[0..8] != SLOT_MAGIC {
+        return None;
     }
+    let mut h = Reader::new(&b[8..SLOT_HEADER_BYTES]);
+    (h.u32().ok()? == FORMAT_VERSION).then_some(())?;
+    h.u32().ok()?;
+    h.u64().ok()
+}
+
+/// Choose the slot to load. Every metadata round writes the older slot (generation g+1),
+/// syncs, then the newer one (g+2), syncs, and only then acknowledges: after a round both slots
+/// hold its change, and a crash mid-round leaves the other slot with everything acknowledged.
+/// So:
+/// - both valid, adjacent generations: the newer (the normal case);
+/// - both valid, generations further apart: the newer. Generations only grow, so the newer
+///   was written last; the older is stale (its write was lost in a failed round, or the slot
+///   was restored from elsewhere) and loading it would be a rollback. Worth a warning.
+/// - both valid, the same generation: no writer does that. Same contents: either; different:
+///   refused, since nothing tells which is newer.
+/// - one invalid: the valid one, with a warning naming both generations and the reason,
+///   unless the invalid slot was never written (all-zero header next to a freshly formatted
+///   generation 0). Nothing acknowledged is lost when the device was written this way.
+/// - both invalid: the metadata is lost, an error (never a silent reformat).
+pub fn choose_slot(slot0: &[u8], slot1: &[u8]) -> Result<SlotChoice, MetaError> {
+    let decoded = [MetaSnapshot::decode(slot0), MetaSnapshot::decode(slot1)];
+    let raw = [slot0, slot1];
+    match decoded {
+        [Ok(a), Ok(b)] => {
+            if a.generation == b.generation {
+                if a != b {
+                    return Err(MetaError::CorruptSlot(format!(
+                        "both slots claim generation {} with different contents; cannot tell \
+                         which is newer",
+                        a.generation
+                    )));
+                }
+                return Ok(SlotChoice {
+                    slot: 0,
+                    snapshot: a,
+                    warning: None,
+                });
+            }
+            let (slot, newer, older) = if b.generation > a.generation {
+                (1, b, a.generation)
+            } else {
+                (0, a, b.generation)
+            };
+            let warning = (newer.generation - older != 1).then(|| {
+                format!(
+                    "metadata slots hold generations {} (slot {slot}) and {older} (slot {}), \
+                     which are not adjacent; using the newer",
+                    newer.generation,
+                    slot ^ 1
+                )
+            });
+            Ok(SlotChoice {
+                slot,
+                snapshot: newer,
+                warning,
+            })
+        }
+        [Err(e0), Err(e1)] => Err(MetaError::CorruptSlot(format!(
+            "both slots are invalid (slot 0: {e0}; slot 1: {e1})"
+        ))),
+        [a, b] => {
+            let (slot, snapshot, err) = match (a, b) {
+                (Ok(s), Err(e)) => (0u64, s, e),
+                (Err(e), Ok(s)) => (1, s, e),
+                _ => unreachable!("one valid, one invalid"),
+            };
+            let bad = raw[(slot ^ 1) as usize];
+            let never_written = snapshot.generation == 0
+                && bad.len() >= SLOT_HEADER_BYTES
+                && bad[..SLOT_HEADER_BYTES].iter().all(|&x| x == 0);
+            let warning = (!never_written).then(|| {
+                let bad_generation = header_generation(bad)
+                    .map_or("header unreadable".to_string(), |g| {
+                        format!("generation {g}")
+                    });
+                format!(
+                    "metadata slot {} ({bad_generation}) is invalid ({err}); using slot {slot} \
+                     (generation {})",
+                    slot ^ 1,
+                    snapshot.generation
+                )
+            });
+            Ok(SlotChoice {
+                slot,
+                snapshot,
+                warning,
+            })
+        }
+    }
+}
+
+/// [`choose_slot`] without the warning: the slot and its snapshot.
+pub fn pick_slot(slot0: &[u8], slot1: &[u8]) -> Result<(u64, MetaSnapshot), MetaError> {
+    choose_slot(slot0, slot1).map(|c| (c.slot, c.snapshot))
 }
 
 struct Reader<'a> {
@@ -371,6 +470,74 @@ mod tests {
         assert_eq!(pick_slot(&ea, &eb).unwrap().1.generation, 5);
         eb[20] ^= 1; // torn
         assert_eq!(pick_slot(&ea, &eb).unwrap(), (0, a));
+    }
+
+    fn snap(generation: u64, names: &[&str]) -> MetaSnapshot {
+        MetaSnapshot {
+            generation,
+            volumes: names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| VolumeRecord {
+                    id: VolumeId(i as u32 + 1),
+                    name: n.to_string(),
+                    size_bytes: 1 << 20,
+                    mapped: vec![],
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn fallback_names_both_generations_and_the_reason() {
+        let older = snap(6, &["a"]).encode(8192).unwrap();
+        let mut newer = snap(7, &["a"]).encode(8192).unwrap();
+        newer[40] ^= 1; // payload byte: the header (generation 7) stays readable
+        let c = choose_slot(&older, &newer).unwrap();
+        assert_eq!((c.slot, c.snapshot.generation), (0, 6));
+        let w = c.warning.unwrap();
+        assert!(
+            w.contains("slot 1 (generation 7)")
+                && w.contains("checksum mismatch")
+                && w.contains("slot 0 (generation 6)"),
+            "{w}"
+        );
+        newer[0] ^= 1; // magic: the header is unreadable
+        let w = choose_slot(&newer, &older).unwrap().warning.unwrap();
+        assert!(
+            w.contains("slot 0 (header unreadable)") && w.contains("slot 1 (generation 6)"),
+            "{w}"
+        );
+    }
+
+    #[test]
+    fn fresh_format_is_no_fallback_but_a_zeroed_slot_later_is() {
+        let blank = vec![0u8; 8192];
+        let fresh = snap(0, &[]).encode(8192).unwrap();
+        assert_eq!(choose_slot(&fresh, &blank).unwrap().warning, None);
+        let later = snap(9, &["a"]).encode(8192).unwrap();
+        let w = choose_slot(&blank, &later).unwrap().warning.unwrap();
+        assert!(w.contains("slot 0 (header unreadable)"), "{w}");
+    }
+
+    #[test]
+    fn slot_generations_decide_safely() {
+        let g = |n: u64, names: &[&str]| snap(n, names).encode(8192).unwrap();
+        // Adjacent: the newer, quietly.
+        let c = choose_slot(&g(8, &["a"]), &g(9, &[])).unwrap();
+        assert_eq!((c.slot, c.snapshot.generation, c.warning), (1, 9, None));
+        // Not adjacent: still the newer (the older is stale), with a warning.
+        let c = choose_slot(&g(12, &[]), &g(9, &["a"])).unwrap();
+        assert_eq!((c.slot, c.snapshot.generation), (0, 12));
+        assert!(c.warning.unwrap().contains("not adjacent"));
+        // The same generation: fine if identical, refused if not.
+        let c = choose_slot(&g(5, &["a"]), &g(5, &["a"])).unwrap();
+        assert_eq!((c.snapshot.generation, c.warning), (5, None));
+        let e = choose_slot(&g(5, &["a"]), &g(5, &["b"])).unwrap_err();
+        assert!(e.to_string().contains("cannot tell which is newer"), "{e}");
+        // Both invalid: an error naming both reasons.
+        let e = choose_slot(&[0u8; 64], &[1u8; 64]).unwrap_err();
+        assert!(e.to_string().contains("slot 0: ") && e.to_string().contains("slot 1: "));
     }
 
     proptest! {

@@ -8,8 +8,14 @@
 //! 1. capture the metadata version, the allocator's quarantine and the chunk maps;
 //! 2. sync the device (every write completed before the round began, and every chunk zeroing
 //!    the captured maps rely on, becomes durable);
-//! 3. write the captured metadata to the older slot and sync again;
+//! 3. write the captured metadata to the older slot (generation g+1) and sync, then the same
+//!    metadata to the newer slot (g+2) and sync: only then is the change in every slot the
+//!    loader could fall back to, so a later corruption of either slot loses nothing that was
+//!    acknowledged;
 //! 4. release the quarantine and answer every flush that joined the round.
+//!
+//! A chunk allocated for a write is published in the volume's map only once that first write
+//! succeeded: a failed write leaves no chunk behind.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -109,6 +115,11 @@ enum OpCtx {
         chunk: ChunkIndex,
         phys: PhysChunk,
     },
+    /// The write that allocated `phys`, into the zeroed chunk not yet in the map.
+    FirstWrite {
+        part: Part,
+        phys: PhysChunk,
+    },
     Round {
         device: DeviceId,
     },
@@ -117,23 +128,36 @@ enum OpCtx {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Stage {
     SyncData,
-    WriteMeta,
-    SyncMeta,
+    /// The older slot gets generation g+1.
+    WriteFirst,
+    SyncFirst,
+    /// The newer slot gets the same metadata as generation g+2.
+    WriteSecond,
+    SyncSecond,
+}
+
+/// Metadata captured at the start of a round.
+struct RoundMeta {
+    version: u64,
+    quarantine: QuarantineSnapshot,
+    /// Slot images for the first (g+1) and second (g+2) write; taken when submitted.
+    first: Option<AlignedBuf>,
+    second: Option<AlignedBuf>,
 }
 
 struct Round {
     waiters: Vec<FlushWaiter>,
     stage: Stage,
-    /// Captured metadata: (version, quarantine, encoded slot image).
-    meta: Option<(u64, QuarantineSnapshot, AlignedBuf)>,
+    meta: Option<RoundMeta>,
 }
 
 /// What a device's home reactor keeps for it.
 pub(crate) struct Home {
     pub device: Arc<DeviceState>,
     pub volumes: Vec<Arc<Volume>>,
+    /// Newest generation known durable on the device (in the slot that is not `next_slot`).
     pub generation: u64,
-    /// Slot the next metadata write goes to (the one not holding `generation`).
+    /// Slot a round writes first (the older one); the other, holding `generation`, second.
     pub next_slot: u64,
     waiting: Vec<FlushWaiter>,
     round: Option<Round>,
@@ -357,17 +381,16 @@ impl<I: Io> ReactorCore<I> {
                 chunk,
                 phys,
             } => {
-                let waiting = self
-                    .initializing
-                    .remove(&(volume.id, chunk))
-                    .unwrap_or_default();
+                let key = (volume.id, chunk);
+                let mut waiting = self.initializing.remove(&key).unwrap_or_default();
+                debug_assert!(!waiting.is_empty(), "a chunk is allocated for a write");
+                let first = waiting.remove(0);
                 match c.result {
                     Ok(_) => {
-                        volume.set_mapping(chunk, Some(phys));
-                        volume.device.mark_meta_dirty();
-                        for part in waiting {
-                            self.start_part(part);
-                        }
+                        // The allocating write goes first, alone: the chunk is mapped only if
+                        // it succeeds. Parts that came meanwhile keep waiting behind it.
+                        self.initializing.insert(key, waiting);
+                        self.start_first_write(first, phys);
                     }
                     Err(errno) => {
                         volume
@@ -376,12 +399,18 @@ impl<I: Io> ReactorCore<I> {
                             .write_errors
                             .fetch_add(1, Ordering::Relaxed);
                         volume.device.alloc.release_unpublished(phys);
+                        first.req.fail(Errno(errno));
+                        self.finish_part(first);
+                        // The others start over: each write allocates (and fails) on its own.
                         for part in waiting {
-                            part.req.fail(Errno(errno));
-                            self.finish_part(part);
+                            self.start_part(part);
                         }
                     }
                 }
+            }
+            OpCtx::FirstWrite { mut part, phys } => {
+                part.buf = c.buf;
+                self.first_write_done(part, phys, c.result.map(|_| ()).map_err(Errno));
             }
             OpCtx::Round { device } => self.round_step(device, c.result.map(|_| ()).map_err(Errno)),
         }
@@ -405,7 +434,7 @@ impl<I: Io> ReactorCore<I> {
         {
             if let Some(p) = mapped {
                 let off = device.label.chunk_offset_bytes(p) + part.offset_in_chunk;
-                self.start_moved_part(part, off);
+                self.start_moved_part(part, off, None);
                 return;
             }
             if part.req.kind == RequestKind::Read {
@@ -485,10 +514,54 @@ impl<I: Io> ReactorCore<I> {
         }
     }
 
+    /// The write that allocated `phys` (zeroed, not yet mapped), at its place in the chunk.
+    fn start_first_write(&mut self, mut part: Part, phys: PhysChunk) {
+        let device = part.req.volume.device.clone();
+        let off = device.label.chunk_offset_bytes(phys) + part.offset_in_chunk;
+        if part.req.mover.is_some() {
+            self.start_moved_part(part, off, Some(phys));
+            return;
+        }
+        let buf = part.buf.take();
+        // A device without FUA gets a plain write and a flush after it (`finish_part`).
+        let fua = part.req.fua && device.profile.fua;
+        let ctx = OpCtx::FirstWrite { part, phys };
+        self.submit(device.id, IoKind::Write { fua }, off, buf, ctx);
+    }
+
+    /// The allocating write of `phys` finished: map the chunk (before the write is answered,
+    /// so a read after the answer finds the data) or give the chunk back; then the parts that
+    /// waited for the chunk start.
+    fn first_write_done(&mut self, part: Part, phys: PhysChunk, result: Result<(), Errno>) {
+        let volume = part.req.volume.clone();
+        let key = (volume.id, part.chunk);
+        match result {
+            Ok(()) => {
+                volume.set_mapping(part.chunk, Some(phys));
+                volume.device.mark_meta_dirty();
+            }
+            Err(errno) => {
+                volume
+                    .device
+                    .health
+                    .write_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                // Never in a map, so never in metadata: reusable at once.
+                volume.device.alloc.release_unpublished(phys);
+                part.req.fail(errno);
+            }
+        }
+        self.finish_part(part);
+        for waiting in self.initializing.remove(&key).unwrap_or_default() {
+            self.start_part(waiting);
+        }
+    }
+
     /// A Read/Write part with a mover, on a mapped chunk at device offset `off`: straight
     /// between the mover and the device's memory when it is plain memory, else through a
     /// bounce buffer and a device op (Read: the mover gets the buffer on completion).
-    fn start_moved_part(&mut self, part: Part, off: u64) {
+    /// `first`: this write allocated that chunk (see [`Self::first_write_done`]).
+    fn start_moved_part(&mut self, part: Part, off: u64, first: Option<PhysChunk>) {
         let device_id = part.req.volume.device.id;
         // A device without FUA gets a plain write and a flush after it (`finish_part`).
         let fua = part.req.fua && part.req.volume.device.profile.fua;
@@ -513,24 +586,37 @@ impl<I: Io> ReactorCore<I> {
                 };
                 r.map_err(|e| e.0)
             });
-        match direct {
-            Some(result) => {
+        match (direct, first) {
+            (Some(result), Some(phys)) => {
+                self.first_write_done(part, phys, result.map_err(Errno));
+            }
+            (Some(result), None) => {
                 if let Err(errno) = result {
                     part.req.fail(Errno(errno));
                 }
                 self.finish_part(part);
             }
-            None if write => {
+            (None, _) if write => {
                 let mut buf = self.bounce(len);
                 if let Err(e) = mover.copy_in(oir, buf.as_mut_slice()) {
-                    part.req.fail(e);
-                    self.finish_part(part);
+                    drop(buf);
+                    match first {
+                        Some(phys) => self.first_write_done(part, phys, Err(e)),
+                        None => {
+                            part.req.fail(e);
+                            self.finish_part(part);
+                        }
+                    }
                     return;
                 }
                 let kind = IoKind::Write { fua };
-                self.submit(device_id, kind, off, Some(buf), OpCtx::Part(part));
+                let ctx = match first {
+                    Some(phys) => OpCtx::FirstWrite { part, phys },
+                    None => OpCtx::Part(part),
+                };
+                self.submit(device_id, kind, off, Some(buf), ctx);
             }
-            None => {
+            (None, _) => {
                 let buf = self.bounce(len);
                 self.submit(device_id, IoKind::Read, off, Some(buf), OpCtx::Part(part));
             }
@@ -681,13 +767,21 @@ impl<I: Io> ReactorCore<I> {
         let version = device.meta_version.load(Ordering::Acquire);
         let meta = if version != device.persisted_version.load(Ordering::Acquire) {
             let quarantine = device.alloc.snapshot_quarantine();
-            let snapshot = MetaSnapshot {
+            let mut snapshot = MetaSnapshot {
                 generation: home.generation + 1,
                 volumes: home.volumes.iter().map(|v| v.record()).collect(),
             };
-            match snapshot.encode(device.label.slot_bytes) {
-                Ok(image) => Some((version, quarantine, AlignedBuf::from_slice(&image))),
-                Err(e) => {
+            let first = snapshot.encode(device.label.slot_bytes);
+            snapshot.generation += 1;
+            let second = snapshot.encode(device.label.slot_bytes);
+            match (first, second) {
+                (Ok(first), Ok(second)) => Some(RoundMeta {
+                    version,
+                    quarantine,
+                    first: Some(AlignedBuf::from_slice(&first)),
+                    second: Some(AlignedBuf::from_slice(&second)),
+                }),
+                (Err(e), _) | (_, Err(e)) => {
                     tracing::error!(device = %device.name, "cannot encode metadata: {e}");
                     Self::answer(waiters, Err(Errno::ENOSPC));
                     return;
@@ -698,11 +792,11 @@ impl<I: Io> ReactorCore<I> {
         };
         if !device.persistent {
             // Nothing survives a restart: nothing to sync, and frees are final at once.
-            if let Some((version, quarantine, _)) = meta {
-                device.alloc.release(&quarantine);
+            if let Some(m) = meta {
+                device.alloc.release(&m.quarantine);
                 device
                     .persisted_version
-                    .fetch_max(version, Ordering::AcqRel);
+                    .fetch_max(m.version, Ordering::AcqRel);
             }
             Self::answer(waiters, Ok(()));
             return;
@@ -733,20 +827,32 @@ impl<I: Io> ReactorCore<I> {
                     .metadata_failing
                     .store(true, Ordering::Relaxed);
             }
+            if matches!(round.stage, Stage::WriteSecond | Stage::SyncSecond) {
+                // The first slot's write is durable: it is the newest now, and the next round
+                // writes the other (unknown) slot first. Nothing counts as persisted until a
+                // round writes both slots.
+                home.generation += 1;
+                home.next_slot ^= 1;
+            }
             tracing::error!(device = %device.name, stage = ?round.stage, "flush failed: {e}");
             let round = home.round.take().expect("round");
             Self::answer(round.waiters, Err(Errno::EIO));
             self.start_round(device_id);
             return;
         }
-        match (round.stage, round.meta.is_some()) {
-            (Stage::SyncData, true) => {
-                round.stage = Stage::WriteMeta;
-                let image = round
-                    .meta
-                    .as_mut()
-                    .map(|m| std::mem::replace(&mut m.2, AlignedBuf::zeroed(0)))
-                    .expect("meta");
+        let sync = |core: &mut Self| {
+            core.submit(
+                device_id,
+                IoKind::Sync,
+                0,
+                None,
+                OpCtx::Round { device: device_id },
+            )
+        };
+        match (round.stage, round.meta.as_mut()) {
+            (Stage::SyncData, Some(meta)) => {
+                round.stage = Stage::WriteFirst;
+                let image = meta.first.take().expect("first image");
                 let off = device.label.slot_offset_bytes(home.next_slot);
                 self.submit(
                     device_id,
@@ -756,33 +862,52 @@ impl<I: Io> ReactorCore<I> {
                     OpCtx::Round { device: device_id },
                 );
             }
-            (Stage::WriteMeta, _) => {
-                round.stage = Stage::SyncMeta;
+            (Stage::WriteFirst, _) => {
+                round.stage = Stage::SyncFirst;
+                sync(self);
+            }
+            (Stage::SyncFirst, Some(meta)) => {
+                round.stage = Stage::WriteSecond;
+                let image = meta.second.take().expect("second image");
+                let off = device.label.slot_offset_bytes(home.next_slot ^ 1);
                 self.submit(
                     device_id,
-                    IoKind::Sync,
-                    0,
-                    None,
+                    IoKind::Write { fua: false },
+                    off,
+                    Some(IoBuf::owned(image)),
                     OpCtx::Round { device: device_id },
                 );
             }
-            (Stage::SyncData, false) | (Stage::SyncMeta, _) => {
+            (Stage::WriteSecond, _) => {
+                round.stage = Stage::SyncSecond;
+                sync(self);
+            }
+            (Stage::SyncData, None) | (Stage::SyncSecond, _) => {
                 let round = home.round.take().expect("round");
-                if let Some((version, quarantine, _)) = round.meta {
-                    home.generation += 1;
-                    home.next_slot ^= 1;
-                    device.alloc.release(&quarantine);
+                if let Some(meta) = round.meta {
+                    // Both slots hold the round's metadata; the older slot stays the one
+                    // written first next time.
+                    home.generation += 2;
+                    device.alloc.release(&meta.quarantine);
                     device
                         .persisted_version
-                        .fetch_max(version, Ordering::AcqRel);
+                        .fetch_max(meta.version, Ordering::AcqRel);
                     device
                         .health
                         .metadata_failing
                         .store(false, Ordering::Relaxed);
+                    if let Some(was) = device.health.clear_metadata_warning() {
+                        tracing::info!(
+                            device = %device.name,
+                            generations = %format!("{} and {}", home.generation - 1, home.generation),
+                            "both metadata slots rewritten; metadata warning cleared (was: {was})"
+                        );
+                    }
                 }
                 Self::answer(round.waiters, Ok(()));
                 self.start_round(device_id);
             }
+            (Stage::SyncFirst, None) => unreachable!("a round without metadata only syncs data"),
         }
     }
 

@@ -70,6 +70,16 @@ impl Default for SimOptions {
     }
 }
 
+/// The answer to a control message, once the engine has given it.
+#[derive(Clone)]
+pub struct ControlReply(Arc<Mutex<Option<Result<(), Errno>>>>);
+
+impl ControlReply {
+    pub fn result(&self) -> Option<Result<(), Errno>> {
+        *self.0.lock().expect("reply")
+    }
+}
+
 pub struct SimCluster {
     reactors: Vec<ReactorCore<SimIo>>,
     router: Arc<SimRouter>,
@@ -204,6 +214,29 @@ impl SimCluster {
         name: &str,
         size_bytes: u64,
     ) -> Result<Arc<Volume>, EngineError> {
+        let (volume, reply) = self.begin_create_volume(device, id, name, size_bytes)?;
+        self.run_until_idle(1_000_000);
+        let result = reply.result().expect("control answered");
+        if result.is_err() {
+            self.volumes.retain(|v| v.id != id);
+        }
+        result.map_err(|e| EngineError::Volume {
+            volume: name.into(),
+            kind: crate::VolumeErrorKind::NotPersisted,
+            message: format!("metadata not persisted: {e}"),
+        })?;
+        Ok(volume)
+    }
+
+    /// Start creating a volume; its reply comes once its metadata is durable (or failed). The
+    /// volume is known to [`Self::volume`] at once.
+    pub fn begin_create_volume(
+        &mut self,
+        device: DeviceId,
+        id: VolumeId,
+        name: &str,
+        size_bytes: u64,
+    ) -> Result<(Arc<Volume>, ControlReply), EngineError> {
         let state = self
             .device(device)
             .ok_or_else(|| EngineError::Config(format!("no device {device}")))?;
@@ -213,33 +246,49 @@ impl SimCluster {
             state.clone(),
             size_bytes,
         )?);
-        let done = Arc::new(Mutex::new(None));
-        let d2 = done.clone();
-        let reply = Box::new(move |r| *d2.lock().expect("reply") = Some(r));
+        let reply = self.send_control(
+            &state,
+            Control::Create {
+                volume: volume.clone(),
+                reply: Box::new(|_| {}),
+            },
+        );
+        self.volumes.push(volume.clone());
+        Ok((volume, reply))
+    }
+
+    /// Start deleting a volume with no IO in flight; its reply comes once the deletion is
+    /// durable (or failed). The volume is gone from [`Self::volume`] at once.
+    pub fn begin_delete_volume(&mut self, volume: &Arc<Volume>) -> ControlReply {
+        self.volumes.retain(|v| v.id != volume.id);
+        let state = volume.device.clone();
+        self.send_control(
+            &state,
+            Control::Delete {
+                id: volume.id,
+                reply: Box::new(|_| {}),
+            },
+        )
+    }
+
+    fn send_control(&mut self, state: &Arc<DeviceState>, mut control: Control) -> ControlReply {
+        let done = ControlReply(Arc::new(Mutex::new(None)));
+        let d2 = done.0.clone();
+        let reply: crate::reactor::Reply = Box::new(move |r| *d2.lock().expect("reply") = Some(r));
+        match &mut control {
+            Control::Create { reply: r, .. }
+            | Control::Delete { reply: r, .. }
+            | Control::Grow { reply: r, .. } => *r = reply,
+        }
         let home = state.home_reactor(self.reactors.len() as u32);
         let _ = self.router.try_send(
             home,
             Msg::Control {
-                device,
-                control: Control::Create {
-                    volume: volume.clone(),
-                    reply,
-                },
+                device: state.id,
+                control,
             },
         );
-        self.run_until_idle(1_000_000);
-        let result = done
-            .lock()
-            .expect("reply")
-            .take()
-            .expect("control answered");
-        result.map_err(|e| EngineError::Volume {
-            volume: name.into(),
-            kind: crate::VolumeErrorKind::NotPersisted,
-            message: format!("metadata not persisted: {e}"),
-        })?;
-        self.volumes.push(volume.clone());
-        Ok(volume)
+        done
     }
 
     /// Crash: every disk keeps a random subset of its volatile state; returns the images.

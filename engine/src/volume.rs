@@ -4,7 +4,7 @@
 //! owns that chunk, and read by anyone (block status, metadata snapshots) without locks.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::alloc::ChunkAllocator;
 use crate::ids::{ChunkIndex, DeviceId, PhysChunk, ReactorId, VolumeId};
@@ -22,6 +22,33 @@ pub struct DeviceHealth {
     pub flush_errors: AtomicU64,
     /// Set when metadata could not be persisted; cleared by the next successful persist.
     pub metadata_failing: AtomicBool,
+    /// Why the loader did not use the newest metadata slot (one slot was corrupt); cleared
+    /// once a metadata round has rewritten both slots.
+    metadata_warning: Mutex<Option<String>>,
+}
+
+impl DeviceHealth {
+    pub fn metadata_warning(&self) -> Option<String> {
+        self.metadata_warning
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set_metadata_warning(&self, warning: String) {
+        *self
+            .metadata_warning
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(warning);
+    }
+
+    /// Clear the warning; returns what it said, if it was set.
+    pub(crate) fn clear_metadata_warning(&self) -> Option<String> {
+        self.metadata_warning
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
 }
 
 /// What every reactor knows about one device.

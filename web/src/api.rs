@@ -256,12 +256,18 @@ pub struct ProfileInfo {
 /// Health counters of a device.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct HealthInfo {
-    /// `ok`; `errors` (IO errors were seen); `failing` (metadata cannot be persisted).
+    /// `ok`; `warning` (the newest metadata slot was invalid at start, see
+    /// `metadata_warning`); `errors` (IO errors were seen); `failing` (metadata cannot be
+    /// persisted).
     pub status: String,
     pub read_errors: u64,
     pub write_errors: u64,
     pub flush_errors: u64,
     pub metadata_failing: bool,
+    /// Why the device was loaded from its older metadata slot, until a metadata write has
+    /// rewritten both slots.
+    #[serde(default)]
+    pub metadata_warning: Option<String>,
 }
 
 /// A storage device with its geometry, profile and health.
@@ -405,10 +411,13 @@ pub(crate) fn health(d: &DeviceState) -> HealthInfo {
     let write_errors = h.write_errors.load(Relaxed);
     let flush_errors = h.flush_errors.load(Relaxed);
     let metadata_failing = h.metadata_failing.load(Relaxed);
+    let metadata_warning = h.metadata_warning();
     let status = if metadata_failing {
         "failing"
     } else if read_errors + write_errors + flush_errors > 0 {
         "errors"
+    } else if metadata_warning.is_some() {
+        "warning"
     } else {
         "ok"
     };
@@ -418,6 +427,7 @@ pub(crate) fn health(d: &DeviceState) -> HealthInfo {
         write_errors,
         flush_errors,
         metadata_failing,
+        metadata_warning,
     }
 }
 

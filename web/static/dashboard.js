@@ -282,7 +282,7 @@ async function refresh() {
         el('td', { class: 'num' }, d.profile.logical_block_size_bytes + ' / ' + d.profile.physical_block_size_bytes),
         el('td', { class: 'num' }, fmtBytes(d.chunk_size_bytes)),
         el('td', {}, el('span', { class: 'bar' }, el('span', { style: 'width:' + pct.toFixed(1) + '%' })), d.used_chunks + ' / ' + d.total_chunks),
-        el('td', {}, el('span', { class: 'badge ' + d.health.status }, d.health.status)),
+        el('td', {}, el('span', { class: 'badge ' + d.health.status, title: d.health.metadata_warning || '' }, d.health.status)),
         el('td', { class: 'num' }, d.health.read_errors + ' / ' + d.health.write_errors + ' / ' + d.health.flush_errors));
     }), 9);
     const sel = document.querySelector('#create select[name=device]');

@@ -35,6 +35,8 @@ pub struct SimDisk {
     in_flight: HashMap<u64, (u64, Vec<u8>)>,
     next_in_flight_id: u64,
     eio_ranges: Vec<Range<u64>>,
+    /// Like `eio_ranges`, for writes only (not zeroing, reads or syncs).
+    write_eio_ranges: Vec<Range<u64>>,
 }
 
 impl SimDisk {
@@ -52,6 +54,7 @@ impl SimDisk {
             in_flight: HashMap::new(),
             next_in_flight_id: 0,
             eio_ranges: Vec::new(),
+            write_eio_ranges: Vec::new(),
         }
     }
 
@@ -73,6 +76,17 @@ impl SimDisk {
         self.eio_ranges.push(range);
     }
 
+    /// Make every write (only) touching `range` fail with EIO.
+    pub fn inject_write_eio(&mut self, range: Range<u64>) {
+        self.write_eio_ranges.push(range);
+    }
+
+    /// Stop failing ops.
+    pub fn clear_eio(&mut self) {
+        self.eio_ranges.clear();
+        self.write_eio_ranges.clear();
+    }
+
     /// What a reader sees now: stable contents overlaid with the cache.
     pub fn read(&self, offset: u64, out: &mut [u8]) {
         let end = offset + out.len() as u64;
@@ -89,6 +103,12 @@ impl SimDisk {
 
     fn hits_eio(&self, offset: u64, len: u64) -> bool {
         self.eio_ranges
+            .iter()
+            .any(|r| offset < r.end && r.start < offset + len)
+    }
+
+    fn hits_write_eio(&self, offset: u64, len: u64) -> bool {
+        self.write_eio_ranges
             .iter()
             .any(|r| offset < r.end && r.start < offset + len)
     }
@@ -216,7 +236,9 @@ impl SimIo {
             .is_none_or(|e| e > disk.size_bytes());
         let result = if out_of_range {
             Err(libc::EINVAL)
-        } else if kind != IoKind::Sync && disk.hits_eio(offset_bytes, len) {
+        } else if (kind != IoKind::Sync && disk.hits_eio(offset_bytes, len))
+            || (matches!(kind, IoKind::Write { .. }) && disk.hits_write_eio(offset_bytes, len))
+        {
             Err(libc::EIO)
         } else {
             match kind {

@@ -21,12 +21,18 @@ use crate::profile::ServiceTime;
 const WAKE_TAG: u64 = u64::MAX;
 /// Memory alignment we guarantee for O_DIRECT (buffers that miss it are bounced).
 const DIRECT_MEM_ALIGN: usize = 512;
+/// A short transfer is carried on only from a multiple of this, which O_DIRECT accepts as an
+/// offset and a length; anything else is a device fault (EIO).
+const SHORT_RETRY_ALIGN: u32 = 512;
 
 struct Slot {
     op: IoOp,
     /// Aligned copy for a buffer whose memory O_DIRECT cannot use.
     bounce: Option<AlignedBuf>,
     submitted_ns: u64,
+    /// Bytes already transferred by earlier submissions of a read or write that came back
+    /// short; the next submission carries on from there.
+    done_bytes: u32,
 }
 
 struct Delayed {
@@ -594,6 +600,13 @@ impl UringIo {
             (None, Some(b)) => (b.as_mut_ptr(), b.len() as u32),
             (None, None) => (std::ptr::null_mut(), 0),
         };
+        // A resubmission after a short transfer: the rest of the buffer, further on the device.
+        let done = slot.done_bytes.min(len);
+        debug_assert!(done == 0 || matches!(op.kind, IoKind::Read | IoKind::Write { .. }));
+        // SAFETY: done <= len, so the pointer stays inside (or one past) the same buffer.
+        let ptr = unsafe { ptr.add(done as usize) };
+        let len = len - done;
+        let device_offset = op.offset_bytes + u64::from(done);
         // A buffer inside the registered pool skips per-op page pinning.
         let fixed_buf = self
             .pool
@@ -602,20 +615,20 @@ impl UringIo {
         let flags_for = |fua: bool| if fua { libc::RWF_DSYNC } else { 0 };
         let entry = match (op.kind, fixed_buf) {
             (IoKind::Read, Some(i)) => with_fd!(|fd| opcode::ReadFixed::new(fd, ptr, len, i)
-                .offset(op.offset_bytes)
+                .offset(device_offset)
                 .build()),
             (IoKind::Write { fua }, Some(i)) => {
                 with_fd!(|fd| opcode::WriteFixed::new(fd, ptr as *const u8, len, i)
-                    .offset(op.offset_bytes)
+                    .offset(device_offset)
                     .rw_flags(flags_for(fua))
                     .build())
             }
             (IoKind::Read, None) => with_fd!(|fd| opcode::Read::new(fd, ptr, len)
-                .offset(op.offset_bytes)
+                .offset(device_offset)
                 .build()),
             (IoKind::Write { fua }, None) => {
                 with_fd!(|fd| opcode::Write::new(fd, ptr as *const u8, len)
-                    .offset(op.offset_bytes)
+                    .offset(device_offset)
                     .rw_flags(flags_for(fua))
                     .build())
             }
@@ -658,29 +671,39 @@ impl UringIo {
                 self.raw_done.push((tag, res, flags));
                 continue;
             }
-            let slot = self.slots[tag as usize]
+            let mut slot = self.slots[tag as usize]
                 .take()
                 .expect("completion for a live slot");
+            let expected = match slot.op.kind {
+                IoKind::Read | IoKind::Write { .. } => {
+                    slot.op.buf.as_ref().map_or(0, |b| b.len() as i64)
+                }
+                _ => -1,
+            };
+            let done = i64::from(slot.done_bytes) + i64::from(res.max(0));
+            if res > 0 && done < expected && done % i64::from(SHORT_RETRY_ALIGN) == 0 {
+                // A short transfer (a file system that ran out of space mid-write stops at
+                // the last block it could allocate): submit the rest, whose result is the real
+                // error (ENOSPC) or success. Bounded: every resubmission moved bytes.
+                slot.done_bytes = done as u32;
+                self.resubmit(tag, slot);
+                continue;
+            }
             self.free_slots.push(tag as u32);
             self.ring_in_flight -= 1;
             let Slot {
                 mut op,
                 bounce,
                 submitted_ns,
+                ..
             } = slot;
-            let expected = match op.kind {
-                IoKind::Read | IoKind::Write { .. } => {
-                    op.buf.as_ref().map_or(0, |b| b.len() as i64)
-                }
-                _ => -1,
-            };
             let result = if res < 0 {
                 Err(-res)
-            } else if expected >= 0 && i64::from(res) != expected {
+            } else if expected >= 0 && done != expected {
                 // A short transfer inside the device's bounds means the device misbehaved.
                 Err(libc::EIO)
             } else {
-                Ok(res as u32)
+                Ok(done.max(0) as u32)
             };
             if let (Ok(_), IoKind::Read, Some(b)) = (result, op.kind, &bounce) {
                 op.buf
@@ -704,6 +727,21 @@ impl UringIo {
         }
         done.clear();
         self.reap_scratch = done;
+    }
+
+    /// Put a short-transferred op's remainder back into the ring, under the same tag.
+    fn resubmit(&mut self, tag: u64, mut slot: Slot) {
+        let di = slot.op.device.0 as usize;
+        let device = self.devices[di].clone().expect("device of a live op");
+        let sqe = self.build_sqe(&device, &mut slot, tag);
+        self.slots[tag as usize] = Some(slot);
+        // SAFETY: as in `push_on`: the SQE points into the slot's buffer, which the slot owns
+        // until its completion is reaped.
+        while unsafe { self.ring.submission().push(&sqe) }.is_err() {
+            if let Err(e) = self.enter(0, None) {
+                tracing::warn!("io_uring submit: {e}");
+            }
+        }
     }
 
     fn release_due(&mut self) {
@@ -801,6 +839,7 @@ impl UringIo {
             op,
             bounce,
             submitted_ns: now,
+            done_bytes: 0,
         };
         let sqe = self.build_sqe(device, &mut slot, u64::from(tag));
         self.slots[tag as usize] = Some(slot);
