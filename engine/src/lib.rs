@@ -9,6 +9,8 @@ pub mod device;
 pub mod io;
 pub mod irq;
 pub mod loader;
+mod blank;
+pub mod state_record;
 pub mod meta;
 pub mod profile;
 pub mod provided;

@@ -22,6 +22,9 @@ pub struct DeviceHealth {
     pub flush_errors: AtomicU64,
     /// Set when metadata could not be persisted; cleared by the next successful persist.
     pub metadata_failing: AtomicBool,
+    /// The backing file was deleted while open: nothing written survives a restart, so every
+    /// flush and FUA write fails with EIO from then on. Never cleared.
+    pub backing_deleted: AtomicBool,
 }
 
 /// What every reactor knows about one device.
