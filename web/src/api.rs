@@ -256,12 +256,16 @@ pub struct ProfileInfo {
 /// Health counters of a device.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct HealthInfo {
-    /// `ok`; `errors` (IO errors were seen); `failing` (metadata cannot be persisted).
+    /// `ok`; `errors` (IO errors were seen); `failing` (metadata cannot be persisted);
+    /// `error` (the backing file was deleted while in use: flushes fail, nothing written
+    /// survives a restart).
     pub status: String,
     pub read_errors: u64,
     pub write_errors: u64,
     pub flush_errors: u64,
     pub metadata_failing: bool,
+    /// The device's backing file was deleted while in use.
+    pub backing_deleted: bool,
 }
 
 /// A storage device with its geometry, profile and health.
@@ -405,7 +409,10 @@ pub(crate) fn health(d: &DeviceState) -> HealthInfo {
     let write_errors = h.write_errors.load(Relaxed);
     let flush_errors = h.flush_errors.load(Relaxed);
     let metadata_failing = h.metadata_failing.load(Relaxed);
-    let status = if metadata_failing {
+    let backing_deleted = h.backing_deleted.load(Relaxed);
+    let status = if backing_deleted {
+        "error"
+    } else if metadata_failing {
         "failing"
     } else if read_errors + write_errors + flush_errors > 0 {
         "errors"
@@ -418,6 +425,7 @@ pub(crate) fn health(d: &DeviceState) -> HealthInfo {
         write_errors,
         flush_errors,
         metadata_failing,
+        backing_deleted,
     }
 }
 
