@@ -736,8 +736,8 @@ pub fn check_new_size(size_bytes: u64, chunk_size_bytes: u64) -> Result<(), Stri
 /// Why an existing regular file shorter than the configured size is refused.
 pub fn short_file_message(path: &Path, have_bytes: u64, want_bytes: u64) -> String {
     format!(
-        "{} is {have_bytes} bytes but size_bytes = {want_bytes}: an existing device file is \
-         never grown or reformatted. If it shrank (truncated, or copied short), restore it \
+        "({}) is {have_bytes} bytes but size_bytes = {want_bytes}: an existing device file \
+         is never grown or reformatted. If it shrank (truncated, or copied short), restore it \
          from a backup; if {have_bytes} bytes is what you want, set size_bytes = {have_bytes}",
         path.display()
     )
@@ -774,7 +774,24 @@ fn open_backing(
         flags |= libc::O_EXCL;
     }
     opts.custom_flags(flags);
-    let (file, created) = match opts.open(path) {
+    let mut opened = opts.open(path);
+    if blockdev {
+        // A daemon that just exited may hold the device a moment longer (its io_uring's
+        // registered files): wait for that, bounded, unless a live holder is known.
+        for _ in 0..LOCK_RELEASE_WAIT_MS / LOCK_RETRY_MS {
+            match &opened {
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    if holder_of_path(path).is_some_and(process_alive) {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(LOCK_RETRY_MS));
+                    opened = opts.open(path);
+                }
+                _ => break,
+            }
+        }
+    }
+    let (file, created) = match opened {
         Ok(f) => {
             let meta = f
                 .metadata()
@@ -831,25 +848,48 @@ fn remove_created(path: &Path, file: &File) {
     }
 }
 
+/// How long to wait for the lock of a holder that has exited: a process's io_uring holds its
+/// registered files a little past its exit, and the lock with them.
+const LOCK_RELEASE_WAIT_MS: u64 = 5000;
+const LOCK_RETRY_MS: u64 = 50;
+
 /// Take an exclusive `flock` on the open file: a second daemon (or a second device entry)
 /// on the same file is refused. The lock belongs to the open file description, so it lasts
 /// as long as the device is open and goes away with the process.
 fn lock_exclusive(file: &File, path: &Path) -> Result<(), String> {
-    // SAFETY: flock on a valid fd; no memory is passed.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let e = std::io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        use std::os::unix::fs::MetadataExt;
-        let holder = file
+    use std::os::unix::fs::MetadataExt;
+    let mut holder = None;
+    for _ in 0..=LOCK_RELEASE_WAIT_MS / LOCK_RETRY_MS {
+        // SAFETY: flock on a valid fd; no memory is passed.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(format!("{}: cannot lock: {e}", path.display()));
+        }
+        holder = file
             .metadata()
             .ok()
             .and_then(|m| lock_holder(m.dev(), m.ino()));
-        return Err(in_use_message(path, holder, false));
+        if holder.is_some_and(process_alive) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(LOCK_RETRY_MS));
     }
-    Err(format!("{}: cannot lock: {e}", path.display()))
+    Err(in_use_message(path, holder, false))
+}
+
+/// Whether `pid` is a live process (not gone, not a zombie whose files are closed).
+fn process_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].trim_start().chars().next())
+            .is_some_and(|state| state != 'Z' && state != 'X'),
+        Err(_) => false,
+    }
 }
 
 fn in_use_message(path: &Path, holder: Option<i32>, blockdev: bool) -> String {
