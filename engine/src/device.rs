@@ -781,7 +781,10 @@ fn open_backing(
         for _ in 0..LOCK_RELEASE_WAIT_MS / LOCK_RETRY_MS {
             match &opened {
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                    if holder_of_path(path).is_some_and(process_alive) {
+                    let holder = holder_of_path(path);
+                    if holder.is_some_and(process_alive)
+                        && holder != Some(std::process::id() as i32)
+                    {
                         break;
                     }
                     std::thread::sleep(std::time::Duration::from_millis(LOCK_RETRY_MS));
@@ -848,8 +851,9 @@ fn remove_created(path: &Path, file: &File) {
     }
 }
 
-/// How long to wait for the lock of a holder that has exited: a process's io_uring holds its
-/// registered files a little past its exit, and the lock with them.
+/// How long to wait for the lock of a holder that has exited (or of an engine of this process
+/// that is stopping): an io_uring holds its registered files a little past its owner's end,
+/// and the lock with them.
 const LOCK_RELEASE_WAIT_MS: u64 = 5000;
 const LOCK_RETRY_MS: u64 = 50;
 
@@ -873,7 +877,10 @@ fn lock_exclusive(file: &File, path: &Path) -> Result<(), String> {
             .metadata()
             .ok()
             .and_then(|m| lock_holder(m.dev(), m.ino()));
-        if holder.is_some_and(process_alive) {
+        // Our own pid: an engine of this process that is still shutting down (a duplicate
+        // [[device]] is refused before anything is opened), so wait for it as well.
+        let own = holder == Some(std::process::id() as i32);
+        if holder.is_some_and(process_alive) && !own {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(LOCK_RETRY_MS));
