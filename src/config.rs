@@ -317,7 +317,11 @@ mod tests {
     #[test]
     fn validate_refuses_what_serve_refuses() {
         let dup = format!("{RAM}{}", RAM.replace("67108864", "33554432"));
-        assert!(check(&dup).contains("\"a\" is used twice"), "{}", check(&dup));
+        assert!(
+            check(&dup).contains("\"a\" is used twice"),
+            "{}",
+            check(&dup)
+        );
         for chunk in ["0", "3000", "2048", "2147483648"] {
             let e = check(&format!("{RAM}chunk_size_bytes={chunk}\n"));
             assert!(e.contains("power of two between 4096 and 1 GiB"), "{e}");
@@ -326,7 +330,9 @@ mod tests {
         assert!(e.contains("core 100000 is not available"), "{e}");
         let e = check(&format!("cores=[0,0]\n{RAM}"));
         assert!(e.contains("twice"), "{e}");
-        let e = check(&format!("{RAM}[[volume]]\nname='v'\ndevice='a'\nsize_bytes=1073741824\n"));
+        let e = check(&format!(
+            "{RAM}[[volume]]\nname='v'\ndevice='a'\nsize_bytes=1073741824\n"
+        ));
         assert!(e.contains("larger than device \"a\" can hold"), "{e}");
         for bad in ["a b", ".hidden", "x/y", "tab\\tname"] {
             let e = check(&format!(
@@ -334,7 +340,9 @@ mod tests {
             ));
             assert!(e.contains("must be 1-128 characters"), "{bad:?}: {e}");
         }
-        let e = check(&format!("{RAM}[[volume]]\nname='v'\ndevice='a'\nsize_bytes=0\n"));
+        let e = check(&format!(
+            "{RAM}[[volume]]\nname='v'\ndevice='a'\nsize_bytes=0\n"
+        ));
         assert!(e.contains("must not be 0"), "{e}");
         let e = check("[[device]]\nname='a'\nkind='ram'\nsize_bytes=4096\n");
         assert!(e.contains("too small"), "{e}");
@@ -346,11 +354,17 @@ mod tests {
     fn validate_refuses_one_file_twice_and_foreign_files() {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("d.img");
-        std::fs::File::create(&img).unwrap().set_len(64 << 20).unwrap();
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
         let link = dir.path().join("link.img");
         std::os::unix::fs::symlink(&img, &link).unwrap();
         let dev = |name: &str, p: &std::path::Path| {
-            format!("[[device]]\nname='{name}'\nkind='file'\npath='{}'\n", p.display())
+            format!(
+                "[[device]]\nname='{name}'\nkind='file'\npath='{}'\n",
+                p.display()
+            )
         };
         let e = check(&format!("{}{}", dev("a", &img), dev("b", &link)));
         assert!(e.contains("devices a and b are the same device"), "{e}");

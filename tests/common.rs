@@ -523,7 +523,8 @@ impl RawNbd {
 
     /// NBD_CMD_WRITE with NBD_CMD_FLAG_FUA; returns the reply's error.
     pub fn write_fua(&mut self, handle: u64, offset: u64, data: &[u8]) -> u32 {
-        self.request(1, 1, handle, offset, data.len() as u32, data).0
+        self.request(1, 1, handle, offset, data.len() as u32, data)
+            .0
     }
 
     /// NBD_CMD_FLUSH; returns the reply's error.

@@ -129,7 +129,11 @@ fn a_shrunk_device_file_is_refused_never_grown_or_reformatted() {
         } else {
             format!("device d0 ({path}) is {len} bytes, too small to hold a ringblock label")
         };
-        assert!(out.stderr.contains(&want), "{want:?} not in {:?}", out.stderr);
+        assert!(
+            out.stderr.contains(&want),
+            "{want:?} not in {:?}",
+            out.stderr
+        );
         assert_eq!(std::fs::metadata(&img).unwrap().len(), len, "never grown");
     }
     std::fs::copy(&backup, &img).unwrap();
@@ -152,14 +156,19 @@ fn a_second_daemon_on_the_same_device_is_refused_with_the_holders_pid() {
         img.display(),
         first.pid()
     );
-    assert!(out.stderr.contains(&want), "{want:?} not in {:?}", out.stderr);
+    assert!(
+        out.stderr.contains(&want),
+        "{want:?} not in {:?}",
+        out.stderr
+    );
     // Through a symlink it is the same file, and the same lock.
     let link = dir.path().join("link.img");
     std::os::unix::fs::symlink(&img, &link).unwrap();
     let by_link = device_config(dir.path(), "link.toml", &link, None);
     let out = serve_refused(&by_link, &dir.path().join("state2"));
     assert!(
-        out.stderr.contains(&format!("is in use by pid {}", first.pid())),
+        out.stderr
+            .contains(&format!("is in use by pid {}", first.pid())),
         "{:?}",
         out.stderr
     );
@@ -192,10 +201,17 @@ fn a_zeroed_label_or_stray_data_is_not_formatted_over() {
         "restore it from a backup",
         "format = \"always\"",
     ] {
-        assert!(out.stderr.contains(want), "{want:?} not in {:?}", out.stderr);
+        assert!(
+            out.stderr.contains(want),
+            "{want:?} not in {:?}",
+            out.stderr
+        );
     }
     let after = std::fs::read(&img).unwrap();
-    assert!(after[4096..] == before[4096..], "nothing past the label was written");
+    assert!(
+        after[4096..] == before[4096..],
+        "nothing past the label was written"
+    );
     std::fs::write(&img, &before).unwrap();
     let d = start(&cfg, &state);
     check_patterns(&d);
@@ -212,7 +228,11 @@ fn a_zeroed_label_or_stray_data_is_not_formatted_over() {
     let cfg = device_config(dir.path(), "other.toml", &other, Some(DEVICE_BYTES));
     let out = serve_refused(&cfg, &state);
     let want = format!("non-zero data at byte {}", 50 * MIB + 7);
-    assert!(out.stderr.contains(&want), "{want:?} not in {:?}", out.stderr);
+    assert!(
+        out.stderr.contains(&want),
+        "{want:?} not in {:?}",
+        out.stderr
+    );
 }
 
 #[test]
@@ -224,14 +244,18 @@ fn a_device_file_deleted_while_running_is_noticed_and_not_reformatted() {
     let (d, web, token) = start_with_web(Some(&cfg), &state);
     write_patterns(&d);
     std::fs::remove_file(&img).unwrap();
-    let health = wait_for(Duration::from_secs(30), "device health to turn error", || {
-        let devs = http_auth(&web, &token, "GET", "/api/devices", &[], None).json();
-        let h = devs
-            .as_array()
-            .and_then(|a| a.first())
-            .map(|d| d["health"].clone())?;
-        (h["status"] == "error").then_some(h)
-    });
+    let health = wait_for(
+        Duration::from_secs(30),
+        "device health to turn error",
+        || {
+            let devs = http_auth(&web, &token, "GET", "/api/devices", &[], None).json();
+            let h = devs
+                .as_array()
+                .and_then(|a| a.first())
+                .map(|d| d["health"].clone())?;
+            (h["status"] == "error").then_some(h)
+        },
+    );
     assert_eq!(health["backing_deleted"], true, "{health}");
     // What is written now cannot survive a restart: flush and FUA say so.
     let (addr, _) = nbd_endpoints(&d);
@@ -262,9 +286,16 @@ fn a_device_file_deleted_while_running_is_noticed_and_not_reformatted() {
         "held 1 volume(s)".to_string(),
         "remove the record".to_string(),
     ] {
-        assert!(out.stderr.contains(&want), "{want:?} not in {:?}", out.stderr);
+        assert!(
+            out.stderr.contains(&want),
+            "{want:?} not in {:?}",
+            out.stderr
+        );
     }
-    assert!(!img.exists(), "the file made by the refused start is removed");
+    assert!(
+        !img.exists(),
+        "the file made by the refused start is removed"
+    );
     // The operator's decision: the data is lost, start over.
     std::fs::remove_file(&record).unwrap();
     let d = start(&cfg, &state);
@@ -289,26 +320,57 @@ fn check_config_and_serve_refuse_the_same_bad_configs() {
         format!("[[device]]\nname = \"{name}\"\nkind = \"file\"\npath = \"{path}\"\n{extra}")
     };
     let ram = |name: &str, extra: &str| {
-        format!("[[device]]\nname = \"{name}\"\nkind = \"ram\"\nsize_bytes = {DEVICE_BYTES}\n{extra}")
+        format!(
+            "[[device]]\nname = \"{name}\"\nkind = \"ram\"\nsize_bytes = {DEVICE_BYTES}\n{extra}"
+        )
     };
-    let volume =
-        |name: &str, size: u64| format!("[[volume]]\nname = {name:?}\ndevice = \"a\"\nsize_bytes = {size}\n");
+    let volume = |name: &str, size: u64| {
+        format!("[[volume]]\nname = {name:?}\ndevice = \"a\"\nsize_bytes = {size}\n")
+    };
     let cases: Vec<(&str, String, &str)> = vec![
-        ("dup-name", format!("{}{}", ram("a", ""), ram("a", "")), "\"a\" is used twice"),
+        (
+            "dup-name",
+            format!("{}{}", ram("a", ""), ram("a", "")),
+            "\"a\" is used twice",
+        ),
         (
             "dup-symlink",
-            format!("{}{}", file("a", &p("d.img"), ""), file("b", &p("link.img"), "")),
+            format!(
+                "{}{}",
+                file("a", &p("d.img"), ""),
+                file("b", &p("link.img"), "")
+            ),
             "devices a and b are the same device",
         ),
         (
             "dup-hardlink",
-            format!("{}{}", file("a", &p("d.img"), ""), file("b", &p("hard.img"), "")),
+            format!(
+                "{}{}",
+                file("a", &p("d.img"), ""),
+                file("b", &p("hard.img"), "")
+            ),
             "devices a and b are the same device",
         ),
-        ("chunk-0", ram("a", "chunk_size_bytes = 0\n"), "power of two"),
-        ("chunk-3000", ram("a", "chunk_size_bytes = 3000\n"), "power of two"),
-        ("chunk-2g", ram("a", "chunk_size_bytes = 2147483648\n"), "power of two"),
-        ("cores", format!("cores = [100000]\n{}", ram("a", "")), "core 100000 is not available"),
+        (
+            "chunk-0",
+            ram("a", "chunk_size_bytes = 0\n"),
+            "power of two",
+        ),
+        (
+            "chunk-3000",
+            ram("a", "chunk_size_bytes = 3000\n"),
+            "power of two",
+        ),
+        (
+            "chunk-2g",
+            ram("a", "chunk_size_bytes = 2147483648\n"),
+            "power of two",
+        ),
+        (
+            "cores",
+            format!("cores = [100000]\n{}", ram("a", "")),
+            "core 100000 is not available",
+        ),
         (
             "volume-too-big",
             format!("{}{}", ram("a", ""), volume("v", 4 * DEVICE_BYTES)),
@@ -316,7 +378,11 @@ fn check_config_and_serve_refuse_the_same_bad_configs() {
         ),
         (
             "volume-too-big-for-file",
-            format!("{}{}", file("a", &p("d.img"), ""), volume("v", 2 * DEVICE_BYTES)),
+            format!(
+                "{}{}",
+                file("a", &p("d.img"), ""),
+                volume("v", 2 * DEVICE_BYTES)
+            ),
             "larger than device \"a\" can hold",
         ),
         (
@@ -324,7 +390,11 @@ fn check_config_and_serve_refuse_the_same_bad_configs() {
             format!("{}{}", ram("a", ""), volume("no spaces", MIB)),
             "must be 1-128 characters",
         ),
-        ("foreign", file("a", &p("foreign.img"), ""), "refusing to overwrite"),
+        (
+            "foreign",
+            file("a", &p("foreign.img"), ""),
+            "refusing to overwrite",
+        ),
         (
             "size-0",
             file("a", &p("new0.img"), "size_bytes = 0\n"),
@@ -337,7 +407,11 @@ fn check_config_and_serve_refuse_the_same_bad_configs() {
         ),
         (
             "short-file",
-            file("a", &p("d.img"), &format!("size_bytes = {}\n", 2 * DEVICE_BYTES)),
+            file(
+                "a",
+                &p("d.img"),
+                &format!("size_bytes = {}\n", 2 * DEVICE_BYTES),
+            ),
             "never grown",
         ),
     ];
@@ -345,12 +419,23 @@ fn check_config_and_serve_refuse_the_same_bad_configs() {
         let cfg = write_file(dir.path(), &format!("{name}.toml"), text);
         let out = run_tool(SERVE_LIMIT_S, BIN, &["check-config", &cfg], &[]);
         assert_eq!(out.code, EXIT_CONFIG, "check-config {name}: {out:?}");
-        assert!(out.stderr.contains(want), "check-config {name}: {want:?} not in {:?}", out.stderr);
+        assert!(
+            out.stderr.contains(want),
+            "check-config {name}: {want:?} not in {:?}",
+            out.stderr
+        );
         let out = serve_refused(&cfg, &state);
-        assert!(out.stderr.contains(want), "serve {name}: {want:?} not in {:?}", out.stderr);
+        assert!(
+            out.stderr.contains(want),
+            "serve {name}: {want:?} not in {:?}",
+            out.stderr
+        );
     }
     assert!(!dir.path().join("new0.img").exists(), "size 0 left a file");
-    assert!(!dir.path().join("new4k.img").exists(), "size 4096 left a file");
+    assert!(
+        !dir.path().join("new4k.img").exists(),
+        "size 4096 left a file"
+    );
     assert_eq!(std::fs::metadata(&img).unwrap().len(), DEVICE_BYTES);
     assert!(std::fs::read(dir.path().join("foreign.img"))
         .unwrap()
@@ -360,7 +445,11 @@ fn check_config_and_serve_refuse_the_same_bad_configs() {
     let good = write_file(
         dir.path(),
         "good.toml",
-        &format!("{}{}", file("a", &p("d.img"), ""), volume("v", VOLUME_BYTES)),
+        &format!(
+            "{}{}",
+            file("a", &p("d.img"), ""),
+            volume("v", VOLUME_BYTES)
+        ),
     );
     let out = run_tool(SERVE_LIMIT_S, BIN, &["check-config", &good], &[]);
     assert!(out.ok(), "{out:?}");

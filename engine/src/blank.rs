@@ -53,7 +53,7 @@ pub(crate) fn find_non_blank(
     let end = size_bytes / BLOCK * BLOCK;
     let ranges = match access.allocated_ranges(0..end, MAX_EXTENTS)? {
         Some(r) => r,
-        None => vec![0..end],
+        None => std::iter::once(0..end).collect(),
     };
     if let Some(at) = first_non_zero(access, &ranges, end, plan)? {
         findings.push(format!("non-zero data at byte {at}"));
@@ -172,7 +172,8 @@ mod tests {
         m.bytes[off..off + slot.len()].copy_from_slice(&slot);
         let f = find_non_blank(&mut m, size, &plan).unwrap();
         assert!(
-            f.iter().any(|s| s.contains("slot 1") && s.contains("generation 7")),
+            f.iter()
+                .any(|s| s.contains("slot 1") && s.contains("generation 7")),
             "{f:?}"
         );
         // Data only, in the last chunk.
@@ -200,7 +201,10 @@ mod tests {
         assert!(m.reads <= 2 * plan.slot_bytes + 4096 + 8192, "{}", m.reads);
         m.bytes[(200 << 20) + 100] = 9;
         let f = find_non_blank(&mut m, size, &plan).unwrap();
-        assert_eq!(f, vec![format!("non-zero data at byte {}", (200 << 20) + 100)]);
+        assert_eq!(
+            f,
+            vec![format!("non-zero data at byte {}", (200 << 20) + 100)]
+        );
     }
 
     #[test]

@@ -420,8 +420,7 @@ impl OpenDevice {
                         )));
                     }
                     let size = if is_blk {
-                        blockdev_size(&file)
-                            .map_err(|e| err(format!("{}: {e}", path.display())))?
+                        blockdev_size(&file).map_err(|e| err(format!("{}: {e}", path.display())))?
                     } else {
                         meta.len()
                     };
@@ -497,7 +496,9 @@ impl OpenDevice {
     /// or when `fstat` fails.
     pub fn backing_file_deleted(&self) -> Option<bool> {
         let fd = self.regular_file_fd()?;
-        nix::sys::stat::fstat(fd.as_raw_fd()).ok().map(|st| st.st_nlink == 0)
+        nix::sys::stat::fstat(fd.as_raw_fd())
+            .ok()
+            .map(|st| st.st_nlink == 0)
     }
 
     /// Remove the backing file if this open created it (after a failed start), and only if
@@ -569,7 +570,10 @@ pub fn probe(cfg: &DeviceConfig) -> Result<DeviceProbe, EngineError> {
     let path = match cfg.kind {
         DeviceKind::Ram | DeviceKind::Null => {
             let size = cfg.size_bytes.ok_or_else(|| {
-                err(format!("kind = \"{}\" needs `size_bytes`", cfg.kind.as_str()))
+                err(format!(
+                    "kind = \"{}\" needs `size_bytes`",
+                    cfg.kind.as_str()
+                ))
             })?;
             return Ok(DeviceProbe {
                 capacity_bytes: planned(size)?,
@@ -698,10 +702,7 @@ fn strip_device(e: &EngineError) -> String {
 
 /// Smallest and largest chunk size: a power of two between 4 KiB and 1 GiB.
 pub fn check_chunk_size(chunk_size_bytes: u64) -> Result<(), String> {
-    if !chunk_size_bytes.is_power_of_two()
-        || chunk_size_bytes < 4096
-        || chunk_size_bytes > (1 << 30)
-    {
+    if !chunk_size_bytes.is_power_of_two() || !(4096..=(1 << 30)).contains(&chunk_size_bytes) {
         return Err(format!(
             "chunk_size_bytes = {chunk_size_bytes} must be a power of two between 4096 and 1 GiB"
         ));
@@ -822,7 +823,10 @@ fn open_backing(
                 .map_err(|e| err(format!("{}: cannot create: {e}", path.display())))?;
             if let Err(e) = f.set_len(size) {
                 remove_created(path, &f);
-                return Err(err(format!("{}: cannot size to {size} bytes: {e}", path.display())));
+                return Err(err(format!(
+                    "{}: cannot size to {size} bytes: {e}",
+                    path.display()
+                )));
             }
             (f, true)
         }
@@ -903,8 +907,7 @@ fn in_use_message(path: &Path, holder: Option<i32>, blockdev: bool) -> String {
     let who = match holder {
         Some(pid) => format!("pid {pid}"),
         None if blockdev => {
-            "another process (it is mounted or open exclusively; its pid could not be found)"
-                .into()
+            "another process (it is mounted or open exclusively; its pid could not be found)".into()
         }
         None => "another process (its pid could not be found)".into(),
     };
@@ -932,13 +935,11 @@ pub fn lock_holder(dev: u64, ino: u64) -> Option<i32> {
         libc::major(dev as libc::dev_t),
         libc::minor(dev as libc::dev_t)
     );
-    text.lines()
-        .filter(|l| !l.contains("->"))
-        .find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let pid: i32 = f.get(4)?.parse().ok()?;
-            (f.get(5) == Some(&want.as_str()) && pid > 0).then_some(pid)
-        })
+    text.lines().filter(|l| !l.contains("->")).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let pid: i32 = f.get(4)?.parse().ok()?;
+        (f.get(5) == Some(&want.as_str()) && pid > 0).then_some(pid)
+    })
 }
 
 /// What O_DIRECT IO on a file needs, as the kernel reports it (`statx` with
@@ -1270,17 +1271,27 @@ mod open_tests {
         let e = probe(&file_cfg(&foreign, None)).unwrap_err().to_string();
         assert!(e.contains("refusing to overwrite"), "{e}");
         let blank = dir.path().join("blank.img");
-        std::fs::File::create(&blank).unwrap().set_len(64 << 20).unwrap();
+        std::fs::File::create(&blank)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
         let p = probe(&file_cfg(&blank, Some(64 << 20))).unwrap();
         assert!(p.capacity_bytes.unwrap() > 32 << 20);
-        let e = probe(&file_cfg(&blank, Some(128 << 20))).unwrap_err().to_string();
+        let e = probe(&file_cfg(&blank, Some(128 << 20)))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("never grown"), "{e}");
         // A symlink and a hard link name the same device.
         let link = dir.path().join("link.img");
         std::os::unix::fs::symlink(&blank, &link).unwrap();
         let hard = dir.path().join("hard.img");
         std::fs::hard_link(&blank, &hard).unwrap();
-        let id = |p: &Path| probe(&file_cfg(p, Some(8 << 20))).unwrap().identity.unwrap();
+        let id = |p: &Path| {
+            probe(&file_cfg(p, Some(8 << 20)))
+                .unwrap()
+                .identity
+                .unwrap()
+        };
         assert!(id(&blank).same_device(&id(&link)));
         assert!(id(&blank).same_device(&id(&hard)));
         assert!(!id(&blank).same_device(&id(&foreign.with_file_name("new.img"))));

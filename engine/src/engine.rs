@@ -19,9 +19,9 @@ use crate::ids::{DeviceId, ReactorId, VolumeId};
 use crate::io::uring::{new_wake_fd, wake, UringIo};
 use crate::io::Io;
 use crate::loader::{load_device_with, LoadOptions};
-use crate::state_record::{self, DeviceRecord};
 use crate::reactor::{Control, FlushWaiter, Home, Msg, ReactorCore, Router};
 use crate::request::{Errno, Port, Request};
+use crate::state_record::{self, DeviceRecord};
 use crate::task::{ReactorTask, RingCompletion, TaskCtx, MAX_TASKS_PER_REACTOR, RAW_BIT};
 use crate::volume::{checked_new_volume, DeviceState, Volume};
 
@@ -713,7 +713,11 @@ impl Engine {
         self.write_record_with(device, &table)
     }
 
-    fn write_record_with(&self, device: &DeviceState, table: &[Arc<Volume>]) -> std::io::Result<()> {
+    fn write_record_with(
+        &self,
+        device: &DeviceState,
+        table: &[Arc<Volume>],
+    ) -> std::io::Result<()> {
         let (Some(dir), Some(Some(path))) =
             (&self.state_dir, self.record_paths.get(device.id.0 as usize))
         else {

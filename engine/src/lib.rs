@@ -3,18 +3,18 @@
 //! into [`Request`]s and receive [`Completion`]s.
 
 pub mod alloc;
+mod blank;
 pub mod buf;
 pub mod client;
 pub mod device;
 pub mod io;
 pub mod irq;
 pub mod loader;
-mod blank;
-pub mod state_record;
 pub mod meta;
 pub mod profile;
 pub mod provided;
 pub mod sim_cluster;
+pub mod state_record;
 pub mod stats;
 pub mod task;
 
