@@ -18,6 +18,9 @@ pub const FULL_SCAN_BYTES: u64 = 64 << 20;
 pub const CHUNK_SAMPLES: u64 = 65_536;
 /// Allocated extents visited on a sparse file.
 pub const MAX_EXTENTS: usize = 65_536;
+/// Most bytes of each metadata slot read to decode it (slots of huge devices with small
+/// chunks run to gigabytes).
+const SLOT_READ_BYTES: u64 = 1 << 20;
 const BLOCK: u64 = 4096;
 const READ_BYTES: u64 = 1 << 20;
 
@@ -34,7 +37,9 @@ pub(crate) fn find_non_blank(
         if offset + plan.slot_bytes > size_bytes {
             continue;
         }
-        let mut buf = vec![0u8; plan.slot_bytes as usize];
+        // A slot's header and a small payload are at its start; a larger payload read in part
+        // fails to decode, which is reported too.
+        let mut buf = vec![0u8; plan.slot_bytes.min(SLOT_READ_BYTES) as usize];
         access.read_at(offset, &mut buf)?;
         match MetaSnapshot::decode(&buf) {
             Ok(s) => findings.push(format!(

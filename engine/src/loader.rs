@@ -203,8 +203,11 @@ fn plan(spec: &DeviceSpec) -> Result<Label, EngineError> {
     Label::plan(uuid, spec.size_bytes, spec.chunk_size_bytes).ok_or_else(|| EngineError::Device {
         device: spec.name.clone(),
         message: format!(
-            "{} bytes is too small for metadata and one {}-byte chunk",
-            spec.size_bytes, spec.chunk_size_bytes
+            "is {} bytes, too small to format: with chunk_size_bytes = {} a device needs at \
+             least {} bytes (a 4 KiB label, two metadata slots and one chunk)",
+            spec.size_bytes,
+            spec.chunk_size_bytes,
+            crate::device::min_device_bytes(spec.chunk_size_bytes)
         ),
     })
 }
