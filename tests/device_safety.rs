@@ -194,17 +194,27 @@ fn a_zeroed_label_or_stray_data_is_not_formatted_over() {
         f.write_all_at(&[0u8; 4096], 0).unwrap();
     }
     let out = serve_refused(&cfg, &state);
+    let checked = run_tool(SERVE_LIMIT_S, BIN, &["check-config", &cfg], &[]);
+    assert_eq!(checked.code, EXIT_CONFIG, "{checked:?}");
     for want in [
-        "has no ringblock label but is not blank",
-        "metadata slot",
-        "non-zero data at byte",
-        "restore it from a backup",
-        "format = \"always\"",
+        format!(
+            "device d0 ({}) has no ringblock label but is not blank",
+            img.display()
+        ),
+        "metadata slot 1 (at byte".to_string(),
+        "with 1 volume(s)".to_string(),
+        "restore it from a backup".to_string(),
+        "format = \"always\"".to_string(),
     ] {
         assert!(
-            out.stderr.contains(want),
+            out.stderr.contains(&want),
             "{want:?} not in {:?}",
             out.stderr
+        );
+        assert!(
+            checked.stderr.contains(&want),
+            "check-config: {want:?} not in {:?}",
+            checked.stderr
         );
     }
     let after = std::fs::read(&img).unwrap();

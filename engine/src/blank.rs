@@ -54,6 +54,9 @@ pub(crate) fn find_non_blank(
             Err(_) => {}
         }
     }
+    if !findings.is_empty() {
+        return Ok(findings); // metadata says enough; its bytes would be the first "data" too
+    }
     // Scan only whole 4 KiB blocks (O_DIRECT); a partial last block is not looked at.
     let end = size_bytes / BLOCK * BLOCK;
     let ranges = match access.allocated_ranges(0..end, MAX_EXTENTS)? {

@@ -636,7 +636,7 @@ pub fn probe(cfg: &DeviceConfig) -> Result<DeviceProbe, EngineError> {
     };
     if let (Some(want), false) = (cfg.size_bytes, is_blk) {
         if size < want {
-            return Err(err(short_file_message(&path, size, want)));
+            return Err(err(short_file_message(&path, size, want, chunk)));
         }
     }
     let identity = Some(DeviceIdentity {
@@ -676,6 +676,22 @@ pub fn probe(cfg: &DeviceConfig) -> Result<DeviceProbe, EngineError> {
         }
         (Err(crate::meta::MetaError::NoLabel), FormatPolicy::Never) => {
             return Err(err("has no ringblock label and format = \"never\"".into()));
+        }
+        (Err(crate::meta::MetaError::NoLabel), FormatPolicy::IfBlank) => {
+            let capacity = planned(size)?;
+            if let Some(plan) = Label::plan(0, size, chunk) {
+                let mut access = ReadOnlyAccess { file: &file };
+                let findings = crate::blank::find_non_blank(&mut access, size, &plan)
+                    .map_err(|e| err(format!("{}: {e}", path.display())))?;
+                if !findings.is_empty() {
+                    return Err(err(format!(
+                        "({}) {}",
+                        path.display(),
+                        crate::loader::not_blank_message(&findings)
+                    )));
+                }
+            }
+            capacity
         }
         (Err(e), FormatPolicy::IfBlank | FormatPolicy::Never)
             if e != crate::meta::MetaError::NoLabel =>
@@ -735,11 +751,21 @@ pub fn check_new_size(size_bytes: u64, chunk_size_bytes: u64) -> Result<(), Stri
 }
 
 /// Why an existing regular file shorter than the configured size is refused.
-pub fn short_file_message(path: &Path, have_bytes: u64, want_bytes: u64) -> String {
+pub fn short_file_message(
+    path: &Path,
+    have_bytes: u64,
+    want_bytes: u64,
+    chunk_size_bytes: u64,
+) -> String {
+    let resize = if have_bytes >= min_device_bytes(chunk_size_bytes) {
+        format!("; if {have_bytes} bytes is what you want, set size_bytes = {have_bytes}")
+    } else {
+        String::new()
+    };
     format!(
         "({}) is {have_bytes} bytes but size_bytes = {want_bytes}: an existing device file \
          is never grown or reformatted. If it shrank (truncated, or copied short), restore it \
-         from a backup; if {have_bytes} bytes is what you want, set size_bytes = {have_bytes}",
+         from a backup{resize}",
         path.display()
     )
 }
@@ -802,7 +828,12 @@ fn open_backing(
                 .map_err(|e| err(format!("{}: {e}", path.display())))?;
             if let (Some(want), true) = (cfg.size_bytes, meta.file_type().is_file()) {
                 if meta.len() < want {
-                    return Err(err(short_file_message(path, meta.len(), want)));
+                    return Err(err(short_file_message(
+                        path,
+                        meta.len(),
+                        want,
+                        cfg.chunk_size_bytes,
+                    )));
                 }
             }
             (f, false)
@@ -1078,6 +1109,37 @@ impl SyncAccess for DirectAccess<'_> {
             Backend::Mem(m) => m.persist().map_err(std::io::Error::from_raw_os_error),
             Backend::Null => Ok(()),
         }
+    }
+}
+
+/// Reads through a plain read-only descriptor, for checking a configuration.
+struct ReadOnlyAccess<'a> {
+    file: &'a File,
+}
+
+impl SyncAccess for ReadOnlyAccess<'_> {
+    fn read_at(&mut self, offset_bytes: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.file.read_exact_at(buf, offset_bytes)
+    }
+
+    fn write_at(&mut self, _: u64, _: &[u8]) -> std::io::Result<()> {
+        Err(std::io::Error::other("read-only access"))
+    }
+
+    fn sync(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn allocated_ranges(
+        &mut self,
+        range: Range<u64>,
+        max_ranges: usize,
+    ) -> std::io::Result<Option<Vec<Range<u64>>>> {
+        if !self.file.metadata()?.file_type().is_file() {
+            return Ok(None);
+        }
+        data_extents(self.file.as_raw_fd(), range, max_ranges).map(Some)
     }
 }
 

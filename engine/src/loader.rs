@@ -126,13 +126,7 @@ pub fn load_device_with(
             let findings =
                 crate::blank::find_non_blank(access, spec.size_bytes, &plan).map_err(io_err)?;
             if !findings.is_empty() {
-                return Err(dev_err(format!(
-                    "{at}has no ringblock label but is not blank: {}. format = \"if-blank\" \
-                     formats only blank devices, so nothing was changed. If its label was \
-                     damaged (e.g. the first 4 KiB were overwritten), restore it from a backup; \
-                     to destroy what is there and start over, set format = \"always\"",
-                    findings.join("; ")
-                )));
+                return Err(dev_err(format!("{at}{}", not_blank_message(&findings))));
             }
             if let Some(why) = &opts.format_refusal {
                 return Err(dev_err(format!("{at}is blank, but {why}")));
@@ -196,6 +190,17 @@ pub fn load_device_with(
     }
     let (slot, snapshot) = pick_slot(&slots[0], &slots[1]).map_err(meta_err)?;
     build(spec, label, snapshot, slot)
+}
+
+/// Why `format = "if-blank"` refuses a device without a label, from what the scan found.
+pub(crate) fn not_blank_message(findings: &[String]) -> String {
+    format!(
+        "has no ringblock label but is not blank: {}. format = \"if-blank\" formats only \
+         blank devices, so nothing was changed. If its label was damaged (e.g. the first 4 KiB \
+         were overwritten), restore it from a backup; to destroy what is there and start over, \
+         set format = \"always\"",
+        findings.join("; ")
+    )
 }
 
 fn plan(spec: &DeviceSpec) -> Result<Label, EngineError> {
