@@ -288,8 +288,13 @@ impl Engine {
                 path: dev.path.clone(),
                 format_refusal: None,
             };
+            let mut record = None;
             if let (Some(dir), Some(resolved)) = (&config.state_dir, &record_path) {
-                opts.format_refusal = match state_record::read(dir, resolved) {
+                let read = state_record::read(dir, resolved);
+                if let Ok(Some(r)) = &read {
+                    record = Some(r.clone());
+                }
+                opts.format_refusal = match read {
                     Ok(Some((file, rec))) if rec.volumes > 0 => Some(format!(
                         "the daemon's state record {} says it held {} volume(s) (label uuid \
                          {}): formatting it would drop them. Restore the device (file) from a \
@@ -304,6 +309,12 @@ impl Engine {
                 };
             }
             let l = load_device_with(&dev.spec, &mut dev.sync_access(), &opts)?;
+            if let Some((file, rec)) = record {
+                let uuid = format!("{:032x}", l.state.label.device_uuid);
+                if rec.uuid != uuid && !l.formatted {
+                    tracing::warn!(device = %dc.name, record = %file.display(), recorded_uuid = %rec.uuid, uuid = %uuid, recorded_volumes = rec.volumes, volumes = l.volumes.len(), "the device's label is not the one its state record names: a different device image is at this path");
+                }
+            }
             tracing::info!(device = %dc.name, kind = %dev.spec.kind, size_bytes = dev.spec.size_bytes, volumes = l.volumes.len(), generation = l.generation, "device ready");
             open_devices.push(dev);
             loaded.push(l);

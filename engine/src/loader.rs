@@ -72,6 +72,8 @@ pub struct LoadedDevice {
     pub generation: u64,
     /// The slot holding `generation`.
     pub slot: u64,
+    /// This load wrote a fresh label.
+    pub formatted: bool,
 }
 
 pub fn load_device(
@@ -107,7 +109,7 @@ pub fn load_device_with(
     crate::device::check_chunk_size(spec.chunk_size_bytes).map_err(dev_err)?;
     if !spec.persistent {
         let label = plan(spec)?;
-        return build(spec, label, MetaSnapshot::default(), 0);
+        return build(spec, label, MetaSnapshot::default(), 0).map(formatted);
     }
     if spec.size_bytes < LABEL_BYTES {
         return Err(dev_err(format!(
@@ -161,7 +163,7 @@ pub fn load_device_with(
         access.sync().map_err(io_err)?;
         access.write_at(0, &label.encode()).map_err(io_err)?;
         access.sync().map_err(io_err)?;
-        return build(spec, label, MetaSnapshot::default(), 0);
+        return build(spec, label, MetaSnapshot::default(), 0).map(formatted);
     }
     let label = found.expect("checked above");
     if label.chunk_size_bytes != spec.chunk_size_bytes {
@@ -190,6 +192,11 @@ pub fn load_device_with(
     }
     let (slot, snapshot) = pick_slot(&slots[0], &slots[1]).map_err(meta_err)?;
     build(spec, label, snapshot, slot)
+}
+
+fn formatted(mut l: LoadedDevice) -> LoadedDevice {
+    l.formatted = true;
+    l
 }
 
 /// Why `format = "if-blank"` refuses a device without a label, from what the scan found.
@@ -275,5 +282,6 @@ fn build(
         volumes,
         generation: snapshot.generation,
         slot,
+        formatted: false,
     })
 }
