@@ -158,15 +158,47 @@ impl DaemonConfig {
     pub fn parse(text: &str) -> anyhow::Result<Self> {
         let cfg: DaemonConfig =
             toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))?;
-        cfg.validate()?;
+        cfg.validate_static()?;
         Ok(cfg)
     }
 
-    fn validate(&self) -> anyhow::Result<()> {
+    /// Every check `serve` makes before it starts anything, and all that `check-config`
+    /// makes: the file's own consistency, then the engine's checks of cores and devices
+    /// (read-only: nothing is created, written or locked), then each volume against its
+    /// device's capacity where that is known.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.validate_static()?;
+        let probes = self.engine_config().validate()?;
+        for v in &self.volumes {
+            let Some(i) = self.devices.iter().position(|d| d.name == v.device) else {
+                continue; // reported by validate_static
+            };
+            if let Some(capacity) = probes.get(i).and_then(|p| p.capacity_bytes) {
+                if v.size_bytes > capacity {
+                    bail!(
+                        "[[volume]] {:?}: size_bytes = {} is larger than device {:?} can hold \
+                         ({capacity} bytes after its label and metadata)",
+                        v.name,
+                        v.size_bytes,
+                        v.device
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks of the file alone, without looking at the machine.
+    fn validate_static(&self) -> anyhow::Result<()> {
         if self.devices.is_empty() {
             bail!("no [[device]] configured");
         }
         for v in &self.volumes {
+            ringblock_engine::validate_volume_name(&v.name)
+                .map_err(|e| anyhow::anyhow!("[[volume]] {e}"))?;
+            if v.size_bytes == 0 {
+                bail!("[[volume]] {:?}: size_bytes must not be 0", v.name);
+            }
             if !self.devices.iter().any(|d| d.name == v.device) {
                 bail!(
                     "[[volume]] {:?} names device {:?}, which is not configured",
@@ -210,6 +242,7 @@ impl DaemonConfig {
             devices: self.devices.clone(),
             poll_idle_us: self.poll_idle_us,
             queue_depth: self.queue_depth,
+            state_dir: None,
         }
     }
 }
@@ -222,6 +255,7 @@ mod tests {
     fn embedded_default_is_valid() {
         let d = DaemonConfig::embedded_default();
         d.validate().unwrap();
+        d.validate_static().unwrap();
         let text = toml::to_string(&d).unwrap();
         assert_eq!(DaemonConfig::parse(&text).unwrap(), d);
     }
@@ -269,5 +303,82 @@ mod tests {
     fn volume_on_unknown_device() {
         let e = DaemonConfig::parse("[[device]]\nname='a'\nkind='ram'\nsize_bytes=1\n[[volume]]\nname='v'\ndevice='b'\nsize_bytes=1\n").unwrap_err();
         assert!(e.to_string().contains("not configured"), "{e}");
+    }
+
+    fn check(text: &str) -> String {
+        match DaemonConfig::parse(text).and_then(|c| c.validate()) {
+            Ok(_) => panic!("accepted:\n{text}"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    const RAM: &str = "[[device]]\nname='a'\nkind='ram'\nsize_bytes=67108864\n";
+
+    #[test]
+    fn validate_refuses_what_serve_refuses() {
+        let dup = format!("{RAM}{}", RAM.replace("67108864", "33554432"));
+        assert!(
+            check(&dup).contains("\"a\" is used twice"),
+            "{}",
+            check(&dup)
+        );
+        for chunk in ["0", "3000", "2048", "2147483648"] {
+            let e = check(&format!("{RAM}chunk_size_bytes={chunk}\n"));
+            assert!(e.contains("power of two between 4096 and 1 GiB"), "{e}");
+        }
+        let e = check(&format!("cores=[100000]\n{RAM}"));
+        assert!(e.contains("core 100000 is not available"), "{e}");
+        let e = check(&format!("cores=[0,0]\n{RAM}"));
+        assert!(e.contains("twice"), "{e}");
+        let e = check(&format!(
+            "{RAM}[[volume]]\nname='v'\ndevice='a'\nsize_bytes=1073741824\n"
+        ));
+        assert!(e.contains("larger than device \"a\" can hold"), "{e}");
+        for bad in ["a b", ".hidden", "x/y", "tab\\tname"] {
+            let e = check(&format!(
+                "{RAM}[[volume]]\nname={bad:?}\ndevice='a'\nsize_bytes=4096\n"
+            ));
+            assert!(e.contains("must be 1-128 characters"), "{bad:?}: {e}");
+        }
+        let e = check(&format!(
+            "{RAM}[[volume]]\nname='v'\ndevice='a'\nsize_bytes=0\n"
+        ));
+        assert!(e.contains("must not be 0"), "{e}");
+        let e = check("[[device]]\nname='a'\nkind='ram'\nsize_bytes=4096\n");
+        assert!(e.contains("too small"), "{e}");
+        let e = check(&format!("queue_depth=0\n{RAM}"));
+        assert!(e.contains("queue_depth"), "{e}");
+    }
+
+    #[test]
+    fn validate_refuses_one_file_twice_and_foreign_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("d.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        let link = dir.path().join("link.img");
+        std::os::unix::fs::symlink(&img, &link).unwrap();
+        let dev = |name: &str, p: &std::path::Path| {
+            format!(
+                "[[device]]\nname='{name}'\nkind='file'\npath='{}'\n",
+                p.display()
+            )
+        };
+        let e = check(&format!("{}{}", dev("a", &img), dev("b", &link)));
+        assert!(e.contains("devices a and b are the same device"), "{e}");
+        let foreign = dir.path().join("foreign.img");
+        std::fs::write(&foreign, vec![0xAB; 8 << 20]).unwrap();
+        let e = check(&dev("a", &foreign));
+        assert!(e.contains("refusing to overwrite"), "{e}");
+        // Read-only: nothing was created or changed.
+        assert!(std::fs::read(&foreign).unwrap().iter().all(|&b| b == 0xAB));
+        let new = dir.path().join("new.img");
+        DaemonConfig::parse(&format!("{}size_bytes=67108864\n", dev("a", &new)))
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert!(!new.exists());
     }
 }

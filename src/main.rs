@@ -112,13 +112,15 @@ fn main() -> ExitCode {
         Command::Volume { api, command } => web::run_volume(&api, command),
         Command::Status { api } => web::run_status(&api),
         Command::Token { command } => web::run_token(command),
-        Command::CheckConfig { file } => match config::DaemonConfig::load(&file) {
-            Ok(_) => {
-                println!("{}: ok", file.display());
-                Ok(())
+        Command::CheckConfig { file } => {
+            match config::DaemonConfig::load(&file).and_then(|c| c.validate().map(|()| c)) {
+                Ok(_) => {
+                    println!("{}: ok", file.display());
+                    Ok(())
+                }
+                Err(e) => Err(serve::Failure::Config(e)),
             }
-            Err(e) => Err(serve::Failure::Config(e)),
-        },
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -92,6 +92,8 @@ pub fn run(args: ServeArgs) -> Result<(), Failure> {
             });
         }
     }
+    // The same checks as `check-config`, after the command line's overrides.
+    cfg.validate().map_err(Failure::Config)?;
     // Addresses given on the command line always apply; the configured ones only without
     // socket activation.
     let tcp_text = if !args.listen.is_empty() {
@@ -126,7 +128,10 @@ pub fn run(args: ServeArgs) -> Result<(), Failure> {
         .context("blocking signals")
         .map_err(Failure::Runtime)?;
 
-    let engine = Engine::start(&cfg.engine_config())?;
+    let mut engine_config = cfg.engine_config();
+    // Device state records live next to the web token.
+    engine_config.state_dir = Some(crate::web::state_dir(&args.web.state_dir, &cfg));
+    let engine = Engine::start(&engine_config)?;
     for v in &cfg.volumes {
         match engine.volume(&v.name) {
             None => {

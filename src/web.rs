@@ -43,7 +43,7 @@ pub struct Prepared {
     allowed_hosts: Vec<String>,
 }
 
-fn state_dir(args_dir: &Option<PathBuf>, cfg: &DaemonConfig) -> PathBuf {
+pub(crate) fn state_dir(args_dir: &Option<PathBuf>, cfg: &DaemonConfig) -> PathBuf {
     args_dir
         .clone()
         .or_else(|| cfg.web.state_dir.clone())

@@ -486,3 +486,54 @@ impl RawNbd {
         let _ = self.stream.write_all(&req);
     }
 }
+
+impl RawNbd {
+    /// Send one request (simple replies) and read its reply: (error, data read).
+    pub fn request(
+        &mut self,
+        command: u16,
+        flags: u16,
+        handle: u64,
+        offset: u64,
+        len: u32,
+        data: &[u8],
+    ) -> (u32, Vec<u8>) {
+        use std::io::{Read, Write};
+        let mut req = Vec::with_capacity(28 + data.len());
+        req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        req.extend_from_slice(&flags.to_be_bytes());
+        req.extend_from_slice(&command.to_be_bytes());
+        req.extend_from_slice(&handle.to_be_bytes());
+        req.extend_from_slice(&offset.to_be_bytes());
+        req.extend_from_slice(&len.to_be_bytes());
+        req.extend_from_slice(data);
+        self.stream.write_all(&req).unwrap();
+        let mut reply = [0u8; 16];
+        self.stream.read_exact(&mut reply).unwrap();
+        assert_eq!(&reply[..4], &0x6744_6698u32.to_be_bytes());
+        assert_eq!(&reply[8..16], &handle.to_be_bytes());
+        let error = u32::from_be_bytes(reply[4..8].try_into().unwrap());
+        let mut out = Vec::new();
+        if command == 0 && error == 0 {
+            out = vec![0u8; len as usize];
+            self.stream.read_exact(&mut out).unwrap();
+        }
+        (error, out)
+    }
+
+    /// NBD_CMD_READ; returns (error, data).
+    pub fn read(&mut self, handle: u64, offset: u64, len: u32) -> (u32, Vec<u8>) {
+        self.request(0, 0, handle, offset, len, &[])
+    }
+
+    /// NBD_CMD_WRITE with NBD_CMD_FLAG_FUA; returns the reply's error.
+    pub fn write_fua(&mut self, handle: u64, offset: u64, data: &[u8]) -> u32 {
+        self.request(1, 1, handle, offset, data.len() as u32, data)
+            .0
+    }
+
+    /// NBD_CMD_FLUSH; returns the reply's error.
+    pub fn flush(&mut self, handle: u64) -> u32 {
+        self.request(3, 0, handle, 0, 0, &[]).0
+    }
+}

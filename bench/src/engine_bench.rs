@@ -98,6 +98,7 @@ fn engine_config(
         }],
         poll_idle_us,
         queue_depth: None,
+        state_dir: None,
     }
 }
 

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
@@ -12,14 +13,15 @@ use crossbeam_queue::ArrayQueue;
 use serde::{Deserialize, Serialize};
 
 use crate::buf::RegisteredPool;
-use crate::device::{DeviceConfig, DeviceKind, OpenDevice};
+use crate::device::{DeviceConfig, DeviceKind, DeviceProbe, OpenDevice};
 use crate::error::{EngineError, VolumeErrorKind};
 use crate::ids::{DeviceId, ReactorId, VolumeId};
 use crate::io::uring::{new_wake_fd, wake, UringIo};
 use crate::io::Io;
-use crate::loader::load_device;
+use crate::loader::{load_device_with, LoadOptions};
 use crate::reactor::{Control, FlushWaiter, Home, Msg, ReactorCore, Router};
 use crate::request::{Errno, Port, Request};
+use crate::state_record::{self, DeviceRecord};
 use crate::task::{ReactorTask, RingCompletion, TaskCtx, MAX_TASKS_PER_REACTOR, RAW_BIT};
 use crate::volume::{checked_new_volume, DeviceState, Volume};
 
@@ -44,7 +46,73 @@ pub struct EngineConfig {
     pub poll_idle_us: Option<u64>,
     #[serde(default)]
     pub queue_depth: Option<usize>,
+    /// The daemon's state directory: each persistent device's state record lives there
+    /// (see `state_record`). None: no records (tests, embedded use).
+    #[serde(skip)]
+    pub state_dir: Option<PathBuf>,
 }
+
+impl EngineConfig {
+    /// Every check [`Engine::start`] makes before it opens a device for writing: cores,
+    /// queue depth, device names, settings and sizes, the same device configured twice, and
+    /// for an existing device its label (read-only; nothing is created, written or locked).
+    /// Returns what each device probe learnt, in configuration order.
+    pub fn validate(&self) -> Result<Vec<DeviceProbe>, EngineError> {
+        select_cores(&self.cores, None)?;
+        if let Some(queue_depth) = self.queue_depth {
+            if !(1..=4096).contains(&queue_depth) {
+                return Err(EngineError::Config(format!(
+                    "queue_depth = {queue_depth} must be between 1 and 4096"
+                )));
+            }
+        }
+        let mut probes: Vec<DeviceProbe> = Vec::new();
+        for (i, dc) in self.devices.iter().enumerate() {
+            if let Some(first) = self.devices[..i].iter().find(|d| d.name == dc.name) {
+                return Err(EngineError::Config(format!(
+                    "device name {:?} is used twice",
+                    first.name
+                )));
+            }
+            let probe = crate::device::probe(dc)?;
+            if let Some(id) = &probe.identity {
+                for (j, other) in probes.iter().enumerate() {
+                    if other.identity.as_ref().is_some_and(|o| o.same_device(id)) {
+                        return Err(EngineError::Config(format!(
+                            "devices {} and {} are the same device ({}): two [[device]] \
+                             entries on one file or block device overwrite each other's data; \
+                             remove one",
+                            self.devices[j].name,
+                            dc.name,
+                            id.resolved.display()
+                        )));
+                    }
+                }
+            }
+            probes.push(probe);
+        }
+        Ok(probes)
+    }
+}
+
+/// Files this start created: removed again if the start fails.
+struct CreatedFiles {
+    devices: Vec<Arc<OpenDevice>>,
+    armed: bool,
+}
+
+impl Drop for CreatedFiles {
+    fn drop(&mut self) {
+        if self.armed {
+            for d in &self.devices {
+                d.remove_if_created();
+            }
+        }
+    }
+}
+
+/// How often the watchdog checks that device files still exist.
+pub const WATCHDOG_INTERVAL_MS: u64 = 1000;
 
 /// Live counters of one reactor, readable by anyone.
 #[derive(Debug, Default)]
@@ -180,6 +248,11 @@ pub struct Engine {
     volumes: Mutex<Vec<Arc<Volume>>>,
     next_volume_id: AtomicU32,
     next_task_reactor: AtomicU32,
+    state_dir: Option<PathBuf>,
+    /// Per device (by id): its path with symlinks resolved, for its state record.
+    record_paths: Vec<Option<PathBuf>>,
+    /// Dropping the sender stops the watchdog.
+    watchdog: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
 }
 
 impl Engine {
@@ -193,21 +266,59 @@ impl Engine {
             }
         }
         let n = cores.len() as u32;
-        let mut names = HashMap::new();
+        config.validate()?;
+        let mut created = CreatedFiles {
+            devices: Vec::new(),
+            armed: true,
+        };
         let mut open_devices = Vec::new();
         let mut loaded = Vec::new();
+        let mut record_paths = Vec::new();
         for (i, dc) in config.devices.iter().enumerate() {
-            if names.insert(dc.name.clone(), i).is_some() {
-                return Err(EngineError::Config(format!(
-                    "device name {:?} is used twice",
-                    dc.name
-                )));
-            }
             let dev = Arc::new(OpenDevice::open(DeviceId(i as u32), dc)?);
-            let l = load_device(&dev.spec, &mut dev.sync_access())?;
+            if dev.created {
+                created.devices.push(dev.clone());
+            }
+            let record_path = dev
+                .path
+                .as_deref()
+                .filter(|_| dev.spec.persistent)
+                .map(state_record::resolved_path);
+            let mut opts = LoadOptions {
+                path: dev.path.clone(),
+                format_refusal: None,
+            };
+            let mut record = None;
+            if let (Some(dir), Some(resolved)) = (&config.state_dir, &record_path) {
+                let read = state_record::read(dir, resolved);
+                if let Ok(Some(r)) = &read {
+                    record = Some(r.clone());
+                }
+                opts.format_refusal = match read {
+                    Ok(Some((file, rec))) if rec.volumes > 0 => Some(format!(
+                        "the daemon's state record {} says it held {} volume(s) (label uuid \
+                         {}): formatting it would drop them. Restore the device (file) from a \
+                         backup; or, if its data is really lost, remove the record (or set \
+                         format = \"always\") to start over with an empty device",
+                        file.display(),
+                        rec.volumes,
+                        rec.uuid
+                    )),
+                    Ok(_) => None,
+                    Err(m) => Some(m),
+                };
+            }
+            let l = load_device_with(&dev.spec, &mut dev.sync_access(), &opts)?;
+            if let Some((file, rec)) = record {
+                let uuid = format!("{:032x}", l.state.label.device_uuid);
+                if rec.uuid != uuid && !l.formatted {
+                    tracing::warn!(device = %dc.name, record = %file.display(), recorded_uuid = %rec.uuid, uuid = %uuid, recorded_volumes = rec.volumes, volumes = l.volumes.len(), "the device's label is not the one its state record names: a different device image is at this path");
+                }
+            }
             tracing::info!(device = %dc.name, kind = %dev.spec.kind, size_bytes = dev.spec.size_bytes, volumes = l.volumes.len(), generation = l.generation, "device ready");
             open_devices.push(dev);
             loaded.push(l);
+            record_paths.push(record_path);
         }
         let mut volume_names = HashMap::new();
         for l in &loaded {
@@ -228,11 +339,6 @@ impl Engine {
                 .unwrap_or(DEFAULT_POLL_IDLE_US)
         });
         let queue_depth = config.queue_depth.unwrap_or(DEFAULT_REACTOR_QUEUE_DEPTH);
-        if !(1..=4096).contains(&queue_depth) {
-            return Err(EngineError::Config(format!(
-                "queue_depth = {queue_depth} must be between 1 and 4096"
-            )));
-        }
         let mut reactors = Vec::new();
         for &core in &cores {
             reactors.push(ReactorShared {
@@ -307,11 +413,34 @@ impl Engine {
             volumes: Mutex::new(volumes),
             next_volume_id: AtomicU32::new(max_id + 1),
             next_task_reactor: AtomicU32::new(0),
+            state_dir: config.state_dir.clone(),
+            record_paths,
+            watchdog: None,
         };
         if let Some(e) = first_err {
             engine.stop_threads();
             return Err(e);
         }
+        let mut engine = engine;
+        for d in &engine.devices {
+            engine.write_record(d).map_err(|e| {
+                EngineError::Config(format!(
+                    "cannot write the state record of device {} in {}: {e} (the state \
+                     directory must be writable: set [web] state_dir or --state-dir)",
+                    d.name,
+                    engine
+                        .state_dir
+                        .as_deref()
+                        .unwrap_or(std::path::Path::new("?"))
+                        .display()
+                ))
+            })?;
+        }
+        engine.watchdog = Some(spawn_watchdog(
+            engine.open_devices.clone(),
+            engine.devices.clone(),
+        )?);
+        created.armed = false;
         tracing::info!(reactors = n, poll_idle_us, queue_depth, "engine started");
         Ok(engine)
     }
@@ -462,6 +591,7 @@ impl Engine {
             )
         })?;
         table.push(volume.clone());
+        self.write_record_logged(&dev, &table);
         tracing::info!(volume = name, device, size_bytes, "volume created");
         Ok(volume)
     }
@@ -501,6 +631,7 @@ impl Engine {
             )
         })?;
         table.remove(pos);
+        self.write_record_logged(&volume.device, &table);
         tracing::info!(volume = name, "volume deleted");
         Ok(())
     }
@@ -559,6 +690,7 @@ impl Engine {
 
     /// Flush every device (data and metadata), e.g. before stopping.
     pub fn flush_all(&self) -> Result<(), EngineError> {
+        check_backing_files(&self.open_devices, &self.devices);
         let mut rxs = Vec::new();
         for d in &self.devices {
             let (tx, rx) = mpsc::sync_channel(1);
@@ -584,6 +716,39 @@ impl Engine {
                 })?;
         }
         Ok(())
+    }
+
+    /// Write the state record of `device` (persistent devices, with a state directory).
+    fn write_record(&self, device: &DeviceState) -> std::io::Result<()> {
+        let table = self.volumes.lock().expect("volume table");
+        self.write_record_with(device, &table)
+    }
+
+    fn write_record_with(
+        &self,
+        device: &DeviceState,
+        table: &[Arc<Volume>],
+    ) -> std::io::Result<()> {
+        let (Some(dir), Some(Some(path))) =
+            (&self.state_dir, self.record_paths.get(device.id.0 as usize))
+        else {
+            return Ok(());
+        };
+        let rec = DeviceRecord {
+            name: device.name.clone(),
+            path: path.clone(),
+            uuid: format!("{:032x}", device.label.device_uuid),
+            volumes: table.iter().filter(|v| v.device.id == device.id).count() as u64,
+        };
+        state_record::write(dir, &rec).map(|_| ())
+    }
+
+    /// After a volume change that is already durable on the device: a record that cannot be
+    /// written is logged, not returned (the change itself stands).
+    fn write_record_logged(&self, device: &DeviceState, table: &[Arc<Volume>]) {
+        if let Err(e) = self.write_record_with(device, table) {
+            tracing::error!(device = %device.name, "cannot update the device's state record: {e}");
+        }
     }
 
     pub fn reactor_stats(&self) -> Vec<ReactorSnapshot> {
@@ -623,11 +788,55 @@ impl Engine {
 
 impl Drop for Engine {
     fn drop(&mut self) {
+        if let Some((stop, thread)) = self.watchdog.take() {
+            drop(stop);
+            let _ = thread.join();
+        }
         self.stop_threads();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
+}
+
+/// Notice device files deleted while open: mark the device's health, say so once, loudly.
+fn check_backing_files(opens: &[Arc<OpenDevice>], states: &[Arc<DeviceState>]) {
+    for (open, state) in opens.iter().zip(states) {
+        if open.backing_file_deleted() == Some(true)
+            && !state.health.backing_deleted.swap(true, Ordering::AcqRel)
+        {
+            let path = open.path.as_deref().unwrap_or(std::path::Path::new("?"));
+            tracing::error!(
+                device = %state.name,
+                path = %path.display(),
+                "the device's backing file was deleted while in use: nothing written to it \
+                 survives a restart, so flushes and FUA writes now fail with EIO. Copy it back \
+                 while the daemon runs (from /proc/{}/fd/, the descriptor that links to \
+                 '{} (deleted)') and restart",
+                std::process::id(),
+                path.display()
+            );
+        }
+    }
+}
+
+/// A thread that checks every [`WATCHDOG_INTERVAL_MS`] that device files still exist.
+fn spawn_watchdog(
+    opens: Vec<Arc<OpenDevice>>,
+    states: Vec<Arc<DeviceState>>,
+) -> Result<(mpsc::Sender<()>, JoinHandle<()>), EngineError> {
+    let (tx, rx) = mpsc::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("device-watchdog".into())
+        .spawn(move || {
+            while let Err(mpsc::RecvTimeoutError::Timeout) =
+                rx.recv_timeout(Duration::from_millis(WATCHDOG_INTERVAL_MS))
+            {
+                check_backing_files(&opens, &states);
+            }
+        })
+        .map_err(|e| EngineError::Config(format!("cannot spawn the device watchdog: {e}")))?;
+    Ok((tx, thread))
 }
 
 /// The cores this process may run on (empty when that cannot be told).

@@ -7,7 +7,9 @@ use crate::meta::MetaError;
 pub enum EngineError {
     #[error("firmware profile {file}: {message}")]
     Profile { file: PathBuf, message: String },
-    #[error("device {device}: {message}")]
+    /// A message that starts with the device's path in parentheses reads "device NAME (PATH)
+    /// is ...".
+    #[error("device {device}{}{message}", if message.starts_with('(') { " " } else { ": " })]
     Device { device: String, message: String },
     #[error("device {device}: {source}")]
     DeviceIo {

@@ -3,6 +3,7 @@
 //! into [`Request`]s and receive [`Completion`]s.
 
 pub mod alloc;
+mod blank;
 pub mod buf;
 pub mod client;
 pub mod device;
@@ -13,6 +14,7 @@ pub mod meta;
 pub mod profile;
 pub mod provided;
 pub mod sim_cluster;
+pub mod state_record;
 pub mod stats;
 pub mod task;
 

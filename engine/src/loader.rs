@@ -32,6 +32,25 @@ pub trait SyncAccess {
     fn read_at(&mut self, offset_bytes: u64, buf: &mut [u8]) -> std::io::Result<()>;
     fn write_at(&mut self, offset_bytes: u64, data: &[u8]) -> std::io::Result<()>;
     fn sync(&mut self) -> std::io::Result<()>;
+    /// The allocated byte ranges of `range` in order (at most `max_ranges`; holes read as
+    /// zeros), or None when the backend cannot tell (then all of it may hold data).
+    fn allocated_ranges(
+        &mut self,
+        _range: std::ops::Range<u64>,
+        _max_ranges: usize,
+    ) -> std::io::Result<Option<Vec<std::ops::Range<u64>>>> {
+        Ok(None)
+    }
+}
+
+/// What the loader knows about a device beyond its spec.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// The backing file or block device, for messages.
+    pub path: Option<std::path::PathBuf>,
+    /// Why formatting this device would lose data (its state record says it held volumes):
+    /// `format = "if-blank"` then refuses with this message.
+    pub format_refusal: Option<String>,
 }
 
 /// What the loader needs to know about a device.
@@ -53,12 +72,28 @@ pub struct LoadedDevice {
     pub generation: u64,
     /// The slot holding `generation`.
     pub slot: u64,
+    /// This load wrote a fresh label.
+    pub formatted: bool,
 }
 
 pub fn load_device(
     spec: &DeviceSpec,
     access: &mut dyn SyncAccess,
 ) -> Result<LoadedDevice, EngineError> {
+    load_device_with(spec, access, &LoadOptions::default())
+}
+
+/// [`load_device`] with what the engine knows besides the spec (path, state record).
+pub fn load_device_with(
+    spec: &DeviceSpec,
+    access: &mut dyn SyncAccess,
+    opts: &LoadOptions,
+) -> Result<LoadedDevice, EngineError> {
+    let at = opts
+        .path
+        .as_ref()
+        .map(|p| format!("({}) ", p.display()))
+        .unwrap_or_default();
     let dev_err = |message: String| EngineError::Device {
         device: spec.name.clone(),
         message,
@@ -71,25 +106,35 @@ pub fn load_device(
         device: spec.name.clone(),
         source,
     };
-    if !spec.chunk_size_bytes.is_power_of_two()
-        || spec.chunk_size_bytes < 4096
-        || spec.chunk_size_bytes > (1 << 30)
-    {
-        return Err(dev_err(format!(
-            "chunk_size_bytes = {} must be a power of two between 4096 and 1 GiB",
-            spec.chunk_size_bytes
-        )));
-    }
+    crate::device::check_chunk_size(spec.chunk_size_bytes).map_err(dev_err)?;
     if !spec.persistent {
         let label = plan(spec)?;
-        return build(spec, label, MetaSnapshot::default(), 0);
+        return build(spec, label, MetaSnapshot::default(), 0).map(formatted);
+    }
+    if spec.size_bytes < LABEL_BYTES {
+        return Err(dev_err(format!(
+            "{at}is {} bytes, too small to hold a ringblock label ({LABEL_BYTES} bytes); \
+             refusing to format it. If it shrank (truncated), restore it from a backup",
+            spec.size_bytes
+        )));
     }
     let mut label_buf = vec![0u8; LABEL_BYTES as usize];
     access.read_at(0, &mut label_buf).map_err(io_err)?;
     let found = Label::decode(&label_buf);
     let format = match (&found, spec.format) {
         (_, FormatPolicy::Always) => true,
-        (Err(MetaError::NoLabel), FormatPolicy::IfBlank) => true,
+        (Err(MetaError::NoLabel), FormatPolicy::IfBlank) => {
+            let plan = plan(spec)?;
+            let findings =
+                crate::blank::find_non_blank(access, spec.size_bytes, &plan).map_err(io_err)?;
+            if !findings.is_empty() {
+                return Err(dev_err(format!("{at}{}", not_blank_message(&findings))));
+            }
+            if let Some(why) = &opts.format_refusal {
+                return Err(dev_err(format!("{at}is blank, but {why}")));
+            }
+            true
+        }
         (Err(MetaError::NoLabel), FormatPolicy::Never) => {
             return Err(dev_err(
                 "has no ringblock label and format = \"never\"".into(),
@@ -97,7 +142,7 @@ pub fn load_device(
         }
         (Err(e), _) => {
             return Err(dev_err(format!(
-                "{e}; refusing to overwrite it (set format = \"always\" to reformat)"
+                "{at}{e}; refusing to overwrite it (set format = \"always\" to reformat)"
             )));
         }
         (Ok(_), _) => false,
@@ -118,7 +163,7 @@ pub fn load_device(
         access.sync().map_err(io_err)?;
         access.write_at(0, &label.encode()).map_err(io_err)?;
         access.sync().map_err(io_err)?;
-        return build(spec, label, MetaSnapshot::default(), 0);
+        return build(spec, label, MetaSnapshot::default(), 0).map(formatted);
     }
     let label = found.expect("checked above");
     if label.chunk_size_bytes != spec.chunk_size_bytes {
@@ -130,7 +175,9 @@ pub fn load_device(
     let data_end = label.data_offset_bytes + u64::from(label.total_chunks) * label.chunk_size_bytes;
     if data_end > spec.size_bytes {
         return Err(dev_err(format!(
-            "is {} bytes but its label needs {data_end}: device shrank?",
+            "{at}is {} bytes but its label says it holds {data_end}: the device shrank \
+             (a truncated file or a smaller partition). Refusing to open, resize or reformat \
+             it: restore the device's full {data_end} bytes (e.g. from a backup) and start again",
             spec.size_bytes
         )));
     }
@@ -158,13 +205,32 @@ pub fn load_device(
     Ok(loaded)
 }
 
+fn formatted(mut l: LoadedDevice) -> LoadedDevice {
+    l.formatted = true;
+    l
+}
+
+/// Why `format = "if-blank"` refuses a device without a label, from what the scan found.
+pub(crate) fn not_blank_message(findings: &[String]) -> String {
+    format!(
+        "has no ringblock label but is not blank: {}. format = \"if-blank\" formats only \
+         blank devices, so nothing was changed. If its label was damaged (e.g. the first 4 KiB \
+         were overwritten), restore it from a backup; to destroy what is there and start over, \
+         set format = \"always\"",
+        findings.join("; ")
+    )
+}
+
 fn plan(spec: &DeviceSpec) -> Result<Label, EngineError> {
     let uuid = rand::random::<u128>();
     Label::plan(uuid, spec.size_bytes, spec.chunk_size_bytes).ok_or_else(|| EngineError::Device {
         device: spec.name.clone(),
         message: format!(
-            "{} bytes is too small for metadata and one {}-byte chunk",
-            spec.size_bytes, spec.chunk_size_bytes
+            "is {} bytes, too small to format: with chunk_size_bytes = {} a device needs at \
+             least {} bytes (a 4 KiB label, two metadata slots and one chunk)",
+            spec.size_bytes,
+            spec.chunk_size_bytes,
+            crate::device::min_device_bytes(spec.chunk_size_bytes)
         ),
     })
 }
@@ -232,6 +298,7 @@ fn build(
         volumes,
         generation: snapshot.generation,
         slot,
+        formatted: false,
     })
 }
 

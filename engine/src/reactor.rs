@@ -698,7 +698,9 @@ impl<I: Io> ReactorCore<I> {
             && req.fua
             && req.errno.load(Ordering::Acquire) == 0
             && req.stage.load(Ordering::Acquire) == 0
-            && (device.meta_dirty() || !device.profile.fua);
+            && (device.meta_dirty()
+                || !device.profile.fua
+                || device.health.backing_deleted.load(Ordering::Acquire));
         if needs_flush {
             // A FUA write into a new chunk is durable only with its chunk's mapping; on a
             // device without FUA only a flush makes it durable.
@@ -764,6 +766,12 @@ impl<I: Io> ReactorCore<I> {
         }
         let device = home.device.clone();
         let waiters = std::mem::take(&mut home.waiting);
+        if device.health.backing_deleted.load(Ordering::Acquire) {
+            // Its backing file is gone: nothing can be made durable any more.
+            device.health.flush_errors.fetch_add(1, Ordering::Relaxed);
+            Self::answer(waiters, Err(Errno::EIO));
+            return;
+        }
         let version = device.meta_version.load(Ordering::Acquire);
         let meta = if version != device.persisted_version.load(Ordering::Acquire) {
             let quarantine = device.alloc.snapshot_quarantine();

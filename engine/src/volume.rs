@@ -25,6 +25,9 @@ pub struct DeviceHealth {
     /// Why the loader did not use the newest metadata slot (one slot was corrupt); cleared
     /// once a metadata round has rewritten both slots.
     metadata_warning: Mutex<Option<String>>,
+    /// The backing file was deleted while open: nothing written survives a restart, so every
+    /// flush and FUA write fails with EIO from then on. Never cleared.
+    pub backing_deleted: AtomicBool,
 }
 
 impl DeviceHealth {

@@ -43,6 +43,7 @@ fn start(d: DeviceConfig) -> (Engine, BlockingClient) {
         devices: vec![d.clone()],
         poll_idle_us: Some(20),
         queue_depth: Some(64),
+        state_dir: None,
     };
     let engine = Engine::start(&cfg).unwrap();
     engine.create_volume(&d.name, "v", VOLUME_BYTES).unwrap();

@@ -36,6 +36,7 @@ fn config(devices: Vec<DeviceConfig>) -> EngineConfig {
         devices,
         poll_idle_us: Some(20),
         queue_depth: Some(64),
+        state_dir: None,
     }
 }
 

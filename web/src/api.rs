@@ -258,7 +258,8 @@ pub struct ProfileInfo {
 pub struct HealthInfo {
     /// `ok`; `warning` (the newest metadata slot was invalid at start, see
     /// `metadata_warning`); `errors` (IO errors were seen); `failing` (metadata cannot be
-    /// persisted).
+    /// persisted); `error` (the backing file was deleted while in use: flushes fail, nothing
+    /// written survives a restart).
     pub status: String,
     pub read_errors: u64,
     pub write_errors: u64,
@@ -268,6 +269,8 @@ pub struct HealthInfo {
     /// rewritten both slots.
     #[serde(default)]
     pub metadata_warning: Option<String>,
+    /// The device's backing file was deleted while in use.
+    pub backing_deleted: bool,
 }
 
 /// A storage device with its geometry, profile and health.
@@ -412,7 +415,10 @@ pub(crate) fn health(d: &DeviceState) -> HealthInfo {
     let flush_errors = h.flush_errors.load(Relaxed);
     let metadata_failing = h.metadata_failing.load(Relaxed);
     let metadata_warning = h.metadata_warning();
-    let status = if metadata_failing {
+    let backing_deleted = h.backing_deleted.load(Relaxed);
+    let status = if backing_deleted {
+        "error"
+    } else if metadata_failing {
         "failing"
     } else if read_errors + write_errors + flush_errors > 0 {
         "errors"
@@ -428,6 +434,7 @@ pub(crate) fn health(d: &DeviceState) -> HealthInfo {
         flush_errors,
         metadata_failing,
         metadata_warning,
+        backing_deleted,
     }
 }
 
