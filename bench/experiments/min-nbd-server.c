@@ -1,5 +1,5 @@
-// The least an NBD server can do per request, as a floor for issue 4 (c): CPU per IO at a fixed
-// 20k IOPS (docs/bench/nbd-cpu-per-io-2026-11-23.md). One thread, one connection at a time,
+// The least an NBD server can do per request: the floor for a server's CPU per IO at a fixed
+// 20k IOPS (docs/performance.md). One thread, one connection at a time,
 // blocking recv/send, a RAM region, simple replies only, no checks worth the name: not a server
 // anyone should use, only the syscalls and the copy every server has to pay.
 //   apt-get install liburing-dev   (modes 2 and 3; without -DWITH_URING only 0 and 1 exist)

@@ -1,5 +1,5 @@
 // Does copying a 4 KiB reply before sending it over a Unix socket cost much? (NBD zero-copy
-// reads, docs/bench/nbd-cpu-per-io-2026-11-23.md). Sender CPU per reply, reader in a child:
+// reads, docs/performance.md). Sender CPU per reply, reader in a child:
 //   gcc -O2 -o /tmp/unix-send-copy bench/experiments/unix-send-copy.c
 //   for m in 0 1 2 3; do taskset -c 1 /tmp/unix-send-copy $m 300000; done
 #define _GNU_SOURCE

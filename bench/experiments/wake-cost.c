@@ -1,6 +1,6 @@
 // What a sleep and a wake-up cost on this machine, in CPU time charged to the threads: the
 // cost every event-loop server pays per receive, and what sets the CPU-per-IO rows of the
-// bench on a VM (see docs/bench/nbd-cpu-per-io-2026-11-23.md, Session 9).
+// bench on a VM (see docs/performance.md).
 //
 //   gcc -O2 -pthread -o wake-cost bench/experiments/wake-cost.c
 //   wake-cost CPU_A CPU_B        # e.g. 0 1 (across CPUs) and 0 0 (on one CPU)

@@ -28,7 +28,7 @@ const FILL_DEPTH: usize = 4;
 /// The fio patterns the engine's raw reference runs, named: fio's default (each read
 /// submitted as it is issued) and batched, a quarter of the queue depth (8 of 32) per submit and
 /// per reap, as the engine's reactor does. On a virtio disk that batches its interrupts either
-/// can be the faster one (docs/bench/engine-vs-raw-2026-11-23-evening.md), so the raw device's
+/// can be the faster one (docs/performance.md), so the raw device's
 /// limit is the better of the two.
 pub fn raw_fio_patterns(job: FioJob) -> [(&'static str, FioJob); 2] {
     let batched = job

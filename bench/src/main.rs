@@ -1,5 +1,5 @@
 //! ringblock-bench: benchmarks of ringblock against the raw device and its peers, run in one
-//! invocation on one machine and reported as ratios (see DESIGN.md section 6).
+//! invocation on one machine and reported as ratios (see README.md).
 
 mod compare;
 mod driver;

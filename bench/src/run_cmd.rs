@@ -631,7 +631,7 @@ fn engine_step(
     let (mut raws, mut engines) = (Vec::new(), Vec::new());
     if repeat == 1 {
         // First runs on a fresh file are slow (virtual disk and host cache still warming up):
-        // on 2026-12-01 the engine's first run read 45k IOPS against 60k for every run after
+        // the engine's first run once read 45k IOPS against 60k for every run after
         // it, so the first pair read 0.74. One unmeasured run of each goes first.
         let warm =
             |dir: &str, who: &str| format!("raw/{dir}/{ENGINE_WORKLOAD}-{who}-x1-warm-up.json");

@@ -2,7 +2,7 @@
 //!
 //! A reactor there completes its device IO without a cross-CPU wake-up. On a 2-vCPU VM, fio
 //! does ~40 % more 4 KiB random reads on the virtio disk's interrupt CPU than on the other, and
-//! so does the engine (docs/bench/engine-vs-raw-2026-11-23-night.md).
+//! so does the engine (docs/performance.md, "Engine on a file ÷ raw fio").
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;

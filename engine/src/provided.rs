@@ -2,7 +2,7 @@
 //! ring of equal buffers, and a multishot receive takes the next free one for each arrival.
 //! The receive then stays armed across requests instead of being prepared, given a buffer and
 //! re-armed for every one (measured on a minimal NBD server: ~2 % of its CPU per request; see
-//! docs/bench/nbd-cpu-per-io-2026-11-23.md).
+//! docs/performance.md).
 //!
 //! The task owns the memory and registers it on its reactor with
 //! [`crate::task::TaskCtx::register_buffers`]; the reactor unregisters it before it drops the

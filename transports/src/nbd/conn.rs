@@ -4,7 +4,7 @@
 //! armed over a ring of provided buffers, and requests are parsed straight from the buffer
 //! each arrival lands in (a partial header waits in `rbuf`; a payload still arriving goes
 //! straight into the buffer it will be written from). Re-arming a recv per request cost ~2.5 %
-//! of the CPU per request (prep, async poll arming; docs/bench/nbd-cpu-per-io-2026-11-23.md).
+//! of the CPU per request (prep, async poll arming; docs/performance.md).
 //! Without kernel support, or with `[nbd] multishot_receive = false`, one `recv` at a time
 //! into `rbuf` (after a receive that emptied the socket, the next one arms its poll first).
 //! One send at a time gathers every queued reply (headers and data buffers) into one iovec
@@ -16,11 +16,10 @@
 //! end of the receive (or before a request that changes data starts) one
 //! `sendmsg(MSG_DONTWAIT)` sends them all: no copy of ours, no ring send. Against the ring
 //! send of copied replies this took 3–7 % off the CPU per IO at 20k IOPS and raised the lean
-//! client's QD32 rate by a third or more (docs/bench/nbd-cpu-per-io-2026-11-23.md,
-//! "Session 8"). Otherwise, or for what the socket did not take, the data is copied right
+//! client's QD32 rate by a third or more (docs/performance.md). Otherwise, or for what the socket did not take, the data is copied right
 //! behind the reply header so the queued reply is one piece: sent as a header and a separate
 //! page-aligned buffer through the ring, the kernel's copy of a 4 KiB reply cost ~4x the CPU
-//! ("Night" in the same notes).
+//! (docs/performance.md).
 //! Other requests go to the engine: parts for chunks this reactor owns run inline, others on
 //! their owners, and completions come back through the connection's port.
 //!
