@@ -23,5 +23,4 @@ pub fn skip(test: &str, reason: &str) {
         );
     }
     println!("{msg}");
-    eprintln!("{msg}");
 }
