@@ -68,6 +68,13 @@ fn run_guest(run: &Path, script: &str, args: &[&str], share: &Path) {
         .arg(VM_TIMEOUT_S.to_string())
         .arg("--share")
         .arg(share)
+        // The binary, wherever the target dir is (a tmp dir is the guest's own otherwise).
+        .arg("--show")
+        .arg(
+            Path::new(env!("CARGO_BIN_EXE_ringblock"))
+                .parent()
+                .unwrap_or(Path::new("/")),
+        )
         .arg(repo().join("tests/vm").join(script))
         .args(args)
         .current_dir(repo())

@@ -9,6 +9,8 @@
 #                   (default: a temporary dir, removed afterwards)
 #   --mem MIB       guest memory (default 2048)
 #   --smp N         guest CPUs (default 2)
+#   --show DIR      a host dir under /tmp or /run the guest must see (repeatable): the guest has
+#                   its own /tmp and /run; the working dir and the script's dir are shown anyway
 #
 # The guest sees this machine's / read-only and starts in the current directory; the guest
 # console goes to stdout. Exit status: the command's; 124 on timeout; 125 when the guest did not
@@ -18,16 +20,17 @@
 set -euo pipefail
 harness=$(cd "$(dirname "$0")" && pwd)
 usage() {
-  sed -n '4,12p' "$0" | cut -c3- >&2
+  sed -n '4,14p' "$0" | cut -c3- >&2
   exit 2
 }
-timeout_s=600 share='' mem_mib=2048 cpus=2 command_kind=''
+timeout_s=600 share='' mem_mib=2048 cpus=2 command_kind='' shown=()
 while (($#)); do
   case $1 in
     --timeout) timeout_s=$2 && shift 2 ;;
     --share) share=$2 && shift 2 ;;
     --mem) mem_mib=$2 && shift 2 ;;
     --smp) cpus=$2 && shift 2 ;;
+    --show) shown+=("$(realpath -e "$2")") && shift 2 ;;
     --) command_kind=argv && shift && break ;;
     -h | --help) usage ;;
     -*) echo "run.sh: unknown option $1" >&2 && usage ;;
@@ -57,7 +60,7 @@ else
 fi
 echo "$share" >"$ctl/share_path"
 echo "$PWD" >"$ctl/cwd"
-echo "$PWD" >"$ctl/visible"
+printf '%s\n' "$PWD" "${shown[@]}" >"$ctl/visible"
 if [[ $command_kind == script ]]; then
   script=$(realpath -e "$1") && shift
   echo "${script%/*}" >>"$ctl/visible"
