@@ -3,9 +3,12 @@
 //! ext4. Every tool runs under a time limit; nothing asserts on speed.
 //!
 //! A tool that is missing, or a piece the sandbox cannot provide (FUSE, loop devices, mount),
-//! prints `SKIPPED <test>: <reason>` instead of passing silently.
+//! prints `SKIPPED <test>: <reason>` instead of passing silently; under `scripts/test-all`
+//! (`RINGBLOCK_TESTS_REQUIRED=1`) it fails the test.
 
 mod common;
+#[path = "support/required.rs"]
+mod required;
 
 use std::path::Path;
 
@@ -87,11 +90,11 @@ fn check(out: &ToolOutput, what: &str) {
     );
 }
 
-/// Whether every tool is installed; prints SKIPPED otherwise.
+/// Whether every tool is installed; skips the test otherwise (see `required::skip`).
 fn tools(test: &str, names: &[&str]) -> bool {
     for n in names {
         if !have_tool(n) {
-            println!("SKIPPED {test}: {n} is not installed");
+            required::skip(test, &format!("{n} is not installed"));
             return false;
         }
     }
@@ -655,13 +658,11 @@ fn nbdfuse_loop_ext4_files_survive_remount() {
         return;
     }
     if !Path::new("/dev/fuse").exists() {
-        println!("SKIPPED {T}: /dev/fuse does not exist");
-        return;
+        return required::skip(T, "/dev/fuse does not exist");
     }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        println!("SKIPPED {T}: needs root for losetup and mount");
-        return;
+        return required::skip(T, "needs root for losetup and mount");
     }
     let f = Fixture::start();
     let fuse_dir = f.path("fuse");
@@ -732,16 +733,17 @@ fn nbdfuse_loop_ext4_files_survive_remount() {
         false
     };
     if !mount_fuse(&mut cleanup) {
-        println!("SKIPPED {T}: nbdfuse could not mount in this sandbox");
-        return;
+        return required::skip(T, "nbdfuse could not mount here");
     }
     let out = run_tool(60, "losetup", &["-f", "--show", &image], &[]);
     if !out.ok() {
-        println!(
-            "SKIPPED {T}: losetup cannot attach a loop device here: {}",
-            out.stderr.trim()
+        return required::skip(
+            T,
+            &format!(
+                "losetup cannot attach a loop device here: {}",
+                out.stderr.trim()
+            ),
         );
-        return;
     }
     cleanup.loop_dev = Some(out.stdout.trim().to_string());
     let dev = out.stdout.trim().to_string();
@@ -751,11 +753,10 @@ fn nbdfuse_loop_ext4_files_survive_remount() {
     );
     let out = run_tool(60, "mount", &[&dev, &fs_dir], &[]);
     if !out.ok() {
-        println!(
-            "SKIPPED {T}: mount is not permitted here: {}",
-            out.stderr.trim()
+        return required::skip(
+            T,
+            &format!("mount is not permitted here: {}", out.stderr.trim()),
         );
-        return;
     }
     let mut files = Vec::new();
     for i in 0..20u64 {

@@ -1,13 +1,16 @@
-//! Kernel paths, tested in a VM (`../shared/vm`: Debian's 6.12 kernel under qemu, with this
+//! Kernel paths, tested in a VM (`tests/vm/harness`: Debian's 6.12 kernel under qemu, with this
 //! machine's root filesystem read-only as the guest's `/`): ublk devices backed by ringblock
 //! volumes, and the kernel's NBD client against ringblock's NBD server running on this host.
 //!
 //! The guest runs this build's `ringblock` binary and the scripts in `tests/vm/`; results come
-//! back through the exit status and a share directory. These tests skip (with a printed reason)
-//! only when the VM harness cannot run qemu here; with `RINGBLOCK_VM_REQUIRED=1` a skip is a
-//! failure. They run one at a time (each VM uses both cores).
+//! back through the exit status and a share directory. When the harness cannot be set up here
+//! (not root on a machine without qemu, no apt to fetch the guest kernel), these tests skip with
+//! the reason; under `scripts/test-all` that is a failure (`RINGBLOCK_TESTS_REQUIRED`). They run
+//! one at a time (each VM uses both cores).
 
 mod common;
+#[path = "support/required.rs"]
+mod required;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,49 +19,44 @@ use std::time::Instant;
 
 /// One VM at a time: TCG is CPU-bound and the machine has two cores.
 static VM: Mutex<()> = Mutex::new(());
-/// Boot + test, per VM run (measured: 30-50 s on this machine; CI machines may be slower).
+/// Boot + test, per VM run (measured: 30-60 s on a 2-core machine; CI machines may be slower).
 const VM_TIMEOUT_S: u32 = 900;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The harness's run.sh, set up; None (after saying why) when qemu cannot run here.
-fn harness() -> Option<PathBuf> {
-    let run = repo().join("../shared/vm/run.sh");
-    let skip = |why: String| {
-        let msg = format!("vm test SKIPPED: {why}");
-        if std::env::var("RINGBLOCK_VM_REQUIRED").as_deref() == Ok("1") {
-            panic!("{msg} (RINGBLOCK_VM_REQUIRED=1)");
-        }
-        eprintln!("{msg}");
-        println!("{msg}");
-        None
-    };
-    if !run.exists() {
-        return skip(format!("no VM harness at {}", run.display()));
-    }
-    // Idempotent; on a fresh machine it installs qemu and downloads the guest kernel.
+/// The harness's run.sh once setup.sh succeeded; None (after `required::skip`) otherwise.
+fn harness(test: &str) -> Option<PathBuf> {
+    let dir = repo().join("tests/vm/harness");
+    // Idempotent; on a fresh machine it installs qemu and fetches the guest kernel.
     let t0 = Instant::now();
-    match Command::new(run.with_file_name("setup.sh")).output() {
+    match Command::new(dir.join("setup.sh")).output() {
         Ok(o) if o.status.success() => {
             let s = t0.elapsed().as_secs_f64();
             if s > 1.0 {
                 println!("vm harness set up in {s:.1} s");
             }
-            Some(run)
+            Some(dir.join("run.sh"))
         }
-        Ok(o) => skip(format!(
-            "qemu cannot run here: setup.sh failed ({}): {}",
-            o.status,
-            String::from_utf8_lossy(&o.stderr)
-                .lines()
-                .rev()
-                .take(5)
-                .collect::<Vec<_>>()
-                .join(" | ")
-        )),
-        Err(e) => skip(format!("qemu cannot run here: cannot run setup.sh: {e}")),
+        Ok(o) => {
+            let stderr = String::from_utf8_lossy(&o.stderr);
+            let last: Vec<&str> = stderr.lines().rev().take(5).collect();
+            required::skip(
+                test,
+                &format!(
+                    "the VM harness cannot be set up here: tests/vm/harness/setup.sh failed \
+                     ({}): {}",
+                    o.status,
+                    last.into_iter().rev().collect::<Vec<_>>().join(" | ")
+                ),
+            );
+            None
+        }
+        Err(e) => {
+            required::skip(test, &format!("cannot run tests/vm/harness/setup.sh: {e}"));
+            None
+        }
     }
 }
 
@@ -70,6 +68,13 @@ fn run_guest(run: &Path, script: &str, args: &[&str], share: &Path) {
         .arg(VM_TIMEOUT_S.to_string())
         .arg("--share")
         .arg(share)
+        // The binary, wherever the target dir is (a tmp dir is the guest's own otherwise).
+        .arg("--show")
+        .arg(
+            Path::new(env!("CARGO_BIN_EXE_ringblock"))
+                .parent()
+                .unwrap_or(Path::new("/")),
+        )
         .arg(repo().join("tests/vm").join(script))
         .args(args)
         .current_dir(repo())
@@ -115,8 +120,9 @@ fn lock() -> std::sync::MutexGuard<'static, ()> {
 /// `export stop` removes it, and an export started this way is removed at SIGTERM too.
 #[test]
 fn ublk_filesystem_and_fio_verify() {
+    const TEST: &str = "ublk_filesystem_and_fio_verify";
     let _g = lock();
-    let Some(run) = harness() else { return };
+    let Some(run) = harness(TEST) else { return };
     let share = tempfile::tempdir().unwrap();
     run_guest(
         &run,
@@ -134,8 +140,9 @@ fn ublk_filesystem_and_fio_verify() {
 /// deletes it.
 #[test]
 fn ublk_survives_kill_9_under_fio_verify() {
+    const TEST: &str = "ublk_survives_kill_9_under_fio_verify";
     let _g = lock();
-    let Some(run) = harness() else { return };
+    let Some(run) = harness(TEST) else { return };
     let share = tempfile::tempdir().unwrap();
     run_guest(
         &run,
@@ -150,17 +157,13 @@ fn ublk_survives_kill_9_under_fio_verify() {
 /// the kernel sends as one TRIM). Then this host reads the same file out of the volume.
 #[test]
 fn kernel_nbd_client_against_host_daemon() {
+    const TEST: &str = "kernel_nbd_client_against_host_daemon";
     let _g = lock();
-    let Some(run) = harness() else { return };
+    let Some(run) = harness(TEST) else { return };
     for tool in ["nbdcopy", "debugfs"] {
-        assert!(
-            Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .status()
-                .unwrap()
-                .success(),
-            "{tool} is missing (scripts/test-all installs it)"
-        );
+        if !common::have_tool(tool) {
+            return required::skip(TEST, &format!("{tool} is not installed"));
+        }
     }
     let d = common::Daemon::start(&["--listen", "127.0.0.1:0"]);
     let addr = d

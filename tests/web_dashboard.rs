@@ -5,6 +5,8 @@
 //! (`target/tmp/web-dashboard.png`).
 
 mod common;
+#[path = "support/required.rs"]
+mod required;
 
 use std::net::TcpStream;
 use std::os::unix::process::CommandExt;
@@ -224,8 +226,10 @@ fn base64_decode(s: &str) -> Vec<u8> {
 fn dashboard_shows_live_numbers_in_chromium() {
     for tool in ["chromium", "fio"] {
         if !have_tool(tool) {
-            println!("SKIPPED dashboard_shows_live_numbers_in_chromium: {tool} is not installed");
-            return;
+            return required::skip(
+                "dashboard_shows_live_numbers_in_chromium",
+                &format!("{tool} is not installed"),
+            );
         }
     }
     let dir = tempfile::tempdir().unwrap();

@@ -1,6 +1,10 @@
 //! The engine on real io_uring: an O_DIRECT file, a loop device (when losetup works here), RAM,
 //! bbram and null devices. Random pattern writes, read back, restart the engine, read again.
 
+// The workspace's one skip switch (`RINGBLOCK_TESTS_REQUIRED`), shared with the root tests.
+#[path = "../../tests/support/required.rs"]
+mod required;
+
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -175,15 +179,19 @@ fn loop_device_survives_restart() {
     let dev = match out {
         Ok(o) if o.status.success() => String::from_utf8(o.stdout).unwrap().trim().to_string(),
         Ok(o) => {
-            eprintln!(
-                "SKIPPED loop_device_survives_restart: losetup failed: {}",
-                String::from_utf8_lossy(&o.stderr)
+            return required::skip(
+                "loop_device_survives_restart",
+                &format!(
+                    "losetup failed: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ),
             );
-            return;
         }
         Err(e) => {
-            eprintln!("SKIPPED loop_device_survives_restart: no losetup: {e}");
-            return;
+            return required::skip(
+                "loop_device_survives_restart",
+                &format!("cannot run losetup: {e}"),
+            );
         }
     };
     struct Detach(String);

@@ -1,4 +1,4 @@
-# Helpers sourced by the guest-side test scripts (they run as root inside ../shared/vm).
+# Helpers sourced by the guest-side test scripts (they run as root in the VM of tests/vm/harness).
 # Needs: BIN (the ringblock binary built on the host; the guest sees the host's files).
 set -euo pipefail
 : "${BIN:?BIN must name the ringblock binary}"
