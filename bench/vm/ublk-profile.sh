@@ -89,6 +89,6 @@ done
 OUT=${OUT:-$(mktemp -d /tmp/ublk-profile.XXXXXX)}
 mkdir -p "$OUT"
 echo "ublk-profile: host load before: $(cut -d' ' -f1-3 /proc/loadavg)"
-"$repo/../shared/vm/run.sh" --timeout 900 --share "$OUT" "$0" --guest "$(realpath "$bin")" "$runtime" "$poll_idle_us" "$user_copy" |
+"$repo/tests/vm/harness/run.sh" --timeout 900 --share "$OUT" "$0" --guest "$(realpath "$bin")" "$runtime" "$poll_idle_us" "$user_copy" |
   grep -E '^profile:' || true
 echo "ublk-profile: host load after: $(cut -d' ' -f1-3 /proc/loadavg); results in $OUT"

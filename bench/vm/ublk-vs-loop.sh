@@ -1,5 +1,5 @@
 #!/bin/bash
-# ublk vs loop, 4k random read at QD32, in one VM run (../shared/vm: TCG, so only the ratio means
+# ublk vs loop, 4k random read at QD32, in one VM run (tests/vm/harness: TCG, so only the ratio means
 # anything). In the guest: /dev/ublkbN on a ringblock RAM volume, and a kernel loop device on a
 # tmpfs file of the same size; both filled with the same data first; fio (io_uring, O_DIRECT)
 # alternates between them, ROUNDS times each; prints IOPS and the ratio ublk/loop (target >= 1).
@@ -156,7 +156,7 @@ done
 OUT=${OUT:-$(mktemp -d /tmp/ublk-vs-loop.XXXXXX)}
 mkdir -p "$OUT"
 echo "ublk-vs-loop: host load before: $(cut -d' ' -f1-3 /proc/loadavg) ($(nproc) CPUs)"
-"$repo/../shared/vm/run.sh" --timeout 1200 --share "$OUT" "$0" --guest "$(realpath "$bin")" "$cores" "$runtime" "$rounds" "$fio_extra" "$poll_idle_us" "$user_copy" "$thp" |
+"$repo/tests/vm/harness/run.sh" --timeout 1200 --share "$OUT" "$0" --guest "$(realpath "$bin")" "$cores" "$runtime" "$rounds" "$fio_extra" "$poll_idle_us" "$user_copy" "$thp" |
   grep -E '^(bench|ringblock):' || true
 echo "ublk-vs-loop: host load after: $(cut -d' ' -f1-3 /proc/loadavg)"
 [[ -s $OUT/ublk.iops && -s $OUT/loop.iops ]] || { echo "ublk-vs-loop: the guest produced no results" >&2; exit 1; }
