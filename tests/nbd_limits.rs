@@ -297,17 +297,19 @@ fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
 }
 
 /// Big reads of a sparse volume (one 1 MiB chunk written in each 32 MiB region, the rest holes)
-/// pipelined on two connections whose replies are not read: the daemon holds each reply's
+/// pipelined on six connections whose replies are not read: the daemon holds each reply's
 /// whole buffer, not just the bytes it sends, so its memory must stay within the per-connection
-/// and server-wide bounds. Then every reply arrives, correct.
+/// bounds and the server-wide budget (128 MiB here; the per-connection bounds alone would let
+/// six connections hold over 600 MiB). Then every reply arrives, correct.
 #[test]
 fn unread_replies_with_holes_keep_daemon_memory_bounded() {
     const REGION: u64 = 32 * MIB;
     const REGIONS: u64 = 4;
-    const READS_PER_CONN: u64 = 32;
+    const CONNECTIONS: usize = 6;
+    const READS_PER_CONN: u64 = 12;
     const RSS_LIMIT_BYTES: u64 = 400 * MIB;
     let f = Fixture::start(REGION * REGIONS, "buffer_budget_bytes = 134217728");
-    let mut conns: Vec<TcpStream> = (0..2)
+    let mut conns: Vec<TcpStream> = (0..CONNECTIONS)
         .map(|_| {
             let s = TcpStream::connect(f.addr).unwrap();
             small_receive_buffer(&s);
