@@ -62,8 +62,7 @@ pub struct NbdConfig {
 
 /// Largest `[nbd] max_connections` for one reactor; the rest of its task table is left to
 /// other tasks (ublk queues).
-pub const NBD_CONNECTIONS_PER_REACTOR: usize =
-    ringblock_engine::task::MAX_TASKS_PER_REACTOR - 32;
+pub const NBD_CONNECTIONS_PER_REACTOR: usize = ringblock_engine::task::MAX_TASKS_PER_REACTOR - 32;
 
 fn default_nbd_max_connections() -> usize {
     ringblock_transports::nbd::server::DEFAULT_MAX_CONNECTIONS
@@ -89,7 +88,8 @@ impl NbdConfig {
             .collect()
     }
 
-    fn validate(&self) -> anyhow::Result<()> {
+    /// `cores`: the configured reactor cores (empty: all, known only once the engine runs).
+    fn validate(&self, cores: &[usize]) -> anyhow::Result<()> {
         for addr in &self.listen {
             addr.parse::<std::net::SocketAddr>()
                 .with_context(|| format!("[nbd] listen = {addr:?} is not an address:port"))?;
@@ -111,6 +111,9 @@ impl NbdConfig {
             );
         }
         self.allowed_networks()?;
+        if !cores.is_empty() {
+            self.check_connections(cores.len())?;
+        }
         Ok(())
     }
 
@@ -292,7 +295,7 @@ impl DaemonConfig {
                 );
             }
         }
-        self.nbd.validate()?;
+        self.nbd.validate(&self.cores)?;
         self.web.validate().map_err(anyhow::Error::msg)?;
         Ok(())
     }
@@ -371,6 +374,11 @@ mod tests {
         assert!(c.nbd.check_connections(2).is_ok());
         let e = c.nbd.check_connections(1).unwrap_err();
         assert!(e.to_string().contains("max_connections = 300"), "{e}");
+        let e = DaemonConfig::parse(&format!(
+            "cores = [0]\n{base}[nbd]\nmax_connections = 300\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("at most 224"), "{e}");
         for (bad, says) in [
             ("allowed_clients = ['10.0.0.1/24']", "10.0.0.0/24"),
             ("allowed_clients = ['lan']", "allowed_clients"),

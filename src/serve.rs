@@ -210,7 +210,7 @@ pub fn run(args: ServeArgs) -> Result<(), Failure> {
             ""
         };
         say(format!("ringblock: nbd listening on {addr}{how}"));
-        if matches!(addr, BoundAddr::Tcp(a) if !a.ip().is_loopback()) {
+        if matches!(addr, BoundAddr::Tcp(a) if !a.ip().to_canonical().is_loopback()) {
             let who = if cfg.nbd.allowed_clients.is_empty() {
                 "any client that reaches it".to_string()
             } else {

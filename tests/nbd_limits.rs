@@ -13,10 +13,9 @@ use std::time::{Duration, Instant};
 use common::{nbd_endpoints, write_file, Daemon};
 use ringblock_transports::nbd::wire::{
     ClientOption, Greeting, InfoRequest, OptionReply, ReplyChunk, Request, SimpleReply,
-    StructuredReplyHeader,
-    CMD_READ, CMD_WRITE, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, GREETING_LEN, INFO_BLOCK_SIZE,
-    OPTION_REPLY_HEADER_LEN, OPT_GO, REPLY_FLAG_DONE, REP_ERR_POLICY, SIMPLE_REPLY_LEN, STRUCTURED_REPLY_HEADER_LEN,
-    STRUCTURED_REPLY_MAGIC,
+    StructuredReplyHeader, CMD_READ, CMD_WRITE, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES,
+    GREETING_LEN, INFO_BLOCK_SIZE, OPTION_REPLY_HEADER_LEN, OPT_GO, REPLY_FLAG_DONE,
+    REP_ERR_POLICY, SIMPLE_REPLY_LEN, STRUCTURED_REPLY_HEADER_LEN, STRUCTURED_REPLY_MAGIC,
 };
 
 const IO_TIMEOUT: Duration = Duration::from_secs(20);
@@ -319,7 +318,13 @@ fn unread_replies_with_holes_keep_daemon_memory_bounded() {
     let mut blocks = Vec::new();
     for r in 0..REGIONS {
         let offset = r * REGION + MIB;
-        blocks.push(write_block(&mut conns[0], 1000 + r, offset, MIB as usize, r + 1));
+        blocks.push(write_block(
+            &mut conns[0],
+            1000 + r,
+            offset,
+            MIB as usize,
+            r + 1,
+        ));
     }
     let before = rss_bytes(f.pid());
     let mut wants = Vec::new();

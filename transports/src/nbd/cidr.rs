@@ -15,7 +15,9 @@ pub struct IpNetwork {
 /// Why a network could not be parsed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IpNetworkError {
-    #[error("{0:?} is not an IP address or network (expected e.g. \"10.0.0.0/24\" or \"::1/128\")")]
+    #[error(
+        "{0:?} is not an IP address or network (expected e.g. \"10.0.0.0/24\" or \"::1/128\")"
+    )]
     Address(String),
     #[error("{text:?}: prefix length must be a number from 0 to {max}")]
     PrefixLen { text: String, max: u8 },
@@ -44,11 +46,15 @@ impl IpNetwork {
 }
 
 fn mask32(prefix_len: u8) -> u32 {
-    u32::MAX.checked_shl(32 - u32::from(prefix_len)).unwrap_or(0)
+    u32::MAX
+        .checked_shl(32 - u32::from(prefix_len))
+        .unwrap_or(0)
 }
 
 fn mask128(prefix_len: u8) -> u128 {
-    u128::MAX.checked_shl(128 - u32::from(prefix_len)).unwrap_or(0)
+    u128::MAX
+        .checked_shl(128 - u32::from(prefix_len))
+        .unwrap_or(0)
 }
 
 impl FromStr for IpNetwork {
@@ -132,7 +138,14 @@ mod tests {
 
     #[test]
     fn refuses_what_is_not_a_network() {
-        for bad in ["", "10.0.0/24", "host.lan", "10.0.0.0/33", "::1/129", "10.0.0.0/x"] {
+        for bad in [
+            "",
+            "10.0.0/24",
+            "host.lan",
+            "10.0.0.0/33",
+            "::1/129",
+            "10.0.0.0/x",
+        ] {
             assert!(bad.parse::<IpNetwork>().is_err(), "{bad}");
         }
         let e = "10.0.0.1/24".parse::<IpNetwork>().unwrap_err();

@@ -513,7 +513,11 @@ impl Connection {
 
     /// Everything this connection holds in buffers, for the budget.
     fn held_bytes(&self) -> u64 {
-        let fill = self.fill.as_ref().and_then(|f| f.buf.as_ref()).map_or(0, IoBuf::len);
+        let fill = self
+            .fill
+            .as_ref()
+            .and_then(|f| f.buf.as_ref())
+            .map_or(0, IoBuf::len);
         self.draining_bytes() + self.bufs.bytes as u64 + fill as u64
     }
 
