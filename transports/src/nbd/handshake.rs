@@ -803,6 +803,68 @@ mod tests {
         }
     }
 
+    #[test]
+    fn refused_clients_get_the_reason_in_every_option_reply() {
+        let (mut client, server) = UnixStream::pair().unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let handle = std::thread::spawn(move || {
+            let mut s = server;
+            refuse(&mut s, "too many connections (limit 3)").map_err(|e| e.to_string())
+        });
+        let mut c = Client {
+            s: client.try_clone().unwrap(),
+            server: None,
+        };
+        c.hello(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
+        for option in [OPT_LIST, OPT_GO] {
+            if option == OPT_GO {
+                c.info(OPT_GO, "v", &[]);
+            } else {
+                c.raw_option(option, &[]);
+            }
+            let mut buf = vec![0u8; OPTION_REPLY_HEADER_LEN];
+            client.read_exact(&mut buf).unwrap();
+            let len = u32::from_be_bytes(buf[16..20].try_into().unwrap()) as usize;
+            buf.resize(OPTION_REPLY_HEADER_LEN + len, 0);
+            client
+                .read_exact(&mut buf[OPTION_REPLY_HEADER_LEN..])
+                .unwrap();
+            match OptionReply::decode(&buf).unwrap() {
+                (o, OptionReply::Error { reply, message }, _) => {
+                    assert_eq!((o, reply), (option, REP_ERR_POLICY));
+                    assert_eq!(message, "too many connections (limit 3)");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        c.raw_option(OPT_ABORT, &[]);
+        assert_eq!(c.reply(), (OPT_ABORT, R::Ack));
+        assert_eq!(handle.join().unwrap(), Ok(()));
+        // An EXPORT_NAME client, which cannot be sent an error, is hung up on.
+        let (mut client, server) = UnixStream::pair().unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let handle = std::thread::spawn(move || {
+            let mut s = server;
+            refuse(&mut s, "full").map_err(|e| e.to_string())
+        });
+        let mut c = Client {
+            s: client.try_clone().unwrap(),
+            server: None,
+        };
+        c.hello(FLAG_C_FIXED_NEWSTYLE);
+        c.raw_option(OPT_EXPORT_NAME, b"v");
+        assert_eq!(handle.join().unwrap(), Ok(()));
+        drop(c);
+        // Closed (a reset, as the name was left unread) without a byte.
+        let mut rest = Vec::new();
+        let _ = client.read_to_end(&mut rest);
+        assert!(rest.is_empty());
+    }
+
     fn serve() -> Client {
         serve_with(catalog(), HandshakeConfig::default())
     }

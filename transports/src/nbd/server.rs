@@ -1392,6 +1392,24 @@ mod tests {
     }
 
     #[test]
+    fn refusal_log_lines_are_rate_limited_with_a_count() {
+        let limit = LogLimit::default();
+        assert_eq!(limit.note(), Some(1));
+        // Within the interval: counted, not logged (bounded loop; the interval is a second).
+        let mut logged = 0;
+        for _ in 0..1000 {
+            logged += usize::from(limit.note().is_some());
+        }
+        assert!(
+            logged <= 1,
+            "{logged} lines for 1000 refusals within a second or so"
+        );
+        // After the interval, the next line carries the count.
+        limit.state.lock().unwrap().0 = Some(Instant::now() - REFUSAL_LOG_INTERVAL);
+        assert!(limit.note().is_some_and(|n| n >= 1));
+    }
+
+    #[test]
     fn garbage_clients_lose_only_their_connection() {
         let server = start(ServerConfig {
             tcp: vec![localhost()],
