@@ -440,6 +440,36 @@ fn connections_beyond_the_limit_are_refused_in_the_handshake() {
     f.stop();
 }
 
+/// `[nbd] max_connections_per_address`: one host cannot take every place; another still
+/// gets in.
+#[test]
+fn one_address_cannot_take_every_connection() {
+    let f = Fixture::start(64 * MIB, "max_connections_per_address = 2");
+    let host = Ipv4Addr::new(127, 0, 0, 2);
+    let mine: Vec<TcpStream> = (0..2)
+        .map(|_| negotiate(connect_from(host, f.addr)).expect("within the per-address limit"))
+        .collect();
+    match negotiate(connect_from(host, f.addr)) {
+        Ok(_) => panic!("a third connection from {host} was negotiated"),
+        Err((reply, message)) => {
+            assert_eq!(reply, REP_ERR_POLICY, "{message}");
+            assert!(
+                message.contains("too many connections from 127.0.0.2 (limit 2 per address)"),
+                "{message}"
+            );
+        }
+    }
+    let mut other = negotiate(connect_from(Ipv4Addr::LOCALHOST, f.addr)).expect("another host");
+    send(&mut other, CMD_READ, 1, 0, 4096, &[]);
+    assert_eq!(
+        replies(&mut other, &HashMap::from([(1, (0, 4096))]))[&1].0,
+        0
+    );
+    drop(mine);
+    drop(other);
+    f.stop();
+}
+
 /// Unfinished handshakes from other hosts (here 127.0.0.2 to 127.0.0.11, 8 or more each: more
 /// than the server's handshake table) do not stop a client from 127.0.0.1 from negotiating and
 /// doing IO; one that trickles its handshake is cut off at the handshake deadline.

@@ -383,7 +383,6 @@ impl Drop for Connection {
 unsafe impl Send for Connection {}
 
 /// Serve the transmission phase of a negotiated connection on a reactor (io_uring).
-///
 pub fn spawn(
     engine: &Engine,
     stream: OwnedFd,
