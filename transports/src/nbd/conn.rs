@@ -175,8 +175,10 @@ impl BufferBudget {
         self.limit_bytes
     }
 
-    fn fair_share_bytes(&self) -> u64 {
-        self.limit_bytes / self.connections.load(Ordering::Relaxed).max(1)
+    /// Whether `bytes` is more than one connection's fair share (limit / connections).
+    fn above_fair_share(&self, bytes: u64) -> bool {
+        let connections = self.connections.load(Ordering::Relaxed).max(1);
+        bytes.saturating_mul(connections) > self.limit_bytes
     }
 }
 
@@ -537,8 +539,7 @@ impl Connection {
 
     /// The server's buffers are over budget and this connection holds more than its share.
     fn over_budget(&self) -> bool {
-        let mine = self.draining_bytes();
-        if mine <= self.budget.fair_share_bytes() {
+        if !self.budget.above_fair_share(self.draining_bytes()) {
             return false;
         }
         // What the others published, plus what this connection holds right now.
