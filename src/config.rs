@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use ringblock_engine::{DeviceConfig, EngineConfig};
+use ringblock_transports::nbd::cidr::IpNetwork;
 use serde::{Deserialize, Serialize};
 
 /// Size of the embedded default's RAM device and volume.
@@ -36,6 +37,98 @@ pub struct NbdConfig {
     /// kernels fall back by themselves). `false`: one receive per arrival.
     #[serde(default = "default_true")]
     pub multishot_receive: bool,
+    /// Connections at once (in handshake or transmission); beyond, a client is told "too many
+    /// connections" during its handshake.
+    #[serde(default = "default_nbd_max_connections")]
+    pub max_connections: usize,
+    /// Connections at once from one client address (0: only `max_connections` applies).
+    #[serde(default)]
+    pub max_connections_per_address: usize,
+    /// Seconds a client has for its whole handshake.
+    #[serde(default = "default_nbd_handshake_timeout_s")]
+    pub handshake_timeout_s: u64,
+    /// Close a connection with nothing in flight after this many seconds without a request
+    /// (0: never; the kernel's client keeps idle connections of a mounted file system).
+    #[serde(default)]
+    pub idle_timeout_s: u64,
+    /// TCP client networks allowed to connect ("10.0.0.0/24", "::1/128", or an address);
+    /// empty: any. Unix socket clients are governed by the socket file's permissions.
+    #[serde(default)]
+    pub allowed_clients: Vec<String>,
+    /// Reply and request buffer memory of all connections together, in bytes.
+    #[serde(default = "default_nbd_buffer_budget_bytes")]
+    pub buffer_budget_bytes: u64,
+}
+
+/// Largest `[nbd] max_connections` for one reactor; the rest of its task table is left to
+/// other tasks (ublk queues).
+pub const NBD_CONNECTIONS_PER_REACTOR: usize = ringblock_engine::task::MAX_TASKS_PER_REACTOR - 32;
+
+fn default_nbd_max_connections() -> usize {
+    ringblock_transports::nbd::server::DEFAULT_MAX_CONNECTIONS
+}
+
+fn default_nbd_handshake_timeout_s() -> u64 {
+    ringblock_transports::nbd::server::HANDSHAKE_DEADLINE.as_secs()
+}
+
+fn default_nbd_buffer_budget_bytes() -> u64 {
+    ringblock_transports::nbd::conn::DEFAULT_BUFFER_BUDGET_BYTES
+}
+
+impl NbdConfig {
+    /// `allowed_clients`, parsed (validated with the config).
+    pub fn allowed_networks(&self) -> anyhow::Result<Vec<IpNetwork>> {
+        self.allowed_clients
+            .iter()
+            .map(|n| {
+                n.parse::<IpNetwork>()
+                    .with_context(|| format!("[nbd] allowed_clients: {n:?}"))
+            })
+            .collect()
+    }
+
+    /// `cores`: the configured reactor cores (empty: all, known only once the engine runs).
+    fn validate(&self, cores: &[usize]) -> anyhow::Result<()> {
+        for addr in &self.listen {
+            addr.parse::<std::net::SocketAddr>()
+                .with_context(|| format!("[nbd] listen = {addr:?} is not an address:port"))?;
+        }
+        if self.max_connections == 0 {
+            bail!("[nbd] max_connections must be at least 1");
+        }
+        if self.handshake_timeout_s == 0 || self.handshake_timeout_s > 3600 {
+            bail!(
+                "[nbd] handshake_timeout_s = {} must be between 1 and 3600",
+                self.handshake_timeout_s
+            );
+        }
+        if self.buffer_budget_bytes < u64::from(ringblock_transports::nbd::MAX_BLOCK_BYTES) {
+            bail!(
+                "[nbd] buffer_budget_bytes = {} must be at least {} (one largest request)",
+                self.buffer_budget_bytes,
+                ringblock_transports::nbd::MAX_BLOCK_BYTES
+            );
+        }
+        self.allowed_networks()?;
+        if !cores.is_empty() {
+            self.check_connections(cores.len())?;
+        }
+        Ok(())
+    }
+
+    /// `max_connections` against the task tables of `reactors` reactors (known once the engine
+    /// runs).
+    pub fn check_connections(&self, reactors: usize) -> anyhow::Result<()> {
+        let capacity = reactors * NBD_CONNECTIONS_PER_REACTOR;
+        if self.max_connections > capacity {
+            bail!(
+                "[nbd] max_connections = {} is more than {reactors} reactor(s) can host                  ({NBD_CONNECTIONS_PER_REACTOR} each): lower it to at most {capacity}",
+                self.max_connections
+            );
+        }
+        Ok(())
+    }
 }
 
 fn default_nbd_listen() -> Vec<String> {
@@ -49,6 +142,12 @@ impl Default for NbdConfig {
             unix: None,
             read_only: Vec::new(),
             multishot_receive: true,
+            max_connections: default_nbd_max_connections(),
+            max_connections_per_address: 0,
+            handshake_timeout_s: default_nbd_handshake_timeout_s(),
+            idle_timeout_s: 0,
+            allowed_clients: Vec::new(),
+            buffer_budget_bytes: default_nbd_buffer_budget_bytes(),
         }
     }
 }
@@ -228,10 +327,7 @@ impl DaemonConfig {
                 );
             }
         }
-        for addr in &self.nbd.listen {
-            addr.parse::<std::net::SocketAddr>()
-                .with_context(|| format!("[nbd] listen = {addr:?} is not an address:port"))?;
-        }
+        self.nbd.validate(&self.cores)?;
         self.web.validate().map_err(anyhow::Error::msg)?;
         Ok(())
     }
@@ -297,6 +393,36 @@ mod tests {
         assert!(format!("{e:#}").contains("[web] listen"), "{e:#}");
         let e = DaemonConfig::parse(&format!("{base}[web]\nport = 1\n")).unwrap_err();
         assert!(format!("{e:#}").contains("port"), "{e:#}");
+    }
+
+    #[test]
+    fn nbd_limits() {
+        let base = "[[device]]\nname='a'\nkind='ram'\nsize_bytes=1\n";
+        let c = DaemonConfig::parse(&format!(
+            "{base}[nbd]\nmax_connections = 300\nidle_timeout_s = 600\n\
+             allowed_clients = ['10.0.0.0/24', '::1/128', '192.168.1.7']\n"
+        ))
+        .unwrap();
+        assert_eq!(c.nbd.allowed_networks().unwrap().len(), 3);
+        assert_eq!(c.nbd.idle_timeout_s, 600);
+        assert!(c.nbd.check_connections(2).is_ok());
+        let e = c.nbd.check_connections(1).unwrap_err();
+        assert!(e.to_string().contains("max_connections = 300"), "{e}");
+        let e = DaemonConfig::parse(&format!(
+            "cores = [0]\n{base}[nbd]\nmax_connections = 300\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("at most 224"), "{e}");
+        for (bad, says) in [
+            ("allowed_clients = ['10.0.0.1/24']", "10.0.0.0/24"),
+            ("allowed_clients = ['lan']", "allowed_clients"),
+            ("max_connections = 0", "max_connections"),
+            ("handshake_timeout_s = 0", "handshake_timeout_s"),
+            ("buffer_budget_bytes = 1", "buffer_budget_bytes"),
+        ] {
+            let e = DaemonConfig::parse(&format!("{base}[nbd]\n{bad}\n")).unwrap_err();
+            assert!(format!("{e:#}").contains(says), "{bad}: {e:#}");
+        }
     }
 
     #[test]

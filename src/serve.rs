@@ -7,7 +7,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use nix::sys::signal::{SigSet, Signal};
 use ringblock_engine::{Engine, EngineError};
-use ringblock_transports::nbd::server::{take_systemd_listeners, NbdServer, ServerConfig};
+use ringblock_transports::nbd::server::{
+    take_systemd_listeners, BoundAddr, NbdServer, ServerConfig,
+};
 use ringblock_transports::nbd::EngineCatalog;
 
 use crate::config::{DaemonConfig, ExportConfig, ExportKind};
@@ -132,6 +134,9 @@ pub fn run(args: ServeArgs) -> Result<(), Failure> {
     // Device state records live next to the web token.
     engine_config.state_dir = Some(crate::web::state_dir(&args.web.state_dir, &cfg));
     let engine = Engine::start(&engine_config)?;
+    cfg.nbd
+        .check_connections(engine.reactor_count() as usize)
+        .map_err(Failure::Config)?;
     for v in &cfg.volumes {
         match engine.volume(&v.name) {
             None => {
@@ -193,6 +198,12 @@ pub fn run(args: ServeArgs) -> Result<(), Failure> {
             unix,
             inherited,
             multishot_recv: cfg.nbd.multishot_receive,
+            max_connections: cfg.nbd.max_connections,
+            max_connections_per_address: cfg.nbd.max_connections_per_address,
+            handshake_deadline: std::time::Duration::from_secs(cfg.nbd.handshake_timeout_s),
+            idle_timeout: Some(std::time::Duration::from_secs(cfg.nbd.idle_timeout_s)),
+            allowed_clients: cfg.nbd.allowed_networks().map_err(Failure::Config)?,
+            buffer_budget_bytes: cfg.nbd.buffer_budget_bytes,
             ..ServerConfig::default()
         },
     )
@@ -204,6 +215,15 @@ pub fn run(args: ServeArgs) -> Result<(), Failure> {
             ""
         };
         say(format!("ringblock: nbd listening on {addr}{how}"));
+        if matches!(addr, BoundAddr::Tcp(a) if !a.ip().to_canonical().is_loopback()) {
+            let who = if cfg.nbd.allowed_clients.is_empty() {
+                "any client that reaches it".to_string()
+            } else {
+                format!("clients in {:?}", cfg.nbd.allowed_clients)
+            };
+            tracing::warn!(%addr, "nbd listens beyond loopback without TLS or authentication: {who} can read and write every exported volume (see [nbd] allowed_clients and read_only)");
+            say(format!("ringblock: warning: nbd on {addr} has no TLS or authentication; {who} can use every export"));
+        }
     }
     if let Err(e) = start_exports(&engine, &cfg, &say) {
         stop_exports();

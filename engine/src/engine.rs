@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -136,6 +136,42 @@ pub(crate) struct ReactorShared {
     wake_fd: Arc<OwnedFd>,
     stats: ReactorStats,
     core_id: Option<usize>,
+    /// Task table entries taken or promised (spawned, or reserved with
+    /// [`Engine::reserve_task_slot`]): never more than [`MAX_TASKS_PER_REACTOR`] unless a task
+    /// is forced onto this reactor.
+    task_slots_used: AtomicUsize,
+}
+
+/// A task table entry promised by [`Engine::reserve_task_slot`]; given back when dropped
+/// unused.
+pub struct TaskSlot {
+    shared: Arc<Shared>,
+    reactor: ReactorId,
+    used: bool,
+}
+
+impl TaskSlot {
+    pub fn reactor(&self) -> ReactorId {
+        self.reactor
+    }
+}
+
+impl Drop for TaskSlot {
+    fn drop(&mut self) {
+        if !self.used {
+            self.shared.reactors[self.reactor.0 as usize]
+                .task_slots_used
+                .fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl std::fmt::Debug for TaskSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskSlot")
+            .field("reactor", &self.reactor)
+            .finish()
+    }
 }
 
 pub(crate) struct Shared {
@@ -348,6 +384,7 @@ impl Engine {
                 wake_fd: new_wake_fd()?,
                 stats: ReactorStats::default(),
                 core_id: core,
+                task_slots_used: AtomicUsize::new(0),
             });
         }
         let shared = Arc::new(Shared {
@@ -447,12 +484,53 @@ impl Engine {
 
     /// Host a transport task on `reactor` (or the least loaded one).
     pub fn spawn_task(&self, reactor: Option<ReactorId>, task: Box<dyn ReactorTask>) -> ReactorId {
+        let slot = match reactor {
+            None => self.reserve_task_slot(),
+            Some(_) => None,
+        };
+        if let Some(slot) = slot {
+            return self.spawn_reserved(slot, task);
+        }
         let to = reactor.unwrap_or_else(|| {
             let i = self.next_task_reactor.fetch_add(1, Ordering::Relaxed) % self.reactor_count();
             ReactorId(i)
         });
+        self.shared.reactors[to.0 as usize]
+            .task_slots_used
+            .fetch_add(1, Ordering::AcqRel);
         self.shared.send_blocking(to, Msg::Task(task));
         to
+    }
+
+    /// Promise a task table entry on some reactor (round robin over those with room), for a
+    /// task to be spawned later with [`Engine::spawn_reserved`]: e.g. an NBD connection takes
+    /// one before its handshake, so a client the server negotiated with always gets a task.
+    /// None when every reactor's table is full or promised. Dropping the slot unused gives it
+    /// back.
+    pub fn reserve_task_slot(&self) -> Option<TaskSlot> {
+        let n = self.reactor_count();
+        let start = self.next_task_reactor.fetch_add(1, Ordering::Relaxed);
+        (0..n).find_map(|k| {
+            let i = start.wrapping_add(k) % n;
+            self.shared.reactors[i as usize]
+                .task_slots_used
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                    (used < MAX_TASKS_PER_REACTOR).then_some(used + 1)
+                })
+                .ok()
+                .map(|_| TaskSlot {
+                    shared: self.shared.clone(),
+                    reactor: ReactorId(i),
+                    used: false,
+                })
+        })
+    }
+
+    /// Start `task` in the table entry `slot` promised.
+    pub fn spawn_reserved(&self, mut slot: TaskSlot, task: Box<dyn ReactorTask>) -> ReactorId {
+        slot.used = true;
+        self.shared.send_blocking(slot.reactor, Msg::Task(task));
+        slot.reactor
     }
 
     /// The registered buffer pool of `reactor`: IO on chunks that reactor owns is cheapest
@@ -959,7 +1037,11 @@ fn reactor_thread(
                     match tasks.iter().position(Option::is_none) {
                         Some(i) => tasks[i] = Some(t),
                         None if tasks.len() < MAX_TASKS_PER_REACTOR => tasks.push(Some(t)),
-                        None => tracing::error!(reactor = id.0, "task table full; dropping a task"),
+                        None => {
+                            // Only a task forced onto this reactor past its table gets here.
+                            me.task_slots_used.fetch_sub(1, Ordering::AcqRel);
+                            tracing::error!(reactor = id.0, "task table full; dropping a task");
+                        }
                     }
                 }
                 Some(msg) => {
@@ -1023,6 +1105,7 @@ fn reactor_thread(
                 // Unregister first: the task owns the memory of its provided buffers.
                 core.io.release_task_resources(i as u32);
                 *slot = None;
+                me.task_slots_used.fetch_sub(1, Ordering::AcqRel);
             }
         }
         stop_sent |= stopping;

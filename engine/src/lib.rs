@@ -28,7 +28,7 @@ mod volume;
 
 pub use buf::{AlignedBuf, IoBuf, RegisteredPool};
 pub use device::{DeviceConfig, DeviceKind, FaultConfig};
-pub use engine::{Engine, EngineConfig, ReactorSnapshot, VolumeHandle};
+pub use engine::{Engine, EngineConfig, ReactorSnapshot, TaskSlot, VolumeHandle};
 pub use error::{EngineError, VolumeErrorKind};
 pub use front::{validate, MAX_REQUEST_BYTES};
 pub use ids::*;

@@ -58,10 +58,13 @@ use super::Negotiated;
 pub const MAX_REQUESTS_IN_FLIGHT: usize = 256;
 /// Payload bytes (reads and writes) one connection may have in flight.
 pub const MAX_BYTES_IN_FLIGHT: u64 = 128 << 20;
-/// Reply bytes one connection may have waiting to be sent: beyond it, no new requests start
+/// Memory the replies of one connection waiting to be sent may hold (their data buffers whole,
+/// holes included, not just the bytes that go on the wire): beyond it, no new requests start
 /// until the client reads (a client that pipelines reads and never reads the replies must
 /// not grow the daemon's memory without bound).
 pub const MAX_QUEUED_REPLY_BYTES: usize = 64 << 20;
+/// Default of [`BufferBudget`]'s limit: reply and request buffer memory of all connections.
+pub const DEFAULT_BUFFER_BUDGET_BYTES: u64 = 256 << 20;
 /// Receive buffer of a connection that receives one `recv` at a time.
 const RECV_BUF_BYTES: usize = 256 << 10;
 /// Provided buffers of a connection's multishot receive: as much memory as `RECV_BUF_BYTES`,
@@ -132,6 +135,60 @@ pub struct ConnStats {
     pub bytes_read: AtomicU64,
     pub bytes_written: AtomicU64,
     pub errors: AtomicU64,
+    /// Requests in flight, replies unsent or a request partly received: not idle. Written
+    /// only when it changes.
+    pub busy: std::sync::atomic::AtomicBool,
+}
+
+/// Reply and request buffer memory of all connections of a server, against one limit.
+///
+/// Each connection publishes what it holds (requests' buffers in flight, queued replies, its
+/// buffer cache, a payload being received) once per reactor pass, not per request. While the
+/// total is over the limit, a connection holding more than its fair share (limit / connections)
+/// starts no new request until its own replies drain: backpressure, never an error. A
+/// connection under its share always proceeds, so a client that never reads its replies cannot
+/// starve the others; one held back always has replies or requests of its own in flight, whose
+/// completions wake it.
+#[derive(Debug)]
+pub struct BufferBudget {
+    limit_bytes: u64,
+    used_bytes: AtomicU64,
+    connections: AtomicU64,
+}
+
+impl BufferBudget {
+    pub fn new(limit_bytes: u64) -> Arc<Self> {
+        Arc::new(Self {
+            limit_bytes: limit_bytes.max(1),
+            used_bytes: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+        })
+    }
+
+    /// Bytes the connections hold now (as last published).
+    pub fn used_bytes(&self) -> u64 {
+        self.used_bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn limit_bytes(&self) -> u64 {
+        self.limit_bytes
+    }
+
+    /// Whether `bytes` is more than one connection's fair share (limit / connections).
+    fn above_fair_share(&self, bytes: u64) -> bool {
+        let connections = self.connections.load(Ordering::Relaxed).max(1);
+        bytes.saturating_mul(connections) > self.limit_bytes
+    }
+}
+
+impl Default for BufferBudget {
+    fn default() -> Self {
+        Self {
+            limit_bytes: DEFAULT_BUFFER_BUDGET_BYTES,
+            used_bytes: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+        }
+    }
 }
 
 /// A reply waiting to be sent: header bytes and an optional data buffer, sent as `segs`.
@@ -143,9 +200,10 @@ struct OutMsg {
 }
 
 impl OutMsg {
-    /// Bytes on the wire.
-    fn len(&self) -> usize {
-        self.segs.iter().map(|s| s.2).sum()
+    /// Memory the reply holds until it is sent: its header bytes and its whole data buffer
+    /// (a read with holes sends less than its buffer holds).
+    fn held_bytes(&self) -> usize {
+        self.bytes.len() + self.data.as_ref().map_or(0, IoBuf::len)
     }
 
     fn bytes_only(bytes: Vec<u8>) -> Self {
@@ -292,8 +350,12 @@ pub struct Connection {
     in_flight: usize,
     bytes_in_flight: u64,
     out: VecDeque<OutMsg>,
-    /// Bytes of the replies in `out`, sent or not (a message leaves when all of it is sent).
+    /// Memory the replies in `out` hold ([`OutMsg::held_bytes`]), sent or not (a message
+    /// leaves when all of it is sent).
     queued_bytes: usize,
+    /// The server-wide budget, and what this connection last published to it.
+    budget: Arc<BufferBudget>,
+    published_bytes: u64,
     /// Position in `out.front()`: (segment index, offset within it).
     out_cursor: (usize, usize),
     send_in_flight: bool,
@@ -305,6 +367,16 @@ pub struct Connection {
     /// Scratch for a read's allocation runs.
     runs: Vec<(u64, bool)>,
     stats: Arc<ConnStats>,
+    /// Last value stored in `stats.busy`.
+    busy: bool,
+    _keep_alive: Option<Box<dyn Send>>,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.publish(0);
+        self.budget.connections.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 // SAFETY: the raw pointers in msghdr/iov point into buffers this struct owns; the task moves
@@ -312,21 +384,36 @@ pub struct Connection {
 unsafe impl Send for Connection {}
 
 /// Serve the transmission phase of a negotiated connection on a reactor (io_uring).
-///
-/// `multishot`: receive with one multishot `recv` into provided buffers, where the kernel can
-/// (else, and when false, one `recv` at a time).
 pub fn spawn(
     engine: &Engine,
     stream: OwnedFd,
     negotiated: Negotiated,
     peer: String,
-    multishot: bool,
+    setup: Setup,
 ) -> Arc<ConnStats> {
     let mut conn = Connection::new(stream, negotiated, peer);
-    conn.multishot = multishot;
+    conn.multishot = setup.multishot;
+    conn.set_budget(setup.budget);
+    conn._keep_alive = setup.keep_alive;
     let stats = conn.stats.clone();
-    engine.spawn_task(None, Box::new(conn));
+    match setup.task_slot {
+        Some(slot) => engine.spawn_reserved(slot, Box::new(conn)),
+        None => engine.spawn_task(None, Box::new(conn)),
+    };
     stats
+}
+
+/// How [`spawn`] sets a connection up.
+pub struct Setup {
+    /// Receive with one multishot `recv` into provided buffers, where the kernel can (else,
+    /// and when false, one `recv` at a time).
+    pub multishot: bool,
+    /// The server's buffer budget, shared by its connections.
+    pub budget: Arc<BufferBudget>,
+    /// The reactor task slot taken for this connection before its handshake (None: any free).
+    pub task_slot: Option<ringblock_engine::TaskSlot>,
+    /// Dropped when the connection ends (e.g. its place in the server's connection limits).
+    pub keep_alive: Option<Box<dyn Send>>,
 }
 
 /// `sendmsg(MSG_DONTWAIT)` of `iov`: the bytes the socket took (0 when it took none or
@@ -386,6 +473,12 @@ impl Connection {
             bytes_in_flight: 0,
             out: VecDeque::new(),
             queued_bytes: 0,
+            budget: {
+                let b = Arc::new(BufferBudget::default());
+                b.connections.fetch_add(1, Ordering::Relaxed);
+                b
+            },
+            published_bytes: 0,
             out_cursor: (0, 0),
             send_in_flight: false,
             // SAFETY: msghdr is plain old data; all-zero is a valid empty header.
@@ -395,11 +488,65 @@ impl Connection {
             spare_msgs: Vec::new(),
             runs: Vec::new(),
             stats: Arc::new(ConnStats::default()),
+            busy: false,
+            _keep_alive: None,
         }
     }
 
     fn extended(&self) -> bool {
         self.neg.extended_headers
+    }
+
+    /// Count this connection's buffers against `budget` (shared by a server's connections).
+    pub fn set_budget(&mut self, budget: Arc<BufferBudget>) {
+        self.publish(0);
+        self.budget.connections.fetch_sub(1, Ordering::Relaxed);
+        budget.connections.fetch_add(1, Ordering::Relaxed);
+        self.budget = budget;
+    }
+
+    /// Buffer memory that drains by itself (requests in flight, replies queued): what the
+    /// budget's fair share is measured against.
+    fn draining_bytes(&self) -> u64 {
+        self.bytes_in_flight + self.queued_bytes as u64
+    }
+
+    /// Everything this connection holds in buffers, for the budget.
+    fn held_bytes(&self) -> u64 {
+        let fill = self
+            .fill
+            .as_ref()
+            .and_then(|f| f.buf.as_ref())
+            .map_or(0, IoBuf::len);
+        self.draining_bytes() + self.bufs.bytes as u64 + fill as u64
+    }
+
+    /// Tell the budget what this connection holds now (an atomic add only when it changed).
+    fn publish(&mut self, now_bytes: u64) {
+        let before = self.published_bytes;
+        if now_bytes > before {
+            self.budget
+                .used_bytes
+                .fetch_add(now_bytes - before, Ordering::Relaxed);
+        } else if now_bytes < before {
+            self.budget
+                .used_bytes
+                .fetch_sub(before - now_bytes, Ordering::Relaxed);
+        }
+        self.published_bytes = now_bytes;
+    }
+
+    /// The server's buffers are over budget and this connection holds more than its share.
+    fn over_budget(&self) -> bool {
+        if !self.budget.above_fair_share(self.draining_bytes()) {
+            return false;
+        }
+        // What the others published, plus what this connection holds right now.
+        let others = self
+            .budget
+            .used_bytes()
+            .saturating_sub(self.published_bytes);
+        others + self.held_bytes() > self.budget.limit_bytes
     }
 
     fn structured(&self) -> bool {
@@ -723,7 +870,7 @@ impl Connection {
             msg.bytes
                 .extend_from_slice(unsafe { std::slice::from_raw_parts(data, len) });
             msg.segs.push((false, 0, msg.bytes.len()));
-            self.queued_bytes += msg.len();
+            self.queued_bytes += msg.held_bytes();
             self.out.push_front(msg);
         }
         if first_sent > 0 {
@@ -881,11 +1028,12 @@ impl Connection {
             || self.in_flight >= MAX_REQUESTS_IN_FLIGHT
             || self.bytes_in_flight >= MAX_BYTES_IN_FLIGHT
             || self.queued_bytes >= MAX_QUEUED_REPLY_BYTES
+            || self.over_budget()
     }
 
     /// Queue a reply to be sent.
     fn queue(&mut self, msg: OutMsg) {
-        self.queued_bytes += msg.len();
+        self.queued_bytes += msg.held_bytes();
         self.out.push_back(msg);
     }
 
@@ -1394,7 +1542,7 @@ impl Connection {
             n -= left;
             if seg_i + 1 == msg.segs.len() {
                 let mut msg = self.out.pop_front().expect("front exists");
-                self.queued_bytes -= msg.len();
+                self.queued_bytes -= msg.held_bytes();
                 if let Some(buf) = msg.data.take() {
                     self.recycle(buf);
                 }
@@ -1447,6 +1595,21 @@ impl ReactorTask for Connection {
             && !self.send_in_flight
         {
             self.shutdown_socket();
+        }
+        if self.bufs.bytes > 0 && self.budget.used_bytes() > self.budget.limit_bytes {
+            // Spare buffers are the first memory to give back when the server is over budget.
+            self.bufs = BufCache::default();
+        }
+        self.publish(self.held_bytes());
+        let busy = self.in_flight > 0
+            || !self.out.is_empty()
+            || self.send_in_flight
+            || self.fill.is_some()
+            || self.rstart < self.rend
+            || !self.held.is_empty();
+        if busy != self.busy {
+            self.busy = busy;
+            self.stats.busy.store(busy, Ordering::Relaxed);
         }
         work
     }

@@ -28,9 +28,9 @@ use super::wire::{
     FLAG_CAN_MULTI_CONN, FLAG_FIXED_NEWSTYLE, FLAG_HAS_FLAGS, FLAG_NO_ZEROES, FLAG_READ_ONLY,
     FLAG_SEND_CACHE, FLAG_SEND_DF, FLAG_SEND_FAST_ZERO, FLAG_SEND_FLUSH, FLAG_SEND_FUA,
     FLAG_SEND_TRIM, FLAG_SEND_WRITE_ZEROES, INFO_BLOCK_SIZE, INFO_DESCRIPTION, INFO_NAME,
-    MAX_OPTION_LEN, META_CONTEXT_BASE_ALLOCATION, OPTION_HEADER_LEN, OPT_EXPORT_NAME,
-    REP_ERR_BLOCK_SIZE_REQD, REP_ERR_EXT_HEADER_REQD, REP_ERR_INVALID, REP_ERR_SHUTDOWN,
-    REP_ERR_TLS_REQD, REP_ERR_TOO_BIG, REP_ERR_UNKNOWN, REP_ERR_UNSUP,
+    MAX_OPTION_LEN, META_CONTEXT_BASE_ALLOCATION, OPTION_HEADER_LEN, OPT_ABORT, OPT_EXPORT_NAME,
+    REP_ERR_BLOCK_SIZE_REQD, REP_ERR_EXT_HEADER_REQD, REP_ERR_INVALID, REP_ERR_POLICY,
+    REP_ERR_SHUTDOWN, REP_ERR_TLS_REQD, REP_ERR_TOO_BIG, REP_ERR_UNKNOWN, REP_ERR_UNSUP,
 };
 use super::{ExportCatalog, ExportInfo, Negotiated};
 
@@ -259,6 +259,61 @@ pub fn negotiate<S: Read + Write>(
         }
     }
     Err(HandshakeError::TooManyOptions)
+}
+
+/// Options a refused client may send (each answered `REP_ERR_POLICY`) before the server
+/// hangs up.
+pub const MAX_REFUSED_OPTIONS: usize = 8;
+
+/// Turn a client away during the handshake, before anything is negotiated: after the greeting,
+/// every option gets `REP_ERR_POLICY` carrying `message` (e.g. "too many connections"), so the
+/// client can tell its user why; `OPT_ABORT` gets its ACK, and `OPT_EXPORT_NAME` (which
+/// cannot carry an error) a hang-up. At most [`MAX_REFUSED_OPTIONS`] options.
+pub fn refuse<S: Read + Write>(stream: &mut S, message: &str) -> Result<(), HandshakeError> {
+    stream.write_all(
+        &Greeting {
+            flags: SERVER_HANDSHAKE_FLAGS,
+        }
+        .to_bytes(),
+    )?;
+    stream.flush()?;
+    let mut flags = [0u8; CLIENT_FLAGS_LEN];
+    if !read_exact_or_eof(stream, &mut flags)? {
+        return Ok(());
+    }
+    ClientFlags::decode(&flags, SERVER_HANDSHAKE_FLAGS)?;
+    let mut out = Vec::with_capacity(64 + message.len());
+    for _ in 0..MAX_REFUSED_OPTIONS {
+        let mut header = [0u8; OPTION_HEADER_LEN];
+        if !read_exact_or_eof(stream, &mut header)? {
+            return Ok(());
+        }
+        let (option, length) = match OptionHeader::decode(&header) {
+            Ok((hdr, _)) => (hdr.option, hdr.length),
+            Err(WireError::OptionTooLarge { option, length }) => {
+                return Err(HandshakeError::OptionTooLarge { option, length })
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if option == OPT_EXPORT_NAME {
+            return Ok(());
+        }
+        // `length` <= MAX_OPTION_LEN, checked by the decoder.
+        let skipped = io::copy(&mut (&mut *stream).take(u64::from(length)), &mut io::sink())?;
+        if skipped != u64::from(length) {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+        }
+        out.clear();
+        if option == OPT_ABORT {
+            OptionReply::Ack.encode(option, &mut out);
+            stream.write_all(&out)?;
+            return Ok(());
+        }
+        error(REP_ERR_POLICY, message).encode(option, &mut out);
+        stream.write_all(&out)?;
+        stream.flush()?;
+    }
+    Ok(())
 }
 
 /// Reads exactly `buf.len()` bytes; `Ok(false)` if the stream ended before the first byte (a
@@ -746,6 +801,68 @@ mod tests {
             s: client,
             server: Some(handle),
         }
+    }
+
+    #[test]
+    fn refused_clients_get_the_reason_in_every_option_reply() {
+        let (mut client, server) = UnixStream::pair().unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let handle = std::thread::spawn(move || {
+            let mut s = server;
+            refuse(&mut s, "too many connections (limit 3)").map_err(|e| e.to_string())
+        });
+        let mut c = Client {
+            s: client.try_clone().unwrap(),
+            server: None,
+        };
+        c.hello(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
+        for option in [OPT_LIST, OPT_GO] {
+            if option == OPT_GO {
+                c.info(OPT_GO, "v", &[]);
+            } else {
+                c.raw_option(option, &[]);
+            }
+            let mut buf = vec![0u8; OPTION_REPLY_HEADER_LEN];
+            client.read_exact(&mut buf).unwrap();
+            let len = u32::from_be_bytes(buf[16..20].try_into().unwrap()) as usize;
+            buf.resize(OPTION_REPLY_HEADER_LEN + len, 0);
+            client
+                .read_exact(&mut buf[OPTION_REPLY_HEADER_LEN..])
+                .unwrap();
+            match OptionReply::decode(&buf).unwrap() {
+                (o, OptionReply::Error { reply, message }, _) => {
+                    assert_eq!((o, reply), (option, REP_ERR_POLICY));
+                    assert_eq!(message, "too many connections (limit 3)");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        c.raw_option(OPT_ABORT, &[]);
+        assert_eq!(c.reply(), (OPT_ABORT, R::Ack));
+        assert_eq!(handle.join().unwrap(), Ok(()));
+        // An EXPORT_NAME client, which cannot be sent an error, is hung up on.
+        let (mut client, server) = UnixStream::pair().unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let handle = std::thread::spawn(move || {
+            let mut s = server;
+            refuse(&mut s, "full").map_err(|e| e.to_string())
+        });
+        let mut c = Client {
+            s: client.try_clone().unwrap(),
+            server: None,
+        };
+        c.hello(FLAG_C_FIXED_NEWSTYLE);
+        c.raw_option(OPT_EXPORT_NAME, b"v");
+        assert_eq!(handle.join().unwrap(), Ok(()));
+        drop(c);
+        // Closed (a reset, as the name was left unread) without a byte.
+        let mut rest = Vec::new();
+        let _ = client.read_to_end(&mut rest);
+        assert!(rest.is_empty());
     }
 
     fn serve() -> Client {

@@ -2,6 +2,7 @@
 //! short and rare); once the client enters the transmission phase the connection becomes a
 //! task on a reactor, where its socket IO goes through that reactor's io_uring.
 
+pub mod cidr;
 pub mod conn;
 pub mod handshake;
 pub mod server;

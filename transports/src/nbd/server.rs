@@ -1,21 +1,37 @@
 //! The NBD listeners: TCP addresses, a Unix socket, and sockets handed over by systemd socket
 //! activation (`LISTEN_FDS`), so `nbdinfo -- ringblock serve` style captive launching works.
 //!
-//! One acceptor thread per listener blocks in `accept`. Each accepted connection gets a
-//! short-lived handshake thread (at most [`ServerConfig::max_handshakes`] at once; excess
-//! connections are closed at once) that runs [`negotiate`] with blocking IO, a per-read/write
-//! timeout and an overall deadline. A client that entered transmission is handed to
+//! One acceptor thread per listener blocks in `accept`. A TCP client outside
+//! [`ServerConfig::allowed_clients`] is closed before any byte is sent. Each other connection
+//! gets a short-lived handshake thread that runs [`negotiate`] with blocking IO, a per-read/write
+//! timeout and a short overall deadline. A client that entered transmission is handed to
 //! [`conn::spawn`], which serves it on a reactor. A failing or hostile client only ever loses
 //! its own connection.
+//!
+//! Limits against idle, slow and hostile clients:
+//! - Connections (handshakes and transmission together) are counted at accept, in all and per
+//!   client address. Within the limits a connection also takes its reactor task slot then, so a
+//!   client the server negotiated with always gets one. Beyond them the client still gets the
+//!   greeting, and every option it sends is answered `REP_ERR_POLICY` with "too many
+//!   connections (limit N)": it learns why instead of being dropped after a successful
+//!   handshake.
+//! - Unfinished handshakes: at most [`ServerConfig::max_handshakes_per_address`] per client
+//!   address (more from it are closed at once); when [`ServerConfig::max_handshakes`] are in
+//!   progress, the oldest is cut off to make room for the newcomer. A client that opens
+//!   handshakes and never finishes them (slowloris) thus only delays its own, and a real
+//!   client's handshake — milliseconds long — is almost never the oldest.
+//! - Connections idle for [`ServerConfig::idle_timeout`] with nothing in flight are closed
+//!   (off by default: the kernel's client keeps idle connections of a mounted file system).
+//! - Refusals are logged at most once per second per kind, with a count.
 //!
 //! [`NbdServer::stop`] shuts the listening sockets down (which unblocks `accept`), joins the
 //! acceptors, shuts down every socket still in its handshake and waits for those threads to
 //! finish, so afterwards the server holds its engine reference only through the value itself.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -27,16 +43,27 @@ use std::time::{Duration, Instant, SystemTime};
 
 use ringblock_engine::Engine;
 
-use super::conn;
-use super::handshake::{negotiate, HandshakeConfig};
+use super::cidr::IpNetwork;
+use super::conn::{self, BufferBudget};
+use super::handshake::{negotiate, refuse, HandshakeConfig};
 use super::ExportCatalog;
 
 /// Timeout of each read or write during the handshake.
-pub const HANDSHAKE_IO_TIMEOUT: Duration = Duration::from_secs(30);
-/// Time a client has for the whole handshake.
-pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(120);
-/// Handshakes in progress at once; connections beyond are closed immediately.
+pub const HANDSHAKE_IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a client has for the whole handshake (real clients take milliseconds).
+pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+/// Handshakes in progress at once; a newcomer beyond cuts off the oldest.
 pub const MAX_CONCURRENT_HANDSHAKES: usize = 64;
+/// Handshakes in progress from one client address; more from it are closed at once.
+pub const MAX_HANDSHAKES_PER_ADDRESS: usize = 8;
+/// Connections (in handshake or transmission) at once, by default.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 128;
+/// Time a refused client has to read why.
+const REFUSAL_DEADLINE: Duration = Duration::from_secs(2);
+/// Shortest time between two log lines of one kind of refusal.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
+/// Longest time between two scans for idle connections.
+const IDLE_SCAN_INTERVAL: Duration = Duration::from_secs(1);
 /// Connected clients remembered for status pages (the oldest are forgotten first).
 pub const MAX_TRACKED_CLIENTS: usize = 4096;
 /// Most sockets accepted from systemd.
@@ -129,6 +156,20 @@ pub struct ServerConfig {
     pub handshake_deadline: Duration,
     /// Handshakes in progress at once.
     pub max_handshakes: usize,
+    /// Handshakes in progress from one client address.
+    pub max_handshakes_per_address: usize,
+    /// Connections at once (handshakes and transmission).
+    pub max_connections: usize,
+    /// Connections at once from one client address; 0: only `max_connections` applies.
+    pub max_connections_per_address: usize,
+    /// Close a connection with nothing in flight after this long without a request; None:
+    /// never.
+    pub idle_timeout: Option<Duration>,
+    /// TCP clients allowed to connect; empty: any. Unix socket clients are not checked (the
+    /// socket file's permissions decide).
+    pub allowed_clients: Vec<IpNetwork>,
+    /// Reply and request buffer memory of all connections together (see [`BufferBudget`]).
+    pub buffer_budget_bytes: u64,
     /// Receive requests with one multishot `recv` into provided buffers where the kernel can
     /// (6.0+), rather than one `recv` per arrival.
     pub multishot_recv: bool,
@@ -144,6 +185,12 @@ impl Default for ServerConfig {
             handshake_timeout: HANDSHAKE_IO_TIMEOUT,
             handshake_deadline: HANDSHAKE_DEADLINE,
             max_handshakes: MAX_CONCURRENT_HANDSHAKES,
+            max_handshakes_per_address: MAX_HANDSHAKES_PER_ADDRESS,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_address: 0,
+            idle_timeout: None,
+            allowed_clients: Vec::new(),
+            buffer_budget_bytes: conn::DEFAULT_BUFFER_BUDGET_BYTES,
             multishot_recv: true,
         }
     }
@@ -175,32 +222,73 @@ pub struct ClientInfo {
 /// (the client disconnected) the registry holds the only reference and the entry is dropped.
 #[derive(Default)]
 pub struct ClientRegistry {
-    entries: Mutex<VecDeque<(ClientInfo, Arc<conn::ConnStats>)>>,
+    entries: Mutex<VecDeque<ClientEntry>>,
+}
+
+struct ClientEntry {
+    info: ClientInfo,
+    stats: Arc<conn::ConnStats>,
+    /// A duplicate of the socket, to end the connection when idle (only with an idle timeout).
+    socket: Option<Conn>,
+    /// Requests seen at the last scan, and since when nothing changed.
+    seen_requests: u64,
+    quiet_since: Instant,
 }
 
 impl ClientRegistry {
-    fn add(&self, info: ClientInfo, stats: Arc<conn::ConnStats>) {
+    fn add(&self, info: ClientInfo, stats: Arc<conn::ConnStats>, socket: Option<Conn>) {
         let mut entries = self.entries.lock().expect("client registry");
-        entries.retain(|(_, s)| Arc::strong_count(s) > 1);
+        entries.retain(|e| Arc::strong_count(&e.stats) > 1);
         if entries.len() >= MAX_TRACKED_CLIENTS {
             entries.pop_front();
         }
-        entries.push_back((info, stats));
+        entries.push_back(ClientEntry {
+            info,
+            stats,
+            socket,
+            seen_requests: 0,
+            quiet_since: Instant::now(),
+        });
+    }
+
+    /// End connections that had nothing in flight and sent no request for `idle`: shut their
+    /// socket down for reading, so the connection finishes what it has and closes.
+    fn close_idle(&self, idle: Duration) {
+        let now = Instant::now();
+        let mut entries = self.entries.lock().expect("client registry");
+        entries.retain(|e| Arc::strong_count(&e.stats) > 1);
+        for e in entries.iter_mut() {
+            let Some(socket) = &e.socket else { continue };
+            let requests = e.stats.requests.load(Ordering::Relaxed);
+            if requests != e.seen_requests || e.stats.busy.load(Ordering::Relaxed) {
+                e.seen_requests = requests;
+                e.quiet_since = now;
+            } else if now.duration_since(e.quiet_since) >= idle {
+                tracing::info!(peer = %e.info.peer, export = %e.info.export,
+                    idle_s = idle.as_secs(), "nbd: closing idle connection");
+                socket.shutdown_read();
+                e.socket = None;
+            }
+        }
     }
 
     /// Clients whose connection is still open, oldest first, with their counters now.
     pub fn clients(&self) -> Vec<ClientInfo> {
         let mut entries = self.entries.lock().expect("client registry");
-        entries.retain(|(_, s)| Arc::strong_count(s) > 1);
+        entries.retain(|e| Arc::strong_count(&e.stats) > 1);
         entries
             .iter()
-            .map(|(c, s)| ClientInfo {
-                requests: s.requests.load(Ordering::Relaxed),
-                bytes_read: s.bytes_read.load(Ordering::Relaxed),
-                bytes_written: s.bytes_written.load(Ordering::Relaxed),
-                errors: s.errors.load(Ordering::Relaxed),
-                ..c.clone()
-            })
+            .map(
+                |ClientEntry {
+                     info: c, stats: s, ..
+                 }| ClientInfo {
+                    requests: s.requests.load(Ordering::Relaxed),
+                    bytes_read: s.bytes_read.load(Ordering::Relaxed),
+                    bytes_written: s.bytes_written.load(Ordering::Relaxed),
+                    errors: s.errors.load(Ordering::Relaxed),
+                    ..c.clone()
+                },
+            )
             .collect()
     }
 }
@@ -216,13 +304,16 @@ struct Handshakes {
 #[derive(Default)]
 struct HandshakeState {
     count: usize,
-    sockets: HashMap<u64, Conn>,
+    /// By connection number: the oldest first. Those not handed on yet.
+    sockets: BTreeMap<u64, Conn>,
+    per_address: HashMap<IpAddr, usize>,
 }
 
 /// Releases a handshake slot when dropped (also if the thread could not be spawned).
 struct Slot {
     handshakes: Arc<Handshakes>,
     id: u64,
+    addr: Option<IpAddr>,
 }
 
 impl Slot {
@@ -239,6 +330,14 @@ impl Drop for Slot {
         let mut st = self.handshakes.state.lock().expect("handshakes");
         st.sockets.remove(&self.id);
         st.count -= 1;
+        if let Some(addr) = self.addr {
+            if let Some(n) = st.per_address.get_mut(&addr) {
+                *n -= 1;
+                if *n == 0 {
+                    st.per_address.remove(&addr);
+                }
+            }
+        }
         if st.count == 0 {
             self.handshakes.idle.notify_all();
         }
@@ -292,6 +391,21 @@ impl Conn {
             Conn::Tcp(s) => s.shutdown(Shutdown::Both),
             Conn::Unix(s) => s.shutdown(Shutdown::Both),
         };
+    }
+
+    fn shutdown_read(&self) {
+        let _ = match self {
+            Conn::Tcp(s) => s.shutdown(Shutdown::Read),
+            Conn::Unix(s) => s.shutdown(Shutdown::Read),
+        };
+    }
+
+    /// The client's IP address (IPv4 clients of an IPv6 socket as IPv4); None for Unix sockets.
+    fn peer_ip(&self) -> Option<IpAddr> {
+        match self {
+            Conn::Tcp(s) => s.peer_addr().ok().map(|a| a.ip().to_canonical()),
+            Conn::Unix(_) => None,
+        }
     }
 
     fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
@@ -388,11 +502,120 @@ struct Inner {
     handshake_timeout: Duration,
     handshake_deadline: Duration,
     max_handshakes: usize,
+    max_handshakes_per_address: usize,
+    max_connections: usize,
+    max_connections_per_address: usize,
+    idle_timeout: Option<Duration>,
+    allowed_clients: Vec<IpNetwork>,
+    budget: Arc<BufferBudget>,
     multishot_recv: bool,
     handshakes: Arc<Handshakes>,
+    connections: Arc<Mutex<ConnCounts>>,
     registry: Arc<ClientRegistry>,
     next_id: AtomicU64,
-    refused: AtomicU64,
+    log_full: LogLimit,
+    log_not_allowed: LogLimit,
+    log_handshakes: LogLimit,
+}
+
+/// Connections counted against the limits: in all, and per client address.
+#[derive(Default)]
+struct ConnCounts {
+    total: usize,
+    per_address: HashMap<IpAddr, usize>,
+}
+
+/// A connection's place in the limits (and its reactor task slot, until the connection
+/// reaches the reactor); released when the connection ends.
+struct ConnPermit {
+    counts: Arc<Mutex<ConnCounts>>,
+    addr: Option<IpAddr>,
+}
+
+impl Drop for ConnPermit {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().expect("connection counts");
+        c.total -= 1;
+        if let Some(addr) = self.addr {
+            if let Some(n) = c.per_address.get_mut(&addr) {
+                *n -= 1;
+                if *n == 0 {
+                    c.per_address.remove(&addr);
+                }
+            }
+        }
+    }
+}
+
+/// What a handshake thread does with its client.
+enum Admission {
+    Accepted {
+        permit: ConnPermit,
+        task_slot: ringblock_engine::TaskSlot,
+    },
+    /// Turned away, with this message in every option reply.
+    Refused(String),
+}
+
+/// At most one log line per [`REFUSAL_LOG_INTERVAL`], counting what it stood for.
+#[derive(Default)]
+struct LogLimit {
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl LogLimit {
+    /// Count an event; Some(events since the last line, this one included) when a line is due.
+    fn note(&self) -> Option<u64> {
+        let mut st = self.state.lock().expect("log limit");
+        st.1 += 1;
+        let now = Instant::now();
+        if st
+            .0
+            .is_some_and(|t| now.duration_since(t) < REFUSAL_LOG_INTERVAL)
+        {
+            return None;
+        }
+        st.0 = Some(now);
+        Some(std::mem::take(&mut st.1))
+    }
+}
+
+impl Inner {
+    /// Take a connection's place in the limits and a reactor task slot, or say why not.
+    fn admit(&self, engine: &Engine, addr: Option<IpAddr>) -> Admission {
+        let mut c = self.connections.lock().expect("connection counts");
+        if c.total >= self.max_connections {
+            return Admission::Refused(format!(
+                "too many connections (limit {})",
+                self.max_connections
+            ));
+        }
+        if let Some(a) = addr {
+            let mine = c.per_address.get(&a).copied().unwrap_or(0);
+            if self.max_connections_per_address > 0 && mine >= self.max_connections_per_address {
+                return Admission::Refused(format!(
+                    "too many connections from {a} (limit {} per address)",
+                    self.max_connections_per_address
+                ));
+            }
+        }
+        let Some(task_slot) = engine.reserve_task_slot() else {
+            return Admission::Refused(
+                "too many connections (the reactors' task tables are full)".into(),
+            );
+        };
+        c.total += 1;
+        if let Some(a) = addr {
+            *c.per_address.entry(a).or_insert(0) += 1;
+        }
+        Admission::Accepted {
+            permit: ConnPermit {
+                counts: self.connections.clone(),
+                addr,
+            },
+            task_slot,
+        }
+    }
 }
 
 struct Bound {
@@ -444,10 +667,19 @@ impl NbdServer {
             multishot_recv: config.multishot_recv,
             handshake_deadline: config.handshake_deadline,
             max_handshakes: config.max_handshakes.max(1),
+            max_handshakes_per_address: config.max_handshakes_per_address.max(1),
+            max_connections: config.max_connections.max(1),
+            max_connections_per_address: config.max_connections_per_address,
+            idle_timeout: config.idle_timeout.filter(|t| !t.is_zero()),
+            allowed_clients: config.allowed_clients,
+            budget: BufferBudget::new(config.buffer_budget_bytes),
             handshakes: Arc::default(),
+            connections: Arc::default(),
             registry: Arc::default(),
             next_id: AtomicU64::new(1),
-            refused: AtomicU64::new(0),
+            log_full: LogLimit::default(),
+            log_not_allowed: LogLimit::default(),
+            log_handshakes: LogLimit::default(),
         });
         let server = NbdServer {
             inner,
@@ -470,7 +702,25 @@ impl NbdServer {
                 }
             }
         }
+        if let Some(idle) = server.inner.idle_timeout {
+            let inner = server.inner.clone();
+            let spawned = std::thread::Builder::new()
+                .name("nbd-idle".into())
+                .spawn(move || idle_loop(&inner, idle));
+            match spawned {
+                Ok(t) => server.acceptors.lock().expect("acceptors").push(t),
+                Err(e) => {
+                    server.stop();
+                    return Err(e);
+                }
+            }
+        }
         Ok(server)
+    }
+
+    /// Reply and request buffer memory the connections hold now, and its limit.
+    pub fn buffer_budget(&self) -> &BufferBudget {
+        &self.inner.budget
     }
 
     fn bind_all(config: &ServerConfig, bound: &mut Vec<Bound>) -> io::Result<()> {
@@ -622,7 +872,33 @@ fn accept_loop(inner: &Arc<Inner>, listener: &Listener, label: &str) {
     }
 }
 
+/// Scan for idle connections until the server stops.
+fn idle_loop(inner: &Inner, idle: Duration) {
+    let scan_every = (idle / 4).clamp(Duration::from_millis(50), IDLE_SCAN_INTERVAL);
+    let mut next_scan = Instant::now() + scan_every;
+    // Bounded by the server's life: `stop` sets `stopping` and joins this thread.
+    while !inner.stopping.load(Ordering::Acquire) {
+        std::thread::sleep(scan_every.min(Duration::from_millis(100)));
+        if Instant::now() >= next_scan {
+            inner.registry.close_idle(idle);
+            next_scan = Instant::now() + scan_every;
+        }
+    }
+}
+
 fn on_accept(inner: &Arc<Inner>, conn: Conn, label: &str) {
+    let addr = conn.peer_ip();
+    if let Some(ip) = addr {
+        if !inner.allowed_clients.is_empty()
+            && !inner.allowed_clients.iter().any(|n| n.contains(ip))
+        {
+            if let Some(n) = inner.log_not_allowed.note() {
+                tracing::warn!(client = %ip, refused = n,
+                    "nbd: client address not in [nbd] allowed_clients; closing");
+            }
+            return; // closed before any byte is sent
+        }
+    }
     if let Conn::Tcp(s) = &conn {
         let _ = s.set_nodelay(true);
         let _ = nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::KeepAlive, &true);
@@ -638,28 +914,54 @@ fn on_accept(inner: &Arc<Inner>, conn: Conn, label: &str) {
     };
     {
         let mut st = inner.handshakes.state.lock().expect("handshakes");
-        if st.count >= inner.max_handshakes {
+        let from_addr = addr.map_or(0, |a| st.per_address.get(&a).copied().unwrap_or(0));
+        // Evicted handshakes leave within moments; this bounds the threads meanwhile.
+        let hard_limit = 2 * inner.max_handshakes;
+        if from_addr >= inner.max_handshakes_per_address || st.count >= hard_limit {
             drop(st);
-            let n = inner.refused.fetch_add(1, Ordering::Relaxed) + 1;
-            if n.is_power_of_two() {
-                tracing::warn!(%peer, refused_total = n, limit = inner.max_handshakes,
-                    "nbd: too many handshakes in progress; closing new connection");
+            if let Some(n) = inner.log_handshakes.note() {
+                tracing::warn!(%peer, refused = n, per_address = inner.max_handshakes_per_address,
+                    "nbd: too many unfinished handshakes; closing new connection");
             }
             return;
         }
+        if st.sockets.len() >= inner.max_handshakes {
+            // Make room by cutting off the oldest unfinished handshake: a slow client holds a
+            // slot for at most the time others take to arrive, never locks them out.
+            if let Some((_, oldest)) = st.sockets.pop_first() {
+                oldest.shutdown();
+                if let Some(n) = inner.log_handshakes.note() {
+                    tracing::warn!(
+                        cut_off = n,
+                        limit = inner.max_handshakes,
+                        "nbd: handshake table full; cutting off the oldest unfinished handshake"
+                    );
+                }
+            }
+        }
         st.count += 1;
         st.sockets.insert(id, dup);
+        if let Some(a) = addr {
+            *st.per_address.entry(a).or_insert(0) += 1;
+        }
     }
     let slot = Slot {
         handshakes: inner.handshakes.clone(),
         id,
+        addr,
     };
+    let admission = inner.admit(&inner.engine, addr);
+    if let Admission::Refused(why) = &admission {
+        if let Some(n) = inner.log_full.note() {
+            tracing::warn!(%peer, refused = n, "nbd: refusing connection: {why}");
+        }
+    }
     let thread_inner = inner.clone();
     let label = label.to_string();
     let spawned = std::thread::Builder::new()
         .name("nbd-handshake".into())
         .spawn(move || {
-            handshake_thread(&thread_inner, conn, id, peer, label, &slot);
+            handshake_thread(&thread_inner, conn, id, peer, label, admission, &slot);
             // Let go of the engine before the slot says this thread is done, so a stopped
             // server holds the only references.
             drop(thread_inner);
@@ -676,8 +978,25 @@ fn handshake_thread(
     id: u64,
     peer: String,
     listener: String,
+    admission: Admission,
     slot: &Slot,
 ) {
+    let (permit, task_slot) = match admission {
+        Admission::Accepted { permit, task_slot } => (permit, task_slot),
+        Admission::Refused(why) => {
+            let mut stream = DeadlineStream {
+                conn: &conn,
+                deadline: Instant::now() + REFUSAL_DEADLINE.min(inner.handshake_deadline),
+                per_op: inner.handshake_timeout,
+                read_timeout: None,
+                write_timeout: None,
+            };
+            if let Err(e) = refuse(&mut stream, &why) {
+                tracing::debug!(%peer, error = %e, "nbd: refused client");
+            }
+            return;
+        }
+    };
     let mut stream = DeadlineStream {
         conn: &conn,
         deadline: Instant::now() + inner.handshake_deadline,
@@ -722,11 +1041,33 @@ fn handshake_thread(
         bytes_written: 0,
         errors: 0,
     };
+    // For the idle scan: a duplicate to shut the socket down with, never to close it.
+    let idle_socket = match inner.idle_timeout {
+        Some(_) => match conn.try_clone() {
+            Ok(d) => Some(d),
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "nbd: cannot duplicate socket; closing");
+                return;
+            }
+        },
+        None => None,
+    };
     let fd = conn.into_fd();
     tracing::info!(%peer, export = %info.export, structured = info.structured_replies,
         extended = info.extended_headers, "nbd: client connected");
-    let stats = conn::spawn(&inner.engine, fd, negotiated, peer, inner.multishot_recv);
-    inner.registry.add(info, stats);
+    let stats = conn::spawn(
+        &inner.engine,
+        fd,
+        negotiated,
+        peer,
+        conn::Setup {
+            multishot: inner.multishot_recv,
+            budget: inner.budget.clone(),
+            task_slot: Some(task_slot),
+            keep_alive: Some(Box::new(permit)),
+        },
+    );
+    inner.registry.add(info, stats, idle_socket);
 }
 
 /// Take the listening sockets systemd (or a client such as `nbdinfo -- CMD`) handed over
@@ -969,7 +1310,7 @@ mod tests {
     }
 
     #[test]
-    fn slow_clients_time_out_and_excess_handshakes_are_refused() {
+    fn slow_clients_time_out_and_a_full_handshake_table_cuts_off_the_oldest() {
         let server = start(ServerConfig {
             tcp: vec![localhost()],
             handshake_timeout: Duration::from_millis(300),
@@ -986,16 +1327,13 @@ mod tests {
             s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
             s.read_exact(&mut g).unwrap();
         }
-        // A third is closed right away (no greeting), or, if a slot freed meanwhile because a
-        // silent client timed out, served: either way it is never left hanging.
+        // A third is served: the oldest silent client makes room (or has timed out already).
         let mut third = TcpStream::connect(addr).unwrap();
         third
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
-        let mut buf = Vec::new();
-        let _ = third.read_to_end(&mut buf);
-        assert!(buf.is_empty() || buf.len() == GREETING_LEN, "{buf:?}");
-        // The silent clients are dropped after the timeout.
+        assert_eq!(list(&mut third), vec!["v".to_string()]);
+        // The silent clients are dropped (cut off, or after the timeout).
         for s in &mut silent {
             let mut rest = Vec::new();
             let _ = s.read_to_end(&mut rest);
@@ -1051,6 +1389,24 @@ mod tests {
             head: std::io::Cursor::new(greeting),
             s,
         })
+    }
+
+    #[test]
+    fn refusal_log_lines_are_rate_limited_with_a_count() {
+        let limit = LogLimit::default();
+        assert_eq!(limit.note(), Some(1));
+        // Within the interval: counted, not logged (bounded loop; the interval is a second).
+        let mut logged = 0;
+        for _ in 0..1000 {
+            logged += usize::from(limit.note().is_some());
+        }
+        assert!(
+            logged <= 1,
+            "{logged} lines for 1000 refusals within a second or so"
+        );
+        // After the interval, the next line carries the count.
+        limit.state.lock().unwrap().0 = Some(Instant::now() - REFUSAL_LOG_INTERVAL);
+        assert!(limit.note().is_some_and(|n| n >= 1));
     }
 
     #[test]
