@@ -89,14 +89,6 @@ impl FioJob {
         self.numjobs = jobs;
         self
     }
-    pub fn runtime_s(mut self, secs: Option<u64>) -> Self {
-        self.runtime_ms = secs.map(|s| s * 1000);
-        self
-    }
-    pub fn ramp_s(mut self, secs: Option<u64>) -> Self {
-        self.ramp_ms = secs.map(|s| s * 1000);
-        self
-    }
     /// Time-based run length (fio takes milliseconds); `None`: size-based.
     pub fn runtime(mut self, t: Option<std::time::Duration>) -> Self {
         self.runtime_ms = t.map(|d| d.as_millis() as u64);
@@ -178,11 +170,6 @@ impl FioJob {
             .chain(self.args())
             .collect::<Vec<_>>()
             .join(" ")
-    }
-
-    /// Run fio and parse what it printed.
-    pub fn run(&self) -> Result<FioReport> {
-        self.run_raw().map(|(_, r)| r)
     }
 
     /// Run fio; fio's JSON output as printed, and parsed. On Ctrl-C (see
@@ -500,8 +487,8 @@ mod tests {
         let job = FioJob::new("raw")
             .filename("/data/dev.img")
             .iodepth(32)
-            .runtime_s(Some(5))
-            .ramp_s(Some(1))
+            .runtime(Some(std::time::Duration::from_secs(5)))
+            .ramp(Some(std::time::Duration::from_secs(1)))
             .offset_bytes(1 << 20)
             .size_bytes(1 << 30)
             .extra("--norandommap");
@@ -529,7 +516,7 @@ mod tests {
         assert!(!a.iter().any(|x| x == "--group_reporting"));
         let grouped = FioJob::new("g")
             .numjobs(4)
-            .runtime_s(None)
+            .runtime(None)
             .direct(false)
             .args();
         assert!(grouped.iter().any(|x| x == "--group_reporting"));

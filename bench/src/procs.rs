@@ -547,14 +547,14 @@ impl CpuWindow {
         let handle = std::thread::spawn(move || {
             sleep_until(from);
             let t0 = Instant::now();
-            let host_a = crate::sys::host_snapshot(Path::new("/"));
+            let host_a = crate::host::host_snapshot(Path::new("/"));
             let a = server_group.map(GroupCpu::read);
             let others_a = OthersCpu::read(server_group);
             sleep_until(to);
             let secs = t0.elapsed().as_secs_f64();
             let b = server_group.map(GroupCpu::read);
             let others_b = OthersCpu::read(server_group);
-            let host = crate::sys::host_snapshot(Path::new("/")).since(&host_a);
+            let host = crate::host::host_snapshot(Path::new("/")).since(&host_a);
             let (others, by_name) = others_b.since(&others_a);
             (secs > 0.05 && !interrupt::requested()).then(|| WindowCpu {
                 server_cores: a.zip(b).map(|(a, b)| b.since(&a) / secs),

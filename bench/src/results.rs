@@ -3,6 +3,9 @@
 //! run's `summary.json`; the Markdown report and the plots are made from it.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
 
 use serde::{Deserialize, Serialize};
 
@@ -463,6 +466,15 @@ pub fn headline(s: &RunSummary, rate_iops: u32) -> Vec<HeadlineRow> {
         .collect()
 }
 
+/// Write `value` as pretty JSON to `dir/name`, creating `dir`. Returns the file's path.
+pub fn write_json<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(name);
+    let text = serde_json::to_string_pretty(value)?;
+    std::fs::write(&path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
 #[cfg(test)]
 pub mod tests {
     use super::*;
@@ -669,5 +681,15 @@ pub mod tests {
         let text = serde_json::to_string(&s).unwrap();
         let back: RunSummary = serde_json::from_str(&text).unwrap();
         assert_eq!(back, s);
+    }
+
+    #[test]
+    fn writes_json_into_a_new_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("a/b");
+        let p = write_json(&out, "x.json", &serde_json::json!({"k": 1})).unwrap();
+        let back: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+        assert_eq!(back["k"], 1);
     }
 }

@@ -848,7 +848,7 @@ pub fn rerun(args: &ReportArgs) -> Result<()> {
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     s.plots = write_plots(&s, &args.dir)?;
     std::fs::write(args.dir.join("report.md"), markdown(&s))?;
-    crate::report::write_json(&args.dir, "summary.json", &s)?;
+    crate::results::write_json(&args.dir, "summary.json", &s)?;
     println!("{}", headline_markdown(&s));
     Ok(())
 }
