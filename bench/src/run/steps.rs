@@ -507,21 +507,20 @@ fn prefill(ctx: &Ctx, r: &Running) -> Result<()> {
 /// The lean client's verify mode: random 4 KiB reads and writes (50/50) on two connections,
 /// every read checked against what this pass wrote.
 fn verify(ctx: &Ctx, r: &Running) -> VerifyResult {
-    let mut cfg = match r.endpoint.clone() {
-        Some(ep) => LoadConfig::new(ep, EXPORT, ctx.verify),
-        None => {
-            return VerifyResult {
-                target: r.spec.id.clone(),
-                ok: false,
-                ops: 0,
-                reads: 0,
-                writes: 0,
-                errors: 0,
-                verify_failures: 0,
-                detail: "no endpoint".into(),
-            }
-        }
+    let failed = |detail: String| VerifyResult {
+        target: r.spec.id.clone(),
+        ok: false,
+        ops: 0,
+        reads: 0,
+        writes: 0,
+        errors: 0,
+        verify_failures: 0,
+        detail,
     };
+    let Some(ep) = r.endpoint.clone() else {
+        return failed("no endpoint".into());
+    };
+    let mut cfg = LoadConfig::new(ep, EXPORT, ctx.verify);
     cfg.connections = 2;
     cfg.queue_depth = 16;
     cfg.read_percent = 50;
@@ -532,31 +531,21 @@ fn verify(ctx: &Ctx, r: &Running) -> VerifyResult {
     cfg.cancel = Some(interrupt::flag());
     match nbd_load::run(&cfg) {
         Ok(res) => VerifyResult {
-            target: r.spec.id.clone(),
             ok: res.errors == 0 && res.verify_failures == 0 && res.reads > 0 && res.writes > 0,
             ops: res.ops,
             reads: res.reads,
             writes: res.writes,
             errors: res.errors,
             verify_failures: res.verify_failures,
-            detail: format!(
+            ..failed(format!(
                 "{} reads checked against {} writes over {} MiB, {:.1} s",
                 res.reads,
                 res.writes,
                 cfg.range_bytes.unwrap_or(0) >> 20,
                 res.elapsed_s
-            ),
+            ))
         },
-        Err(e) => VerifyResult {
-            target: r.spec.id.clone(),
-            ok: false,
-            ops: 0,
-            reads: 0,
-            writes: 0,
-            errors: 0,
-            verify_failures: 0,
-            detail: format!("{e:#}"),
-        },
+        Err(e) => failed(format!("{e:#}")),
     }
 }
 
