@@ -31,7 +31,7 @@ const FILL_BLOCK_BYTES: usize = 1 << 20;
 const FILL_DEPTH: usize = 4;
 
 /// The benchmark file once prepared.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug)]
 pub struct Prepared {
     pub device_path: PathBuf,
     pub device_size_bytes: u64,
@@ -40,12 +40,6 @@ pub struct Prepared {
     pub data_offset_bytes: u64,
     /// Length of the data region = the volume's size; every byte of it was written.
     pub region_bytes: u64,
-    /// Bytes the file system allocated for the file (holes would read without device IO).
-    pub allocated_bytes: u64,
-    /// False when an already written volume was reused.
-    pub filled: bool,
-    pub fill_secs: f64,
-    pub fill_mib_per_s: f64,
 }
 
 fn engine_config(
@@ -73,42 +67,32 @@ fn engine_config(
     }
 }
 
-/// Format the device file (if blank), create the volume over every data chunk and write every
-/// chunk of it. An existing labelled file with a fully written volume is reused as it is.
+/// Format a new device file, create the volume over every data chunk and write every chunk of
+/// it (the file then has no holes, which would read without device IO).
 pub fn prepare(path: &Path, size_bytes: u64) -> Result<Prepared> {
     let engine = Engine::start(&engine_config(path, size_bytes, &[], None))
         .with_context(|| format!("starting the engine on {}", path.display()))?;
     let dev = engine.devices()[0].clone();
-    let region_bytes = u64::from(dev.total_chunks()) * dev.chunk_size_bytes();
-    let volume = match engine.volume(VOLUME_NAME) {
-        Some(v) => v,
-        None => engine.create_volume(DEVICE_NAME, VOLUME_NAME, region_bytes)?,
-    };
-    ensure!(
-        volume.size_bytes() == region_bytes,
-        "volume {VOLUME_NAME} on {} is {} bytes, expected {region_bytes}: use a fresh file",
-        path.display(),
-        volume.size_bytes()
-    );
-    let t0 = Instant::now();
     let chunks = u64::from(dev.total_chunks());
-    let filled = volume.allocated_chunks() < chunks;
-    if filled {
-        tracing::info!(
-            mib = region_bytes >> 20,
-            "filling the volume with sequential 1 MiB writes"
-        );
-        fill(&engine.open(VOLUME_NAME)?, region_bytes)?;
-    }
-    let fill_secs = t0.elapsed().as_secs_f64();
+    let region_bytes = chunks * dev.chunk_size_bytes();
+    let volume = engine.create_volume(DEVICE_NAME, VOLUME_NAME, region_bytes)?;
+    tracing::info!(
+        mib = region_bytes >> 20,
+        "filling the volume with sequential 1 MiB writes"
+    );
+    fill(&engine.open(VOLUME_NAME)?, region_bytes)?;
     ensure!(
         volume.allocated_chunks() == chunks,
         "after the fill {} of {chunks} chunks are mapped",
         volume.allocated_chunks()
     );
-    let data_offset_bytes = dev.label.data_offset_bytes;
-    let chunk_size_bytes = dev.chunk_size_bytes();
-    let device_size_bytes = dev.size_bytes;
+    let prepared = Prepared {
+        device_path: path.to_path_buf(),
+        device_size_bytes: dev.size_bytes,
+        chunk_size_bytes: dev.chunk_size_bytes(),
+        data_offset_bytes: dev.label.data_offset_bytes,
+        region_bytes,
+    };
     drop(volume);
     engine
         .shutdown()
@@ -120,17 +104,7 @@ pub fn prepare(path: &Path, size_bytes: u64) -> Result<Prepared> {
          reads would hit holes",
         path.display()
     );
-    Ok(Prepared {
-        device_path: path.to_path_buf(),
-        device_size_bytes,
-        chunk_size_bytes,
-        data_offset_bytes,
-        region_bytes,
-        allocated_bytes,
-        filled,
-        fill_secs,
-        fill_mib_per_s: (region_bytes as f64 / (1 << 20) as f64) / fill_secs.max(1e-9),
-    })
+    Ok(prepared)
 }
 
 /// Sequential 1 MiB writes over the whole volume, a few in flight.
@@ -238,7 +212,8 @@ pub struct EngineRun {
 /// Counters taken when the measured window opens and closes.
 struct Mark {
     at: Instant,
-    cpu: host::CpuTimes,
+    /// Process CPU time, (user, system).
+    cpu: (Duration, Duration),
     reactors: Vec<ReactorSnapshot>,
     host: host::HostSnapshot,
 }
@@ -246,7 +221,7 @@ struct Mark {
 fn mark(engine: &Engine, file: &Path) -> Result<Mark> {
     Ok(Mark {
         at: Instant::now(),
-        cpu: host::cpu_times()?,
+        cpu: host::cpu_times(libc::RUSAGE_SELF)?,
         reactors: engine.reactor_stats(),
         host: host::host_snapshot(file),
     })
@@ -313,7 +288,8 @@ pub fn run(prep: &Prepared, cpu: usize, w: &Workload) -> Result<EngineRun> {
     let secs = w.runtime.as_secs_f64();
     let mark_secs = b.at.duration_since(a.at).as_secs_f64().max(1e-9);
     let iops = lp.ios as f64 / secs;
-    let (usr, sys_time) = b.cpu.since(&a.cpu);
+    let usr = b.cpu.0.saturating_sub(a.cpu.0);
+    let sys_time = b.cpu.1.saturating_sub(a.cpu.1);
     let hist = &lp.hist;
     Ok(EngineRun {
         reactor_cpu: cpu,
@@ -650,10 +626,6 @@ mod tests {
         assert!(prep.data_offset_bytes > 0);
         assert_eq!(prep.region_bytes % prep.chunk_size_bytes, 0);
         assert!(prep.region_bytes + prep.data_offset_bytes <= prep.device_size_bytes);
-        // Prepared twice: the written volume is found again, not refilled or reformatted.
-        let again = prepare(&path, 32 << 20).unwrap();
-        assert!(prep.filled && !again.filled);
-        assert_eq!(again.data_offset_bytes, prep.data_offset_bytes);
         let w = Workload {
             block_bytes: 4096,
             iodepth: 8,

@@ -50,28 +50,13 @@ pub fn pin_current_thread(cpu: usize) -> Result<()> {
     Ok(())
 }
 
-/// User and system CPU time of the whole process (every thread).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CpuTimes {
-    pub user: Duration,
-    pub system: Duration,
-}
-
-impl CpuTimes {
-    /// (user, system) spent since `earlier`.
-    pub fn since(&self, earlier: &CpuTimes) -> (Duration, Duration) {
-        (
-            self.user.saturating_sub(earlier.user),
-            self.system.saturating_sub(earlier.system),
-        )
-    }
-}
-
-pub fn cpu_times() -> Result<CpuTimes> {
+/// User and system CPU time of the whole process (`RUSAGE_SELF`) or the calling thread
+/// (`RUSAGE_THREAD`).
+pub fn cpu_times(who: libc::c_int) -> Result<(Duration, Duration)> {
     // SAFETY: rusage is plain data that getrusage fills.
     let ru = unsafe {
         let mut ru: libc::rusage = std::mem::zeroed();
-        if libc::getrusage(libc::RUSAGE_SELF, &mut ru) != 0 {
+        if libc::getrusage(who, &mut ru) != 0 {
             return Err(std::io::Error::last_os_error()).context("getrusage");
         }
         ru
@@ -79,10 +64,12 @@ pub fn cpu_times() -> Result<CpuTimes> {
     let tv = |t: libc::timeval| {
         Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
     };
-    Ok(CpuTimes {
-        user: tv(ru.ru_utime),
-        system: tv(ru.ru_stime),
-    })
+    Ok((tv(ru.ru_utime), tv(ru.ru_stime)))
+}
+
+/// CPU time of the calling thread (user + system).
+pub fn thread_cpu() -> Duration {
+    cpu_times(libc::RUSAGE_THREAD).map_or(Duration::ZERO, |(u, s)| u + s)
 }
 
 /// System-wide CPU time from `/proc/stat` (clock ticks, all CPUs).
@@ -238,20 +225,6 @@ fn describe_idle_policy(driver: Option<&str>, halt_poll_ns: Option<&str>) -> Str
         ("haltpoll", Some(ns)) => format!("cpuidle haltpoll, guest halt polling {ns} ns"),
         (d, _) => format!("cpuidle {d}"),
     }
-}
-
-/// CPU time of the calling thread (user + system).
-pub fn thread_cpu() -> Duration {
-    // SAFETY: rusage is plain data that getrusage fills.
-    let ru = unsafe {
-        let mut ru: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_THREAD, &mut ru);
-        ru
-    };
-    let tv = |t: libc::timeval| {
-        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
-    };
-    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
 /// What one sleep-and-wake round trip costs between two threads, each blocking in `read` until
@@ -504,13 +477,15 @@ mod tests {
     fn cpus_and_cpu_time() {
         let cpus = available_cpus().unwrap();
         assert!(!cpus.is_empty());
-        let a = cpu_times().unwrap();
+        let (u0, s0) = cpu_times(libc::RUSAGE_SELF).unwrap();
+        let t0 = thread_cpu();
         let mut x = 0u64;
         for i in 0..2_000_000u64 {
             x = x.wrapping_mul(31).wrapping_add(i);
         }
         std::hint::black_box(x);
-        let b = cpu_times().unwrap();
-        assert!(b.user + b.system >= a.user + a.system);
+        let (u1, s1) = cpu_times(libc::RUSAGE_SELF).unwrap();
+        assert!(u1 + s1 >= u0 + s0);
+        assert!(thread_cpu() >= t0);
     }
 }

@@ -1,21 +1,20 @@
 //! The engine step: the engine in process and raw fio on the same region of the same file,
 //! 4k random read QD32, in rounds alternated back to back, both pinned to one CPU.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result};
 
 use crate::engine_bench;
 use crate::fio::FioJob;
 use crate::interrupt;
 use crate::matrix::{Client, Point};
-use crate::procs::CpuWindow;
 use crate::results::Sample;
 use crate::targets::{self, Kind, Running};
 
 use super::plan::Plan;
 use super::prepare::Ctx;
-use super::steps::{fio_job, fio_sample, record_window, Measured};
+use super::steps::{fio_job, record_window, run_fio, steady_window, write_raw, Measured};
 
 /// The fio patterns the engine's raw reference runs, named: fio's default (each read
 /// submitted as it is issued) and batched, a quarter of the queue depth (8 of 32) per submit and
@@ -50,12 +49,9 @@ fn run_engine(ctx: &Ctx, ramp: Duration, seed: u64, raw_rel: &str) -> Result<Sam
         seed,
         poll_idle_us: ctx.env.rb_poll_idle_us,
     };
-    let t0 = Instant::now();
-    let window = steady_window(ctx, t0, ramp);
+    let window = steady_window(ctx, None, ramp);
     let run = engine_bench::run(prep, ctx.engine_cpu.0, &w)?;
-    let raw_path = ctx.out_dir.join(raw_rel);
-    std::fs::create_dir_all(raw_path.parent().expect("has a parent"))?;
-    std::fs::write(&raw_path, serde_json::to_string_pretty(&run)? + "\n")?;
+    write_raw(ctx, raw_rel, &(serde_json::to_string_pretty(&run)? + "\n"))?;
     let mut sample = Sample {
         iops: run.iops,
         mib_s: run.bw_bytes_per_s / (1 << 20) as f64,
@@ -66,16 +62,6 @@ fn run_engine(ctx: &Ctx, ramp: Duration, seed: u64, raw_rel: &str) -> Result<Sam
     };
     record_window(&mut sample, window.finish());
     Ok(sample)
-}
-
-/// A window over the steady middle of a run of `ctx.runtime` after `ramp`, from `t0`.
-fn steady_window(ctx: &Ctx, t0: Instant, ramp: Duration) -> CpuWindow {
-    let edge = Duration::from_millis(250);
-    CpuWindow::start(
-        None,
-        t0 + ramp.max(edge),
-        t0 + ramp + ctx.runtime.saturating_sub(edge),
-    )
 }
 
 /// Raw fio io_uring on the backing file, 4k random read QD32: one round of the engine step.
@@ -100,17 +86,8 @@ fn run_raw_round(
     let mut best: Option<Sample> = None;
     for (variant, job) in raw_fio_patterns(job) {
         let rel = raw_rel.replace(".json", &format!("-{variant}.json"));
-        let window = steady_window(ctx, Instant::now(), ramp);
-        let (text, report) = job.run_raw()?;
-        let raw_path = ctx.out_dir.join(&rel);
-        std::fs::create_dir_all(raw_path.parent().expect("has a parent"))?;
-        std::fs::write(&raw_path, &text)?;
-        let j = report.job()?;
-        ensure!(j.error == 0, "fio reported error {}", j.error);
-        let mut sample = Sample {
-            raw: Some(rel),
-            ..fio_sample(j, 0)
-        };
+        let window = steady_window(ctx, None, ramp);
+        let mut sample = run_fio(ctx, &job, &rel, 0)?;
         record_window(&mut sample, window.finish());
         eprintln!("    raw fio ({variant}): {:.0} IOPS", sample.iops);
         if best.as_ref().is_none_or(|b| sample.iops > b.iops) {

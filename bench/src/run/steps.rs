@@ -432,37 +432,54 @@ fn run_point(
             .map_or(String::new(), |x| format!("-rate{x}")),
         round.map_or(String::new(), |k| format!("-round{k}"))
     );
-    let raw_path = ctx.out_dir.join(&raw_rel);
-    std::fs::create_dir_all(raw_path.parent().expect("has a parent"))?;
     // The server's CPU over the steady middle of the run.
-    let t0 = Instant::now();
-    let edge = Duration::from_millis(250);
-    let window = CpuWindow::start(
-        r.server.as_ref().map(|s| s.pid),
-        t0 + ctx.ramp.max(edge),
-        t0 + ctx.ramp + ctx.runtime.saturating_sub(edge),
-    );
+    let window = steady_window(ctx, r.server.as_ref().map(|s| s.pid), ctx.ramp);
     let mut sample = match point.client {
-        Client::Fio => {
-            let job = fio_job(ctx, r, point, repeat)?;
-            let (text, report) = job.run_raw()?;
-            std::fs::write(&raw_path, &text)?;
-            let j = report.job()?;
-            ensure!(j.error == 0, "fio reported error {}", j.error);
-            fio_sample(j, repeat)
-        }
+        Client::Fio => run_fio(ctx, &fio_job(ctx, r, point, repeat)?, &raw_rel, repeat)?,
         Client::Lean => {
             let cfg = lean_config(ctx, r, point, repeat)?;
             let res = nbd_load::run(&cfg)?;
-            std::fs::write(&raw_path, serde_json::to_string_pretty(&res)? + "\n")?;
+            write_raw(ctx, &raw_rel, &(serde_json::to_string_pretty(&res)? + "\n"))?;
             ensure!(res.errors == 0, "{} requests failed", res.errors);
-            lean_sample(&res, repeat)
+            Sample {
+                raw: Some(raw_rel),
+                ..lean_sample(&res, repeat)
+            }
         }
         Client::Engine => bail!("engine points run through run_engine"),
     };
-    sample.raw = Some(raw_rel);
     record_window(&mut sample, window.finish());
     Ok(sample)
+}
+
+/// A window over the steady middle of a run of `ctx.runtime` after `ramp`, starting now: from
+/// the end of the warm-up (at least 0.25 s in) to 0.25 s before the end.
+pub fn steady_window(ctx: &Ctx, server_group: Option<i32>, ramp: Duration) -> CpuWindow {
+    let (t0, edge) = (Instant::now(), Duration::from_millis(250));
+    CpuWindow::start(
+        server_group,
+        t0 + ramp.max(edge),
+        t0 + ramp + ctx.runtime.saturating_sub(edge),
+    )
+}
+
+/// Keep a run's raw output at `rel` under the results folder.
+pub fn write_raw(ctx: &Ctx, rel: &str, text: &str) -> Result<()> {
+    let path = ctx.out_dir.join(rel);
+    std::fs::create_dir_all(path.parent().context("a raw file's folder")?)?;
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Run fio's `job` and keep its JSON at `rel`: its sample, an error when fio reports one.
+pub fn run_fio(ctx: &Ctx, job: &FioJob, rel: &str, repeat: usize) -> Result<Sample> {
+    let (text, report) = job.run_raw()?;
+    write_raw(ctx, rel, &text)?;
+    let j = report.job()?;
+    ensure!(j.error == 0, "fio reported error {}", j.error);
+    Ok(Sample {
+        raw: Some(rel.to_string()),
+        ..fio_sample(j, repeat)
+    })
 }
 
 /// Put what a [`CpuWindow`] saw into `sample`.
@@ -495,13 +512,7 @@ fn prefill(ctx: &Ctx, r: &Running) -> Result<()> {
         .size_bytes(r.region_bytes)
         .direct(false)
         .extra(format!("--uri={uri}"));
-    let (text, report) = job.run_raw()?;
-    let j = report.job()?;
-    ensure!(j.error == 0, "prefill: fio error {}", j.error);
-    let dir = ctx.out_dir.join("raw").join(&r.spec.id);
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("prefill.json"), text)?;
-    Ok(())
+    run_fio(ctx, &job, &format!("raw/{}/prefill.json", r.spec.id), 0).map(drop)
 }
 
 /// The lean client's verify mode: random 4 KiB reads and writes (50/50) on two connections,
