@@ -42,8 +42,7 @@ pub enum Transport {
 pub enum Kind {
     /// fio io_uring O_DIRECT on the backing file: the limit.
     Raw,
-    /// The ringblock engine on the backing file, in process, no transport (the `engine`
-    /// subcommand's measurement).
+    /// The ringblock engine on the backing file, in process, no transport (the engine step).
     Engine,
     Ringblock {
         device: RbDevice,
@@ -288,7 +287,6 @@ pub struct Running {
     pub region_bytes: u64,
     /// The command line that started the server, for the report.
     pub command: String,
-    pub start_s: f64,
 }
 
 fn command_line(cmd: &Command) -> String {
@@ -335,7 +333,6 @@ fn ringblock_config(spec: &TargetSpec, env: &Env, region: u64) -> String {
 
 /// Start `spec` and wait until it answers an NBD handshake (at most `timeout`).
 pub fn start(spec: &TargetSpec, env: &Env, timeout: Duration) -> Result<Running> {
-    let t0 = Instant::now();
     let region = match spec.kind {
         Kind::Ringblock {
             device: RbDevice::Profile(_),
@@ -350,7 +347,6 @@ pub fn start(spec: &TargetSpec, env: &Env, timeout: Duration) -> Result<Running>
         fio_uri: None,
         region_bytes: region,
         command: String::new(),
-        start_s: 0.0,
     };
     if matches!(spec.kind, Kind::Raw | Kind::Engine) {
         return Ok(running);
@@ -361,7 +357,6 @@ pub fn start(spec: &TargetSpec, env: &Env, timeout: Duration) -> Result<Running>
     running.fio_uri = Some(uri);
     running.command = command;
     wait_ready(&mut running, timeout)?;
-    running.start_s = t0.elapsed().as_secs_f64();
     Ok(running)
 }
 
