@@ -298,37 +298,42 @@ fn command_line(cmd: &Command) -> String {
 }
 
 fn ringblock_config(spec: &TargetSpec, env: &Env, region: u64) -> String {
-    let overhead: u64 = 64 << 20;
+    let ram_bytes = region + (64 << 20);
     let head = env
         .rb_poll_idle_us
         .map_or(String::new(), |us| format!("poll_idle_us = {us}\n\n"));
-    head + &match &spec.kind {
+    let (dev, device) = match &spec.kind {
         Kind::Ringblock {
             device: RbDevice::File,
             ..
-        } => format!(
-            "[[device]]\nname = \"{dev}\"\nkind = \"file\"\npath = \"{path}\"\n\
-             size_bytes = {size}\nformat = \"never\"\n\n\
-             [[volume]]\nname = \"{EXPORT}\"\ndevice = \"{dev}\"\nsize_bytes = {region}\n",
-            dev = crate::engine_bench::DEVICE_NAME,
-            path = env.device_file.display(),
-            size = env.device_file_bytes,
-        ),
+        } => {
+            let dev = crate::engine_bench::DEVICE_NAME;
+            let device = format!(
+                "kind = \"file\"\npath = \"{}\"\nsize_bytes = {}\nformat = \"never\"\n",
+                env.device_file.display(),
+                env.device_file_bytes
+            );
+            (dev, device)
+        }
         Kind::Ringblock {
             device: RbDevice::Profile(p),
             ..
-        } => format!(
-            "[[device]]\nname = \"ram0\"\nkind = \"ram\"\nsize_bytes = {size}\n\
-             profile = \"{p}\"\nemulate_profile_latency = true\n\n\
-             [[volume]]\nname = \"{EXPORT}\"\ndevice = \"ram0\"\nsize_bytes = {region}\n",
-            size = region + overhead,
+        } => (
+            "ram0",
+            format!(
+                "kind = \"ram\"\nsize_bytes = {ram_bytes}\nprofile = \"{p}\"\n\
+                 emulate_profile_latency = true\n"
+            ),
         ),
-        _ => format!(
-            "[[device]]\nname = \"ram0\"\nkind = \"ram\"\nsize_bytes = {size}\n\n\
-             [[volume]]\nname = \"{EXPORT}\"\ndevice = \"ram0\"\nsize_bytes = {region}\n",
-            size = region + overhead,
+        _ => (
+            "ram0",
+            format!("kind = \"ram\"\nsize_bytes = {ram_bytes}\n"),
         ),
-    }
+    };
+    format!(
+        "{head}[[device]]\nname = \"{dev}\"\n{device}\n\
+         [[volume]]\nname = \"{EXPORT}\"\ndevice = \"{dev}\"\nsize_bytes = {region}\n"
+    )
 }
 
 /// Start `spec` and wait until it answers an NBD handshake (at most `timeout`).
