@@ -1,5 +1,6 @@
-//! The engine on a file, driven directly (no transport) by the lean drivers of
-//! [`crate::driver`].
+//! The `engine` target: the engine in process on a file, driven directly (no transport) by a
+//! read loop hosted as a task on its one reactor, as transports run (one thread does
+//! everything, like fio).
 //!
 //! Layout: the engine owns one `file` device; one volume spans all its data chunks and is
 //! filled with sequential 1 MiB writes, so every chunk is mapped and the whole data region
@@ -7,60 +8,30 @@
 //! that same region of the same file, so both read the same bytes through the same file system.
 
 use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
+use hdrhistogram::Histogram;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use ringblock_engine::task::{ReactorTask, RingCompletion, TaskCtx};
 use ringblock_engine::{
-    AlignedBuf, DeviceConfig, DeviceKind, Engine, EngineConfig, FormatPolicy, IoBuf, Port,
-    PortWaker, ReactorId, ReactorSnapshot, Request, RequestKind, VolumeHandle,
+    AlignedBuf, Completion, DeviceConfig, DeviceKind, Engine, EngineConfig, FormatPolicy, IoBuf,
+    Port, PortWaker, ReactorId, ReactorSnapshot, Request, RequestKind, VolumeHandle,
 };
 use serde::Serialize;
 
-use crate::driver::{drive_on_thread, Buffers, ReadLoop, ReadTask, STUCK_AFTER};
-use crate::fio::{FioJob, Percentiles};
-use crate::sys;
+use crate::fio::Percentiles;
+use crate::host;
 
 pub const DEVICE_NAME: &str = "bench";
 pub const VOLUME_NAME: &str = "bench";
 const FILL_BLOCK_BYTES: usize = 1 << 20;
 const FILL_DEPTH: usize = 4;
 
-/// The fio patterns the engine's raw reference runs, named: fio's default (each read
-/// submitted as it is issued) and batched, a quarter of the queue depth (8 of 32) per submit and
-/// per reap, as the engine's reactor does. On a virtio disk that batches its interrupts either
-/// can be the faster one (docs/performance.md), so the raw device's
-/// limit is the better of the two.
-pub fn raw_fio_patterns(job: FioJob) -> [(&'static str, FioJob); 2] {
-    let batched = job
-        .clone()
-        .extra("--iodepth_batch_submit=8")
-        .extra("--iodepth_batch_complete_min=8");
-    [("default", job), ("batched", batched)]
-}
-
-/// The CPU an engine-vs-raw comparison runs on (raw fio and the engine's reactor both), and
-/// why: the one taking the backing device's completion interrupts when it can be told, else
-/// the last CPU (where the engine puts its one reactor on small machines).
-pub fn comparison_cpu(device_path: &Path, cpus: &[usize]) -> (usize, String) {
-    use ringblock_engine::irq;
-    let found = irq::device_irq_cpu(device_path);
-    let cpu = irq::lone_reactor_core(found.as_ref().map(|(c, _)| *c), cpus).unwrap_or(0);
-    let why = match found {
-        Some((c, name)) if c == cpu => {
-            format!("cpu {cpu}, which takes the device's interrupts ({name})")
-        }
-        _ => format!("cpu {cpu}, the last (the device's interrupt CPU is unknown)"),
-    };
-    (cpu, why)
-}
-
-/// Pin a fio job to `cpu`.
-pub fn pinned(job: FioJob, cpu: usize) -> FioJob {
-    job.extra(format!("--cpus_allowed={cpu}"))
-}
-
 /// The benchmark file once prepared.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug)]
 pub struct Prepared {
     pub device_path: PathBuf,
     pub device_size_bytes: u64,
@@ -69,12 +40,6 @@ pub struct Prepared {
     pub data_offset_bytes: u64,
     /// Length of the data region = the volume's size; every byte of it was written.
     pub region_bytes: u64,
-    /// Bytes the file system allocated for the file (holes would read without device IO).
-    pub allocated_bytes: u64,
-    /// False when an already written volume was reused.
-    pub filled: bool,
-    pub fill_secs: f64,
-    pub fill_mib_per_s: f64,
 }
 
 fn engine_config(
@@ -102,64 +67,44 @@ fn engine_config(
     }
 }
 
-/// Format the device file (if blank), create the volume over every data chunk and write every
-/// chunk of it. An existing labelled file with a fully written volume is reused as it is.
+/// Format a new device file, create the volume over every data chunk and write every chunk of
+/// it (the file then has no holes, which would read without device IO).
 pub fn prepare(path: &Path, size_bytes: u64) -> Result<Prepared> {
     let engine = Engine::start(&engine_config(path, size_bytes, &[], None))
         .with_context(|| format!("starting the engine on {}", path.display()))?;
     let dev = engine.devices()[0].clone();
-    let region_bytes = u64::from(dev.total_chunks()) * dev.chunk_size_bytes();
-    let volume = match engine.volume(VOLUME_NAME) {
-        Some(v) => v,
-        None => engine.create_volume(DEVICE_NAME, VOLUME_NAME, region_bytes)?,
-    };
-    ensure!(
-        volume.size_bytes() == region_bytes,
-        "volume {VOLUME_NAME} on {} is {} bytes, expected {region_bytes}: use a fresh file",
-        path.display(),
-        volume.size_bytes()
-    );
-    let t0 = Instant::now();
     let chunks = u64::from(dev.total_chunks());
-    let filled = volume.allocated_chunks() < chunks;
-    if filled {
-        tracing::info!(
-            mib = region_bytes >> 20,
-            "filling the volume with sequential 1 MiB writes"
-        );
-        fill(&engine.open(VOLUME_NAME)?, region_bytes)?;
-    }
-    let fill_secs = t0.elapsed().as_secs_f64();
+    let region_bytes = chunks * dev.chunk_size_bytes();
+    let volume = engine.create_volume(DEVICE_NAME, VOLUME_NAME, region_bytes)?;
+    tracing::info!(
+        mib = region_bytes >> 20,
+        "filling the volume with sequential 1 MiB writes"
+    );
+    fill(&engine.open(VOLUME_NAME)?, region_bytes)?;
     ensure!(
         volume.allocated_chunks() == chunks,
         "after the fill {} of {chunks} chunks are mapped",
         volume.allocated_chunks()
     );
-    let data_offset_bytes = dev.label.data_offset_bytes;
-    let chunk_size_bytes = dev.chunk_size_bytes();
-    let device_size_bytes = dev.size_bytes;
+    let prepared = Prepared {
+        device_path: path.to_path_buf(),
+        device_size_bytes: dev.size_bytes,
+        chunk_size_bytes: dev.chunk_size_bytes(),
+        data_offset_bytes: dev.label.data_offset_bytes,
+        region_bytes,
+    };
     drop(volume);
     engine
         .shutdown()
         .context("flushing the engine after the fill")?;
-    let allocated_bytes = sys::allocated_bytes(path)?;
+    let allocated_bytes = host::allocated_bytes(path)?;
     ensure!(
         allocated_bytes >= region_bytes,
         "{} has only {allocated_bytes} bytes allocated for a {region_bytes}-byte data region: \
          reads would hit holes",
         path.display()
     );
-    Ok(Prepared {
-        device_path: path.to_path_buf(),
-        device_size_bytes,
-        chunk_size_bytes,
-        data_offset_bytes,
-        region_bytes,
-        allocated_bytes,
-        filled,
-        fill_secs,
-        fill_mib_per_s: (region_bytes as f64 / (1 << 20) as f64) / fill_secs.max(1e-9),
-    })
+    Ok(prepared)
 }
 
 /// Sequential 1 MiB writes over the whole volume, a few in flight.
@@ -216,82 +161,6 @@ fn fill(handle: &VolumeHandle, region_bytes: u64) -> Result<()> {
     Ok(())
 }
 
-/// Who drives the reads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum DriverKind {
-    /// A thread of its own, handing requests to the reactors' inboxes.
-    Thread,
-    /// A task on the first reactor, as transports run (one thread in all with one reactor).
-    Task,
-}
-
-/// Where the engine's reactors and the driver run.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Placement {
-    pub label: String,
-    pub driver: DriverKind,
-    /// CPU ids for reactors (empty: every core, the engine's default).
-    pub reactor_cores: Vec<usize>,
-    /// CPU the driver thread is pinned to, if any.
-    pub driver_core: Option<usize>,
-}
-
-impl Placement {
-    /// Reactors on `cores` (empty: every CPU); a thread driver is pinned to the first CPU they
-    /// leave free, if any.
-    pub fn on(driver: DriverKind, cores: &[usize], cpus: &[usize]) -> Placement {
-        let used: &[usize] = if cores.is_empty() { cpus } else { cores };
-        let reactors = if cores.is_empty() {
-            "the engine's default cores".to_string()
-        } else {
-            format!(
-                "{} reactor{} (cpu {})",
-                cores.len(),
-                if cores.len() == 1 { "" } else { "s" },
-                join(cores)
-            )
-        };
-        let (label, driver_core) = match driver {
-            DriverKind::Thread => {
-                let core = cpus.iter().copied().find(|c| !used.contains(c));
-                let at = core.map_or("unpinned".to_string(), |c| format!("cpu {c}"));
-                (format!("engine: thread driver ({at}), {reactors}"), core)
-            }
-            DriverKind::Task => (format!("engine: task on reactor 0, {reactors}"), None),
-        };
-        Placement {
-            label,
-            driver,
-            reactor_cores: cores.to_vec(),
-            driver_core,
-        }
-    }
-
-    /// For each driver kind: one reactor on `home` (a thread driver on another CPU), and the
-    /// engine's default cores unless that is the same thing: on machines with two CPUs or fewer
-    /// the engine runs one reactor, on the CPU [`comparison_cpu`] picks as `home` (the device's
-    /// interrupt CPU, else the last).
-    pub fn defaults(drivers: &[DriverKind], cpus: &[usize], home: usize) -> Vec<Placement> {
-        let default_is_home = cpus.len() <= 2;
-        let mut v = Vec::new();
-        for &d in drivers {
-            v.push(Placement::on(d, &[home], cpus));
-            if !default_is_home {
-                v.push(Placement::on(d, &[], cpus));
-            }
-        }
-        v
-    }
-}
-
-fn join(xs: &[usize]) -> String {
-    xs.iter()
-        .map(usize::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 /// The random-read workload.
 #[derive(Clone, Debug, Serialize)]
 pub struct Workload {
@@ -299,13 +168,10 @@ pub struct Workload {
     pub iodepth: usize,
     pub runtime: Duration,
     pub ramp: Duration,
-    /// How long a thread driver spins on its port before parking.
-    pub spin: Duration,
     pub seed: u64,
     /// Reactors' busy-poll window before parking; `None`: the engine's default (the
     /// device profile's `poll_idle_us`).
     pub poll_idle_us: Option<u64>,
-    pub buffers: Buffers,
 }
 
 /// What one reactor did during the measured window.
@@ -323,7 +189,8 @@ pub struct ReactorDelta {
 /// One measured engine run.
 #[derive(Clone, Debug, Serialize)]
 pub struct EngineRun {
-    pub placement: Placement,
+    /// The CPU of its one reactor.
+    pub reactor_cpu: usize,
     pub reactors: u32,
     pub ios: u64,
     pub secs: f64,
@@ -337,32 +204,26 @@ pub struct EngineRun {
     pub usr_cpu_pct: f64,
     pub sys_cpu_pct: f64,
     pub cpu_us_per_io: f64,
-    /// Times a thread driver found its port empty after spinning and parked.
-    pub driver_parks: Option<u64>,
     pub reactor_deltas: Vec<ReactorDelta>,
-    /// Scheduler counters of every thread during the window: run-queue waits show a thread
-    /// that wanted a CPU and did not get one.
-    pub threads: Vec<sys::ThreadSched>,
     /// The machine during the window: steal, device time per read.
-    pub host: sys::HostDelta,
+    pub host: host::HostDelta,
 }
 
 /// Counters taken when the measured window opens and closes.
 struct Mark {
     at: Instant,
-    cpu: sys::CpuTimes,
+    /// Process CPU time, (user, system).
+    cpu: (Duration, Duration),
     reactors: Vec<ReactorSnapshot>,
-    threads: Vec<sys::ThreadSched>,
-    host: sys::HostSnapshot,
+    host: host::HostSnapshot,
 }
 
 fn mark(engine: &Engine, file: &Path) -> Result<Mark> {
     Ok(Mark {
         at: Instant::now(),
-        cpu: sys::cpu_times()?,
+        cpu: host::cpu_times(libc::RUSAGE_SELF)?,
         reactors: engine.reactor_stats(),
-        threads: sys::thread_sched(),
-        host: sys::host_snapshot(file),
+        host: host::host_snapshot(file),
     })
 }
 
@@ -381,12 +242,13 @@ fn reactor_deltas(a: &[ReactorSnapshot], b: &[ReactorSnapshot]) -> Vec<ReactorDe
         .collect()
 }
 
-/// Start the engine with `placement`, run the workload on the prepared volume, stop it.
-pub fn run(prep: &Prepared, placement: &Placement, w: &Workload) -> Result<EngineRun> {
+/// Start the engine with one reactor on `cpu`, run the workload on the prepared volume as a
+/// task on that reactor, stop it.
+pub fn run(prep: &Prepared, cpu: usize, w: &Workload) -> Result<EngineRun> {
     let engine = Engine::start(&engine_config(
         &prep.device_path,
         prep.device_size_bytes,
-        &placement.reactor_cores,
+        &[cpu],
         w.poll_idle_us,
     ))
     .context("starting the engine")?;
@@ -396,8 +258,7 @@ pub fn run(prep: &Prepared, placement: &Placement, w: &Workload) -> Result<Engin
         "the volume is not fully written any more"
     );
     let file = prep.device_path.as_path();
-    let t0 = Instant::now();
-    let measure_from = t0 + w.ramp;
+    let measure_from = Instant::now() + w.ramp;
     let deadline = measure_from + w.runtime;
     let lp = ReadLoop::new(
         prep.region_bytes,
@@ -407,59 +268,18 @@ pub fn run(prep: &Prepared, placement: &Placement, w: &Workload) -> Result<Engin
         measure_from,
         deadline,
     )?;
+    let (tx, rx) = mpsc::channel();
+    let task = ReadTask::new(handle.clone(), lp, w.block_bytes, tx);
+    engine.spawn_task(Some(ReactorId(0)), Box::new(task));
+    // The task keeps its own clock; this thread only marks the window's edges.
     let mut marks: Vec<Mark> = Vec::new();
-    let (lp, driver_parks) = match placement.driver {
-        DriverKind::Thread => {
-            let pool = match w.buffers {
-                Buffers::Registered => engine.buffer_pool(ReactorId(0)),
-                Buffers::Owned => None,
-            };
-            let driver_core = placement.driver_core;
-            let (engine, handle) = (&engine, &handle);
-            let (lp, parks) = std::thread::scope(|s| {
-                s.spawn(|| -> Result<(ReadLoop, u64, Vec<Mark>)> {
-                    if let Some(cpu) = driver_core {
-                        sys::pin_current_thread(cpu)?;
-                    }
-                    let mut lp = lp;
-                    let mut marks = Vec::new();
-                    let d = drive_on_thread(
-                        handle,
-                        &mut lp,
-                        pool.as_ref(),
-                        w.block_bytes,
-                        w.spin,
-                        || {
-                            marks.push(mark(engine, file)?);
-                            Ok(())
-                        },
-                    )?;
-                    Ok((lp, d.parks, marks))
-                })
-                .join()
-                .map_err(|_| anyhow::anyhow!("driver thread panicked"))?
-                .map(|(lp, parks, m)| {
-                    marks = m;
-                    (lp, parks)
-                })
-            })?;
-            (lp, Some(parks))
-        }
-        DriverKind::Task => {
-            let (tx, rx) = std::sync::mpsc::channel();
-            let task = ReadTask::new(handle.clone(), lp, w.buffers, w.block_bytes, tx);
-            engine.spawn_task(Some(ReactorId(0)), Box::new(task));
-            // The task keeps its own clock; this thread only marks the window's edges.
-            for edge in [measure_from, deadline] {
-                std::thread::sleep(edge.saturating_duration_since(Instant::now()));
-                marks.push(mark(&engine, file)?);
-            }
-            let lp = rx
-                .recv_timeout(STUCK_AFTER)
-                .context("the read task did not finish")??;
-            (lp, None)
-        }
-    };
+    for edge in [measure_from, deadline] {
+        std::thread::sleep(edge.saturating_duration_since(Instant::now()));
+        marks.push(mark(&engine, file)?);
+    }
+    let lp = rx
+        .recv_timeout(STUCK_AFTER)
+        .context("the read task did not finish")??;
     let reactors = engine.reactor_count();
     drop(handle);
     engine.shutdown().context("stopping the engine")?;
@@ -468,10 +288,11 @@ pub fn run(prep: &Prepared, placement: &Placement, w: &Workload) -> Result<Engin
     let secs = w.runtime.as_secs_f64();
     let mark_secs = b.at.duration_since(a.at).as_secs_f64().max(1e-9);
     let iops = lp.ios as f64 / secs;
-    let (usr, sys_time) = b.cpu.since(&a.cpu);
+    let usr = b.cpu.0.saturating_sub(a.cpu.0);
+    let sys_time = b.cpu.1.saturating_sub(a.cpu.1);
     let hist = &lp.hist;
     Ok(EngineRun {
-        placement: placement.clone(),
+        reactor_cpu: cpu,
         reactors,
         ios: lp.ios,
         secs,
@@ -489,48 +310,314 @@ pub fn run(prep: &Prepared, placement: &Placement, w: &Workload) -> Result<Engin
         sys_cpu_pct: sys_time.as_secs_f64() / mark_secs * 100.0,
         cpu_us_per_io: (usr + sys_time).as_secs_f64() / mark_secs * secs * 1e6
             / lp.ios.max(1) as f64,
-        driver_parks,
         reactor_deltas: reactor_deltas(&a.reactors, &b.reactors),
-        threads: sys::thread_sched_deltas(&a.threads, &b.threads),
         host: b.host.since(&a.host),
     })
+}
+
+/// Longest a request may take before a driver gives up (a stuck engine must not hang).
+pub const STUCK_AFTER: Duration = Duration::from_secs(30);
+
+/// The request stream and its bookkeeping, independent of who runs it.
+pub struct ReadLoop {
+    block_bytes: u64,
+    blocks: u64,
+    rng: SmallRng,
+    started: Vec<Instant>,
+    pub measure_from: Instant,
+    pub deadline: Instant,
+    in_flight: usize,
+    stop: bool,
+    /// Completions inside `[measure_from, deadline)`.
+    pub ios: u64,
+    /// Submit-to-completion latency of those completions, in ns.
+    pub hist: Histogram<u64>,
+}
+
+impl ReadLoop {
+    pub fn new(
+        region_bytes: u64,
+        block_bytes: usize,
+        iodepth: usize,
+        seed: u64,
+        measure_from: Instant,
+        deadline: Instant,
+    ) -> Result<Self> {
+        let block_bytes = block_bytes as u64;
+        let blocks = region_bytes / block_bytes;
+        ensure!(iodepth > 0 && blocks > 0, "nothing to drive");
+        Ok(Self {
+            block_bytes,
+            blocks,
+            rng: SmallRng::seed_from_u64(seed),
+            started: vec![Instant::now(); iodepth],
+            measure_from,
+            deadline,
+            in_flight: 0,
+            stop: false,
+            ios: 0,
+            hist: Histogram::new_with_bounds(1, 60_000_000_000, 3)?,
+        })
+    }
+
+    pub fn iodepth(&self) -> usize {
+        self.started.len()
+    }
+
+    /// A read of a random block into `buf`, tagged `tag`, counted as in flight from `now`.
+    pub fn request(&mut self, tag: usize, buf: IoBuf, now: Instant) -> Request {
+        self.started[tag] = now;
+        self.in_flight += 1;
+        Request {
+            kind: RequestKind::Read,
+            offset_bytes: self.rng.gen_range(0..self.blocks) * self.block_bytes,
+            len_bytes: self.block_bytes,
+            fua: false,
+            buf: Some(buf),
+            mover: None,
+            tag: tag as u64,
+        }
+    }
+
+    /// Account a completion seen at `now`; returns its tag and buffer to go again, or `None`
+    /// once the run is over.
+    pub fn complete(&mut self, c: Completion, now: Instant) -> Result<Option<(usize, IoBuf)>> {
+        self.in_flight -= 1;
+        if let Err(e) = c.result {
+            bail!("read failed: {e}");
+        }
+        let buf = c.buf.context("read buffer not returned")?;
+        let tag = c.tag as usize;
+        if now >= self.measure_from && now < self.deadline {
+            let ns = now.duration_since(self.started[tag]).as_nanos() as u64;
+            self.hist.record(ns.max(1))?;
+            self.ios += 1;
+        }
+        if self.stop || now >= self.deadline {
+            return Ok(None);
+        }
+        Ok(Some((tag, buf)))
+    }
+
+    /// Submit nothing more.
+    pub fn stop(&mut self) {
+        self.stop = true;
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Past the deadline (or stopped) and drained.
+    pub fn done(&self, now: Instant) -> bool {
+        (self.stop || now >= self.deadline) && self.in_flight == 0
+    }
+
+    /// Longest wait of a request in flight.
+    pub fn oldest_wait(&self, now: Instant) -> Duration {
+        if self.in_flight == 0 {
+            return Duration::ZERO;
+        }
+        self.started
+            .iter()
+            .map(|s| now.saturating_duration_since(*s))
+            .max()
+            .unwrap_or_default()
+    }
+}
+
+/// The read loop as a reactor task. Its result goes to `done` when it finishes.
+pub struct ReadTask {
+    handle: VolumeHandle,
+    lp: Option<ReadLoop>,
+    block_bytes: usize,
+    port: Option<Arc<Port>>,
+    done: mpsc::Sender<Result<ReadLoop>>,
+    finished: bool,
+}
+
+impl ReadTask {
+    pub fn new(
+        handle: VolumeHandle,
+        lp: ReadLoop,
+        block_bytes: usize,
+        done: mpsc::Sender<Result<ReadLoop>>,
+    ) -> Self {
+        Self {
+            handle,
+            lp: Some(lp),
+            block_bytes,
+            port: None,
+            done,
+            finished: false,
+        }
+    }
+
+    fn finish(&mut self, r: Result<ReadLoop>) {
+        let _ = self.done.send(r);
+        self.finished = true;
+    }
+
+    fn step(&mut self, ctx: &mut TaskCtx<'_>, lp: &mut ReadLoop) -> Result<usize> {
+        let port = match &self.port {
+            Some(p) => p.clone(),
+            None => {
+                let port = Port::new(lp.iodepth(), ctx.port_waker());
+                self.port = Some(port.clone());
+                for tag in 0..lp.iodepth() {
+                    let buf = IoBuf::owned(AlignedBuf::zeroed(self.block_bytes));
+                    let req = lp.request(tag, buf, Instant::now());
+                    ctx.submit(&self.handle, req, &port)
+                        .map_err(|(_, e)| anyhow::anyhow!("read refused: {e}"))?;
+                }
+                port
+            }
+        };
+        let mut work = 0;
+        // Bounded: the port holds at most `iodepth` completions.
+        while let Some(c) = port.pop() {
+            let now = Instant::now();
+            work += 1;
+            if let Some((tag, buf)) = lp.complete(c, now)? {
+                let req = lp.request(tag, buf, now);
+                ctx.submit(&self.handle, req, &port)
+                    .map_err(|(_, e)| anyhow::anyhow!("read refused: {e}"))?;
+            }
+        }
+        let now = Instant::now();
+        ensure!(
+            lp.oldest_wait(now) < STUCK_AFTER,
+            "no completion for {STUCK_AFTER:?} with {} reads in flight",
+            lp.in_flight()
+        );
+        Ok(work)
+    }
+}
+
+impl ReactorTask for ReadTask {
+    fn poll(&mut self, ctx: &mut TaskCtx<'_>) -> usize {
+        let Some(mut lp) = self.lp.take() else {
+            return 0;
+        };
+        match self.step(ctx, &mut lp) {
+            Ok(work) => {
+                if lp.done(Instant::now()) {
+                    self.finish(Ok(lp));
+                } else {
+                    self.lp = Some(lp);
+                }
+                work
+            }
+            Err(e) if lp.in_flight() == 0 => {
+                self.finish(Err(e));
+                1
+            }
+            Err(e) => {
+                // Stop submitting, drain what is in flight, then report the error.
+                tracing::error!("read task: {e:#}");
+                lp.stop();
+                self.lp = Some(lp);
+                1
+            }
+        }
+    }
+
+    fn on_ring(&mut self, _ctx: &mut TaskCtx<'_>, c: RingCompletion) {
+        tracing::error!(
+            tag = c.tag,
+            "read task got a ring completion it never asked for"
+        );
+    }
+
+    fn stop(&mut self, _ctx: &mut TaskCtx<'_>) {
+        if let Some(lp) = self.lp.as_mut() {
+            lp.stop();
+        }
+    }
+
+    fn has_ready(&self) -> bool {
+        self.port.as_ref().is_some_and(|p| !p.is_empty())
+    }
+
+    fn finished(&self) -> bool {
+        self.finished
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ringblock_engine::Errno;
 
-    #[test]
-    fn placements_leave_the_driver_a_free_core() {
-        let p = Placement::on(DriverKind::Thread, &[0], &[0, 1]);
-        assert_eq!(p.driver_core, Some(1));
-        assert!(
-            p.label.contains("thread driver (cpu 1), 1 reactor (cpu 0)"),
-            "{}",
-            p.label
-        );
-        let p = Placement::on(DriverKind::Thread, &[0, 1], &[0, 1]);
-        assert_eq!(p.driver_core, None);
-        let p = Placement::on(DriverKind::Thread, &[], &[0, 1]);
-        assert_eq!(p.driver_core, None, "every cpu has a reactor");
-        let p = Placement::on(DriverKind::Task, &[0], &[0, 1]);
-        assert_eq!(p.driver_core, None);
-        // On two CPUs the engine's default is one reactor on `home`: not run twice.
-        let d = Placement::defaults(&[DriverKind::Thread, DriverKind::Task], &[0, 1], 0);
-        assert_eq!(d.len(), 2);
-        assert_eq!(d[0].reactor_cores, vec![0]);
-        assert_eq!(d[0].driver_core, Some(1));
-        assert_eq!(d[1].driver, DriverKind::Task);
-        assert_eq!(d[1].reactor_cores, vec![0]);
-        let d = Placement::defaults(&[DriverKind::Thread, DriverKind::Task], &[0, 1, 2, 3], 3);
-        assert_eq!(d.len(), 4);
-        assert_eq!(d[0].reactor_cores, vec![3]);
-        assert!(d[1].reactor_cores.is_empty());
-        assert_eq!(Placement::defaults(&[DriverKind::Thread], &[3], 3).len(), 1);
+    fn loop_for(ms_from: u64, ms_to: u64) -> (ReadLoop, Instant) {
+        let t0 = Instant::now();
+        let lp = ReadLoop::new(
+            1 << 20,
+            4096,
+            2,
+            7,
+            t0 + Duration::from_millis(ms_from),
+            t0 + Duration::from_millis(ms_to),
+        )
+        .unwrap();
+        (lp, t0)
     }
 
-    /// A short end-to-end run on a small file: fill, then drive reads for a moment with each
-    /// driver and each kind of buffer.
+    fn completion(req: Request, result: Result<(), Errno>) -> Completion {
+        Completion {
+            tag: req.tag,
+            result,
+            buf: req.buf,
+        }
+    }
+
+    #[test]
+    fn counts_only_the_window_and_stops_at_the_deadline() {
+        let (mut lp, t0) = loop_for(10, 20);
+        let buf = || IoBuf::owned(AlignedBuf::zeroed(4096));
+        let r0 = lp.request(0, buf(), t0);
+        let r1 = lp.request(1, buf(), t0);
+        assert!(r0.offset_bytes.is_multiple_of(4096) && r0.offset_bytes < 1 << 20);
+        assert_eq!(r1.tag, 1);
+        assert_eq!(lp.in_flight(), 2);
+        // Before the window: not counted, goes again.
+        let again = lp.complete(completion(r0, Ok(())), t0 + Duration::from_millis(5));
+        let (tag, b) = again.unwrap().unwrap();
+        assert_eq!((tag, lp.ios), (0, 0));
+        let r0 = lp.request(tag, b, t0 + Duration::from_millis(5));
+        // Inside the window: counted with its latency.
+        let again = lp.complete(completion(r1, Ok(())), t0 + Duration::from_millis(12));
+        assert!(again.unwrap().is_some());
+        assert_eq!(lp.ios, 1);
+        assert!(lp.hist.max() >= 12_000_000);
+        // After the deadline: counted no more, not resubmitted; done once drained.
+        let after = t0 + Duration::from_millis(25);
+        assert!(lp
+            .complete(completion(r0, Ok(())), after)
+            .unwrap()
+            .is_none());
+        assert_eq!(lp.ios, 1);
+        // Tag 1 was handed back above and (in this test) not resubmitted.
+        assert_eq!(lp.in_flight(), 0);
+        assert!(lp.done(after));
+    }
+
+    #[test]
+    fn errors_and_missing_buffers_fail_the_run() {
+        let (mut lp, t0) = loop_for(0, 10);
+        let r = lp.request(0, IoBuf::owned(AlignedBuf::zeroed(4096)), t0);
+        assert!(lp.complete(completion(r, Err(Errno::EIO)), t0).is_err());
+        let r = lp.request(1, IoBuf::owned(AlignedBuf::zeroed(4096)), t0);
+        let c = Completion {
+            tag: r.tag,
+            result: Ok(()),
+            buf: None,
+        };
+        assert!(lp.complete(c, t0).is_err());
+        assert!(lp.done(t0 + Duration::from_millis(11)));
+    }
+
+    /// A short end-to-end run on a small file: fill, then drive reads for a moment.
     #[test]
     fn prepares_and_drives_a_small_volume() {
         let dir = tempfile::tempdir_in(".").unwrap();
@@ -539,29 +626,17 @@ mod tests {
         assert!(prep.data_offset_bytes > 0);
         assert_eq!(prep.region_bytes % prep.chunk_size_bytes, 0);
         assert!(prep.region_bytes + prep.data_offset_bytes <= prep.device_size_bytes);
-        // Prepared twice: the written volume is found again, not refilled or reformatted.
-        let again = prepare(&path, 32 << 20).unwrap();
-        assert!(prep.filled && !again.filled);
-        assert_eq!(again.data_offset_bytes, prep.data_offset_bytes);
-        for (driver, buffers) in [
-            (DriverKind::Thread, Buffers::Owned),
-            (DriverKind::Task, Buffers::Registered),
-        ] {
-            let w = Workload {
-                block_bytes: 4096,
-                iodepth: 8,
-                runtime: Duration::from_millis(200),
-                ramp: Duration::from_millis(50),
-                spin: Duration::from_micros(20),
-                seed: 1,
-                poll_idle_us: None,
-                buffers,
-            };
-            let run = run(&prep, &Placement::on(driver, &[0], &[0]), &w).unwrap();
-            assert!(run.ios > 0, "{driver:?}");
-            assert!(run.lat.p50_ns > 0 && run.lat.p50_ns <= run.lat.p99_99_ns);
-            assert_eq!(run.reactors, 1);
-            assert_eq!(run.driver_parks.is_some(), driver == DriverKind::Thread);
-        }
+        let w = Workload {
+            block_bytes: 4096,
+            iodepth: 8,
+            runtime: Duration::from_millis(200),
+            ramp: Duration::from_millis(50),
+            seed: 1,
+            poll_idle_us: None,
+        };
+        let run = run(&prep, 0, &w).unwrap();
+        assert!(run.ios > 0);
+        assert!(run.lat.p50_ns > 0 && run.lat.p50_ns <= run.lat.p99_99_ns);
+        assert_eq!(run.reactors, 1);
     }
 }

@@ -1,10 +1,8 @@
 //! Running fio and reading its JSON output.
 //!
 //! [`FioJob`] builds a command line (one job, or `numjobs` clones reported as one group),
-//! [`FioJob::run`] runs it with `--output-format=json`, and [`parse`] turns fio's JSON into a
+//! [`FioJob::run_raw`] runs it with `--output-format=json`, and [`parse`] turns fio's JSON into a
 //! [`FioReport`]: per direction IOPS, bandwidth and latency percentiles, plus the job's CPU use.
-//! Later matrices (peers over NBD, sequential, mixed) reuse the same builder through
-//! `ioengine` and `extra` arguments.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -18,7 +16,7 @@ use serde::{Deserialize, Serialize};
 pub const PERCENTILE_LIST: &str = "50:99:99.9:99.99";
 
 /// One fio job description. Build with [`FioJob::new`] and the setters; nothing runs until
-/// [`FioJob::run`].
+/// [`FioJob::run_raw`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct FioJob {
     pub name: String,
@@ -87,14 +85,6 @@ impl FioJob {
     }
     pub fn numjobs(mut self, jobs: u32) -> Self {
         self.numjobs = jobs;
-        self
-    }
-    pub fn runtime_s(mut self, secs: Option<u64>) -> Self {
-        self.runtime_ms = secs.map(|s| s * 1000);
-        self
-    }
-    pub fn ramp_s(mut self, secs: Option<u64>) -> Self {
-        self.ramp_ms = secs.map(|s| s * 1000);
         self
     }
     /// Time-based run length (fio takes milliseconds); `None`: size-based.
@@ -178,11 +168,6 @@ impl FioJob {
             .chain(self.args())
             .collect::<Vec<_>>()
             .join(" ")
-    }
-
-    /// Run fio and parse what it printed.
-    pub fn run(&self) -> Result<FioReport> {
-        self.run_raw().map(|(_, r)| r)
     }
 
     /// Run fio; fio's JSON output as printed, and parsed. On Ctrl-C (see
@@ -272,33 +257,51 @@ impl Percentiles {
     }
 }
 
-/// What one direction (read or write) of a job did.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// What one direction (read or write) of a job did, read straight from fio's JSON.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 pub struct Direction {
     pub iops: f64,
+    #[serde(rename = "bw_bytes")]
     pub bw_bytes_per_s: u64,
+    #[serde(default)]
     pub total_ios: u64,
-    /// Mean completion latency (submission to completion minus submission time).
-    pub clat_mean_ns: f64,
     /// Completion latency percentiles (absent when the direction did no IO).
+    #[serde(rename = "clat_ns", default, deserialize_with = "percentiles")]
     pub clat: Option<Percentiles>,
     /// Total latency percentiles, submission to completion (needs `--lat_percentiles=1`).
+    #[serde(rename = "lat_ns", default, deserialize_with = "percentiles")]
     pub lat: Option<Percentiles>,
 }
 
+/// fio's `{"mean": .., "percentile": {"50.000000": ns, ..}}` as our percentiles.
+fn percentiles<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Percentiles>, D::Error> {
+    #[derive(Deserialize)]
+    struct Latency {
+        #[serde(default)]
+        percentile: Option<BTreeMap<String, u64>>,
+    }
+    let l: Option<Latency> = Option::deserialize(d)?;
+    Ok(l.and_then(|l| l.percentile)
+        .as_ref()
+        .and_then(Percentiles::from_fio))
+}
+
 /// One job (or one group of jobs) of a fio run.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 pub struct JobReport {
+    #[serde(rename = "jobname")]
     pub name: String,
+    #[serde(default)]
     pub error: i64,
+    #[serde(rename = "job_runtime", default)]
     pub runtime_ms: u64,
     pub read: Direction,
     pub write: Direction,
     /// CPU use of the job's threads, in percent of one CPU.
+    #[serde(rename = "usr_cpu")]
     pub usr_cpu_pct: f64,
+    #[serde(rename = "sys_cpu")]
     pub sys_cpu_pct: f64,
-    /// Context switches.
-    pub ctx: u64,
 }
 
 impl JobReport {
@@ -310,9 +313,10 @@ impl JobReport {
     }
 }
 
-/// A parsed fio JSON report.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// A parsed fio JSON report (as much of it as the bench reads).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 pub struct FioReport {
+    #[serde(rename = "fio version", default)]
     pub fio_version: String,
     pub jobs: Vec<JobReport>,
 }
@@ -321,62 +325,6 @@ impl FioReport {
     /// The first job (with `--group_reporting`, the whole group).
     pub fn job(&self) -> Result<&JobReport> {
         self.jobs.first().context("fio reported no job")
-    }
-}
-
-// fio's JSON, as much of it as we read.
-#[derive(Deserialize)]
-struct RawReport {
-    #[serde(rename = "fio version", default)]
-    fio_version: String,
-    jobs: Vec<RawJob>,
-}
-
-#[derive(Deserialize)]
-struct RawJob {
-    jobname: String,
-    #[serde(default)]
-    error: i64,
-    #[serde(default)]
-    job_runtime: u64,
-    read: RawDirection,
-    write: RawDirection,
-    usr_cpu: f64,
-    sys_cpu: f64,
-    #[serde(default)]
-    ctx: u64,
-}
-
-#[derive(Deserialize)]
-struct RawDirection {
-    iops: f64,
-    bw_bytes: u64,
-    #[serde(default)]
-    total_ios: u64,
-    clat_ns: RawLatency,
-    #[serde(default)]
-    lat_ns: Option<RawLatency>,
-}
-
-#[derive(Deserialize)]
-struct RawLatency {
-    #[serde(default)]
-    mean: f64,
-    #[serde(default)]
-    percentile: Option<BTreeMap<String, u64>>,
-}
-
-impl RawDirection {
-    fn convert(self) -> Direction {
-        let pct = |l: &RawLatency| l.percentile.as_ref().and_then(Percentiles::from_fio);
-        Direction {
-            iops: self.iops,
-            bw_bytes_per_s: self.bw_bytes,
-            total_ios: self.total_ios,
-            clat_mean_ns: self.clat_ns.mean,
-            clat: pct(&self.clat_ns),
-            lat: self.lat_ns.as_ref().and_then(pct),
-        }
     }
 }
 
@@ -394,24 +342,7 @@ fn json_start(text: &str) -> Option<usize> {
 /// notes on stdout) is skipped.
 pub fn parse(text: &str) -> Result<FioReport> {
     let start = json_start(text).context("no JSON object in fio's output")?;
-    let raw: RawReport = serde_json::from_str(&text[start..]).context("fio JSON")?;
-    Ok(FioReport {
-        fio_version: raw.fio_version,
-        jobs: raw
-            .jobs
-            .into_iter()
-            .map(|j| JobReport {
-                name: j.jobname,
-                error: j.error,
-                runtime_ms: j.job_runtime,
-                read: j.read.convert(),
-                write: j.write.convert(),
-                usr_cpu_pct: j.usr_cpu,
-                sys_cpu_pct: j.sys_cpu,
-                ctx: j.ctx,
-            })
-            .collect(),
-    })
+    serde_json::from_str(&text[start..]).context("fio JSON")
 }
 
 #[cfg(test)]
@@ -500,8 +431,8 @@ mod tests {
         let job = FioJob::new("raw")
             .filename("/data/dev.img")
             .iodepth(32)
-            .runtime_s(Some(5))
-            .ramp_s(Some(1))
+            .runtime(Some(std::time::Duration::from_secs(5)))
+            .ramp(Some(std::time::Duration::from_secs(1)))
             .offset_bytes(1 << 20)
             .size_bytes(1 << 30)
             .extra("--norandommap");
@@ -529,7 +460,7 @@ mod tests {
         assert!(!a.iter().any(|x| x == "--group_reporting"));
         let grouped = FioJob::new("g")
             .numjobs(4)
-            .runtime_s(None)
+            .runtime(None)
             .direct(false)
             .args();
         assert!(grouped.iter().any(|x| x == "--group_reporting"));

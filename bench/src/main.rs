@@ -1,23 +1,31 @@
 //! ringblock-bench: benchmarks of ringblock against the raw device and its peers, run in one
 //! invocation on one machine and reported as ratios (see README.md).
+//!
+//! The shape: `run` is one pipeline, plan → prepare → steps → summarise ([`run`]), and every
+//! measurement lands in one result model ([`results`]: samples per point and repeat, their
+//! summaries, paired ratios, the headline), which `summary.json` serialises and `report`,
+//! `compare` and the plots read back. `engine` is `run --targets raw,engine`. Around it:
+//! - what is measured: [`targets`] (start, check, stop), [`matrix`] (workloads and presets),
+//!   [`fio`] (jobs and their JSON), [`nbd_load`] (the lean NBD client), [`engine_bench`] (the
+//!   engine in process on a file);
+//! - the host: [`host`] (CPUs, CPU time, steal, idle policy, wake-up cost, interrupt CPU),
+//!   [`procs`] (process groups, their CPU, everyone else's), [`interrupt`] (Ctrl-C);
+//! - the output: [`run_report`] and [`plot`] (Markdown and SVG), [`compare`], [`stats`].
 
 mod compare;
-mod driver;
 mod engine_bench;
-mod engine_cmd;
 mod fio;
+mod host;
 mod interrupt;
 mod load_cmd;
 mod matrix;
 mod nbd_load;
 mod plot;
 mod procs;
-mod report;
 mod results;
-mod run_cmd;
+mod run;
 mod run_report;
 mod stats;
-mod sys;
 mod targets;
 
 use anyhow::Result;
@@ -32,13 +40,14 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// The engine's random read on a file against raw fio io_uring O_DIRECT on the same file.
-    Engine(engine_cmd::EngineArgs),
+    /// `run --targets raw,engine`: the engine in process on a file against raw fio io_uring
+    /// O_DIRECT on the same region of the same file (every `run` option applies).
+    Engine(run::RunArgs),
     /// Drive an NBD server with the lean pipelined client (many connections, batched io_uring).
     Load(load_cmd::LoadArgs),
     /// ringblock against its peers and the raw device in one run: starts every target, runs
     /// the fio + lean-client matrix, writes a report (Markdown, JSON, SVG plots).
-    Run(run_cmd::RunArgs),
+    Run(run::RunArgs),
     /// Print the change between two runs' summary.json.
     Compare(compare::CompareArgs),
     /// Write a run's report.md and plots again from its summary.json.
@@ -57,6 +66,12 @@ fn with_default_subcommand(
     v
 }
 
+/// `engine [OPTIONS]` is `run --targets raw,engine [OPTIONS]`.
+fn engine_alias(mut args: run::RunArgs) -> run::RunArgs {
+    args.targets = vec!["raw".into(), "engine".into()];
+    args
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -66,9 +81,9 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse_from(with_default_subcommand(std::env::args_os())).command {
-        Command::Engine(args) => engine_cmd::run(&args),
+        Command::Engine(args) => run::run(&engine_alias(args)),
         Command::Load(args) => load_cmd::run(&args),
-        Command::Run(args) => run_cmd::run(&args),
+        Command::Run(args) => run::run(&args),
         Command::Compare(args) => compare::run(&args),
         Command::Report(args) => run_report::rerun(&args),
     }
@@ -99,5 +114,14 @@ mod tests {
         assert_eq!(args(&["b"]), ["b"]);
         let cli = Cli::try_parse_from(args(&["b", "--quick", "--plan"])).unwrap();
         assert!(matches!(cli.command, Command::Run(ref r) if r.quick && r.plan));
+        let cli = Cli::try_parse_from(["b", "engine", "--repeat", "2"]).unwrap();
+        let Command::Engine(e) = cli.command else {
+            panic!("engine")
+        };
+        let e = engine_alias(e);
+        assert_eq!(
+            (e.targets, e.repeat),
+            (vec!["raw".into(), "engine".into()], Some(2))
+        );
     }
 }

@@ -262,124 +262,146 @@ impl Preset {
     /// The points of `tier` on a machine with `cpus` CPUs, at fixed rate `rate_iops`.
     pub fn points(self, tier: Tier, cpus: u32, rate_iops: u32) -> Vec<Point> {
         let per_core = cpus.max(1);
-        let p = |id: &str, client: Client, jobs: u32| Point {
-            workload: workload(id).expect("known workload"),
-            client,
-            jobs,
-            rate_iops: None,
+        let mut v = match self {
+            Preset::Quick => quick_points(tier),
+            Preset::Full => full_points(tier, per_core),
+            Preset::Complete => complete_points(tier, per_core),
         };
-        let rated = |id: &str, client: Client| Point {
-            rate_iops: Some(rate_iops),
-            ..p(id, client, 1)
+        // The fixed-rate points: the headline targets, and every NBD target in `--complete`.
+        let rated = match self {
+            Preset::Quick | Preset::Full => tier == Tier::Headline,
+            Preset::Complete => !matches!(tier, Tier::Raw | Tier::Profile),
         };
-        let mut v = Vec::new();
-        let mut jobs = vec![1];
-        if per_core > 1 {
-            jobs.push(per_core);
-        }
-        // fio at one job, and at one job per core on these.
-        let both = |v: &mut Vec<Point>, ids: &[&str], per_core_ids: &[&str]| {
-            for id in ids {
-                v.push(p(id, Client::Fio, 1));
-            }
-            if per_core > 1 {
-                for id in per_core_ids {
-                    v.push(p(id, Client::Fio, per_core));
-                }
-            }
-        };
-        let all_ids: Vec<&str> = WORKLOADS.iter().map(|w| w.id).collect();
-        let main_per_core = [
-            "randread-4k-qd32",
-            "randwrite-4k-qd32",
-            "read-1m-qd8",
-            "write-1m-qd8",
-        ];
-        match (self, tier) {
-            (Preset::Quick, Tier::Raw) => {
-                v.push(p("randread-4k-qd32", Client::Fio, 1));
-                v.push(p("read-1m-qd8", Client::Fio, 1));
-            }
-            (Preset::Quick, Tier::Headline) => {
-                v.push(p("randread-4k-qd32", Client::Fio, 1));
-                for c in [1, 2, 4] {
-                    v.push(p("randread-4k-qd32", Client::Lean, c));
-                }
-                v.push(p("randread-4k-qd1", Client::Fio, 1));
-                v.push(p("randwrite-4k-qd32", Client::Lean, 1));
-                v.push(p("read-1m-qd8", Client::Fio, 1));
-                v.push(rated("randread-4k-qd32", Client::Fio));
-                v.push(rated("randread-4k-qd32", Client::Lean));
-            }
-            (Preset::Quick, Tier::Secondary) => {
-                v.push(p("randread-4k-qd32", Client::Fio, 1));
-                v.push(p("randread-4k-qd32", Client::Lean, 1));
-            }
-            (Preset::Quick, Tier::Profile) => {
-                v.push(p("randread-4k-qd1", Client::Lean, 1));
-                v.push(p("randread-4k-qd32", Client::Lean, 1));
-                v.push(p("randwrite-4k-qd32", Client::Lean, 1));
-            }
-            (Preset::Full, Tier::Raw) => both(&mut v, &all_ids, &main_per_core),
-            (Preset::Full, Tier::Headline) => {
-                both(
-                    &mut v,
-                    &all_ids,
-                    &["randread-4k-qd32", "randwrite-4k-qd32", "read-1m-qd8"],
-                );
-                for c in [1, 2, 4] {
-                    v.push(p("randread-4k-qd32", Client::Lean, c));
-                }
-                for id in [
-                    "randread-4k-qd1",
-                    "randwrite-4k-qd32",
-                    "randrw70-4k-qd32",
-                    "read-1m-qd8",
-                ] {
-                    v.push(p(id, Client::Lean, 1));
-                }
-                v.push(rated("randread-4k-qd32", Client::Fio));
-                v.push(rated("randread-4k-qd32", Client::Lean));
-            }
-            (Preset::Full, Tier::Secondary) => {
-                both(&mut v, &["randread-4k-qd32", "read-1m-qd8"], &[]);
-                v.push(p("randread-4k-qd32", Client::Lean, 1));
-            }
-            (Preset::Full, Tier::Profile) => {
-                for id in [
-                    "randread-4k-qd1",
-                    "randread-4k-qd32",
-                    "randwrite-4k-qd32",
-                    "read-1m-qd8",
-                ] {
-                    v.push(p(id, Client::Lean, 1));
-                }
-            }
-            (Preset::Complete, Tier::Profile) => {
-                for wl in &WORKLOADS {
-                    v.push(p(wl.id, Client::Lean, 1));
-                }
-            }
-            (Preset::Complete, tier) => {
-                for wl in &WORKLOADS {
-                    for &j in &jobs {
-                        v.push(p(wl.id, Client::Fio, j));
-                        if tier != Tier::Raw {
-                            v.push(p(wl.id, Client::Lean, j));
-                        }
-                    }
-                }
-                if tier != Tier::Raw {
-                    if !jobs.contains(&4) {
-                        v.push(p("randread-4k-qd32", Client::Lean, 4));
-                    }
-                    v.push(rated("randread-4k-qd32", Client::Fio));
-                    v.push(rated("randread-4k-qd32", Client::Lean));
-                }
+        if rated {
+            for client in [Client::Fio, Client::Lean] {
+                v.push(Point {
+                    rate_iops: Some(rate_iops),
+                    ..point("randread-4k-qd32", client, 1)
+                });
             }
         }
         v
     }
+}
+
+fn point(id: &str, client: Client, jobs: u32) -> Point {
+    Point {
+        workload: workload(id).expect("known workload"),
+        client,
+        jobs,
+        rate_iops: None,
+    }
+}
+
+fn lean_points(ids: &[&str]) -> Vec<Point> {
+    ids.iter().map(|id| point(id, Client::Lean, 1)).collect()
+}
+
+/// fio at one job on `ids`, and at one job per core on `per_core_ids`.
+fn fio_points(ids: &[&str], per_core_ids: &[&str], per_core: u32) -> Vec<Point> {
+    let mut v: Vec<Point> = ids.iter().map(|id| point(id, Client::Fio, 1)).collect();
+    if per_core > 1 {
+        v.extend(
+            per_core_ids
+                .iter()
+                .map(|id| point(id, Client::Fio, per_core)),
+        );
+    }
+    v
+}
+
+/// The lean client on 4k random read QD32 over 1, 2 and 4 connections.
+fn lean_connections() -> Vec<Point> {
+    [1, 2, 4]
+        .map(|c| point("randread-4k-qd32", Client::Lean, c))
+        .to_vec()
+}
+
+fn quick_points(tier: Tier) -> Vec<Point> {
+    match tier {
+        Tier::Raw => fio_points(&["randread-4k-qd32", "read-1m-qd8"], &[], 1),
+        Tier::Headline => {
+            let mut v = fio_points(&["randread-4k-qd32"], &[], 1);
+            v.extend(lean_connections());
+            v.push(point("randread-4k-qd1", Client::Fio, 1));
+            v.push(point("randwrite-4k-qd32", Client::Lean, 1));
+            v.push(point("read-1m-qd8", Client::Fio, 1));
+            v
+        }
+        Tier::Secondary => {
+            let mut v = fio_points(&["randread-4k-qd32"], &[], 1);
+            v.extend(lean_points(&["randread-4k-qd32"]));
+            v
+        }
+        Tier::Profile => lean_points(&["randread-4k-qd1", "randread-4k-qd32", "randwrite-4k-qd32"]),
+    }
+}
+
+fn full_points(tier: Tier, per_core: u32) -> Vec<Point> {
+    let all_ids: Vec<&str> = WORKLOADS.iter().map(|w| w.id).collect();
+    match tier {
+        Tier::Raw => fio_points(
+            &all_ids,
+            &[
+                "randread-4k-qd32",
+                "randwrite-4k-qd32",
+                "read-1m-qd8",
+                "write-1m-qd8",
+            ],
+            per_core,
+        ),
+        Tier::Headline => {
+            let mut v = fio_points(
+                &all_ids,
+                &["randread-4k-qd32", "randwrite-4k-qd32", "read-1m-qd8"],
+                per_core,
+            );
+            v.extend(lean_connections());
+            v.extend(lean_points(&[
+                "randread-4k-qd1",
+                "randwrite-4k-qd32",
+                "randrw70-4k-qd32",
+                "read-1m-qd8",
+            ]));
+            v
+        }
+        Tier::Secondary => {
+            let mut v = fio_points(&["randread-4k-qd32", "read-1m-qd8"], &[], per_core);
+            v.extend(lean_points(&["randread-4k-qd32"]));
+            v
+        }
+        Tier::Profile => lean_points(&[
+            "randread-4k-qd1",
+            "randread-4k-qd32",
+            "randwrite-4k-qd32",
+            "read-1m-qd8",
+        ]),
+    }
+}
+
+/// Every workload with fio (and the lean client, on NBD targets) at 1 and one job per core.
+fn complete_points(tier: Tier, per_core: u32) -> Vec<Point> {
+    let mut v = Vec::new();
+    if tier == Tier::Profile {
+        let ids: Vec<&str> = WORKLOADS.iter().map(|w| w.id).collect();
+        return lean_points(&ids);
+    }
+    let mut jobs = vec![1];
+    if per_core > 1 {
+        jobs.push(per_core);
+    }
+    for wl in &WORKLOADS {
+        for &j in &jobs {
+            v.push(point(wl.id, Client::Fio, j));
+            if tier != Tier::Raw {
+                v.push(point(wl.id, Client::Lean, j));
+            }
+        }
+    }
+    if tier != Tier::Raw && !jobs.contains(&4) {
+        v.push(point("randread-4k-qd32", Client::Lean, 4));
+    }
+    v
 }
 
 #[cfg(test)]

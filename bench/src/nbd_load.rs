@@ -26,7 +26,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::sys::thread_cpu;
+use crate::host::thread_cpu;
 
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
@@ -190,6 +190,12 @@ fn connect_to(endpoint: &Endpoint, export: &str) -> Result<(OwnedFd, u64)> {
 /// export's size in bytes.
 pub fn probe(endpoint: &Endpoint, export: &str) -> Result<u64> {
     let (fd, size) = connect_to(endpoint, export)?;
+    send_disconnect(&fd);
+    Ok(size)
+}
+
+/// Send NBD_CMD_DISC, best effort (the server drains and closes).
+fn send_disconnect(fd: &OwnedFd) {
     let mut disc = Vec::with_capacity(28);
     encode_request(&mut disc, CMD_DISC, 0, 0, 0);
     // SAFETY: a plain send of a local buffer on our socket.
@@ -201,7 +207,6 @@ pub fn probe(endpoint: &Endpoint, export: &str) -> Result<u64> {
             libc::MSG_NOSIGNAL,
         )
     };
-    Ok(size)
 }
 
 /// Append a compact NBD request header.
@@ -245,6 +250,30 @@ struct Conn {
     rlen: usize,
     recv_in_flight: bool,
     closed: bool,
+}
+
+impl Conn {
+    fn new(fd: OwnedFd, cfg: &LoadConfig) -> Conn {
+        let idle = Slot {
+            busy: false,
+            is_read: true,
+            block: 0,
+            issued: Instant::now(),
+        };
+        Conn {
+            fd,
+            slots: vec![idle; cfg.queue_depth],
+            free: (0..cfg.queue_depth as u16).rev().collect(),
+            out: Vec::new(),
+            sending: Vec::new(),
+            sent: 0,
+            send_in_flight: false,
+            rbuf: vec![0; cfg.queue_depth * (16 + cfg.block_bytes) + (64 << 10)],
+            rlen: 0,
+            recv_in_flight: false,
+            closed: false,
+        }
+    }
 }
 
 /// What decides the next requests: offsets (random or sequential), reads or writes, and with
@@ -334,100 +363,96 @@ impl<'a> Issuer<'a> {
     }
 }
 
-/// Drive the load for `cfg.runtime` and return the totals.
-pub fn run(cfg: &LoadConfig) -> Result<LoadResult> {
-    if cfg.connections == 0
-        || cfg.queue_depth == 0
-        || cfg.queue_depth > 1024
-        || cfg.block_bytes == 0
-    {
-        bail!("connections, queue depth (1..=1024) and block size must be positive");
-    }
-    let mut conns = Vec::new();
-    let mut size = 0;
-    for _ in 0..cfg.connections {
-        let (fd, s) = connect(cfg)?;
-        size = s;
-        conns.push(Conn {
-            fd,
-            slots: vec![
-                Slot {
-                    busy: false,
-                    is_read: true,
-                    block: 0,
-                    issued: Instant::now()
-                };
-                cfg.queue_depth
-            ],
-            free: (0..cfg.queue_depth as u16).rev().collect(),
-            out: Vec::new(),
-            sending: Vec::new(),
-            sent: 0,
-            send_in_flight: false,
-            rbuf: vec![0; cfg.queue_depth * (16 + cfg.block_bytes) + (64 << 10)],
-            rlen: 0,
-            recv_in_flight: false,
-            closed: false,
-        });
-    }
-    let range = cfg.range_bytes.unwrap_or(size).min(size);
-    let blocks = range / cfg.block_bytes as u64;
-    if blocks == 0 {
-        bail!("export of {size} bytes is smaller than one block");
-    }
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
-    let mut ring = IoUring::new((cfg.connections * 2 + 8).next_power_of_two() as u32)?;
-    let (mut reads, mut writes, mut errors, mut verify_failures) = (0u64, 0u64, 0u64, 0u64);
-    if let Some(r) = cfg.rate_iops {
-        if !(r.is_finite() && r > 0.0) {
-            bail!("rate must be a positive number of IOPS");
-        }
-    }
-    let cpu_start = thread_cpu();
-    let start = Instant::now();
-    let measure_from = start + cfg.ramp;
-    let deadline = measure_from + cfg.runtime;
-    let mut iss = Issuer::new(cfg, blocks);
-    // How many requests the rate allows by now: evenly spaced, no burst beyond one request
-    // (behind schedule, at most the free slots catch up at once).
-    let allowed = |now: Instant| -> u64 {
-        match cfg.rate_iops {
-            Some(r) => (now.duration_since(start).as_secs_f64() * r) as u64 + 1,
-            None => u64::MAX,
-        }
-    };
-    let mut stopping = false;
-    let mut completions: VecDeque<(usize, u64, i32)> = VecDeque::new();
+/// Counts of a run so far (reads and writes: completed in the measured window).
+#[derive(Default)]
+struct Counts {
+    reads: u64,
+    writes: u64,
+    errors: u64,
+    verify_failures: u64,
+}
 
-    for c in conns.iter_mut() {
-        let budget = allowed(Instant::now());
-        iss.fill(c, budget);
-    }
-    loop {
-        let now = Instant::now();
-        let cancelled = cfg.cancel.is_some_and(|f| f.load(Ordering::Relaxed));
-        if !stopping && (now >= deadline || cancelled) {
-            stopping = true;
+/// A run in progress: the connections, the ring that drives them, what to issue next.
+struct Load<'a> {
+    cfg: &'a LoadConfig,
+    conns: Vec<Conn>,
+    ring: IoUring,
+    iss: Issuer<'a>,
+    /// Submit-to-reply latency of the measured replies, in ns.
+    hist: Histogram<u64>,
+    counts: Counts,
+    /// Completions taken from the ring, (connection, is a recv, result): kept to reuse.
+    completions: VecDeque<(usize, u64, i32)>,
+    start: Instant,
+    measure_from: Instant,
+    deadline: Instant,
+    stopping: bool,
+}
+
+impl<'a> Load<'a> {
+    /// Connect every connection and set the clock running.
+    fn new(cfg: &'a LoadConfig) -> Result<Self> {
+        if cfg.connections == 0
+            || cfg.queue_depth == 0
+            || cfg.queue_depth > 1024
+            || cfg.block_bytes == 0
+        {
+            bail!("connections, queue depth (1..=1024) and block size must be positive");
         }
-        // At a fixed rate, replies do not free the budget: top up every loop.
-        if cfg.rate_iops.is_some() && !stopping {
-            let budget = allowed(now);
-            for c in conns.iter_mut().filter(|c| !c.closed) {
-                iss.fill(c, budget);
+        let mut conns = Vec::new();
+        let mut size = 0;
+        for _ in 0..cfg.connections {
+            let (fd, s) = connect(cfg)?;
+            size = s;
+            conns.push(Conn::new(fd, cfg));
+        }
+        let range = cfg.range_bytes.unwrap_or(size).min(size);
+        let blocks = range / cfg.block_bytes as u64;
+        if blocks == 0 {
+            bail!("export of {size} bytes is smaller than one block");
+        }
+        if let Some(r) = cfg.rate_iops {
+            if !(r.is_finite() && r > 0.0) {
+                bail!("rate must be a positive number of IOPS");
             }
         }
-        let in_flight: usize = conns
-            .iter()
-            .map(|c| c.slots.iter().filter(|s| s.busy).count())
-            .sum();
-        if stopping && in_flight == 0 && conns.iter().all(|c| !c.send_in_flight) {
-            break;
+        let ring = IoUring::new((cfg.connections * 2 + 8).next_power_of_two() as u32)?;
+        let hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+        let start = Instant::now();
+        let measure_from = start + cfg.ramp;
+        Ok(Self {
+            cfg,
+            conns,
+            ring,
+            iss: Issuer::new(cfg, blocks),
+            hist,
+            counts: Counts::default(),
+            completions: VecDeque::new(),
+            start,
+            measure_from,
+            deadline: measure_from + cfg.runtime,
+            stopping: false,
+        })
+    }
+
+    /// How many requests the rate allows by now: evenly spaced, no burst beyond one request
+    /// (behind schedule, at most the free slots catch up at once).
+    fn allowed(&self, now: Instant) -> u64 {
+        match self.cfg.rate_iops {
+            Some(r) => (now.duration_since(self.start).as_secs_f64() * r) as u64 + 1,
+            None => u64::MAX,
         }
-        if stopping && now >= deadline + Duration::from_secs(30) {
-            bail!("server did not answer {in_flight} requests within 30 s of the end");
-        }
-        // Queue sends and receives.
-        for (i, c) in conns.iter_mut().enumerate() {
+    }
+
+    /// Fill connection `i`'s free slots as far as the rate allows.
+    fn fill(&mut self, i: usize) {
+        let budget = self.allowed(Instant::now());
+        self.iss.fill(&mut self.conns[i], budget);
+    }
+
+    /// Queue a send of what each connection has encoded, and a recv where replies are due.
+    fn queue_io(&mut self) -> Result<()> {
+        for (i, c) in self.conns.iter_mut().enumerate() {
             if c.closed {
                 continue;
             }
@@ -446,7 +471,7 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadResult> {
                 .build()
                 .user_data((i as u64) << 1);
                 // SAFETY: `sending` is not touched until this send completes.
-                unsafe { ring.submission().push(&e) }
+                unsafe { self.ring.submission().push(&e) }
                     .map_err(|_| anyhow::anyhow!("submission queue full"))?;
                 c.send_in_flight = true;
             }
@@ -459,23 +484,27 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadResult> {
                 .build()
                 .user_data((i as u64) << 1 | 1);
                 // SAFETY: `rbuf` is not resized or moved until this recv completes.
-                unsafe { ring.submission().push(&e) }
+                unsafe { self.ring.submission().push(&e) }
                     .map_err(|_| anyhow::anyhow!("submission queue full"))?;
                 c.recv_in_flight = true;
             }
         }
-        // Wait for a completion; at a fixed rate, no longer than until the next request is due
-        // (with nothing in flight there would be nothing to wake us).
-        let due = match cfg.rate_iops {
-            Some(r) if !stopping && conns.iter().any(|c| !c.free.is_empty()) => {
-                Some(start + Duration::from_secs_f64(iss.issued as f64 / r))
+        Ok(())
+    }
+
+    /// Submit and wait for a completion; at a fixed rate, no longer than until the next
+    /// request is due (with nothing in flight there would be nothing to wake us).
+    fn wait(&mut self, cancelled: bool) -> Result<()> {
+        let due = match self.cfg.rate_iops {
+            Some(r) if !self.stopping && self.conns.iter().any(|c| !c.free.is_empty()) => {
+                Some(self.start + Duration::from_secs_f64(self.iss.issued as f64 / r))
             }
             _ => None,
         };
         let timeout = match due {
             Some(at) => Some(
                 at.saturating_duration_since(Instant::now())
-                    .min(deadline.saturating_duration_since(Instant::now()))
+                    .min(self.deadline.saturating_duration_since(Instant::now()))
                     .max(Duration::from_micros(1)),
             ),
             // Ctrl-C: do not wait forever on a server that stopped answering.
@@ -486,9 +515,9 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadResult> {
             Some(t) => {
                 let ts = types::Timespec::from(t);
                 let args = types::SubmitArgs::new().timespec(&ts);
-                ring.submitter().submit_with_args(1, &args)
+                self.ring.submitter().submit_with_args(1, &args)
             }
-            None => ring.submit_and_wait(1),
+            None => self.ring.submit_and_wait(1),
         };
         if let Err(e) = waited {
             // A timeout (the next request is due) or a signal (Ctrl-C) is not an error.
@@ -496,15 +525,20 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadResult> {
                 return Err(e.into());
             }
         }
-        for cqe in ring.completion() {
-            completions.push_back((
+        for cqe in self.ring.completion() {
+            self.completions.push_back((
                 (cqe.user_data() >> 1) as usize,
                 cqe.user_data() & 1,
                 cqe.result(),
             ));
         }
-        while let Some((i, is_recv, res)) = completions.pop_front() {
-            let c = &mut conns[i];
+        Ok(())
+    }
+
+    /// Account every completion taken from the ring.
+    fn complete(&mut self) -> Result<()> {
+        while let Some((i, is_recv, res)) = self.completions.pop_front() {
+            let c = &mut self.conns[i];
             if is_recv == 0 {
                 c.send_in_flight = false;
                 if res < 0 {
@@ -525,107 +559,152 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadResult> {
                 );
             }
             c.rlen += res as usize;
-            // Parse every complete reply in place.
-            let mut at = 0;
-            loop {
-                let avail = &c.rbuf[at..c.rlen];
-                if avail.len() < 16 {
-                    break;
-                }
-                if u32::from_be_bytes(avail[0..4].try_into()?) != SIMPLE_REPLY_MAGIC {
-                    bail!("bad reply magic from the server");
-                }
-                let err = u32::from_be_bytes(avail[4..8].try_into()?);
-                let slot = u64::from_be_bytes(avail[8..16].try_into()?) as usize;
-                let s = *c
-                    .slots
-                    .get(slot)
-                    .filter(|s| s.busy)
-                    .context("reply for an unknown cookie")?;
-                let need = 16
-                    + if s.is_read && err == 0 {
-                        cfg.block_bytes
-                    } else {
-                        0
-                    };
-                if avail.len() < need {
-                    break;
-                }
-                let done_at = Instant::now();
-                let measured = done_at >= measure_from;
-                if measured {
-                    let elapsed = done_at.duration_since(s.issued).as_nanos() as u64;
-                    hist.record(elapsed.max(1)).ok();
-                }
-                if err != 0 {
-                    errors += 1;
-                } else if s.is_read {
-                    reads += u64::from(measured);
-                    if cfg.verify {
-                        let g = iss.generation[s.block as usize];
-                        let data = &avail[16..need];
-                        let ok = if g == 0 {
-                            !cfg.fresh_export || data.iter().all(|&b| b == 0)
-                        } else {
-                            pattern(s.block, g, &mut iss.scratch);
-                            data == &iss.scratch[..]
-                        };
-                        if !ok {
-                            verify_failures += 1;
-                        }
-                    }
-                } else {
-                    writes += u64::from(measured);
-                }
-                if cfg.verify {
-                    iss.block_busy[s.block as usize] = false;
-                }
-                c.slots[slot].busy = false;
-                c.free.push(slot as u16);
-                at += need;
-            }
-            c.rbuf.copy_within(at..c.rlen, 0);
-            c.rlen -= at;
-            if !stopping {
-                let budget = allowed(Instant::now());
-                iss.fill(c, budget);
+            self.parse_replies(i)?;
+            if !self.stopping {
+                self.fill(i);
             }
         }
+        Ok(())
     }
-    let elapsed_s = measure_from.elapsed().as_secs_f64().max(1e-9);
+
+    /// Parse every complete reply in connection `i`'s buffer in place, freeing their slots.
+    fn parse_replies(&mut self, i: usize) -> Result<()> {
+        let (cfg, iss, counts) = (self.cfg, &mut self.iss, &mut self.counts);
+        let c = &mut self.conns[i];
+        let mut at = 0;
+        loop {
+            let avail = &c.rbuf[at..c.rlen];
+            if avail.len() < 16 {
+                break;
+            }
+            if u32::from_be_bytes(avail[0..4].try_into()?) != SIMPLE_REPLY_MAGIC {
+                bail!("bad reply magic from the server");
+            }
+            let err = u32::from_be_bytes(avail[4..8].try_into()?);
+            let slot = u64::from_be_bytes(avail[8..16].try_into()?) as usize;
+            let s = *c
+                .slots
+                .get(slot)
+                .filter(|s| s.busy)
+                .context("reply for an unknown cookie")?;
+            let need = 16
+                + if s.is_read && err == 0 {
+                    cfg.block_bytes
+                } else {
+                    0
+                };
+            if avail.len() < need {
+                break;
+            }
+            let done_at = Instant::now();
+            let measured = done_at >= self.measure_from;
+            if measured {
+                let elapsed = done_at.duration_since(s.issued).as_nanos() as u64;
+                self.hist.record(elapsed.max(1)).ok();
+            }
+            if err != 0 {
+                counts.errors += 1;
+            } else if s.is_read {
+                counts.reads += u64::from(measured);
+                if cfg.verify {
+                    let g = iss.generation[s.block as usize];
+                    let data = &avail[16..need];
+                    let ok = if g == 0 {
+                        !cfg.fresh_export || data.iter().all(|&b| b == 0)
+                    } else {
+                        pattern(s.block, g, &mut iss.scratch);
+                        data == &iss.scratch[..]
+                    };
+                    if !ok {
+                        counts.verify_failures += 1;
+                    }
+                }
+            } else {
+                counts.writes += u64::from(measured);
+            }
+            if cfg.verify {
+                iss.block_busy[s.block as usize] = false;
+            }
+            c.slots[slot].busy = false;
+            c.free.push(slot as u16);
+            at += need;
+        }
+        c.rbuf.copy_within(at..c.rlen, 0);
+        c.rlen -= at;
+        Ok(())
+    }
+
+    /// The totals, once every connection is told to disconnect.
+    fn finish(mut self, client_cpu_s: f64) -> LoadResult {
+        let elapsed_s = self.measure_from.elapsed().as_secs_f64().max(1e-9);
+        for c in self.conns.iter_mut() {
+            // Best effort; the server drains and closes.
+            send_disconnect(&c.fd);
+            c.closed = true;
+        }
+        let Counts {
+            reads,
+            writes,
+            errors,
+            verify_failures,
+        } = self.counts;
+        let ops = reads + writes;
+        let q = |p: f64| self.hist.value_at_quantile(p) as f64 / 1000.0;
+        LoadResult {
+            ops,
+            reads,
+            writes,
+            errors,
+            verify_failures,
+            elapsed_s,
+            iops: ops as f64 / elapsed_s,
+            mib_s: (ops * self.cfg.block_bytes as u64) as f64 / elapsed_s / (1 << 20) as f64,
+            lat_p50_us: q(0.5),
+            lat_p99_us: q(0.99),
+            lat_p999_us: q(0.999),
+            lat_p9999_us: q(0.9999),
+            client_cpu_s,
+        }
+    }
+}
+
+/// Drive the load for `cfg.runtime` and return the totals.
+pub fn run(cfg: &LoadConfig) -> Result<LoadResult> {
+    let mut load = Load::new(cfg)?;
+    let cpu_start = thread_cpu();
+    for i in 0..load.conns.len() {
+        load.fill(i);
+    }
+    loop {
+        let now = Instant::now();
+        let cancelled = cfg.cancel.is_some_and(|f| f.load(Ordering::Relaxed));
+        if !load.stopping && (now >= load.deadline || cancelled) {
+            load.stopping = true;
+        }
+        // At a fixed rate, replies do not free the budget: top up every loop.
+        if cfg.rate_iops.is_some() && !load.stopping {
+            let budget = load.allowed(now);
+            for c in load.conns.iter_mut().filter(|c| !c.closed) {
+                load.iss.fill(c, budget);
+            }
+        }
+        let in_flight: usize = load
+            .conns
+            .iter()
+            .map(|c| c.slots.iter().filter(|s| s.busy).count())
+            .sum();
+        if load.stopping && in_flight == 0 && load.conns.iter().all(|c| !c.send_in_flight) {
+            break;
+        }
+        if load.stopping && now >= load.deadline + Duration::from_secs(30) {
+            bail!("server did not answer {in_flight} requests within 30 s of the end");
+        }
+        load.queue_io()?;
+        load.wait(cancelled)?;
+        load.complete()?;
+    }
     let client_cpu_s = thread_cpu().saturating_sub(cpu_start).as_secs_f64();
-    for c in conns.iter_mut() {
-        // Best effort NBD_CMD_DISC; the server drains and closes.
-        let mut disc = Vec::with_capacity(28);
-        encode_request(&mut disc, CMD_DISC, 0, 0, 0);
-        // SAFETY: a plain send of a local buffer on our socket.
-        unsafe {
-            libc::send(
-                c.fd.as_raw_fd(),
-                disc.as_ptr().cast(),
-                disc.len(),
-                libc::MSG_NOSIGNAL,
-            )
-        };
-        c.closed = true;
-    }
-    let ops = reads + writes;
-    let q = |p: f64| hist.value_at_quantile(p) as f64 / 1000.0;
-    Ok(LoadResult {
-        ops,
-        reads,
-        writes,
-        errors,
-        verify_failures,
-        elapsed_s,
-        iops: ops as f64 / elapsed_s,
-        mib_s: (ops * cfg.block_bytes as u64) as f64 / elapsed_s / (1 << 20) as f64,
-        lat_p50_us: q(0.5),
-        lat_p99_us: q(0.99),
-        lat_p999_us: q(0.999),
-        lat_p9999_us: q(0.9999),
-        client_cpu_s,
-    })
+    Ok(load.finish(client_cpu_s))
 }
 
 #[cfg(test)]

@@ -59,6 +59,18 @@ pub fn parse_proc_stat(text: &str) -> Option<ProcStat> {
     })
 }
 
+impl ProcStat {
+    /// Running or sleeping: neither a zombie nor dead.
+    pub fn live(&self) -> bool {
+        self.state != 'Z' && self.state != 'X'
+    }
+}
+
+/// `/proc/PID/stat` of `pid`, if it exists and parses.
+fn read_stat(pid: i32) -> Option<ProcStat> {
+    parse_proc_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
 fn clock_ticks_per_s() -> f64 {
     // SAFETY: sysconf has no memory effects.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -110,7 +122,7 @@ pub fn group_members(pgid: i32) -> Vec<ProcStat> {
 pub fn children_of(pid: i32) -> Vec<ProcStat> {
     all_processes()
         .into_iter()
-        .filter(|s| s.ppid == pid && s.state != 'Z' && s.state != 'X')
+        .filter(|s| s.ppid == pid && s.live())
         .collect()
 }
 
@@ -138,14 +150,7 @@ pub fn stop_child_and_workers(child: &mut Child, grace: Duration) {
         let live: Vec<i32> = workers
             .iter()
             .copied()
-            .filter(|&w| {
-                std::fs::read_to_string(format!("/proc/{w}/stat"))
-                    .ok()
-                    .and_then(|t| parse_proc_stat(&t))
-                    .is_some_and(|s| {
-                        s.state != 'Z' && s.state != 'X' && [pid, 1, me].contains(&s.ppid)
-                    })
-            })
+            .filter(|&w| read_stat(w).is_some_and(|s| s.live() && [pid, 1, me].contains(&s.ppid)))
             .collect();
         if live.is_empty() {
             return;
@@ -258,10 +263,7 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|t| parse_proc_stat(&t))
-            .with_context(|| format!("{name} (pid {pid}) is not running"))?;
+        let stat = read_stat(pid).with_context(|| format!("{name} (pid {pid}) is not running"))?;
         if stat.pgrp != pid {
             bail!("{name} (pid {pid}) is not a process group leader; refusing to signal its group");
         }
@@ -283,10 +285,7 @@ impl Server {
         if let Some(c) = &mut self.child {
             return matches!(c.try_wait(), Ok(None));
         }
-        std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
-            .ok()
-            .and_then(|t| parse_proc_stat(&t))
-            .is_some_and(|s| s.state != 'Z' && s.state != 'X')
+        read_stat(self.pid).is_some_and(|s| s.live())
     }
 
     /// The last `lines` lines of the server's output.
@@ -302,11 +301,7 @@ impl Server {
                 // SAFETY: waitpid on a specific pid; the daemon is our child (subreaper) or
                 // waitpid fails with ECHILD and /proc tells.
                 let r = unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG) };
-                r == self.pid
-                    || !std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
-                        .ok()
-                        .and_then(|t| parse_proc_stat(&t))
-                        .is_some_and(|s| s.state != 'Z' && s.state != 'X')
+                r == self.pid || !read_stat(self.pid).is_some_and(|s| s.live())
             }
         }
     }
@@ -318,7 +313,7 @@ impl Server {
         let me = unsafe { libc::getpid() };
         let mut live = 0;
         for m in group_members(self.pid) {
-            if m.state != 'Z' && m.state != 'X' {
+            if m.live() {
                 live += 1;
             } else if m.ppid == me && m.pid != self.pid {
                 let mut status = 0;
@@ -408,7 +403,7 @@ impl GroupCpu {
     pub fn read(pgid: i32) -> GroupCpu {
         let members = group_members(pgid);
         let mut threads_ns = Vec::new();
-        for m in members.iter().filter(|m| m.state != 'Z' && m.state != 'X') {
+        for m in members.iter().filter(|m| m.live()) {
             let Ok(dir) = std::fs::read_dir(format!("/proc/{}/task", m.pid)) else {
                 continue;
             };
@@ -547,14 +542,14 @@ impl CpuWindow {
         let handle = std::thread::spawn(move || {
             sleep_until(from);
             let t0 = Instant::now();
-            let host_a = crate::sys::host_snapshot(Path::new("/"));
+            let host_a = crate::host::host_snapshot(Path::new("/"));
             let a = server_group.map(GroupCpu::read);
             let others_a = OthersCpu::read(server_group);
             sleep_until(to);
             let secs = t0.elapsed().as_secs_f64();
             let b = server_group.map(GroupCpu::read);
             let others_b = OthersCpu::read(server_group);
-            let host = crate::sys::host_snapshot(Path::new("/")).since(&host_a);
+            let host = crate::host::host_snapshot(Path::new("/")).since(&host_a);
             let (others, by_name) = others_b.since(&others_a);
             (secs > 0.05 && !interrupt::requested()).then(|| WindowCpu {
                 server_cores: a.zip(b).map(|(a, b)| b.since(&a) / secs),

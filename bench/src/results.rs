@@ -3,6 +3,9 @@
 //! run's `summary.json`; the Markdown report and the plots are made from it.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
 
 use serde::{Deserialize, Serialize};
 
@@ -314,52 +317,59 @@ impl RunSummary {
     }
 }
 
-/// What the headline compares: (id, what, metric, num target, num key, den target, den key,
-/// goal, aim).
-type HeadlineSpec = (
-    &'static str,
-    String,
-    Metric,
-    &'static str,
-    String,
-    &'static str,
-    String,
-    Goal,
-    Option<f64>,
-);
+/// What one headline row compares: `num ÷ den`, each a (target, point key).
+struct Comparison {
+    kind: &'static str,
+    what: String,
+    metric: Metric,
+    num: (&'static str, String),
+    den: (&'static str, String),
+    goal: Goal,
+    aim: Option<f64>,
+}
 
-fn headline_specs(rate_iops: u32) -> Vec<HeadlineSpec> {
+/// ringblock ÷ `peer`, both at point `key`.
+fn vs_peer(
+    kind: &'static str,
+    what: String,
+    metric: Metric,
+    peer: &'static str,
+    key: String,
+    goal: Goal,
+) -> Comparison {
+    Comparison {
+        kind,
+        what,
+        metric,
+        num: ("ringblock", key.clone()),
+        den: (peer, key),
+        goal,
+        aim: None,
+    }
+}
+
+fn comparisons(rate_iops: u32) -> Vec<Comparison> {
     let rr = "randread-4k-qd32";
-    let mut v: Vec<HeadlineSpec> = Vec::new();
+    let mut v = Vec::new();
     for (peer, name) in [("nbdkit-memory", "nbdkit memory"), ("qemu-nbd", "qemu-nbd")] {
         for c in [1, 2, 4] {
+            let s = if c == 1 { "" } else { "s" };
+            let what =
+                format!("ringblock ÷ {name}: 4k random read QD32, lean client, {c} connection{s}");
             let key = format!("{rr}|lean|x{c}");
-            v.push((
-                "lean",
-                format!(
-                    "ringblock ÷ {name}: 4k random read QD32, lean client, {c} connection{}",
-                    if c == 1 { "" } else { "s" }
-                ),
-                Metric::Iops,
-                "ringblock",
-                key.clone(),
-                peer,
-                key,
-                Goal::AtLeast(1.5),
-                Some(2.0),
-            ));
+            v.push(Comparison {
+                aim: Some(2.0),
+                ..vs_peer("lean", what, Metric::Iops, peer, key, Goal::AtLeast(1.5))
+            });
         }
-        let key = format!("{rr}|fio|x1");
-        v.push((
+        let what = format!("ringblock ÷ {name}: 4k random read QD32, fio nbd engine");
+        v.push(vs_peer(
             "fio",
-            format!("ringblock ÷ {name}: 4k random read QD32, fio nbd engine"),
+            what,
             Metric::Iops,
-            "ringblock",
-            key.clone(),
             peer,
-            key,
+            format!("{rr}|fio|x1"),
             Goal::AtLeast(1.0),
-            None,
         ));
     }
     for (peer, name, goal) in [
@@ -367,100 +377,102 @@ fn headline_specs(rate_iops: u32) -> Vec<HeadlineSpec> {
         ("qemu-nbd", "qemu-nbd", Goal::None),
     ] {
         for client in ["fio", "lean"] {
+            let what =
+                format!("server CPU per IO at {rate_iops} IOPS, ringblock ÷ {name} ({client})");
             let key = format!("{rr}|{client}|x1|rate={rate_iops}");
-            v.push((
+            v.push(vs_peer(
                 "cpu",
-                format!("server CPU per IO at {rate_iops} IOPS, ringblock ÷ {name} ({client})"),
+                what,
                 Metric::ServerCpuUsPerIo,
-                "ringblock",
-                key.clone(),
                 peer,
                 key,
                 goal,
-                None,
             ));
         }
     }
-    v.push((
-        "engine",
-        "ringblock engine (local, 1 reactor) ÷ raw fio io_uring (the better of fio's default \
-         and batched submission), both pinned to the CPU of the device's interrupts: 4k random \
-         read QD32, rounds alternated"
-            .into(),
-        Metric::Iops,
-        "engine",
-        format!("{rr}|engine|x1"),
-        "raw",
-        format!("{rr}|fio|x1"),
-        Goal::AtLeast(0.95),
-        None,
-    ));
-    v.push((
+    v.push(Comparison {
+        kind: "engine",
+        what:
+            "ringblock engine (local, 1 reactor) ÷ raw fio io_uring (the better of fio's default \
+               and batched submission), both pinned to the CPU of the device's interrupts: 4k \
+               random read QD32, rounds alternated"
+                .into(),
+        metric: Metric::Iops,
+        num: ("engine", format!("{rr}|engine|x1")),
+        den: ("raw", format!("{rr}|fio|x1")),
+        goal: Goal::AtLeast(0.95),
+        aim: None,
+    });
+    let what = "ringblock ÷ nbdkit memory: 1 MiB sequential read QD8 (fio)".into();
+    let key = "read-1m-qd8|fio|x1".to_string();
+    v.push(vs_peer(
         "seq",
-        "ringblock ÷ nbdkit memory: 1 MiB sequential read QD8 (fio)".into(),
+        what,
         Metric::MibS,
-        "ringblock",
-        "read-1m-qd8|fio|x1".into(),
         "nbdkit-memory",
-        "read-1m-qd8|fio|x1".into(),
+        key,
         Goal::AtLeast(1.0),
-        None,
     ));
-    v.push((
-        "file",
-        "ringblock over NBD on the file ÷ raw fio io_uring: 4k random read QD32 (fio)".into(),
-        Metric::Iops,
-        "ringblock-file",
-        format!("{rr}|fio|x1"),
-        "raw",
-        format!("{rr}|fio|x1"),
-        Goal::None,
-        None,
-    ));
+    v.push(Comparison {
+        kind: "file",
+        what: "ringblock over NBD on the file ÷ raw fio io_uring: 4k random read QD32 (fio)".into(),
+        metric: Metric::Iops,
+        num: ("ringblock-file", format!("{rr}|fio|x1")),
+        den: ("raw", format!("{rr}|fio|x1")),
+        goal: Goal::None,
+        aim: None,
+    });
     v
 }
 
 /// The headline rows of `s` (its points must be summarised).
 pub fn headline(s: &RunSummary, rate_iops: u32) -> Vec<HeadlineRow> {
-    headline_specs(rate_iops)
+    comparisons(rate_iops)
         .into_iter()
-        .map(
-            |(kind, what, metric, num_t, num_k, den_t, den_k, goal, aim)| {
-                let ratio = s.ratio((num_t, &num_k), (den_t, &den_k), metric);
-                let status = match ratio.as_ref().and_then(Ratio::value) {
-                    Some(x) => match goal.met(x) {
-                        Some(true) => "met".to_string(),
-                        Some(false) => "NOT met".to_string(),
-                        None => "info".to_string(),
-                    },
-                    None => {
-                        let mut why = Vec::new();
-                        if s.point(num_t, &num_k).is_none_or(|p| p.samples.is_empty()) {
-                            why.push(s.why_missing(num_t, &num_k));
+        .map(|c| {
+            let ((num_t, num_k), (den_t, den_k)) = (&c.num, &c.den);
+            let ratio = s.ratio((num_t, num_k), (den_t, den_k), c.metric);
+            let status = match ratio.as_ref().and_then(Ratio::value) {
+                Some(x) => match c.goal.met(x) {
+                    Some(true) => "met".to_string(),
+                    Some(false) => "NOT met".to_string(),
+                    None => "info".to_string(),
+                },
+                None => {
+                    let mut why = Vec::new();
+                    for (t, k) in [&c.num, &c.den] {
+                        if s.point(t, k).is_none_or(|p| p.samples.is_empty()) {
+                            why.push(s.why_missing(t, k));
                         }
-                        if s.point(den_t, &den_k).is_none_or(|p| p.samples.is_empty()) {
-                            why.push(s.why_missing(den_t, &den_k));
-                        }
-                        if why.is_empty() {
-                            why.push(format!("no {} to divide", metric.unit()));
-                        }
-                        format!("not measured ({})", why.join("; "))
                     }
-                };
-                HeadlineRow {
-                    id: format!("{kind}:{num_t}/{den_t}:{num_k}"),
-                    what,
-                    metric,
-                    num_target: num_t.into(),
-                    den_target: den_t.into(),
-                    ratio,
-                    goal,
-                    aim,
-                    status,
+                    if why.is_empty() {
+                        why.push(format!("no {} to divide", c.metric.unit()));
+                    }
+                    format!("not measured ({})", why.join("; "))
                 }
-            },
-        )
+            };
+            HeadlineRow {
+                id: format!("{}:{num_t}/{den_t}:{num_k}", c.kind),
+                num_target: num_t.to_string(),
+                den_target: den_t.to_string(),
+                what: c.what,
+                metric: c.metric,
+                ratio,
+                goal: c.goal,
+                aim: c.aim,
+                status,
+            }
+        })
         .collect()
+}
+
+/// Write `value` as pretty JSON to `dir/name`, creating `dir`. Returns the file's path.
+pub fn write_json<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(name);
+    let text = serde_json::to_string_pretty(value)?;
+    std::fs::write(&path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
 }
 
 #[cfg(test)]
@@ -669,5 +681,15 @@ pub mod tests {
         let text = serde_json::to_string(&s).unwrap();
         let back: RunSummary = serde_json::from_str(&text).unwrap();
         assert_eq!(back, s);
+    }
+
+    #[test]
+    fn writes_json_into_a_new_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("a/b");
+        let p = write_json(&out, "x.json", &serde_json::json!({"k": 1})).unwrap();
+        let back: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+        assert_eq!(back["k"], 1);
     }
 }

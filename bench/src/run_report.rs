@@ -143,6 +143,13 @@ pub fn headline_markdown(s: &RunSummary) -> String {
             }
         );
     }
+    verify_and_disturbance_lines(s, &mut md);
+    lean_vs_fio_line(s, &mut md);
+    md
+}
+
+/// The verify verdict and whether other processes disturbed the runs.
+fn verify_and_disturbance_lines(s: &RunSummary, md: &mut String) {
     if !s.verify.is_empty() {
         let bad: Vec<&str> = s
             .verify
@@ -188,6 +195,10 @@ pub fn headline_markdown(s: &RunSummary) -> String {
             }
         );
     }
+}
+
+/// Whether the lean client drives every NBD target at least as hard as fio.
+fn lean_vs_fio_line(s: &RunSummary, md: &mut String) {
     let lean_vs_fio = lean_vs_fio_rows(s);
     if !lean_vs_fio.is_empty() {
         // Below 0.9 is a finding; between 0.9 and 1 both clients are at the server's limit
@@ -220,7 +231,6 @@ pub fn headline_markdown(s: &RunSummary) -> String {
             }
         );
     }
-    md
 }
 
 /// (target, fio IOPS, lean IOPS, lean ÷ fio) at 4k random read QD32, one job.
@@ -288,6 +298,29 @@ fn wake_cost_text(w: &serde_json::Value) -> String {
 
 /// The whole report.
 pub fn markdown(s: &RunSummary) -> String {
+    let mut md = host_line(s);
+    md.push_str(&headline_markdown(s));
+    if s.plots.iter().any(|p| p == "headline.svg") {
+        md.push_str("\n![4k random read QD32 by client](headline.svg)\n");
+    }
+    for section in [
+        targets_table,
+        lean_vs_fio_table,
+        verify_table,
+        workload_tables,
+        fixed_rate_table,
+        idle_table,
+        profiles_table,
+        disturbed_table,
+        plots_and_how_to_read,
+    ] {
+        section(s, &mut md);
+    }
+    md
+}
+
+/// The title and the host line.
+fn host_line(s: &RunSummary) -> String {
     let mut md = String::new();
     let settings = &s.settings;
     let _ = writeln!(
@@ -318,11 +351,11 @@ pub fn markdown(s: &RunSummary) -> String {
         s.host["fio"].as_str().unwrap_or("fio ?"),
         s.host["load_average"].as_str().unwrap_or("?"),
     );
-    md.push_str(&headline_markdown(s));
-    if s.plots.iter().any(|p| p == "headline.svg") {
-        md.push_str("\n![4k random read QD32 by client](headline.svg)\n");
-    }
+    md
+}
 
+/// Every target: whether it ran, how it serves, its command or why it did not run.
+fn targets_table(s: &RunSummary, md: &mut String) {
     md.push_str("\n## Targets\n\n| target | status | how it serves | command or reason |\n|---|---|---|---|\n");
     for t in &s.targets {
         let how = t.reason.clone().or(t.command.clone()).unwrap_or_default();
@@ -339,7 +372,10 @@ pub fn markdown(s: &RunSummary) -> String {
             format!("`{}`", how.replace('\n', " ").replace('|', "\\|")).replace("``", "")
         );
     }
+}
 
+/// Lean client vs fio on each NBD target.
+fn lean_vs_fio_table(s: &RunSummary, md: &mut String) {
     let lvf = lean_vs_fio_rows(s);
     if !lvf.is_empty() {
         md.push_str(
@@ -358,7 +394,10 @@ pub fn markdown(s: &RunSummary) -> String {
             );
         }
     }
+}
 
+/// The verify pass on each NBD target.
+fn verify_table(s: &RunSummary, md: &mut String) {
     if !s.verify.is_empty() {
         md.push_str("\n## Verify (lean client, every read checked byte for byte)\n\n| target | result | reads | writes | errors | mismatches | detail |\n|---|---|---:|---:|---:|---:|---|\n");
         for v in &s.verify {
@@ -375,7 +414,10 @@ pub fn markdown(s: &RunSummary) -> String {
             );
         }
     }
+}
 
+/// One table per workload: every target's medians, spreads and ratio to ringblock.
+fn workload_tables(s: &RunSummary, md: &mut String) {
     md.push_str(
         "\n## Results by workload\n\nMedians over the repeats; min–max and spread of IOPS. \
          Latency: submit to completion, µs (mixed workloads: reads). Server CPU: the server's \
@@ -403,7 +445,10 @@ pub fn markdown(s: &RunSummary) -> String {
             md.push('\n');
         }
     }
+}
 
+/// The fixed-rate points: server CPU per IO when not saturated.
+fn fixed_rate_table(s: &RunSummary, md: &mut String) {
     let rated: Vec<&PointResult> = s
         .points
         .iter()
@@ -441,7 +486,10 @@ pub fn markdown(s: &RunSummary) -> String {
             );
         }
     }
+}
 
+/// Idle CPU per target.
+fn idle_table(s: &RunSummary, md: &mut String) {
     if !s.idle.is_empty() {
         md.push_str("\n## Idle CPU\n\n| target | % of one core (median) | min–max | window |\n|---|---:|---:|---:|\n");
         for i in &s.idle {
@@ -456,9 +504,10 @@ pub fn markdown(s: &RunSummary) -> String {
             );
         }
     }
+}
 
-    md.push_str(&profiles_markdown(s));
-
+/// Runs during which others used the machine.
+fn disturbed_table(s: &RunSummary, md: &mut String) {
     let d = disturbed_samples(s);
     if !d.is_empty() {
         let _ = write!(
@@ -484,7 +533,10 @@ pub fn markdown(s: &RunSummary) -> String {
             );
         }
     }
+}
 
+/// The plots, and how to read the report.
+fn plots_and_how_to_read(s: &RunSummary, md: &mut String) {
     if !s.plots.is_empty() {
         md.push_str("\n## Plots\n\n");
         for p in &s.plots {
@@ -503,7 +555,6 @@ pub fn markdown(s: &RunSummary) -> String {
          (fio's nbd engine) takes it from the server.\n\
          - Raw fio JSON and lean-client results of every run are under `raw/`.\n",
     );
-    md
 }
 
 fn is_profile(s: &RunSummary, target: &str) -> bool {
@@ -540,12 +591,13 @@ fn profile_ids(s: &RunSummary) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn profiles_markdown(s: &RunSummary) -> String {
+/// The firmware profiles side by side with ringblock's plain RAM device.
+fn profiles_table(s: &RunSummary, md: &mut String) {
     let ids = profile_ids(s);
     if ids.is_empty() {
-        return String::new();
+        return;
     }
-    let mut md = String::from(
+    md.push_str(
         "\n## Firmware profiles\n\nringblock on a RAM device opened with each profile and \
          `emulate_profile_latency = true` (the delay wrapper adds the profile's service time and \
          bandwidth), lean client, one connection. Cells: IOPS / p50 µs / p99 µs; the first \
@@ -594,7 +646,6 @@ fn profiles_markdown(s: &RunSummary) -> String {
         }
         md.push('\n');
     }
-    md
 }
 
 /// NBD and raw targets that ran, in run order, excluding profile targets.
@@ -639,13 +690,38 @@ fn median_of(
         .and_then(f)
 }
 
-/// The charts of a run (name, chart, bars or lines).
-pub fn charts(s: &RunSummary) -> Vec<(String, Chart, bool)> {
-    let targets = main_targets(s);
-    let mut out = Vec::new();
-    let iops = |x: &crate::results::Summary| Some(x.iops.median);
+/// A chart file: its name, the chart, and whether it is drawn as bars (else lines).
+type NamedChart = (String, Chart, bool);
 
-    // Headline: 4k random read QD32 by client and connections.
+/// A series per target (its label, a value per category), leaving out targets with none.
+fn series_of(
+    s: &RunSummary,
+    targets: &[String],
+    values: impl Fn(&str) -> Vec<Option<f64>>,
+) -> Vec<(String, Vec<Option<f64>>)> {
+    targets
+        .iter()
+        .map(|t| (label(s, t), values(t)))
+        .filter(|(_, v)| v.iter().any(Option::is_some))
+        .collect()
+}
+
+fn iops(x: &crate::results::Summary) -> Option<f64> {
+    Some(x.iops.median)
+}
+
+/// The charts of a run.
+pub fn charts(s: &RunSummary) -> Vec<NamedChart> {
+    let targets = main_targets(s);
+    let mut out = vec![headline_chart(s, &targets), workload_chart(s, &targets)];
+    out.extend(latency_charts(s, &targets));
+    out.push(cpu_chart(s, &targets));
+    out.extend(profiles_chart(s));
+    out
+}
+
+/// 4k random read QD32 by client and connections.
+fn headline_chart(s: &RunSummary, targets: &[String]) -> NamedChart {
     let cats = [
         ("fio x1", "randread-4k-qd32|fio|x1"),
         ("lean x1", "randread-4k-qd32|lean|x1"),
@@ -660,33 +736,24 @@ pub fn charts(s: &RunSummary) -> Vec<(String, Chart, bool)> {
                 .any(|t| s.point(t, key).is_some_and(|p| !p.samples.is_empty()))
         })
         .collect();
-    let series: Vec<(String, Vec<Option<f64>>)> = targets
-        .iter()
-        .filter(|t| t.as_str() != "raw")
-        .map(|t| {
-            (
-                label(s, t),
-                present
-                    .iter()
-                    .map(|(_, key)| median_of(s, t, key, iops))
-                    .collect::<Vec<_>>(),
-            )
-        })
-        .filter(|(_, v)| v.iter().any(Option::is_some))
-        .collect();
-    out.push((
-        "headline.svg".to_string(),
-        Chart {
-            title: "4k random read QD32: IOPS by client and connections".into(),
-            y_label: "IOPS".into(),
-            categories: present.iter().map(|(c, _)| c.to_string()).collect(),
-            series,
-            log_y: false,
-        },
-        true,
-    ));
+    let nbd: Vec<String> = targets.iter().filter(|t| *t != "raw").cloned().collect();
+    let chart = Chart {
+        title: "4k random read QD32: IOPS by client and connections".into(),
+        y_label: "IOPS".into(),
+        categories: present.iter().map(|(c, _)| c.to_string()).collect(),
+        series: series_of(s, &nbd, |t| {
+            present
+                .iter()
+                .map(|(_, key)| median_of(s, t, key, iops))
+                .collect()
+        }),
+        log_y: false,
+    };
+    ("headline.svg".to_string(), chart, true)
+}
 
-    // IOPS by workload, fio one job.
+/// IOPS by workload, fio one job.
+fn workload_chart(s: &RunSummary, targets: &[String]) -> NamedChart {
     let wls: Vec<&crate::matrix::Workload> = WORKLOADS
         .iter()
         .filter(|w| {
@@ -696,31 +763,23 @@ pub fn charts(s: &RunSummary) -> Vec<(String, Chart, bool)> {
                 .any(|t| s.point(t, &key).is_some_and(|p| !p.samples.is_empty()))
         })
         .collect();
-    out.push((
-        "iops-by-workload.svg".to_string(),
-        Chart {
-            title: "IOPS by workload per target (fio, one job; rd/wr 4k: random; log scale)".into(),
-            y_label: "IOPS".into(),
-            categories: wls.iter().map(|w| short_label(w.id)).collect(),
-            series: targets
-                .iter()
-                .map(|t| {
-                    (
-                        label(s, t),
-                        wls.iter()
-                            .map(|w| median_of(s, t, &format!("{}|fio|x1", w.id), iops))
-                            .collect(),
-                    )
-                })
-                .filter(|(_, v): &(String, Vec<Option<f64>>)| v.iter().any(Option::is_some))
-                .collect(),
-            log_y: true,
-        },
-        true,
-    ));
+    let chart = Chart {
+        title: "IOPS by workload per target (fio, one job; rd/wr 4k: random; log scale)".into(),
+        y_label: "IOPS".into(),
+        categories: wls.iter().map(|w| short_label(w.id)).collect(),
+        series: series_of(s, targets, |t| {
+            wls.iter()
+                .map(|w| median_of(s, t, &format!("{}|fio|x1", w.id), iops))
+                .collect()
+        }),
+        log_y: true,
+    };
+    ("iops-by-workload.svg".to_string(), chart, true)
+}
 
-    // Latency percentiles.
-    for (name, key, title) in [
+/// Latency percentiles at QD1 (fio) and QD32 (lean client).
+fn latency_charts(s: &RunSummary, targets: &[String]) -> Vec<NamedChart> {
+    [
         (
             "latency-qd1.svg",
             "randread-4k-qd1|fio|x1",
@@ -731,7 +790,9 @@ pub fn charts(s: &RunSummary) -> Vec<(String, Chart, bool)> {
             "randread-4k-qd32|lean|x1",
             "Latency percentiles, 4k random read QD32 (lean client, 1 connection), µs, log scale",
         ),
-    ] {
+    ]
+    .into_iter()
+    .map(|(name, key, title)| {
         let series: Vec<(String, Vec<Option<f64>>)> = targets
             .iter()
             .filter_map(|t| {
@@ -745,90 +806,75 @@ pub fn charts(s: &RunSummary) -> Vec<(String, Chart, bool)> {
                 ))
             })
             .collect();
-        out.push((
-            name.to_string(),
-            Chart {
-                title: title.into(),
-                y_label: "µs".into(),
-                categories: ["p50", "p99", "p99.9", "p99.99"].map(String::from).to_vec(),
-                series,
-                log_y: true,
-            },
-            false,
-        ));
-    }
+        let chart = Chart {
+            title: title.into(),
+            y_label: "µs".into(),
+            categories: ["p50", "p99", "p99.9", "p99.99"].map(String::from).to_vec(),
+            series,
+            log_y: true,
+        };
+        (name.to_string(), chart, false)
+    })
+    .collect()
+}
 
-    // Server CPU per IO at the fixed rate.
+/// Server CPU per IO at the fixed rate.
+fn cpu_chart(s: &RunSummary, targets: &[String]) -> NamedChart {
     let rate = s.settings["rate_iops"].as_u64().unwrap_or(20_000);
-    let rcats = [
+    let cats = ["fio", "lean"].map(|client| {
         (
-            format!("fio at {rate} IOPS"),
-            format!("randread-4k-qd32|fio|x1|rate={rate}"),
-        ),
-        (
-            format!("lean at {rate} IOPS"),
-            format!("randread-4k-qd32|lean|x1|rate={rate}"),
-        ),
-    ];
+            format!("{client} at {rate} IOPS"),
+            format!("randread-4k-qd32|{client}|x1|rate={rate}"),
+        )
+    });
     let cpu = |x: &crate::results::Summary| x.server_cpu_us_per_io.map(|c| c.median);
-    out.push((
-        "cpu-at-rate.svg".to_string(),
-        Chart {
-            title: format!("Server CPU per IO at {rate} IOPS (µs = CPU s per million IOs)"),
-            y_label: "µs per IO".into(),
-            categories: rcats.iter().map(|(c, _)| c.clone()).collect(),
-            series: targets
-                .iter()
-                .map(|t| {
-                    (
-                        label(s, t),
-                        rcats
-                            .iter()
-                            .map(|(_, key)| median_of(s, t, key, cpu))
-                            .collect(),
-                    )
-                })
-                .filter(|(_, v): &(String, Vec<Option<f64>>)| v.iter().any(Option::is_some))
-                .collect(),
-            log_y: false,
-        },
-        true,
-    ));
+    let chart = Chart {
+        title: format!("Server CPU per IO at {rate} IOPS (µs = CPU s per million IOs)"),
+        y_label: "µs per IO".into(),
+        categories: cats.iter().map(|(c, _)| c.clone()).collect(),
+        series: series_of(s, targets, |t| {
+            cats.iter()
+                .map(|(_, key)| median_of(s, t, key, cpu))
+                .collect()
+        }),
+        log_y: false,
+    };
+    ("cpu-at-rate.svg".to_string(), chart, true)
+}
 
-    // Firmware profiles.
+/// ringblock on each emulated firmware profile, next to its plain RAM device.
+fn profiles_chart(s: &RunSummary) -> Option<NamedChart> {
     let ids = profile_ids(s);
-    if !ids.is_empty() {
-        let keys = point_keys(s, &ids);
-        let mut all = vec!["ringblock".to_string()];
-        all.extend(ids);
-        out.push((
-            "profiles.svg".to_string(),
-            Chart {
-                title: "ringblock on emulated firmware profiles (lean client; log scale)".into(),
-                y_label: "IOPS".into(),
-                categories: keys
-                    .iter()
-                    .map(|k| short_label(k.split('|').next().unwrap_or("")))
-                    .collect(),
-                series: all
-                    .iter()
-                    .map(|t| {
-                        (
-                            if t == "ringblock" {
-                                "ringblock (ram, no emulation)".to_string()
-                            } else {
-                                label(s, t)
-                            },
-                            keys.iter().map(|key| median_of(s, t, key, iops)).collect(),
-                        )
-                    })
-                    .collect(),
-                log_y: true,
-            },
-            true,
-        ));
+    if ids.is_empty() {
+        return None;
     }
-    out
+    let keys = point_keys(s, &ids);
+    let mut all = vec!["ringblock".to_string()];
+    all.extend(ids);
+    let series = all
+        .iter()
+        .map(|t| {
+            (
+                if t == "ringblock" {
+                    "ringblock (ram, no emulation)".to_string()
+                } else {
+                    label(s, t)
+                },
+                keys.iter().map(|key| median_of(s, t, key, iops)).collect(),
+            )
+        })
+        .collect();
+    let chart = Chart {
+        title: "ringblock on emulated firmware profiles (lean client; log scale)".into(),
+        y_label: "IOPS".into(),
+        categories: keys
+            .iter()
+            .map(|k| short_label(k.split('|').next().unwrap_or("")))
+            .collect(),
+        series,
+        log_y: true,
+    };
+    Some(("profiles.svg".to_string(), chart, true))
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -848,7 +894,7 @@ pub fn rerun(args: &ReportArgs) -> Result<()> {
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     s.plots = write_plots(&s, &args.dir)?;
     std::fs::write(args.dir.join("report.md"), markdown(&s))?;
-    crate::report::write_json(&args.dir, "summary.json", &s)?;
+    crate::results::write_json(&args.dir, "summary.json", &s)?;
     println!("{}", headline_markdown(&s));
     Ok(())
 }

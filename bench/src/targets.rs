@@ -42,8 +42,7 @@ pub enum Transport {
 pub enum Kind {
     /// fio io_uring O_DIRECT on the backing file: the limit.
     Raw,
-    /// The ringblock engine on the backing file, in process, no transport (the `engine`
-    /// subcommand's measurement).
+    /// The ringblock engine on the backing file, in process, no transport (the engine step).
     Engine,
     Ringblock {
         device: RbDevice,
@@ -288,7 +287,6 @@ pub struct Running {
     pub region_bytes: u64,
     /// The command line that started the server, for the report.
     pub command: String,
-    pub start_s: f64,
 }
 
 fn command_line(cmd: &Command) -> String {
@@ -300,46 +298,46 @@ fn command_line(cmd: &Command) -> String {
 }
 
 fn ringblock_config(spec: &TargetSpec, env: &Env, region: u64) -> String {
-    let overhead: u64 = 64 << 20;
+    let ram_bytes = region + (64 << 20);
     let head = env
         .rb_poll_idle_us
         .map_or(String::new(), |us| format!("poll_idle_us = {us}\n\n"));
-    head + &match &spec.kind {
+    let (dev, device) = match &spec.kind {
         Kind::Ringblock {
             device: RbDevice::File,
             ..
-        } => format!(
-            "[[device]]\nname = \"{dev}\"\nkind = \"file\"\npath = \"{path}\"\n\
-             size_bytes = {size}\nformat = \"never\"\n\n\
-             [[volume]]\nname = \"{EXPORT}\"\ndevice = \"{dev}\"\nsize_bytes = {region}\n",
-            dev = crate::engine_bench::DEVICE_NAME,
-            path = env.device_file.display(),
-            size = env.device_file_bytes,
-        ),
+        } => {
+            let dev = crate::engine_bench::DEVICE_NAME;
+            let device = format!(
+                "kind = \"file\"\npath = \"{}\"\nsize_bytes = {}\nformat = \"never\"\n",
+                env.device_file.display(),
+                env.device_file_bytes
+            );
+            (dev, device)
+        }
         Kind::Ringblock {
             device: RbDevice::Profile(p),
             ..
-        } => format!(
-            "[[device]]\nname = \"ram0\"\nkind = \"ram\"\nsize_bytes = {size}\n\
-             profile = \"{p}\"\nemulate_profile_latency = true\n\n\
-             [[volume]]\nname = \"{EXPORT}\"\ndevice = \"ram0\"\nsize_bytes = {region}\n",
-            size = region + overhead,
+        } => (
+            "ram0",
+            format!(
+                "kind = \"ram\"\nsize_bytes = {ram_bytes}\nprofile = \"{p}\"\n\
+                 emulate_profile_latency = true\n"
+            ),
         ),
-        _ => format!(
-            "[[device]]\nname = \"ram0\"\nkind = \"ram\"\nsize_bytes = {size}\n\n\
-             [[volume]]\nname = \"{EXPORT}\"\ndevice = \"ram0\"\nsize_bytes = {region}\n",
-            size = region + overhead,
+        _ => (
+            "ram0",
+            format!("kind = \"ram\"\nsize_bytes = {ram_bytes}\n"),
         ),
-    }
+    };
+    format!(
+        "{head}[[device]]\nname = \"{dev}\"\n{device}\n\
+         [[volume]]\nname = \"{EXPORT}\"\ndevice = \"{dev}\"\nsize_bytes = {region}\n"
+    )
 }
 
 /// Start `spec` and wait until it answers an NBD handshake (at most `timeout`).
 pub fn start(spec: &TargetSpec, env: &Env, timeout: Duration) -> Result<Running> {
-    let t0 = Instant::now();
-    let dir = &env.run_dir;
-    let sock = dir.join(format!("{}.sock", spec.id));
-    let log = dir.join(format!("{}.log", spec.id));
-    let _ = std::fs::remove_file(&sock);
     let region = match spec.kind {
         Kind::Ringblock {
             device: RbDevice::Profile(_),
@@ -347,56 +345,54 @@ pub fn start(spec: &TargetSpec, env: &Env, timeout: Duration) -> Result<Running>
         } => env.profile_region_bytes,
         _ => env.region_bytes,
     };
-    let unix = |sock: &Path| {
-        (
-            Endpoint::Unix(sock.to_path_buf()),
-            format!("nbd+unix:///{EXPORT}?socket={}", sock.display()),
-        )
+    let mut running = Running {
+        spec: spec.clone(),
+        server: None,
+        endpoint: None,
+        fio_uri: None,
+        region_bytes: region,
+        command: String::new(),
     };
-    let tcp = |port: u16| {
-        (
-            Endpoint::Tcp(format!("127.0.0.1:{port}")),
-            format!("nbd://127.0.0.1:{port}/{EXPORT}"),
-        )
-    };
-    let (server, (endpoint, uri), command) = match &spec.kind {
-        Kind::Raw | Kind::Engine => {
-            return Ok(Running {
-                spec: spec.clone(),
-                server: None,
-                endpoint: None,
-                fio_uri: None,
-                region_bytes: region,
-                command: String::new(),
-                start_s: 0.0,
-            })
-        }
+    if matches!(spec.kind, Kind::Raw | Kind::Engine) {
+        return Ok(running);
+    }
+    let (server, (endpoint, uri), command) = launch(spec, env, region)?;
+    running.server = Some(server);
+    running.endpoint = Some(endpoint);
+    running.fio_uri = Some(uri);
+    running.command = command;
+    wait_ready(&mut running, timeout)?;
+    Ok(running)
+}
+
+/// A started server, where it listens (the lean client's endpoint, fio's URI), and its
+/// command line.
+type Launched = (Server, (Endpoint, String), String);
+
+fn unix_endpoint(sock: &Path) -> (Endpoint, String) {
+    (
+        Endpoint::Unix(sock.to_path_buf()),
+        format!("nbd+unix:///{EXPORT}?socket={}", sock.display()),
+    )
+}
+
+fn tcp_endpoint(port: u16) -> (Endpoint, String) {
+    (
+        Endpoint::Tcp(format!("127.0.0.1:{port}")),
+        format!("nbd://127.0.0.1:{port}/{EXPORT}"),
+    )
+}
+
+/// Spawn the server of an NBD target, its socket and log in the run directory.
+fn launch(spec: &TargetSpec, env: &Env, region: u64) -> Result<Launched> {
+    let dir = &env.run_dir;
+    let sock = dir.join(format!("{}.sock", spec.id));
+    let log = dir.join(format!("{}.log", spec.id));
+    let _ = std::fs::remove_file(&sock);
+    let (cmd, ep) = match &spec.kind {
+        Kind::Raw | Kind::Engine => bail!("{} has no server", spec.id),
         Kind::Ringblock { transport, .. } => {
-            let bin = env.ringblock.as_ref().context("no ringblock binary")?;
-            let cfg_path = dir.join(format!("{}.toml", spec.id));
-            std::fs::write(&cfg_path, ringblock_config(spec, env, region))?;
-            // Always a TCP listener of our own (never the default port another daemon may hold).
-            let port = free_port()?;
-            let mut cmd = Command::new(bin);
-            cmd.arg("serve")
-                .arg("--config")
-                .arg(&cfg_path)
-                .arg("--cores")
-                .arg(&env.rb_cores)
-                .arg("--listen")
-                .arg(format!("127.0.0.1:{port}"));
-            if env.ringblock_no_web {
-                cmd.arg("--no-web");
-            }
-            let ep = match transport {
-                Transport::Unix => {
-                    cmd.arg("--unix").arg(&sock);
-                    unix(&sock)
-                }
-                Transport::Tcp => tcp(port),
-            };
-            let line = command_line(&cmd);
-            (Server::spawn(&spec.id, cmd, &log)?, ep, line)
+            ringblock_command(spec, env, region, &sock, transport)?
         }
         Kind::NbdkitMemory { transport } => {
             let mut cmd = Command::new("nbdkit");
@@ -404,17 +400,16 @@ pub fn start(spec: &TargetSpec, env: &Env, timeout: Duration) -> Result<Running>
             let ep = match transport {
                 Transport::Unix => {
                     cmd.arg("-U").arg(&sock);
-                    unix(&sock)
+                    unix_endpoint(&sock)
                 }
                 Transport::Tcp => {
                     let port = free_port()?;
                     cmd.args(["-i", "127.0.0.1", "-p", &port.to_string()]);
-                    tcp(port)
+                    tcp_endpoint(port)
                 }
             };
             cmd.arg("memory").arg(region.to_string());
-            let line = command_line(&cmd);
-            (Server::spawn(&spec.id, cmd, &log)?, ep, line)
+            (cmd, ep)
         }
         Kind::NbdkitFile => {
             let mut cmd = Command::new("nbdkit");
@@ -422,8 +417,7 @@ pub fn start(spec: &TargetSpec, env: &Env, timeout: Duration) -> Result<Running>
                 .arg(&sock)
                 .arg("file")
                 .arg(&env.peer_file);
-            let line = command_line(&cmd);
-            (Server::spawn(&spec.id, cmd, &log)?, unix(&sock), line)
+            (cmd, unix_endpoint(&sock))
         }
         Kind::QemuNbd => {
             let mut cmd = Command::new("qemu-nbd");
@@ -431,47 +425,72 @@ pub fn start(spec: &TargetSpec, env: &Env, timeout: Duration) -> Result<Running>
             cmd.args(["-f", "raw", "-x", EXPORT, "-t", "-e", "64"])
                 .arg(format!("--socket={}", sock.display()))
                 .arg(&env.peer_file);
-            let line = command_line(&cmd);
-            (Server::spawn(&spec.id, cmd, &log)?, unix(&sock), line)
+            (cmd, unix_endpoint(&sock))
         }
-        Kind::NbdServer => {
-            // nbd-server -d serves one connection only, so it runs as the daemon it is and is
-            // adopted (we are its subreaper) through its pid file.
-            let conf = dir.join("nbd-server.conf");
-            let pid_file = dir.join("nbd-server.pid");
-            std::fs::write(
-                &conf,
-                format!(
-                    "[generic]\n    unixsock = {}\n    listenaddr = 127.0.0.1\n    port = {}\n\n\
-                     [{EXPORT}]\n    exportname = {}\n",
-                    sock.display(),
-                    free_port()?,
-                    env.peer_file.display()
-                ),
-            )?;
-            procs::become_subreaper();
-            let mut cmd = Command::new("nbd-server");
-            cmd.arg("-C").arg(&conf).arg("-p").arg(&pid_file);
-            let line = command_line(&cmd);
-            (
-                Server::adopt_daemon(&spec.id, cmd, &pid_file, &log)?,
-                unix(&sock),
-                line,
-            )
+        Kind::NbdServer => return launch_nbd_server(spec, env, &sock, &log),
+    };
+    let line = command_line(&cmd);
+    Ok((Server::spawn(&spec.id, cmd, &log)?, ep, line))
+}
+
+/// `ringblock serve` with a config of its own, always on a TCP port of its own (never the
+/// default port another daemon may hold), and on `sock` for the Unix transport.
+fn ringblock_command(
+    spec: &TargetSpec,
+    env: &Env,
+    region: u64,
+    sock: &Path,
+    transport: &Transport,
+) -> Result<(Command, (Endpoint, String))> {
+    let bin = env.ringblock.as_ref().context("no ringblock binary")?;
+    let cfg_path = env.run_dir.join(format!("{}.toml", spec.id));
+    std::fs::write(&cfg_path, ringblock_config(spec, env, region))?;
+    let port = free_port()?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(&cfg_path)
+        .arg("--cores")
+        .arg(&env.rb_cores)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"));
+    if env.ringblock_no_web {
+        cmd.arg("--no-web");
+    }
+    let ep = match transport {
+        Transport::Unix => {
+            cmd.arg("--unix").arg(sock);
+            unix_endpoint(sock)
         }
+        Transport::Tcp => tcp_endpoint(port),
     };
-    let mut running = Running {
-        spec: spec.clone(),
-        server: Some(server),
-        endpoint: Some(endpoint),
-        fio_uri: Some(uri),
-        region_bytes: region,
-        command,
-        start_s: 0.0,
-    };
-    wait_ready(&mut running, timeout)?;
-    running.start_s = t0.elapsed().as_secs_f64();
-    Ok(running)
+    Ok((cmd, ep))
+}
+
+/// nbd-server -d serves one connection only, so it runs as the daemon it is and is adopted (we
+/// are its subreaper) through its pid file.
+fn launch_nbd_server(spec: &TargetSpec, env: &Env, sock: &Path, log: &Path) -> Result<Launched> {
+    let conf = env.run_dir.join("nbd-server.conf");
+    let pid_file = env.run_dir.join("nbd-server.pid");
+    std::fs::write(
+        &conf,
+        format!(
+            "[generic]\n    unixsock = {}\n    listenaddr = 127.0.0.1\n    port = {}\n\n\
+             [{EXPORT}]\n    exportname = {}\n",
+            sock.display(),
+            free_port()?,
+            env.peer_file.display()
+        ),
+    )?;
+    procs::become_subreaper();
+    let mut cmd = Command::new("nbd-server");
+    cmd.arg("-C").arg(&conf).arg("-p").arg(&pid_file);
+    let line = command_line(&cmd);
+    Ok((
+        Server::adopt_daemon(&spec.id, cmd, &pid_file, log)?,
+        unix_endpoint(sock),
+        line,
+    ))
 }
 
 /// Poll with NBD handshakes until the server answers with an export of the expected size.

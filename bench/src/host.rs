@@ -1,10 +1,13 @@
-//! Small OS helpers: CPU sets and pinning, process and thread CPU time, what a wake-up costs,
-//! file allocation, clock formatting.
+//! Host checks: what the machine is and does while the bench runs. CPU sets and pinning,
+//! process and thread CPU time, steal and device time, the idle policy and what a wake-up
+//! costs, the CPU that takes a device's interrupts, tool versions, file allocation, clock
+//! formatting; and the host record of `summary.json` built from them.
 
 use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
@@ -47,28 +50,13 @@ pub fn pin_current_thread(cpu: usize) -> Result<()> {
     Ok(())
 }
 
-/// User and system CPU time of the whole process (every thread).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CpuTimes {
-    pub user: Duration,
-    pub system: Duration,
-}
-
-impl CpuTimes {
-    /// (user, system) spent since `earlier`.
-    pub fn since(&self, earlier: &CpuTimes) -> (Duration, Duration) {
-        (
-            self.user.saturating_sub(earlier.user),
-            self.system.saturating_sub(earlier.system),
-        )
-    }
-}
-
-pub fn cpu_times() -> Result<CpuTimes> {
+/// User and system CPU time of the whole process (`RUSAGE_SELF`) or the calling thread
+/// (`RUSAGE_THREAD`).
+pub fn cpu_times(who: libc::c_int) -> Result<(Duration, Duration)> {
     // SAFETY: rusage is plain data that getrusage fills.
     let ru = unsafe {
         let mut ru: libc::rusage = std::mem::zeroed();
-        if libc::getrusage(libc::RUSAGE_SELF, &mut ru) != 0 {
+        if libc::getrusage(who, &mut ru) != 0 {
             return Err(std::io::Error::last_os_error()).context("getrusage");
         }
         ru
@@ -76,89 +64,12 @@ pub fn cpu_times() -> Result<CpuTimes> {
     let tv = |t: libc::timeval| {
         Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
     };
-    Ok(CpuTimes {
-        user: tv(ru.ru_utime),
-        system: tv(ru.ru_stime),
-    })
+    Ok((tv(ru.ru_utime), tv(ru.ru_stime)))
 }
 
-/// Scheduler counters of one thread of this process (`/proc/self/task/TID/{schedstat,status}`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct ThreadSched {
-    pub tid: u32,
-    pub comm: String,
-    /// Time on a CPU.
-    pub run_ns: u64,
-    /// Time runnable but waiting for a CPU (taken by another thread or process).
-    pub runq_wait_ns: u64,
-    pub voluntary_switches: u64,
-    /// Preemptions: the thread wanted to go on running.
-    pub involuntary_switches: u64,
-}
-
-impl ThreadSched {
-    /// Counters accumulated since `earlier` (same thread).
-    pub fn since(&self, earlier: &ThreadSched) -> ThreadSched {
-        ThreadSched {
-            tid: self.tid,
-            comm: self.comm.clone(),
-            run_ns: self.run_ns.saturating_sub(earlier.run_ns),
-            runq_wait_ns: self.runq_wait_ns.saturating_sub(earlier.runq_wait_ns),
-            voluntary_switches: self
-                .voluntary_switches
-                .saturating_sub(earlier.voluntary_switches),
-            involuntary_switches: self
-                .involuntary_switches
-                .saturating_sub(earlier.involuntary_switches),
-        }
-    }
-}
-
-/// Scheduler counters of every thread of this process; threads that vanish while being read
-/// are skipped.
-pub fn thread_sched() -> Vec<ThreadSched> {
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-        return Vec::new();
-    };
-    let mut v: Vec<ThreadSched> = dir
-        .flatten()
-        .filter_map(|e| {
-            let tid: u32 = e.file_name().to_str()?.parse().ok()?;
-            let p = e.path();
-            let comm = std::fs::read_to_string(p.join("comm")).ok()?;
-            let sched = std::fs::read_to_string(p.join("schedstat")).ok()?;
-            let status = std::fs::read_to_string(p.join("status")).ok()?;
-            parse_thread_sched(tid, comm.trim(), &sched, &status)
-        })
-        .collect();
-    v.sort_by_key(|t| t.tid);
-    v
-}
-
-fn parse_thread_sched(tid: u32, comm: &str, schedstat: &str, status: &str) -> Option<ThreadSched> {
-    let mut f = schedstat.split_whitespace().map(|x| x.parse::<u64>().ok());
-    let (run_ns, runq_wait_ns) = (f.next()??, f.next()??);
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|r| r.trim().parse::<u64>().ok())
-    };
-    Some(ThreadSched {
-        tid,
-        comm: comm.to_string(),
-        run_ns,
-        runq_wait_ns,
-        voluntary_switches: field("voluntary_ctxt_switches:")?,
-        involuntary_switches: field("nonvoluntary_ctxt_switches:")?,
-    })
-}
-
-/// Per-thread deltas between two [`thread_sched`] snapshots, for threads present in both.
-pub fn thread_sched_deltas(a: &[ThreadSched], b: &[ThreadSched]) -> Vec<ThreadSched> {
-    b.iter()
-        .filter_map(|t| a.iter().find(|x| x.tid == t.tid).map(|x| t.since(x)))
-        .collect()
+/// CPU time of the calling thread (user + system).
+pub fn thread_cpu() -> Duration {
+    cpu_times(libc::RUSAGE_THREAD).map_or(Duration::ZERO, |(u, s)| u + s)
 }
 
 /// System-wide CPU time from `/proc/stat` (clock ticks, all CPUs).
@@ -316,20 +227,6 @@ fn describe_idle_policy(driver: Option<&str>, halt_poll_ns: Option<&str>) -> Str
     }
 }
 
-/// CPU time of the calling thread (user + system).
-pub fn thread_cpu() -> Duration {
-    // SAFETY: rusage is plain data that getrusage fills.
-    let ru = unsafe {
-        let mut ru: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_THREAD, &mut ru);
-        ru
-    };
-    let tv = |t: libc::timeval| {
-        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
-    };
-    tv(ru.ru_utime) + tv(ru.ru_stime)
-}
-
 /// What one sleep-and-wake round trip costs between two threads, each blocking in `read` until
 /// the other writes: the pattern of an event-loop server and its client, one receive each way.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
@@ -409,6 +306,76 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     let y = yoe + era * 400 + i64::from(m <= 2);
     (y, m, d)
+}
+
+/// The CPU an engine-vs-raw comparison runs on (raw fio and the engine's reactor both), and
+/// why: the one taking the backing device's completion interrupts when it can be told, else
+/// the last CPU (where the engine puts its one reactor on small machines).
+pub fn comparison_cpu(device_path: &Path, cpus: &[usize]) -> (usize, String) {
+    use ringblock_engine::irq;
+    let found = irq::device_irq_cpu(device_path);
+    let cpu = irq::lone_reactor_core(found.as_ref().map(|(c, _)| *c), cpus).unwrap_or(0);
+    let why = match found {
+        Some((c, name)) if c == cpu => {
+            format!("cpu {cpu}, which takes the device's interrupts ({name})")
+        }
+        _ => format!("cpu {cpu}, the last (the device's interrupt CPU is unknown)"),
+    };
+    (cpu, why)
+}
+
+pub fn tool_version(cmd: &str, args: &[&str]) -> Option<String> {
+    let o = Command::new(cmd).args(args).output().ok()?;
+    let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    text.lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with("Using configuration"))
+        .map(str::to_string)
+}
+
+/// Round trips per wake-cost measurement: about 0.1 s across CPUs even where a round trip costs
+/// 50 µs, and enough that the mean is steady.
+const WAKE_COST_ROUND_TRIPS: u32 = 2000;
+
+/// The sleep-and-wake cost on one CPU and across the first and last CPUs, as the host record
+/// keeps it (`null` where it could not be measured).
+pub fn measure_wake_cost(cpus: &[usize]) -> serde_json::Value {
+    let (first, last) = (cpus[0], cpus[cpus.len() - 1]);
+    let one = |a, b| match wake_cost(a, b, WAKE_COST_ROUND_TRIPS) {
+        Ok(w) => serde_json::json!(w),
+        Err(e) => {
+            eprintln!("could not time a wake-up on cpus {a} and {b}: {e:#}");
+            serde_json::Value::Null
+        }
+    };
+    serde_json::json!({
+        "cpus": [first, last],
+        "across_cpus": if first != last { one(first, last) } else { serde_json::Value::Null },
+        "same_cpu": one(first, first),
+    })
+}
+
+/// The host record of `summary.json`: CPUs, kernel, idle policy, wake-up cost, the engine
+/// step's CPU, the peers' versions and the load average.
+pub fn record(
+    cpus: &[usize],
+    engine_cpu: &(usize, String),
+    wake_cost: serde_json::Value,
+    fio_version: String,
+) -> serde_json::Value {
+    serde_json::json!({
+        "cpus": cpus,
+        "engine_step_cpu": engine_cpu.0,
+        "engine_step_cpu_why": engine_cpu.1,
+        "kernel": kernel_release(),
+        "idle": idle_policy(),
+        "wake_cost": wake_cost,
+        "fio": fio_version,
+        "nbdkit": tool_version("nbdkit", &["--version"]),
+        "qemu-nbd": tool_version("qemu-nbd", &["--version"]),
+        "nbd-server": tool_version("nbd-server", &["-V"]),
+        "load_average": std::fs::read_to_string("/proc/loadavg").ok().map(|s| s.trim().to_string()),
+    })
 }
 
 #[cfg(test)]
@@ -507,40 +474,18 @@ mod tests {
     }
 
     #[test]
-    fn thread_scheduler_counters() {
-        let t = parse_thread_sched(
-            7,
-            "reactor-0",
-            "123 456 9\n",
-            "Name:\treactor-0\nvoluntary_ctxt_switches:\t10\nnonvoluntary_ctxt_switches:\t3\n",
-        )
-        .unwrap();
-        assert_eq!((t.run_ns, t.runq_wait_ns), (123, 456));
-        assert_eq!((t.voluntary_switches, t.involuntary_switches), (10, 3));
-        assert_eq!(parse_thread_sched(7, "x", "", ""), None);
-        let later = ThreadSched {
-            run_ns: 200,
-            ..t.clone()
-        };
-        assert_eq!(
-            thread_sched_deltas(std::slice::from_ref(&t), &[later])[0].run_ns,
-            77
-        );
-        let me = thread_sched();
-        assert!(!me.is_empty(), "this test's own threads are listed");
-    }
-
-    #[test]
     fn cpus_and_cpu_time() {
         let cpus = available_cpus().unwrap();
         assert!(!cpus.is_empty());
-        let a = cpu_times().unwrap();
+        let (u0, s0) = cpu_times(libc::RUSAGE_SELF).unwrap();
+        let t0 = thread_cpu();
         let mut x = 0u64;
         for i in 0..2_000_000u64 {
             x = x.wrapping_mul(31).wrapping_add(i);
         }
         std::hint::black_box(x);
-        let b = cpu_times().unwrap();
-        assert!(b.user + b.system >= a.user + a.system);
+        let (u1, s1) = cpu_times(libc::RUSAGE_SELF).unwrap();
+        assert!(u1 + s1 >= u0 + s0);
+        assert!(thread_cpu() >= t0);
     }
 }
