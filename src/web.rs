@@ -267,7 +267,7 @@ pub fn start(
         // Output kept somewhere (the journal, a log file): only the path of a private file.
         Some(t) => {
             let path = ringblock_web::token::write_first_token(&prepared.state_dir, &t)
-                .context("writing the first API token")
+                .context("writing the first API token (`ringblock token reset` makes a new one)")
                 .map_err(Failure::Runtime)?;
             say(format!(
                 "ringblock: web UI on {url} — API token (first start) in {} (mode 0600; delete it once you have the token)",

@@ -926,15 +926,22 @@ fn web_listen_errors_and_no_web() {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
     }
-    let (code, _, err) = run(&[
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--web-listen",
-        "127.0.0.1:0",
-        "--state-dir",
-        shared.to_str().unwrap(),
-    ]);
+    // Bounded: a daemon that accepted the directory would serve until killed.
+    let out = common::run_tool(
+        60,
+        common::BIN,
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--web-listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            shared.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let (code, err) = (out.code, out.stderr);
     assert_eq!(code, 2, "{err}");
     assert!(
         err.contains("1777") && err.contains(&format!("chmod 700 {}", shared.display())),
