@@ -365,7 +365,7 @@ mod tests {
                     && text.contains(&format!("chmod 700 {}", state.display())),
                 "{text}"
             );
-            let e = TokenStore::reset(&state).err().expect("refused");
+            let e = TokenStore::reset(&state).expect_err("refused");
             assert!(e.to_string().contains("chmod 700"), "{e}");
         }
         set_mode(&state, 0o700);
