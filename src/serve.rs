@@ -132,7 +132,12 @@ pub fn run(args: ServeArgs) -> Result<(), Failure> {
 
     let mut engine_config = cfg.engine_config();
     // Device state records live next to the web token.
-    engine_config.state_dir = Some(crate::web::state_dir(&args.web.state_dir, &cfg));
+    engine_config.state_dir = match crate::web::state_dir(&args.web.state_dir, &cfg) {
+        Ok(dir) => Some(dir),
+        // Without persistent devices there is nothing to record.
+        Err(_) if !cfg.devices.iter().any(|d| d.kind.persistent()) => None,
+        Err(e) => return Err(e),
+    };
     let engine = Engine::start(&engine_config)?;
     cfg.nbd
         .check_connections(engine.reactor_count() as usize)

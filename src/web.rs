@@ -43,11 +43,11 @@ pub struct Prepared {
     allowed_hosts: Vec<String>,
 }
 
-pub(crate) fn state_dir(args_dir: &Option<PathBuf>, cfg: &DaemonConfig) -> PathBuf {
-    args_dir
-        .clone()
-        .or_else(|| cfg.web.state_dir.clone())
-        .unwrap_or_else(ringblock_web::default_state_dir)
+pub(crate) fn state_dir(args_dir: &Option<PathBuf>, cfg: &DaemonConfig) -> Result<PathBuf, Failure> {
+    match args_dir.clone().or_else(|| cfg.web.state_dir.clone()) {
+        Some(dir) => Ok(dir),
+        None => ringblock_web::default_state_dir().map_err(|e| Failure::Config(e.into())),
+    }
 }
 
 /// Bind the web address before anything starts, so a bad or taken address is reported at
@@ -96,7 +96,7 @@ pub fn prepare(
     Ok(Some(Prepared {
         addr: bound.local_addr(),
         bound,
-        state_dir: state_dir(&args.state_dir, cfg),
+        state_dir: state_dir(&args.state_dir, cfg)?,
         allowed_hosts: cfg.web.allowed_hosts.clone(),
     }))
 }
@@ -256,13 +256,32 @@ pub fn start(
     .context("starting the web server")
     .map_err(Failure::Runtime)?;
     let url = format!("http://{}/", prepared.addr);
+    let first_file = prepared
+        .state_dir
+        .join(ringblock_web::token::FIRST_TOKEN_FILE);
     match new_token {
-        Some(t) => say(format!(
+        // A terminal: shown once, and nowhere else.
+        Some(t) if output_is_terminal() => say(format!(
             "ringblock: web UI on {url} — API token (shown once): {t}"
         )),
-        None => say(format!(
-            "ringblock: web UI on {url} (API token hash in {token_path}; `ringblock token reset` prints a new token)"
-        )),
+        // Output kept somewhere (the journal, a log file): only the path of a private file.
+        Some(t) => {
+            let path = ringblock_web::token::write_first_token(&prepared.state_dir, &t)
+                .context("writing the first API token (`ringblock token reset` makes a new one)")
+                .map_err(Failure::Runtime)?;
+            say(format!(
+                "ringblock: web UI on {url} — API token (first start) in {} (mode 0600; delete it once you have the token)",
+                path.display()
+            ));
+        }
+        None => {
+            say(format!(
+                "ringblock: web UI on {url} (API token hash in {token_path}; `ringblock token reset` prints a new token)"
+            ));
+            if first_file.exists() {
+                tracing::warn!(path = %first_file.display(), "the API token of the first start is still in this file: delete it once you have the token");
+            }
+        }
     }
     Ok(server)
 }
@@ -444,6 +463,12 @@ pub fn run_status(api: &ApiArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Whether the daemon's output goes to a terminal (both streams: `say` uses either).
+fn output_is_terminal() -> bool {
+    use std::io::IsTerminal;
+    std::io::stdout().is_terminal() && std::io::stderr().is_terminal()
+}
+
 pub fn run_token(cmd: TokenCommand) -> Result<(), Failure> {
     match cmd {
         TokenCommand::Reset {
@@ -454,7 +479,7 @@ pub fn run_token(cmd: TokenCommand) -> Result<(), Failure> {
                 Some(path) => DaemonConfig::load(path).map_err(Failure::Config)?,
                 None => DaemonConfig::default(),
             };
-            let dir = state_dir(&dir, &cfg);
+            let dir = state_dir(&dir, &cfg)?;
             let token = TokenStore::reset(&dir)
                 .context("resetting the API token")
                 .map_err(Failure::Runtime)?;

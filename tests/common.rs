@@ -246,15 +246,26 @@ pub fn start_with_web(config: Option<&str>, state_dir: &Path) -> (Daemon, String
     (d, addr, token)
 }
 
-/// The web UI address (`127.0.0.1:PORT`) and, at a first start, the API token a daemon printed.
+/// The web UI address (`127.0.0.1:PORT`) and, at a first start, the API token the daemon made:
+/// shown on a terminal, else (as here: stdout is a pipe) written to a 0600 file whose path
+/// it prints.
 pub fn web_endpoint(d: &Daemon) -> (String, Option<String>) {
     for line in &d.stdout_lines {
         if let Some(rest) = line.strip_prefix("ringblock: web UI on http://") {
             let addr = rest.split('/').next().unwrap_or_default().to_string();
-            let token = rest
+            let shown = rest
                 .split_once("(shown once): ")
                 .map(|(_, t)| t.trim().to_string());
-            return (addr, token);
+            let in_file = rest
+                .split_once("API token (first start) in ")
+                .and_then(|(_, p)| p.split_once(" (mode 0600"))
+                .map(|(path, _)| {
+                    std::fs::read_to_string(path)
+                        .unwrap_or_else(|e| panic!("reading the first token from {path}: {e}"))
+                        .trim()
+                        .to_string()
+                });
+            return (addr, shown.or(in_file));
         }
     }
     panic!("no web UI line in {:?}", d.stdout_lines)

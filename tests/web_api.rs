@@ -792,6 +792,24 @@ fn token_survives_restarts_and_reset_replaces_it() {
     let w = Web::start();
     let old = w.token.clone();
     let state = w.state_dir();
+    // stdout is not a terminal here (a pipe, like the journal): the token is not printed, only
+    // the path of the private file holding it.
+    let first = std::path::Path::new(&state).join("api-token.first");
+    let lines = &w.daemon.as_ref().unwrap().stdout_lines;
+    assert!(
+        !lines.iter().any(|l| l.contains(&old)),
+        "the token went to a stdout that is not a terminal: {lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(&first.display().to_string()) && l.contains("0600")),
+        "{lines:?}"
+    );
+    {
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(&first).unwrap().mode() & 0o777, 0o600);
+    }
     let cfg = w.dir.path().join("web.toml");
     let dir = w.dir;
     w.daemon.unwrap().stop_clean();
@@ -830,6 +848,7 @@ fn token_survives_restarts_and_reset_replaces_it() {
     assert_eq!(new.len(), 64, "{out}");
     assert!(err.contains("api-token.sha256"), "{err}");
     assert_ne!(new, old);
+    assert!(!first.exists(), "the first token is stale after a reset");
     assert_error(
         &http_auth(&addr, &old, "GET", "/api/volumes", &[], None),
         401,
@@ -899,6 +918,36 @@ fn web_listen_errors_and_no_web() {
         err.contains("state_dir") && !err.contains("panicked"),
         "{err}"
     );
+
+    // A state directory other users can write is refused with the fix.
+    let shared = dir.path().join("shared-state");
+    std::fs::create_dir(&shared).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    }
+    // Bounded: a daemon that accepted the directory would serve until killed.
+    let out = common::run_tool(
+        60,
+        common::BIN,
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--web-listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            shared.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let (code, err) = (out.code, out.stderr);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("1777") && err.contains(&format!("chmod 700 {}", shared.display())),
+        "{err}"
+    );
+    assert!(!shared.join("api-token.sha256").exists());
 
     let d = Daemon::start(&["--listen", "127.0.0.1:0", "--no-web"]);
     assert!(

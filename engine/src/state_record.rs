@@ -7,7 +7,7 @@
 //! file, fsync, rename, fsync of the directory) with mode 0600.
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -91,7 +91,11 @@ pub fn read(state_dir: &Path, resolved: &Path) -> Result<Option<(PathBuf, Device
 
 /// Write `rec` atomically as the record of its path.
 pub fn write(state_dir: &Path, rec: &DeviceRecord) -> std::io::Result<PathBuf> {
-    std::fs::create_dir_all(state_dir)?;
+    // Private like the token beside it: the records name every device path.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(state_dir)?;
     let file = record_file(state_dir, &rec.path);
     let tmp = file.with_extension("toml.tmp");
     let text = toml::to_string(rec).map_err(std::io::Error::other)?;

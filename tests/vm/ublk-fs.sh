@@ -119,8 +119,8 @@ grep -q 'stopped cleanly' /tmp/daemon2.log || fail "daemon did not stop cleanly"
 [[ ! -e $dev ]] || fail "$dev still exists after the daemon stopped"
 
 # The same volume exported at runtime through the web API, as `ringblock export …` and the
-# dashboard do it: the daemon starts without an [[export]]; the CLI gets the token the daemon
-# printed at its first start (only its hash is stored in the state directory).
+# dashboard do it: the daemon starts without an [[export]]; the CLI gets the token of its
+# first start from the 0600 file the daemon names (its output is not a terminal).
 step "runtime export: daemon without [[export]], with the web API"
 grep -v -e '^\[\[export\]\]' -e '^kind = "ublk"' -e '^volume = "vol0"' /tmp/ublk.toml |
   sed 's/^\[ublk\]$/&\nuser_copy = false/' >/tmp/api.toml
@@ -131,8 +131,12 @@ state_dir = "/tmp/webstate"
 TOML
 start_daemon /tmp/api.toml /tmp/daemon3.log
 grep -q '^ringblock: ublk' /tmp/daemon3.log && fail "a ublk device without an [[export]]"
-RINGBLOCK_TOKEN=$(sed -n 's/^ringblock: web UI on .*(shown once): //p' /tmp/daemon3.log)
-[[ -n $RINGBLOCK_TOKEN ]] || fail "the daemon printed no API token"
+# Output to a log file, not a terminal: the first token is in a 0600 file, never in the log.
+grep -q "(shown once)" /tmp/daemon3.log && fail "the API token went to a log file"
+grep -q "API token (first start) in /tmp/webstate/api-token.first" /tmp/daemon3.log \
+    || fail "the daemon did not say where the first API token is"
+RINGBLOCK_TOKEN=$(cat /tmp/webstate/api-token.first)
+[[ -n $RINGBLOCK_TOKEN ]] || fail "no API token in /tmp/webstate/api-token.first"
 export RINGBLOCK_TOKEN RINGBLOCK_API=http://127.0.0.1:18080
 # What the dashboard reads.
 api_get() { curl -fsS --max-time 30 -H "Authorization: Bearer $RINGBLOCK_TOKEN" "$RINGBLOCK_API$1"; }

@@ -14,7 +14,7 @@ use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures_util::stream::{self, Stream, StreamExt};
+use futures_util::stream::{self, StreamExt};
 use ringblock_engine::stats::LatencySnapshot;
 use ringblock_engine::{validate_volume_name, DeviceState, Engine, Volume};
 use serde::de::DeserializeOwned;
@@ -821,11 +821,13 @@ pub async fn latest_stats(State(st): State<AppState>) -> Json<Sample> {
 #[utoipa::path(get, path = "/api/events", tag = "stats",
     responses(
         (status = 200, description = "`text/event-stream` of `event: stats` with a Sample as data", content_type = "text/event-stream", body = String),
-        (status = 401, body = ErrorBody)),
+        (status = 401, body = ErrorBody),
+        (status = 503, description = "too many SSE streams open; retry after `Retry-After` seconds", body = ErrorBody)),
     security(("bearer" = [])))]
-pub async fn events(
-    State(st): State<AppState>,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+pub async fn events(State(st): State<AppState>) -> Response {
+    let Some(sse_slot) = st.sse_slot() else {
+        return crate::error::sse_streams_full();
+    };
     let mut rx = st.0.samples.subscribe();
     // Everything up to the current sample comes from the history; live ones after it.
     rx.borrow_and_update();
@@ -848,10 +850,13 @@ pub async fn events(
             }
         }
     });
-    let events = stream::iter(history)
-        .chain(live)
-        .map(|s| Ok(stats_event(&s)));
-    Sse::new(events).keep_alive(KeepAlive::default())
+    let events = stream::iter(history).chain(live).map(move |s| {
+        let _held_while_streaming = &sse_slot;
+        Ok::<_, Infallible>(stats_event(&s))
+    });
+    Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
 
 fn stats_event(s: &Sample) -> Event {

@@ -156,7 +156,13 @@ pub(crate) async fn require_token(
         Some(t) if !st.0.tokens.verify(t) => {
             ApiError::unauthorized("invalid API token").into_response()
         }
-        Some(_) => next.run(req).await,
+        Some(_) => {
+            // The connection's idle/slow behaviour is no longer an anonymous client's.
+            if let Some(conn) = req.extensions().get::<crate::listener::ConnHandle>() {
+                conn.authenticated();
+            }
+            next.run(req).await
+        }
     }
 }
 

@@ -68,6 +68,25 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// 503 for an SSE stream beyond [`crate::MAX_SSE_STREAMS`], with `Retry-After`.
+pub(crate) fn sse_streams_full() -> Response {
+    let mut resp = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(ErrorBody {
+            error: format!(
+                "too many event streams open (at most {}); close one (e.g. another dashboard tab) or retry later",
+                crate::MAX_SSE_STREAMS
+            ),
+        }),
+    )
+        .into_response();
+    resp.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(crate::SSE_RETRY_AFTER_S),
+    );
+    resp
+}
+
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
         let status = match r.status() {

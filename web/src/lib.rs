@@ -29,8 +29,8 @@ mod listener;
 mod routes;
 
 use std::collections::VecDeque;
-use std::future::IntoFuture;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -43,10 +43,23 @@ pub use config::{default_state_dir, WebConfig, DEFAULT_WEB_LISTEN};
 pub use routes::route_table;
 pub use token::TokenStore;
 
-/// Connections served at once; more wait in the kernel's accept queue.
+/// Connections served at once (see `listener`).
 pub const MAX_CONNECTIONS: usize = 256;
-/// A connection on which nothing moves for this long is closed (see `listener`).
+/// Connections that have not yet presented a valid token may hold at most this many of the
+/// [`MAX_CONNECTIONS`] slots; beyond it a new connection closes the oldest of them. The rest
+/// is kept for token holders.
+pub const MAX_UNAUTHENTICATED_CONNECTIONS: usize = 192;
+/// A request's head (request line and headers) must arrive within this time of the server
+/// starting to wait for it: after the connection is accepted, or after the previous response
+/// on a keep-alive connection (so it is also the idle timeout between requests).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection on which nothing moves for this long, while a request or response is under
+/// way, is closed (see `listener`).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// SSE streams (`/api/events`) open at once; beyond it 503 with `Retry-After`.
+pub const MAX_SSE_STREAMS: usize = 32;
+/// `Retry-After` (seconds) of a refused SSE stream.
+pub const SSE_RETRY_AFTER_S: u64 = 10;
 /// Largest request body accepted (larger → 413).
 pub const MAX_BODY_BYTES: usize = 64 << 10;
 /// Interval of the stats sampler (rates, SSE events).
@@ -73,12 +86,34 @@ pub(crate) struct Inner {
     pub(crate) samples: watch::Sender<Arc<stats::Sample>>,
     /// The last [`HISTORY_SAMPLES`] samples, oldest first.
     pub(crate) history: Mutex<VecDeque<Arc<stats::Sample>>>,
+    /// SSE streams open now (at most [`MAX_SSE_STREAMS`]).
+    pub(crate) sse_streams: AtomicUsize,
+}
+
+/// One of the [`MAX_SSE_STREAMS`] places, held by an open SSE stream.
+pub(crate) struct SseSlot(AppState);
+
+impl Drop for SseSlot {
+    fn drop(&mut self) {
+        self.0 .0.sse_streams.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl AppState {
     /// The newest stats sample (all zero rates until the sampler has run twice).
     pub(crate) fn latest(&self) -> Arc<stats::Sample> {
         self.0.samples.borrow().clone()
+    }
+
+    /// A place for one more SSE stream, if fewer than [`MAX_SSE_STREAMS`] are open.
+    pub(crate) fn sse_slot(&self) -> Option<SseSlot> {
+        self.0
+            .sse_streams
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_SSE_STREAMS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| SseSlot(self.clone()))
     }
 }
 
@@ -137,6 +172,7 @@ impl WebServer {
             started: Instant::now(),
             samples,
             history: Mutex::new(VecDeque::with_capacity(HISTORY_SAMPLES)),
+            sse_streams: AtomicUsize::new(0),
         }));
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let std_listener = bound.listener;
@@ -187,17 +223,49 @@ async fn serve(std_listener: std::net::TcpListener, state: AppState, stop: onesh
             return;
         }
     };
-    let listener = listener::Limited::new(listener, MAX_CONNECTIONS, IDLE_TIMEOUT);
+    let mut listener = listener::Limited::new(
+        listener,
+        listener::Limits {
+            max_connections: MAX_CONNECTIONS,
+            max_unauthenticated: MAX_UNAUTHENTICATED_CONNECTIONS,
+            idle_timeout: IDLE_TIMEOUT,
+        },
+    );
     let app = routes::router(state.clone());
     let sampler = stats::run_sampler(state);
-    let server = axum::serve(listener, app);
-    tokio::select! {
-        r = server.into_future() => {
-            if let Err(e) = r {
-                tracing::error!("web server failed: {e}");
-            }
+    let accept = async {
+        loop {
+            let (io, _) = listener.accept().await;
+            tokio::spawn(serve_connection(io, app.clone()));
         }
+    };
+    tokio::select! {
+        () = accept => {}
         _ = sampler => {}
         _ = stop => {}
+    }
+}
+
+/// HTTP/1.1 on one connection, with a deadline for each request head ([`HEADER_READ_TIMEOUT`];
+/// axum's own `serve` sets none). Each request carries the connection's handle, so the token
+/// check can mark the connection authenticated.
+async fn serve_connection(io: listener::LimitedStream, app: axum::Router) {
+    let conn = io.handle();
+    let service =
+        hyper::service::service_fn(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(conn.clone());
+            let mut app = app.clone();
+            tower_service::Service::call(&mut app, req)
+        });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(true);
+    if let Err(e) = builder
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+        .await
+    {
+        tracing::debug!("web: connection ended: {e}");
     }
 }
