@@ -114,6 +114,19 @@ impl DeviceConfig {
         }
     }
 
+    /// The checks of the settings alone (name, chunk size, profile) that opening and probing
+    /// share; returns the resolved profile.
+    fn check_settings(&self) -> Result<FirmwareProfile, EngineError> {
+        let err = |message: String| EngineError::Device {
+            device: self.name.clone(),
+            message,
+        };
+        crate::volume::validate_volume_name(&self.name)
+            .map_err(|_| err("device name must be 1-128 characters of A-Z a-z 0-9 - _ .".into()))?;
+        check_chunk_size(self.chunk_size_bytes).map_err(err)?;
+        profile::resolve(self.profile.as_deref().unwrap_or(self.default_profile()))
+    }
+
     fn default_profile(&self) -> &'static str {
         match self.kind {
             DeviceKind::Bbram | DeviceKind::Ram | DeviceKind::Null => "bbram",
@@ -339,11 +352,7 @@ impl OpenDevice {
             device: cfg.name.clone(),
             message,
         };
-        crate::volume::validate_volume_name(&cfg.name)
-            .map_err(|_| err("device name must be 1-128 characters of A-Z a-z 0-9 - _ .".into()))?;
-        check_chunk_size(cfg.chunk_size_bytes).map_err(err)?;
-        let profile_name = cfg.profile.as_deref().unwrap_or(cfg.default_profile());
-        let profile = profile::resolve(profile_name)?;
+        let profile = cfg.check_settings()?;
         let need_path = || {
             cfg.path
                 .clone()
@@ -558,10 +567,7 @@ pub fn probe(cfg: &DeviceConfig) -> Result<DeviceProbe, EngineError> {
         device: cfg.name.clone(),
         message,
     };
-    crate::volume::validate_volume_name(&cfg.name)
-        .map_err(|_| err("device name must be 1-128 characters of A-Z a-z 0-9 - _ .".into()))?;
-    check_chunk_size(cfg.chunk_size_bytes).map_err(err)?;
-    profile::resolve(cfg.profile.as_deref().unwrap_or(cfg.default_profile()))?;
+    cfg.check_settings()?;
     let chunk = cfg.chunk_size_bytes;
     let planned = |size: u64| -> Result<Option<u64>, EngineError> {
         check_new_size(size, chunk).map_err(err)?;
