@@ -43,7 +43,10 @@ pub struct Prepared {
     allowed_hosts: Vec<String>,
 }
 
-pub(crate) fn state_dir(args_dir: &Option<PathBuf>, cfg: &DaemonConfig) -> Result<PathBuf, Failure> {
+pub(crate) fn state_dir(
+    args_dir: &Option<PathBuf>,
+    cfg: &DaemonConfig,
+) -> Result<PathBuf, Failure> {
     match args_dir.clone().or_else(|| cfg.web.state_dir.clone()) {
         Some(dir) => Ok(dir),
         None => ringblock_web::default_state_dir().map_err(|e| Failure::Config(e.into())),
