@@ -87,6 +87,18 @@ impl Connection {
         self.runs == [(req.length, false)]
     }
 
+    /// A READ of a range with nothing allocated: one OFFSET_HOLE chunk.
+    pub(super) fn reply_hole(&mut self, req: &wire::Request) {
+        let mut b = Vec::with_capacity(48);
+        let t = ReplyTarget {
+            cookie: req.cookie,
+            offset: req.offset,
+            extended: self.extended(),
+        };
+        t.encode_offset_hole(&mut b, wire::REPLY_FLAG_DONE, req.offset, req.length as u32);
+        self.queue(OutMsg::bytes_only(b));
+    }
+
     pub(super) fn reply_read(&mut self, p: &Pending, data: IoBuf) {
         let len = data.len();
         let mut msg = self.new_msg(Some(data));

@@ -8,9 +8,8 @@ use ringblock_engine::{AlignedBuf, IoBuf, Request, RequestKind};
 
 use super::recv::Payload;
 use super::reply::nbd_errno;
-use super::send::OutMsg;
 use super::validate::validate;
-use super::wire::{self, Command, ReplyTarget};
+use super::wire::{self, Command};
 use super::{
     Connection, State, MAX_BYTES_IN_FLIGHT, MAX_QUEUED_REPLY_BYTES, MAX_REQUESTS_IN_FLIGHT,
 };
@@ -160,35 +159,7 @@ impl Connection {
             done_bytes: 0,
         };
         match cmd {
-            Command::Read => {
-                if self.read_is_hole(&req) {
-                    // Thin volume, nothing written there: one OFFSET_HOLE chunk, no engine IO,
-                    // no buffer to fill with zeros. (A concurrent write may or may not be seen,
-                    // as with any read racing a write.)
-                    self.stats
-                        .bytes_read
-                        .fetch_add(req.length, Ordering::Relaxed);
-                    let mut b = Vec::with_capacity(48);
-                    let t = ReplyTarget {
-                        cookie: req.cookie,
-                        offset: req.offset,
-                        extended: self.extended(),
-                    };
-                    t.encode_offset_hole(
-                        &mut b,
-                        wire::REPLY_FLAG_DONE,
-                        req.offset,
-                        req.length as u32,
-                    );
-                    self.queue(OutMsg::bytes_only(b));
-                    return;
-                }
-                p.payload_bytes = req.length;
-                let Some(buf) = self.read_in_place(ctx, &p) else {
-                    return; // answered
-                };
-                self.submit(ctx, p, RequestKind::Read, Some(buf));
-            }
+            Command::Read => self.start_read(ctx, &req, p),
             Command::Write => {
                 p.payload_bytes = req.length;
                 self.stats
@@ -239,6 +210,26 @@ impl Connection {
                 self.reply_err(req.cookie, req.offset, false, wire::EINVAL)
             }
         }
+    }
+
+    /// A READ: a hole answered at once, data in memory this reactor owns answered in place,
+    /// else an engine read.
+    fn start_read(&mut self, ctx: &mut TaskCtx<'_>, req: &wire::Request, mut p: Pending) {
+        if self.read_is_hole(req) {
+            // Thin volume, nothing written there: one OFFSET_HOLE chunk, no engine IO, no
+            // buffer to fill with zeros. (A concurrent write may or may not be seen, as with
+            // any read racing a write.)
+            self.stats
+                .bytes_read
+                .fetch_add(req.length, Ordering::Relaxed);
+            self.reply_hole(req);
+            return;
+        }
+        p.payload_bytes = req.length;
+        let Some(buf) = self.read_in_place(ctx, &p) else {
+            return; // answered
+        };
+        self.submit(ctx, p, RequestKind::Read, Some(buf));
     }
 
     pub(super) fn on_engine_completion(
