@@ -112,12 +112,13 @@ impl Connection {
     /// Buffer memory that drains by itself (requests in flight, replies queued): what the
     /// budget's fair share is measured against.
     pub(super) fn draining_bytes(&self) -> u64 {
-        self.bytes_in_flight + self.queued_bytes as u64
+        self.reqs.bytes_in_flight + self.send.queued_bytes as u64
     }
 
     /// Everything this connection holds in buffers, for the budget.
     pub(super) fn held_bytes(&self) -> u64 {
         let fill = self
+            .recv
             .fill
             .as_ref()
             .and_then(|f| f.buf.as_ref())

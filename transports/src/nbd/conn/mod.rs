@@ -44,7 +44,6 @@
 //! of a request against its export), `reply` (building replies), `send` (the reply queue,
 //! ring sends and the direct send), `buffers` (buffer cache and the server-wide budget).
 
-use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -75,9 +74,9 @@ mod validate;
 
 use buffers::BufCache;
 pub use buffers::BufferBudget;
-use recv::{Fill, RECV_BUF_BYTES, RX_BUFS, RX_BUF_BYTES};
-use requests::Pending;
-use send::{DirectReply, OutMsg, MAX_DIRECT_REPLIES, MAX_IOV_PER_SEND};
+use recv::{RecvState, RECV_BUF_BYTES, RX_BUFS, RX_BUF_BYTES};
+use requests::Requests;
+use send::SendState;
 
 /// Requests one connection may have in the engine at once.
 pub const MAX_REQUESTS_IN_FLIGHT: usize = 256;
@@ -124,50 +123,16 @@ pub struct Connection {
     port: Option<Arc<Port>>,
     state: State,
     shut_down: bool,
-    /// Received bytes not taken yet: `rbuf[rstart..rend]`. With one recv at a time, the recv
-    /// target; with the multishot receive, only what a provided buffer left over (a partial
-    /// header, or what arrived while the bounds held requests back).
-    rbuf: Vec<u8>,
-    rstart: usize,
-    rend: usize,
-    /// The multishot receive's buffers, once registered on the reactor; None: one recv at a
-    /// time into `rbuf` (no kernel support, or turned off).
-    rx: Option<ProvidedBuffers>,
-    /// Whether to try the multishot receive.
-    multishot: bool,
-    /// Provided buffers received while requests were held back, in arrival order:
-    /// (buffer id, bytes). Bounded by `RX_BUFS`: the receive stops when all are out.
-    held: VecDeque<(u16, usize)>,
-    /// A request whose payload is still arriving, straight into its own buffer.
-    fill: Option<Fill>,
-    /// Replies of small reads answered in place in the current `feed`, to go out together at
-    /// its end with one `sendmsg` straight from the device's memory. Empty outside `feed`.
-    direct: Vec<DirectReply>,
-    /// Scratch iovecs of that `sendmsg`.
-    direct_iov: Vec<libc::iovec>,
-    recv_in_flight: bool,
-    /// Bytes the receive in flight may return; fewer means it emptied the socket.
-    recv_asked: usize,
-    recv_drained: bool,
-    pending: Vec<Option<Pending>>,
-    free_tags: Vec<u32>,
-    in_flight: usize,
-    bytes_in_flight: u64,
-    out: VecDeque<OutMsg>,
-    /// Memory the replies in `out` hold ([`OutMsg::held_bytes`]), sent or not (a message
-    /// leaves when all of it is sent).
-    queued_bytes: usize,
+    /// The receive path.
+    recv: RecvState,
+    /// Requests in flight.
+    reqs: Requests,
+    /// The send path.
+    send: SendState,
     /// The server-wide budget, and what this connection last published to it.
     budget: Arc<BufferBudget>,
     published_bytes: u64,
-    /// Position in `out.front()`: (segment index, offset within it).
-    out_cursor: (usize, usize),
-    send_in_flight: bool,
-    msghdr: Box<libc::msghdr>,
-    iov: Vec<libc::iovec>,
     bufs: BufCache,
-    /// Sent messages, emptied, for the next replies: no allocation per read reply.
-    spare_msgs: Vec<OutMsg>,
     /// Scratch for a read's allocation runs.
     runs: Vec<(u64, bool)>,
     stats: Arc<ConnStats>,
@@ -183,7 +148,7 @@ impl Drop for Connection {
     }
 }
 
-// SAFETY: the raw pointers in msghdr/iov point into buffers this struct owns; the task moves
+// SAFETY: the raw pointers in the send path's msghdr/iovecs point into buffers this struct owns; the task moves
 // to its reactor before any of them is set, and is only touched there afterwards.
 unsafe impl Send for Connection {}
 
@@ -196,7 +161,7 @@ pub fn spawn(
     setup: Setup,
 ) -> Arc<ConnStats> {
     let mut conn = Connection::new(stream, negotiated, peer);
-    conn.multishot = setup.multishot;
+    conn.recv.multishot = setup.multishot;
     conn.set_budget(setup.budget);
     conn._keep_alive = setup.keep_alive;
     let stats = conn.stats.clone();
@@ -232,37 +197,16 @@ impl Connection {
             port: None,
             state: State::Running,
             shut_down: false,
-            rbuf: Vec::new(),
-            rstart: 0,
-            rend: 0,
-            rx: None,
-            multishot: true,
-            held: VecDeque::new(),
-            fill: None,
-            direct: Vec::with_capacity(MAX_DIRECT_REPLIES),
-            direct_iov: Vec::with_capacity(2 * MAX_DIRECT_REPLIES),
-            recv_in_flight: false,
-            recv_asked: 0,
-            recv_drained: false,
-            pending: Vec::new(),
-            free_tags: Vec::new(),
-            in_flight: 0,
-            bytes_in_flight: 0,
-            out: VecDeque::new(),
-            queued_bytes: 0,
+            recv: RecvState::new(),
+            reqs: Requests::default(),
+            send: SendState::new(),
             budget: {
                 let b = Arc::new(BufferBudget::default());
                 b.connections.fetch_add(1, Ordering::Relaxed);
                 b
             },
             published_bytes: 0,
-            out_cursor: (0, 0),
-            send_in_flight: false,
-            // SAFETY: msghdr is plain old data; all-zero is a valid empty header.
-            msghdr: Box::new(unsafe { std::mem::zeroed() }),
-            iov: Vec::with_capacity(MAX_IOV_PER_SEND),
             bufs: BufCache::default(),
-            spare_msgs: Vec::new(),
             runs: Vec::new(),
             stats: Arc::new(ConnStats::default()),
             busy: false,
@@ -292,19 +236,19 @@ impl Connection {
     fn arrive(&mut self, ctx: &mut TaskCtx<'_>) {
         self.port = Some(Port::new(MAX_REQUESTS_IN_FLIGHT, ctx.port_waker()));
         self.socket_slot = ctx.register_fd(self.fd.as_raw_fd());
-        if self.multishot {
+        if self.recv.multishot {
             let mut rx = ProvidedBuffers::new(RX_BUFS, RX_BUF_BYTES);
-            // SAFETY: `rx` lives in `self.rx` until the reactor drops this task.
+            // SAFETY: `rx` lives in `self.recv.rx` until the reactor drops this task.
             if unsafe { ctx.register_buffers(&mut rx) }.is_some() {
-                self.rx = Some(rx);
+                self.recv.rx = Some(rx);
             } else {
-                self.multishot = false;
+                self.recv.multishot = false;
             }
         }
-        if !self.multishot {
-            self.rbuf = vec![0; RECV_BUF_BYTES];
+        if !self.recv.multishot {
+            self.recv.rbuf = vec![0; RECV_BUF_BYTES];
         }
-        tracing::debug!(peer = %self.peer, export = %self.neg.info.name, reactor = %ctx.reactor(), fixed_file = ?self.socket_slot, multishot = self.multishot, "connection on reactor");
+        tracing::debug!(peer = %self.peer, export = %self.neg.info.name, reactor = %ctx.reactor(), fixed_file = ?self.socket_slot, multishot = self.recv.multishot, "connection on reactor");
     }
 
     fn shutdown_socket(&mut self) {
@@ -323,7 +267,7 @@ impl ReactorTask for Connection {
             self.arrive(ctx);
         }
         debug_assert!(
-            self.direct.is_empty(),
+            self.send.direct.is_empty(),
             "replies gathered only within a feed"
         );
         let mut work = 0;
@@ -342,9 +286,9 @@ impl ReactorTask for Connection {
             work += 1;
         }
         if self.state == State::Draining
-            && self.in_flight == 0
-            && self.out.is_empty()
-            && !self.send_in_flight
+            && self.reqs.in_flight == 0
+            && self.send.out.is_empty()
+            && !self.send.in_flight
         {
             self.shutdown_socket();
         }
@@ -353,12 +297,12 @@ impl ReactorTask for Connection {
             self.bufs = BufCache::default();
         }
         self.publish(self.held_bytes());
-        let busy = self.in_flight > 0
-            || !self.out.is_empty()
-            || self.send_in_flight
-            || self.fill.is_some()
-            || self.rstart < self.rend
-            || !self.held.is_empty();
+        let busy = self.reqs.in_flight > 0
+            || !self.send.out.is_empty()
+            || self.send.in_flight
+            || self.recv.fill.is_some()
+            || self.recv.rstart < self.recv.rend
+            || !self.recv.held.is_empty();
         if busy != self.busy {
             self.busy = busy;
             self.stats.busy.store(busy, Ordering::Relaxed);
@@ -369,7 +313,7 @@ impl ReactorTask for Connection {
     fn on_ring(&mut self, ctx: &mut TaskCtx<'_>, c: RingCompletion) {
         let result = c.result;
         match c.tag {
-            TAG_RECV if self.multishot => self.on_multishot_recv(ctx, c),
+            TAG_RECV if self.recv.multishot => self.on_multishot_recv(ctx, c),
             TAG_RECV => self.on_recv(ctx, result),
             TAG_SEND => self.on_send(result),
             tag => unreachable!("unknown ring tag {tag}"),
@@ -387,10 +331,10 @@ impl ReactorTask for Connection {
     }
 
     fn finished(&self) -> bool {
-        let quiet = self.in_flight == 0 && !self.recv_in_flight && !self.send_in_flight;
+        let quiet = self.reqs.in_flight == 0 && !self.recv.in_flight && !self.send.in_flight;
         match self.state {
             State::Running => false,
-            State::Draining => quiet && self.out.is_empty() && self.shut_down,
+            State::Draining => quiet && self.send.out.is_empty() && self.shut_down,
             State::Failed => quiet,
         }
     }

@@ -2,10 +2,12 @@
 //! `rbuf`), and requests parsed straight out of the received bytes, a payload still arriving
 //! going straight into the buffer it will be written from.
 
+use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 
 use ringblock_engine::io_uring::{opcode, types};
+use ringblock_engine::provided::ProvidedBuffers;
 use ringblock_engine::task::{RingCompletion, TaskCtx};
 use ringblock_engine::IoBuf;
 
@@ -41,6 +43,48 @@ pub(super) enum Payload<'a> {
     Filled(IoBuf),
 }
 
+/// The receive path's state.
+pub(super) struct RecvState {
+    /// Received bytes not taken yet: `rbuf[rstart..rend]`. With one recv at a time, the recv
+    /// target; with the multishot receive, only what a provided buffer left over (a partial
+    /// header, or what arrived while the bounds held requests back).
+    pub(super) rbuf: Vec<u8>,
+    pub(super) rstart: usize,
+    pub(super) rend: usize,
+    /// The multishot receive's buffers, once registered on the reactor; None: one recv at a
+    /// time into `rbuf` (no kernel support, or turned off).
+    pub(super) rx: Option<ProvidedBuffers>,
+    /// Whether to try the multishot receive.
+    pub(super) multishot: bool,
+    /// Provided buffers received while requests were held back, in arrival order:
+    /// (buffer id, bytes). Bounded by `RX_BUFS`: the receive stops when all are out.
+    pub(super) held: VecDeque<(u16, usize)>,
+    /// A request whose payload is still arriving, straight into its own buffer.
+    pub(super) fill: Option<Fill>,
+    pub(super) in_flight: bool,
+    /// Bytes the receive in flight may return; fewer means it emptied the socket.
+    pub(super) asked: usize,
+    /// The last receive emptied the socket.
+    pub(super) drained: bool,
+}
+
+impl RecvState {
+    pub(super) fn new() -> Self {
+        Self {
+            rbuf: Vec::new(),
+            rstart: 0,
+            rend: 0,
+            rx: None,
+            multishot: true,
+            held: VecDeque::new(),
+            fill: None,
+            in_flight: false,
+            asked: 0,
+            drained: false,
+        }
+    }
+}
+
 impl Connection {
     /// Take requests from `src`, received bytes in order: finish a payload being filled,
     /// then start every request whose header is in, within the bounds. A payload that is not
@@ -58,7 +102,7 @@ impl Connection {
         let max_payload = u64::from(self.neg.info.max_block_bytes);
         let mut at = 0;
         loop {
-            if let Some(fill) = &mut self.fill {
+            if let Some(fill) = &mut self.recv.fill {
                 let n = (fill.total - fill.have).min(src.len() - at);
                 if let Some(buf) = &mut fill.buf {
                     buf.as_mut_slice()[fill.have..fill.have + n].copy_from_slice(&src[at..at + n]);
@@ -68,7 +112,7 @@ impl Connection {
                 if fill.have < fill.total {
                     return at;
                 }
-                let fill = self.fill.take().expect("checked above");
+                let fill = self.recv.fill.take().expect("checked above");
                 self.finish_fill(ctx, fill);
             }
             // Bounded by the bytes in `src` and by the in-flight limits.
@@ -98,7 +142,7 @@ impl Connection {
                 self.start(ctx, req, Payload::Bytes(&avail[header..header + payload]));
             } else {
                 at += header;
-                self.fill = Some(self.begin_fill(ctx, req, payload));
+                self.recv.fill = Some(self.begin_fill(ctx, req, payload));
             }
         }
     }
@@ -140,21 +184,21 @@ impl Connection {
     pub(super) fn feed_waiting(&mut self, ctx: &mut TaskCtx<'_>) -> usize {
         let mut fed = 0;
         loop {
-            if self.rstart < self.rend && !self.held_back() {
-                let rbuf = std::mem::take(&mut self.rbuf);
-                let used = self.feed(ctx, &rbuf[self.rstart..self.rend]);
-                self.rbuf = rbuf;
-                self.rstart += used;
+            if self.recv.rstart < self.recv.rend && !self.held_back() {
+                let rbuf = std::mem::take(&mut self.recv.rbuf);
+                let used = self.feed(ctx, &rbuf[self.recv.rstart..self.recv.rend]);
+                self.recv.rbuf = rbuf;
+                self.recv.rstart += used;
                 fed += usize::from(used > 0);
-                if self.rstart == self.rend {
-                    self.rstart = 0;
-                    self.rend = 0;
+                if self.recv.rstart == self.recv.rend {
+                    self.recv.rstart = 0;
+                    self.recv.rend = 0;
                 }
             }
             if self.held_back() {
                 return fed;
             }
-            let Some((bid, len)) = self.held.pop_front() else {
+            let Some((bid, len)) = self.recv.held.pop_front() else {
                 return fed;
             };
             self.take_in(ctx, bid, len);
@@ -165,9 +209,11 @@ impl Connection {
     /// Bytes a multishot receive put in provided buffer `bid`: fed straight from the buffer
     /// when nothing older waits, else appended to `rbuf`; then the buffer goes back.
     pub(super) fn take_in(&mut self, ctx: &mut TaskCtx<'_>, bid: u16, len: usize) {
-        let Some(rx) = self.rx.take() else { return };
+        let Some(rx) = self.recv.rx.take() else {
+            return;
+        };
         let data = rx.bytes(bid, len);
-        if self.rstart == self.rend && !self.held_back() {
+        if self.recv.rstart == self.recv.rend && !self.held_back() {
             let used = self.feed(ctx, data);
             self.stash(&data[used..]);
         } else {
@@ -175,8 +221,8 @@ impl Connection {
         }
         let mut rx = rx;
         rx.recycle(bid);
-        self.rx = Some(rx);
-        if self.rstart < self.rend && !self.held_back() {
+        self.recv.rx = Some(rx);
+        if self.recv.rstart < self.recv.rend && !self.held_back() {
             // A header completed by this buffer, or requests it carried past the leftover.
             self.feed_waiting(ctx);
         }
@@ -189,27 +235,29 @@ impl Connection {
         if bytes.is_empty() {
             return;
         }
-        if self.rstart > 0 {
-            self.rbuf.copy_within(self.rstart..self.rend, 0);
-            self.rend -= self.rstart;
-            self.rstart = 0;
+        if self.recv.rstart > 0 {
+            self.recv
+                .rbuf
+                .copy_within(self.recv.rstart..self.recv.rend, 0);
+            self.recv.rend -= self.recv.rstart;
+            self.recv.rstart = 0;
         }
-        let end = self.rend + bytes.len();
-        if self.rbuf.len() < end {
-            self.rbuf.resize(end.next_power_of_two(), 0);
+        let end = self.recv.rend + bytes.len();
+        if self.recv.rbuf.len() < end {
+            self.recv.rbuf.resize(end.next_power_of_two(), 0);
         }
-        self.rbuf[self.rend..end].copy_from_slice(bytes);
-        self.rend = end;
+        self.recv.rbuf[self.recv.rend..end].copy_from_slice(bytes);
+        self.recv.rend = end;
     }
 
     pub(super) fn post_recv(&mut self, ctx: &mut TaskCtx<'_>) -> bool {
-        if self.recv_in_flight || self.state != State::Running || self.shut_down {
+        if self.recv.in_flight || self.state != State::Running || self.shut_down {
             return false;
         }
         if self.held_back() {
             return false; // backpressure: stop reading until replies drain
         }
-        if let (true, Some(rx)) = (self.multishot, &self.rx) {
+        if let (true, Some(rx)) = (self.recv.multishot, &self.recv.rx) {
             if rx.lent() == rx.count() {
                 return false; // every buffer is out (held): nothing to receive into
             }
@@ -220,24 +268,26 @@ impl Connection {
             // completion).
             return match unsafe { ctx.push_raw(entry, TAG_RECV) } {
                 Ok(()) => {
-                    self.recv_in_flight = true;
+                    self.recv.in_flight = true;
                     true
                 }
                 Err(_) => false,
             };
         }
-        if self.rend == self.rbuf.len() {
-            if self.rstart == 0 {
+        if self.recv.rend == self.recv.rbuf.len() {
+            if self.recv.rstart == 0 {
                 return false; // a full buffer of requests held back
             }
-            self.rbuf.copy_within(self.rstart..self.rend, 0);
-            self.rend -= self.rstart;
-            self.rstart = 0;
+            self.recv
+                .rbuf
+                .copy_within(self.recv.rstart..self.recv.rend, 0);
+            self.recv.rend -= self.recv.rstart;
+            self.recv.rstart = 0;
         }
-        let ptr = self.rbuf[self.rend..].as_mut_ptr();
-        let len = (self.rbuf.len() - self.rend) as u32;
+        let ptr = self.recv.rbuf[self.recv.rend..].as_mut_ptr();
+        let len = (self.recv.rbuf.len() - self.recv.rend) as u32;
         // After a receive that emptied the socket, skip the attempt that would find it empty.
-        let ioprio = if self.recv_drained {
+        let ioprio = if self.recv.drained {
             IORING_RECVSEND_POLL_FIRST
         } else {
             0
@@ -250,8 +300,8 @@ impl Connection {
         // waits).
         match unsafe { ctx.push_raw(entry, TAG_RECV) } {
             Ok(()) => {
-                self.recv_in_flight = true;
-                self.recv_asked = len as usize;
+                self.recv.in_flight = true;
+                self.recv.asked = len as usize;
                 true
             }
             Err(_) => false,
@@ -261,7 +311,7 @@ impl Connection {
     /// A completion of the multishot receive: bytes in a provided buffer, or its end.
     pub(super) fn on_multishot_recv(&mut self, ctx: &mut TaskCtx<'_>, c: RingCompletion) {
         if !c.more() {
-            self.recv_in_flight = false;
+            self.recv.in_flight = false;
         }
         let Some(bid) = c.buffer() else {
             if c.result == -libc::ENOBUFS {
@@ -271,9 +321,9 @@ impl Connection {
                 // A kernel with provided-buffer rings but no multishot receive (5.19): one
                 // recv at a time from now on. The buffers stay registered until the end.
                 tracing::debug!(peer = %self.peer, "no multishot receive; one recv at a time");
-                self.multishot = false;
-                let len = self.rbuf.len().max(RECV_BUF_BYTES);
-                self.rbuf.resize(len, 0);
+                self.recv.multishot = false;
+                let len = self.recv.rbuf.len().max(RECV_BUF_BYTES);
+                self.recv.rbuf.resize(len, 0);
                 return;
             }
             if c.result > 0 {
@@ -284,6 +334,7 @@ impl Connection {
             return;
         };
         let rx = self
+            .recv
             .rx
             .as_mut()
             .expect("multishot receives into provided buffers");
@@ -291,11 +342,11 @@ impl Connection {
         let len = usize::try_from(c.result).unwrap_or(0);
         if self.state != State::Running || len == 0 {
             rx.recycle(bid); // the connection is going away: nothing will read these bytes
-        } else if self.held_back() || !self.held.is_empty() {
-            self.held.push_back((bid, len));
+        } else if self.held_back() || !self.recv.held.is_empty() {
+            self.recv.held.push_back((bid, len));
             // Each held entry is a provided buffer lent out: the receive stops when all are.
             debug_assert!(
-                self.held.len() <= usize::from(RX_BUFS),
+                self.recv.held.len() <= usize::from(RX_BUFS),
                 "held buffers bound"
             );
         } else {
@@ -305,11 +356,14 @@ impl Connection {
 
     /// A completion of the one `recv` at a time into `rbuf`.
     pub(super) fn on_recv(&mut self, ctx: &mut TaskCtx<'_>, result: i32) {
-        self.recv_in_flight = false;
-        self.recv_drained = result >= 0 && (result as usize) < self.recv_asked;
+        self.recv.in_flight = false;
+        self.recv.drained = result >= 0 && (result as usize) < self.recv.asked;
         if result > 0 {
-            self.rend += result as usize;
-            debug_assert!(self.rend <= self.rbuf.len(), "recv stays inside rbuf");
+            self.recv.rend += result as usize;
+            debug_assert!(
+                self.recv.rend <= self.recv.rbuf.len(),
+                "recv stays inside rbuf"
+            );
             self.feed_waiting(ctx);
         } else {
             self.on_recv_end(result);

@@ -175,7 +175,7 @@ impl Connection {
             // Nothing being sent: keep a pointer to the data where the device holds it, and
             // send this reply with the others of this receive in one sendmsg at the end of the
             // feed (`flush_direct`): no copy of ours and no ring send to complete.
-            let gather = self.may_send_direct() && self.direct.len() < MAX_DIRECT_REPLIES;
+            let gather = self.may_send_direct() && self.send.direct.len() < MAX_DIRECT_REPLIES;
             let header_len = msg.bytes.len();
             let mut kept: Option<*const u8> = None;
             let bytes = &mut msg.bytes;
@@ -196,8 +196,8 @@ impl Connection {
                     self.stats.bytes_read.fetch_add(p.len, Ordering::Relaxed);
                     match kept {
                         Some(data) => {
-                            self.direct.push(DirectReply { msg, data, len });
-                            if self.direct.len() == MAX_DIRECT_REPLIES {
+                            self.send.direct.push(DirectReply { msg, data, len });
+                            if self.send.direct.len() == MAX_DIRECT_REPLIES {
                                 self.flush_direct();
                             }
                         }

@@ -49,16 +49,27 @@ impl Pending {
     }
 }
 
+/// Requests in the engine: a tag per request, reused.
+#[derive(Default)]
+pub(super) struct Requests {
+    /// By tag; None: the tag is free (and in `free_tags`).
+    pub(super) pending: Vec<Option<Pending>>,
+    pub(super) free_tags: Vec<u32>,
+    pub(super) in_flight: usize,
+    /// Payload bytes of the requests in flight.
+    pub(super) bytes_in_flight: u64,
+}
+
 impl Connection {
     pub(super) fn alloc_tag(&mut self, p: Pending) -> u32 {
-        match self.free_tags.pop() {
+        match self.reqs.free_tags.pop() {
             Some(t) => {
-                self.pending[t as usize] = Some(p);
+                self.reqs.pending[t as usize] = Some(p);
                 t
             }
             None => {
-                self.pending.push(Some(p));
-                (self.pending.len() - 1) as u32
+                self.reqs.pending.push(Some(p));
+                (self.reqs.pending.len() - 1) as u32
             }
         }
     }
@@ -87,15 +98,18 @@ impl Connection {
         let port = self.port.clone().expect("port created on first poll");
         match ctx.submit(&self.handle, req, &port) {
             Ok(()) => {
-                self.in_flight += 1;
-                self.bytes_in_flight += payload;
+                self.reqs.in_flight += 1;
+                self.reqs.bytes_in_flight += payload;
                 // The port has room for this many completions.
-                debug_assert!(self.in_flight <= MAX_REQUESTS_IN_FLIGHT, "in-flight bound");
+                debug_assert!(
+                    self.reqs.in_flight <= MAX_REQUESTS_IN_FLIGHT,
+                    "in-flight bound"
+                );
                 self.debug_assert_tags();
             }
             Err((_, e)) => {
-                self.pending[tag as usize] = None;
-                self.free_tags.push(tag);
+                self.reqs.pending[tag as usize] = None;
+                self.reqs.free_tags.push(tag);
                 self.reply_err(cookie, offset, is_read, nbd_errno(e));
             }
         }
@@ -104,8 +118,8 @@ impl Connection {
     /// Every tag is either free or a request in flight.
     fn debug_assert_tags(&self) {
         debug_assert_eq!(
-            self.in_flight + self.free_tags.len(),
-            self.pending.len(),
+            self.reqs.in_flight + self.reqs.free_tags.len(),
+            self.reqs.pending.len(),
             "tags: in flight + free = all"
         );
     }
@@ -118,9 +132,9 @@ impl Connection {
     /// Whether requests are held back: no new ones start (bounds reached, or not running).
     pub(super) fn held_back(&self) -> bool {
         self.state != State::Running
-            || self.in_flight >= MAX_REQUESTS_IN_FLIGHT
-            || self.bytes_in_flight >= MAX_BYTES_IN_FLIGHT
-            || self.queued_bytes >= MAX_QUEUED_REPLY_BYTES
+            || self.reqs.in_flight >= MAX_REQUESTS_IN_FLIGHT
+            || self.reqs.bytes_in_flight >= MAX_BYTES_IN_FLIGHT
+            || self.send.queued_bytes >= MAX_QUEUED_REPLY_BYTES
             || self.over_budget()
     }
 
@@ -238,12 +252,12 @@ impl Connection {
         c: ringblock_engine::Completion,
     ) {
         let tag = c.tag as u32;
-        let p = self.pending[tag as usize]
+        let p = self.reqs.pending[tag as usize]
             .take()
             .expect("completion for a pending request");
-        self.free_tags.push(tag);
-        self.in_flight -= 1;
-        self.bytes_in_flight -= p.payload_bytes;
+        self.reqs.free_tags.push(tag);
+        self.reqs.in_flight -= 1;
+        self.reqs.bytes_in_flight -= p.payload_bytes;
         self.debug_assert_tags();
         if self.state == State::Failed {
             return;

@@ -2,6 +2,7 @@
 //! through the ring, gathered into one iovec list; small in-place reads of one receive go out
 //! together with one direct `sendmsg` from the device's memory.
 
+use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
 
 use ringblock_engine::io_uring::{opcode, types};
@@ -105,36 +106,74 @@ pub(super) fn send_now(fd: std::os::fd::RawFd, iov: &[libc::iovec]) -> usize {
     usize::try_from(n).unwrap_or(0)
 }
 
+/// The send path's state.
+pub(super) struct SendState {
+    /// Replies waiting to be sent, in order.
+    pub(super) out: VecDeque<OutMsg>,
+    /// Memory the replies in `out` hold ([`OutMsg::held_bytes`]), sent or not (a message
+    /// leaves when all of it is sent).
+    pub(super) queued_bytes: usize,
+    /// Position in `out.front()`: (segment index, offset within it).
+    pub(super) cursor: (usize, usize),
+    pub(super) in_flight: bool,
+    pub(super) msghdr: Box<libc::msghdr>,
+    pub(super) iov: Vec<libc::iovec>,
+    /// Sent messages, emptied, for the next replies: no allocation per read reply.
+    pub(super) spare_msgs: Vec<OutMsg>,
+    /// Replies of small reads answered in place in the current `feed`, to go out together at
+    /// its end with one `sendmsg` straight from the device's memory. Empty outside `feed`.
+    pub(super) direct: Vec<DirectReply>,
+    /// Scratch iovecs of that `sendmsg`.
+    pub(super) direct_iov: Vec<libc::iovec>,
+}
+
+impl SendState {
+    pub(super) fn new() -> Self {
+        Self {
+            out: VecDeque::new(),
+            queued_bytes: 0,
+            cursor: (0, 0),
+            in_flight: false,
+            // SAFETY: msghdr is plain old data; all-zero is a valid empty header.
+            msghdr: Box::new(unsafe { std::mem::zeroed() }),
+            iov: Vec::with_capacity(MAX_IOV_PER_SEND),
+            spare_msgs: Vec::new(),
+            direct: Vec::with_capacity(MAX_DIRECT_REPLIES),
+            direct_iov: Vec::with_capacity(2 * MAX_DIRECT_REPLIES),
+        }
+    }
+}
+
 impl Connection {
     /// Queue a reply to be sent.
     pub(super) fn queue(&mut self, msg: OutMsg) {
-        self.queued_bytes += msg.held_bytes();
-        self.out.push_back(msg);
+        self.send.queued_bytes += msg.held_bytes();
+        self.send.out.push_back(msg);
     }
 
     /// Abandon queued replies, unless a send still points into them (then after it completes).
     pub(super) fn drop_replies(&mut self) {
-        if !self.send_in_flight {
-            self.out.clear();
-            self.queued_bytes = 0;
-            self.out_cursor = (0, 0);
+        if !self.send.in_flight {
+            self.send.out.clear();
+            self.send.queued_bytes = 0;
+            self.send.cursor = (0, 0);
         }
     }
 
     /// Keep an emptied message for the next reply, within the bounds.
     pub(super) fn spare_msg(&mut self, mut msg: OutMsg) {
         // Only small ones: a block-status reply's header may be kilobytes.
-        if self.spare_msgs.len() < SPARE_MSGS && msg.bytes.capacity() <= SPARE_MSG_BYTES {
+        if self.send.spare_msgs.len() < SPARE_MSGS && msg.bytes.capacity() <= SPARE_MSG_BYTES {
             msg.bytes.clear();
             msg.segs.clear();
             msg.data = None;
-            self.spare_msgs.push(msg);
+            self.send.spare_msgs.push(msg);
         }
     }
 
     /// An empty message for a reply, reused when one is spare.
     pub(super) fn new_msg(&mut self, data: Option<IoBuf>) -> OutMsg {
-        match self.spare_msgs.pop() {
+        match self.send.spare_msgs.pop() {
             Some(mut m) => {
                 m.data = data;
                 m
@@ -152,8 +191,8 @@ impl Connection {
     pub(super) fn may_send_direct(&self) -> bool {
         self.state == State::Running
             && !self.shut_down
-            && !self.send_in_flight
-            && self.out_cursor == (0, 0)
+            && !self.send.in_flight
+            && self.send.cursor == (0, 0)
     }
 
     /// Send the replies gathered by `read_in_place`: one `sendmsg(MSG_DONTWAIT)` of each header
@@ -164,29 +203,29 @@ impl Connection {
     /// Called at the end of every `feed` and before a request that changes data starts: the
     /// pointers are valid until then (`TaskCtx::read_in_place`).
     pub(super) fn flush_direct(&mut self) {
-        if self.direct.is_empty() {
+        if self.send.direct.is_empty() {
             return;
         }
-        let mut direct = std::mem::take(&mut self.direct);
+        let mut direct = std::mem::take(&mut self.send.direct);
         if self.state != State::Failed {
             self.send_direct(&mut direct);
         }
         for d in direct.drain(..) {
             self.spare_msg(d.msg);
         }
-        self.direct = direct;
+        self.send.direct = direct;
     }
 
     /// `flush_direct`'s send. What the socket did not take moves from `direct` to the front of
     /// the queue; what it took stays in `direct`, for the caller to spare.
     pub(super) fn send_direct(&mut self, direct: &mut Vec<DirectReply>) {
-        self.direct_iov.clear();
+        self.send.direct_iov.clear();
         for d in direct.iter() {
-            self.direct_iov.push(libc::iovec {
+            self.send.direct_iov.push(libc::iovec {
                 iov_base: d.msg.bytes.as_ptr() as *mut libc::c_void,
                 iov_len: d.msg.bytes.len(),
             });
-            self.direct_iov.push(libc::iovec {
+            self.send.direct_iov.push(libc::iovec {
                 iov_base: d.data as *mut libc::c_void,
                 iov_len: d.len,
             });
@@ -196,10 +235,10 @@ impl Connection {
         // The stream is at a reply boundary (`may_send_direct` held when these were gathered,
         // and nothing sends within a feed): these replies may go ahead of the queue.
         debug_assert!(
-            !self.send_in_flight && self.out_cursor == (0, 0),
+            !self.send.in_flight && self.send.cursor == (0, 0),
             "direct send at a reply boundary"
         );
-        let mut sent = send_now(self.fd.as_raw_fd(), &self.direct_iov);
+        let mut sent = send_now(self.fd.as_raw_fd(), &self.send.direct_iov);
         // The first reply not all sent, and how much of it was.
         let (mut first_unsent, mut first_sent) = (direct.len(), 0);
         for (i, d) in direct.iter().enumerate() {
@@ -218,30 +257,30 @@ impl Connection {
             msg.bytes
                 .extend_from_slice(unsafe { std::slice::from_raw_parts(data, len) });
             msg.push_bytes_from(0);
-            self.queued_bytes += msg.held_bytes();
-            self.out.push_front(msg);
+            self.send.queued_bytes += msg.held_bytes();
+            self.send.out.push_front(msg);
         }
         if first_sent > 0 {
-            self.out_cursor = (0, first_sent);
+            self.send.cursor = (0, first_sent);
         }
     }
 
     pub(super) fn post_send(&mut self, ctx: &mut TaskCtx<'_>) -> bool {
-        if self.send_in_flight || self.out.is_empty() || self.state == State::Failed {
+        if self.send.in_flight || self.send.out.is_empty() || self.state == State::Failed {
             return false;
         }
-        self.iov.clear();
-        let (mut seg_i, mut seg_off) = self.out_cursor;
-        'msgs: for msg in self.out.iter() {
+        self.send.iov.clear();
+        let (mut seg_i, mut seg_off) = self.send.cursor;
+        'msgs: for msg in self.send.out.iter() {
             for &seg in &msg.segs[seg_i..] {
-                if self.iov.len() == MAX_IOV_PER_SEND {
+                if self.send.iov.len() == MAX_IOV_PER_SEND {
                     break 'msgs;
                 }
                 let len = seg.len();
                 if len > seg_off {
                     // SAFETY: seg_off < len keeps the pointer inside the segment.
                     let base = unsafe { msg.seg_ptr(seg).add(seg_off) };
-                    self.iov.push(libc::iovec {
+                    self.send.iov.push(libc::iovec {
                         iov_base: base as *mut libc::c_void,
                         iov_len: len - seg_off,
                     });
@@ -250,10 +289,10 @@ impl Connection {
             }
             seg_i = 0;
         }
-        if self.iov.is_empty() {
+        if self.send.iov.is_empty() {
             return false;
         }
-        let entry = if let [one] = self.iov[..] {
+        let entry = if let [one] = self.send.iov[..] {
             // One piece (a reply with its data behind the header): a plain send, which spares
             // the kernel importing a message header and an iovec.
             let (ptr, len) = (one.iov_base as *const u8, one.iov_len as u32);
@@ -261,9 +300,9 @@ impl Connection {
                 .flags(libc::MSG_NOSIGNAL)
                 .build())
         } else {
-            self.msghdr.msg_iov = self.iov.as_mut_ptr();
-            self.msghdr.msg_iovlen = self.iov.len() as _;
-            let msghdr = &*self.msghdr as *const libc::msghdr;
+            self.send.msghdr.msg_iov = self.send.iov.as_mut_ptr();
+            self.send.msghdr.msg_iovlen = self.send.iov.len() as _;
+            let msghdr = &*self.send.msghdr as *const libc::msghdr;
             on_socket!(self, |fd| opcode::SendMsg::new(fd, msghdr)
                 .flags(libc::MSG_NOSIGNAL as u32)
                 .build())
@@ -273,7 +312,7 @@ impl Connection {
         // completion.
         match unsafe { ctx.push_raw(entry, TAG_SEND) } {
             Ok(()) => {
-                self.send_in_flight = true;
+                self.send.in_flight = true;
                 true
             }
             Err(_) => false,
@@ -282,7 +321,7 @@ impl Connection {
 
     /// A completion of the ring send.
     pub(super) fn on_send(&mut self, result: i32) {
-        self.send_in_flight = false;
+        self.send.in_flight = false;
         if self.state == State::Failed {
             self.drop_replies();
         } else if result >= 0 {
@@ -298,29 +337,31 @@ impl Connection {
     pub(super) fn on_sent(&mut self, mut n: usize) {
         // Advance the cursor over `n` bytes, popping whole messages (their buffers are freed).
         while n > 0 {
-            let Some(msg) = self.out.front() else { break };
-            let (seg_i, seg_off) = self.out_cursor;
+            let Some(msg) = self.send.out.front() else {
+                break;
+            };
+            let (seg_i, seg_off) = self.send.cursor;
             let len = msg.segs[seg_i].len();
             let left = len - seg_off;
             if n < left {
-                self.out_cursor = (seg_i, seg_off + n);
+                self.send.cursor = (seg_i, seg_off + n);
                 return;
             }
             n -= left;
             if seg_i + 1 == msg.segs.len() {
-                let mut msg = self.out.pop_front().expect("front exists");
-                self.queued_bytes -= msg.held_bytes();
+                let mut msg = self.send.out.pop_front().expect("front exists");
+                self.send.queued_bytes -= msg.held_bytes();
                 debug_assert!(
-                    !self.out.is_empty() || self.queued_bytes == 0,
+                    !self.send.out.is_empty() || self.send.queued_bytes == 0,
                     "queued bytes are those of the queue"
                 );
                 if let Some(buf) = msg.data.take() {
                     self.recycle(buf);
                 }
                 self.spare_msg(msg);
-                self.out_cursor = (0, 0);
+                self.send.cursor = (0, 0);
             } else {
-                self.out_cursor = (seg_i + 1, 0);
+                self.send.cursor = (seg_i + 1, 0);
             }
         }
     }
