@@ -113,6 +113,7 @@ enum State {
     Failed,
 }
 
+/// One connection in the transmission phase: a reactor task.
 pub struct Connection {
     fd: OwnedFd,
     /// The socket's slot in the reactor ring's file table (set on the reactor, if it has one).
@@ -148,8 +149,9 @@ impl Drop for Connection {
     }
 }
 
-// SAFETY: the raw pointers in the send path's msghdr/iovecs point into buffers this struct owns; the task moves
-// to its reactor before any of them is set, and is only touched there afterwards.
+// SAFETY: the raw pointers in the send path's msghdr/iovecs point into buffers this struct
+// owns; the task moves to its reactor before any of them is set, and is only touched there
+// afterwards.
 unsafe impl Send for Connection {}
 
 /// Serve the transmission phase of a negotiated connection on a reactor (io_uring).
@@ -222,6 +224,8 @@ impl Connection {
         self.neg.structured_replies || self.neg.extended_headers
     }
 
+    /// Framing lost or the socket failed: abandon the replies and close; in-flight requests
+    /// still complete before the task ends.
     fn fail(&mut self, why: &str) {
         if self.state != State::Failed {
             tracing::info!(peer = %self.peer, export = %self.neg.info.name, "closing connection: {why}");
