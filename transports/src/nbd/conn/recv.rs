@@ -228,6 +228,12 @@ impl Connection {
         }
     }
 
+    /// Whether the leftover in `rbuf` holds at least a whole request header: then `feed` can
+    /// use it without more bytes, once the bounds allow.
+    fn leftover_has_header(&self) -> bool {
+        self.recv.rend - self.recv.rstart >= wire::Request::header_len(self.extended())
+    }
+
     /// Keep received bytes that cannot be used yet, after what `rbuf` already holds. Bounded:
     /// a leftover is at most a partial header plus one provided buffer, since buffers that
     /// arrive while requests are held back stay in `held`.
@@ -342,7 +348,9 @@ impl Connection {
         let len = usize::try_from(c.result).unwrap_or(0);
         if self.state != State::Running || len == 0 {
             rx.recycle(bid); // the connection is going away: nothing will read these bytes
-        } else if self.held_back() || !self.recv.held.is_empty() {
+        } else if self.held_back() || !self.recv.held.is_empty() || self.leftover_has_header() {
+            // A leftover with a whole header in it waits for the bounds, not for more bytes:
+            // appending to it would let `rbuf` grow a buffer at a time between two polls.
             self.recv.held.push_back((bid, len));
             // Each held entry is a provided buffer lent out: the receive stops when all are.
             debug_assert!(
