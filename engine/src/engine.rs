@@ -1,13 +1,13 @@
-//! The running engine: one reactor thread per configured core, each pinned, each with its own
-//! io_uring; bounded lock-free inboxes between them; and the control API (volumes, stats).
+//! The engine's public API: start the reactors (one thread per configured core, see
+//! [`crate::reactor`]), open volumes for IO, host transport tasks, and the control plane
+//! (volumes, flushes, stats).
 
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crossbeam_queue::ArrayQueue;
 use serde::{Deserialize, Serialize};
@@ -16,17 +16,19 @@ use crate::buf::RegisteredPool;
 use crate::device::{DeviceConfig, DeviceKind, DeviceProbe, OpenDevice};
 use crate::error::{EngineError, VolumeErrorKind};
 use crate::ids::{DeviceId, ReactorId, VolumeId};
-use crate::io::uring::{new_wake_fd, wake, UringIo};
-use crate::io::Io;
+use crate::io::uring::{new_wake_fd, wake};
 use crate::loader::{load_device_with, LoadOptions};
-use crate::reactor::{Control, FlushWaiter, Home, Msg, ReactorCore, Router};
+use crate::reactor::mesh::{
+    ReactorShared, ReactorStats, Shared, INBOX_CAPACITY, POOL_BUFFERS_PER_REACTOR,
+    POOL_BUFFER_BYTES,
+};
+use crate::reactor::task::{ReactorTask, MAX_TASKS_PER_REACTOR};
+use crate::reactor::thread::ReactorThread;
+use crate::reactor::{Control, FlushWaiter, Home, Msg};
 use crate::request::{Errno, Port, Request};
 use crate::state_record::{self, DeviceRecord};
-use crate::task::{ReactorTask, RingCompletion, TaskCtx, MAX_TASKS_PER_REACTOR, RAW_BIT};
 use crate::volume::{checked_new_volume, DeviceState, Volume};
 
-/// Messages a reactor's inbox holds; a full inbox pushes back on submitters.
-pub const INBOX_CAPACITY: usize = 4096;
 /// Ring depth per reactor (bounded further per device by its profile).
 pub const DEFAULT_REACTOR_QUEUE_DEPTH: usize = 256;
 /// How long an idle reactor busy-polls before parking, unless a profile asks otherwise.
@@ -114,34 +116,6 @@ impl Drop for CreatedFiles {
 /// How often the watchdog checks that device files still exist.
 pub const WATCHDOG_INTERVAL_MS: u64 = 1000;
 
-/// Live counters of one reactor, readable by anyone.
-#[derive(Debug, Default)]
-pub struct ReactorStats {
-    pub busy_ns: AtomicU64,
-    pub idle_ns: AtomicU64,
-    pub parks: AtomicU64,
-    pub messages: AtomicU64,
-    pub completions: AtomicU64,
-    pub ops_in_flight: AtomicU64,
-}
-
-/// Registered buffers per reactor: count and size of each.
-pub const POOL_BUFFERS_PER_REACTOR: usize = 128;
-pub const POOL_BUFFER_BYTES: usize = 64 << 10;
-
-pub(crate) struct ReactorShared {
-    pool: Arc<RegisteredPool>,
-    inbox: ArrayQueue<Msg>,
-    parked: AtomicBool,
-    wake_fd: Arc<OwnedFd>,
-    stats: ReactorStats,
-    core_id: Option<usize>,
-    /// Task table entries taken or promised (spawned, or reserved with
-    /// [`Engine::reserve_task_slot`]): never more than [`MAX_TASKS_PER_REACTOR`] unless a task
-    /// is forced onto this reactor.
-    task_slots_used: AtomicUsize,
-}
-
 /// A task table entry promised by [`Engine::reserve_task_slot`]; given back when dropped
 /// unused.
 pub struct TaskSlot {
@@ -171,55 +145,6 @@ impl std::fmt::Debug for TaskSlot {
         f.debug_struct("TaskSlot")
             .field("reactor", &self.reactor)
             .finish()
-    }
-}
-
-pub(crate) struct Shared {
-    pub(crate) reactors: Vec<ReactorShared>,
-    stopping: AtomicBool,
-}
-
-impl Router for Shared {
-    fn reactors(&self) -> u32 {
-        self.reactors.len() as u32
-    }
-    fn try_send(&self, to: ReactorId, msg: Msg) -> Result<(), Msg> {
-        let r = &self.reactors[to.0 as usize];
-        r.inbox.push(msg)?;
-        if r.parked.load(Ordering::SeqCst) {
-            wake(&r.wake_fd);
-        }
-        Ok(())
-    }
-}
-
-impl ReactorShared {
-    pub(crate) fn pool_take(&self, len: usize) -> Option<crate::buf::IoBuf> {
-        self.pool.take(len)
-    }
-}
-
-impl Shared {
-    pub(crate) fn wake_if_parked(&self, reactor: usize) {
-        // Pairs with the fence after the reactor announces it is parked.
-        std::sync::atomic::fence(Ordering::SeqCst);
-        let r = &self.reactors[reactor];
-        if r.parked.load(Ordering::SeqCst) {
-            wake(&r.wake_fd);
-        }
-    }
-
-    /// Send from outside a reactor: waits (yielding) while the inbox is full.
-    fn send_blocking(&self, to: ReactorId, mut msg: Msg) {
-        loop {
-            match self.try_send(to, msg) {
-                Ok(()) => return,
-                Err(m) => {
-                    msg = m;
-                    std::thread::yield_now();
-                }
-            }
-        }
     }
 }
 
@@ -416,15 +341,16 @@ impl Engine {
             let t = std::thread::Builder::new()
                 .name(format!("reactor-{i}"))
                 .spawn(move || {
-                    reactor_thread(
-                        ReactorId(i as u32),
-                        shared2,
-                        opens,
-                        home,
+                    ReactorThread {
+                        id: ReactorId(i as u32),
+                        shared: shared2,
+                        devices: opens,
+                        homes: home,
                         queue_depth,
                         poll_idle_us,
-                        tx,
-                    )
+                        ready: tx,
+                    }
+                    .run()
                 })
                 .map_err(|e| EngineError::Config(format!("cannot spawn reactor thread: {e}")))?;
             threads.push(t);
@@ -974,200 +900,6 @@ fn select_cores(
         )));
     }
     Ok(wanted.iter().copied().map(Some).collect())
-}
-
-#[allow(clippy::too_many_arguments)]
-fn reactor_thread(
-    id: ReactorId,
-    shared: Arc<Shared>,
-    opens: Vec<Arc<OpenDevice>>,
-    homes: Vec<Home>,
-    queue_depth: usize,
-    poll_idle_us: u64,
-    ready: mpsc::Sender<Result<(), EngineError>>,
-) {
-    let me = &shared.reactors[id.0 as usize];
-    if let Some(core) = me.core_id {
-        if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
-            tracing::warn!(reactor = id.0, core, "could not pin reactor to its core");
-        }
-    }
-    let io = match UringIo::new(
-        &opens,
-        queue_depth,
-        me.wake_fd.clone(),
-        Some(me.pool.clone()),
-    ) {
-        Ok(io) => io,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
-        }
-    };
-    tracing::debug!(reactor = id.0, features = ?io.features(), "reactor ring ready");
-    let router: Arc<dyn Router> = shared.clone();
-    let mut core = ReactorCore::new(id, io, router, homes);
-    core.set_bounce_pool(me.pool.clone());
-    let _ = ready.send(Ok(()));
-    drop(ready);
-    let poll_idle = Duration::from_micros(poll_idle_us);
-    // Adaptive polling: spin after work only while idle gaps are typically shorter than the
-    // window (the next request is likely to arrive while we spin). At a steady light load with
-    // longer gaps, spinning would only burn CPU: park at once instead.
-    let mut gap_ewma_ns: u64 = 0;
-    let mut idle_since: Option<Instant> = None;
-    // The clock is read once per idle turn and once per wake-up, never in a turn that did
-    // work: a request costs two reads, not one per loop turn. Work is dated by the last read
-    // before it (the wake-up, or the last spin), which is when it arrived.
-    let mut last_read = Instant::now();
-    let mut idle_from = last_read;
-    let mut worked = false;
-    let mut busy_since: Option<Instant> = None;
-    let mut tasks: Vec<Option<Box<dyn ReactorTask>>> = Vec::new();
-    let mut raw_in_flight = 0usize;
-    let mut raw_done: Vec<(u64, i32, u32)> = Vec::new();
-    let mut stop_sent = false;
-    loop {
-        let mut work = 0usize;
-        // Bounded batch so completions are reaped between inbox drains.
-        for _ in 0..256 {
-            match me.inbox.pop() {
-                Some(Msg::Task(t)) => {
-                    work += 1;
-                    match tasks.iter().position(Option::is_none) {
-                        Some(i) => tasks[i] = Some(t),
-                        None if tasks.len() < MAX_TASKS_PER_REACTOR => tasks.push(Some(t)),
-                        None => {
-                            // Only a task forced onto this reactor past its table gets here.
-                            me.task_slots_used.fetch_sub(1, Ordering::AcqRel);
-                            tracing::error!(reactor = id.0, "task table full; dropping a task");
-                        }
-                    }
-                }
-                Some(msg) => {
-                    core.handle(msg);
-                    work += 1;
-                }
-                None => break,
-            }
-        }
-        let reaped = match core.poll() {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::error!(reactor = id.0, "ring failed: {e}");
-                0
-            }
-        };
-        work += reaped;
-        core.io.take_raw(&mut raw_done);
-        for (user_data, result, flags) in raw_done.drain(..) {
-            let c = RingCompletion {
-                tag: user_data as u32,
-                result,
-                flags,
-            };
-            // A multishot op stays in flight until its last completion.
-            if !c.more() {
-                raw_in_flight -= 1;
-            }
-            let task_id = ((user_data & !RAW_BIT) >> 32) as u32;
-            if let Some(Some(task)) = tasks.get_mut(task_id as usize) {
-                let mut ctx = TaskCtx {
-                    core: &mut core,
-                    shared: &shared,
-                    task_id,
-                    raw_in_flight: &mut raw_in_flight,
-                };
-                task.on_ring(&mut ctx, c);
-            }
-            work += 1;
-        }
-        // What the tasks just started on this reactor's memory devices is done already: hand
-        // it to them now, so their replies and next receives go into the ring together.
-        match core.poll_local() {
-            Ok(n) => work += n,
-            Err(e) => tracing::error!(reactor = id.0, "ring failed: {e}"),
-        }
-        let stopping = shared.stopping.load(Ordering::Acquire);
-        for (i, slot) in tasks.iter_mut().enumerate() {
-            let Some(task) = slot else { continue };
-            let mut ctx = TaskCtx {
-                core: &mut core,
-                shared: &shared,
-                task_id: i as u32,
-                raw_in_flight: &mut raw_in_flight,
-            };
-            if stopping && !stop_sent {
-                task.stop(&mut ctx);
-            }
-            work += task.poll(&mut ctx);
-            if task.finished() {
-                // Unregister first: the task owns the memory of its provided buffers.
-                core.io.release_task_resources(i as u32);
-                *slot = None;
-                me.task_slots_used.fetch_sub(1, Ordering::AcqRel);
-            }
-        }
-        stop_sent |= stopping;
-        me.stats.messages.fetch_add(work as u64, Ordering::Relaxed);
-        me.stats
-            .completions
-            .fetch_add(reaped as u64, Ordering::Relaxed);
-        me.stats
-            .ops_in_flight
-            .store(core.ops_in_flight() as u64, Ordering::Relaxed);
-        if work > 0 {
-            if let Some(t) = idle_since.take() {
-                let gap = last_read.duration_since(t).as_nanos() as u64;
-                gap_ewma_ns = (3 * gap_ewma_ns + gap) / 4;
-            }
-            worked = true;
-            busy_since.get_or_insert(last_read);
-            continue;
-        }
-        let now = Instant::now();
-        last_read = now;
-        if std::mem::take(&mut worked) {
-            idle_from = now; // the spin window starts when the work ran out
-        }
-        idle_since.get_or_insert(now);
-        let no_tasks = tasks.iter().all(Option::is_none);
-        if stopping && core.is_idle() && me.inbox.is_empty() && no_tasks && raw_in_flight == 0 {
-            break;
-        }
-        let spin = gap_ewma_ns < poll_idle.as_nanos() as u64;
-        if spin && now.duration_since(idle_from) < poll_idle {
-            std::hint::spin_loop();
-            continue;
-        }
-        // Park: announce it, then re-check the inbox and the tasks' ports (a sender may have
-        // pushed before it saw the flag), then block in the ring until a completion, a wake or
-        // a timer.
-        if let Some(since) = busy_since.take() {
-            me.stats.busy_ns.fetch_add(
-                now.duration_since(since).as_nanos() as u64,
-                Ordering::Relaxed,
-            );
-        }
-        me.parked.store(true, Ordering::SeqCst);
-        std::sync::atomic::fence(Ordering::SeqCst);
-        let ready = tasks.iter().flatten().any(|t| t.has_ready());
-        if me.inbox.is_empty() && !ready && !shared.stopping.load(Ordering::SeqCst) {
-            me.stats.parks.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = core.io.park(None) {
-                tracing::error!(reactor = id.0, "park failed: {e}");
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
-        me.parked.store(false, Ordering::SeqCst);
-        // One clock read serves the idle time, the spin window and the gap (once per wake-up).
-        last_read = Instant::now();
-        idle_from = last_read;
-        me.stats.idle_ns.fetch_add(
-            last_read.duration_since(now).as_nanos() as u64,
-            Ordering::Relaxed,
-        );
-    }
 }
 
 #[cfg(test)]

@@ -16,7 +16,6 @@ pub mod provided;
 pub mod sim_cluster;
 pub mod state_record;
 pub mod stats;
-pub mod task;
 
 mod engine;
 mod error;
@@ -25,6 +24,8 @@ mod ids;
 mod reactor;
 mod request;
 mod volume;
+
+pub use reactor::task;
 
 pub use buf::{AlignedBuf, IoBuf, RegisteredPool};
 pub use device::{DeviceConfig, DeviceKind, FaultConfig};
