@@ -2,6 +2,7 @@
 //! io_uring per reactor ([`uring::UringIo`]), the simulated one a seeded model of a disk with a
 //! volatile write cache ([`sim::SimIo`]).
 
+mod delay;
 pub mod sim;
 pub mod uring;
 

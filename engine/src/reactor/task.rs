@@ -11,6 +11,7 @@ use super::mesh::Shared;
 use super::ReactorCore;
 use crate::engine::VolumeHandle;
 use crate::ids::ReactorId;
+pub use crate::io::uring::RingCompletion;
 use crate::io::uring::UringIo;
 use crate::provided::ProvidedBuffers;
 use crate::request::{Errno, Port, PortWaker, Request};
@@ -35,29 +36,6 @@ pub trait ReactorTask: Send {
     fn finished(&self) -> bool;
 }
 
-/// A completion of a task's ring operation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RingCompletion {
-    /// The tag the operation was pushed with.
-    pub tag: u32,
-    /// Bytes, or -errno.
-    pub result: i32,
-    /// The CQE's flags (`IORING_CQE_F_*`).
-    pub flags: u32,
-}
-
-impl RingCompletion {
-    /// More completions of this operation will follow: a multishot one is still armed.
-    pub fn more(&self) -> bool {
-        io_uring::cqueue::more(self.flags)
-    }
-
-    /// The provided buffer this completion filled, if any.
-    pub fn buffer(&self) -> Option<u16> {
-        io_uring::cqueue::buffer_select(self.flags)
-    }
-}
-
 /// What a task may do on its reactor.
 pub struct TaskCtx<'a> {
     pub(crate) core: &'a mut ReactorCore<UringIo>,
@@ -65,8 +43,6 @@ pub struct TaskCtx<'a> {
     pub(crate) task_id: u32,
     pub(crate) raw_in_flight: &'a mut usize,
 }
-
-pub(crate) const RAW_BIT: u64 = 1 << 63;
 
 impl TaskCtx<'_> {
     pub fn reactor(&self) -> ReactorId {
@@ -82,9 +58,8 @@ impl TaskCtx<'_> {
         if *self.raw_in_flight >= MAX_RAW_OPS_PER_REACTOR {
             return Err(Errno(libc::EAGAIN));
         }
-        let user_data = RAW_BIT | (u64::from(self.task_id) << 32) | u64::from(tag);
         // SAFETY: forwarded contract.
-        unsafe { self.core.io.push_raw(entry.user_data(user_data)) }
+        unsafe { self.core.io.push_raw(entry, self.task_id, tag) }
             .map_err(|()| Errno(libc::EAGAIN))?;
         *self.raw_in_flight += 1;
         Ok(())
@@ -169,7 +144,7 @@ pub(crate) struct TaskTable {
     tasks: Vec<Option<Box<dyn ReactorTask>>>,
     raw_in_flight: usize,
     /// Scratch for the completed ring ops of one loop turn.
-    raw_done: Vec<(u64, i32, u32)>,
+    raw_done: Vec<(u32, RingCompletion)>,
     /// Every task has been told to stop.
     stop_sent: bool,
 }
@@ -205,17 +180,11 @@ impl TaskTable {
     ) -> usize {
         core.io.take_raw(&mut self.raw_done);
         let n = self.raw_done.len();
-        for (user_data, result, flags) in self.raw_done.drain(..) {
-            let c = RingCompletion {
-                tag: user_data as u32,
-                result,
-                flags,
-            };
+        for (task_id, c) in self.raw_done.drain(..) {
             // A multishot op stays in flight until its last completion.
             if !c.more() {
                 self.raw_in_flight -= 1;
             }
-            let task_id = ((user_data & !RAW_BIT) >> 32) as u32;
             if let Some(Some(task)) = self.tasks.get_mut(task_id as usize) {
                 let mut ctx = TaskCtx {
                     core: &mut *core,

@@ -7,12 +7,12 @@ use std::time::{Duration, Instant};
 
 use super::idle::{IdleDecision, IdlePolicy};
 use super::mesh::{ReactorShared, Shared};
-use super::task::TaskTable;
+use super::task::{TaskTable, MAX_RAW_OPS_PER_REACTOR, MAX_TASKS_PER_REACTOR};
 use super::{Home, Msg, ReactorCore, Router};
 use crate::device::OpenDevice;
 use crate::error::EngineError;
 use crate::ids::ReactorId;
-use crate::io::uring::UringIo;
+use crate::io::uring::{RingConfig, UringIo};
 use crate::io::Io;
 
 /// Messages taken from the inbox per loop turn, so completions are reaped between drains.
@@ -51,12 +51,12 @@ impl ReactorThread {
                 tracing::warn!(reactor = id.0, core, "could not pin reactor to its core");
             }
         }
-        let io = match UringIo::new(
-            &devices,
+        let ring = RingConfig {
             queue_depth,
-            me.wake_fd.clone(),
-            Some(me.pool.clone()),
-        ) {
+            max_raw_owners: MAX_TASKS_PER_REACTOR,
+            max_raw_ops: MAX_RAW_OPS_PER_REACTOR,
+        };
+        let io = match UringIo::new(&devices, ring, me.wake_fd.clone(), Some(me.pool.clone())) {
             Ok(io) => io,
             Err(e) => {
                 let _ = ready.send(Err(e));
