@@ -5,6 +5,7 @@
 pub mod alloc;
 mod blank;
 pub mod buf;
+#[cfg(any(test, feature = "testing"))]
 pub mod client;
 pub mod device;
 pub mod io;
@@ -13,6 +14,7 @@ pub mod loader;
 pub mod meta;
 pub mod profile;
 pub mod provided;
+#[cfg(any(test, feature = "testing"))]
 pub mod sim_cluster;
 pub mod state_record;
 pub mod stats;

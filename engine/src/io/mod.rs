@@ -3,6 +3,7 @@
 //! volatile write cache ([`sim::SimIo`]).
 
 mod delay;
+#[cfg(any(test, feature = "testing"))]
 pub mod sim;
 pub mod uring;
 
