@@ -4,30 +4,27 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
-use crossbeam_queue::ArrayQueue;
 use serde::{Deserialize, Serialize};
 
 use crate::buf::RegisteredPool;
-use crate::device::{DeviceConfig, DeviceKind, DeviceProbe, OpenDevice};
+use crate::device::{DeviceConfig, DeviceProbe, OpenDevice};
 use crate::error::{EngineError, VolumeErrorKind};
 use crate::ids::{DeviceId, ReactorId, VolumeId};
-use crate::io::uring::{new_wake_fd, wake};
-use crate::loader::{load_device_with, LoadOptions};
-use crate::reactor::mesh::{
-    ReactorShared, ReactorStats, Shared, INBOX_CAPACITY, POOL_BUFFERS_PER_REACTOR,
-    POOL_BUFFER_BYTES,
-};
+use crate::io::uring::wake;
+use crate::loader::{load_device_with, LoadOptions, LoadedDevice};
+use crate::reactor::mesh::Shared;
+use crate::reactor::placement::{device_irq_core, select_cores};
 use crate::reactor::task::{ReactorTask, MAX_TASKS_PER_REACTOR};
-use crate::reactor::thread::ReactorThread;
+use crate::reactor::thread::spawn_reactors;
 use crate::reactor::{Control, FlushWaiter, Home, Msg};
 use crate::request::{Errno, Port, Request};
 use crate::state_record::{self, DeviceRecord};
 use crate::volume::{checked_new_volume, DeviceState, Volume};
+use crate::watchdog::{check_backing_files, spawn_watchdog};
 
 /// Ring depth per reactor (bounded further per device by its profile).
 pub const DEFAULT_REACTOR_QUEUE_DEPTH: usize = 256;
@@ -112,9 +109,6 @@ impl Drop for CreatedFiles {
         }
     }
 }
-
-/// How often the watchdog checks that device files still exist.
-pub const WATCHDOG_INTERVAL_MS: u64 = 1000;
 
 /// A task table entry promised by [`Engine::reserve_task_slot`]; given back when dropped
 /// unused.
@@ -228,70 +222,12 @@ impl Engine {
         }
         let n = cores.len() as u32;
         config.validate()?;
-        let mut created = CreatedFiles {
-            devices: Vec::new(),
-            armed: true,
-        };
-        let mut open_devices = Vec::new();
-        let mut loaded = Vec::new();
-        let mut record_paths = Vec::new();
-        for (i, dc) in config.devices.iter().enumerate() {
-            let dev = Arc::new(OpenDevice::open(DeviceId(i as u32), dc)?);
-            if dev.created {
-                created.devices.push(dev.clone());
-            }
-            let record_path = dev
-                .path
-                .as_deref()
-                .filter(|_| dev.spec.persistent)
-                .map(state_record::resolved_path);
-            let mut opts = LoadOptions {
-                path: dev.path.clone(),
-                format_refusal: None,
-            };
-            let mut record = None;
-            if let (Some(dir), Some(resolved)) = (&config.state_dir, &record_path) {
-                let read = state_record::read(dir, resolved);
-                if let Ok(Some(r)) = &read {
-                    record = Some(r.clone());
-                }
-                opts.format_refusal = match read {
-                    Ok(Some((file, rec))) if rec.volumes > 0 => Some(format!(
-                        "the daemon's state record {} says it held {} volume(s) (label uuid \
-                         {}): formatting it would drop them. Restore the device (file) from a \
-                         backup; or, if its data is really lost, remove the record (or set \
-                         format = \"always\") to start over with an empty device",
-                        file.display(),
-                        rec.volumes,
-                        rec.uuid
-                    )),
-                    Ok(_) => None,
-                    Err(m) => Some(m),
-                };
-            }
-            let l = load_device_with(&dev.spec, &mut dev.sync_access(), &opts)?;
-            if let Some((file, rec)) = record {
-                let uuid = format!("{:032x}", l.state.label.device_uuid);
-                if rec.uuid != uuid && !l.formatted {
-                    tracing::warn!(device = %dc.name, record = %file.display(), recorded_uuid = %rec.uuid, uuid = %uuid, recorded_volumes = rec.volumes, volumes = l.volumes.len(), "the device's label is not the one its state record names: a different device image is at this path");
-                }
-            }
-            tracing::info!(device = %dc.name, kind = %dev.spec.kind, size_bytes = dev.spec.size_bytes, volumes = l.volumes.len(), generation = l.generation, "device ready");
-            open_devices.push(dev);
-            loaded.push(l);
-            record_paths.push(record_path);
-        }
-        let mut volume_names = HashMap::new();
-        for l in &loaded {
-            for v in &l.volumes {
-                if let Some(other) = volume_names.insert(v.name.clone(), l.state.name.clone()) {
-                    return Err(EngineError::Config(format!(
-                        "volume {:?} exists on devices {other} and {}",
-                        v.name, l.state.name
-                    )));
-                }
-            }
-        }
+        let OpenedDevices {
+            mut created,
+            open_devices,
+            loaded,
+            record_paths,
+        } = open_devices(config)?;
         let poll_idle_us = config.poll_idle_us.unwrap_or_else(|| {
             open_devices
                 .iter()
@@ -300,22 +236,7 @@ impl Engine {
                 .unwrap_or(DEFAULT_POLL_IDLE_US)
         });
         let queue_depth = config.queue_depth.unwrap_or(DEFAULT_REACTOR_QUEUE_DEPTH);
-        let mut reactors = Vec::new();
-        for &core in &cores {
-            reactors.push(ReactorShared {
-                pool: RegisteredPool::new(POOL_BUFFERS_PER_REACTOR, POOL_BUFFER_BYTES),
-                inbox: ArrayQueue::new(INBOX_CAPACITY),
-                parked: AtomicBool::new(false),
-                wake_fd: new_wake_fd()?,
-                stats: ReactorStats::default(),
-                core_id: core,
-                task_slots_used: AtomicUsize::new(0),
-            });
-        }
-        let shared = Arc::new(Shared {
-            reactors,
-            stopping: AtomicBool::new(false),
-        });
+        let shared = Arc::new(Shared::new(&cores)?);
         let devices: Vec<Arc<DeviceState>> = loaded.iter().map(|l| l.state.clone()).collect();
         let mut homes: Vec<Vec<Home>> = (0..n).map(|_| Vec::new()).collect();
         let mut volumes = Vec::new();
@@ -332,42 +253,8 @@ impl Engine {
             let home = l.state.home_reactor(n);
             homes[home.0 as usize].push(Home::new(l.state, l.volumes, l.generation, l.slot));
         }
-        let mut threads = Vec::new();
-        let (ready_tx, ready_rx) = mpsc::channel::<Result<(), EngineError>>();
-        for (i, home) in homes.into_iter().enumerate() {
-            let shared2 = shared.clone();
-            let opens = open_devices.clone();
-            let tx = ready_tx.clone();
-            let t = std::thread::Builder::new()
-                .name(format!("reactor-{i}"))
-                .spawn(move || {
-                    ReactorThread {
-                        id: ReactorId(i as u32),
-                        shared: shared2,
-                        devices: opens,
-                        homes: home,
-                        queue_depth,
-                        poll_idle_us,
-                        ready: tx,
-                    }
-                    .run()
-                })
-                .map_err(|e| EngineError::Config(format!("cannot spawn reactor thread: {e}")))?;
-            threads.push(t);
-        }
-        drop(ready_tx);
-        let mut first_err = None;
-        for _ in 0..n {
-            match ready_rx.recv() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => first_err = first_err.or(Some(e)),
-                Err(_) => {
-                    first_err = first_err.or(Some(EngineError::Config(
-                        "a reactor died while starting".into(),
-                    )))
-                }
-            }
-        }
+        let (threads, first_err) =
+            spawn_reactors(&shared, &open_devices, homes, queue_depth, poll_idle_us)?;
         let engine = Engine {
             shared,
             threads,
@@ -803,131 +690,86 @@ impl Drop for Engine {
     }
 }
 
-/// Notice device files deleted while open: mark the device's health, say so once, loudly.
-fn check_backing_files(opens: &[Arc<OpenDevice>], states: &[Arc<DeviceState>]) {
-    for (open, state) in opens.iter().zip(states) {
-        if open.backing_file_deleted() == Some(true)
-            && !state.health.backing_deleted.swap(true, Ordering::AcqRel)
-        {
-            let path = open.path.as_deref().unwrap_or(std::path::Path::new("?"));
-            tracing::error!(
-                device = %state.name,
-                path = %path.display(),
-                "the device's backing file was deleted while in use: nothing written to it \
-                 survives a restart, so flushes and FUA writes now fail with EIO. Copy it back \
-                 while the daemon runs (from /proc/{}/fd/, the descriptor that links to \
-                 '{} (deleted)') and restart",
-                std::process::id(),
-                path.display()
-            );
-        }
-    }
+/// What [`open_devices`] opened and loaded, in configuration order.
+struct OpenedDevices {
+    created: CreatedFiles,
+    open_devices: Vec<Arc<OpenDevice>>,
+    loaded: Vec<LoadedDevice>,
+    /// Per device: its path with symlinks resolved, for its state record.
+    record_paths: Vec<Option<PathBuf>>,
 }
 
-/// A thread that checks every [`WATCHDOG_INTERVAL_MS`] that device files still exist.
-fn spawn_watchdog(
-    opens: Vec<Arc<OpenDevice>>,
-    states: Vec<Arc<DeviceState>>,
-) -> Result<(mpsc::Sender<()>, JoinHandle<()>), EngineError> {
-    let (tx, rx) = mpsc::channel::<()>();
-    let thread = std::thread::Builder::new()
-        .name("device-watchdog".into())
-        .spawn(move || {
-            while let Err(mpsc::RecvTimeoutError::Timeout) =
-                rx.recv_timeout(Duration::from_millis(WATCHDOG_INTERVAL_MS))
-            {
-                check_backing_files(&opens, &states);
+/// Open every configured device and load its metadata, checked against its state record;
+/// no volume name may be on two devices.
+fn open_devices(config: &EngineConfig) -> Result<OpenedDevices, EngineError> {
+    let mut created = CreatedFiles {
+        devices: Vec::new(),
+        armed: true,
+    };
+    let mut open_devices = Vec::new();
+    let mut loaded = Vec::new();
+    let mut record_paths = Vec::new();
+    for (i, dc) in config.devices.iter().enumerate() {
+        let dev = Arc::new(OpenDevice::open(DeviceId(i as u32), dc)?);
+        if dev.created {
+            created.devices.push(dev.clone());
+        }
+        let record_path = dev
+            .path
+            .as_deref()
+            .filter(|_| dev.spec.persistent)
+            .map(state_record::resolved_path);
+        let mut opts = LoadOptions {
+            path: dev.path.clone(),
+            format_refusal: None,
+        };
+        let mut record = None;
+        if let (Some(dir), Some(resolved)) = (&config.state_dir, &record_path) {
+            let read = state_record::read(dir, resolved);
+            if let Ok(Some(r)) = &read {
+                record = Some(r.clone());
             }
-        })
-        .map_err(|e| EngineError::Config(format!("cannot spawn the device watchdog: {e}")))?;
-    Ok((tx, thread))
-}
-
-/// The cores this process may run on (empty when that cannot be told).
-fn available_cores() -> Vec<usize> {
-    core_affinity::get_core_ids()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|c| c.id)
-        .collect()
-}
-
-/// The core taking the interrupts of the first device that does block IO (a file or a block
-/// device), and the interrupt's name.
-fn device_irq_core(devices: &[DeviceConfig]) -> Option<(usize, String)> {
-    devices
-        .iter()
-        .filter(|d| matches!(d.kind, DeviceKind::File | DeviceKind::Blockdev))
-        .find_map(|d| crate::irq::device_irq_cpu(d.path.as_deref()?))
-}
-
-/// Reactor cores: `wanted`, or by default one per core; on a machine with two cores or fewer,
-/// one reactor, on `preferred` (the core taking the devices' interrupts) when it is available,
-/// else on the last core.
-fn select_cores(
-    wanted: &[usize],
-    preferred: Option<usize>,
-) -> Result<Vec<Option<usize>>, EngineError> {
-    let available = available_cores();
-    if wanted.is_empty() {
-        if available.is_empty() {
-            let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-            return Ok(vec![None; n]);
+            opts.format_refusal = match read {
+                Ok(Some((file, rec))) if rec.volumes > 0 => Some(format!(
+                    "the daemon's state record {} says it held {} volume(s) (label uuid \
+                     {}): formatting it would drop them. Restore the device (file) from a \
+                     backup; or, if its data is really lost, remove the record (or set \
+                     format = \"always\") to start over with an empty device",
+                    file.display(),
+                    rec.volumes,
+                    rec.uuid
+                )),
+                Ok(_) => None,
+                Err(m) => Some(m),
+            };
         }
-        // On a machine with two cores or fewer, a polling reactor on every core leaves nothing
-        // for anything else (local clients, the kernel's network stack): one reactor, where
-        // its device completes IO without a cross-core wake-up, else on the last core. Larger
-        // machines get one per core.
-        if available.len() <= 2 {
-            return Ok(vec![crate::irq::lone_reactor_core(preferred, &available)]);
+        let l = load_device_with(&dev.spec, &mut dev.sync_access(), &opts)?;
+        if let Some((file, rec)) = record {
+            let uuid = format!("{:032x}", l.state.label.device_uuid);
+            if rec.uuid != uuid && !l.formatted {
+                tracing::warn!(device = %dc.name, record = %file.display(), recorded_uuid = %rec.uuid, uuid = %uuid, recorded_volumes = rec.volumes, volumes = l.volumes.len(), "the device's label is not the one its state record names: a different device image is at this path");
+            }
         }
-        return Ok(available.into_iter().map(Some).collect());
+        tracing::info!(device = %dc.name, kind = %dev.spec.kind, size_bytes = dev.spec.size_bytes, volumes = l.volumes.len(), generation = l.generation, "device ready");
+        open_devices.push(dev);
+        loaded.push(l);
+        record_paths.push(record_path);
     }
-    if wanted.len() > 256 {
-        return Err(EngineError::Config("at most 256 cores".into()));
-    }
-    for c in wanted {
-        if !available.is_empty() && !available.contains(c) {
-            return Err(EngineError::Config(format!(
-                "core {c} is not available (this machine offers {available:?})"
-            )));
+    let mut volume_names = HashMap::new();
+    for l in &loaded {
+        for v in &l.volumes {
+            if let Some(other) = volume_names.insert(v.name.clone(), l.state.name.clone()) {
+                return Err(EngineError::Config(format!(
+                    "volume {:?} exists on devices {other} and {}",
+                    v.name, l.state.name
+                )));
+            }
         }
     }
-    let mut seen = std::collections::HashSet::new();
-    if !wanted.iter().all(|c| seen.insert(*c)) {
-        return Err(EngineError::Config(format!(
-            "cores {wanted:?} lists a core twice"
-        )));
-    }
-    Ok(wanted.iter().copied().map(Some).collect())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn small_machines_run_one_reactor_on_the_preferred_core() {
-        let available = available_cores();
-        if available.is_empty() {
-            return; // no affinity information here: nothing to choose from
-        }
-        if available.len() > 2 {
-            // One reactor per core there; the preference does not apply.
-            let all: Vec<_> = available.iter().map(|&c| Some(c)).collect();
-            assert_eq!(select_cores(&[], Some(available[0])).unwrap(), all);
-            return;
-        }
-        let first = available[0];
-        let last = *available.last().unwrap();
-        assert_eq!(select_cores(&[], Some(first)).unwrap(), vec![Some(first)]);
-        assert_eq!(select_cores(&[], None).unwrap(), vec![Some(last)]);
-        // A preferred core this process may not use is ignored.
-        assert_eq!(select_cores(&[], Some(10_000)).unwrap(), vec![Some(last)]);
-        // An explicit list wins over the preference.
-        assert_eq!(
-            select_cores(&[last], Some(first)).unwrap(),
-            vec![Some(last)]
-        );
-    }
+    Ok(OpenedDevices {
+        created,
+        open_devices,
+        loaded,
+        record_paths,
+    })
 }

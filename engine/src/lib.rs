@@ -26,6 +26,7 @@ mod ids;
 mod reactor;
 mod request;
 mod volume;
+mod watchdog;
 
 pub use reactor::task;
 

@@ -10,8 +10,9 @@ use crossbeam_queue::ArrayQueue;
 
 use super::{Msg, Router};
 use crate::buf::RegisteredPool;
+use crate::error::EngineError;
 use crate::ids::ReactorId;
-use crate::io::uring::wake;
+use crate::io::uring::{new_wake_fd, wake};
 
 /// Messages a reactor's inbox holds; a full inbox pushes back on submitters.
 pub const INBOX_CAPACITY: usize = 4096;
@@ -60,6 +61,28 @@ impl Router for Shared {
             wake(&r.wake_fd);
         }
         Ok(())
+    }
+}
+
+impl Shared {
+    /// One reactor per entry of `cores` (pinned to that core when Some), none stopping.
+    pub(crate) fn new(cores: &[Option<usize>]) -> Result<Self, EngineError> {
+        let mut reactors = Vec::new();
+        for &core in cores {
+            reactors.push(ReactorShared {
+                pool: RegisteredPool::new(POOL_BUFFERS_PER_REACTOR, POOL_BUFFER_BYTES),
+                inbox: ArrayQueue::new(INBOX_CAPACITY),
+                parked: AtomicBool::new(false),
+                wake_fd: new_wake_fd()?,
+                stats: ReactorStats::default(),
+                core_id: core,
+                task_slots_used: AtomicUsize::new(0),
+            });
+        }
+        Ok(Self {
+            reactors,
+            stopping: AtomicBool::new(false),
+        })
     }
 }
 

@@ -6,6 +6,7 @@
 //! - [`task`]: transport tasks (NBD connections…) hosted on a reactor's ring;
 //! - [`mesh`]: what reactors share (inboxes, wake-ups, stats) and how they reach each other;
 //! - [`idle`]: the pure spin-or-park decision of an idle reactor;
+//! - [`placement`]: which cores the reactors run on;
 //! - [`thread`]: the loop of one reactor thread, tying these together.
 //!
 //! Ownership replaces locks: chunk `i` of a volume is only read, written, allocated and
@@ -15,6 +16,7 @@
 pub(crate) mod core;
 pub(crate) mod idle;
 pub(crate) mod mesh;
+pub(crate) mod placement;
 mod round;
 pub mod task;
 pub(crate) mod thread;

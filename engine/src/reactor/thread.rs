@@ -3,6 +3,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::idle::{IdleDecision, IdlePolicy};
@@ -17,6 +18,56 @@ use crate::io::Io;
 
 /// Messages taken from the inbox per loop turn, so completions are reaped between drains.
 const INBOX_BATCH: usize = 256;
+
+/// Start one reactor thread per entry of `homes` (the devices each is the home of) and wait
+/// until each has set up its ring. Returns the threads and the first error a reactor met
+/// while starting (the caller stops them all then).
+pub(crate) fn spawn_reactors(
+    shared: &Arc<Shared>,
+    devices: &[Arc<OpenDevice>],
+    homes: Vec<Vec<Home>>,
+    queue_depth: usize,
+    poll_idle_us: u64,
+) -> Result<(Vec<JoinHandle<()>>, Option<EngineError>), EngineError> {
+    let n = homes.len();
+    let mut threads = Vec::new();
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<(), EngineError>>();
+    for (i, home) in homes.into_iter().enumerate() {
+        let shared2 = shared.clone();
+        let opens = devices.to_vec();
+        let tx = ready_tx.clone();
+        let t = std::thread::Builder::new()
+            .name(format!("reactor-{i}"))
+            .spawn(move || {
+                ReactorThread {
+                    id: ReactorId(i as u32),
+                    shared: shared2,
+                    devices: opens,
+                    homes: home,
+                    queue_depth,
+                    poll_idle_us,
+                    ready: tx,
+                }
+                .run()
+            })
+            .map_err(|e| EngineError::Config(format!("cannot spawn reactor thread: {e}")))?;
+        threads.push(t);
+    }
+    drop(ready_tx);
+    let mut first_err = None;
+    for _ in 0..n {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => first_err = first_err.or(Some(e)),
+            Err(_) => {
+                first_err = first_err.or(Some(EngineError::Config(
+                    "a reactor died while starting".into(),
+                )))
+            }
+        }
+    }
+    Ok((threads, first_err))
+}
 
 /// What a reactor thread starts from.
 pub(crate) struct ReactorThread {
