@@ -43,7 +43,6 @@ pub struct DeviceProbe {
 /// without creating, writing or locking anything: settings, sizes, and for an existing
 /// device its label (read-only).
 pub fn probe(cfg: &DeviceConfig) -> Result<DeviceProbe, EngineError> {
-    use std::io::Read;
     use std::os::unix::fs::MetadataExt;
     let err = |message: String| EngineError::Device {
         device: cfg.name.clone(),
@@ -135,6 +134,31 @@ pub fn probe(cfg: &DeviceConfig) -> Result<DeviceProbe, EngineError> {
         inode: (!is_blk).then(|| (meta.dev(), meta.ino())),
         rdev: is_blk.then(|| meta.rdev()),
     });
+    let capacity_bytes = probe_label(cfg, &path, &mut file, size)?;
+    Ok(DeviceProbe {
+        capacity_bytes,
+        identity,
+    })
+}
+
+/// What an existing device's label (or its absence) means under `cfg.format`: its capacity
+/// once opened, or why it is refused.
+fn probe_label(
+    cfg: &DeviceConfig,
+    path: &Path,
+    file: &mut File,
+    size: u64,
+) -> Result<Option<u64>, EngineError> {
+    use std::io::Read;
+    let err = |message: String| EngineError::Device {
+        device: cfg.name.clone(),
+        message,
+    };
+    let chunk = cfg.chunk_size_bytes;
+    let planned = |size: u64| -> Result<Option<u64>, EngineError> {
+        check_new_size(size, chunk).map_err(err)?;
+        Ok(Label::plan(0, size, chunk).map(|l| u64::from(l.total_chunks) * chunk))
+    };
     if size < LABEL_BYTES {
         return Err(err(format!(
             "({}) is {size} bytes, too small to hold a ringblock label ({LABEL_BYTES} bytes); \
@@ -171,7 +195,7 @@ pub fn probe(cfg: &DeviceConfig) -> Result<DeviceProbe, EngineError> {
         (Err(crate::meta::MetaError::NoLabel), FormatPolicy::IfBlank) => {
             let capacity = planned(size)?;
             if let Some(plan) = Label::plan(0, size, chunk) {
-                let mut access = ReadOnlyAccess { file: &file };
+                let mut access = ReadOnlyAccess { file: &*file };
                 let findings = crate::blank::find_non_blank(&mut access, size, &plan)
                     .map_err(|e| err(format!("{}: {e}", path.display())))?;
                 if !findings.is_empty() {
@@ -194,10 +218,7 @@ pub fn probe(cfg: &DeviceConfig) -> Result<DeviceProbe, EngineError> {
         }
         _ => planned(size)?,
     };
-    Ok(DeviceProbe {
-        capacity_bytes,
-        identity,
-    })
+    Ok(capacity_bytes)
 }
 
 fn strip_device(e: &EngineError) -> String {
