@@ -1,5 +1,11 @@
 //! The `delay` wrapper's clock: when a completion of an emulated device is due, and the
 //! completions held back until then.
+//!
+//! The `delay` and `fault` wrappers themselves still run inside `UringIo`, not as decorators
+//! of [`super::Io`]: there a device's queue depth counts an op until its completion is
+//! scheduled (not released), an injected error takes the delay like any completion, a fault
+//! spike adds to the delay's due time, and held completions count in `Io::in_flight`. A
+//! decorator has to keep all of that, and take a clock the simulator can drive.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
