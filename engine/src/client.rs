@@ -1,5 +1,5 @@
-//! A simple blocking client of a volume: one thread, up to `depth` requests in flight. Used by
-//! tests, tools and the engine benchmark; transports use [`VolumeHandle`] and [`Port`] directly.
+//! A simple blocking client of a volume: one thread, up to `depth` requests in flight. Test
+//! machinery (the `testing` feature); transports use [`VolumeHandle`] and [`Port`] directly.
 
 use std::sync::Arc;
 

@@ -1,32 +1,31 @@
-//! The running engine: one reactor thread per configured core, each pinned, each with its own
-//! io_uring; bounded lock-free inboxes between them; and the control API (volumes, stats).
+//! The engine's public API: start the reactors (one thread per configured core, see
+//! [`crate::reactor`]), open volumes for IO, host transport tasks, and the control plane
+//! (volumes, flushes, stats).
 
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
-use crossbeam_queue::ArrayQueue;
 use serde::{Deserialize, Serialize};
 
 use crate::buf::RegisteredPool;
-use crate::device::{DeviceConfig, DeviceKind, DeviceProbe, OpenDevice};
+use crate::device::{DeviceConfig, DeviceProbe, OpenDevice};
 use crate::error::{EngineError, VolumeErrorKind};
 use crate::ids::{DeviceId, ReactorId, VolumeId};
-use crate::io::uring::{new_wake_fd, wake, UringIo};
-use crate::io::Io;
-use crate::loader::{load_device_with, LoadOptions};
-use crate::reactor::{Control, FlushWaiter, Home, Msg, ReactorCore, Router};
+use crate::io::uring::wake;
+use crate::loader::{load_device_with, LoadOptions, LoadedDevice};
+use crate::reactor::mesh::Shared;
+use crate::reactor::placement::{device_irq_core, select_cores};
+use crate::reactor::task::{ReactorTask, MAX_TASKS_PER_REACTOR};
+use crate::reactor::thread::spawn_reactors;
+use crate::reactor::{Control, FlushWaiter, Home, Msg};
 use crate::request::{Errno, Port, Request};
 use crate::state_record::{self, DeviceRecord};
-use crate::task::{ReactorTask, RingCompletion, TaskCtx, MAX_TASKS_PER_REACTOR, RAW_BIT};
 use crate::volume::{checked_new_volume, DeviceState, Volume};
+use crate::watchdog::{check_backing_files, spawn_watchdog};
 
-/// Messages a reactor's inbox holds; a full inbox pushes back on submitters.
-pub const INBOX_CAPACITY: usize = 4096;
 /// Ring depth per reactor (bounded further per device by its profile).
 pub const DEFAULT_REACTOR_QUEUE_DEPTH: usize = 256;
 /// How long an idle reactor busy-polls before parking, unless a profile asks otherwise.
@@ -111,37 +110,6 @@ impl Drop for CreatedFiles {
     }
 }
 
-/// How often the watchdog checks that device files still exist.
-pub const WATCHDOG_INTERVAL_MS: u64 = 1000;
-
-/// Live counters of one reactor, readable by anyone.
-#[derive(Debug, Default)]
-pub struct ReactorStats {
-    pub busy_ns: AtomicU64,
-    pub idle_ns: AtomicU64,
-    pub parks: AtomicU64,
-    pub messages: AtomicU64,
-    pub completions: AtomicU64,
-    pub ops_in_flight: AtomicU64,
-}
-
-/// Registered buffers per reactor: count and size of each.
-pub const POOL_BUFFERS_PER_REACTOR: usize = 128;
-pub const POOL_BUFFER_BYTES: usize = 64 << 10;
-
-pub(crate) struct ReactorShared {
-    pool: Arc<RegisteredPool>,
-    inbox: ArrayQueue<Msg>,
-    parked: AtomicBool,
-    wake_fd: Arc<OwnedFd>,
-    stats: ReactorStats,
-    core_id: Option<usize>,
-    /// Task table entries taken or promised (spawned, or reserved with
-    /// [`Engine::reserve_task_slot`]): never more than [`MAX_TASKS_PER_REACTOR`] unless a task
-    /// is forced onto this reactor.
-    task_slots_used: AtomicUsize,
-}
-
 /// A task table entry promised by [`Engine::reserve_task_slot`]; given back when dropped
 /// unused.
 pub struct TaskSlot {
@@ -171,55 +139,6 @@ impl std::fmt::Debug for TaskSlot {
         f.debug_struct("TaskSlot")
             .field("reactor", &self.reactor)
             .finish()
-    }
-}
-
-pub(crate) struct Shared {
-    pub(crate) reactors: Vec<ReactorShared>,
-    stopping: AtomicBool,
-}
-
-impl Router for Shared {
-    fn reactors(&self) -> u32 {
-        self.reactors.len() as u32
-    }
-    fn try_send(&self, to: ReactorId, msg: Msg) -> Result<(), Msg> {
-        let r = &self.reactors[to.0 as usize];
-        r.inbox.push(msg)?;
-        if r.parked.load(Ordering::SeqCst) {
-            wake(&r.wake_fd);
-        }
-        Ok(())
-    }
-}
-
-impl ReactorShared {
-    pub(crate) fn pool_take(&self, len: usize) -> Option<crate::buf::IoBuf> {
-        self.pool.take(len)
-    }
-}
-
-impl Shared {
-    pub(crate) fn wake_if_parked(&self, reactor: usize) {
-        // Pairs with the fence after the reactor announces it is parked.
-        std::sync::atomic::fence(Ordering::SeqCst);
-        let r = &self.reactors[reactor];
-        if r.parked.load(Ordering::SeqCst) {
-            wake(&r.wake_fd);
-        }
-    }
-
-    /// Send from outside a reactor: waits (yielding) while the inbox is full.
-    fn send_blocking(&self, to: ReactorId, mut msg: Msg) {
-        loop {
-            match self.try_send(to, msg) {
-                Ok(()) => return,
-                Err(m) => {
-                    msg = m;
-                    std::thread::yield_now();
-                }
-            }
-        }
     }
 }
 
@@ -303,70 +222,12 @@ impl Engine {
         }
         let n = cores.len() as u32;
         config.validate()?;
-        let mut created = CreatedFiles {
-            devices: Vec::new(),
-            armed: true,
-        };
-        let mut open_devices = Vec::new();
-        let mut loaded = Vec::new();
-        let mut record_paths = Vec::new();
-        for (i, dc) in config.devices.iter().enumerate() {
-            let dev = Arc::new(OpenDevice::open(DeviceId(i as u32), dc)?);
-            if dev.created {
-                created.devices.push(dev.clone());
-            }
-            let record_path = dev
-                .path
-                .as_deref()
-                .filter(|_| dev.spec.persistent)
-                .map(state_record::resolved_path);
-            let mut opts = LoadOptions {
-                path: dev.path.clone(),
-                format_refusal: None,
-            };
-            let mut record = None;
-            if let (Some(dir), Some(resolved)) = (&config.state_dir, &record_path) {
-                let read = state_record::read(dir, resolved);
-                if let Ok(Some(r)) = &read {
-                    record = Some(r.clone());
-                }
-                opts.format_refusal = match read {
-                    Ok(Some((file, rec))) if rec.volumes > 0 => Some(format!(
-                        "the daemon's state record {} says it held {} volume(s) (label uuid \
-                         {}): formatting it would drop them. Restore the device (file) from a \
-                         backup; or, if its data is really lost, remove the record (or set \
-                         format = \"always\") to start over with an empty device",
-                        file.display(),
-                        rec.volumes,
-                        rec.uuid
-                    )),
-                    Ok(_) => None,
-                    Err(m) => Some(m),
-                };
-            }
-            let l = load_device_with(&dev.spec, &mut dev.sync_access(), &opts)?;
-            if let Some((file, rec)) = record {
-                let uuid = format!("{:032x}", l.state.label.device_uuid);
-                if rec.uuid != uuid && !l.formatted {
-                    tracing::warn!(device = %dc.name, record = %file.display(), recorded_uuid = %rec.uuid, uuid = %uuid, recorded_volumes = rec.volumes, volumes = l.volumes.len(), "the device's label is not the one its state record names: a different device image is at this path");
-                }
-            }
-            tracing::info!(device = %dc.name, kind = %dev.spec.kind, size_bytes = dev.spec.size_bytes, volumes = l.volumes.len(), generation = l.generation, "device ready");
-            open_devices.push(dev);
-            loaded.push(l);
-            record_paths.push(record_path);
-        }
-        let mut volume_names = HashMap::new();
-        for l in &loaded {
-            for v in &l.volumes {
-                if let Some(other) = volume_names.insert(v.name.clone(), l.state.name.clone()) {
-                    return Err(EngineError::Config(format!(
-                        "volume {:?} exists on devices {other} and {}",
-                        v.name, l.state.name
-                    )));
-                }
-            }
-        }
+        let OpenedDevices {
+            mut created,
+            open_devices,
+            loaded,
+            record_paths,
+        } = open_devices(config)?;
         let poll_idle_us = config.poll_idle_us.unwrap_or_else(|| {
             open_devices
                 .iter()
@@ -375,22 +236,7 @@ impl Engine {
                 .unwrap_or(DEFAULT_POLL_IDLE_US)
         });
         let queue_depth = config.queue_depth.unwrap_or(DEFAULT_REACTOR_QUEUE_DEPTH);
-        let mut reactors = Vec::new();
-        for &core in &cores {
-            reactors.push(ReactorShared {
-                pool: RegisteredPool::new(POOL_BUFFERS_PER_REACTOR, POOL_BUFFER_BYTES),
-                inbox: ArrayQueue::new(INBOX_CAPACITY),
-                parked: AtomicBool::new(false),
-                wake_fd: new_wake_fd()?,
-                stats: ReactorStats::default(),
-                core_id: core,
-                task_slots_used: AtomicUsize::new(0),
-            });
-        }
-        let shared = Arc::new(Shared {
-            reactors,
-            stopping: AtomicBool::new(false),
-        });
+        let shared = Arc::new(Shared::new(&cores)?);
         let devices: Vec<Arc<DeviceState>> = loaded.iter().map(|l| l.state.clone()).collect();
         let mut homes: Vec<Vec<Home>> = (0..n).map(|_| Vec::new()).collect();
         let mut volumes = Vec::new();
@@ -407,41 +253,8 @@ impl Engine {
             let home = l.state.home_reactor(n);
             homes[home.0 as usize].push(Home::new(l.state, l.volumes, l.generation, l.slot));
         }
-        let mut threads = Vec::new();
-        let (ready_tx, ready_rx) = mpsc::channel::<Result<(), EngineError>>();
-        for (i, home) in homes.into_iter().enumerate() {
-            let shared2 = shared.clone();
-            let opens = open_devices.clone();
-            let tx = ready_tx.clone();
-            let t = std::thread::Builder::new()
-                .name(format!("reactor-{i}"))
-                .spawn(move || {
-                    reactor_thread(
-                        ReactorId(i as u32),
-                        shared2,
-                        opens,
-                        home,
-                        queue_depth,
-                        poll_idle_us,
-                        tx,
-                    )
-                })
-                .map_err(|e| EngineError::Config(format!("cannot spawn reactor thread: {e}")))?;
-            threads.push(t);
-        }
-        drop(ready_tx);
-        let mut first_err = None;
-        for _ in 0..n {
-            match ready_rx.recv() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => first_err = first_err.or(Some(e)),
-                Err(_) => {
-                    first_err = first_err.or(Some(EngineError::Config(
-                        "a reactor died while starting".into(),
-                    )))
-                }
-            }
-        }
+        let (threads, first_err) =
+            spawn_reactors(&shared, &open_devices, homes, queue_depth, poll_idle_us)?;
         let engine = Engine {
             shared,
             threads,
@@ -877,325 +690,86 @@ impl Drop for Engine {
     }
 }
 
-/// Notice device files deleted while open: mark the device's health, say so once, loudly.
-fn check_backing_files(opens: &[Arc<OpenDevice>], states: &[Arc<DeviceState>]) {
-    for (open, state) in opens.iter().zip(states) {
-        if open.backing_file_deleted() == Some(true)
-            && !state.health.backing_deleted.swap(true, Ordering::AcqRel)
-        {
-            let path = open.path.as_deref().unwrap_or(std::path::Path::new("?"));
-            tracing::error!(
-                device = %state.name,
-                path = %path.display(),
-                "the device's backing file was deleted while in use: nothing written to it \
-                 survives a restart, so flushes and FUA writes now fail with EIO. Copy it back \
-                 while the daemon runs (from /proc/{}/fd/, the descriptor that links to \
-                 '{} (deleted)') and restart",
-                std::process::id(),
-                path.display()
-            );
-        }
-    }
+/// What [`open_devices`] opened and loaded, in configuration order.
+struct OpenedDevices {
+    created: CreatedFiles,
+    open_devices: Vec<Arc<OpenDevice>>,
+    loaded: Vec<LoadedDevice>,
+    /// Per device: its path with symlinks resolved, for its state record.
+    record_paths: Vec<Option<PathBuf>>,
 }
 
-/// A thread that checks every [`WATCHDOG_INTERVAL_MS`] that device files still exist.
-fn spawn_watchdog(
-    opens: Vec<Arc<OpenDevice>>,
-    states: Vec<Arc<DeviceState>>,
-) -> Result<(mpsc::Sender<()>, JoinHandle<()>), EngineError> {
-    let (tx, rx) = mpsc::channel::<()>();
-    let thread = std::thread::Builder::new()
-        .name("device-watchdog".into())
-        .spawn(move || {
-            while let Err(mpsc::RecvTimeoutError::Timeout) =
-                rx.recv_timeout(Duration::from_millis(WATCHDOG_INTERVAL_MS))
-            {
-                check_backing_files(&opens, &states);
-            }
-        })
-        .map_err(|e| EngineError::Config(format!("cannot spawn the device watchdog: {e}")))?;
-    Ok((tx, thread))
-}
-
-/// The cores this process may run on (empty when that cannot be told).
-fn available_cores() -> Vec<usize> {
-    core_affinity::get_core_ids()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|c| c.id)
-        .collect()
-}
-
-/// The core taking the interrupts of the first device that does block IO (a file or a block
-/// device), and the interrupt's name.
-fn device_irq_core(devices: &[DeviceConfig]) -> Option<(usize, String)> {
-    devices
-        .iter()
-        .filter(|d| matches!(d.kind, DeviceKind::File | DeviceKind::Blockdev))
-        .find_map(|d| crate::irq::device_irq_cpu(d.path.as_deref()?))
-}
-
-/// Reactor cores: `wanted`, or by default one per core; on a machine with two cores or fewer,
-/// one reactor, on `preferred` (the core taking the devices' interrupts) when it is available,
-/// else on the last core.
-fn select_cores(
-    wanted: &[usize],
-    preferred: Option<usize>,
-) -> Result<Vec<Option<usize>>, EngineError> {
-    let available = available_cores();
-    if wanted.is_empty() {
-        if available.is_empty() {
-            let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-            return Ok(vec![None; n]);
-        }
-        // On a machine with two cores or fewer, a polling reactor on every core leaves nothing
-        // for anything else (local clients, the kernel's network stack): one reactor, where
-        // its device completes IO without a cross-core wake-up, else on the last core. Larger
-        // machines get one per core.
-        if available.len() <= 2 {
-            return Ok(vec![crate::irq::lone_reactor_core(preferred, &available)]);
-        }
-        return Ok(available.into_iter().map(Some).collect());
-    }
-    if wanted.len() > 256 {
-        return Err(EngineError::Config("at most 256 cores".into()));
-    }
-    for c in wanted {
-        if !available.is_empty() && !available.contains(c) {
-            return Err(EngineError::Config(format!(
-                "core {c} is not available (this machine offers {available:?})"
-            )));
-        }
-    }
-    let mut seen = std::collections::HashSet::new();
-    if !wanted.iter().all(|c| seen.insert(*c)) {
-        return Err(EngineError::Config(format!(
-            "cores {wanted:?} lists a core twice"
-        )));
-    }
-    Ok(wanted.iter().copied().map(Some).collect())
-}
-
-#[allow(clippy::too_many_arguments)]
-fn reactor_thread(
-    id: ReactorId,
-    shared: Arc<Shared>,
-    opens: Vec<Arc<OpenDevice>>,
-    homes: Vec<Home>,
-    queue_depth: usize,
-    poll_idle_us: u64,
-    ready: mpsc::Sender<Result<(), EngineError>>,
-) {
-    let me = &shared.reactors[id.0 as usize];
-    if let Some(core) = me.core_id {
-        if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
-            tracing::warn!(reactor = id.0, core, "could not pin reactor to its core");
-        }
-    }
-    let io = match UringIo::new(
-        &opens,
-        queue_depth,
-        me.wake_fd.clone(),
-        Some(me.pool.clone()),
-    ) {
-        Ok(io) => io,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
-        }
+/// Open every configured device and load its metadata, checked against its state record;
+/// no volume name may be on two devices.
+fn open_devices(config: &EngineConfig) -> Result<OpenedDevices, EngineError> {
+    let mut created = CreatedFiles {
+        devices: Vec::new(),
+        armed: true,
     };
-    tracing::debug!(reactor = id.0, features = ?io.features(), "reactor ring ready");
-    let router: Arc<dyn Router> = shared.clone();
-    let mut core = ReactorCore::new(id, io, router, homes);
-    core.set_bounce_pool(me.pool.clone());
-    let _ = ready.send(Ok(()));
-    drop(ready);
-    let poll_idle = Duration::from_micros(poll_idle_us);
-    // Adaptive polling: spin after work only while idle gaps are typically shorter than the
-    // window (the next request is likely to arrive while we spin). At a steady light load with
-    // longer gaps, spinning would only burn CPU: park at once instead.
-    let mut gap_ewma_ns: u64 = 0;
-    let mut idle_since: Option<Instant> = None;
-    // The clock is read once per idle turn and once per wake-up, never in a turn that did
-    // work: a request costs two reads, not one per loop turn. Work is dated by the last read
-    // before it (the wake-up, or the last spin), which is when it arrived.
-    let mut last_read = Instant::now();
-    let mut idle_from = last_read;
-    let mut worked = false;
-    let mut busy_since: Option<Instant> = None;
-    let mut tasks: Vec<Option<Box<dyn ReactorTask>>> = Vec::new();
-    let mut raw_in_flight = 0usize;
-    let mut raw_done: Vec<(u64, i32, u32)> = Vec::new();
-    let mut stop_sent = false;
-    loop {
-        let mut work = 0usize;
-        // Bounded batch so completions are reaped between inbox drains.
-        for _ in 0..256 {
-            match me.inbox.pop() {
-                Some(Msg::Task(t)) => {
-                    work += 1;
-                    match tasks.iter().position(Option::is_none) {
-                        Some(i) => tasks[i] = Some(t),
-                        None if tasks.len() < MAX_TASKS_PER_REACTOR => tasks.push(Some(t)),
-                        None => {
-                            // Only a task forced onto this reactor past its table gets here.
-                            me.task_slots_used.fetch_sub(1, Ordering::AcqRel);
-                            tracing::error!(reactor = id.0, "task table full; dropping a task");
-                        }
-                    }
-                }
-                Some(msg) => {
-                    core.handle(msg);
-                    work += 1;
-                }
-                None => break,
-            }
+    let mut open_devices = Vec::new();
+    let mut loaded = Vec::new();
+    let mut record_paths = Vec::new();
+    for (i, dc) in config.devices.iter().enumerate() {
+        let dev = Arc::new(OpenDevice::open(DeviceId(i as u32), dc)?);
+        if dev.created {
+            created.devices.push(dev.clone());
         }
-        let reaped = match core.poll() {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::error!(reactor = id.0, "ring failed: {e}");
-                0
-            }
+        let record_path = dev
+            .path
+            .as_deref()
+            .filter(|_| dev.spec.persistent)
+            .map(state_record::resolved_path);
+        let mut opts = LoadOptions {
+            path: dev.path.clone(),
+            format_refusal: None,
         };
-        work += reaped;
-        core.io.take_raw(&mut raw_done);
-        for (user_data, result, flags) in raw_done.drain(..) {
-            let c = RingCompletion {
-                tag: user_data as u32,
-                result,
-                flags,
+        let mut record = None;
+        if let (Some(dir), Some(resolved)) = (&config.state_dir, &record_path) {
+            let read = state_record::read(dir, resolved);
+            if let Ok(Some(r)) = &read {
+                record = Some(r.clone());
+            }
+            opts.format_refusal = match read {
+                Ok(Some((file, rec))) if rec.volumes > 0 => Some(format!(
+                    "the daemon's state record {} says it held {} volume(s) (label uuid \
+                     {}): formatting it would drop them. Restore the device (file) from a \
+                     backup; or, if its data is really lost, remove the record (or set \
+                     format = \"always\") to start over with an empty device",
+                    file.display(),
+                    rec.volumes,
+                    rec.uuid
+                )),
+                Ok(_) => None,
+                Err(m) => Some(m),
             };
-            // A multishot op stays in flight until its last completion.
-            if !c.more() {
-                raw_in_flight -= 1;
-            }
-            let task_id = ((user_data & !RAW_BIT) >> 32) as u32;
-            if let Some(Some(task)) = tasks.get_mut(task_id as usize) {
-                let mut ctx = TaskCtx {
-                    core: &mut core,
-                    shared: &shared,
-                    task_id,
-                    raw_in_flight: &mut raw_in_flight,
-                };
-                task.on_ring(&mut ctx, c);
-            }
-            work += 1;
         }
-        // What the tasks just started on this reactor's memory devices is done already: hand
-        // it to them now, so their replies and next receives go into the ring together.
-        match core.poll_local() {
-            Ok(n) => work += n,
-            Err(e) => tracing::error!(reactor = id.0, "ring failed: {e}"),
-        }
-        let stopping = shared.stopping.load(Ordering::Acquire);
-        for (i, slot) in tasks.iter_mut().enumerate() {
-            let Some(task) = slot else { continue };
-            let mut ctx = TaskCtx {
-                core: &mut core,
-                shared: &shared,
-                task_id: i as u32,
-                raw_in_flight: &mut raw_in_flight,
-            };
-            if stopping && !stop_sent {
-                task.stop(&mut ctx);
-            }
-            work += task.poll(&mut ctx);
-            if task.finished() {
-                // Unregister first: the task owns the memory of its provided buffers.
-                core.io.release_task_resources(i as u32);
-                *slot = None;
-                me.task_slots_used.fetch_sub(1, Ordering::AcqRel);
+        let l = load_device_with(&dev.spec, &mut dev.sync_access(), &opts)?;
+        if let Some((file, rec)) = record {
+            let uuid = format!("{:032x}", l.state.label.device_uuid);
+            if rec.uuid != uuid && !l.formatted {
+                tracing::warn!(device = %dc.name, record = %file.display(), recorded_uuid = %rec.uuid, uuid = %uuid, recorded_volumes = rec.volumes, volumes = l.volumes.len(), "the device's label is not the one its state record names: a different device image is at this path");
             }
         }
-        stop_sent |= stopping;
-        me.stats.messages.fetch_add(work as u64, Ordering::Relaxed);
-        me.stats
-            .completions
-            .fetch_add(reaped as u64, Ordering::Relaxed);
-        me.stats
-            .ops_in_flight
-            .store(core.ops_in_flight() as u64, Ordering::Relaxed);
-        if work > 0 {
-            if let Some(t) = idle_since.take() {
-                let gap = last_read.duration_since(t).as_nanos() as u64;
-                gap_ewma_ns = (3 * gap_ewma_ns + gap) / 4;
-            }
-            worked = true;
-            busy_since.get_or_insert(last_read);
-            continue;
-        }
-        let now = Instant::now();
-        last_read = now;
-        if std::mem::take(&mut worked) {
-            idle_from = now; // the spin window starts when the work ran out
-        }
-        idle_since.get_or_insert(now);
-        let no_tasks = tasks.iter().all(Option::is_none);
-        if stopping && core.is_idle() && me.inbox.is_empty() && no_tasks && raw_in_flight == 0 {
-            break;
-        }
-        let spin = gap_ewma_ns < poll_idle.as_nanos() as u64;
-        if spin && now.duration_since(idle_from) < poll_idle {
-            std::hint::spin_loop();
-            continue;
-        }
-        // Park: announce it, then re-check the inbox and the tasks' ports (a sender may have
-        // pushed before it saw the flag), then block in the ring until a completion, a wake or
-        // a timer.
-        if let Some(since) = busy_since.take() {
-            me.stats.busy_ns.fetch_add(
-                now.duration_since(since).as_nanos() as u64,
-                Ordering::Relaxed,
-            );
-        }
-        me.parked.store(true, Ordering::SeqCst);
-        std::sync::atomic::fence(Ordering::SeqCst);
-        let ready = tasks.iter().flatten().any(|t| t.has_ready());
-        if me.inbox.is_empty() && !ready && !shared.stopping.load(Ordering::SeqCst) {
-            me.stats.parks.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = core.io.park(None) {
-                tracing::error!(reactor = id.0, "park failed: {e}");
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
-        me.parked.store(false, Ordering::SeqCst);
-        // One clock read serves the idle time, the spin window and the gap (once per wake-up).
-        last_read = Instant::now();
-        idle_from = last_read;
-        me.stats.idle_ns.fetch_add(
-            last_read.duration_since(now).as_nanos() as u64,
-            Ordering::Relaxed,
-        );
+        tracing::info!(device = %dc.name, kind = %dev.spec.kind, size_bytes = dev.spec.size_bytes, volumes = l.volumes.len(), generation = l.generation, "device ready");
+        open_devices.push(dev);
+        loaded.push(l);
+        record_paths.push(record_path);
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn small_machines_run_one_reactor_on_the_preferred_core() {
-        let available = available_cores();
-        if available.is_empty() {
-            return; // no affinity information here: nothing to choose from
+    let mut volume_names = HashMap::new();
+    for l in &loaded {
+        for v in &l.volumes {
+            if let Some(other) = volume_names.insert(v.name.clone(), l.state.name.clone()) {
+                return Err(EngineError::Config(format!(
+                    "volume {:?} exists on devices {other} and {}",
+                    v.name, l.state.name
+                )));
+            }
         }
-        if available.len() > 2 {
-            // One reactor per core there; the preference does not apply.
-            let all: Vec<_> = available.iter().map(|&c| Some(c)).collect();
-            assert_eq!(select_cores(&[], Some(available[0])).unwrap(), all);
-            return;
-        }
-        let first = available[0];
-        let last = *available.last().unwrap();
-        assert_eq!(select_cores(&[], Some(first)).unwrap(), vec![Some(first)]);
-        assert_eq!(select_cores(&[], None).unwrap(), vec![Some(last)]);
-        // A preferred core this process may not use is ignored.
-        assert_eq!(select_cores(&[], Some(10_000)).unwrap(), vec![Some(last)]);
-        // An explicit list wins over the preference.
-        assert_eq!(
-            select_cores(&[last], Some(first)).unwrap(),
-            vec![Some(last)]
-        );
     }
+    Ok(OpenedDevices {
+        created,
+        open_devices,
+        loaded,
+        record_paths,
+    })
 }

@@ -5,6 +5,7 @@
 pub mod alloc;
 mod blank;
 pub mod buf;
+#[cfg(any(test, feature = "testing"))]
 pub mod client;
 pub mod device;
 pub mod io;
@@ -13,10 +14,10 @@ pub mod loader;
 pub mod meta;
 pub mod profile;
 pub mod provided;
+#[cfg(any(test, feature = "testing"))]
 pub mod sim_cluster;
 pub mod state_record;
 pub mod stats;
-pub mod task;
 
 mod engine;
 mod error;
@@ -25,6 +26,9 @@ mod ids;
 mod reactor;
 mod request;
 mod volume;
+mod watchdog;
+
+pub use reactor::task;
 
 pub use buf::{AlignedBuf, IoBuf, RegisteredPool};
 pub use device::{DeviceConfig, DeviceKind, FaultConfig};

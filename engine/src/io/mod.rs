@@ -2,6 +2,8 @@
 //! io_uring per reactor ([`uring::UringIo`]), the simulated one a seeded model of a disk with a
 //! volatile write cache ([`sim::SimIo`]).
 
+mod delay;
+#[cfg(any(test, feature = "testing"))]
 pub mod sim;
 pub mod uring;
 

@@ -2,15 +2,28 @@
 //! ring (registered as fixed files); RAM, bbram and null devices complete inline. The `delay`
 //! wrapper holds completions until the profile's service time has passed; the `fault` wrapper
 //! fails chosen ops.
+//!
+//! This layer knows nothing above it: the reactor says what to size the ring for
+//! ([`RingConfig`]). Besides device ops, the ring carries raw ops of the reactor's tasks
+//! ([`raw`]) and the wake-up read; [`user_data`] is the one encoding that tells them apart.
+//! [`sys`] holds the system calls the io_uring crate does not wrap.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+mod raw;
+mod sys;
+mod user_data;
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::Instant;
 
 use io_uring::{opcode, squeue, types, IoUring};
 
+pub use self::raw::RingCompletion;
+use self::sys::register_ring_fd;
+pub use self::sys::{new_wake_fd, wake};
+use self::user_data::UserData;
+use super::delay::{schedule_delayed, DelayQueue};
 use super::{Io, IoCompletion, IoKind, IoOp, MemAccess};
 use crate::buf::{AlignedBuf, RegisteredPool};
 use crate::device::{Backend, OpenDevice};
@@ -18,7 +31,6 @@ use crate::error::EngineError;
 use crate::ids::DeviceId;
 use crate::profile::ServiceTime;
 
-const WAKE_TAG: u64 = u64::MAX;
 /// Memory alignment we guarantee for O_DIRECT (buffers that miss it are bounced).
 const DIRECT_MEM_ALIGN: usize = 512;
 /// A short transfer is carried on only from a multiple of this, which O_DIRECT accepts as an
@@ -35,29 +47,6 @@ struct Slot {
     done_bytes: u32,
 }
 
-struct Delayed {
-    due_ns: u64,
-    seq: u64,
-    completion: IoCompletion,
-}
-
-impl PartialEq for Delayed {
-    fn eq(&self, other: &Self) -> bool {
-        (self.due_ns, self.seq) == (other.due_ns, other.seq)
-    }
-}
-impl Eq for Delayed {}
-impl PartialOrd for Delayed {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Delayed {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (self.due_ns, self.seq).cmp(&(other.due_ns, other.seq))
-    }
-}
-
 /// What the ring was set up with, for the logs and the dashboard.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RingFeatures {
@@ -72,21 +61,16 @@ pub struct RingFeatures {
     pub task_files: bool,
 }
 
-/// When an op of the emulated device completes: its transfer waits for the link
-/// (`busy_until_ns`, advanced here), its latency and any fault spike overlap with other ops.
-fn schedule_delayed(
-    busy_until_ns: &mut u64,
-    submitted_ns: u64,
-    service: ServiceTime,
-    spike_ns: u64,
-) -> u64 {
-    let transfer_end_ns = (*busy_until_ns)
-        .max(submitted_ns)
-        .saturating_add(service.transfer_ns);
-    *busy_until_ns = transfer_end_ns;
-    transfer_end_ns
-        .saturating_add(service.latency_ns)
-        .saturating_add(spike_ns)
+/// What a ring is sized for: the layer above says how much it will put in at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingConfig {
+    /// Device ops in flight at once (1..=4096).
+    pub queue_depth: usize,
+    /// Owners of raw ops (a reactor's tasks) the ring keeps a file table slot and a
+    /// provided-buffer group for, numbered from 0.
+    pub max_raw_owners: usize,
+    /// Raw ops in flight at once, all owners together.
+    pub max_raw_ops: usize,
 }
 
 pub struct UringIo {
@@ -101,13 +85,12 @@ pub struct UringIo {
     slots: Vec<Option<Slot>>,
     free_slots: Vec<u32>,
     ring_in_flight: usize,
-    /// Completions of tasks' raw ops, as (user_data, result, flags).
-    raw_done: Vec<(u64, i32, u32)>,
+    /// Completions of tasks' raw ops, with the task that pushed each.
+    raw_done: Vec<(u32, RingCompletion)>,
     reap_scratch: Vec<(u64, i32, u32)>,
     raw_in_flight: usize,
     ready: VecDeque<IoCompletion>,
-    delayed: BinaryHeap<Reverse<Delayed>>,
-    delayed_seq: u64,
+    delayed: DelayQueue,
     in_flight: usize,
     queue_depth: usize,
     wake_fd: Arc<OwnedFd>,
@@ -124,91 +107,26 @@ pub struct UringIo {
     task_buf_groups: Vec<(u32, u16)>,
 }
 
-/// The kernel's `struct io_uring_getevents_arg` (IORING_ENTER_EXT_ARG).
-#[repr(C)]
-struct GeteventsArg {
-    sigmask: u64,
-    sigmask_sz: u32,
-    min_wait_usec: u32,
-    ts: u64,
-}
-
-/// The kernel's `struct __kernel_timespec`.
-#[repr(C)]
-struct KernelTimespec {
-    tv_sec: i64,
-    tv_nsec: i64,
-}
-
-const ENTER_GETEVENTS: u32 = 1 << 0;
-const ENTER_EXT_ARG: u32 = 1 << 3;
-const ENTER_REGISTERED_RING: u32 = 1 << 4;
-const REGISTER_RING_FDS: u32 = 20;
-
-/// Register `ring_fd` in the thread's ring-fd table; returns its index.
-fn register_ring_fd(ring_fd: RawFd) -> std::io::Result<u32> {
-    // struct io_uring_rsrc_update: offset (u32::MAX = any free slot), resv, data (the fd).
-    #[repr(C)]
-    struct RsrcUpdate {
-        offset: u32,
-        resv: u32,
-        data: u64,
-    }
-    let mut up = RsrcUpdate {
-        offset: u32::MAX,
-        resv: 0,
-        data: ring_fd as u64,
-    };
-    // SAFETY: io_uring_register reads and writes back one RsrcUpdate, which lives on our stack
-    // for the whole call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_io_uring_register,
-            ring_fd,
-            REGISTER_RING_FDS,
-            &mut up as *mut RsrcUpdate,
-            1u32,
-        )
-    };
-    if r != 1 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(up.offset)
-}
-
-/// An eventfd a reactor parks on; writing it wakes the reactor.
-pub fn new_wake_fd() -> Result<Arc<OwnedFd>, EngineError> {
-    // SAFETY: plain syscall; the result is checked before use.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(EngineError::Ring(std::io::Error::last_os_error()));
-    }
-    // SAFETY: fd is a fresh descriptor we own.
-    Ok(Arc::new(unsafe { OwnedFd::from_raw_fd(fd) }))
-}
-
-/// Wake whoever parks on `fd`.
-pub fn wake(fd: &OwnedFd) {
-    let one: u64 = 1;
-    // SAFETY: writes 8 bytes from a valid u64 to an eventfd. EAGAIN (counter full) still wakes.
-    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
-}
-
 impl UringIo {
     /// Build a ring for `devices` (indexed by device id). Call on the thread that will use it,
     /// and keep it there: the ring is set up single-issuer when the kernel allows, and its
     /// registered fd lives in this thread's ring-fd table.
     pub fn new(
         devices: &[Arc<OpenDevice>],
-        queue_depth: usize,
+        config: RingConfig,
         wake_fd: Arc<OwnedFd>,
         pool: Option<Arc<RegisteredPool>>,
     ) -> Result<Self, EngineError> {
+        let RingConfig {
+            queue_depth,
+            max_raw_owners,
+            max_raw_ops,
+        } = config;
         assert!((1..=4096).contains(&queue_depth));
+        assert!(max_raw_owners <= usize::from(u16::MAX));
         // Device ops, the wake read and tasks' raw ops all fit at once: the CQ (twice the SQ)
         // can never overflow.
-        let entries = (queue_depth as u32 + 1 + crate::task::MAX_RAW_OPS_PER_REACTOR as u32)
-            .next_power_of_two();
+        let entries = (queue_depth as u32 + 1 + max_raw_ops as u32).next_power_of_two();
         let mut features = RingFeatures::default();
         let ring = match IoUring::builder()
             .setup_single_issuer()
@@ -248,7 +166,7 @@ impl UringIo {
         // One file table: the devices first, then a slot for each task a reactor may host
         // (their sockets), filled in as tasks arrive. A fixed file saves a descriptor lookup
         // and a reference count on every op.
-        let task_slots = crate::task::MAX_TASKS_PER_REACTOR as u32;
+        let task_slots = max_raw_owners as u32;
         let table = fds.len() as u32 + task_slots;
         let sparse = ring
             .submitter()
@@ -321,8 +239,7 @@ impl UringIo {
             reap_scratch: Vec::new(),
             raw_in_flight: 0,
             ready: VecDeque::new(),
-            delayed: BinaryHeap::new(),
-            delayed_seq: 0,
+            delayed: DelayQueue::default(),
             in_flight: 0,
             queue_depth,
             wake_fd,
@@ -332,172 +249,9 @@ impl UringIo {
             ring_index,
             free_task_files,
             task_files: Vec::new(),
-            free_buf_groups: (0..crate::task::MAX_TASKS_PER_REACTOR as u16)
-                .rev()
-                .collect(),
+            free_buf_groups: (0..max_raw_owners as u16).rev().collect(),
             task_buf_groups: Vec::new(),
         })
-    }
-
-    /// io_uring_enter: submit what is queued and wait for `want` completions (at most
-    /// `timeout_ns`), through the registered ring index when there is one.
-    fn enter(&mut self, want: u32, timeout_ns: Option<u64>) -> std::io::Result<usize> {
-        let sq = self.ring.submission();
-        let to_submit = sq.len() as u32;
-        // Deferred task work runs, and overflowed completions are flushed, only with GETEVENTS.
-        let mut flags = if want > 0 || sq.taskrun() || sq.cq_overflow() {
-            ENTER_GETEVENTS
-        } else {
-            0
-        };
-        drop(sq);
-        let ts;
-        let arg;
-        let (arg_ptr, arg_size) = match timeout_ns {
-            Some(ns) => {
-                ts = KernelTimespec {
-                    tv_sec: (ns / 1_000_000_000) as i64,
-                    tv_nsec: (ns % 1_000_000_000) as i64,
-                };
-                arg = GeteventsArg {
-                    sigmask: 0,
-                    sigmask_sz: 0,
-                    min_wait_usec: 0,
-                    ts: &ts as *const KernelTimespec as u64,
-                };
-                flags |= ENTER_EXT_ARG;
-                (
-                    &arg as *const GeteventsArg as *const libc::c_void,
-                    std::mem::size_of::<GeteventsArg>(),
-                )
-            }
-            None => (std::ptr::null(), 0),
-        };
-        let fd = match self.ring_index {
-            Some(i) => {
-                flags |= ENTER_REGISTERED_RING;
-                libc::c_long::from(i)
-            }
-            None => libc::c_long::from(self.ring.as_raw_fd()),
-        };
-        // SAFETY: the ring's SQ entries were pushed under their own safety contracts; `arg`
-        // and `ts` live on this stack frame for the whole call.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_io_uring_enter,
-                fd,
-                to_submit,
-                want,
-                flags,
-                arg_ptr,
-                arg_size,
-            )
-        };
-        if r < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(r as usize)
-    }
-
-    /// Put a task's descriptor in the ring's file table; ops may then name it as
-    /// `types::Fixed(slot)`. None when the kernel has no sparse table or all slots are taken:
-    /// the task uses the plain descriptor.
-    pub(crate) fn register_task_fd(&mut self, task_id: u32, fd: RawFd) -> Option<u32> {
-        let slot = self.free_task_files.pop()?;
-        match self.ring.submitter().register_files_update(slot, &[fd]) {
-            Ok(1) => {
-                self.task_files.push((task_id, slot));
-                Some(slot)
-            }
-            _ => {
-                self.free_task_files.push(slot);
-                None
-            }
-        }
-    }
-
-    /// Register a task's provided-buffer ring under a free group id. None when the kernel
-    /// cannot (older than 5.19) or every group is taken: the task receives without it.
-    ///
-    /// # Safety
-    /// The ring's memory must stay valid until [`UringIo::release_task_resources`] runs for
-    /// this task.
-    pub(crate) unsafe fn register_task_buffers(
-        &mut self,
-        task_id: u32,
-        bufs: &mut crate::provided::ProvidedBuffers,
-    ) -> Option<u16> {
-        let group = self.free_buf_groups.pop()?;
-        // SAFETY: forwarded contract; the ring is page aligned with `count` entries.
-        let registered = unsafe {
-            self.ring.submitter().register_buf_ring_with_flags(
-                bufs.ring_addr(),
-                bufs.count(),
-                group,
-                0,
-            )
-        };
-        match registered {
-            Ok(()) => {
-                self.task_buf_groups.push((task_id, group));
-                bufs.set_group(group);
-                Some(group)
-            }
-            Err(e) => {
-                tracing::debug!("provided buffers unavailable: {e}");
-                self.free_buf_groups.push(group);
-                None
-            }
-        }
-    }
-
-    /// Drop what a finished task registered: its descriptors from the file table (the table
-    /// holds a reference to each file, so its socket only really closes now) and its
-    /// provided-buffer rings (before the task, which owns their memory, is dropped).
-    pub(crate) fn release_task_resources(&mut self, task_id: u32) {
-        let groups: Vec<_> = self
-            .task_buf_groups
-            .extract_if(.., |(t, _)| *t == task_id)
-            .collect();
-        for (_, group) in groups {
-            match self.ring.submitter().unregister_buf_ring(group) {
-                Ok(()) => self.free_buf_groups.push(group),
-                // The group stays taken rather than be reused while still registered.
-                Err(e) => tracing::warn!("releasing provided-buffer group {group}: {e}"),
-            }
-        }
-        let slots: Vec<_> = self
-            .task_files
-            .extract_if(.., |(t, _)| *t == task_id)
-            .collect();
-        for (_, slot) in slots {
-            // Updating a slot to -1 empties it; ops still in flight keep their own reference.
-            match self.ring.submitter().register_files_update(slot, &[-1]) {
-                Ok(_) => self.free_task_files.push(slot),
-                // The slot stays taken rather than be reused while still filled.
-                Err(e) => tracing::warn!("releasing fixed file slot {slot}: {e}"),
-            }
-        }
-    }
-
-    /// Queue a task's ring op (user_data carries the raw bit, the task and its tag).
-    ///
-    /// # Safety
-    /// What the entry points to must stay valid until its completion is reaped.
-    pub(crate) unsafe fn push_raw(&mut self, entry: squeue::Entry) -> Result<(), ()> {
-        // SAFETY: forwarded contract.
-        if unsafe { self.ring.submission().push(&entry) }.is_err() {
-            self.enter(0, None).map_err(|_| ())?;
-            // SAFETY: as above.
-            unsafe { self.ring.submission().push(&entry) }.map_err(|_| ())?;
-        }
-        self.raw_in_flight += 1;
-        Ok(())
-    }
-
-    /// Hand over completed raw ops.
-    pub(crate) fn take_raw(&mut self, out: &mut Vec<(u64, i32, u32)>) {
-        out.append(&mut self.raw_done);
     }
 
     pub fn features(&self) -> RingFeatures {
@@ -540,12 +294,7 @@ impl UringIo {
         // Transfers share the device's bandwidth one after another; latencies (and fault
         // spikes) overlap, up to the profile's queue depth which `push_on` enforces.
         let due_ns = schedule_delayed(&mut self.busy_until_ns[i], submitted_ns, service, spike_ns);
-        self.delayed_seq += 1;
-        self.delayed.push(Reverse(Delayed {
-            due_ns,
-            seq: self.delayed_seq,
-            completion: c,
-        }));
+        self.delayed.push(due_ns, c);
     }
 
     fn run_inline(device: &OpenDevice, op: &mut IoOp) -> Result<u32, i32> {
@@ -580,7 +329,7 @@ impl UringIo {
         .map(|()| len as u32)
     }
 
-    fn build_sqe(&self, device: &OpenDevice, slot: &mut Slot, tag: u64) -> squeue::Entry {
+    fn build_sqe(&self, device: &OpenDevice, slot: &mut Slot, tag: u32) -> squeue::Entry {
         let (file, blockdev) = match &device.backend {
             Backend::Direct { file, blockdev } => (file.as_raw_fd(), *blockdev),
             _ => unreachable!("only direct devices use the ring"),
@@ -648,7 +397,7 @@ impl UringIo {
                     .build())
             }
         };
-        entry.user_data(tag)
+        entry.user_data(UserData::Device { slot: tag }.encode())
     }
 
     fn reap_ring(&mut self) {
@@ -658,19 +407,27 @@ impl UringIo {
                 .completion()
                 .map(|cqe| (cqe.user_data(), cqe.result(), cqe.flags())),
         );
-        for &(tag, res, flags) in &done {
-            if tag == WAKE_TAG {
-                self.wake_armed = false;
-                continue;
-            }
-            if tag & crate::task::RAW_BIT != 0 {
-                // A multishot op stays in flight until its last completion.
-                if !io_uring::cqueue::more(flags) {
-                    self.raw_in_flight -= 1;
+        for &(user_data, res, flags) in &done {
+            let tag = match UserData::decode(user_data) {
+                UserData::Device { slot } => slot,
+                UserData::Wake => {
+                    self.wake_armed = false;
+                    continue;
                 }
-                self.raw_done.push((tag, res, flags));
-                continue;
-            }
+                UserData::Task { task_id, tag } => {
+                    let c = RingCompletion {
+                        tag,
+                        result: res,
+                        flags,
+                    };
+                    // A multishot op stays in flight until its last completion.
+                    if !c.more() {
+                        self.raw_in_flight -= 1;
+                    }
+                    self.raw_done.push((task_id, c));
+                    continue;
+                }
+            };
             let mut slot = self.slots[tag as usize]
                 .take()
                 .expect("completion for a live slot");
@@ -689,7 +446,7 @@ impl UringIo {
                 self.resubmit(tag, slot);
                 continue;
             }
-            self.free_slots.push(tag as u32);
+            self.free_slots.push(tag);
             self.ring_in_flight -= 1;
             let Slot {
                 mut op,
@@ -730,7 +487,7 @@ impl UringIo {
     }
 
     /// Put a short-transferred op's remainder back into the ring, under the same tag.
-    fn resubmit(&mut self, tag: u64, mut slot: Slot) {
+    fn resubmit(&mut self, tag: u32, mut slot: Slot) {
         let di = slot.op.device.0 as usize;
         let device = self.devices[di].clone().expect("device of a live op");
         let sqe = self.build_sqe(&device, &mut slot, tag);
@@ -749,10 +506,7 @@ impl UringIo {
             return;
         }
         let now = self.now_ns();
-        while self.delayed.peek().is_some_and(|d| d.0.due_ns <= now) {
-            let Reverse(d) = self.delayed.pop().expect("peeked");
-            self.ready.push_back(d.completion);
-        }
+        self.delayed.release_due(now, &mut self.ready);
     }
 
     fn arm_wake(&mut self) -> bool {
@@ -765,7 +519,7 @@ impl UringIo {
             8,
         )
         .build()
-        .user_data(WAKE_TAG);
+        .user_data(UserData::Wake.encode());
         // SAFETY: wake_buf is boxed and lives as long as self; the read is reaped (or the ring
         // closed) before self is dropped.
         if unsafe { self.ring.submission().push(&read) }.is_err() {
@@ -841,7 +595,7 @@ impl UringIo {
             submitted_ns: now,
             done_bytes: 0,
         };
-        let sqe = self.build_sqe(device, &mut slot, u64::from(tag));
+        let sqe = self.build_sqe(device, &mut slot, tag);
         self.slots[tag as usize] = Some(slot);
         // SAFETY: the SQE points into the slot's buffer (or bounce buffer), which the slot owns
         // until the completion is reaped; slots are never dropped while in the ring.
@@ -921,8 +675,8 @@ impl Io for UringIo {
         }
         let delay_ns = self
             .delayed
-            .peek()
-            .map(|d| d.0.due_ns.saturating_sub(self.now_ns()));
+            .next_due_ns()
+            .map(|due_ns| due_ns.saturating_sub(self.now_ns()));
         let wait_ns = match (timeout_ns, delay_ns) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -1002,78 +756,5 @@ impl Drop for UringIo {
             self.reap_ring();
             rounds += 1;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn task_sockets_take_fixed_slots_and_give_them_back() {
-        let mut io = UringIo::new(&[], 8, new_wake_fd().unwrap(), None).unwrap();
-        if !io.features().task_files {
-            eprintln!("skipped: this kernel has no sparse file table");
-            return;
-        }
-        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let slots: Vec<u32> = (0..crate::task::MAX_TASKS_PER_REACTOR as u32)
-            .map(|task| {
-                io.register_task_fd(task, a.as_raw_fd())
-                    .expect("a free slot")
-            })
-            .collect();
-        let mut distinct = slots.clone();
-        distinct.sort_unstable();
-        distinct.dedup();
-        assert_eq!(distinct.len(), slots.len());
-        // Full: the next task falls back to its plain descriptor.
-        assert_eq!(io.register_task_fd(9999, b.as_raw_fd()), None);
-        io.release_task_resources(7);
-        assert_eq!(io.register_task_fd(9999, b.as_raw_fd()), Some(slots[7]));
-
-        // The table holds its own reference: a socket released from it really closes, so the
-        // peer sees end-of-file.
-        let (c, mut d) = std::os::unix::net::UnixStream::pair().unwrap();
-        io.release_task_resources(8);
-        assert_eq!(io.register_task_fd(42, c.as_raw_fd()), Some(slots[8]));
-        drop(c);
-        d.set_nonblocking(true).unwrap();
-        let mut byte = [0u8; 1];
-        let still_open = std::io::Read::read(&mut d, &mut byte);
-        assert!(
-            matches!(&still_open, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
-            "{still_open:?}"
-        );
-        io.release_task_resources(42);
-        assert_eq!(std::io::Read::read(&mut d, &mut byte).unwrap(), 0);
-    }
-
-    #[test]
-    fn emulated_latency_overlaps_and_transfers_queue() {
-        // 32 reads submitted together on an NVMe-like device: 80 µs latency, 1 µs transfer.
-        let service = ServiceTime {
-            latency_ns: 80_000,
-            transfer_ns: 1_000,
-        };
-        let mut busy_until_ns = 0;
-        let dues: Vec<u64> = (0..32)
-            .map(|_| schedule_delayed(&mut busy_until_ns, 0, service, 0))
-            .collect();
-        // Latencies overlap: the last op finishes after 32 transfers + one latency, not 32 × 81 µs.
-        assert_eq!(dues[0], 81_000);
-        assert_eq!(dues[31], 32_000 + 80_000);
-        assert!(dues.windows(2).all(|w| w[1] - w[0] == 1_000));
-        // An idle link does not carry its past: a later op starts at its own submission.
-        assert_eq!(
-            schedule_delayed(&mut busy_until_ns, 1_000_000, service, 0),
-            1_081_000
-        );
-        // A fault spike delays only its own op.
-        assert_eq!(
-            schedule_delayed(&mut busy_until_ns, 2_000_000, service, 5_000),
-            2_086_000
-        );
-        assert_eq!(busy_until_ns, 2_001_000);
     }
 }

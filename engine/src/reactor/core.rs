@@ -1,32 +1,17 @@
-//! The reactor state machine: one per core, generic over [`Io`] so the same logic runs on a
-//! real io_uring and on the simulator.
-//!
-//! Ownership replaces locks: chunk `i` of a volume is only read, written, allocated and
-//! unmapped by its owner reactor. Each device has a home reactor that serialises its flush
-//! rounds and writes its metadata:
-//!
-//! 1. capture the metadata version, the allocator's quarantine and the chunk maps;
-//! 2. sync the device (every write completed before the round began, and every chunk zeroing
-//!    the captured maps rely on, becomes durable);
-//! 3. write the captured metadata to the older slot (generation g+1) and sync, then the same
-//!    metadata to the newer slot (g+2) and sync: only then is the change in every slot the
-//!    loader could fall back to, so a later corruption of either slot loses nothing that was
-//!    acknowledged;
-//! 4. release the quarantine and answer every flush that joined the round.
-//!
-//! A chunk allocated for a write is published in the volume's map only once that first write
-//! succeeded: a failed write leaves no chunk behind.
+//! The reactor state machine: request parts become device ops on the chunks this reactor
+//! owns. A chunk allocated for a write is published in the volume's map only once that first
+//! write succeeded: a failed write leaves no chunk behind.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::alloc::QuarantineSnapshot;
+use super::round::Round;
+use super::{FlushWaiter, Msg, Router};
 use crate::buf::{AlignedBuf, IoBuf, RegisteredPool};
 use crate::ids::{ChunkIndex, DeviceId, PhysChunk, ReactorId, VolumeId};
 use crate::io::{Io, IoCompletion, IoKind, IoOp, MemAccess};
-use crate::meta::MetaSnapshot;
-use crate::request::{DataMover, Errno, InFlight, Part, RequestKind};
+use crate::request::{DataMover, Errno, Part, RequestKind};
 use crate::volume::{chunk_owner, DeviceState, Volume};
 
 /// Most device operations one reactor tracks at once (in the ring or waiting for ring space).
@@ -62,53 +47,7 @@ fn copy_out_zeros(
     })
 }
 
-/// A reply to a control message, run on the reactor that finishes it.
-pub(crate) type Reply = Box<dyn FnOnce(Result<(), Errno>) + Send>;
-
-pub(crate) enum FlushWaiter {
-    Request(Arc<InFlight>),
-    Control(Reply),
-}
-
-/// Control-plane messages; they go to the home reactor of the volume's device.
-pub(crate) enum Control {
-    Create {
-        volume: Arc<Volume>,
-        reply: Reply,
-    },
-    /// The caller guarantees no IO is in flight on the volume.
-    Delete {
-        id: VolumeId,
-        reply: Reply,
-    },
-    Grow {
-        id: VolumeId,
-        size_bytes: u64,
-        reply: Reply,
-    },
-}
-
-pub(crate) enum Msg {
-    Part(Part),
-    Flush {
-        device: DeviceId,
-        waiter: FlushWaiter,
-    },
-    Control {
-        device: DeviceId,
-        control: Control,
-    },
-    /// A transport task to host (threaded runtime only; taken before it reaches the core).
-    Task(Box<dyn crate::task::ReactorTask>),
-}
-
-/// How reactors reach each other.
-pub(crate) trait Router: Send + Sync {
-    fn reactors(&self) -> u32;
-    fn try_send(&self, to: ReactorId, msg: Msg) -> Result<(), Msg>;
-}
-
-enum OpCtx {
+pub(super) enum OpCtx {
     Part(Part),
     ChunkInit {
         volume: Arc<Volume>,
@@ -125,32 +64,6 @@ enum OpCtx {
     },
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Stage {
-    SyncData,
-    /// The older slot gets generation g+1.
-    WriteFirst,
-    SyncFirst,
-    /// The newer slot gets the same metadata as generation g+2.
-    WriteSecond,
-    SyncSecond,
-}
-
-/// Metadata captured at the start of a round.
-struct RoundMeta {
-    version: u64,
-    quarantine: QuarantineSnapshot,
-    /// Slot images for the first (g+1) and second (g+2) write; taken when submitted.
-    first: Option<AlignedBuf>,
-    second: Option<AlignedBuf>,
-}
-
-struct Round {
-    waiters: Vec<FlushWaiter>,
-    stage: Stage,
-    meta: Option<RoundMeta>,
-}
-
 /// What a device's home reactor keeps for it.
 pub(crate) struct Home {
     pub device: Arc<DeviceState>,
@@ -159,8 +72,8 @@ pub(crate) struct Home {
     pub generation: u64,
     /// Slot a round writes first (the older one); the other, holding `generation`, second.
     pub next_slot: u64,
-    waiting: Vec<FlushWaiter>,
-    round: Option<Round>,
+    pub(super) waiting: Vec<FlushWaiter>,
+    pub(super) round: Option<Round>,
 }
 
 impl Home {
@@ -184,7 +97,7 @@ impl Home {
 pub(crate) struct ReactorCore<I: Io> {
     pub id: ReactorId,
     pub io: I,
-    router: Arc<dyn Router>,
+    pub(super) router: Arc<dyn Router>,
     ops: Vec<Option<OpCtx>>,
     free_tags: Vec<u32>,
     /// Ops that did not fit in the ring, in order.
@@ -193,7 +106,7 @@ pub(crate) struct ReactorCore<I: Io> {
     outbox: VecDeque<(ReactorId, Msg)>,
     /// Chunks being zeroed before their first write; parts that arrive meanwhile wait here.
     initializing: HashMap<(VolumeId, ChunkIndex), Vec<Part>>,
-    homes: HashMap<DeviceId, Home>,
+    pub(super) homes: HashMap<DeviceId, Home>,
     completions: Vec<IoCompletion>,
     /// Where bounce buffers for requests with a mover come from (else the heap).
     bounce_pool: Option<Arc<RegisteredPool>>,
@@ -312,7 +225,7 @@ impl<I: Io> ReactorCore<I> {
         }
     }
 
-    fn submit(
+    pub(super) fn submit(
         &mut self,
         device: DeviceId,
         kind: IoKind,
@@ -416,7 +329,7 @@ impl<I: Io> ReactorCore<I> {
         }
     }
 
-    fn start_part(&mut self, mut part: Part) {
+    pub(super) fn start_part(&mut self, mut part: Part) {
         let volume = part.req.volume.clone();
         let device = &volume.device;
         let key = (volume.id, part.chunk);
@@ -717,221 +630,6 @@ impl<I: Io> ReactorCore<I> {
             );
         } else {
             req.complete();
-        }
-    }
-
-    fn control(&mut self, device: DeviceId, control: Control) {
-        let home = self
-            .homes
-            .get_mut(&device)
-            .expect("control routed to the device's home reactor");
-        let reply = match control {
-            Control::Create { volume, reply } => {
-                home.volumes.push(volume);
-                reply
-            }
-            Control::Delete { id, reply } => {
-                if let Some(pos) = home.volumes.iter().position(|v| v.id == id) {
-                    let volume = home.volumes.remove(pos);
-                    let chunks = volume.size_bytes().div_ceil(volume.chunk_size_bytes());
-                    for c in 0..chunks {
-                        if let Some(p) = volume.mapping(ChunkIndex(c)) {
-                            volume.set_mapping(ChunkIndex(c), None);
-                            home.device.alloc.free(p);
-                        }
-                    }
-                }
-                reply
-            }
-            Control::Grow {
-                id,
-                size_bytes,
-                reply,
-            } => {
-                if let Some(v) = home.volumes.iter().find(|v| v.id == id) {
-                    v.set_size_bytes(size_bytes);
-                }
-                reply
-            }
-        };
-        home.device.mark_meta_dirty();
-        home.waiting.push(FlushWaiter::Control(reply));
-        self.start_round(device);
-    }
-
-    fn start_round(&mut self, device_id: DeviceId) {
-        let home = self.homes.get_mut(&device_id).expect("home");
-        if home.round.is_some() || home.waiting.is_empty() {
-            return;
-        }
-        let device = home.device.clone();
-        let waiters = std::mem::take(&mut home.waiting);
-        if device.health.backing_deleted.load(Ordering::Acquire) {
-            // Its backing file is gone: nothing can be made durable any more.
-            device.health.flush_errors.fetch_add(1, Ordering::Relaxed);
-            Self::answer(waiters, Err(Errno::EIO));
-            return;
-        }
-        let version = device.meta_version.load(Ordering::Acquire);
-        let meta = if version != device.persisted_version.load(Ordering::Acquire) {
-            let quarantine = device.alloc.snapshot_quarantine();
-            let mut snapshot = MetaSnapshot {
-                generation: home.generation + 1,
-                volumes: home.volumes.iter().map(|v| v.record()).collect(),
-            };
-            let first = snapshot.encode(device.label.slot_bytes);
-            snapshot.generation += 1;
-            let second = snapshot.encode(device.label.slot_bytes);
-            match (first, second) {
-                (Ok(first), Ok(second)) => Some(RoundMeta {
-                    version,
-                    quarantine,
-                    first: Some(AlignedBuf::from_slice(&first)),
-                    second: Some(AlignedBuf::from_slice(&second)),
-                }),
-                (Err(e), _) | (_, Err(e)) => {
-                    tracing::error!(device = %device.name, "cannot encode metadata: {e}");
-                    Self::answer(waiters, Err(Errno::ENOSPC));
-                    return;
-                }
-            }
-        } else {
-            None
-        };
-        if !device.persistent {
-            // Nothing survives a restart: nothing to sync, and frees are final at once.
-            if let Some(m) = meta {
-                device.alloc.release(&m.quarantine);
-                device
-                    .persisted_version
-                    .fetch_max(m.version, Ordering::AcqRel);
-            }
-            Self::answer(waiters, Ok(()));
-            return;
-        }
-        home.round = Some(Round {
-            waiters,
-            stage: Stage::SyncData,
-            meta,
-        });
-        self.submit(
-            device_id,
-            IoKind::Sync,
-            0,
-            None,
-            OpCtx::Round { device: device_id },
-        );
-    }
-
-    fn round_step(&mut self, device_id: DeviceId, result: Result<(), Errno>) {
-        let home = self.homes.get_mut(&device_id).expect("home");
-        let device = home.device.clone();
-        let round = home.round.as_mut().expect("round in progress");
-        if let Err(e) = result {
-            device.health.flush_errors.fetch_add(1, Ordering::Relaxed);
-            if round.stage != Stage::SyncData {
-                device
-                    .health
-                    .metadata_failing
-                    .store(true, Ordering::Relaxed);
-            }
-            if matches!(round.stage, Stage::WriteSecond | Stage::SyncSecond) {
-                // The first slot's write is durable: it is the newest now, and the next round
-                // writes the other (unknown) slot first. Nothing counts as persisted until a
-                // round writes both slots.
-                home.generation += 1;
-                home.next_slot ^= 1;
-            }
-            tracing::error!(device = %device.name, stage = ?round.stage, "flush failed: {e}");
-            let round = home.round.take().expect("round");
-            Self::answer(round.waiters, Err(Errno::EIO));
-            self.start_round(device_id);
-            return;
-        }
-        let sync = |core: &mut Self| {
-            core.submit(
-                device_id,
-                IoKind::Sync,
-                0,
-                None,
-                OpCtx::Round { device: device_id },
-            )
-        };
-        match (round.stage, round.meta.as_mut()) {
-            (Stage::SyncData, Some(meta)) => {
-                round.stage = Stage::WriteFirst;
-                let image = meta.first.take().expect("first image");
-                let off = device.label.slot_offset_bytes(home.next_slot);
-                self.submit(
-                    device_id,
-                    IoKind::Write { fua: false },
-                    off,
-                    Some(IoBuf::owned(image)),
-                    OpCtx::Round { device: device_id },
-                );
-            }
-            (Stage::WriteFirst, _) => {
-                round.stage = Stage::SyncFirst;
-                sync(self);
-            }
-            (Stage::SyncFirst, Some(meta)) => {
-                round.stage = Stage::WriteSecond;
-                let image = meta.second.take().expect("second image");
-                let off = device.label.slot_offset_bytes(home.next_slot ^ 1);
-                self.submit(
-                    device_id,
-                    IoKind::Write { fua: false },
-                    off,
-                    Some(IoBuf::owned(image)),
-                    OpCtx::Round { device: device_id },
-                );
-            }
-            (Stage::WriteSecond, _) => {
-                round.stage = Stage::SyncSecond;
-                sync(self);
-            }
-            (Stage::SyncData, None) | (Stage::SyncSecond, _) => {
-                let round = home.round.take().expect("round");
-                if let Some(meta) = round.meta {
-                    // Both slots hold the round's metadata; the older slot stays the one
-                    // written first next time.
-                    home.generation += 2;
-                    device.alloc.release(&meta.quarantine);
-                    device
-                        .persisted_version
-                        .fetch_max(meta.version, Ordering::AcqRel);
-                    device
-                        .health
-                        .metadata_failing
-                        .store(false, Ordering::Relaxed);
-                    if let Some(was) = device.health.clear_metadata_warning() {
-                        tracing::info!(
-                            device = %device.name,
-                            generations = %format!("{} and {}", home.generation - 1, home.generation),
-                            "both metadata slots rewritten; metadata warning cleared (was: {was})"
-                        );
-                    }
-                }
-                Self::answer(round.waiters, Ok(()));
-                self.start_round(device_id);
-            }
-            (Stage::SyncFirst, None) => unreachable!("a round without metadata only syncs data"),
-        }
-    }
-
-    fn answer(waiters: Vec<FlushWaiter>, result: Result<(), Errno>) {
-        for w in waiters {
-            match w {
-                FlushWaiter::Request(req) => {
-                    if let Err(e) = result {
-                        req.fail(e);
-                    }
-                    if req.part_done() {
-                        req.complete();
-                    }
-                }
-                FlushWaiter::Control(reply) => reply(result),
-            }
         }
     }
 }

@@ -2,15 +2,18 @@
 //! socket IO goes through the same io_uring as its chunks' device IO, and a request for a chunk
 //! this reactor owns is served inline, without crossing cores.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use io_uring::squeue;
 
-use crate::engine::{Shared, VolumeHandle};
+use super::mesh::Shared;
+use super::ReactorCore;
+use crate::engine::VolumeHandle;
 use crate::ids::ReactorId;
+pub use crate::io::uring::RingCompletion;
 use crate::io::uring::UringIo;
 use crate::provided::ProvidedBuffers;
-use crate::reactor::ReactorCore;
 use crate::request::{Errno, Port, PortWaker, Request};
 
 /// Most ring operations (socket sends/receives…) all tasks of one reactor may have in flight.
@@ -33,29 +36,6 @@ pub trait ReactorTask: Send {
     fn finished(&self) -> bool;
 }
 
-/// A completion of a task's ring operation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RingCompletion {
-    /// The tag the operation was pushed with.
-    pub tag: u32,
-    /// Bytes, or -errno.
-    pub result: i32,
-    /// The CQE's flags (`IORING_CQE_F_*`).
-    pub flags: u32,
-}
-
-impl RingCompletion {
-    /// More completions of this operation will follow: a multishot one is still armed.
-    pub fn more(&self) -> bool {
-        io_uring::cqueue::more(self.flags)
-    }
-
-    /// The provided buffer this completion filled, if any.
-    pub fn buffer(&self) -> Option<u16> {
-        io_uring::cqueue::buffer_select(self.flags)
-    }
-}
-
 /// What a task may do on its reactor.
 pub struct TaskCtx<'a> {
     pub(crate) core: &'a mut ReactorCore<UringIo>,
@@ -63,8 +43,6 @@ pub struct TaskCtx<'a> {
     pub(crate) task_id: u32,
     pub(crate) raw_in_flight: &'a mut usize,
 }
-
-pub(crate) const RAW_BIT: u64 = 1 << 63;
 
 impl TaskCtx<'_> {
     pub fn reactor(&self) -> ReactorId {
@@ -80,9 +58,8 @@ impl TaskCtx<'_> {
         if *self.raw_in_flight >= MAX_RAW_OPS_PER_REACTOR {
             return Err(Errno(libc::EAGAIN));
         }
-        let user_data = RAW_BIT | (u64::from(self.task_id) << 32) | u64::from(tag);
         // SAFETY: forwarded contract.
-        unsafe { self.core.io.push_raw(entry.user_data(user_data)) }
+        unsafe { self.core.io.push_raw(entry, self.task_id, tag) }
             .map_err(|()| Errno(libc::EAGAIN))?;
         *self.raw_in_flight += 1;
         Ok(())
@@ -159,5 +136,109 @@ impl TaskCtx<'_> {
         let shared = self.shared.clone();
         let me = self.core.id.0 as usize;
         PortWaker::Callback(Box::new(move || shared.wake_if_parked(me)))
+    }
+}
+
+/// The tasks one reactor hosts, and their ring operations in flight.
+pub(crate) struct TaskTable {
+    tasks: Vec<Option<Box<dyn ReactorTask>>>,
+    raw_in_flight: usize,
+    /// Scratch for the completed ring ops of one loop turn.
+    raw_done: Vec<(u32, RingCompletion)>,
+    /// Every task has been told to stop.
+    stop_sent: bool,
+}
+
+impl TaskTable {
+    pub(crate) fn new() -> Self {
+        Self {
+            tasks: Vec::new(),
+            raw_in_flight: 0,
+            raw_done: Vec::new(),
+            stop_sent: false,
+        }
+    }
+
+    /// Put `task` in a free entry; handed back when all [`MAX_TASKS_PER_REACTOR`] are taken.
+    pub(crate) fn insert(
+        &mut self,
+        task: Box<dyn ReactorTask>,
+    ) -> Result<(), Box<dyn ReactorTask>> {
+        match self.tasks.iter().position(Option::is_none) {
+            Some(i) => self.tasks[i] = Some(task),
+            None if self.tasks.len() < MAX_TASKS_PER_REACTOR => self.tasks.push(Some(task)),
+            None => return Err(task),
+        }
+        Ok(())
+    }
+
+    /// Hand the tasks' completed ring operations to them. Returns how many.
+    pub(crate) fn dispatch_ring(
+        &mut self,
+        core: &mut ReactorCore<UringIo>,
+        shared: &Arc<Shared>,
+    ) -> usize {
+        core.io.take_raw(&mut self.raw_done);
+        let n = self.raw_done.len();
+        for (task_id, c) in self.raw_done.drain(..) {
+            // A multishot op stays in flight until its last completion.
+            if !c.more() {
+                self.raw_in_flight -= 1;
+            }
+            if let Some(Some(task)) = self.tasks.get_mut(task_id as usize) {
+                let mut ctx = TaskCtx {
+                    core: &mut *core,
+                    shared,
+                    task_id,
+                    raw_in_flight: &mut self.raw_in_flight,
+                };
+                task.on_ring(&mut ctx, c);
+            }
+        }
+        n
+    }
+
+    /// Poll every task (telling each to stop, once, when `stopping`) and drop the finished
+    /// ones. Returns the work they did.
+    pub(crate) fn poll_all(
+        &mut self,
+        core: &mut ReactorCore<UringIo>,
+        shared: &Arc<Shared>,
+        stopping: bool,
+    ) -> usize {
+        let mut work = 0;
+        for (i, slot) in self.tasks.iter_mut().enumerate() {
+            let Some(task) = slot else { continue };
+            let mut ctx = TaskCtx {
+                core: &mut *core,
+                shared,
+                task_id: i as u32,
+                raw_in_flight: &mut self.raw_in_flight,
+            };
+            if stopping && !self.stop_sent {
+                task.stop(&mut ctx);
+            }
+            work += task.poll(&mut ctx);
+            if task.finished() {
+                // Unregister first: the task owns the memory of its provided buffers.
+                core.io.release_task_resources(i as u32);
+                *slot = None;
+                shared.reactors[core.id.0 as usize]
+                    .task_slots_used
+                    .fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        self.stop_sent |= stopping;
+        work
+    }
+
+    /// No task left, and none of their ring operations in flight.
+    pub(crate) fn is_drained(&self) -> bool {
+        self.tasks.iter().all(Option::is_none) && self.raw_in_flight == 0
+    }
+
+    /// Some task has something waiting to be handled.
+    pub(crate) fn any_ready(&self) -> bool {
+        self.tasks.iter().flatten().any(|t| t.has_ready())
     }
 }

@@ -1,0 +1,196 @@
+//! Raw ops: ring operations a reactor's tasks build themselves (socket sends and receives),
+//! with the file table slots and provided-buffer groups they use. The ring knows its owners
+//! only by number and releases what each registered when told to.
+
+use std::os::fd::RawFd;
+
+use io_uring::squeue;
+
+use super::user_data::UserData;
+use super::UringIo;
+use crate::provided::ProvidedBuffers;
+
+/// A completion of a raw op.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingCompletion {
+    /// The tag the operation was pushed with.
+    pub tag: u32,
+    /// Bytes, or -errno.
+    pub result: i32,
+    /// The CQE's flags (`IORING_CQE_F_*`).
+    pub flags: u32,
+}
+
+impl RingCompletion {
+    /// More completions of this operation will follow: a multishot one is still armed.
+    pub fn more(&self) -> bool {
+        io_uring::cqueue::more(self.flags)
+    }
+
+    /// The provided buffer this completion filled, if any.
+    pub fn buffer(&self) -> Option<u16> {
+        io_uring::cqueue::buffer_select(self.flags)
+    }
+}
+
+impl UringIo {
+    /// Put a task's descriptor in the ring's file table; ops may then name it as
+    /// `types::Fixed(slot)`. None when the kernel has no sparse table or all slots are taken:
+    /// the task uses the plain descriptor.
+    pub(crate) fn register_task_fd(&mut self, task_id: u32, fd: RawFd) -> Option<u32> {
+        let slot = self.free_task_files.pop()?;
+        match self.ring.submitter().register_files_update(slot, &[fd]) {
+            Ok(1) => {
+                self.task_files.push((task_id, slot));
+                Some(slot)
+            }
+            _ => {
+                self.free_task_files.push(slot);
+                None
+            }
+        }
+    }
+
+    /// Register a task's provided-buffer ring under a free group id. None when the kernel
+    /// cannot (older than 5.19) or every group is taken: the task receives without it.
+    ///
+    /// # Safety
+    /// The ring's memory must stay valid until [`UringIo::release_task_resources`] runs for
+    /// this task.
+    pub(crate) unsafe fn register_task_buffers(
+        &mut self,
+        task_id: u32,
+        bufs: &mut ProvidedBuffers,
+    ) -> Option<u16> {
+        let group = self.free_buf_groups.pop()?;
+        // SAFETY: forwarded contract; the ring is page aligned with `count` entries.
+        let registered = unsafe {
+            self.ring.submitter().register_buf_ring_with_flags(
+                bufs.ring_addr(),
+                bufs.count(),
+                group,
+                0,
+            )
+        };
+        match registered {
+            Ok(()) => {
+                self.task_buf_groups.push((task_id, group));
+                bufs.set_group(group);
+                Some(group)
+            }
+            Err(e) => {
+                tracing::debug!("provided buffers unavailable: {e}");
+                self.free_buf_groups.push(group);
+                None
+            }
+        }
+    }
+
+    /// Drop what a finished task registered: its descriptors from the file table (the table
+    /// holds a reference to each file, so its socket only really closes now) and its
+    /// provided-buffer rings (before the task, which owns their memory, is dropped).
+    pub(crate) fn release_task_resources(&mut self, task_id: u32) {
+        let groups: Vec<_> = self
+            .task_buf_groups
+            .extract_if(.., |(t, _)| *t == task_id)
+            .collect();
+        for (_, group) in groups {
+            match self.ring.submitter().unregister_buf_ring(group) {
+                Ok(()) => self.free_buf_groups.push(group),
+                // The group stays taken rather than be reused while still registered.
+                Err(e) => tracing::warn!("releasing provided-buffer group {group}: {e}"),
+            }
+        }
+        let slots: Vec<_> = self
+            .task_files
+            .extract_if(.., |(t, _)| *t == task_id)
+            .collect();
+        for (_, slot) in slots {
+            // Updating a slot to -1 empties it; ops still in flight keep their own reference.
+            match self.ring.submitter().register_files_update(slot, &[-1]) {
+                Ok(_) => self.free_task_files.push(slot),
+                // The slot stays taken rather than be reused while still filled.
+                Err(e) => tracing::warn!("releasing fixed file slot {slot}: {e}"),
+            }
+        }
+    }
+
+    /// Queue task `task_id`'s ring op, to come back from [`UringIo::take_raw`] with `tag`.
+    ///
+    /// # Safety
+    /// What the entry points to must stay valid until its completion is reaped.
+    pub(crate) unsafe fn push_raw(
+        &mut self,
+        entry: squeue::Entry,
+        task_id: u32,
+        tag: u32,
+    ) -> Result<(), ()> {
+        let entry = entry.user_data(UserData::Task { task_id, tag }.encode());
+        // SAFETY: forwarded contract.
+        if unsafe { self.ring.submission().push(&entry) }.is_err() {
+            self.enter(0, None).map_err(|_| ())?;
+            // SAFETY: as above.
+            unsafe { self.ring.submission().push(&entry) }.map_err(|_| ())?;
+        }
+        self.raw_in_flight += 1;
+        Ok(())
+    }
+
+    /// Hand over completed raw ops, each with the task that pushed it.
+    pub(crate) fn take_raw(&mut self, out: &mut Vec<(u32, RingCompletion)>) {
+        out.append(&mut self.raw_done);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+
+    use super::*;
+    use crate::io::uring::{new_wake_fd, RingConfig};
+
+    #[test]
+    fn task_sockets_take_fixed_slots_and_give_them_back() {
+        let config = RingConfig {
+            queue_depth: 8,
+            max_raw_owners: 256,
+            max_raw_ops: 1024,
+        };
+        let mut io = UringIo::new(&[], config, new_wake_fd().unwrap(), None).unwrap();
+        if !io.features().task_files {
+            eprintln!("skipped: this kernel has no sparse file table");
+            return;
+        }
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let slots: Vec<u32> = (0..config.max_raw_owners as u32)
+            .map(|task| {
+                io.register_task_fd(task, a.as_raw_fd())
+                    .expect("a free slot")
+            })
+            .collect();
+        let mut distinct = slots.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), slots.len());
+        // Full: the next task falls back to its plain descriptor.
+        assert_eq!(io.register_task_fd(9999, b.as_raw_fd()), None);
+        io.release_task_resources(7);
+        assert_eq!(io.register_task_fd(9999, b.as_raw_fd()), Some(slots[7]));
+
+        // The table holds its own reference: a socket released from it really closes, so the
+        // peer sees end-of-file.
+        let (c, mut d) = std::os::unix::net::UnixStream::pair().unwrap();
+        io.release_task_resources(8);
+        assert_eq!(io.register_task_fd(42, c.as_raw_fd()), Some(slots[8]));
+        drop(c);
+        d.set_nonblocking(true).unwrap();
+        let mut byte = [0u8; 1];
+        let still_open = std::io::Read::read(&mut d, &mut byte);
+        assert!(
+            matches!(&still_open, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "{still_open:?}"
+        );
+        io.release_task_resources(42);
+        assert_eq!(std::io::Read::read(&mut d, &mut byte).unwrap(), 0);
+    }
+}
