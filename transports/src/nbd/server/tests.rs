@@ -173,8 +173,7 @@ fn slow_clients_time_out_and_a_full_handshake_table_cuts_off_the_oldest() {
     });
     let addr = tcp_addr(&server);
     // Two silent clients take both slots.
-    let mut silent: Vec<TcpStream> =
-        (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let mut silent: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
     for s in &mut silent {
         let mut g = [0u8; GREETING_LEN];
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
