@@ -17,6 +17,8 @@
 //! hard disconnect for `OPT_EXPORT_NAME`). By default we do not refuse them — the spec says
 //! servers SHOULD NOT when they can cleanly error misaligned requests, which the transmission
 //! phase does (EINVAL) — and [`HandshakeConfig::require_block_size`] turns the refusal on.
+//!
+//! [`MAX_OPTION_LEN`]: super::wire::MAX_OPTION_LEN
 
 mod options;
 mod refuse;

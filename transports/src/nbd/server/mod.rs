@@ -27,6 +27,8 @@
 //! [`NbdServer::stop`] shuts the listening sockets down (which unblocks `accept`), joins the
 //! acceptors, shuts down every socket still in its handshake and waits for those threads to
 //! finish, so afterwards the server holds its engine reference only through the value itself.
+//!
+//! [`negotiate`]: super::handshake::negotiate
 
 mod accept;
 mod limits;
