@@ -24,11 +24,12 @@ use super::wire::{
     BlockSize, ClientOption, ExtendedReplyHeader, Extent, Greeting, InfoRequest,
     MetaContextRequest, OptionReply, ReplyChunk, Request, SimpleReply, StructuredReplyHeader,
     WireError, CMD_BLOCK_STATUS, CMD_DISC, CMD_FLAG_PAYLOAD_LEN, CMD_FLUSH, CMD_READ, CMD_TRIM,
-    CMD_WRITE, CMD_WRITE_ZEROES, EIO, EXTENDED_REPLY_MAGIC, EXTENDED_REQUEST_LEN,
-    EXTENDED_REQUEST_MAGIC, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, FLAG_FIXED_NEWSTYLE,
-    FLAG_NO_ZEROES, GREETING_LEN, INFO_BLOCK_SIZE, MAX_OPTION_LEN, META_CONTEXT_BASE_ALLOCATION,
-    OPTION_REPLY_HEADER_LEN, OPT_GO, OPT_SET_META_CONTEXT, REPLY_FLAG_DONE, REPLY_TYPE_FLAG_ERROR,
-    REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC,
+    CMD_WRITE, CMD_WRITE_ZEROES, EIO, EXTENDED_REPLY_HEADER_LEN, EXTENDED_REPLY_MAGIC,
+    EXTENDED_REQUEST_LEN, EXTENDED_REQUEST_MAGIC, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES,
+    FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, GREETING_LEN, INFO_BLOCK_SIZE, MAX_OPTION_LEN,
+    META_CONTEXT_BASE_ALLOCATION, OPTION_REPLY_HEADER_LEN, OPT_GO, OPT_SET_META_CONTEXT,
+    REPLY_FLAG_DONE, REPLY_TYPE_FLAG_ERROR, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
 };
 
 /// Most option replies the client reads for one option before it gives up on the server.
@@ -479,7 +480,9 @@ impl ReplyParser {
                 } else {
                     0
                 };
-                let len = at + data_len;
+                let len = at
+                    .checked_add(data_len)
+                    .ok_or(ClientError::Protocol("read data longer than memory"))?;
                 if buf.len() < len {
                     return Ok(Parsed::Incomplete {
                         needed: len - buf.len(),
@@ -635,23 +638,26 @@ impl<S: Read + Write> Client<S> {
         Ok(req.cookie)
     }
 
-    /// Reads the whole reply to the request `req` sent with `cookie` (the only one in flight).
+    /// Reads the whole reply to the request `req` sent with `cookie`, which must be the next
+    /// reply on the stream (a reply to another cookie is [`ClientError::UnknownCookie`]).
     /// Reads exactly the reply's bytes, so the stream stays at a frame boundary.
+    ///
+    /// A read longer than [`ReplyParser::max_chunk_bytes`] gets no buffer: its error reply
+    /// arrives as usual, data for it is a [`ClientError::Protocol`] error (a test may ask the
+    /// server for 1 TiB to see it refuse; the client never allocates that).
     pub fn receive(&mut self, cookie: u64, req: &Request) -> Result<Reply, ClientError> {
-        let read_len = if req.kind == CMD_READ {
-            usize::try_from(req.length)
-                .map_err(|_| ClientError::InvalidRequest("read length does not fit memory"))?
-        } else {
-            0
+        let max = self.parser.max_chunk_bytes();
+        // What follows a successful simple reply: the whole length, buffered or not.
+        let read_len = match req.kind {
+            CMD_READ => usize::try_from(req.length).unwrap_or(usize::MAX),
+            _ => 0,
         };
         let mut reply = Reply {
-            data: if req.kind == CMD_READ {
-                vec![0; read_len]
-            } else {
-                Vec::new()
-            },
+            data: vec![0; if req.length <= max { read_len } else { 0 }],
             ..Reply::default()
         };
+        // One frame's bytes at most: a header and a bounded payload.
+        let max_frame = (max as usize).saturating_add(EXTENDED_REPLY_HEADER_LEN);
         self.rbuf.clear();
         for _ in 0..MAX_CHUNKS_PER_REPLY {
             let parsed = self
@@ -660,12 +666,20 @@ impl<S: Read + Write> Client<S> {
             let (frame, len) = match parsed {
                 Parsed::Incomplete { needed } => {
                     let have = self.rbuf.len();
+                    if have.saturating_add(needed) > max_frame {
+                        return Err(ClientError::Protocol(
+                            "a reply larger than the client's bound",
+                        ));
+                    }
                     self.rbuf.resize(have + needed, 0);
                     read_exact(&mut self.stream, &mut self.rbuf[have..])?;
                     continue;
                 }
                 Parsed::Frame { frame, len } => (frame, len),
             };
+            if frame.cookie() != cookie {
+                return Err(ClientError::UnknownCookie(frame.cookie()));
+            }
             reply.frames += 1;
             let last = frame.is_last();
             absorb(&mut reply, req, frame)?;
@@ -710,8 +724,13 @@ impl<S: Read + Write> Client<S> {
         Ok(reply)
     }
 
-    /// `CMD_READ` of `length` bytes at `offset`.
+    /// `CMD_READ` of `length` bytes at `offset` (at most [`ReplyParser::max_chunk_bytes`]).
     pub fn read(&mut self, offset: u64, length: u32) -> Result<Vec<u8>, ClientError> {
+        if u64::from(length) > self.parser.max_chunk_bytes() {
+            return Err(ClientError::InvalidRequest(
+                "read longer than the client buffers",
+            ));
+        }
         Ok(self.command(CMD_READ, 0, offset, length.into(), &[])?.data)
     }
 
@@ -789,7 +808,12 @@ fn absorb(reply: &mut Reply, req: &Request, frame: ReplyFrame) -> Result<(), Cli
         ReplyFrame::Simple { error, data, .. } => {
             set_error(reply, error, "");
             if !data.is_empty() {
-                reply.data.copy_from_slice(data);
+                reply
+                    .data
+                    .get_mut(..)
+                    .filter(|d| d.len() == data.len())
+                    .ok_or(ClientError::Protocol("read data of another length"))?
+                    .copy_from_slice(data);
             }
         }
         ReplyFrame::Chunk {

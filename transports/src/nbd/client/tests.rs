@@ -594,3 +594,47 @@ fn base_allocation_without_structured_replies_is_refused_by_the_client() {
     let e = handshake(&mut c, "disk", opts).unwrap_err();
     assert!(matches!(e, ClientError::InvalidRequest(_)), "{e:?}");
 }
+
+#[test]
+fn a_huge_read_is_never_buffered() {
+    let huge = Request {
+        kind: CMD_READ,
+        offset: 0,
+        length: 1 << 40,
+        ..Request::default()
+    };
+    // The server refuses it: the error arrives, nothing was allocated for 1 TiB.
+    let opts = Options {
+        extended: true,
+        ..Options::default()
+    };
+    let answers: Vec<Answer> = vec![Box::new(|req, _, out| {
+        req.reply_target(true)
+            .encode_error(out, REPLY_FLAG_DONE, EINVAL, "too big");
+    })];
+    let (mut c, server) = serve_requests(opts, answers);
+    let r = c.request(huge, &[]).unwrap();
+    assert_eq!((r.error, r.data.len()), (EINVAL, 0));
+    c.disconnect();
+    server.join().unwrap();
+    // A server that claims success and starts sending data is stopped at the bound.
+    let answers: Vec<Answer> = vec![Box::new(|req, _, out| {
+        SimpleReply {
+            error: 0,
+            cookie: req.cookie,
+        }
+        .encode(out);
+    })];
+    let (mut c, server) = serve_requests(Options::default(), answers);
+    let big = Request {
+        length: 1 << 31,
+        ..huge
+    };
+    let cookie = c.send(big, &[]).unwrap();
+    let e = c.receive(cookie, &big).unwrap_err();
+    assert!(matches!(e, ClientError::Protocol(_)), "{e:?}");
+    let e = c.read(0, 128 << 20).unwrap_err();
+    assert!(matches!(e, ClientError::InvalidRequest(_)), "{e:?}");
+    c.disconnect();
+    server.join().unwrap();
+}
