@@ -11,29 +11,28 @@
 //!   (`read`/`write`/`flush`/`trim`/`write_zeroes`/`block_status`).
 //!
 //! Everything the server sends is bounded before it is buffered (option replies by
-//! [`MAX_OPTION_LEN`], reply chunks by [`ReplyParser::max_chunk_bytes`]), and a misbehaving
-//! server is an error, never a panic.
+//! [`MAX_OPTION_LEN`](super::wire::MAX_OPTION_LEN), reply chunks and reads by
+//! [`ReplyParser::max_chunk_bytes`]), and a misbehaving server is an error, never a panic.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Duration;
 
 use super::wire::{
-    BlockSize, ClientOption, ExtendedReplyHeader, Extent, Greeting, InfoRequest,
-    MetaContextRequest, OptionReply, ReplyChunk, Request, SimpleReply, StructuredReplyHeader,
-    WireError, CMD_BLOCK_STATUS, CMD_DISC, CMD_FLAG_PAYLOAD_LEN, CMD_FLUSH, CMD_READ, CMD_TRIM,
-    CMD_WRITE, CMD_WRITE_ZEROES, EIO, EXTENDED_REPLY_HEADER_LEN, EXTENDED_REPLY_MAGIC,
-    EXTENDED_REQUEST_LEN, EXTENDED_REQUEST_MAGIC, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES,
-    FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, GREETING_LEN, INFO_BLOCK_SIZE, MAX_OPTION_LEN,
-    META_CONTEXT_BASE_ALLOCATION, OPTION_REPLY_HEADER_LEN, OPT_GO, OPT_SET_META_CONTEXT,
-    REPLY_FLAG_DONE, REPLY_TYPE_FLAG_ERROR, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC,
-    STRUCTURED_REPLY_MAGIC,
+    Extent, ReplyChunk, Request, WireError, CMD_BLOCK_STATUS, CMD_DISC, CMD_FLAG_PAYLOAD_LEN,
+    CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, EIO, EXTENDED_REPLY_HEADER_LEN,
+    REPLY_TYPE_FLAG_ERROR,
 };
 
-/// Most option replies the client reads for one option before it gives up on the server.
-const MAX_OPTION_REPLIES: usize = 64;
+mod frame;
+mod handshake;
+
+pub use frame::{encode_request, request_header, Parsed, ReplyFrame, ReplyParser};
+pub use handshake::{handshake, Export, Options};
+
+use handshake::read_exact;
+
 /// Most reply chunks one request may take (a read of 32 MiB as 4 KiB chunks is 8192).
 const MAX_CHUNKS_PER_REPLY: usize = 1 << 16;
 
@@ -75,7 +74,10 @@ pub enum ClientError {
     #[error("NBD request cannot be encoded: {0}")]
     InvalidRequest(&'static str),
     /// The server answered a request with an NBD error.
-    #[error("NBD command {command} failed with error {errno}{}", if message.is_empty() { String::new() } else { format!(": {message}") })]
+    #[error(
+        "NBD command {command} failed with error {errno}{}",
+        message_suffix(message)
+    )]
     Request {
         /// The command type (`CMD_*`).
         command: u16,
@@ -86,6 +88,15 @@ pub enum ClientError {
     },
 }
 
+/// `": message"`, or nothing for an empty message.
+fn message_suffix(message: &str) -> String {
+    if message.is_empty() {
+        String::new()
+    } else {
+        format!(": {message}")
+    }
+}
+
 impl ClientError {
     /// The NBD errno when the server answered a request with an error.
     pub fn errno(&self) -> Option<u32> {
@@ -93,457 +104,6 @@ impl ClientError {
             ClientError::Request { errno, .. } => Some(*errno),
             _ => None,
         }
-    }
-}
-
-/// What the client negotiates besides the export.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Options {
-    /// `OPT_STRUCTURED_REPLY`: reads as data/hole chunks, block status.
-    pub structured: bool,
-    /// `OPT_EXTENDED_HEADERS` (implies structured replies): 64-bit lengths.
-    pub extended: bool,
-    /// Select the `base:allocation` context for `CMD_BLOCK_STATUS` (needs structured replies).
-    pub base_allocation: bool,
-    /// Read and write timeout on the socket ([`Client::connect_tcp`]/[`Client::connect_unix`]).
-    pub io_timeout: Option<Duration>,
-}
-
-impl Default for Options {
-    /// Simple replies, compact headers, a 60 s IO timeout.
-    fn default() -> Self {
-        Options {
-            structured: false,
-            extended: false,
-            base_allocation: false,
-            io_timeout: Some(Duration::from_secs(60)),
-        }
-    }
-}
-
-/// What the handshake agreed on.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Export {
-    /// Export size.
-    pub size_bytes: u64,
-    /// Transmission flags (`FLAG_*`: read-only, flush, trim, ...).
-    pub transmission_flags: u16,
-    /// Block size constraints, if the server sent them.
-    pub block_size: Option<BlockSize>,
-    /// Canonical name, if the server sent it.
-    pub name: Option<String>,
-    /// Description, if the server sent it.
-    pub description: Option<String>,
-    /// Structured replies are in use.
-    pub structured: bool,
-    /// Extended headers are in use.
-    pub extended: bool,
-    /// The context id of `base:allocation`, if selected.
-    pub base_allocation_id: Option<u32>,
-}
-
-impl Export {
-    /// The parser for this connection's replies.
-    pub fn reply_parser(&self) -> ReplyParser {
-        ReplyParser::new(self.structured, self.extended)
-    }
-}
-
-fn read_exact<S: Read>(s: &mut S, buf: &mut [u8]) -> Result<(), ClientError> {
-    s.read_exact(buf).map_err(|e| match e.kind() {
-        ErrorKind::UnexpectedEof => ClientError::Closed,
-        _ => ClientError::Io(e),
-    })
-}
-
-/// Reads one option reply into `buf` (header first, so an oversized one is refused before its
-/// payload is buffered) and decodes it: `(option, reply)`.
-fn read_option_reply<'b, S: Read>(
-    s: &mut S,
-    buf: &'b mut Vec<u8>,
-) -> Result<(u32, OptionReply<'b>), ClientError> {
-    buf.clear();
-    buf.resize(OPTION_REPLY_HEADER_LEN, 0);
-    read_exact(s, buf)?;
-    match OptionReply::decode(buf) {
-        Err(WireError::Incomplete { needed }) if needed <= MAX_OPTION_LEN as usize => {
-            let have = buf.len();
-            buf.resize(have + needed, 0);
-            read_exact(s, &mut buf[have..])?;
-        }
-        Err(e) => return Err(e.into()),
-        Ok(_) => {}
-    }
-    let (option, reply, _) = OptionReply::decode(buf)?;
-    Ok((option, reply))
-}
-
-/// Sends an option that takes no data and expects `REP_ACK`.
-fn simple_option<S: Read + Write>(s: &mut S, option: ClientOption) -> Result<(), ClientError> {
-    let mut out = Vec::new();
-    option.encode(&mut out);
-    s.write_all(&out)?;
-    let mut buf = Vec::new();
-    let (answered, reply) = read_option_reply(s, &mut buf)?;
-    if answered != option.option() {
-        return Err(ClientError::Protocol("option reply for another option"));
-    }
-    match reply {
-        OptionReply::Ack => Ok(()),
-        OptionReply::Error { reply, message } => Err(ClientError::Refused {
-            option: option.option(),
-            reply,
-            message: message.to_string(),
-        }),
-        _ => Err(ClientError::Protocol("unexpected reply to a simple option")),
-    }
-}
-
-/// The fixed-newstyle handshake on a blocking stream: options as `opts` asks, then `OPT_GO`
-/// for `export` (asking for block sizes). On success the stream is in the transmission phase.
-pub fn handshake<S: Read + Write>(
-    s: &mut S,
-    export: &str,
-    opts: Options,
-) -> Result<Export, ClientError> {
-    let mut greeting = [0u8; GREETING_LEN];
-    read_exact(s, &mut greeting)?;
-    let (greeting, _) = Greeting::decode(&greeting)?;
-    if greeting.flags & FLAG_FIXED_NEWSTYLE == 0 {
-        return Err(ClientError::NotFixedNewstyle {
-            flags: greeting.flags,
-        });
-    }
-    let mut client_flags = FLAG_C_FIXED_NEWSTYLE;
-    if greeting.flags & FLAG_NO_ZEROES != 0 {
-        client_flags |= FLAG_C_NO_ZEROES;
-    }
-    s.write_all(&client_flags.to_be_bytes())?;
-    if opts.extended {
-        simple_option(s, ClientOption::ExtendedHeaders)?;
-    } else if opts.structured {
-        simple_option(s, ClientOption::StructuredReply)?;
-    }
-    let structured = opts.structured || opts.extended;
-    let mut buf = Vec::new();
-    let mut base_allocation_id = None;
-    if opts.base_allocation {
-        if !structured {
-            return Err(ClientError::InvalidRequest(
-                "base:allocation needs structured replies",
-            ));
-        }
-        let mut out = Vec::new();
-        MetaContextRequest::encode_option(
-            &mut out,
-            OPT_SET_META_CONTEXT,
-            export,
-            &[META_CONTEXT_BASE_ALLOCATION],
-        );
-        s.write_all(&out)?;
-        for _ in 0..=MAX_OPTION_REPLIES {
-            match read_option_reply(s, &mut buf)?.1 {
-                OptionReply::MetaContext { id, name } if name == META_CONTEXT_BASE_ALLOCATION => {
-                    base_allocation_id = Some(id);
-                }
-                OptionReply::MetaContext { .. } => {
-                    return Err(ClientError::Protocol(
-                        "a meta context the client did not ask for",
-                    ))
-                }
-                OptionReply::Ack if base_allocation_id.is_some() => break,
-                OptionReply::Ack => {
-                    return Err(ClientError::Protocol(
-                        "the server selected no base:allocation",
-                    ))
-                }
-                OptionReply::Error { reply, message } => {
-                    return Err(ClientError::Refused {
-                        option: OPT_SET_META_CONTEXT,
-                        reply,
-                        message: message.to_string(),
-                    })
-                }
-                _ => {
-                    return Err(ClientError::Protocol(
-                        "unexpected reply to SET_META_CONTEXT",
-                    ))
-                }
-            }
-        }
-    }
-    let mut out = Vec::new();
-    InfoRequest::encode_option(&mut out, OPT_GO, export, &[INFO_BLOCK_SIZE]);
-    s.write_all(&out)?;
-    let mut export_info = Export {
-        size_bytes: 0,
-        transmission_flags: 0,
-        block_size: None,
-        name: None,
-        description: None,
-        structured,
-        extended: opts.extended,
-        base_allocation_id,
-    };
-    let mut have_size = false;
-    for _ in 0..MAX_OPTION_REPLIES {
-        let (option, reply) = read_option_reply(s, &mut buf)?;
-        if option != OPT_GO {
-            return Err(ClientError::Protocol("option reply for another option"));
-        }
-        match reply {
-            OptionReply::InfoExport { size, flags } => {
-                export_info.size_bytes = size;
-                export_info.transmission_flags = flags;
-                have_size = true;
-            }
-            OptionReply::InfoBlockSize(bs) => export_info.block_size = Some(bs),
-            OptionReply::InfoName(n) => export_info.name = Some(n.to_string()),
-            OptionReply::InfoDescription(d) => export_info.description = Some(d.to_string()),
-            OptionReply::Ack if have_size => return Ok(export_info),
-            OptionReply::Ack => {
-                return Err(ClientError::Protocol("OPT_GO acked without INFO_EXPORT"))
-            }
-            OptionReply::Error { reply, message } => {
-                return Err(ClientError::Refused {
-                    option: OPT_GO,
-                    reply,
-                    message: message.to_string(),
-                })
-            }
-            // Unknown info types and replies are ignored, as the spec asks.
-            _ => {}
-        }
-    }
-    Err(ClientError::Protocol("too many replies to OPT_GO"))
-}
-
-/// Writes the header of `req` into the front of `out` (28 bytes compact, 32 extended) and
-/// returns its length. The caller appends a write's payload.
-pub fn encode_request(req: &Request, extended: bool, out: &mut [u8]) -> Result<usize, ClientError> {
-    let len = Request::header_len(extended);
-    let out = out.get_mut(..len).ok_or(ClientError::InvalidRequest(
-        "buffer shorter than a request header",
-    ))?;
-    let magic = if extended {
-        EXTENDED_REQUEST_MAGIC
-    } else {
-        REQUEST_MAGIC
-    };
-    out[0..4].copy_from_slice(&magic.to_be_bytes());
-    out[4..6].copy_from_slice(&req.flags.to_be_bytes());
-    out[6..8].copy_from_slice(&req.kind.to_be_bytes());
-    out[8..16].copy_from_slice(&req.cookie.to_be_bytes());
-    out[16..24].copy_from_slice(&req.offset.to_be_bytes());
-    if extended {
-        out[24..32].copy_from_slice(&req.length.to_be_bytes());
-    } else {
-        let length = u32::try_from(req.length)
-            .map_err(|_| ClientError::InvalidRequest("length over 4 GiB needs extended headers"))?;
-        out[24..28].copy_from_slice(&length.to_be_bytes());
-    }
-    Ok(len)
-}
-
-/// A request header as a stack array plus its length (for `extend_from_slice`).
-pub fn request_header(
-    req: &Request,
-    extended: bool,
-) -> Result<([u8; EXTENDED_REQUEST_LEN], usize), ClientError> {
-    let mut b = [0u8; EXTENDED_REQUEST_LEN];
-    let len = encode_request(req, extended, &mut b)?;
-    Ok((b, len))
-}
-
-/// One reply message parsed from a receive buffer, borrowing its payload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReplyFrame<'a> {
-    /// A simple reply (always the whole reply); `data` is a successful read's data.
-    Simple {
-        /// The request's cookie.
-        cookie: u64,
-        /// NBD errno (0: success).
-        error: u32,
-        /// Read data (empty for other commands and with structured replies).
-        data: &'a [u8],
-    },
-    /// One structured or extended reply chunk.
-    Chunk {
-        /// The request's cookie.
-        cookie: u64,
-        /// Reply flags; `REPLY_FLAG_DONE` marks the last chunk.
-        flags: u16,
-        /// The request's offset, echoed by extended headers (`None` for structured ones).
-        request_offset: Option<u64>,
-        /// The parsed chunk.
-        chunk: ReplyChunk<'a>,
-    },
-}
-
-impl ReplyFrame<'_> {
-    /// The cookie of the request this frame answers.
-    pub fn cookie(&self) -> u64 {
-        match self {
-            ReplyFrame::Simple { cookie, .. } | ReplyFrame::Chunk { cookie, .. } => *cookie,
-        }
-    }
-
-    /// Whether this frame ends its reply.
-    pub fn is_last(&self) -> bool {
-        match self {
-            ReplyFrame::Simple { .. } => true,
-            ReplyFrame::Chunk { flags, .. } => flags & REPLY_FLAG_DONE != 0,
-        }
-    }
-}
-
-/// What [`ReplyParser::parse`] found at the front of the buffer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Parsed<'a> {
-    /// A whole frame, `len` bytes long: consume them and parse again.
-    Frame {
-        /// The frame.
-        frame: ReplyFrame<'a>,
-        /// Bytes it took.
-        len: usize,
-    },
-    /// The buffer holds a valid prefix; at least `needed` more bytes are required.
-    Incomplete {
-        /// Minimum number of additional bytes.
-        needed: usize,
-    },
-}
-
-/// Incremental reply parser for one connection: give it the bytes received so far and it
-/// returns the first frame (or how many more bytes it needs). It keeps no state and copies
-/// nothing, so a caller can parse in place in its own receive buffer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ReplyParser {
-    structured: bool,
-    extended: bool,
-    max_chunk_bytes: u64,
-}
-
-impl ReplyParser {
-    /// A parser for the modes the handshake agreed on (extended implies structured); chunks
-    /// are bounded by 64 MiB (twice the largest request the server accepts).
-    pub fn new(structured: bool, extended: bool) -> Self {
-        ReplyParser {
-            structured: structured || extended,
-            extended,
-            max_chunk_bytes: 64 << 20,
-        }
-    }
-
-    /// Changes the bound on one chunk's payload (a larger one is a protocol error).
-    pub fn with_max_chunk_bytes(mut self, max: u64) -> Self {
-        self.max_chunk_bytes = max;
-        self
-    }
-
-    /// The bound on one chunk's payload.
-    pub fn max_chunk_bytes(&self) -> u64 {
-        self.max_chunk_bytes
-    }
-
-    /// Parses the frame at the front of `buf`. A simple reply does not say how much data
-    /// follows it, so `read_len(cookie)` tells: the data length of a successful simple reply
-    /// for that request (0 for anything but a read), or `None` if no such request is in flight
-    /// ([`ClientError::UnknownCookie`]).
-    pub fn parse<'a>(
-        &self,
-        buf: &'a [u8],
-        read_len: impl FnOnce(u64) -> Option<usize>,
-    ) -> Result<Parsed<'a>, ClientError> {
-        let Some(magic) = buf.first_chunk::<4>().map(|m| u32::from_be_bytes(*m)) else {
-            return Ok(Parsed::Incomplete {
-                needed: 4 - buf.len(),
-            });
-        };
-        let incomplete = |e: WireError| match e {
-            WireError::Incomplete { needed } => Ok(Parsed::Incomplete { needed }),
-            e => Err(ClientError::Wire(e)),
-        };
-        let (cookie, flags, kind, request_offset, length, at) = match magic {
-            SIMPLE_REPLY_MAGIC => {
-                if self.extended {
-                    return Err(ClientError::Protocol("simple reply after extended headers"));
-                }
-                let (r, at) = match SimpleReply::decode(buf) {
-                    Ok(v) => v,
-                    Err(e) => return incomplete(e),
-                };
-                let data_len = read_len(r.cookie).ok_or(ClientError::UnknownCookie(r.cookie))?;
-                // Structured replies carry read data in chunks, never after a simple reply.
-                let data_len = if r.error == 0 && !self.structured {
-                    data_len
-                } else {
-                    0
-                };
-                let len = at
-                    .checked_add(data_len)
-                    .ok_or(ClientError::Protocol("read data longer than memory"))?;
-                if buf.len() < len {
-                    return Ok(Parsed::Incomplete {
-                        needed: len - buf.len(),
-                    });
-                }
-                let frame = ReplyFrame::Simple {
-                    cookie: r.cookie,
-                    error: r.error,
-                    data: &buf[at..len],
-                };
-                return Ok(Parsed::Frame { frame, len });
-            }
-            STRUCTURED_REPLY_MAGIC => {
-                if !self.structured || self.extended {
-                    return Err(ClientError::Protocol(
-                        "structured reply chunk not negotiated",
-                    ));
-                }
-                let (h, at) = match StructuredReplyHeader::decode(buf) {
-                    Ok(v) => v,
-                    Err(e) => return incomplete(e),
-                };
-                (h.cookie, h.flags, h.kind, None, u64::from(h.length), at)
-            }
-            EXTENDED_REPLY_MAGIC => {
-                if !self.extended {
-                    return Err(ClientError::Protocol("extended reply chunk not negotiated"));
-                }
-                let (h, at) = match ExtendedReplyHeader::decode(buf) {
-                    Ok(v) => v,
-                    Err(e) => return incomplete(e),
-                };
-                (h.cookie, h.flags, h.kind, Some(h.offset), h.length, at)
-            }
-            found => {
-                return Err(ClientError::Wire(WireError::BadMagic {
-                    expected: SIMPLE_REPLY_MAGIC.into(),
-                    found: found.into(),
-                }))
-            }
-        };
-        if length > self.max_chunk_bytes {
-            return Err(ClientError::Protocol(
-                "reply chunk larger than the client's bound",
-            ));
-        }
-        // Bounded by `max_chunk_bytes` above.
-        let len = at + length as usize;
-        if buf.len() < len {
-            return Ok(Parsed::Incomplete {
-                needed: len - buf.len(),
-            });
-        }
-        let chunk = ReplyChunk::parse(kind, &buf[at..len])?;
-        let frame = ReplyFrame::Chunk {
-            cookie,
-            flags,
-            request_offset,
-            chunk,
-        };
-        Ok(Parsed::Frame { frame, len })
     }
 }
 

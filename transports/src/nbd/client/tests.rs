@@ -7,8 +7,10 @@ use std::thread;
 
 use super::*;
 use crate::nbd::wire::{
-    ClientFlags, Extent, OptionHeader, ReplyTarget, CMD_FLAG_FUA, EINVAL, EPERM, FLAG_HAS_FLAGS,
-    FLAG_READ_ONLY, INFO_BLOCK_SIZE, REP_ERR_UNKNOWN, SIMPLE_REPLY_LEN, STATE_HOLE, STATE_ZERO,
+    BlockSize, ClientFlags, ClientOption, Extent, Greeting, OptionHeader, OptionReply, ReplyTarget,
+    SimpleReply, CMD_FLAG_FUA, EINVAL, EPERM, FLAG_FIXED_NEWSTYLE, FLAG_HAS_FLAGS, FLAG_NO_ZEROES,
+    FLAG_READ_ONLY, INFO_BLOCK_SIZE, OPT_GO, REPLY_FLAG_DONE, REP_ERR_UNKNOWN, SIMPLE_REPLY_LEN,
+    STATE_HOLE, STATE_ZERO,
 };
 
 const SIZE_BYTES: u64 = 1 << 20;
@@ -141,7 +143,8 @@ fn a_refused_export_is_an_error_with_the_servers_message() {
     let e = handshake(&mut c, "disk", Options::default()).unwrap_err();
     server.join().unwrap();
     assert!(
-        matches!(&e, ClientError::Refused { option: OPT_GO, reply: REP_ERR_UNKNOWN, message } if message == "no such export"),
+        matches!(&e, ClientError::Refused { option: OPT_GO, reply: REP_ERR_UNKNOWN, message }
+            if message == "no such export"),
         "{e:?}"
     );
 }
@@ -567,7 +570,8 @@ fn blocking_requests_reassemble_simple_and_structured_replies() {
         assert_eq!(extents[1].status, u64::from(STATE_HOLE | STATE_ZERO));
         let e = c.trim(1 << 40, 4096).unwrap_err();
         assert!(
-            matches!(&e, ClientError::Request { command: CMD_TRIM, errno: EINVAL, message } if message == "out of range"),
+            matches!(&e, ClientError::Request { command: CMD_TRIM, errno: EINVAL, message }
+                if message == "out of range"),
             "{e:?}"
         );
         let e = c.read(0, 8).unwrap_err();
