@@ -8,6 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use ringblock_transports::nbd::client::{Client, Options};
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_ringblock");
 
 /// A daemon started for one test; killed (SIGTERM, then SIGKILL) when dropped.
@@ -436,115 +438,13 @@ pub fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>
     }
 }
 
-/// An NBD client in the transmission phase over TCP (old-style `OPT_EXPORT_NAME`, simple
-/// replies): enough to hold a volume open and send a few requests.
-pub struct RawNbd {
-    pub stream: std::net::TcpStream,
-    pub size_bytes: u64,
-}
-
-impl RawNbd {
-    pub fn connect(addr: &str, export: &str) -> RawNbd {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut hello = [0u8; 18];
-        s.read_exact(&mut hello).unwrap();
-        assert_eq!(&hello[..8], b"NBDMAGIC");
-        assert_eq!(&hello[8..16], b"IHAVEOPT");
-        // FIXED_NEWSTYLE | NO_ZEROES
-        s.write_all(&3u32.to_be_bytes()).unwrap();
-        let mut opt = b"IHAVEOPT".to_vec();
-        opt.extend_from_slice(&1u32.to_be_bytes()); // NBD_OPT_EXPORT_NAME
-        opt.extend_from_slice(&(export.len() as u32).to_be_bytes());
-        opt.extend_from_slice(export.as_bytes());
-        s.write_all(&opt).unwrap();
-        let mut reply = [0u8; 10];
-        s.read_exact(&mut reply).unwrap();
-        RawNbd {
-            size_bytes: u64::from_be_bytes(reply[..8].try_into().unwrap()),
-            stream: s,
-        }
-    }
-
-    /// NBD_CMD_WRITE of `data` at `offset`; returns the reply's error (0 = ok).
-    pub fn write(&mut self, handle: u64, offset: u64, data: &[u8]) -> u32 {
-        use std::io::{Read, Write};
-        let mut req = Vec::with_capacity(28 + data.len());
-        req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
-        req.extend_from_slice(&0u16.to_be_bytes()); // flags
-        req.extend_from_slice(&1u16.to_be_bytes()); // NBD_CMD_WRITE
-        req.extend_from_slice(&handle.to_be_bytes());
-        req.extend_from_slice(&offset.to_be_bytes());
-        req.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        req.extend_from_slice(data);
-        self.stream.write_all(&req).unwrap();
-        let mut reply = [0u8; 16];
-        self.stream.read_exact(&mut reply).unwrap();
-        assert_eq!(&reply[..4], &0x6744_6698u32.to_be_bytes());
-        assert_eq!(&reply[8..16], &handle.to_be_bytes());
-        u32::from_be_bytes(reply[4..8].try_into().unwrap())
-    }
-
-    /// NBD_CMD_DISC, then close.
-    pub fn disconnect(mut self) {
-        use std::io::Write;
-        let mut req = Vec::with_capacity(28);
-        req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
-        req.extend_from_slice(&0u16.to_be_bytes());
-        req.extend_from_slice(&2u16.to_be_bytes()); // NBD_CMD_DISC
-        req.extend_from_slice(&[0u8; 20]);
-        let _ = self.stream.write_all(&req);
-    }
-}
-
-impl RawNbd {
-    /// Send one request (simple replies) and read its reply: (error, data read).
-    pub fn request(
-        &mut self,
-        command: u16,
-        flags: u16,
-        handle: u64,
-        offset: u64,
-        len: u32,
-        data: &[u8],
-    ) -> (u32, Vec<u8>) {
-        use std::io::{Read, Write};
-        let mut req = Vec::with_capacity(28 + data.len());
-        req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
-        req.extend_from_slice(&flags.to_be_bytes());
-        req.extend_from_slice(&command.to_be_bytes());
-        req.extend_from_slice(&handle.to_be_bytes());
-        req.extend_from_slice(&offset.to_be_bytes());
-        req.extend_from_slice(&len.to_be_bytes());
-        req.extend_from_slice(data);
-        self.stream.write_all(&req).unwrap();
-        let mut reply = [0u8; 16];
-        self.stream.read_exact(&mut reply).unwrap();
-        assert_eq!(&reply[..4], &0x6744_6698u32.to_be_bytes());
-        assert_eq!(&reply[8..16], &handle.to_be_bytes());
-        let error = u32::from_be_bytes(reply[4..8].try_into().unwrap());
-        let mut out = Vec::new();
-        if command == 0 && error == 0 {
-            out = vec![0u8; len as usize];
-            self.stream.read_exact(&mut out).unwrap();
-        }
-        (error, out)
-    }
-
-    /// NBD_CMD_READ; returns (error, data).
-    pub fn read(&mut self, handle: u64, offset: u64, len: u32) -> (u32, Vec<u8>) {
-        self.request(0, 0, handle, offset, len, &[])
-    }
-
-    /// NBD_CMD_WRITE with NBD_CMD_FLAG_FUA; returns the reply's error.
-    pub fn write_fua(&mut self, handle: u64, offset: u64, data: &[u8]) -> u32 {
-        self.request(1, 1, handle, offset, data.len() as u32, data)
-            .0
-    }
-
-    /// NBD_CMD_FLUSH; returns the reply's error.
-    pub fn flush(&mut self, handle: u64) -> u32 {
-        self.request(3, 0, handle, 0, 0, &[]).0
-    }
+/// The project's NBD client over TCP (fixed newstyle, `OPT_GO`, simple replies), for tests
+/// that hold a volume open and send a few requests.
+pub fn nbd_connect(addr: &str, export: &str) -> Client<std::net::TcpStream> {
+    let opts = Options {
+        io_timeout: Some(Duration::from_secs(30)),
+        ..Options::default()
+    };
+    Client::connect_tcp(addr, export, opts)
+        .unwrap_or_else(|e| panic!("NBD connect to {addr}, export {export:?}: {e}"))
 }

@@ -9,9 +9,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{
-    http_auth, nbd_endpoints, run_tool, start_with_web, wait_for, write_file, Daemon, RawNbd,
+    http_auth, nbd_connect, nbd_endpoints, run_tool, start_with_web, wait_for, write_file, Daemon,
     ToolOutput, BIN,
 };
+use ringblock_transports::nbd::wire::{CMD_FLAG_FUA, EIO};
 
 const MIB: u64 = 1 << 20;
 const DEVICE_BYTES: u64 = 64 * MIB;
@@ -70,20 +71,19 @@ fn pattern(i: u64) -> Vec<u8> {
 /// Write a 4 KiB pattern at the start of every MiB of the volume, then flush.
 fn write_patterns(d: &Daemon) {
     let (addr, _) = nbd_endpoints(d);
-    let mut c = RawNbd::connect(&addr.expect("nbd tcp address"), "v");
+    let mut c = nbd_connect(&addr.expect("nbd tcp address"), "v");
     for i in 0..VOLUME_BYTES / MIB {
-        assert_eq!(c.write(i, i * MIB, &pattern(i)), 0);
+        c.write(i * MIB, &pattern(i), 0).unwrap();
     }
-    assert_eq!(c.flush(1000), 0);
+    c.flush().unwrap();
     c.disconnect();
 }
 
 fn check_patterns(d: &Daemon) {
     let (addr, _) = nbd_endpoints(d);
-    let mut c = RawNbd::connect(&addr.expect("nbd tcp address"), "v");
+    let mut c = nbd_connect(&addr.expect("nbd tcp address"), "v");
     for i in 0..VOLUME_BYTES / MIB {
-        let (e, data) = c.read(i, i * MIB, 4096);
-        assert_eq!(e, 0);
+        let data = c.read(i * MIB, 4096).unwrap();
         assert!(data == pattern(i), "MiB {i} of the volume lost its data");
     }
     c.disconnect();
@@ -269,10 +269,11 @@ fn a_device_file_deleted_while_running_is_noticed_and_not_reformatted() {
     assert_eq!(health["backing_deleted"], true, "{health}");
     // What is written now cannot survive a restart: flush and FUA say so.
     let (addr, _) = nbd_endpoints(&d);
-    let mut c = RawNbd::connect(&addr.unwrap(), "v");
-    assert_eq!(c.write(1, 0, &pattern(99)), 0);
-    assert_eq!(c.flush(2), libc::EIO as u32);
-    assert_eq!(c.write_fua(3, MIB, &pattern(98)), libc::EIO as u32);
+    let mut c = nbd_connect(&addr.unwrap(), "v");
+    c.write(0, &pattern(99), 0).unwrap();
+    assert_eq!(c.flush().unwrap_err().errno(), Some(EIO));
+    let fua = c.write(MIB, &pattern(98), CMD_FLAG_FUA).unwrap_err();
+    assert_eq!(fua.errno(), Some(EIO));
     c.disconnect();
     d.kill();
     // The next start finds no file: it would create and format a blank one, but the state

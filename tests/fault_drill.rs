@@ -9,8 +9,8 @@
 //!   deleted and a warning logged, or refuses with an error naming the device. Never zeros
 //!   where flushed data was, never a reformat, never a rollback.
 //!
-//! The NBD client here is written from the protocol document, not with the server's codec, so a
-//! codec bug cannot hide itself.
+//! The NBD client here is written from the protocol document, not with the server's codec or
+//! the transports client built on it, so a codec bug cannot hide itself: keep it independent.
 
 mod common;
 
@@ -268,6 +268,8 @@ impl Drop for Proc {
 
 // ---------------------------------------------------------------------------------------------
 // A small NBD client: fixed newstyle handshake, NBD_OPT_GO with INFO_BLOCK_SIZE, simple replies.
+// Deliberately its own framing (not `ringblock_transports::nbd::client`): it checks the server
+// against the spec, not against our codec.
 
 const NBDMAGIC: &[u8; 8] = b"NBDMAGIC";
 const IHAVEOPT: &[u8; 8] = b"IHAVEOPT";

@@ -11,11 +11,12 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::{nbd_endpoints, write_file, Daemon};
+use ringblock_transports::nbd::client::{
+    handshake, request_header, ClientError, Options, Parsed, ReplyFrame, ReplyParser,
+};
 use ringblock_transports::nbd::wire::{
-    ClientOption, Greeting, InfoRequest, OptionReply, ReplyChunk, Request, SimpleReply,
-    StructuredReplyHeader, CMD_READ, CMD_WRITE, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES,
-    GREETING_LEN, INFO_BLOCK_SIZE, OPTION_REPLY_HEADER_LEN, OPT_GO, REPLY_FLAG_DONE,
-    REP_ERR_POLICY, SIMPLE_REPLY_LEN, STRUCTURED_REPLY_HEADER_LEN, STRUCTURED_REPLY_MAGIC,
+    ClientOption, ReplyChunk, Request, SimpleReply, CMD_READ, CMD_WRITE, FLAG_C_FIXED_NEWSTYLE,
+    FLAG_C_NO_ZEROES, GREETING_LEN, REP_ERR_POLICY, SIMPLE_REPLY_LEN,
 };
 
 const IO_TIMEOUT: Duration = Duration::from_secs(20);
@@ -112,58 +113,30 @@ fn connect_from(from: Ipv4Addr, to: SocketAddr) -> TcpStream {
     s
 }
 
-/// One option reply: (option, reply type, the whole reply).
-fn read_opt_reply(s: &mut TcpStream) -> std::io::Result<(u32, u32, Vec<u8>)> {
-    let mut buf = vec![0u8; OPTION_REPLY_HEADER_LEN];
-    s.read_exact(&mut buf)?;
-    let len = u32::from_be_bytes(buf[16..20].try_into().unwrap()) as usize;
-    buf.resize(OPTION_REPLY_HEADER_LEN + len, 0);
-    s.read_exact(&mut buf[OPTION_REPLY_HEADER_LEN..])?;
-    let (option, reply, _) = OptionReply::decode(&buf).unwrap();
-    Ok((option, reply.reply_type(), buf))
-}
-
-/// Greeting, client flags and structured replies; then OPT_GO for `v`. Ok: the connection in
+/// The handshake with structured replies, then OPT_GO for `v`. Ok: the connection in
 /// transmission. Err: the error reply's type and message.
 fn negotiate(mut s: TcpStream) -> Result<TcpStream, (u32, String)> {
-    let mut g = [0u8; GREETING_LEN];
-    s.read_exact(&mut g).unwrap();
-    Greeting::decode(&g).unwrap();
-    s.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())
-        .unwrap();
-    let mut v = Vec::new();
-    ClientOption::StructuredReply.encode(&mut v);
-    s.write_all(&v).unwrap();
-    let (_, reply, raw) = read_opt_reply(&mut s).unwrap();
-    if let OptionReply::Error { reply, message } = OptionReply::decode(&raw).unwrap().1 {
-        return Err((reply, message.to_string()));
+    let opts = Options {
+        structured: true,
+        ..Options::default()
+    };
+    match handshake(&mut s, "v", opts) {
+        Ok(_) => Ok(s),
+        Err(ClientError::Refused { reply, message, .. }) => Err((reply, message)),
+        Err(e) => panic!("handshake: {e}"),
     }
-    assert_eq!(reply, 1, "structured replies not acked");
-    let mut v = Vec::new();
-    InfoRequest::encode_option(&mut v, OPT_GO, "v", &[INFO_BLOCK_SIZE]);
-    s.write_all(&v).unwrap();
-    for _ in 0..8 {
-        let (option, _, raw) = read_opt_reply(&mut s).unwrap();
-        assert_eq!(option, OPT_GO);
-        match OptionReply::decode(&raw).unwrap().1 {
-            OptionReply::Ack => return Ok(s),
-            OptionReply::Error { reply, message } => return Err((reply, message.to_string())),
-            _ => {}
-        }
-    }
-    panic!("no ACK to OPT_GO");
 }
 
 fn send(s: &mut TcpStream, kind: u16, cookie: u64, offset: u64, length: u64, payload: &[u8]) {
-    let mut v = Vec::new();
-    Request {
+    let req = Request {
         flags: 0,
         kind,
         cookie,
         offset,
         length,
-    }
-    .encode(false, &mut v);
+    };
+    let (header, len) = request_header(&req, false).unwrap();
+    let mut v = header[..len].to_vec();
     v.extend_from_slice(payload);
     s.write_all(&v).unwrap();
 }
@@ -171,31 +144,40 @@ fn send(s: &mut TcpStream, kind: u16, cookie: u64, offset: u64, length: u64, pay
 /// Read structured replies until every cookie in `want` (cookie -> (offset, length)) is done,
 /// in whatever order they come: cookie -> (error, data with holes as zeros).
 fn replies(s: &mut TcpStream, want: &HashMap<u64, (u64, u64)>) -> HashMap<u64, (u32, Vec<u8>)> {
+    let parser = ReplyParser::new(true, false);
     let mut got: HashMap<u64, (u32, Vec<u8>)> = HashMap::new();
     let mut done = 0;
-    // Bounded: every chunk read moves one reply on, and a reply has at most a chunk per MiB.
-    for _ in 0..(want.len() * 256 + 16) {
+    let mut buf = Vec::new();
+    // Bounded: a reply has at most a chunk per MiB, and a chunk takes at most three reads
+    // (magic, header, payload) and one parse.
+    for _ in 0..(want.len() * 256 + 16) * 4 {
         if done == want.len() {
             return got;
         }
-        let mut b = vec![0u8; STRUCTURED_REPLY_HEADER_LEN];
-        if let Err(e) = s.read_exact(&mut b) {
-            panic!("{e} after {done} of {} replies", want.len());
-        }
-        assert_eq!(
-            u32::from_be_bytes(b[..4].try_into().unwrap()),
-            STRUCTURED_REPLY_MAGIC
-        );
-        let (h, _) = StructuredReplyHeader::decode(&b).unwrap();
-        let &(offset, len) = want
-            .get(&h.cookie)
-            .unwrap_or_else(|| panic!("reply to unknown cookie {}", h.cookie));
-        let mut payload = vec![0u8; h.length as usize];
-        s.read_exact(&mut payload).unwrap();
+        let parsed = parser
+            .parse(&buf, |cookie| want.get(&cookie).map(|_| 0))
+            .unwrap_or_else(|e| panic!("{e} after {done} of {} replies", want.len()));
+        let (frame, len) = match parsed {
+            Parsed::Incomplete { needed } => {
+                let have = buf.len();
+                buf.resize(have + needed, 0);
+                if let Err(e) = s.read_exact(&mut buf[have..]) {
+                    panic!("{e} after {done} of {} replies", want.len());
+                }
+                continue;
+            }
+            Parsed::Frame { frame, len } => (frame, len),
+        };
+        let ReplyFrame::Chunk { cookie, chunk, .. } = frame else {
+            panic!("a simple reply to a read: {frame:?}")
+        };
+        let &(offset, len_bytes) = want
+            .get(&cookie)
+            .unwrap_or_else(|| panic!("reply to unknown cookie {cookie}"));
         let entry = got
-            .entry(h.cookie)
-            .or_insert_with(|| (0, vec![0xee; len as usize]));
-        match ReplyChunk::parse(h.kind, &payload).unwrap() {
+            .entry(cookie)
+            .or_insert_with(|| (0, vec![0xee; len_bytes as usize]));
+        match chunk {
             ReplyChunk::None => {}
             ReplyChunk::OffsetData { offset: o, data } => {
                 let at = (o - offset) as usize;
@@ -210,9 +192,10 @@ fn replies(s: &mut TcpStream, want: &HashMap<u64, (u64, u64)>) -> HashMap<u64, (
             }
             other => panic!("unexpected chunk {other:?}"),
         }
-        if h.flags & REPLY_FLAG_DONE != 0 {
+        if frame.is_last() {
             done += 1;
         }
+        buf.drain(..len);
     }
     assert_eq!(done, want.len(), "replies never finished");
     got

@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -15,16 +16,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{nbd_endpoints, write_file, Daemon, BIN};
+use ringblock_transports::nbd::client::{Client, Options};
 use ringblock_transports::nbd::wire::{
-    ClientOption, ExtendedReplyHeader, Greeting, InfoRequest, MetaContextRequest, OptionReply,
-    ReplyChunk, Request, SimpleReply, StructuredReplyHeader, CMD_BLOCK_STATUS, CMD_DISC,
-    CMD_FLAG_DF, CMD_FLAG_FUA, CMD_FLAG_PAYLOAD_LEN, CMD_FLAG_REQ_ONE, CMD_FLUSH, CMD_READ,
-    CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, EINVAL, ENOSPC, EPERM, EXTENDED_REPLY_HEADER_LEN,
-    EXTENDED_REPLY_MAGIC, FLAG_CAN_MULTI_CONN, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES,
-    FLAG_HAS_FLAGS, FLAG_READ_ONLY, GREETING_LEN, IHAVEOPT, INFO_BLOCK_SIZE,
-    OPTION_REPLY_HEADER_LEN, OPT_GO, OPT_SET_META_CONTEXT, REPLY_FLAG_DONE, SIMPLE_REPLY_LEN,
-    SIMPLE_REPLY_MAGIC, STATE_HOLE, STATE_ZERO, STRUCTURED_REPLY_HEADER_LEN,
-    STRUCTURED_REPLY_MAGIC,
+    Request, SimpleReply, CMD_BLOCK_STATUS, CMD_DISC, CMD_FLAG_DF, CMD_FLAG_FUA,
+    CMD_FLAG_PAYLOAD_LEN, CMD_FLAG_REQ_ONE, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE,
+    CMD_WRITE_ZEROES, EINVAL, ENOSPC, EPERM, FLAG_CAN_MULTI_CONN, FLAG_C_FIXED_NEWSTYLE,
+    FLAG_HAS_FLAGS, FLAG_READ_ONLY, GREETING_LEN, IHAVEOPT, SIMPLE_REPLY_LEN, STATE_HOLE,
+    STATE_ZERO,
 };
 
 const IO_TIMEOUT: Duration = Duration::from_secs(20);
@@ -99,219 +97,95 @@ struct Reply {
     chunks: usize,
 }
 
+/// The project's client (its framing is the codec's), plus raw access to the socket for the
+/// malformed bytes the client would never send.
 struct Raw {
-    s: TcpStream,
-    opts: Opts,
+    c: Client<TcpStream>,
     size: u64,
     flags: u16,
     base_id: Option<u32>,
-    next_cookie: u64,
-}
-
-fn read_opt_reply(s: &mut TcpStream) -> (u32, u32, Vec<u8>) {
-    let mut buf = vec![0u8; OPTION_REPLY_HEADER_LEN];
-    s.read_exact(&mut buf).unwrap();
-    let len = u32::from_be_bytes(buf[16..20].try_into().unwrap()) as usize;
-    buf.resize(OPTION_REPLY_HEADER_LEN + len, 0);
-    s.read_exact(&mut buf[OPTION_REPLY_HEADER_LEN..]).unwrap();
-    let (option, reply, _) = OptionReply::decode(&buf).unwrap();
-    (option, reply.reply_type(), buf)
+    /// Requests sent and not yet answered, by cookie.
+    sent: HashMap<u64, Request>,
 }
 
 impl Raw {
     fn connect(addr: SocketAddr, export: &str, opts: Opts) -> Raw {
-        let mut s = TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-        s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
-        let mut g = [0u8; GREETING_LEN];
-        s.read_exact(&mut g).unwrap();
-        Greeting::decode(&g).unwrap();
-        s.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())
-            .unwrap();
-        let simple_option = |s: &mut TcpStream, o: ClientOption| {
-            let mut v = Vec::new();
-            o.encode(&mut v);
-            s.write_all(&v).unwrap();
-            let (_, reply, raw) = read_opt_reply(s);
-            assert_eq!(reply, 1, "option {o:?} not acked: {raw:?}");
+        let options = Options {
+            structured: opts.structured,
+            extended: opts.extended,
+            base_allocation: opts.meta,
+            io_timeout: Some(IO_TIMEOUT),
         };
-        if opts.structured {
-            simple_option(&mut s, ClientOption::StructuredReply);
+        let c = Client::connect_tcp(addr, export, options)
+            .unwrap_or_else(|e| panic!("NBD connect to {addr}, export {export:?}: {e}"));
+        let e = c.export();
+        Raw {
+            size: e.size_bytes,
+            flags: e.transmission_flags,
+            base_id: e.base_allocation_id,
+            c,
+            sent: HashMap::new(),
         }
-        if opts.extended {
-            simple_option(&mut s, ClientOption::ExtendedHeaders);
-        }
-        let mut base_id = None;
-        if opts.meta {
-            let mut v = Vec::new();
-            MetaContextRequest::encode_option(
-                &mut v,
-                OPT_SET_META_CONTEXT,
-                export,
-                &["base:allocation"],
-            );
-            s.write_all(&v).unwrap();
-            for _ in 0..4 {
-                let (_, _, raw) = read_opt_reply(&mut s);
-                match OptionReply::decode(&raw).unwrap().1 {
-                    OptionReply::MetaContext { id, name } => {
-                        assert_eq!(name, "base:allocation");
-                        base_id = Some(id);
-                    }
-                    OptionReply::Ack => break,
-                    other => panic!("SET_META_CONTEXT: {other:?}"),
-                }
-            }
-            assert!(base_id.is_some());
-        }
-        let mut v = Vec::new();
-        InfoRequest::encode_option(&mut v, OPT_GO, export, &[INFO_BLOCK_SIZE]);
-        s.write_all(&v).unwrap();
-        let (mut size, mut flags) = (0, 0);
-        for _ in 0..8 {
-            let (option, _, raw) = read_opt_reply(&mut s);
-            assert_eq!(option, OPT_GO);
-            match OptionReply::decode(&raw).unwrap().1 {
-                OptionReply::InfoExport { size: sz, flags: f } => (size, flags) = (sz, f),
-                OptionReply::Ack => {
-                    return Raw {
-                        s,
-                        opts,
-                        size,
-                        flags,
-                        base_id,
-                        next_cookie: 1,
-                    };
-                }
-                OptionReply::Error { reply, message } => panic!("GO failed: {reply:#x} {message}"),
-                _ => {}
-            }
-        }
-        panic!("no ACK to OPT_GO");
+    }
+
+    /// The socket, for bytes the client would never send.
+    fn s(&mut self) -> &mut TcpStream {
+        self.c.stream_mut()
     }
 
     fn send(&mut self, flags: u16, kind: u16, offset: u64, length: u64, payload: &[u8]) -> u64 {
-        let cookie = self.next_cookie;
-        self.next_cookie += 1;
-        let mut v = Vec::new();
-        Request {
+        let req = Request {
             flags,
             kind,
-            cookie,
+            cookie: 0,
             offset,
             length,
-        }
-        .encode(self.opts.extended, &mut v);
-        v.extend_from_slice(payload);
-        self.s.write_all(&v).unwrap();
+        };
+        let cookie = self.c.send(req, payload).unwrap();
+        self.sent.insert(cookie, req);
         cookie
     }
 
-    /// Reads the (complete) reply to `cookie`; `read_len` is the data length of a simple read
-    /// reply, `offset` the request's offset (to place structured data).
-    fn reply(&mut self, cookie: u64, offset: u64, read_len: usize) -> Reply {
-        let mut r = Reply {
-            data: vec![0u8; read_len],
-            ..Default::default()
-        };
-        for _ in 0..100_000 {
-            let mut magic = [0u8; 4];
-            self.s.read_exact(&mut magic).unwrap();
-            let magic = u32::from_be_bytes(magic);
-            let (flags, kind, length) = match magic {
-                SIMPLE_REPLY_MAGIC => {
-                    let mut b = vec![0u8; SIMPLE_REPLY_LEN];
-                    b[..4].copy_from_slice(&magic.to_be_bytes());
-                    self.s.read_exact(&mut b[4..]).unwrap();
-                    let (sr, _) = SimpleReply::decode(&b).unwrap();
-                    assert_eq!(sr.cookie, cookie);
-                    r.error = sr.error;
-                    if sr.error == 0 && read_len > 0 {
-                        assert!(
-                            !self.opts.structured,
-                            "simple reply with data after structured replies"
-                        );
-                        self.s.read_exact(&mut r.data).unwrap();
-                    }
-                    return r;
-                }
-                STRUCTURED_REPLY_MAGIC => {
-                    let mut b = vec![0u8; STRUCTURED_REPLY_HEADER_LEN];
-                    b[..4].copy_from_slice(&magic.to_be_bytes());
-                    self.s.read_exact(&mut b[4..]).unwrap();
-                    let (h, _) = StructuredReplyHeader::decode(&b).unwrap();
-                    assert!(
-                        !self.opts.extended,
-                        "structured header after extended headers"
-                    );
-                    assert_eq!(h.cookie, cookie);
-                    (h.flags, h.kind, u64::from(h.length))
-                }
-                EXTENDED_REPLY_MAGIC => {
-                    let mut b = vec![0u8; EXTENDED_REPLY_HEADER_LEN];
-                    b[..4].copy_from_slice(&magic.to_be_bytes());
-                    self.s.read_exact(&mut b[4..]).unwrap();
-                    let (h, _) = ExtendedReplyHeader::decode(&b).unwrap();
-                    assert!(
-                        self.opts.extended,
-                        "extended header without extended headers"
-                    );
-                    assert_eq!((h.cookie, h.offset), (cookie, offset));
-                    (h.flags, h.kind, h.length)
-                }
-                other => panic!("bad reply magic {other:#x}"),
-            };
-            assert!(length <= 64 * MIB, "chunk of {length} bytes");
-            let mut payload = vec![0u8; length as usize];
-            self.s.read_exact(&mut payload).unwrap();
-            r.chunks += 1;
-            match ReplyChunk::parse(kind, &payload).unwrap() {
-                ReplyChunk::None => {}
-                ReplyChunk::OffsetData { offset: o, data } => {
-                    let at = (o - offset) as usize;
-                    r.data[at..at + data.len()].copy_from_slice(data);
-                }
-                ReplyChunk::OffsetHole { offset: o, size } => {
-                    let at = (o - offset) as usize;
-                    r.data[at..at + size as usize].fill(0);
-                }
-                ReplyChunk::BlockStatus {
-                    context_id,
-                    descriptors,
-                } => {
-                    r.extents
-                        .extend(descriptors.iter().map(|e| (context_id, e.length, e.status)));
-                }
-                ReplyChunk::Error { error, .. } | ReplyChunk::ErrorOffset { error, .. } => {
-                    r.error = error;
-                }
-                ReplyChunk::Unknown { kind, .. } => panic!("unknown chunk type {kind}"),
-            }
-            if flags & REPLY_FLAG_DONE != 0 {
-                return r;
-            }
+    /// Reads the (complete) reply to `cookie`, which must be the next one to arrive.
+    fn reply(&mut self, cookie: u64) -> Reply {
+        let req = self
+            .sent
+            .remove(&cookie)
+            .expect("a request sent by this client");
+        let r = self
+            .c
+            .receive(cookie, &req)
+            .unwrap_or_else(|e| panic!("reply to {req:?}: {e}"));
+        Reply {
+            error: r.error,
+            data: r.data,
+            extents: r
+                .extents
+                .iter()
+                .map(|(id, e)| (*id, e.length, e.status))
+                .collect(),
+            chunks: r.frames,
         }
-        panic!("reply never finished");
     }
 
     fn write(&mut self, offset: u64, data: &[u8], flags: u16) -> u32 {
-        let flags = if self.opts.extended {
+        let flags = if self.c.export().extended {
             flags | CMD_FLAG_PAYLOAD_LEN
         } else {
             flags
         };
         let c = self.send(flags, CMD_WRITE, offset, data.len() as u64, data);
-        self.reply(c, offset, 0).error
+        self.reply(c).error
     }
 
     fn read(&mut self, offset: u64, len: usize) -> Reply {
         let c = self.send(0, CMD_READ, offset, len as u64, &[]);
-        self.reply(c, offset, len)
+        self.reply(c)
     }
 
     fn simple(&mut self, kind: u16, flags: u16, offset: u64, len: u64) -> Reply {
         let c = self.send(flags, kind, offset, len, &[]);
-        self.reply(c, offset, 0)
+        self.reply(c)
     }
 
     fn flush(&mut self) -> u32 {
@@ -320,7 +194,7 @@ impl Raw {
 
     /// Waits (bounded) for the server to close the connection.
     fn expect_closed(&mut self) {
-        expect_closed(&mut self.s);
+        expect_closed(self.s());
     }
 }
 
@@ -436,7 +310,7 @@ fn hostile_input_only_costs_the_offending_connection() {
     }
     .encode(false, &mut bad);
     bad[0..4].copy_from_slice(&0xdead_beefu32.to_be_bytes());
-    c.s.write_all(&bad).unwrap();
+    c.s().write_all(&bad).unwrap();
     c.expect_closed();
     check(&mut good, "a wrong request magic");
 
@@ -450,7 +324,7 @@ fn hostile_input_only_costs_the_offending_connection() {
     let mut c = Raw::connect(f.addr, "small", Opts::default());
     let cookie = c.send(0, CMD_READ, 0, 64 * MIB, &[]);
     let mut hdr = [0u8; SIMPLE_REPLY_LEN];
-    match c.s.read_exact(&mut hdr) {
+    match c.s().read_exact(&mut hdr) {
         Ok(()) => {
             let (r, _) = SimpleReply::decode(&hdr).unwrap();
             assert_eq!(r.cookie, cookie);
@@ -506,7 +380,7 @@ fn hostile_input_only_costs_the_offending_connection() {
         if !opts.structured {
             // DF is only for structured replies: refused or ignored, never a broken stream.
             let cookie = c.send(CMD_FLAG_DF, CMD_READ, 0, 4096, &[]);
-            let r = c.reply(cookie, 0, 4096);
+            let r = c.reply(cookie);
             assert!(
                 r.error == EINVAL || (r.error == 0 && r.data == keep[..4096]),
                 "DF without structured replies: {}",
@@ -532,7 +406,7 @@ fn hostile_input_only_costs_the_offending_connection() {
         length: 4096,
     }
     .encode(false, &mut half);
-    c.s.write_all(&half[..10]).unwrap();
+    c.s().write_all(&half[..10]).unwrap();
     drop(c);
     // A write whose payload never fully arrives must not land (even partly).
     let mut c = Raw::connect(f.addr, "small", Opts::default());
@@ -546,7 +420,7 @@ fn hostile_input_only_costs_the_offending_connection() {
     }
     .encode(false, &mut req);
     req.extend_from_slice(&[0xcc; 1000]);
-    c.s.write_all(&req).unwrap();
+    c.s().write_all(&req).unwrap();
     drop(c);
     check(&mut good, "truncated frames");
 
@@ -589,7 +463,7 @@ fn hostile_input_only_costs_the_offending_connection() {
         &disc_data,
     );
     c.send(0, CMD_DISC, 0, 0, &[]);
-    assert_eq!(c.reply(cookie, 16 * MIB, 0).error, 0);
+    assert_eq!(c.reply(cookie).error, 0);
     c.expect_closed();
     let r = good.read(16 * MIB, disc_data.len());
     assert!(
@@ -680,7 +554,7 @@ fn structured_reads_holes_and_block_status() {
             && r.data[16384..].iter().all(|&b| b == 0)
     );
     let cookie = c.send(CMD_FLAG_DF, CMD_READ, MIB - 8192, 24576, &[]);
-    let r = c.reply(cookie, MIB - 8192, 24576);
+    let r = c.reply(cookie);
     assert_eq!((r.error, r.chunks), (0, 1), "DF read");
     assert!(r.data[8192..16384] == data[..]);
     // Errors arrive as error chunks.
@@ -748,7 +622,7 @@ fn extended_write_without_payload_flag_like_qemu() {
     );
     let data = pattern(11, 65536);
     let cookie = c.send(0, CMD_WRITE, 0, data.len() as u64, &data);
-    let r = c.reply(cookie, 0, 0);
+    let r = c.reply(cookie);
     assert_eq!(r.error, 0, "write without PAYLOAD_LEN");
     let r = c.read(0, data.len());
     assert!(r.error == 0 && r.data == data);
@@ -975,7 +849,7 @@ fn replies_wait_for_a_client_that_stops_reading() {
         std::thread::sleep(Duration::from_millis(5));
     }
     for (cookie, off) in reads {
-        let r = c.reply(cookie, off, MIB as usize);
+        let r = c.reply(cookie);
         assert_eq!(r.error, 0);
         let at = off as usize;
         assert!(
@@ -1077,8 +951,8 @@ fn reads_in_one_receive_answer_what_was_there_before_later_writes() {
         push(CMD_READ, 6, a, 4096, None);
         push(CMD_READ, 7, b, 4096, None);
         // One write: the requests arrive in as few receives as the socket allows.
-        c.s.write_all(&frame).unwrap();
-        let replies = simple_replies(&mut c.s, &data_len);
+        c.s().write_all(&frame).unwrap();
+        let replies = simple_replies(c.s(), &data_len);
         assert!(replies.values().all(|r| r.0 == 0), "{replies:?}");
         let got = |cookie| &replies[&cookie].1;
         assert!(
@@ -1119,7 +993,7 @@ fn requests_split_anywhere_in_both_receive_modes() {
     for multishot in [true, false] {
         let f = Fixture::start_with(&format!("multishot_receive = {multishot}\n"));
         let mut c = Raw::connect(f.addr, "small", Opts::default());
-        c.s.set_nodelay(true).unwrap();
+        c.s().set_nodelay(true).unwrap();
         let mode = if multishot { "multishot" } else { "one recv" };
 
         // A write of 3 MiB + 512 bytes, in pieces.
@@ -1128,8 +1002,8 @@ fn requests_split_anywhere_in_both_receive_modes() {
         let mut frame = Vec::new();
         encode_request(&mut frame, CMD_WRITE, 1, big_at, big.len() as u64);
         frame.extend_from_slice(&big);
-        trickle(&mut c.s, &frame);
-        let replies = simple_replies(&mut c.s, &[(1, 0)].into());
+        trickle(c.s(), &frame);
+        let replies = simple_replies(c.s(), &[(1, 0)].into());
         assert_eq!(replies[&1].0, 0, "{mode}: big write");
 
         // Writes of 512 B to 4.5 KiB and reads of the big write, pipelined, in pieces, while
@@ -1152,9 +1026,9 @@ fn requests_split_anywhere_in_both_receive_modes() {
                 data_len.insert(cookie, 4096);
             }
         }
-        let mut w = c.s.try_clone().unwrap();
+        let mut w = c.s().try_clone().unwrap();
         let writer = std::thread::spawn(move || trickle(&mut w, &frame));
-        let replies = simple_replies(&mut c.s, &data_len);
+        let replies = simple_replies(c.s(), &data_len);
         writer.join().unwrap();
         for i in (1..400u64).step_by(2) {
             let (error, data) = &replies[&(100 + i)];
@@ -1187,10 +1061,10 @@ fn requests_split_anywhere_in_both_receive_modes() {
             );
             data_len.insert(cookie, 4096);
         }
-        let mut w = c.s.try_clone().unwrap();
+        let mut w = c.s().try_clone().unwrap();
         let writer = std::thread::spawn(move || w.write_all(&frame).unwrap());
         std::thread::sleep(Duration::from_millis(300));
-        let replies = simple_replies(&mut c.s, &data_len);
+        let replies = simple_replies(c.s(), &data_len);
         writer.join().unwrap();
         for i in 0..n {
             let (error, data) = &replies[&(10_000 + i)];
@@ -1201,7 +1075,6 @@ fn requests_split_anywhere_in_both_receive_modes() {
                 "{mode}: pipelined read {i} differs"
             );
         }
-        c.next_cookie = 100_000;
         assert_eq!(c.flush(), 0);
         drop(c);
         f.stop();

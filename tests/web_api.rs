@@ -7,8 +7,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::time::{Duration, Instant};
 
 use common::{
-    http, http_auth, nbd_endpoints, run, start_with_web, wait_for, web_endpoint, write_file,
-    Daemon, RawNbd,
+    http, http_auth, nbd_connect, nbd_endpoints, run, start_with_web, wait_for, web_endpoint,
+    write_file, Daemon,
 };
 use serde_json::{json, Value};
 
@@ -488,10 +488,10 @@ fn every_endpoint_with_auth_and_bad_input() {
 #[test]
 fn deleting_a_volume_in_use_is_refused_with_409() {
     let w = Web::start();
-    let mut client = RawNbd::connect(&w.nbd, "alpha");
-    assert_eq!(client.size_bytes, 64 * MIB);
-    assert_eq!(client.write(1, 0, &[0x5a; 4096]), 0);
-    assert_eq!(client.write(2, 8 * MIB, &[0xa5; 8192]), 0);
+    let mut client = nbd_connect(&w.nbd, "alpha");
+    assert_eq!(client.export().size_bytes, 64 * MIB);
+    client.write(0, &[0x5a; 4096], 0).unwrap();
+    client.write(8 * MIB, &[0xa5; 8192], 0).unwrap();
     let clients = wait_for(
         Duration::from_secs(10),
         "the client in /api/clients",
@@ -635,7 +635,7 @@ fn sse_stream_sends_live_stats_every_second() {
         head.iter().any(|h| h == "content-type: text/event-stream"),
         "{head:?}"
     );
-    let mut client = RawNbd::connect(&w.nbd, "alpha");
+    let mut client = nbd_connect(&w.nbd, "alpha");
     let started = Instant::now();
     let mut writes = 0u64;
     let mut seen_rate = false;
@@ -643,7 +643,7 @@ fn sse_stream_sends_live_stats_every_second() {
     // Stop after live events show the writes we make between them (bounded: 20 events).
     for _ in 0..20 {
         for i in 0..50 {
-            assert_eq!(client.write(i, i * 4096, &[7; 4096]), 0);
+            client.write(i * 4096, &[7; 4096], 0).unwrap();
             writes += 1;
         }
         let ev = read_events(&mut reader, 1, Duration::from_secs(10)).remove(0);

@@ -11,7 +11,6 @@
 //! `fresh_export` says it reads as zeros.
 
 use std::collections::VecDeque;
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -24,21 +23,13 @@ use hdrhistogram::Histogram;
 use io_uring::{opcode, types, IoUring};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+use ringblock_transports::nbd::client::{
+    self, request_header, Options, Parsed, ReplyFrame, ReplyParser,
+};
+use ringblock_transports::nbd::wire::{Request, CMD_DISC, CMD_READ, CMD_WRITE};
 use serde::Serialize;
 
 use crate::host::thread_cpu;
-
-const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-const OPT_GO: u32 = 7;
-const REP_ACK: u32 = 1;
-const REP_INFO: u32 = 3;
-const CMD_READ: u16 = 0;
-const CMD_WRITE: u16 = 1;
-const CMD_DISC: u16 = 2;
 
 /// Where the server is.
 #[derive(Clone, Debug)]
@@ -115,55 +106,6 @@ pub struct LoadResult {
     pub client_cpu_s: f64,
 }
 
-/// Fixed-newstyle handshake with OPT_GO; returns the export size.
-fn handshake<S: Read + Write>(s: &mut S, export: &str) -> Result<u64> {
-    let mut greet = [0u8; 18];
-    s.read_exact(&mut greet).context("reading the greeting")?;
-    if u64::from_be_bytes(greet[0..8].try_into()?) != NBDMAGIC
-        || u64::from_be_bytes(greet[8..16].try_into()?) != IHAVEOPT
-    {
-        bail!("not a fixed-newstyle NBD server");
-    }
-    let flags = u16::from_be_bytes(greet[16..18].try_into()?);
-    let client_flags: u32 = 1 | if flags & 2 != 0 { 2 } else { 0 };
-    let mut out = client_flags.to_be_bytes().to_vec();
-    out.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    out.extend_from_slice(&OPT_GO.to_be_bytes());
-    out.extend_from_slice(&((4 + export.len() + 2) as u32).to_be_bytes());
-    out.extend_from_slice(&(export.len() as u32).to_be_bytes());
-    out.extend_from_slice(export.as_bytes());
-    out.extend_from_slice(&0u16.to_be_bytes());
-    s.write_all(&out)?;
-    let mut size = None;
-    for _ in 0..64 {
-        let mut h = [0u8; 20];
-        s.read_exact(&mut h).context("reading an option reply")?;
-        if u64::from_be_bytes(h[0..8].try_into()?) != OPT_REPLY_MAGIC {
-            bail!("bad option reply magic");
-        }
-        let kind = u32::from_be_bytes(h[12..16].try_into()?);
-        let len = u32::from_be_bytes(h[16..20].try_into()?) as usize;
-        if len > 1 << 20 {
-            bail!("option reply too long");
-        }
-        let mut payload = vec![0u8; len];
-        s.read_exact(&mut payload)?;
-        match kind {
-            REP_ACK => return size.context("server sent no NBD_INFO_EXPORT"),
-            REP_INFO if len >= 12 && u16::from_be_bytes(payload[0..2].try_into()?) == 0 => {
-                size = Some(u64::from_be_bytes(payload[2..10].try_into()?));
-            }
-            REP_INFO => {}
-            k if k & 0x8000_0000 != 0 => bail!(
-                "server refused export {export:?}: {}",
-                String::from_utf8_lossy(&payload)
-            ),
-            _ => {}
-        }
-    }
-    bail!("too many option replies")
-}
-
 fn connect(cfg: &LoadConfig) -> Result<(OwnedFd, u64)> {
     connect_to(&cfg.endpoint, &cfg.export)
 }
@@ -174,13 +116,13 @@ fn connect_to(endpoint: &Endpoint, export: &str) -> Result<(OwnedFd, u64)> {
             let mut s =
                 TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
             s.set_nodelay(true)?;
-            let size = handshake(&mut s, export)?;
+            let size = client::handshake(&mut s, export, Options::default())?.size_bytes;
             Ok((s.into(), size))
         }
         Endpoint::Unix(path) => {
             let mut s = UnixStream::connect(path)
                 .with_context(|| format!("connecting to {}", path.display()))?;
-            let size = handshake(&mut s, export)?;
+            let size = client::handshake(&mut s, export, Options::default())?.size_bytes;
             Ok((s.into(), size))
         }
     }
@@ -196,27 +138,22 @@ pub fn probe(endpoint: &Endpoint, export: &str) -> Result<u64> {
 
 /// Send NBD_CMD_DISC, best effort (the server drains and closes).
 fn send_disconnect(fd: &OwnedFd) {
-    let mut disc = Vec::with_capacity(28);
-    encode_request(&mut disc, CMD_DISC, 0, 0, 0);
+    let disc = Request {
+        kind: CMD_DISC,
+        ..Request::default()
+    };
+    let Ok((header, len)) = request_header(&disc, false) else {
+        return;
+    };
     // SAFETY: a plain send of a local buffer on our socket.
     unsafe {
         libc::send(
             fd.as_raw_fd(),
-            disc.as_ptr().cast(),
-            disc.len(),
+            header.as_ptr().cast(),
+            len,
             libc::MSG_NOSIGNAL,
         )
     };
-}
-
-/// Append a compact NBD request header.
-fn encode_request(out: &mut Vec<u8>, command: u16, cookie: u64, offset: u64, length: u32) {
-    out.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-    out.extend_from_slice(&0u16.to_be_bytes());
-    out.extend_from_slice(&command.to_be_bytes());
-    out.extend_from_slice(&cookie.to_be_bytes());
-    out.extend_from_slice(&offset.to_be_bytes());
-    out.extend_from_slice(&length.to_be_bytes());
 }
 
 fn pattern(block: u64, generation: u32, out: &mut [u8]) {
@@ -308,7 +245,7 @@ impl<'a> Issuer<'a> {
     }
 
     /// Encode new requests into the connection's free slots, up to `budget` issued in all.
-    fn fill(&mut self, c: &mut Conn, budget: u64) {
+    fn fill(&mut self, c: &mut Conn, budget: u64) -> Result<()> {
         while self.issued < budget {
             let Some(slot) = c.free.pop() else { break };
             self.issued += 1;
@@ -335,14 +272,15 @@ impl<'a> Issuer<'a> {
             }
             let is_read = self.rng.gen_range(0..100u8) < self.cfg.read_percent;
             let offset = block * self.cfg.block_bytes as u64;
-            let command = if is_read { CMD_READ } else { CMD_WRITE };
-            encode_request(
-                &mut c.out,
-                command,
-                u64::from(slot),
+            let req = Request {
+                flags: 0,
+                kind: if is_read { CMD_READ } else { CMD_WRITE },
+                cookie: u64::from(slot),
                 offset,
-                self.cfg.block_bytes as u32,
-            );
+                length: self.cfg.block_bytes as u64,
+            };
+            let (header, len) = request_header(&req, false)?;
+            c.out.extend_from_slice(&header[..len]);
             if !is_read {
                 if self.cfg.verify {
                     let g = self.generation[block as usize].wrapping_add(1).max(1);
@@ -360,6 +298,7 @@ impl<'a> Issuer<'a> {
                 issued: Instant::now(),
             };
         }
+        Ok(())
     }
 }
 
@@ -445,9 +384,9 @@ impl<'a> Load<'a> {
     }
 
     /// Fill connection `i`'s free slots as far as the rate allows.
-    fn fill(&mut self, i: usize) {
+    fn fill(&mut self, i: usize) -> Result<()> {
         let budget = self.allowed(Instant::now());
-        self.iss.fill(&mut self.conns[i], budget);
+        self.iss.fill(&mut self.conns[i], budget)
     }
 
     /// Queue a send of what each connection has encoded, and a recv where replies are due.
@@ -561,7 +500,7 @@ impl<'a> Load<'a> {
             c.rlen += res as usize;
             self.parse_replies(i)?;
             if !self.stopping {
-                self.fill(i);
+                self.fill(i)?;
             }
         }
         Ok(())
@@ -571,31 +510,37 @@ impl<'a> Load<'a> {
     fn parse_replies(&mut self, i: usize) -> Result<()> {
         let (cfg, iss, counts) = (self.cfg, &mut self.iss, &mut self.counts);
         let c = &mut self.conns[i];
+        // Simple replies only: the handshake negotiated no structured replies.
+        let parser = ReplyParser::new(false, false);
         let mut at = 0;
         loop {
-            let avail = &c.rbuf[at..c.rlen];
-            if avail.len() < 16 {
-                break;
-            }
-            if u32::from_be_bytes(avail[0..4].try_into()?) != SIMPLE_REPLY_MAGIC {
-                bail!("bad reply magic from the server");
-            }
-            let err = u32::from_be_bytes(avail[4..8].try_into()?);
-            let slot = u64::from_be_bytes(avail[8..16].try_into()?) as usize;
-            let s = *c
-                .slots
-                .get(slot)
-                .filter(|s| s.busy)
-                .context("reply for an unknown cookie")?;
-            let need = 16
-                + if s.is_read && err == 0 {
-                    cfg.block_bytes
-                } else {
-                    0
-                };
-            if avail.len() < need {
-                break;
-            }
+            let slots = &c.slots;
+            // A successful read's data follows its reply; the cookie is the slot.
+            let read_len = |cookie: u64| {
+                let s = slots
+                    .get(usize::try_from(cookie).ok()?)
+                    .filter(|s| s.busy)?;
+                Some(if s.is_read { cfg.block_bytes } else { 0 })
+            };
+            let (cookie, err, data, len) = match parser
+                .parse(&c.rbuf[at..c.rlen], read_len)
+                .with_context(|| format!("a reply on connection {i}"))?
+            {
+                Parsed::Incomplete { .. } => break,
+                Parsed::Frame {
+                    frame:
+                        ReplyFrame::Simple {
+                            cookie,
+                            error,
+                            data,
+                        },
+                    len,
+                } => (cookie, error, data, len),
+                Parsed::Frame { .. } => bail!("a structured reply that was not negotiated"),
+            };
+            // `read_len` found the slot busy.
+            let slot = cookie as usize;
+            let s = c.slots[slot];
             let done_at = Instant::now();
             let measured = done_at >= self.measure_from;
             if measured {
@@ -608,7 +553,6 @@ impl<'a> Load<'a> {
                 counts.reads += u64::from(measured);
                 if cfg.verify {
                     let g = iss.generation[s.block as usize];
-                    let data = &avail[16..need];
                     let ok = if g == 0 {
                         !cfg.fresh_export || data.iter().all(|&b| b == 0)
                     } else {
@@ -627,7 +571,7 @@ impl<'a> Load<'a> {
             }
             c.slots[slot].busy = false;
             c.free.push(slot as u16);
-            at += need;
+            at += len;
         }
         c.rbuf.copy_within(at..c.rlen, 0);
         c.rlen -= at;
@@ -673,7 +617,7 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadResult> {
     let mut load = Load::new(cfg)?;
     let cpu_start = thread_cpu();
     for i in 0..load.conns.len() {
-        load.fill(i);
+        load.fill(i)?;
     }
     loop {
         let now = Instant::now();
@@ -685,7 +629,7 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadResult> {
         if cfg.rate_iops.is_some() && !load.stopping {
             let budget = load.allowed(now);
             for c in load.conns.iter_mut().filter(|c| !c.closed) {
-                load.iss.fill(c, budget);
+                load.iss.fill(c, budget)?;
             }
         }
         let in_flight: usize = load
@@ -733,60 +677,64 @@ mod tests {
         sock
     }
 
+    /// The server side, built from the server's own wire codec.
     fn session(
         s: &mut UnixStream,
         mem: &Mutex<Vec<u8>>,
         answered: &std::sync::atomic::AtomicU64,
         corrupt_every: u64,
     ) -> std::io::Result<()> {
+        use ringblock_transports::nbd::wire::{
+            ClientOption, Greeting, OptionHeader, OptionReply, SimpleReply, EINVAL,
+            FLAG_FIXED_NEWSTYLE, FLAG_HAS_FLAGS, FLAG_NO_ZEROES, REP_ERR_UNSUP,
+        };
+        use std::io::{Read, Write};
         let size = mem.lock().unwrap().len() as u64;
-        let mut hello = NBDMAGIC.to_be_bytes().to_vec();
-        hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        hello.extend_from_slice(&3u16.to_be_bytes()); // fixed newstyle, no zeroes
-        s.write_all(&hello)?;
+        s.write_all(
+            &Greeting {
+                flags: FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES,
+            }
+            .to_bytes(),
+        )?;
         let mut b4 = [0u8; 4];
         s.read_exact(&mut b4)?; // client flags
         loop {
             let mut h = [0u8; 16];
             s.read_exact(&mut h)?;
-            let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
-            let len = u32::from_be_bytes(h[12..16].try_into().unwrap()) as usize;
-            let mut data = vec![0u8; len];
+            let (hdr, _) = OptionHeader::decode(&h).unwrap();
+            let mut data = vec![0u8; hdr.length as usize];
             s.read_exact(&mut data)?;
-            let reply = |kind: u32, payload: &[u8]| {
-                let mut r = OPT_REPLY_MAGIC.to_be_bytes().to_vec();
-                r.extend_from_slice(&opt.to_be_bytes());
-                r.extend_from_slice(&kind.to_be_bytes());
-                r.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-                r.extend_from_slice(payload);
-                r
-            };
-            if opt == OPT_GO {
-                let mut info = 0u16.to_be_bytes().to_vec();
-                info.extend_from_slice(&size.to_be_bytes());
-                info.extend_from_slice(&1u16.to_be_bytes());
-                s.write_all(&reply(REP_INFO, &info))?;
-                s.write_all(&reply(REP_ACK, &[]))?;
+            let mut out = Vec::new();
+            if let Ok(ClientOption::Go(_)) = ClientOption::parse(hdr.option, &data) {
+                OptionReply::InfoExport {
+                    size,
+                    flags: FLAG_HAS_FLAGS,
+                }
+                .encode(hdr.option, &mut out);
+                OptionReply::Ack.encode(hdr.option, &mut out);
+                s.write_all(&out)?;
                 break;
             }
-            s.write_all(&reply(0x8000_0001, b"unsupported"))?;
+            OptionReply::Error {
+                reply: REP_ERR_UNSUP,
+                message: "unsupported",
+            }
+            .encode(hdr.option, &mut out);
+            s.write_all(&out)?;
         }
         let mut r = std::io::BufReader::new(s.try_clone()?);
         loop {
             let mut h = [0u8; 28];
             r.read_exact(&mut h)?;
-            assert_eq!(
-                u32::from_be_bytes(h[0..4].try_into().unwrap()),
-                REQUEST_MAGIC
-            );
-            let kind = u16::from_be_bytes(h[6..8].try_into().unwrap());
-            let cookie = &h[8..16];
-            let off = u64::from_be_bytes(h[16..24].try_into().unwrap()) as usize;
-            let len = u32::from_be_bytes(h[24..28].try_into().unwrap()) as usize;
-            let mut out = SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
-            out.extend_from_slice(&0u32.to_be_bytes());
-            out.extend_from_slice(cookie);
-            match kind {
+            let (req, _) = Request::decode(&h, false).unwrap();
+            let (off, len) = (req.offset as usize, req.length as usize);
+            let mut out = SimpleReply {
+                error: 0,
+                cookie: req.cookie,
+            }
+            .to_bytes()
+            .to_vec();
+            match req.kind {
                 CMD_READ => {
                     out.extend_from_slice(&mem.lock().unwrap()[off..off + len]);
                     let n = answered.fetch_add(1, Ordering::Relaxed) + 1;
@@ -801,7 +749,7 @@ mod tests {
                     mem.lock().unwrap()[off..off + len].copy_from_slice(&data);
                 }
                 CMD_DISC => return Ok(()),
-                _ => out[4..8].copy_from_slice(&22u32.to_be_bytes()), // EINVAL
+                _ => out[4..8].copy_from_slice(&EINVAL.to_be_bytes()),
             }
             s.write_all(&out)?;
         }

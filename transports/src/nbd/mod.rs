@@ -3,6 +3,7 @@
 //! task on a reactor, where its socket IO goes through that reactor's io_uring.
 
 pub mod cidr;
+pub mod client;
 pub mod conn;
 pub mod handshake;
 pub mod server;
