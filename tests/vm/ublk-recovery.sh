@@ -30,6 +30,10 @@ volume = "vol0"
 state_dir = "/run/ringblock"
 [nbd]
 listen = ["127.0.0.1:0"]
+# The host's files are read-only in the guest: the device's state record and the API token
+# live in a writable directory.
+[web]
+state_dir = "/run/ringblock-state"
 TOML
 
 step "start daemon"
@@ -113,7 +117,7 @@ dd if="$dev" of=/dev/null bs=1M count=4 iflag=direct status=none || fail "read a
 step "kill -9, restart with [ublk] recovery = false: the left-over device is deleted"
 kill -KILL "$DAEMON_PID"
 wait "$DAEMON_PID" 2>/dev/null || true
-sed 's/^state_dir = .*/&\nrecovery = false/' /tmp/noexport.toml >/tmp/norecovery.toml
+sed 's|^state_dir = "/run/ringblock"$|&\nrecovery = false|' /tmp/noexport.toml >/tmp/norecovery.toml
 start_daemon /tmp/norecovery.toml /tmp/daemon11.log
 grep "^ringblock: deleted ${dev#/dev/}" /tmp/daemon11.log || fail "the left-over device was not deleted"
 for ((i = 0; i < 100; i++)); do [[ -e $dev ]] || break; sleep 0.05; done
