@@ -27,13 +27,15 @@ impl Daemon {
 
     /// [`Daemon::start`] with the log (stderr) going to `stderr`, e.g. a file to read back.
     pub fn start_with_stderr(args: &[&str], stderr: Stdio) -> Daemon {
-        let mut child = Command::new(BIN)
-            .arg("serve")
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn ringblock");
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve").args(args).stderr(stderr);
+        Self::start_command(cmd)
+    }
+
+    /// Run `cmd` (a `ringblock serve`, perhaps under a wrapper such as `unshare`) with its
+    /// stdout read here, and wait (bounded) for its "ready" line.
+    pub fn start_command(mut cmd: Command) -> Daemon {
+        let mut child = cmd.stdout(Stdio::piped()).spawn().expect("spawn ringblock");
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {

@@ -569,3 +569,40 @@ fn clients_outside_allowed_clients_are_closed_at_once() {
     drop(s);
     f.stop();
 }
+
+/// NBD has no authentication of its own: a daemon listening beyond loopback says so at start,
+/// on stdout and in its log. Run in a network namespace of its own (`unshare --net`), so the
+/// wildcard address it binds reaches nothing beyond this test; no byte is sent to it.
+#[test]
+fn listening_beyond_loopback_warns() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stderr.log");
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["--net", "--", common::BIN, "serve", "--no-web"])
+        .args(["--listen", "0.0.0.0:0", "--listen", "127.0.0.1:0"])
+        .stderr(std::fs::File::create(&log).unwrap());
+    let d = Daemon::start_command(cmd);
+    let warned: Vec<&String> = d
+        .stdout_lines
+        .iter()
+        .filter(|l| l.starts_with("ringblock: warning: nbd on"))
+        .collect();
+    assert_eq!(
+        warned.len(),
+        1,
+        "one warning, for 0.0.0.0 only: {:?}",
+        d.stdout_lines
+    );
+    assert!(
+        warned[0].contains("0.0.0.0:") && warned[0].contains("no TLS or authentication"),
+        "{warned:?}"
+    );
+    d.stop();
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains("nbd listens beyond loopback")),
+        "{stderr}"
+    );
+}
