@@ -499,6 +499,12 @@ impl<I: Io> ReactorCore<I> {
                 };
                 r.map_err(|e| e.0)
             });
+        let path = if direct.is_some() {
+            &part.req.volume.stats.moved_parts_in_place
+        } else {
+            &part.req.volume.stats.moved_parts_bounced
+        };
+        path.fetch_add(1, Ordering::Relaxed);
         match (direct, first) {
             (Some(result), Some(phys)) => {
                 self.first_write_done(part, phys, result.map_err(Errno));
