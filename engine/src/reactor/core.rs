@@ -110,6 +110,10 @@ pub(crate) struct ReactorCore<I: Io> {
     completions: Vec<IoCompletion>,
     /// Where bounce buffers for requests with a mover come from (else the heap).
     bounce_pool: Option<Arc<RegisteredPool>>,
+    /// Counts what may change or free memory `read_in_place` handed out (a part that is not a
+    /// read starts here, a control message): a task that keeps pointers to it checks in debug
+    /// builds that this has not moved when it dereferences them ([`Self::data_epoch`]).
+    data_epoch: u64,
 }
 
 impl<I: Io> ReactorCore<I> {
@@ -126,7 +130,14 @@ impl<I: Io> ReactorCore<I> {
             homes: homes.into_iter().map(|h| (h.device.id, h)).collect(),
             completions: Vec::with_capacity(256),
             bounce_pool: None,
+            data_epoch: 0,
         }
+    }
+
+    /// See the `data_epoch` field: equal values mean memory `read_in_place` handed out
+    /// between them is still valid and unchanged.
+    pub(crate) fn data_epoch(&self) -> u64 {
+        self.data_epoch
     }
 
     /// Take bounce buffers from `pool` (the reactor's registered pool: device IO into it
@@ -168,7 +179,10 @@ impl<I: Io> ReactorCore<I> {
                 home.waiting.push(waiter);
                 self.start_round(device);
             }
-            Msg::Control { device, control } => self.control(device, control),
+            Msg::Control { device, control } => {
+                self.data_epoch += 1;
+                self.control(device, control)
+            }
             Msg::Task(_) => unreachable!("tasks are taken by the runtime before the core"),
         }
     }
@@ -336,6 +350,7 @@ impl<I: Io> ReactorCore<I> {
         let cs = device.chunk_size_bytes();
         let whole_chunk = part.offset_in_chunk == 0 && part.len_bytes == cs;
         if part.req.kind != RequestKind::Read {
+            self.data_epoch += 1;
             if let Some(waiting) = self.initializing.get_mut(&key) {
                 waiting.push(part);
                 return;

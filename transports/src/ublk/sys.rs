@@ -1,5 +1,5 @@
 //! The ublk UAPI (`include/uapi/linux/ublk_cmd.h`), the subset ringblock uses, written out by
-//! hand. Layouts are `#[repr(C)]` and checked against the kernel's sizes in the tests below.
+//! hand. Layouts are `#[repr(C)]` and checked against the kernel's sizes at compile time.
 //!
 //! Control commands go to `/dev/ublk-control` as `IORING_OP_URING_CMD` on a ring with 128-byte
 //! SQEs (the 32-byte [`CtrlCmd`] rides in the SQE's command area); IO commands go to
@@ -333,25 +333,27 @@ pub fn user_copy_pos(q_id: u16, tag: u16, offset: u64) -> Option<u64> {
     )
 }
 
+// The layouts match the kernel's (sizes and offsets from <linux/ublk_cmd.h>, x86_64): a
+// mismatch fails the build.
+const _: () = {
+    use std::mem::{offset_of, size_of};
+    assert!(size_of::<CtrlCmd>() == 32);
+    assert!(size_of::<DevInfo>() == 64);
+    assert!(size_of::<IoDesc>() == 24);
+    assert!(size_of::<IoCmd>() == 16);
+    assert!(size_of::<ParamBasic>() == 32);
+    assert!(size_of::<ParamDiscard>() == 20);
+    assert!(size_of::<ParamDevt>() == 16);
+    assert!(size_of::<ParamZoned>() == 32);
+    assert!(size_of::<Params>() == 112);
+    assert!(offset_of!(Params, discard) == 40);
+    assert!(offset_of!(DevInfo, flags) == 24);
+    assert!(offset_of!(DevInfo, ublksrv_flags) == 32);
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn layouts_match_the_kernel() {
-        assert_eq!(std::mem::size_of::<CtrlCmd>(), 32);
-        assert_eq!(std::mem::size_of::<DevInfo>(), 64);
-        assert_eq!(std::mem::size_of::<IoDesc>(), 24);
-        assert_eq!(std::mem::size_of::<IoCmd>(), 16);
-        assert_eq!(std::mem::size_of::<ParamBasic>(), 32);
-        assert_eq!(std::mem::size_of::<ParamDiscard>(), 20);
-        assert_eq!(std::mem::size_of::<ParamDevt>(), 16);
-        assert_eq!(std::mem::size_of::<ParamZoned>(), 32);
-        assert_eq!(std::mem::size_of::<Params>(), 112);
-        assert_eq!(std::mem::offset_of!(Params, discard), 40);
-        assert_eq!(std::mem::offset_of!(DevInfo, flags), 24);
-        assert_eq!(std::mem::offset_of!(DevInfo, ublksrv_flags), 32);
-    }
 
     #[test]
     fn ioctl_encodings_match_the_kernel() {

@@ -272,6 +272,10 @@ impl UringIo {
         c: IoCompletion,
     ) {
         let i = device.spec.id.0 as usize;
+        debug_assert!(
+            self.per_device_in_flight[i] > 0,
+            "a completion on device {i} with none in flight"
+        );
         self.per_device_in_flight[i] -= 1;
         let spike_ns = device.fault.as_ref().map_or(0, |f| f.spike_ns());
         let service = match (&device.delay, kind) {
@@ -422,6 +426,10 @@ impl UringIo {
                     };
                     // A multishot op stays in flight until its last completion.
                     if !c.more() {
+                        debug_assert!(
+                            self.raw_in_flight > 0,
+                            "a raw completion with none in flight"
+                        );
                         self.raw_in_flight -= 1;
                     }
                     self.raw_done.push((task_id, c));
@@ -528,6 +536,21 @@ impl UringIo {
         self.wake_armed = true;
         true
     }
+    /// Every op accepted by `push` and not yet handed out is in exactly one place: the ring
+    /// (one taken slot each), the delay queue, or the ready queue.
+    fn debug_check_counts(&self) {
+        debug_assert_eq!(
+            self.ring_in_flight,
+            self.slots.len() - self.free_slots.len(),
+            "ops in the ring vs taken slots"
+        );
+        debug_assert_eq!(
+            self.in_flight,
+            self.ring_in_flight + self.delayed.len() + self.ready.len(),
+            "ops in flight vs ring + delayed + ready"
+        );
+    }
+
     fn push_on(&mut self, device: &OpenDevice, mut op: IoOp) -> Result<(), IoOp> {
         let i = device.spec.id.0 as usize;
         if self.per_device_in_flight[i] >= device.spec.profile.queue_depth {
@@ -606,6 +629,7 @@ impl UringIo {
             }
         }
         self.ring_in_flight += 1;
+        self.debug_check_counts();
         // A device that serves requests in arrival order (virtio-blk under a VM) idles while
         // a whole loop turn's worth of ops waits to be submitted at once; small groups keep it
         // fed. 0 = submit once per turn (fewest system calls).
@@ -664,8 +688,13 @@ impl Io for UringIo {
     fn poll_local(&mut self, out: &mut Vec<IoCompletion>) -> Result<(), EngineError> {
         self.reap_ring();
         self.release_due();
+        debug_assert!(
+            self.in_flight >= self.ready.len(),
+            "more completions than ops"
+        );
         self.in_flight -= self.ready.len();
         out.extend(self.ready.drain(..));
+        self.debug_check_counts();
         Ok(())
     }
 

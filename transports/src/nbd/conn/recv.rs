@@ -92,7 +92,7 @@ impl Connection {
     /// or all that follows once requests are held back) is for later.
     pub(super) fn feed(&mut self, ctx: &mut TaskCtx<'_>, src: &[u8]) -> usize {
         let used = self.feed_requests(ctx, src);
-        self.flush_direct();
+        self.flush_direct(ctx);
         used
     }
 
