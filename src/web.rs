@@ -205,7 +205,7 @@ impl UblkControl for UblkView {
     }
     fn start(&self, engine: &Engine, volume: &str) -> Result<UblkExport, UblkControlError> {
         let dev =
-            ublk::start_ublk_export_with(engine, volume, &self.opts).map_err(ublk_control_error)?;
+            ublk::start_ublk_export(engine, volume, &self.opts).map_err(ublk_control_error)?;
         let i = dev.info();
         tracing::info!(device = %i.path, volume = %i.volume, "ublk export started through the API");
         Ok(ublk_export(i))

@@ -242,11 +242,6 @@ impl FirmwareProfile {
         self.volatile_write_cache && !self.power_loss_protection
     }
 
-    /// Whether the device supports discard (TRIM).
-    pub fn supports_discard(&self) -> bool {
-        self.discard_granularity_bytes != 0
-    }
-
     /// Service time in ns the delay wrapper adds for a read of `len` bytes
     /// (latency + len/bandwidth, rounded down, saturating).
     pub fn read_delay_ns(&self, len: u64) -> u64 {

@@ -6,7 +6,6 @@
 //! `bbram`, [`backing`] opening, creating and locking files and block devices, [`probe`] the
 //! read-only checks `check-config` runs.
 
-use std::ops::Range;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
@@ -391,11 +390,6 @@ impl OpenDevice {
             }
         }
     }
-}
-
-/// Ranges of a device's bytes, for fault configuration from code.
-pub fn eio_range(range: Range<u64>) -> [u64; 2] {
-    [range.start, range.end]
 }
 
 #[cfg(test)]

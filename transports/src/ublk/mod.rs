@@ -312,11 +312,6 @@ impl UblkDevice {
 
 use ctrl::Control;
 
-/// Export `volume` as `/dev/ublkbN` with the default options.
-pub fn start_ublk_export(engine: &Engine, volume: &str) -> Result<Arc<UblkDevice>, UblkError> {
-    start_ublk_export_with(engine, volume, &UblkOptions::default())
-}
-
 /// Stop the export of `volume`.
 pub fn stop_ublk_export(volume: &str) -> Result<(), UblkError> {
     let dev = find(volume)
@@ -341,7 +336,7 @@ pub fn stop_all() -> Vec<(String, UblkError)> {
 }
 
 /// Export `volume` as `/dev/ublkbN`, or take over the device a previous daemon left for it.
-pub fn start_ublk_export_with(
+pub fn start_ublk_export(
     engine: &Engine,
     volume: &str,
     opts: &UblkOptions,
@@ -836,7 +831,7 @@ pub fn resume_leftovers(engine: &Engine, opts: &UblkOptions, configured: &[&str]
     let mut out = Vec::new();
     for (path, st) in found {
         if opts.recovery && engine.volume(&st.volume).is_some() {
-            match start_ublk_export_with(engine, &st.volume, opts) {
+            match start_ublk_export(engine, &st.volume, opts) {
                 Ok(dev) => out.push(Leftover::Recovered(dev)),
                 Err(error) => out.push(Leftover::Failed {
                     volume: st.volume.clone(),
