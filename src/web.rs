@@ -184,7 +184,7 @@ fn ublk_export(i: UblkInfo) -> UblkExport {
 fn ublk_control_error(e: UblkError) -> UblkControlError {
     match &e {
         UblkError::NoDriver(_) => UblkControlError::Unavailable(e.to_string()),
-        UblkError::Command { errno, .. } if *errno == libc::EPERM || *errno == libc::EACCES => {
+        UblkError::Command { errno, .. } if errno.0 == libc::EPERM || errno.0 == libc::EACCES => {
             UblkControlError::Unavailable(format!("{e} (ublk needs root / CAP_SYS_ADMIN)"))
         }
         UblkError::InUse(_) => UblkControlError::Conflict(e.to_string()),

@@ -289,7 +289,7 @@ impl<I: Io> ReactorCore<I> {
                         }
                         _ => device.health.write_errors.fetch_add(1, Ordering::Relaxed),
                     };
-                    part.req.fail(Errno(errno));
+                    part.req.fail(errno);
                 }
                 part.buf = c.buf;
                 if let (Some(mover), RequestKind::Read, Ok(_)) =
@@ -326,7 +326,7 @@ impl<I: Io> ReactorCore<I> {
                             .write_errors
                             .fetch_add(1, Ordering::Relaxed);
                         volume.device.alloc.release_unpublished(phys);
-                        first.req.fail(Errno(errno));
+                        first.req.fail(errno);
                         self.finish_part(first);
                         // The others start over: each write allocates (and fails) on its own.
                         for part in waiting {
@@ -337,9 +337,9 @@ impl<I: Io> ReactorCore<I> {
             }
             OpCtx::FirstWrite { mut part, phys } => {
                 part.buf = c.buf;
-                self.first_write_done(part, phys, c.result.map(|_| ()).map_err(Errno));
+                self.first_write_done(part, phys, c.result.map(|_| ()));
             }
-            OpCtx::Round { device } => self.round_step(device, c.result.map(|_| ()).map_err(Errno)),
+            OpCtx::Round { device } => self.round_step(device, c.result.map(|_| ())),
         }
     }
 
@@ -507,12 +507,11 @@ impl<I: Io> ReactorCore<I> {
         let direct = self
             .io
             .with_memory(device_id, off, len, access, &mut |mem| {
-                let r = if write {
+                if write {
                     mover.copy_in(oir, mem)
                 } else {
                     mover.copy_out(oir, mem)
-                };
-                r.map_err(|e| e.0)
+                }
             });
         let path = if direct.is_some() {
             &part.req.volume.stats.moved_parts_in_place
@@ -522,11 +521,11 @@ impl<I: Io> ReactorCore<I> {
         path.fetch_add(1, Ordering::Relaxed);
         match (direct, first) {
             (Some(result), Some(phys)) => {
-                self.first_write_done(part, phys, result.map_err(Errno));
+                self.first_write_done(part, phys, result);
             }
             (Some(result), None) => {
                 if let Err(errno) = result {
-                    part.req.fail(Errno(errno));
+                    part.req.fail(errno);
                 }
                 self.finish_part(part);
             }
@@ -606,9 +605,8 @@ impl<I: Io> ReactorCore<I> {
                         Ok(())
                     },
                 )?;
-                copied.map_err(|errno| {
+                copied.inspect_err(|_| {
                     device.health.read_errors.fetch_add(1, Ordering::Relaxed);
-                    Errno(errno)
                 })
             }
         };

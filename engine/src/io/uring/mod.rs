@@ -30,6 +30,7 @@ use crate::device::{Backend, OpenDevice};
 use crate::error::EngineError;
 use crate::ids::DeviceId;
 use crate::profile::ServiceTime;
+use crate::request::Errno;
 
 /// Memory alignment we guarantee for O_DIRECT (buffers that miss it are bounced).
 const DIRECT_MEM_ALIGN: usize = 512;
@@ -301,7 +302,7 @@ impl UringIo {
         self.delayed.push(due_ns, c);
     }
 
-    fn run_inline(device: &OpenDevice, op: &mut IoOp) -> Result<u32, i32> {
+    fn run_inline(device: &OpenDevice, op: &mut IoOp) -> Result<u32, Errno> {
         let len = match op.kind {
             IoKind::Zero { len_bytes } => len_bytes,
             _ => op.buf.as_ref().map_or(0, |b| b.len() as u64),
@@ -309,12 +310,12 @@ impl UringIo {
         match (&device.backend, op.kind) {
             (Backend::Mem(m), IoKind::Read) => m.read(
                 op.offset_bytes,
-                op.buf.as_mut().ok_or(libc::EINVAL)?.as_mut_slice(),
+                op.buf.as_mut().ok_or(Errno::EINVAL)?.as_mut_slice(),
             ),
             (Backend::Mem(m), IoKind::Write { fua }) => {
                 m.write(
                     op.offset_bytes,
-                    op.buf.as_ref().ok_or(libc::EINVAL)?.as_slice(),
+                    op.buf.as_ref().ok_or(Errno::EINVAL)?.as_slice(),
                 )?;
                 if fua {
                     m.persist()?;
@@ -324,7 +325,7 @@ impl UringIo {
             (Backend::Mem(m), IoKind::Zero { len_bytes }) => m.zero(op.offset_bytes, len_bytes),
             (Backend::Mem(m), IoKind::Sync) => m.persist(),
             (Backend::Null, IoKind::Read) => {
-                op.buf.as_mut().ok_or(libc::EINVAL)?.as_mut_slice().fill(0);
+                op.buf.as_mut().ok_or(Errno::EINVAL)?.as_mut_slice().fill(0);
                 Ok(())
             }
             (Backend::Null, _) => Ok(()),
@@ -462,11 +463,12 @@ impl UringIo {
                 submitted_ns,
                 ..
             } = slot;
+            // The one place a ring result's -errno becomes an Errno.
             let result = if res < 0 {
-                Err(-res)
+                Err(Errno(-res))
             } else if expected >= 0 && done != expected {
                 // A short transfer inside the device's bounds means the device misbehaved.
-                Err(libc::EIO)
+                Err(Errno::EIO)
             } else {
                 Ok(done.max(0) as u32)
             };
@@ -654,7 +656,7 @@ impl Io for UringIo {
             self.in_flight += 1;
             self.ready.push_back(IoCompletion {
                 tag: op.tag,
-                result: Err(libc::ENODEV),
+                result: Err(Errno(libc::ENODEV)),
                 buf: op.buf.take(),
             });
             return Ok(());
@@ -747,8 +749,8 @@ impl Io for UringIo {
         offset_bytes: u64,
         len: usize,
         access: MemAccess,
-        f: &mut dyn FnMut(&mut [u8]) -> Result<(), i32>,
-    ) -> Option<Result<(), i32>> {
+        f: &mut dyn FnMut(&mut [u8]) -> Result<(), Errno>,
+    ) -> Option<Result<(), Errno>> {
         let d = self.devices.get(device.0 as usize)?.as_ref()?;
         // The wrappers shape each op (latency, injected errors): such devices take the op path.
         if d.delay.is_some() || d.fault.is_some() {

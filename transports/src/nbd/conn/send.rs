@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
 
 use ringblock_engine::io_uring::{opcode, types};
-use ringblock_engine::task::TaskCtx;
+use ringblock_engine::task::{RingCompletion, TaskCtx};
 use ringblock_engine::IoBuf;
 
 use super::reply::INLINE_READ_MAX_BYTES;
@@ -331,17 +331,13 @@ impl Connection {
     }
 
     /// A completion of the ring send.
-    pub(super) fn on_send(&mut self, result: i32) {
+    pub(super) fn on_send(&mut self, c: RingCompletion) {
         self.send.in_flight = false;
-        if self.state == State::Failed {
-            self.drop_replies();
-        } else if result >= 0 {
-            self.on_sent(result as usize);
-        } else if result != -libc::EINTR && result != -libc::EAGAIN {
-            self.fail(&format!(
-                "send: {}",
-                std::io::Error::from_raw_os_error(-result)
-            ));
+        match c.errno() {
+            _ if self.state == State::Failed => self.drop_replies(),
+            None => self.on_sent(c.result as usize),
+            Some(errno) if errno.0 == libc::EINTR || errno.0 == libc::EAGAIN => {}
+            Some(errno) => self.fail(&format!("send: {errno}")),
         }
     }
 
