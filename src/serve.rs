@@ -302,16 +302,15 @@ fn start_exports(engine: &Engine, cfg: &DaemonConfig, say: &dyn Fn(String)) -> R
                     recovery: cfg.ublk.recovery,
                     user_copy: cfg.ublk.user_copy,
                 };
-                let dev =
-                    ublk::start_ublk_export_with(engine, &e.volume, &opts).map_err(|err| {
-                        let config = matches!(err, UblkError::Volume(_));
-                        let err = anyhow::anyhow!("ublk export of volume {:?}: {err}", e.volume);
-                        if config {
-                            Failure::Config(err)
-                        } else {
-                            Failure::Runtime(err)
-                        }
-                    })?;
+                let dev = ublk::start_ublk_export(engine, &e.volume, &opts).map_err(|err| {
+                    let config = matches!(err, UblkError::Volume(_));
+                    let err = anyhow::anyhow!("ublk export of volume {:?}: {err}", e.volume);
+                    if config {
+                        Failure::Config(err)
+                    } else {
+                        Failure::Runtime(err)
+                    }
+                })?;
                 let i = dev.info();
                 say(format!(
                     "ringblock: ublk {} serves volume {} ({} queue(s) x {} tags, max io {} bytes, copy {}{})",

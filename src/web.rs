@@ -184,7 +184,7 @@ fn ublk_export(i: UblkInfo) -> UblkExport {
 fn ublk_control_error(e: UblkError) -> UblkControlError {
     match &e {
         UblkError::NoDriver(_) => UblkControlError::Unavailable(e.to_string()),
-        UblkError::Command { errno, .. } if *errno == libc::EPERM || *errno == libc::EACCES => {
+        UblkError::Command { errno, .. } if errno.0 == libc::EPERM || errno.0 == libc::EACCES => {
             UblkControlError::Unavailable(format!("{e} (ublk needs root / CAP_SYS_ADMIN)"))
         }
         UblkError::InUse(_) => UblkControlError::Conflict(e.to_string()),
@@ -205,7 +205,7 @@ impl UblkControl for UblkView {
     }
     fn start(&self, engine: &Engine, volume: &str) -> Result<UblkExport, UblkControlError> {
         let dev =
-            ublk::start_ublk_export_with(engine, volume, &self.opts).map_err(ublk_control_error)?;
+            ublk::start_ublk_export(engine, volume, &self.opts).map_err(ublk_control_error)?;
         let i = dev.info();
         tracing::info!(device = %i.path, volume = %i.volume, "ublk export started through the API");
         Ok(ublk_export(i))

@@ -165,6 +165,16 @@ pub(crate) fn submit(
     let ready: Vec<_> = (first..=last)
         .map(|c| make_part(c, inflight.clone()))
         .collect();
+    // The windows taken above (the SAFETY of `make_part`): in order, disjoint, and together
+    // exactly the request.
+    debug_assert!(
+        ready.first().is_some_and(|(_, p)| p.offset_in_request == 0)
+            && ready.windows(2).all(|w| {
+                w[0].1.offset_in_request + w[0].1.len_bytes == w[1].1.offset_in_request
+            })
+            && ready.iter().map(|(_, p)| p.len_bytes).sum::<u64>() == len,
+        "part windows overlap or leave gaps"
+    );
     for (to, part) in ready {
         send(to, Msg::Part(part));
     }

@@ -3,7 +3,9 @@
 //! A profile describes geometry (block sizes, maximum transfer, queue depth), durability
 //! (volatile write cache, power-loss protection, FUA), optional commands (discard,
 //! write-zeroes), service times used by the `delay` wrapper to emulate the class on a RAM or
-//! file device, and reactor advice (busy-poll window, IOPOLL, SQPOLL, registered buffers).
+//! file device, and reactor advice (busy-poll window, submission batching). Keys for ring
+//! setups ringblock does not use yet (`iopoll`, `sqpoll`, `registered_buffers`) are accepted
+//! and ignored with a warning ([`FirmwareProfile::unused_keys`]).
 //!
 //! Profiles live in `firmware-profiles/*.toml`; the ones shipped with ringblock are compiled
 //! into the binary ([`builtin`]). Every field is explained in `firmware-profiles/README.md`.
@@ -82,12 +84,15 @@ pub struct FirmwareProfile {
     /// <= 4096.
     #[serde(default)]
     pub submit_batch: u32,
-    /// Advice: set up the device ring with IORING_SETUP_IOPOLL where the kernel allows.
-    pub iopoll: bool,
-    /// Advice: use a kernel SQ polling thread (IORING_SETUP_SQPOLL).
-    pub sqpoll: bool,
-    /// Advice: register the buffer pool with the ring (fixed buffers).
-    pub registered_buffers: bool,
+    // Ring setups ringblock does not use yet (polled completions, a kernel SQ thread, fixed
+    // buffers per profile: every reactor registers its pool anyway). Accepted so profiles
+    // that carry them still load; read only to warn that they are ignored; never written.
+    #[serde(default, skip_serializing)]
+    iopoll: Option<bool>,
+    #[serde(default, skip_serializing)]
+    sqpoll: Option<bool>,
+    #[serde(default, skip_serializing)]
+    registered_buffers: Option<bool>,
 }
 
 impl FirmwareProfile {
@@ -96,7 +101,27 @@ impl FirmwareProfile {
         let profile: FirmwareProfile =
             toml::from_str(text).map_err(|e| profile_error(source, e.to_string()))?;
         profile.validate(source)?;
+        let unused = profile.unused_keys();
+        if !unused.is_empty() {
+            tracing::warn!(
+                "firmware profile {source}: {} not used by ringblock yet, ignored (remove to \
+                 silence this)",
+                unused.join(", ")
+            );
+        }
         Ok(profile)
+    }
+
+    /// The keys this profile sets that ringblock accepts but does not use yet.
+    pub fn unused_keys(&self) -> Vec<&'static str> {
+        [
+            ("iopoll", self.iopoll.is_some()),
+            ("sqpoll", self.sqpoll.is_some()),
+            ("registered_buffers", self.registered_buffers.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(key, set)| set.then_some(key))
+        .collect()
     }
 
     /// Read a profile file (at most [`FILE_MAX_BYTES`]), parse and validate it.
@@ -240,11 +265,6 @@ impl FirmwareProfile {
     /// covers it).
     pub fn flush_needs_sync(&self) -> bool {
         self.volatile_write_cache && !self.power_loss_protection
-    }
-
-    /// Whether the device supports discard (TRIM).
-    pub fn supports_discard(&self) -> bool {
-        self.discard_granularity_bytes != 0
     }
 
     /// Service time in ns the delay wrapper adds for a read of `len` bytes
@@ -459,6 +479,22 @@ mod tests {
     }
 
     #[test]
+    fn keys_not_used_yet_are_accepted_and_named() {
+        for p in builtin_names() {
+            assert!(builtin(p).unwrap().unused_keys().is_empty(), "{p}");
+        }
+        let text = format!(
+            "{}\niopoll = true\nregistered_buffers = false\n",
+            nvme_text()
+        );
+        let p = FirmwareProfile::from_toml_str("old.toml", &text).unwrap();
+        assert_eq!(p.unused_keys(), ["iopoll", "registered_buffers"]);
+        let written = toml::to_string(&p).unwrap();
+        assert!(!written.contains("iopoll"), "{written}");
+        assert!(rejected("submit_batch", "1\nsqpoll = 1").contains("bool"));
+    }
+
+    #[test]
     fn unknown_key_rejected_by_name() {
         let text = format!("{}\nturbo_mode = true\n", nvme_text());
         let (file, msg) = message(FirmwareProfile::from_toml_str("x.toml", &text).unwrap_err());
@@ -643,15 +679,7 @@ mod tests {
                 )
             });
         let text = ("[A-Za-z0-9._-]{1,64}", any::<String>());
-        let flags = (
-            any::<bool>(),
-            any::<bool>(),
-            any::<bool>(),
-            any::<bool>(),
-            any::<bool>(),
-            any::<bool>(),
-            any::<bool>(),
-        );
+        let flags = (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>());
         let numbers = (
             1..=QUEUE_DEPTH_MAX,
             0..=LATENCY_MAX_US,
@@ -666,7 +694,7 @@ mod tests {
             |(
                 (name, description),
                 (logical, physical, max_transfer, discard),
-                (vwc, plp, fua, wz, iopoll, sqpoll, regbuf),
+                (vwc, plp, fua, wz),
                 (qd, rlat, wlat, flat, rbw, wbw, poll, batch),
             )| FirmwareProfile {
                 name,
@@ -687,14 +715,14 @@ mod tests {
                 write_bandwidth_mib_s: wbw,
                 poll_idle_us: poll,
                 submit_batch: batch,
-                iopoll,
-                sqpoll,
-                registered_buffers: regbuf,
+                iopoll: None,
+                sqpoll: None,
+                registered_buffers: None,
             },
         )
     }
 
-    const KEYS: [&str; 21] = [
+    const KEYS: [&str; 18] = [
         "name",
         "description",
         "logical_block_size_bytes",
@@ -713,9 +741,6 @@ mod tests {
         "write_bandwidth_mib_s",
         "poll_idle_us",
         "submit_batch",
-        "iopoll",
-        "sqpoll",
-        "registered_buffers",
     ];
 
     proptest! {

@@ -23,6 +23,12 @@ impl Errno {
     pub const ENOTSUP: Errno = Errno(libc::EOPNOTSUPP);
 }
 
+impl From<Errno> for std::io::Error {
+    fn from(e: Errno) -> Self {
+        std::io::Error::from_raw_os_error(e.0)
+    }
+}
+
 impl std::fmt::Display for Errno {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}", std::io::Error::from_raw_os_error(self.0))

@@ -109,6 +109,10 @@ pub struct VolumeStats {
     pub flushes: AtomicU64,
     pub trims: AtomicU64,
     pub errors: AtomicU64,
+    /// Parts of mover requests on mapped chunks, by path: copied straight between the mover
+    /// and the device's memory, or through a bounce buffer and a device op.
+    pub moved_parts_in_place: AtomicU64,
+    pub moved_parts_bounced: AtomicU64,
     /// Submission to completion, per kind.
     pub read_latency: crate::stats::LatencyHistogram,
     pub write_latency: crate::stats::LatencyHistogram,

@@ -4,6 +4,7 @@
 //! that mixes moved and buffered requests against a model.
 
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use proptest::prelude::*;
@@ -78,9 +79,20 @@ fn assert_parts(calls: &[(u64, usize)], offset: u64, len: u64) {
     assert_eq!(merged, want, "mover calls {calls:?}");
 }
 
-/// Writes and reads through movers and buffers agree, across chunks, mapped and unmapped.
-fn moved_roundtrip(d: DeviceConfig, stores: bool) {
+/// The path the parts of mover requests on mapped chunks take on a device.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum MovedPath {
+    /// Straight between the mover and the device's memory.
+    InPlace,
+    /// Through a bounce buffer and a device op.
+    Bounced,
+}
+
+/// Writes and reads through movers and buffers agree, across chunks, mapped and unmapped, and
+/// every part on a mapped chunk took `path` (counted in the volume's stats).
+fn moved_roundtrip(d: DeviceConfig, stores: bool, path: MovedPath) {
     let (engine, mut c) = start(d);
+    let volume = engine.volume("v").unwrap();
     // Unmapped: a moved read gets zeros (over what the mover held before).
     let m = VecMover::new(vec![0xee; 200 << 10]);
     c.read_moved(CHUNK / 2, 200 << 10, m.clone()).unwrap();
@@ -165,13 +177,24 @@ fn moved_roundtrip(d: DeviceConfig, stores: bool) {
     let m = VecMover::new(vec![0; 4096]);
     assert_eq!(c.read_moved(100, 4096, m.clone()), Err(Errno::EINVAL));
     assert!(m.calls().is_empty());
+
+    let in_place = volume.stats.moved_parts_in_place.load(Ordering::Relaxed);
+    let bounced = volume.stats.moved_parts_bounced.load(Ordering::Relaxed);
+    let (taken, other) = match path {
+        MovedPath::InPlace => (in_place, bounced),
+        MovedPath::Bounced => (bounced, in_place),
+    };
+    assert!(
+        taken > 0 && other == 0,
+        "parts moved in place {in_place}, bounced {bounced}: all must be {path:?}"
+    );
     drop(c);
     engine.shutdown().unwrap();
 }
 
 #[test]
 fn moved_on_ram_in_place() {
-    moved_roundtrip(device("r", DeviceKind::Ram, None), true);
+    moved_roundtrip(device("r", DeviceKind::Ram, None), true, MovedPath::InPlace);
 }
 
 #[test]
@@ -180,6 +203,7 @@ fn moved_on_bbram() {
     moved_roundtrip(
         device("b", DeviceKind::Bbram, Some(&dir.path().join("b.img"))),
         true,
+        MovedPath::InPlace,
     );
 }
 
@@ -189,6 +213,7 @@ fn moved_on_file_through_bounce_buffers() {
     moved_roundtrip(
         device("f", DeviceKind::File, Some(&dir.path().join("f.img"))),
         true,
+        MovedPath::Bounced,
     );
 }
 
@@ -196,19 +221,23 @@ fn moved_on_file_through_bounce_buffers() {
 fn moved_on_wrapped_ram_through_bounce_buffers() {
     let mut d = device("d", DeviceKind::Ram, None);
     d.emulate_profile_latency = true;
-    moved_roundtrip(d, true);
+    moved_roundtrip(d, true, MovedPath::Bounced);
     let mut d = device("s", DeviceKind::Ram, None);
     d.fault = Some(FaultConfig {
         spike_every_nth: 3,
         spike_us: 10,
         ..Default::default()
     });
-    moved_roundtrip(d, true);
+    moved_roundtrip(d, true, MovedPath::Bounced);
 }
 
 #[test]
 fn moved_on_null_reads_zeros() {
-    moved_roundtrip(device("n", DeviceKind::Null, None), false);
+    moved_roundtrip(
+        device("n", DeviceKind::Null, None),
+        false,
+        MovedPath::Bounced,
+    );
 }
 
 #[test]

@@ -51,10 +51,11 @@ fn seconds(ns: u64) -> f64 {
 
 fn histogram(out: &mut Out, name: &str, labels: &[(&str, &str)], h: &LatencySnapshot) {
     let mut cumulative = 0u64;
-    for (i, c) in h.counts.iter().enumerate() {
+    let bounds_ns = LatencySnapshot::bucket_bounds_ns();
+    for ((i, c), bound_ns) in h.counts.iter().enumerate().zip(bounds_ns) {
         cumulative += c;
         if (FIRST_BUCKET..=LAST_BUCKET).contains(&i) {
-            let le = format!("{}", seconds(1u64 << i));
+            let le = format!("{}", seconds(bound_ns));
             let mut l = labels.to_vec();
             l.push(("le", &le));
             out.line(&format!("{name}_bucket"), &l, cumulative);

@@ -301,9 +301,7 @@ impl SyncAccess for DirectAccess<'_> {
                 buf.copy_from_slice(tmp.as_slice());
                 Ok(())
             }
-            Backend::Mem(m) => m
-                .read(offset_bytes, buf)
-                .map_err(std::io::Error::from_raw_os_error),
+            Backend::Mem(m) => m.read(offset_bytes, buf).map_err(std::io::Error::from),
             Backend::Null => {
                 buf.fill(0);
                 Ok(())
@@ -324,9 +322,7 @@ impl SyncAccess for DirectAccess<'_> {
                 }
                 Ok(())
             }
-            Backend::Mem(m) => m
-                .write(offset_bytes, data)
-                .map_err(std::io::Error::from_raw_os_error),
+            Backend::Mem(m) => m.write(offset_bytes, data).map_err(std::io::Error::from),
             Backend::Null => Ok(()),
         }
     }
@@ -347,7 +343,7 @@ impl SyncAccess for DirectAccess<'_> {
             Backend::Direct { file, .. } => {
                 nix::unistd::fdatasync(file.as_raw_fd()).map_err(std::io::Error::from)
             }
-            Backend::Mem(m) => m.persist().map_err(std::io::Error::from_raw_os_error),
+            Backend::Mem(m) => m.persist().map_err(std::io::Error::from),
             Backend::Null => Ok(()),
         }
     }

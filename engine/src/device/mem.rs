@@ -4,6 +4,8 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
 
+use crate::request::Errno;
+
 /// Memory behind a `ram` or `bbram` device. Reactors access disjoint chunk ranges of it.
 pub struct MemRegion {
     ptr: NonNull<u8>,
@@ -56,15 +58,15 @@ impl MemRegion {
         self.len == 0
     }
 
-    fn check(&self, offset: u64, len: usize) -> Result<usize, i32> {
-        let end = offset.checked_add(len as u64).ok_or(libc::EINVAL)?;
+    fn check(&self, offset: u64, len: usize) -> Result<usize, Errno> {
+        let end = offset.checked_add(len as u64).ok_or(Errno::EINVAL)?;
         if end > self.len as u64 {
-            return Err(libc::EINVAL);
+            return Err(Errno::EINVAL);
         }
         Ok(offset as usize)
     }
 
-    pub fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), i32> {
+    pub fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), Errno> {
         let at = self.check(offset, out.len())?;
         // SAFETY: in bounds (checked); the range belongs to the caller's chunk.
         unsafe {
@@ -73,7 +75,7 @@ impl MemRegion {
         Ok(())
     }
 
-    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), i32> {
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), Errno> {
         let at = self.check(offset, data.len())?;
         // SAFETY: as in `read`.
         unsafe {
@@ -92,7 +94,7 @@ impl MemRegion {
         offset: u64,
         len: usize,
         f: impl FnOnce(&mut [u8]) -> R,
-    ) -> Result<R, i32> {
+    ) -> Result<R, Errno> {
         let at = self.check(offset, len)?;
         // SAFETY: in bounds (checked) of a mapping that lives as long as `self`; exclusive for
         // the duration of the call by the caller's contract.
@@ -100,7 +102,7 @@ impl MemRegion {
         Ok(f(slice))
     }
 
-    pub fn zero(&self, offset: u64, len: u64) -> Result<(), i32> {
+    pub fn zero(&self, offset: u64, len: u64) -> Result<(), Errno> {
         let at = self.check(offset, len as usize)?;
         let len = len as usize;
         // Whole pages are given back to the kernel (thin); the edges are cleared by hand.
@@ -127,7 +129,7 @@ impl MemRegion {
     }
 
     /// The persist point of `bbram`: make the mapping's contents stable.
-    pub fn persist(&self) -> Result<(), i32> {
+    pub fn persist(&self) -> Result<(), Errno> {
         if self._file.is_none() {
             return Ok(());
         }
@@ -136,9 +138,11 @@ impl MemRegion {
         if rc == 0 {
             Ok(())
         } else {
-            Err(std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO))
+            Err(Errno(
+                std::io::Error::last_os_error()
+                    .raw_os_error()
+                    .unwrap_or(libc::EIO),
+            ))
         }
     }
 }

@@ -6,7 +6,6 @@
 //! `bbram`, [`backing`] opening, creating and locking files and block devices, [`probe`] the
 //! read-only checks `check-config` runs.
 
-use std::ops::Range;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
@@ -164,19 +163,19 @@ pub struct FaultState {
 
 impl FaultState {
     /// An injected error for this op, if any.
-    pub fn inject(&self, offset: u64, len: u64, is_write: bool) -> Option<i32> {
+    pub fn inject(&self, offset: u64, len: u64, is_write: bool) -> Option<crate::request::Errno> {
         let hits = self
             .config
             .eio_ranges
             .iter()
             .any(|[s, e]| offset < *e && *s < offset + len.max(1));
         if hits {
-            return Some(libc::EIO);
+            return Some(crate::request::Errno::EIO);
         }
         if is_write && self.config.fail_every_nth_write > 0 {
             let n = self.writes.fetch_add(1, Ordering::Relaxed) + 1;
             if n.is_multiple_of(self.config.fail_every_nth_write) {
-                return Some(libc::EIO);
+                return Some(crate::request::Errno::EIO);
             }
         }
         None
@@ -391,11 +390,6 @@ impl OpenDevice {
             }
         }
     }
-}
-
-/// Ranges of a device's bytes, for fault configuration from code.
-pub fn eio_range(range: Range<u64>) -> [u64; 2] {
-    [range.start, range.end]
 }
 
 #[cfg(test)]

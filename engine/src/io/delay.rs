@@ -75,6 +75,10 @@ impl DelayQueue {
         self.heap.is_empty()
     }
 
+    pub(crate) fn len(&self) -> usize {
+        self.heap.len()
+    }
+
     /// When the next completion is due.
     pub(crate) fn next_due_ns(&self) -> Option<u64> {
         self.heap.peek().map(|d| d.0.due_ns)

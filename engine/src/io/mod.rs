@@ -9,6 +9,7 @@ pub mod uring;
 
 use crate::buf::IoBuf;
 use crate::ids::DeviceId;
+use crate::request::Errno;
 
 /// What an [`IoOp`] does to its device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,7 +39,7 @@ pub struct IoOp {
 #[derive(Debug)]
 pub struct IoCompletion {
     pub tag: u64,
-    pub result: Result<u32, i32>,
+    pub result: Result<u32, Errno>,
     pub buf: Option<IoBuf>,
 }
 
@@ -84,8 +85,8 @@ pub trait Io {
         offset_bytes: u64,
         len: usize,
         access: MemAccess,
-        f: &mut dyn FnMut(&mut [u8]) -> Result<(), i32>,
-    ) -> Option<Result<(), i32>> {
+        f: &mut dyn FnMut(&mut [u8]) -> Result<(), Errno>,
+    ) -> Option<Result<(), Errno>> {
         let _ = (device, offset_bytes, len, access, f);
         None
     }

@@ -15,6 +15,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::{Io, IoCompletion, IoKind, IoOp};
 use crate::ids::DeviceId;
+use crate::request::Errno;
 
 /// Granularity at which the simulated disk tears writes.
 pub const SIM_SECTOR_BYTES: u64 = 512;
@@ -235,11 +236,11 @@ impl SimIo {
             .checked_add(len)
             .is_none_or(|e| e > disk.size_bytes());
         let result = if out_of_range {
-            Err(libc::EINVAL)
+            Err(Errno::EINVAL)
         } else if (kind != IoKind::Sync && disk.hits_eio(offset_bytes, len))
             || (matches!(kind, IoKind::Write { .. }) && disk.hits_write_eio(offset_bytes, len))
         {
-            Err(libc::EIO)
+            Err(Errno::EIO)
         } else {
             match kind {
                 IoKind::Read => disk.read(

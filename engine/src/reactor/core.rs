@@ -110,6 +110,10 @@ pub(crate) struct ReactorCore<I: Io> {
     completions: Vec<IoCompletion>,
     /// Where bounce buffers for requests with a mover come from (else the heap).
     bounce_pool: Option<Arc<RegisteredPool>>,
+    /// Counts what may change or free memory `read_in_place` handed out (a part that is not a
+    /// read starts here, a control message): a task that keeps pointers to it checks in debug
+    /// builds that this has not moved when it dereferences them ([`Self::data_epoch`]).
+    data_epoch: u64,
 }
 
 impl<I: Io> ReactorCore<I> {
@@ -126,7 +130,14 @@ impl<I: Io> ReactorCore<I> {
             homes: homes.into_iter().map(|h| (h.device.id, h)).collect(),
             completions: Vec::with_capacity(256),
             bounce_pool: None,
+            data_epoch: 0,
         }
+    }
+
+    /// See the `data_epoch` field: equal values mean memory `read_in_place` handed out
+    /// between them is still valid and unchanged.
+    pub(crate) fn data_epoch(&self) -> u64 {
+        self.data_epoch
     }
 
     /// Take bounce buffers from `pool` (the reactor's registered pool: device IO into it
@@ -168,7 +179,10 @@ impl<I: Io> ReactorCore<I> {
                 home.waiting.push(waiter);
                 self.start_round(device);
             }
-            Msg::Control { device, control } => self.control(device, control),
+            Msg::Control { device, control } => {
+                self.data_epoch += 1;
+                self.control(device, control)
+            }
             Msg::Task(_) => unreachable!("tasks are taken by the runtime before the core"),
         }
     }
@@ -275,7 +289,7 @@ impl<I: Io> ReactorCore<I> {
                         }
                         _ => device.health.write_errors.fetch_add(1, Ordering::Relaxed),
                     };
-                    part.req.fail(Errno(errno));
+                    part.req.fail(errno);
                 }
                 part.buf = c.buf;
                 if let (Some(mover), RequestKind::Read, Ok(_)) =
@@ -312,7 +326,7 @@ impl<I: Io> ReactorCore<I> {
                             .write_errors
                             .fetch_add(1, Ordering::Relaxed);
                         volume.device.alloc.release_unpublished(phys);
-                        first.req.fail(Errno(errno));
+                        first.req.fail(errno);
                         self.finish_part(first);
                         // The others start over: each write allocates (and fails) on its own.
                         for part in waiting {
@@ -323,9 +337,9 @@ impl<I: Io> ReactorCore<I> {
             }
             OpCtx::FirstWrite { mut part, phys } => {
                 part.buf = c.buf;
-                self.first_write_done(part, phys, c.result.map(|_| ()).map_err(Errno));
+                self.first_write_done(part, phys, c.result.map(|_| ()));
             }
-            OpCtx::Round { device } => self.round_step(device, c.result.map(|_| ()).map_err(Errno)),
+            OpCtx::Round { device } => self.round_step(device, c.result.map(|_| ())),
         }
     }
 
@@ -336,6 +350,7 @@ impl<I: Io> ReactorCore<I> {
         let cs = device.chunk_size_bytes();
         let whole_chunk = part.offset_in_chunk == 0 && part.len_bytes == cs;
         if part.req.kind != RequestKind::Read {
+            self.data_epoch += 1;
             if let Some(waiting) = self.initializing.get_mut(&key) {
                 waiting.push(part);
                 return;
@@ -492,20 +507,25 @@ impl<I: Io> ReactorCore<I> {
         let direct = self
             .io
             .with_memory(device_id, off, len, access, &mut |mem| {
-                let r = if write {
+                if write {
                     mover.copy_in(oir, mem)
                 } else {
                     mover.copy_out(oir, mem)
-                };
-                r.map_err(|e| e.0)
+                }
             });
+        let path = if direct.is_some() {
+            &part.req.volume.stats.moved_parts_in_place
+        } else {
+            &part.req.volume.stats.moved_parts_bounced
+        };
+        path.fetch_add(1, Ordering::Relaxed);
         match (direct, first) {
             (Some(result), Some(phys)) => {
-                self.first_write_done(part, phys, result.map_err(Errno));
+                self.first_write_done(part, phys, result);
             }
             (Some(result), None) => {
                 if let Err(errno) = result {
-                    part.req.fail(Errno(errno));
+                    part.req.fail(errno);
                 }
                 self.finish_part(part);
             }
@@ -585,9 +605,8 @@ impl<I: Io> ReactorCore<I> {
                         Ok(())
                     },
                 )?;
-                copied.map_err(|errno| {
+                copied.inspect_err(|_| {
                     device.health.read_errors.fetch_add(1, Ordering::Relaxed);
-                    Errno(errno)
                 })
             }
         };

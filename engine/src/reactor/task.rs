@@ -125,6 +125,13 @@ impl TaskCtx<'_> {
             .read_in_place(handle.volume(), offset_bytes, len_bytes, sink)
     }
 
+    /// Changes whenever something runs on this reactor that may change or free memory
+    /// [`Self::read_in_place`] handed out: a task that keeps pointers to it checks (in debug
+    /// builds) that this still has the value it read when it kept them.
+    pub fn data_epoch(&self) -> u64 {
+        self.core.data_epoch()
+    }
+
     /// A buffer from this reactor's registered pool (cheapest for device IO here), if one is
     /// free and `len` fits.
     pub fn take_buffer(&self, len: usize) -> Option<crate::buf::IoBuf> {
@@ -183,6 +190,10 @@ impl TaskTable {
         for (task_id, c) in self.raw_done.drain(..) {
             // A multishot op stays in flight until its last completion.
             if !c.more() {
+                debug_assert!(
+                    self.raw_in_flight > 0,
+                    "a task's ring completion with none in flight"
+                );
                 self.raw_in_flight -= 1;
             }
             if let Some(Some(task)) = self.tasks.get_mut(task_id as usize) {

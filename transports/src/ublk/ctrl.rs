@@ -6,6 +6,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use ringblock_engine::Errno;
 
 use super::sys::{self, CtrlCmd, DevInfo, Params};
 use super::UblkError;
@@ -23,7 +24,7 @@ pub struct Control {
 }
 
 /// A control command failed: which one and the errno.
-fn cmd_err(what: &'static str, dev_id: u32, errno: i32) -> UblkError {
+fn cmd_err(what: &'static str, dev_id: u32, errno: Errno) -> UblkError {
     UblkError::Command {
         what,
         dev_id,
@@ -61,7 +62,7 @@ impl Control {
 
     /// Run one command; returns the CQE result (>= 0) or the errno. `buf` is what `addr`
     /// points to (must stay valid: it is borrowed for the whole call).
-    fn run(&mut self, op: u32, cmd: CtrlCmd, buf: Option<&mut [u8]>) -> Result<i32, i32> {
+    fn run(&mut self, op: u32, cmd: CtrlCmd, buf: Option<&mut [u8]>) -> Result<i32, Errno> {
         self.run_watched(op, cmd, buf, &|| false)
     }
 
@@ -72,7 +73,7 @@ impl Control {
         mut cmd: CtrlCmd,
         buf: Option<&mut [u8]>,
         give_up: &dyn Fn() -> bool,
-    ) -> Result<i32, i32> {
+    ) -> Result<i32, Errno> {
         if let Some(b) = buf {
             cmd.addr = b.as_mut_ptr() as u64;
             cmd.len = b.len() as u16;
@@ -83,7 +84,7 @@ impl Control {
             .user_data(0);
         // SAFETY: the command's buffer (if any) is borrowed by this call, which only returns
         // once the command completed (or was cancelled and its completion reaped).
-        unsafe { self.ring.submission().push(&entry) }.map_err(|_| libc::EBUSY)?;
+        unsafe { self.ring.submission().push(&entry) }.map_err(|_| Errno(libc::EBUSY))?;
         let deadline = Instant::now() + COMMAND_TIMEOUT;
         let mut cancelled = false;
         // Bounded: each round waits at most WAIT_SLICE, and after the deadline the command is
@@ -94,7 +95,7 @@ impl Control {
             match self.ring.submitter().submit_with_args(1, &args) {
                 Ok(_) => {}
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR)) => {}
-                Err(e) => return Err(e.raw_os_error().unwrap_or(libc::EIO)),
+                Err(e) => return Err(Errno(e.raw_os_error().unwrap_or(libc::EIO))),
             }
             let mut result = None;
             for cqe in self.ring.completion() {
@@ -103,7 +104,7 @@ impl Control {
                 }
             }
             if let Some(r) = result {
-                return if r < 0 { Err(-r) } else { Ok(r) };
+                return if r < 0 { Err(Errno(-r)) } else { Ok(r) };
             }
             if !cancelled && (Instant::now() >= deadline || give_up()) {
                 let cancel = opcode::AsyncCancel::new(0).build().user_data(CANCEL_TAG);

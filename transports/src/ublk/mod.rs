@@ -39,7 +39,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ringblock_engine::{Engine, ReactorId, VolumeHandle};
+use ringblock_engine::{Engine, Errno, ReactorId, VolumeHandle};
 
 pub use ctrl::CONTROL_PATH;
 pub use queue::{CopyMode, DevStats};
@@ -67,11 +67,11 @@ pub enum UblkError {
     /// The kernel lacks ublk (or we lack the privilege): say what to do.
     #[error("ublk is not available: {0}")]
     NoDriver(String),
-    #[error("ublk {what} for device {}: {}", dev_name(*dev_id), std::io::Error::from_raw_os_error(*errno))]
+    #[error("ublk {what} for device {}: {errno}", dev_name(*dev_id))]
     Command {
         what: &'static str,
         dev_id: u32,
-        errno: i32,
+        errno: Errno,
     },
     #[error("{0}")]
     Volume(String),
@@ -92,7 +92,7 @@ fn dev_name(dev_id: u32) -> String {
 }
 
 impl UblkError {
-    fn errno(&self) -> Option<i32> {
+    fn errno(&self) -> Option<Errno> {
         match self {
             UblkError::Command { errno, .. } => Some(*errno),
             _ => None,
@@ -312,11 +312,6 @@ impl UblkDevice {
 
 use ctrl::Control;
 
-/// Export `volume` as `/dev/ublkbN` with the default options.
-pub fn start_ublk_export(engine: &Engine, volume: &str) -> Result<Arc<UblkDevice>, UblkError> {
-    start_ublk_export_with(engine, volume, &UblkOptions::default())
-}
-
 /// Stop the export of `volume`.
 pub fn stop_ublk_export(volume: &str) -> Result<(), UblkError> {
     let dev = find(volume)
@@ -341,7 +336,7 @@ pub fn stop_all() -> Vec<(String, UblkError)> {
 }
 
 /// Export `volume` as `/dev/ublkbN`, or take over the device a previous daemon left for it.
-pub fn start_ublk_export_with(
+pub fn start_ublk_export(
     engine: &Engine,
     volume: &str,
     opts: &UblkOptions,
@@ -413,7 +408,7 @@ fn existing(
     loop {
         let info = match ctl.dev_info(id) {
             Ok(i) => i,
-            Err(e) if e.errno() == Some(libc::ENODEV) => return Ok(Existing::None),
+            Err(e) if e.errno() == Some(Errno(libc::ENODEV)) => return Ok(Existing::None),
             Err(e) => return Err(e),
         };
         if info.ublksrv_flags != marker || st.marker != marker {
@@ -454,7 +449,7 @@ fn existing(
                 match ctl.start_user_recovery(id) {
                     Ok(()) => return Ok(Existing::Recovering(info)),
                     // The old daemon's /dev/ublkcN is not released yet.
-                    Err(e) if e.errno() == Some(libc::EBUSY) => {}
+                    Err(e) if e.errno() == Some(Errno(libc::EBUSY)) => {}
                     Err(e) => return Err(e),
                 }
             }
@@ -484,7 +479,7 @@ fn delete_stale(ctl: &mut Control, id: u32) -> Result<(), UblkError> {
         tracing::debug!("stop of stale device: {e}");
     }
     match ctl.del_dev(id) {
-        Err(e) if e.errno() != Some(libc::ENODEV) => Err(e),
+        Err(e) if e.errno() != Some(Errno(libc::ENODEV)) => Err(e),
         _ => Ok(()),
     }
 }
@@ -689,7 +684,7 @@ fn create(
         ..DevInfo::default()
     };
     match ctl.add_dev(&mut info) {
-        Err(e) if e.errno() == Some(libc::EEXIST) && want_id.is_some() => {
+        Err(e) if e.errno() == Some(Errno(libc::EEXIST)) && want_id.is_some() => {
             info.dev_id = u32::MAX;
             ctl.add_dev(&mut info)?;
         }
@@ -836,7 +831,7 @@ pub fn resume_leftovers(engine: &Engine, opts: &UblkOptions, configured: &[&str]
     let mut out = Vec::new();
     for (path, st) in found {
         if opts.recovery && engine.volume(&st.volume).is_some() {
-            match start_ublk_export_with(engine, &st.volume, opts) {
+            match start_ublk_export(engine, &st.volume, opts) {
                 Ok(dev) => out.push(Leftover::Recovered(dev)),
                 Err(error) => out.push(Leftover::Failed {
                     volume: st.volume.clone(),
@@ -879,7 +874,7 @@ pub fn resume_leftovers(engine: &Engine, opts: &UblkOptions, configured: &[&str]
             }
             // Someone else's device now, or its daemon still runs: leave it.
             Ok(_) => state::remove(&path),
-            Err(e) if e.errno() == Some(libc::ENODEV) => state::remove(&path),
+            Err(e) if e.errno() == Some(Errno(libc::ENODEV)) => state::remove(&path),
             Err(error) => out.push(Leftover::Failed {
                 volume: st.volume.clone(),
                 error,

@@ -495,11 +495,13 @@ impl QueueTask {
         n
     }
 
-    /// Done with the tag's request: commit `result` (bytes or -errno) and refetch.
-    fn finish(&mut self, ctx: &mut TaskCtx<'_>, tag: u16, result: i32) {
-        if result < 0 {
+    /// Done with the tag's request: commit `result` (bytes done, or the error) and refetch.
+    fn finish(&mut self, ctx: &mut TaskCtx<'_>, tag: u16, result: Result<i32, Errno>) {
+        // The kernel takes bytes or -errno: the one place an Errno becomes that.
+        let result = result.unwrap_or_else(|e| {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
-        }
+            -e.0
+        });
         self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.tags[usize::from(tag)] = Tag::Pending(Some(result));
         self.post(ctx, tag);
@@ -550,14 +552,14 @@ impl QueueTask {
                 )
             }
             _ => {
-                self.finish(ctx, tag, -libc::EOPNOTSUPP);
+                self.finish(ctx, tag, Err(Errno::ENOTSUP));
                 return;
             }
         };
         let (buf, mover) = match kind {
             RequestKind::Read | RequestKind::Write => {
                 if len_bytes == 0 || len_bytes > self.mem.buf_stride as u64 {
-                    self.finish(ctx, tag, -libc::EINVAL);
+                    self.finish(ctx, tag, Err(Errno::EINVAL));
                     return;
                 }
                 match self.mem.mode {
@@ -608,7 +610,7 @@ impl QueueTask {
         let port = self.port.clone().expect("port made on first poll");
         match ctx.submit(&self.handle, req, &port) {
             Ok(()) => self.in_engine += 1,
-            Err((_, e)) => self.finish(ctx, tag, -e.0),
+            Err((_, e)) => self.finish(ctx, tag, Err(e)),
         }
     }
 
@@ -625,7 +627,7 @@ impl QueueTask {
             unreachable!("completion for a tag that is not being served");
         };
         match c.result {
-            Err(e) => self.finish(ctx, tag, -e.0),
+            Err(e) => self.finish(ctx, tag, Err(e)),
             Ok(()) if then_flush => {
                 self.tags[usize::from(tag)] = Tag::Serving {
                     op,
@@ -639,7 +641,7 @@ impl QueueTask {
                     sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE => len_bytes as i32,
                     _ => 0,
                 };
-                self.finish(ctx, tag, done);
+                self.finish(ctx, tag, Ok(done));
             }
         }
     }

@@ -30,6 +30,7 @@ use crate::device::{Backend, OpenDevice};
 use crate::error::EngineError;
 use crate::ids::DeviceId;
 use crate::profile::ServiceTime;
+use crate::request::Errno;
 
 /// Memory alignment we guarantee for O_DIRECT (buffers that miss it are bounced).
 const DIRECT_MEM_ALIGN: usize = 512;
@@ -272,6 +273,10 @@ impl UringIo {
         c: IoCompletion,
     ) {
         let i = device.spec.id.0 as usize;
+        debug_assert!(
+            self.per_device_in_flight[i] > 0,
+            "a completion on device {i} with none in flight"
+        );
         self.per_device_in_flight[i] -= 1;
         let spike_ns = device.fault.as_ref().map_or(0, |f| f.spike_ns());
         let service = match (&device.delay, kind) {
@@ -297,7 +302,7 @@ impl UringIo {
         self.delayed.push(due_ns, c);
     }
 
-    fn run_inline(device: &OpenDevice, op: &mut IoOp) -> Result<u32, i32> {
+    fn run_inline(device: &OpenDevice, op: &mut IoOp) -> Result<u32, Errno> {
         let len = match op.kind {
             IoKind::Zero { len_bytes } => len_bytes,
             _ => op.buf.as_ref().map_or(0, |b| b.len() as u64),
@@ -305,12 +310,12 @@ impl UringIo {
         match (&device.backend, op.kind) {
             (Backend::Mem(m), IoKind::Read) => m.read(
                 op.offset_bytes,
-                op.buf.as_mut().ok_or(libc::EINVAL)?.as_mut_slice(),
+                op.buf.as_mut().ok_or(Errno::EINVAL)?.as_mut_slice(),
             ),
             (Backend::Mem(m), IoKind::Write { fua }) => {
                 m.write(
                     op.offset_bytes,
-                    op.buf.as_ref().ok_or(libc::EINVAL)?.as_slice(),
+                    op.buf.as_ref().ok_or(Errno::EINVAL)?.as_slice(),
                 )?;
                 if fua {
                     m.persist()?;
@@ -320,7 +325,7 @@ impl UringIo {
             (Backend::Mem(m), IoKind::Zero { len_bytes }) => m.zero(op.offset_bytes, len_bytes),
             (Backend::Mem(m), IoKind::Sync) => m.persist(),
             (Backend::Null, IoKind::Read) => {
-                op.buf.as_mut().ok_or(libc::EINVAL)?.as_mut_slice().fill(0);
+                op.buf.as_mut().ok_or(Errno::EINVAL)?.as_mut_slice().fill(0);
                 Ok(())
             }
             (Backend::Null, _) => Ok(()),
@@ -422,6 +427,10 @@ impl UringIo {
                     };
                     // A multishot op stays in flight until its last completion.
                     if !c.more() {
+                        debug_assert!(
+                            self.raw_in_flight > 0,
+                            "a raw completion with none in flight"
+                        );
                         self.raw_in_flight -= 1;
                     }
                     self.raw_done.push((task_id, c));
@@ -454,11 +463,12 @@ impl UringIo {
                 submitted_ns,
                 ..
             } = slot;
+            // The one place a ring result's -errno becomes an Errno.
             let result = if res < 0 {
-                Err(-res)
+                Err(Errno(-res))
             } else if expected >= 0 && done != expected {
                 // A short transfer inside the device's bounds means the device misbehaved.
-                Err(libc::EIO)
+                Err(Errno::EIO)
             } else {
                 Ok(done.max(0) as u32)
             };
@@ -528,6 +538,21 @@ impl UringIo {
         self.wake_armed = true;
         true
     }
+    /// Every op accepted by `push` and not yet handed out is in exactly one place: the ring
+    /// (one taken slot each), the delay queue, or the ready queue.
+    fn debug_check_counts(&self) {
+        debug_assert_eq!(
+            self.ring_in_flight,
+            self.slots.len() - self.free_slots.len(),
+            "ops in the ring vs taken slots"
+        );
+        debug_assert_eq!(
+            self.in_flight,
+            self.ring_in_flight + self.delayed.len() + self.ready.len(),
+            "ops in flight vs ring + delayed + ready"
+        );
+    }
+
     fn push_on(&mut self, device: &OpenDevice, mut op: IoOp) -> Result<(), IoOp> {
         let i = device.spec.id.0 as usize;
         if self.per_device_in_flight[i] >= device.spec.profile.queue_depth {
@@ -606,6 +631,7 @@ impl UringIo {
             }
         }
         self.ring_in_flight += 1;
+        self.debug_check_counts();
         // A device that serves requests in arrival order (virtio-blk under a VM) idles while
         // a whole loop turn's worth of ops waits to be submitted at once; small groups keep it
         // fed. 0 = submit once per turn (fewest system calls).
@@ -630,7 +656,7 @@ impl Io for UringIo {
             self.in_flight += 1;
             self.ready.push_back(IoCompletion {
                 tag: op.tag,
-                result: Err(libc::ENODEV),
+                result: Err(Errno(libc::ENODEV)),
                 buf: op.buf.take(),
             });
             return Ok(());
@@ -664,8 +690,13 @@ impl Io for UringIo {
     fn poll_local(&mut self, out: &mut Vec<IoCompletion>) -> Result<(), EngineError> {
         self.reap_ring();
         self.release_due();
+        debug_assert!(
+            self.in_flight >= self.ready.len(),
+            "more completions than ops"
+        );
         self.in_flight -= self.ready.len();
         out.extend(self.ready.drain(..));
+        self.debug_check_counts();
         Ok(())
     }
 
@@ -718,8 +749,8 @@ impl Io for UringIo {
         offset_bytes: u64,
         len: usize,
         access: MemAccess,
-        f: &mut dyn FnMut(&mut [u8]) -> Result<(), i32>,
-    ) -> Option<Result<(), i32>> {
+        f: &mut dyn FnMut(&mut [u8]) -> Result<(), Errno>,
+    ) -> Option<Result<(), Errno>> {
         let d = self.devices.get(device.0 as usize)?.as_ref()?;
         // The wrappers shape each op (latency, injected errors): such devices take the op path.
         if d.delay.is_some() || d.fault.is_some() {

@@ -15,13 +15,18 @@ use crate::provided::ProvidedBuffers;
 pub struct RingCompletion {
     /// The tag the operation was pushed with.
     pub tag: u32,
-    /// Bytes, or -errno.
+    /// The CQE's result as the kernel gives it: bytes, or -errno ([`Self::errno`] reads it).
     pub result: i32,
     /// The CQE's flags (`IORING_CQE_F_*`).
     pub flags: u32,
 }
 
 impl RingCompletion {
+    /// The error, when the operation failed.
+    pub fn errno(&self) -> Option<crate::request::Errno> {
+        (self.result < 0).then(|| crate::request::Errno(-self.result))
+    }
+
     /// More completions of this operation will follow: a multishot one is still armed.
     pub fn more(&self) -> bool {
         io_uring::cqueue::more(self.flags)

@@ -23,6 +23,10 @@ struct KernelTimespec {
     tv_nsec: i64,
 }
 
+// The sizes the kernel expects (a mismatch fails the build).
+const _: () = assert!(std::mem::size_of::<GeteventsArg>() == 24);
+const _: () = assert!(std::mem::size_of::<KernelTimespec>() == 16);
+
 const ENTER_GETEVENTS: u32 = 1 << 0;
 const ENTER_EXT_ARG: u32 = 1 << 3;
 const ENTER_REGISTERED_RING: u32 = 1 << 4;
@@ -37,6 +41,7 @@ pub(super) fn register_ring_fd(ring_fd: RawFd) -> std::io::Result<u32> {
         resv: u32,
         data: u64,
     }
+    const _: () = assert!(std::mem::size_of::<RsrcUpdate>() == 16);
     let mut up = RsrcUpdate {
         offset: u32::MAX,
         resv: 0,

@@ -315,11 +315,10 @@ impl ReactorTask for Connection {
     }
 
     fn on_ring(&mut self, ctx: &mut TaskCtx<'_>, c: RingCompletion) {
-        let result = c.result;
         match c.tag {
             TAG_RECV if self.recv.multishot => self.on_multishot_recv(ctx, c),
-            TAG_RECV => self.on_recv(ctx, result),
-            TAG_SEND => self.on_send(result),
+            TAG_RECV => self.on_recv(ctx, c),
+            TAG_SEND => self.on_send(c),
             tag => unreachable!("unknown ring tag {tag}"),
         }
     }

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use ringblock_engine::io_uring::{opcode, types};
 use ringblock_engine::provided::ProvidedBuffers;
 use ringblock_engine::task::{RingCompletion, TaskCtx};
-use ringblock_engine::IoBuf;
+use ringblock_engine::{Errno, IoBuf};
 
 use super::wire::{self, Command, WireError};
 use super::{Connection, State, TAG_RECV};
@@ -92,7 +92,7 @@ impl Connection {
     /// or all that follows once requests are held back) is for later.
     pub(super) fn feed(&mut self, ctx: &mut TaskCtx<'_>, src: &[u8]) -> usize {
         let used = self.feed_requests(ctx, src);
-        self.flush_direct();
+        self.flush_direct(ctx);
         used
     }
 
@@ -320,10 +320,11 @@ impl Connection {
             self.recv.in_flight = false;
         }
         let Some(bid) = c.buffer() else {
-            if c.result == -libc::ENOBUFS {
+            if c.errno() == Some(Errno(libc::ENOBUFS)) {
                 return; // every buffer is held: post_recv re-arms once they come back
             }
-            if c.result == -libc::EINVAL && self.stats.requests.load(Ordering::Relaxed) == 0 {
+            if c.errno() == Some(Errno::EINVAL) && self.stats.requests.load(Ordering::Relaxed) == 0
+            {
                 // A kernel with provided-buffer rings but no multishot receive (5.19): one
                 // recv at a time from now on. The buffers stay registered until the end.
                 tracing::debug!(peer = %self.peer, "no multishot receive; one recv at a time");
@@ -335,7 +336,7 @@ impl Connection {
             if c.result > 0 {
                 self.fail("receive completed without its buffer");
             } else {
-                self.on_recv_end(c.result);
+                self.on_recv_end(c.errno());
             }
             return;
         };
@@ -363,7 +364,8 @@ impl Connection {
     }
 
     /// A completion of the one `recv` at a time into `rbuf`.
-    pub(super) fn on_recv(&mut self, ctx: &mut TaskCtx<'_>, result: i32) {
+    pub(super) fn on_recv(&mut self, ctx: &mut TaskCtx<'_>, c: RingCompletion) {
+        let result = c.result;
         self.recv.in_flight = false;
         self.recv.drained = result >= 0 && (result as usize) < self.recv.asked;
         if result > 0 {
@@ -374,23 +376,22 @@ impl Connection {
             );
             self.feed_waiting(ctx);
         } else {
-            self.on_recv_end(result);
+            self.on_recv_end(c.errno());
         }
     }
 
-    /// A receive that brought no bytes: the peer closed (0), or it failed (-errno).
-    pub(super) fn on_recv_end(&mut self, result: i32) {
-        if result == 0 {
+    /// A receive that brought no bytes: the peer closed (no error), or it failed.
+    pub(super) fn on_recv_end(&mut self, errno: Option<Errno>) {
+        let Some(errno) = errno else {
             if self.state == State::Running {
                 tracing::debug!(peer = %self.peer, "peer closed the connection");
                 // A client that vanished mid-request: nothing to reply to; finish the rest.
                 self.state = State::Draining;
             }
-        } else if result != -libc::EINTR && result != -libc::EAGAIN {
-            self.fail(&format!(
-                "recv: {}",
-                std::io::Error::from_raw_os_error(-result)
-            ));
+            return;
+        };
+        if errno.0 != libc::EINTR && errno.0 != libc::EAGAIN {
+            self.fail(&format!("recv: {errno}"));
         }
     }
 }

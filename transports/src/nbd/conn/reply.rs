@@ -196,9 +196,14 @@ impl Connection {
                     self.stats.bytes_read.fetch_add(p.len, Ordering::Relaxed);
                     match kept {
                         Some(data) => {
-                            self.send.direct.push(DirectReply { msg, data, len });
+                            self.send.direct.push(DirectReply {
+                                msg,
+                                data,
+                                len,
+                                data_epoch: ctx.data_epoch(),
+                            });
                             if self.send.direct.len() == MAX_DIRECT_REPLIES {
-                                self.flush_direct();
+                                self.flush_direct(ctx);
                             }
                         }
                         None => {

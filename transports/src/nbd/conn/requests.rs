@@ -150,7 +150,7 @@ impl Connection {
         };
         if cmd != Command::Read {
             // It may change data that gathered replies point at: send those first.
-            self.flush_direct();
+            self.flush_direct(ctx);
         }
         if cmd == Command::Disc {
             tracing::debug!(peer = %self.peer, "client disconnects");

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
 
 use ringblock_engine::io_uring::{opcode, types};
-use ringblock_engine::task::TaskCtx;
+use ringblock_engine::task::{RingCompletion, TaskCtx};
 use ringblock_engine::IoBuf;
 
 use super::reply::INLINE_READ_MAX_BYTES;
@@ -91,6 +91,8 @@ pub(super) struct DirectReply {
     pub(super) msg: OutMsg,
     pub(super) data: *const u8,
     pub(super) len: usize,
+    /// `TaskCtx::data_epoch` when `data` was kept: it must not have moved when it is sent.
+    pub(super) data_epoch: u64,
 }
 
 /// `sendmsg(MSG_DONTWAIT)` of `iov`: the bytes the socket took (0 when it took none or
@@ -202,10 +204,17 @@ impl Connection {
     ///
     /// Called at the end of every `feed` and before a request that changes data starts: the
     /// pointers are valid until then (`TaskCtx::read_in_place`).
-    pub(super) fn flush_direct(&mut self) {
+    pub(super) fn flush_direct(&mut self, ctx: &TaskCtx<'_>) {
         if self.send.direct.is_empty() {
             return;
         }
+        debug_assert!(
+            self.send
+                .direct
+                .iter()
+                .all(|d| d.data_epoch == ctx.data_epoch()),
+            "memory read in place changed or freed before its reply was sent"
+        );
         let mut direct = std::mem::take(&mut self.send.direct);
         if self.state != State::Failed {
             self.send_direct(&mut direct);
@@ -250,7 +259,9 @@ impl Connection {
             sent -= n;
         }
         for d in direct.drain(first_unsent..).rev() {
-            let DirectReply { mut msg, data, len } = d;
+            let DirectReply {
+                mut msg, data, len, ..
+            } = d;
             // SAFETY: `data` came from `read_in_place` in this feed, and nothing that can
             // change or free it has run since (`flush_direct` runs at the end of the feed or
             // before such a request starts; see `TaskCtx::read_in_place`): `len` bytes, valid.
@@ -320,17 +331,13 @@ impl Connection {
     }
 
     /// A completion of the ring send.
-    pub(super) fn on_send(&mut self, result: i32) {
+    pub(super) fn on_send(&mut self, c: RingCompletion) {
         self.send.in_flight = false;
-        if self.state == State::Failed {
-            self.drop_replies();
-        } else if result >= 0 {
-            self.on_sent(result as usize);
-        } else if result != -libc::EINTR && result != -libc::EAGAIN {
-            self.fail(&format!(
-                "send: {}",
-                std::io::Error::from_raw_os_error(-result)
-            ));
+        match c.errno() {
+            _ if self.state == State::Failed => self.drop_replies(),
+            None => self.on_sent(c.result as usize),
+            Some(errno) if errno.0 == libc::EINTR || errno.0 == libc::EAGAIN => {}
+            Some(errno) => self.fail(&format!("send: {errno}")),
         }
     }
 
