@@ -320,12 +320,7 @@ impl<I: Io> ReactorCore<I> {
                         self.start_first_write(first, phys);
                     }
                     Err(errno) => {
-                        volume
-                            .device
-                            .health
-                            .write_errors
-                            .fetch_add(1, Ordering::Relaxed);
-                        volume.device.alloc.release_unpublished(phys);
+                        give_back_new_chunk(&volume, phys);
                         first.req.fail(errno);
                         self.finish_part(first);
                         // The others start over: each write allocates (and fails) on its own.
@@ -469,13 +464,7 @@ impl<I: Io> ReactorCore<I> {
                 volume.device.mark_meta_dirty();
             }
             Err(errno) => {
-                volume
-                    .device
-                    .health
-                    .write_errors
-                    .fetch_add(1, Ordering::Relaxed);
-                // Never in a map, so never in metadata: reusable at once.
-                volume.device.alloc.release_unpublished(phys);
+                give_back_new_chunk(&volume, phys);
                 part.req.fail(errno);
             }
         }
@@ -651,4 +640,16 @@ impl<I: Io> ReactorCore<I> {
             req.complete();
         }
     }
+}
+
+/// A chunk allocated for a write that failed (zeroing it or the write itself): counted as a
+/// write error and returned to the allocator at once, since it was never in a map and so never
+/// in metadata.
+fn give_back_new_chunk(volume: &Volume, phys: PhysChunk) {
+    volume
+        .device
+        .health
+        .write_errors
+        .fetch_add(1, Ordering::Relaxed);
+    volume.device.alloc.release_unpublished(phys);
 }

@@ -185,18 +185,21 @@ impl<I: Io> ReactorCore<I> {
                 OpCtx::Round { device: device_id },
             )
         };
+        let write_slot = |core: &mut Self, slot: u64, image: AlignedBuf| {
+            core.submit(
+                device_id,
+                IoKind::Write { fua: false },
+                device.label.slot_offset_bytes(slot),
+                Some(IoBuf::owned(image)),
+                OpCtx::Round { device: device_id },
+            )
+        };
         match (round.stage, round.meta.as_mut()) {
             (Stage::SyncData, Some(meta)) => {
                 round.stage = Stage::WriteFirst;
                 let image = meta.first.take().expect("first image");
-                let off = device.label.slot_offset_bytes(home.next_slot);
-                self.submit(
-                    device_id,
-                    IoKind::Write { fua: false },
-                    off,
-                    Some(IoBuf::owned(image)),
-                    OpCtx::Round { device: device_id },
-                );
+                let slot = home.next_slot;
+                write_slot(self, slot, image);
             }
             (Stage::WriteFirst, _) => {
                 round.stage = Stage::SyncFirst;
@@ -205,14 +208,8 @@ impl<I: Io> ReactorCore<I> {
             (Stage::SyncFirst, Some(meta)) => {
                 round.stage = Stage::WriteSecond;
                 let image = meta.second.take().expect("second image");
-                let off = device.label.slot_offset_bytes(home.next_slot ^ 1);
-                self.submit(
-                    device_id,
-                    IoKind::Write { fua: false },
-                    off,
-                    Some(IoBuf::owned(image)),
-                    OpCtx::Round { device: device_id },
-                );
+                let slot = home.next_slot ^ 1;
+                write_slot(self, slot, image);
             }
             (Stage::WriteSecond, _) => {
                 round.stage = Stage::SyncSecond;
