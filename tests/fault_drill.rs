@@ -1372,10 +1372,7 @@ impl Bed {
 }
 
 fn truncate_image(bed: &Bed, len: u64) {
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&bed.img)
-        .unwrap();
+    let f = open_image(&bed.img);
     f.set_len(len).unwrap();
     f.sync_all().unwrap();
 }
@@ -1410,10 +1407,7 @@ fn damaged_image_label_zeroed() {
     use std::os::unix::fs::FileExt;
     let bed = Bed::prepare();
     // dd if=/dev/zero of=img bs=4096 count=1 conv=notrunc
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&bed.img)
-        .unwrap();
+    let f = open_image(&bed.img);
     f.write_all_at(&[0u8; LABEL_BYTES as usize], 0).unwrap();
     f.sync_all().unwrap();
     bed.expect_refusal_or_recovery("label zeroed");
@@ -1424,11 +1418,7 @@ fn damaged_image_label_zeroed() {
 fn damaged_image_label_corrupt() {
     use std::os::unix::fs::FileExt;
     let bed = Bed::prepare();
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&bed.img)
-        .unwrap();
+    let f = open_image(&bed.img);
     let mut byte = [0u8];
     f.read_exact_at(&mut byte, 20).unwrap();
     f.write_all_at(&[byte[0] ^ 0x01], 20).unwrap();
@@ -1442,11 +1432,7 @@ fn damaged_image_label_corrupt() {
 fn damaged_image_newest_slot_corrupt() {
     use std::os::unix::fs::FileExt;
     let bed = Bed::prepare();
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&bed.img)
-        .unwrap();
+    let f = open_image(&bed.img);
     // Layout (engine/src/meta.rs): label at 0 (slot_bytes at 40..48), slot 0 at 4096, slot 1
     // at 4096 + slot_bytes; a slot has its generation at 16..24, payload length at 24..32 and
     // the payload from 32, all little-endian; a crc32c covers 16..32 + payload length.
@@ -1567,4 +1553,13 @@ fn damaged_image_deleted_while_running() {
         "device file deleted while running:\n- {}",
         problems.join("\n- ")
     );
+}
+
+/// The image, open for reading and writing, to damage it.
+fn open_image(path: &std::path::Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap()
 }
