@@ -21,7 +21,8 @@ pub(super) fn nbd_errno(e: Errno) -> u32 {
         libc::EIO => wire::EIO,
         libc::ENOMEM => wire::ENOMEM,
         libc::EINVAL => wire::EINVAL,
-        libc::ENOSPC => wire::ENOSPC,
+        // A quota is a full disk to the client: it may free space and retry.
+        libc::ENOSPC | libc::EDQUOT => wire::ENOSPC,
         libc::EOVERFLOW => wire::EOVERFLOW,
         libc::EOPNOTSUPP => wire::ENOTSUP,
         libc::ESHUTDOWN => wire::ESHUTDOWN,
@@ -273,5 +274,17 @@ impl Connection {
         };
         t.encode_block_status(&mut b, wire::REPLY_FLAG_DONE, context_id, &extents);
         self.queue(OutMsg::bytes_only(b));
+    }
+}
+
+#[cfg(test)]
+mod errno_tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_or_quota_is_enospc_and_the_unknown_is_eio() {
+        assert_eq!(nbd_errno(Errno(libc::ENOSPC)), wire::ENOSPC);
+        assert_eq!(nbd_errno(Errno(libc::EDQUOT)), wire::ENOSPC);
+        assert_eq!(nbd_errno(Errno(libc::EROFS)), wire::EIO);
     }
 }
