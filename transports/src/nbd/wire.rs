@@ -28,6 +28,7 @@
 
 mod consts;
 mod handshake;
+mod reply_chunk;
 mod transmission;
 
 #[cfg(test)]
@@ -35,6 +36,7 @@ mod tests;
 
 pub use consts::*;
 pub use handshake::*;
+pub use reply_chunk::*;
 pub use transmission::*;
 
 /// The one error type of the codec; the variant tells the server how to react.
