@@ -5,7 +5,10 @@
 //! missing from PATH is reported as skipped with the reason. No test asserts a speed.
 //!
 //! Needs fio and nbdkit (scripts/test-all installs them). Without them a test prints
-//! `SKIPPED ...` and passes, unless `RINGBLOCK_BENCH_REQUIRED` is set (not `0`): then it fails.
+//! `SKIPPED ...` and passes, unless `RINGBLOCK_TESTS_REQUIRED` is set (not `0`): then it fails.
+
+#[path = "../../tests/support/required.rs"]
+mod required;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -53,22 +56,17 @@ fn on_path(name: &str) -> bool {
 }
 
 /// Whether every tool is installed. If one is not, the test says why and is skipped, unless
-/// `RINGBLOCK_BENCH_REQUIRED` is set (to anything but `0`): then a missing tool fails it (as
-/// `RINGBLOCK_VM_REQUIRED=1` does for the VM tests). scripts/test-all installs them all.
+/// skips are forbidden (`RINGBLOCK_TESTS_REQUIRED`, set by scripts/test-all, which installs
+/// them all): then a missing tool fails it.
 fn tools(test: &str, names: &[&str]) -> bool {
     for n in names {
         if !on_path(n) {
-            let msg = format!(
-                "SKIPPED {test}: {n} is not installed (apt-get install fio nbdkit, or run \
-                 scripts/test-all)"
+            required::skip(
+                test,
+                &format!(
+                    "{n} is not installed (apt-get install fio nbdkit, or run scripts/test-all)"
+                ),
             );
-            let required =
-                std::env::var("RINGBLOCK_BENCH_REQUIRED").is_ok_and(|v| !v.is_empty() && v != "0");
-            if required {
-                panic!("{msg} (RINGBLOCK_BENCH_REQUIRED is set)");
-            }
-            eprintln!("{msg}");
-            println!("{msg}");
             return false;
         }
     }
