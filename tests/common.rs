@@ -450,3 +450,37 @@ pub fn nbd_connect(addr: &str, export: &str) -> Client<std::net::TcpStream> {
     Client::connect_tcp(addr, export, opts)
         .unwrap_or_else(|e| panic!("NBD connect to {addr}, export {export:?}: {e}"))
 }
+
+/// `len` bytes of a seeded xorshift pattern: data no two seeds or offsets share, to write and
+/// read back.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Write `config` as `dir/NAME` and start a daemon on it, serving NBD on a free TCP port of
+/// 127.0.0.1 and on `dir/nbd.sock`; returns it with both endpoints.
+pub fn start_on_tcp_and_unix(dir: &Path, name: &str, config: &str) -> (Daemon, String, String) {
+    let cfg = write_file(dir, name, config);
+    let sock = dir.join("nbd.sock");
+    let daemon = Daemon::start(&[
+        "--config",
+        &cfg,
+        "--listen",
+        "127.0.0.1:0",
+        "--unix",
+        sock.to_str().unwrap(),
+    ]);
+    let (tcp, unix) = nbd_endpoints(&daemon);
+    let tcp = tcp.unwrap_or_else(|| panic!("no TCP address in {:?}", daemon.stdout_lines));
+    let unix = unix.unwrap_or_else(|| panic!("no Unix socket in {:?}", daemon.stdout_lines));
+    assert_eq!(unix, sock.to_str().unwrap());
+    (daemon, tcp, unix)
+}

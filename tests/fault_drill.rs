@@ -674,29 +674,24 @@ impl Model {
 
     /// Values block `block` may hold after a crash.
     fn crash_allowed(&self, block: u64) -> Vec<u64> {
-        let h = &self.history[block as usize];
-        let newest_durable_sent = h
-            .iter()
-            .filter(|v| self.durable(v.write))
-            .map(|v| self.writes[v.write].sent)
-            .max()
-            .unwrap_or(0);
-        h.iter()
-            .filter(|v| {
-                self.writes[v.write]
-                    .acked
-                    .is_none_or(|a| a >= newest_durable_sent)
-            })
-            .map(|v| v.value)
-            .fold(Vec::new(), distinct)
+        self.allowed_since_settled(block, |w| self.durable(w))
     }
 
     /// Values a read sent at `read_sent` may return for `block` (checked when its reply is in).
     fn read_allowed(&self, block: u64, read_sent: u64) -> Vec<u64> {
+        self.allowed_since_settled(block, |w| {
+            self.writes[w].acked.is_some_and(|a| a < read_sent)
+        })
+    }
+
+    /// The values of `block` not ruled out by its newest settled write: one that `settled`
+    /// says is in place. Every write acknowledged before that write was sent is overwritten;
+    /// the rest (it, later ones, and those still in flight) may be what the block holds.
+    fn allowed_since_settled(&self, block: u64, settled: impl Fn(usize) -> bool) -> Vec<u64> {
         let h = &self.history[block as usize];
-        let newest_done_sent = h
+        let newest_settled_sent = h
             .iter()
-            .filter(|v| self.writes[v.write].acked.is_some_and(|a| a < read_sent))
+            .filter(|v| settled(v.write))
             .map(|v| self.writes[v.write].sent)
             .max()
             .unwrap_or(0);
@@ -704,7 +699,7 @@ impl Model {
             .filter(|v| {
                 self.writes[v.write]
                     .acked
-                    .is_none_or(|a| a >= newest_done_sent)
+                    .is_none_or(|a| a >= newest_settled_sent)
             })
             .map(|v| v.value)
             .fold(Vec::new(), distinct)

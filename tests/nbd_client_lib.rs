@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{nbd_endpoints, write_file, Daemon};
+use common::{pattern, start_on_tcp_and_unix, Daemon};
 use ringblock_transports::nbd::client::{Client, ClientError, Options};
 use ringblock_transports::nbd::wire::{
     CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, EINVAL, EPERM, FLAG_READ_ONLY, FLAG_SEND_FLUSH, FLAG_SEND_TRIM,
@@ -24,7 +24,7 @@ struct Fixture {
 
 fn start() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_file(
+    let (daemon, tcp, unix) = start_on_tcp_and_unix(
         dir.path(),
         "client.toml",
         "[[device]]\nname = \"ram0\"\nkind = \"ram\"\nsize_bytes = 134217728\n\
@@ -32,34 +32,12 @@ fn start() -> Fixture {
          [[volume]]\nname = \"ro\"\ndevice = \"ram0\"\nsize_bytes = 16777216\n\
          [nbd]\nread_only = [\"ro\"]\n",
     );
-    let sock = dir.path().join("nbd.sock");
-    let daemon = Daemon::start(&[
-        "--config",
-        &cfg,
-        "--listen",
-        "127.0.0.1:0",
-        "--unix",
-        sock.to_str().unwrap(),
-    ]);
-    let (tcp, unix) = nbd_endpoints(&daemon);
     Fixture {
-        tcp: tcp.expect("daemon printed its TCP address"),
-        unix: unix.expect("daemon printed its Unix socket"),
+        tcp,
+        unix,
         _dir: dir,
         daemon,
     }
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// Every command in one reply mode, on a connection of either kind.

@@ -12,7 +12,7 @@ mod required;
 
 use std::path::Path;
 
-use common::{have_tool, nbd_endpoints, run_tool, write_file, Daemon, ToolOutput, BIN};
+use common::{have_tool, run_tool, start_on_tcp_and_unix, Daemon, ToolOutput, BIN};
 
 const MIB: u64 = 1 << 20;
 
@@ -28,7 +28,7 @@ struct Fixture {
 impl Fixture {
     fn start() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = write_file(
+        let (daemon, tcp, unix) = start_on_tcp_and_unix(
             dir.path(),
             "clients.toml",
             "[[device]]\nname = \"ram0\"\nkind = \"ram\"\nsize_bytes = 1409286144\n\
@@ -37,19 +37,6 @@ impl Fixture {
              [[volume]]\nname = \"ro\"\ndevice = \"ram0\"\nsize_bytes = 16777216\n\
              [nbd]\nread_only = [\"ro\"]\n",
         );
-        let sock = dir.path().join("nbd.sock");
-        let daemon = Daemon::start(&[
-            "--config",
-            &cfg,
-            "--listen",
-            "127.0.0.1:0",
-            "--unix",
-            sock.to_str().unwrap(),
-        ]);
-        let (tcp, unix) = nbd_endpoints(&daemon);
-        let tcp = tcp.unwrap_or_else(|| panic!("no TCP address in {:?}", daemon.stdout_lines));
-        let unix = unix.unwrap_or_else(|| panic!("no Unix socket in {:?}", daemon.stdout_lines));
-        assert_eq!(unix, sock.to_str().unwrap());
         Fixture {
             dir,
             daemon: Some(daemon),

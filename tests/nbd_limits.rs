@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::{nbd_endpoints, write_file, Daemon};
+use common::{nbd_endpoints, pattern, write_file, Daemon};
 use ringblock_transports::nbd::client::{
     handshake, request_header, ClientError, Options, Parsed, ReplyFrame, ReplyParser,
 };
@@ -199,18 +199,6 @@ fn replies(s: &mut TcpStream, want: &HashMap<u64, (u64, u64)>) -> HashMap<u64, (
     }
     assert_eq!(done, want.len(), "replies never finished");
     got
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// Resident memory of a process, in bytes (VmRSS).

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{nbd_endpoints, write_file, Daemon, BIN};
+use common::{nbd_endpoints, pattern, write_file, Daemon, BIN};
 use ringblock_transports::nbd::client::{Client, Options};
 use ringblock_transports::nbd::wire::{
     Request, SimpleReply, CMD_BLOCK_STATUS, CMD_DISC, CMD_FLAG_DF, CMD_FLAG_FUA,
@@ -210,18 +210,6 @@ fn expect_closed(s: &mut TcpStream) {
         }
         assert!(Instant::now() < deadline, "connection not closed in time");
     }
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// A well-behaved client on another thread that keeps writing, flushing and verifying its own
