@@ -202,19 +202,9 @@ pub fn negotiate<S: Read + Write>(
     catalog: &dyn ExportCatalog,
     cfg: &HandshakeConfig,
 ) -> Result<Option<Negotiated>, HandshakeError> {
-    stream.write_all(
-        &Greeting {
-            flags: SERVER_HANDSHAKE_FLAGS,
-        }
-        .to_bytes(),
-    )?;
-    stream.flush()?;
-    let mut flags = [0u8; CLIENT_FLAGS_LEN];
-    if !read_exact_or_eof(stream, &mut flags)? {
+    let Some(client) = greet(stream)? else {
         return Ok(None);
-    }
-    // Unknown flags, or NO_ZEROES without our offer, must make the server hang up.
-    let (client, _) = ClientFlags::decode(&flags, SERVER_HANDSHAKE_FLAGS)?;
+    };
     // Clients that do not set FIXED_NEWSTYLE are served fixed newstyle anyway (the spec allows
     // it); a non-fixed client only sends OPT_EXPORT_NAME, which behaves identically.
     let mut session = Session {
@@ -265,6 +255,24 @@ pub fn negotiate<S: Read + Write>(
         }
     }
     Err(HandshakeError::TooManyOptions)
+}
+
+/// Send the greeting and read the client's flags; `None` when the client left first.
+/// Unknown flags, or NO_ZEROES without our offer, are an error: the server must hang up.
+fn greet<S: Read + Write>(stream: &mut S) -> Result<Option<ClientFlags>, HandshakeError> {
+    stream.write_all(
+        &Greeting {
+            flags: SERVER_HANDSHAKE_FLAGS,
+        }
+        .to_bytes(),
+    )?;
+    stream.flush()?;
+    let mut flags = [0u8; CLIENT_FLAGS_LEN];
+    if !read_exact_or_eof(stream, &mut flags)? {
+        return Ok(None);
+    }
+    let (client, _) = ClientFlags::decode(&flags, SERVER_HANDSHAKE_FLAGS)?;
+    Ok(Some(client))
 }
 
 /// Reads exactly `buf.len()` bytes; `Ok(false)` if the stream ended before the first byte (a

@@ -3,10 +3,10 @@
 use std::io::{self, Read, Write};
 
 use super::super::wire::{
-    ClientFlags, Greeting, OptionHeader, OptionReply, WireError, CLIENT_FLAGS_LEN,
-    OPTION_HEADER_LEN, OPT_ABORT, OPT_EXPORT_NAME, REP_ERR_POLICY,
+    OptionHeader, OptionReply, WireError, OPTION_HEADER_LEN, OPT_ABORT, OPT_EXPORT_NAME,
+    REP_ERR_POLICY,
 };
-use super::{error, read_exact_or_eof, HandshakeError, SERVER_HANDSHAKE_FLAGS};
+use super::{error, greet, read_exact_or_eof, HandshakeError};
 
 /// Options a refused client may send (each answered `REP_ERR_POLICY`) before the server
 /// hangs up.
@@ -17,18 +17,9 @@ pub const MAX_REFUSED_OPTIONS: usize = 8;
 /// client can tell its user why; `OPT_ABORT` gets its ACK, and `OPT_EXPORT_NAME` (which
 /// cannot carry an error) a hang-up. At most [`MAX_REFUSED_OPTIONS`] options.
 pub fn refuse<S: Read + Write>(stream: &mut S, message: &str) -> Result<(), HandshakeError> {
-    stream.write_all(
-        &Greeting {
-            flags: SERVER_HANDSHAKE_FLAGS,
-        }
-        .to_bytes(),
-    )?;
-    stream.flush()?;
-    let mut flags = [0u8; CLIENT_FLAGS_LEN];
-    if !read_exact_or_eof(stream, &mut flags)? {
+    if greet(stream)?.is_none() {
         return Ok(());
     }
-    ClientFlags::decode(&flags, SERVER_HANDSHAKE_FLAGS)?;
     let mut out = Vec::with_capacity(64 + message.len());
     for _ in 0..MAX_REFUSED_OPTIONS {
         let mut header = [0u8; OPTION_HEADER_LEN];
