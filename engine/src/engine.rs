@@ -24,7 +24,7 @@ use crate::reactor::{Control, FlushWaiter, Home, Msg};
 use crate::request::{Errno, Port, Request};
 use crate::state_record::{self, DeviceRecord};
 use crate::volume::{checked_new_volume, DeviceState, Volume};
-use crate::watchdog::{check_backing_files, spawn_watchdog};
+use crate::watchdog::{check_backing_files, spawn_watchdog, Watchdog};
 
 /// Ring depth per reactor (bounded further per device by its profile).
 pub const DEFAULT_REACTOR_QUEUE_DEPTH: usize = 256;
@@ -207,7 +207,7 @@ pub struct Engine {
     /// Per device (by id): its path with symlinks resolved, for its state record.
     record_paths: Vec<Option<PathBuf>>,
     /// Dropping the sender stops the watchdog.
-    watchdog: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
+    watchdog: Option<Watchdog>,
 }
 
 impl Engine {
@@ -286,10 +286,7 @@ impl Engine {
                 ))
             })?;
         }
-        engine.watchdog = Some(spawn_watchdog(
-            engine.open_devices.clone(),
-            engine.devices.clone(),
-        )?);
+        engine.watchdog = spawn_watchdog(engine.open_devices.clone(), engine.devices.clone())?;
         created.armed = false;
         tracing::info!(reactors = n, poll_idle_us, queue_depth, "engine started");
         Ok(engine)

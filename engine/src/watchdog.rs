@@ -33,11 +33,24 @@ pub(crate) fn check_backing_files(opens: &[Arc<OpenDevice>], states: &[Arc<Devic
     }
 }
 
-/// A thread that checks every [`WATCHDOG_INTERVAL_MS`] that device files still exist.
+/// A running watchdog: dropping the sender stops the thread.
+pub(crate) type Watchdog = (mpsc::Sender<()>, JoinHandle<()>);
+
+/// A thread that checks every [`WATCHDOG_INTERVAL_MS`] that device files still exist; none
+/// when no device has a backing file (RAM, null, block devices), so an idle daemon of those
+/// never wakes for it.
 pub(crate) fn spawn_watchdog(
     opens: Vec<Arc<OpenDevice>>,
     states: Vec<Arc<DeviceState>>,
-) -> Result<(mpsc::Sender<()>, JoinHandle<()>), EngineError> {
+) -> Result<Option<Watchdog>, EngineError> {
+    let (opens, states): (Vec<_>, Vec<_>) = opens
+        .into_iter()
+        .zip(states)
+        .filter(|(open, _)| open.has_backing_file())
+        .unzip();
+    if opens.is_empty() {
+        return Ok(None);
+    }
     let (tx, rx) = mpsc::channel::<()>();
     let thread = std::thread::Builder::new()
         .name("device-watchdog".into())
@@ -49,5 +62,5 @@ pub(crate) fn spawn_watchdog(
             }
         })
         .map_err(|e| EngineError::Config(format!("cannot spawn the device watchdog: {e}")))?;
-    Ok((tx, thread))
+    Ok(Some((tx, thread)))
 }

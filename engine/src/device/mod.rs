@@ -350,6 +350,12 @@ impl OpenDevice {
     }
 
     /// The backing regular file's descriptor (file and bbram devices), for `fstat`.
+    /// Whether a regular file backs this device (`file`, `bbram`): one that can be deleted
+    /// while open.
+    pub fn has_backing_file(&self) -> bool {
+        self.regular_file_fd().is_some()
+    }
+
     fn regular_file_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         use std::os::fd::AsFd;
         match &self.backend {
