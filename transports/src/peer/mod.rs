@@ -22,8 +22,8 @@ mod tests;
 
 pub use auth::{ClusterSecret, Mac, Nonce, MAC_LEN, NONCE_LEN};
 pub use body::{
-    decode_frame, encode_frame, Body, Challenge, Decoded, Frame, GenerationHistory, GoodbyeReason,
-    Hello, RefuseCode, Welcome,
+    checksums, decode_frame, encode_checksums, encode_data_header, encode_frame, Body, Challenge,
+    Decoded, Frame, GenerationHistory, GoodbyeReason, Hello, RefuseCode, Welcome,
 };
 pub use frame::{
     crc32c_of, decode_header, encode_header, FrameFlags, FrameHeader, FrameKind, HEADER_LEN,

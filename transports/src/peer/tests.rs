@@ -2,7 +2,6 @@
 
 use proptest::prelude::*;
 
-use super::body::{checksums, encode_checksums, encode_data_header};
 use super::*;
 
 /// A header with these raw fields and correct checksums, to reach the checks past the crc.
