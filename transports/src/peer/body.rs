@@ -446,128 +446,119 @@ fn u128_at(p: &[u8], at: usize) -> u128 {
     u128::from_le_bytes(bytes(p, at))
 }
 
-fn parse_body<'a>(h: &FrameHeader, p: &'a [u8]) -> Result<Body<'a>, PeerError> {
-    let kind = h.kind;
-    let check = |ok: bool, reason: &'static str| {
+/// A checked header with its payload, and the rules its fields follow.
+struct Fields<'h, 'a> {
+    h: &'h FrameHeader,
+    p: &'a [u8],
+}
+
+impl<'a> Fields<'_, 'a> {
+    fn check(&self, ok: bool, reason: &'static str) -> Result<(), PeerError> {
         if ok {
             Ok(())
         } else {
-            Err(PeerError::InvalidField { kind, reason })
+            Err(PeerError::InvalidField {
+                kind: self.h.kind,
+                reason,
+            })
         }
-    };
-    let bare = |arg_used: bool, aux_used: bool| -> Result<(), PeerError> {
-        check(arg_used || h.arg == 0, "unused arg field is not zero")?;
-        check(aux_used || h.aux == 0, "unused aux field is not zero")?;
-        check(p.is_empty(), "payload on a frame type without one")
-    };
-    let errno = |e: u32| check(e <= MAX_ERRNO, "errno out of range").map(|_| e);
-    let regions = |max: u32| -> Result<(RegionIndex, u32), PeerError> {
-        check(h.aux >= 1, "empty region range")?;
-        check(h.aux <= max, "region range too long")?;
-        check(
+    }
+
+    /// No payload; `arg` and `aux` zero unless the type uses them.
+    fn bare(&self, arg_used: bool, aux_used: bool) -> Result<(), PeerError> {
+        self.check(arg_used || self.h.arg == 0, "unused arg field is not zero")?;
+        self.check(aux_used || self.h.aux == 0, "unused aux field is not zero")?;
+        self.check(self.p.is_empty(), "payload on a frame type without one")
+    }
+
+    fn errno(&self) -> Result<u32, PeerError> {
+        self.check(self.h.aux <= MAX_ERRNO, "errno out of range")?;
+        Ok(self.h.aux)
+    }
+
+    /// Regions `arg .. arg + aux`: at least one, at most `max`, no overflow.
+    fn regions(&self, max: u32) -> Result<(RegionIndex, u32), PeerError> {
+        let h = self.h;
+        self.check(h.aux >= 1, "empty region range")?;
+        self.check(h.aux <= max, "region range too long")?;
+        self.check(
             h.arg.checked_add(u64::from(h.aux)).is_some(),
             "region range overflows",
         )?;
         Ok((RegionIndex(h.arg), h.aux))
-    };
-    let sectors = |data: &[u8]| {
-        check(!data.is_empty(), "no data")?;
-        check(
-            data.len().is_multiple_of(SECTOR_BYTES as usize),
+    }
+
+    /// A non-empty payload of whole sectors.
+    fn sectors(&self) -> Result<&'a [u8], PeerError> {
+        self.check(!self.p.is_empty(), "no data")?;
+        self.check(
+            self.p.len().is_multiple_of(SECTOR_BYTES as usize),
             "data is not whole sectors",
-        )
-    };
-    Ok(match kind {
+        )?;
+        Ok(self.p)
+    }
+
+    fn code<T>(&self, code: Option<T>, reason: &'static str) -> Result<T, PeerError> {
+        self.bare(false, true)?;
+        code.ok_or(PeerError::InvalidField {
+            kind: self.h.kind,
+            reason,
+        })
+    }
+}
+
+fn parse_body<'a>(h: &FrameHeader, p: &'a [u8]) -> Result<Body<'a>, PeerError> {
+    let f = Fields { h, p };
+    Ok(match h.kind {
         FrameKind::Hello | FrameKind::Challenge | FrameKind::Response | FrameKind::Welcome => {
-            check(h.arg == 0, "unused arg field is not zero")?;
+            f.check(h.arg == 0, "unused arg field is not zero")?;
             parse_handshake(h, p)?
         }
         FrameKind::Refuse => {
-            bare(false, true)?;
-            let code = RefuseCode::from_u32(h.aux);
-            Body::Refuse(code.ok_or(PeerError::InvalidField {
-                kind,
-                reason: "unknown refuse code",
-            })?)
+            Body::Refuse(f.code(RefuseCode::from_u32(h.aux), "unknown refuse code")?)
         }
         FrameKind::Goodbye => {
-            bare(false, true)?;
-            let reason = GoodbyeReason::from_u32(h.aux);
-            Body::Goodbye(reason.ok_or(PeerError::InvalidField {
-                kind,
-                reason: "unknown goodbye reason",
-            })?)
+            Body::Goodbye(f.code(GoodbyeReason::from_u32(h.aux), "unknown goodbye reason")?)
         }
-        FrameKind::Write => {
-            check(h.aux == 0, "unused aux field is not zero")?;
-            sectors(p)?;
-            check(
-                h.arg.is_multiple_of(u64::from(SECTOR_BYTES)),
-                "offset is not sector-aligned",
-            )?;
-            check(
-                h.arg.checked_add(p.len() as u64).is_some(),
-                "offset + length overflows",
-            )?;
-            Body::Write {
-                offset_bytes: h.arg,
-                fua: h.flags.contains(FrameFlags::FUA),
-                data: p,
-            }
-        }
+        FrameKind::Write | FrameKind::ResyncData => parse_data(&f)?,
         FrameKind::WriteAck => {
-            bare(true, true)?;
+            f.bare(true, true)?;
             Body::WriteAck {
                 seq: Seq(h.arg),
-                errno: errno(h.aux)?,
+                errno: f.errno()?,
             }
         }
         FrameKind::FlushAck => {
-            bare(true, true)?;
+            f.bare(true, true)?;
             Body::FlushAck {
                 seq: Seq(h.arg),
-                errno: errno(h.aux)?,
+                errno: f.errno()?,
             }
         }
-        FrameKind::Flush => bare(false, false).map(|_| Body::Flush)?,
-        FrameKind::Heartbeat => bare(false, false).map(|_| Body::Heartbeat)?,
+        FrameKind::Flush => f.bare(false, false).map(|_| Body::Flush)?,
+        FrameKind::Heartbeat => f.bare(false, false).map(|_| Body::Heartbeat)?,
         FrameKind::HeartbeatAck => {
-            bare(true, false)?;
+            f.bare(true, false)?;
             Body::HeartbeatAck { seq: Seq(h.arg) }
         }
-        FrameKind::ResyncRequest | FrameKind::ResyncDone | FrameKind::VerifyRequest => {
-            bare(true, true)?;
-            let max = if kind == FrameKind::VerifyRequest {
-                MAX_VERIFY_REGIONS
-            } else {
-                u32::MAX
-            };
-            let (first, count) = regions(max)?;
-            match kind {
-                FrameKind::ResyncRequest => Body::ResyncRequest { first, count },
-                FrameKind::ResyncDone => Body::ResyncDone { first, count },
-                _ => Body::VerifyRequest { first, count },
-            }
+        FrameKind::ResyncRequest => {
+            f.bare(true, true)?;
+            let (first, count) = f.regions(u32::MAX)?;
+            Body::ResyncRequest { first, count }
         }
-        FrameKind::ResyncData => {
-            sectors(p)?;
-            check(
-                h.aux.is_multiple_of(SECTOR_BYTES),
-                "offset in region is not sector-aligned",
-            )?;
-            check(
-                u64::from(h.aux) + p.len() as u64 <= u64::from(MAX_REGION_BYTES),
-                "data runs past the largest region",
-            )?;
-            Body::ResyncData {
-                region: RegionIndex(h.arg),
-                offset_in_region_bytes: h.aux,
-                data: p,
-            }
+        FrameKind::ResyncDone => {
+            f.bare(true, true)?;
+            let (first, count) = f.regions(u32::MAX)?;
+            Body::ResyncDone { first, count }
+        }
+        FrameKind::VerifyRequest => {
+            f.bare(true, true)?;
+            let (first, count) = f.regions(MAX_VERIFY_REGIONS)?;
+            Body::VerifyRequest { first, count }
         }
         FrameKind::VerifyReply => {
-            let (first, count) = regions(MAX_VERIFY_REGIONS)?;
-            check(
+            let (first, count) = f.regions(MAX_VERIFY_REGIONS)?;
+            f.check(
                 p.len() == 4 * count as usize,
                 "payload is not one checksum per region",
             )?;
@@ -576,6 +567,42 @@ fn parse_body<'a>(h: &FrameHeader, p: &'a [u8]) -> Result<Body<'a>, PeerError> {
                 checksums: p,
             }
         }
+    })
+}
+
+/// Write and ResyncData: sectors of data at a sector-aligned place.
+fn parse_data<'a>(f: &Fields<'_, 'a>) -> Result<Body<'a>, PeerError> {
+    let h = f.h;
+    let data = f.sectors()?;
+    if h.kind == FrameKind::Write {
+        f.check(h.aux == 0, "unused aux field is not zero")?;
+        f.check(
+            h.arg.is_multiple_of(u64::from(SECTOR_BYTES)),
+            "offset is not sector-aligned",
+        )?;
+        f.check(
+            h.arg.checked_add(data.len() as u64).is_some(),
+            "offset + length overflows",
+        )?;
+        return Ok(Body::Write {
+            offset_bytes: h.arg,
+            fua: h.flags.contains(FrameFlags::FUA),
+            data,
+        });
+    }
+    debug_assert_eq!(h.kind, FrameKind::ResyncData);
+    f.check(
+        h.aux.is_multiple_of(SECTOR_BYTES),
+        "offset in region is not sector-aligned",
+    )?;
+    f.check(
+        u64::from(h.aux) + data.len() as u64 <= u64::from(MAX_REGION_BYTES),
+        "data runs past the largest region",
+    )?;
+    Ok(Body::ResyncData {
+        region: RegionIndex(h.arg),
+        offset_in_region_bytes: h.aux,
+        data,
     })
 }
 

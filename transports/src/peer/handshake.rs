@@ -435,8 +435,9 @@ impl<L: VolumeLookup> Acceptor<L> {
         self.channel.refuse(Refusal::Wire(error))
     }
 
+    /// Takes the state out (a failure leaves `Done`); the next state is set on success.
     fn advance(&mut self, frame: &Frame<'_>) -> Result<Step, Refusal> {
-        match &self.state {
+        match std::mem::replace(&mut self.state, AcceptorState::Done) {
             AcceptorState::Done => Err(Refusal::Finished),
             AcceptorState::AwaitHello => {
                 // The Hello names the volume the rest of the handshake is about.
@@ -447,15 +448,10 @@ impl<L: VolumeLookup> Acceptor<L> {
                 };
                 self.on_hello(hello)
             }
-            AcceptorState::AwaitResponse(_) => {
+            AcceptorState::AwaitResponse(sent) => {
                 self.channel.receive(frame)?;
                 let Body::Response(mac) = &frame.body else {
                     return Err(unexpected("Response", frame));
-                };
-                let AcceptorState::AwaitResponse(sent) =
-                    std::mem::replace(&mut self.state, AcceptorState::Done)
-                else {
-                    unreachable!("matched above");
                 };
                 let (hello, challenge) = *sent;
                 if frame.version != challenge.version {

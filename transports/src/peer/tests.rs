@@ -209,7 +209,11 @@ proptest! {
         flags in prop_oneof![Just(0u16), Just(1u16), any::<u16>()],
         arg in prop_oneof![Just(0u64), 0u64..4096, any::<u64>()],
         aux in prop_oneof![Just(0u32), 0u32..70, any::<u32>()],
-        payload in prop::collection::vec(any::<u8>(), 0..700),
+        payload in prop_oneof![
+            Just(Vec::new()),
+            prop::collection::vec(any::<u8>(), 512),
+            prop::collection::vec(any::<u8>(), 0..700),
+        ],
     ) {
         let bytes = raw_frame(1, kind, flags, 5, arg, aux, &payload);
         if let Ok(frame) = decode_whole(&bytes) {
