@@ -143,6 +143,9 @@ fn wrong_secret_is_denied_without_detail() {
     let response = i.on_frame(&frame(challenge.send.as_ref().expect("a challenge")));
     let step = a.on_frame(&frame(response.send.as_ref().expect("a response")));
     assert_eq!(refusal(&step), &Refusal::BadProof);
+    assert!(refusal(&step)
+        .to_string()
+        .contains("does not hold the cluster secret"));
     assert_eq!(sent_code(&step), Some(RefuseCode::Denied));
     let end = i.on_frame(&frame(step.send.as_ref().expect("a refuse")));
     assert_eq!(refusal(&end), &Refusal::PeerRefused(RefuseCode::Denied));

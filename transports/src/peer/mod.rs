@@ -65,14 +65,14 @@ pub const MAX_WINDOW_FRAMES: u32 = 1024;
 pub const MAX_WINDOW_BYTES: u64 = 64 << 20;
 
 macro_rules! peer_id {
-    ($(#[$m:meta])* $name:ident($inner:ty)) => {
+    ($(#[$m:meta])* $name:ident($inner:ty), $format:literal) => {
         $(#[$m])*
         #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
         pub struct $name(pub $inner);
 
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "{:x}", self.0)
+                write!(f, $format, self.0)
             }
         }
     };
@@ -80,24 +80,29 @@ macro_rules! peer_id {
 
 peer_id!(
     /// A cluster of nodes that share one secret; peers of another cluster are refused.
-    ClusterId(u128)
+    ClusterId(u128),
+    "{:032x}"
 );
 peer_id!(
     /// A node, persistent across restarts.
-    NodeId(u128)
+    NodeId(u128),
+    "{:032x}"
 );
 peer_id!(
     /// A replicated volume, the same on every node that holds a copy (the engine's own
     /// `VolumeId` is local to one daemon).
-    ReplicatedVolumeId(u64)
+    ReplicatedVolumeId(u64),
+    "{}"
 );
 peer_id!(
     /// A frame's number in its direction: 0 for the first frame a side sends, then +1 each.
-    Seq(u64)
+    Seq(u64),
+    "{}"
 );
 peer_id!(
     /// A region of a volume (byte offset / region size): the unit of resync and verify.
-    RegionIndex(u64)
+    RegionIndex(u64),
+    "{}"
 );
 
 impl Seq {
