@@ -37,10 +37,6 @@ impl FaultState {
         }
     }
 
-    pub fn config(&self) -> &FaultConfig {
-        &self.config
-    }
-
     /// Whether the config adds latency spikes.
     pub fn spikes(&self) -> bool {
         self.config.spike_every_nth > 0

@@ -9,8 +9,8 @@
 //!   it (the firmware profile's service time, plus fault spikes), by a [`delay::Clock`] the
 //!   simulator can drive.
 //!
-//! The order is fixed, delay over fault over leaf ([`ReactorIo`]): an injected error waits
-//! like any completion, and a spike adds to the due time.
+//! The order is fixed, delay over fault over leaf (a reactor's `ReactorIo`): an injected
+//! error waits like any completion, and a spike adds to the due time.
 
 pub mod delay;
 pub mod fault;
@@ -118,11 +118,11 @@ pub trait Io {
 
 /// A reactor's IO: its ring under the fault and delay decorators of the devices that have
 /// them.
-pub type ReactorIo = Delayed<Faulty<UringIo>, MonotonicClock>;
+pub(crate) type ReactorIo = Delayed<Faulty<UringIo>, MonotonicClock>;
 
 /// Stack the fault and delay decorators `devices` ask for over `leaf`. `queue_depth` bounds
 /// the ops in flight at once, completions held back by the delay included.
-pub fn decorate<I: Io, C: Clock>(
+pub(crate) fn decorate<I: Io, C: Clock>(
     leaf: I,
     clock: C,
     queue_depth: usize,
