@@ -9,9 +9,12 @@ use std::sync::{Arc, Mutex};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use crate::device::FaultConfig;
 use crate::error::EngineError;
 use crate::ids::{DeviceId, ReactorId, VolumeId};
-use crate::io::sim::{SimDisk, SimIo};
+use crate::io::delay::{DelayModel, Delayed};
+use crate::io::fault::{FaultState, Faulty};
+use crate::io::sim::{SimClock, SimDisk, SimIo};
 use crate::loader::{load_device, DeviceSpec, SyncAccess};
 use crate::reactor::{Control, Home, Msg, ReactorCore, Router};
 use crate::request::{Errno, Port, Request};
@@ -70,6 +73,17 @@ impl Default for SimOptions {
     }
 }
 
+/// The `delay` and `fault` wrappers of one simulated disk, as a device's
+/// `emulate_profile_latency` and `fault` settings: the same decorators as on a reactor, on the
+/// simulated clock.
+#[derive(Clone, Debug, Default)]
+pub struct SimWrappers {
+    pub emulate_profile_latency: bool,
+    pub fault: Option<FaultConfig>,
+}
+
+type SimStack = Delayed<Faulty<SimIo>, SimClock>;
+
 /// The answer to a control message, once the engine has given it.
 #[derive(Clone)]
 pub struct ControlReply(Arc<Mutex<Option<Result<(), Errno>>>>);
@@ -81,7 +95,7 @@ impl ControlReply {
 }
 
 pub struct SimCluster {
-    reactors: Vec<ReactorCore<SimIo>>,
+    reactors: Vec<ReactorCore<SimStack>>,
     router: Arc<SimRouter>,
     clock: Arc<AtomicU64>,
     devices: Vec<Arc<DeviceState>>,
@@ -94,6 +108,16 @@ impl SimCluster {
         seed: u64,
         opts: SimOptions,
         disks: Vec<(DeviceSpec, Arc<Mutex<SimDisk>>)>,
+    ) -> Result<Self, EngineError> {
+        Self::start_wrapped(seed, opts, disks, &[])
+    }
+
+    /// [`Self::start`], with some disks under the `delay` and `fault` wrappers.
+    pub fn start_wrapped(
+        seed: u64,
+        opts: SimOptions,
+        disks: Vec<(DeviceSpec, Arc<Mutex<SimDisk>>)>,
+        wrappers: &[(DeviceId, SimWrappers)],
     ) -> Result<Self, EngineError> {
         let n = opts.reactors;
         assert!(n > 0);
@@ -118,6 +142,26 @@ impl SimCluster {
             volumes.extend(loaded.volumes);
             disk_map.insert(spec.id, disk.clone());
         }
+        // One fault state per device, shared by every reactor (as on a real engine).
+        let faults: Vec<(DeviceId, Arc<FaultState>)> = wrappers
+            .iter()
+            .filter_map(|(id, w)| Some((*id, Arc::new(FaultState::new(w.fault.clone()?)))))
+            .collect();
+        let delays: Vec<(DeviceId, DelayModel)> = wrappers
+            .iter()
+            .map(|(id, w)| {
+                let profile = disks
+                    .iter()
+                    .find(|(spec, _)| spec.id == *id)
+                    .filter(|_| w.emulate_profile_latency)
+                    .map(|(spec, _)| spec.profile.clone());
+                let spikes = faults
+                    .iter()
+                    .find(|(f, state)| f == id && state.spikes())
+                    .map(|(_, state)| state.clone());
+                (*id, DelayModel { profile, spikes })
+            })
+            .collect();
         let reactors = homes
             .into_iter()
             .enumerate()
@@ -128,6 +172,12 @@ impl SimCluster {
                     seed.wrapping_mul(31).wrapping_add(i as u64),
                     opts.queue_depth,
                     opts.max_latency_ticks,
+                );
+                let io = Delayed::new(
+                    Faulty::new(io, faults.iter().cloned()),
+                    SimClock::new(clock.clone()),
+                    opts.queue_depth,
+                    delays.iter().cloned(),
                 );
                 let r: Arc<dyn Router> = router.clone();
                 ReactorCore::new(ReactorId(i as u32), io, r, h)

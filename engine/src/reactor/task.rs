@@ -12,7 +12,7 @@ use super::ReactorCore;
 use crate::engine::VolumeHandle;
 use crate::ids::ReactorId;
 pub use crate::io::uring::RingCompletion;
-use crate::io::uring::UringIo;
+use crate::io::ReactorIo;
 use crate::provided::ProvidedBuffers;
 use crate::request::{Errno, Port, PortWaker, Request};
 
@@ -38,7 +38,7 @@ pub trait ReactorTask: Send {
 
 /// What a task may do on its reactor.
 pub struct TaskCtx<'a> {
-    pub(crate) core: &'a mut ReactorCore<UringIo>,
+    pub(crate) core: &'a mut ReactorCore<ReactorIo>,
     pub(crate) shared: &'a Arc<Shared>,
     pub(crate) task_id: u32,
     pub(crate) raw_in_flight: &'a mut usize,
@@ -182,7 +182,7 @@ impl TaskTable {
     /// Hand the tasks' completed ring operations to them. Returns how many.
     pub(crate) fn dispatch_ring(
         &mut self,
-        core: &mut ReactorCore<UringIo>,
+        core: &mut ReactorCore<ReactorIo>,
         shared: &Arc<Shared>,
     ) -> usize {
         core.io.take_raw(&mut self.raw_done);
@@ -213,7 +213,7 @@ impl TaskTable {
     /// ones. Returns the work they did.
     pub(crate) fn poll_all(
         &mut self,
-        core: &mut ReactorCore<UringIo>,
+        core: &mut ReactorCore<ReactorIo>,
         shared: &Arc<Shared>,
         stopping: bool,
     ) -> usize {
