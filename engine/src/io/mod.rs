@@ -1,10 +1,15 @@
-//! The IO seam. Reactor logic is written against [`Io`]; the real implementation drives one
-//! io_uring per reactor ([`uring::UringIo`]), the simulated one a seeded model of a disk with a
-//! volatile write cache ([`sim::SimIo`]).
+//! The IO seam. Reactor logic is written against [`Io`] (device ops) and hosted tasks against
+//! [`task_ring::TaskRing`] (socket ops); the real implementation of both drives one io_uring
+//! per reactor ([`uring::UringIo`]), the simulated one a seeded model of a disk with a
+//! volatile write cache and a seeded network of stream sockets ([`sim::SimIo`],
+//! [`sim_net::SimNet`]).
 
 mod delay;
 #[cfg(any(test, feature = "testing"))]
 pub mod sim;
+#[cfg(any(test, feature = "testing"))]
+pub mod sim_net;
+pub mod task_ring;
 pub mod uring;
 
 use crate::buf::IoBuf;

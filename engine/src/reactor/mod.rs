@@ -65,7 +65,7 @@ pub(crate) enum Msg {
         device: DeviceId,
         control: Control,
     },
-    /// A transport task to host (threaded runtime only; taken before it reaches the core).
+    /// A transport task to host (taken by the runtime before it reaches the core).
     Task(Box<dyn task::ReactorTask>),
 }
 
@@ -73,4 +73,8 @@ pub(crate) enum Msg {
 pub(crate) trait Router: Send + Sync {
     fn reactors(&self) -> u32;
     fn try_send(&self, to: ReactorId, msg: Msg) -> Result<(), Msg>;
+    /// The engine is stopping: new requests are refused.
+    fn stopping(&self) -> bool {
+        false
+    }
 }

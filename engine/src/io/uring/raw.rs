@@ -1,40 +1,115 @@
-//! Raw ops: ring operations a reactor's tasks build themselves (socket sends and receives),
-//! with the file table slots and provided-buffer groups they use. The ring knows its owners
-//! only by number and releases what each registered when told to.
+//! Task ops: the socket ops a reactor's tasks push (built here into exactly the entries the
+//! tasks used to build themselves), their raw entries (ublk's commands), and the file table
+//! slots and provided-buffer groups they use. The ring knows its owners only by number and
+//! releases what each registered when told to.
 
 use std::os::fd::RawFd;
 
-use io_uring::squeue;
+use io_uring::{opcode, squeue, types};
 
 use super::user_data::UserData;
 use super::UringIo;
+use crate::io::task_ring::{RingCompletion, Socket, SocketOp, TaskRing};
 use crate::provided::ProvidedBuffers;
+use crate::request::Errno;
 
-/// A completion of a raw op.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RingCompletion {
-    /// The tag the operation was pushed with.
-    pub tag: u32,
-    /// The CQE's result as the kernel gives it: bytes, or -errno ([`Self::errno`] reads it).
-    pub result: i32,
-    /// The CQE's flags (`IORING_CQE_F_*`).
-    pub flags: u32,
+/// `sqe->ioprio` flag of socket sends and receives: arm the poll before the first attempt
+/// (`IORING_RECVSEND_POLL_FIRST` in linux/io_uring.h).
+const IORING_RECVSEND_POLL_FIRST: u16 = 1;
+
+/// Build an op on `socket`, through the ring's file table when it names a slot.
+macro_rules! on_socket {
+    ($socket:expr, $build:expr) => {
+        match $socket {
+            Socket::Fixed(slot) => $build(types::Fixed(slot)),
+            Socket::Fd(fd) => $build(types::Fd(fd)),
+        }
+    };
 }
 
-impl RingCompletion {
-    /// The error, when the operation failed.
-    pub fn errno(&self) -> Option<crate::request::Errno> {
-        (self.result < 0).then(|| crate::request::Errno(-self.result))
+/// The ring entry of `op` (without its `user_data`).
+#[inline]
+fn entry_of(op: SocketOp) -> squeue::Entry {
+    match op {
+        SocketOp::Recv {
+            socket,
+            buf,
+            len,
+            poll_first,
+        } => {
+            let ioprio = if poll_first {
+                IORING_RECVSEND_POLL_FIRST
+            } else {
+                0
+            };
+            on_socket!(socket, |fd| opcode::Recv::new(fd, buf, len)
+                .ioprio(ioprio)
+                .build())
+        }
+        SocketOp::RecvMulti { socket, group } => {
+            on_socket!(socket, |fd| opcode::RecvMulti::new(fd, group).build())
+        }
+        SocketOp::Send { socket, buf, len } => {
+            on_socket!(socket, |fd| opcode::Send::new(fd, buf, len)
+                .flags(libc::MSG_NOSIGNAL)
+                .build())
+        }
+        SocketOp::SendMsg { socket, msg } => on_socket!(socket, |fd| opcode::SendMsg::new(fd, msg)
+            .flags(libc::MSG_NOSIGNAL as u32)
+            .build()),
+    }
+}
+
+impl TaskRing for UringIo {
+    #[inline]
+    unsafe fn push(&mut self, task_id: u32, op: SocketOp, tag: u32) -> Result<(), Errno> {
+        // SAFETY: forwarded contract.
+        unsafe { self.push_task_entry(entry_of(op), task_id, tag) }
     }
 
-    /// More completions of this operation will follow: a multishot one is still armed.
-    pub fn more(&self) -> bool {
-        io_uring::cqueue::more(self.flags)
+    unsafe fn push_raw(
+        &mut self,
+        task_id: u32,
+        entry: squeue::Entry,
+        tag: u32,
+    ) -> Result<(), Errno> {
+        // SAFETY: forwarded contract.
+        unsafe { self.push_task_entry(entry, task_id, tag) }
     }
 
-    /// The provided buffer this completion filled, if any.
-    pub fn buffer(&self) -> Option<u16> {
-        io_uring::cqueue::buffer_select(self.flags)
+    fn register_fd(&mut self, task_id: u32, fd: RawFd) -> Option<u32> {
+        self.register_task_fd(task_id, fd)
+    }
+
+    unsafe fn register_buffers(&mut self, task_id: u32, bufs: &mut ProvidedBuffers) -> Option<u16> {
+        // SAFETY: forwarded contract.
+        unsafe { self.register_task_buffers(task_id, bufs) }
+    }
+
+    fn release_task_resources(&mut self, task_id: u32) {
+        UringIo::release_task_resources(self, task_id)
+    }
+
+    #[inline]
+    fn take_completions(&mut self, out: &mut Vec<(u32, RingCompletion)>) {
+        out.append(&mut self.raw_done);
+    }
+
+    #[inline]
+    unsafe fn send_now(&mut self, fd: RawFd, iov: &[libc::iovec]) -> usize {
+        // SAFETY: msghdr is plain old data; all-zero is an empty header.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = iov.len() as _;
+        // SAFETY: the caller keeps the iovecs' memory valid and unchanged for this synchronous
+        // call; the kernel only reads it.
+        let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+        usize::try_from(n).unwrap_or(0)
+    }
+
+    fn shutdown(&mut self, fd: RawFd) {
+        // SAFETY: shutdown takes no memory; a bad descriptor is an error return.
+        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
     }
 }
 
@@ -120,30 +195,27 @@ impl UringIo {
         }
     }
 
-    /// Queue task `task_id`'s ring op, to come back from [`UringIo::take_raw`] with `tag`.
+    /// Queue task `task_id`'s ring entry, to come back from [`TaskRing::take_completions`]
+    /// with `tag`.
     ///
     /// # Safety
     /// What the entry points to must stay valid until its completion is reaped.
-    pub(crate) unsafe fn push_raw(
+    #[inline]
+    unsafe fn push_task_entry(
         &mut self,
         entry: squeue::Entry,
         task_id: u32,
         tag: u32,
-    ) -> Result<(), ()> {
+    ) -> Result<(), Errno> {
         let entry = entry.user_data(UserData::Task { task_id, tag }.encode());
         // SAFETY: forwarded contract.
         if unsafe { self.ring.submission().push(&entry) }.is_err() {
-            self.enter(0, None).map_err(|_| ())?;
+            self.enter(0, None).map_err(|_| Errno(libc::EAGAIN))?;
             // SAFETY: as above.
-            unsafe { self.ring.submission().push(&entry) }.map_err(|_| ())?;
+            unsafe { self.ring.submission().push(&entry) }.map_err(|_| Errno(libc::EAGAIN))?;
         }
         self.raw_in_flight += 1;
         Ok(())
-    }
-
-    /// Hand over completed raw ops, each with the task that pushed it.
-    pub(crate) fn take_raw(&mut self, out: &mut Vec<(u32, RingCompletion)>) {
-        out.append(&mut self.raw_done);
     }
 }
 
