@@ -154,8 +154,7 @@ pub fn spawn(
     peer: String,
     setup: Setup,
 ) -> Arc<ConnStats> {
-    let mut conn = Connection::new(stream, negotiated, peer);
-    conn.recv.multishot = setup.multishot;
+    let mut conn = Connection::new(stream, negotiated, peer).with_multishot(setup.multishot);
     conn.set_budget(setup.budget);
     conn._keep_alive = setup.keep_alive;
     let stats = conn.stats.clone();
@@ -207,6 +206,13 @@ impl Connection {
             busy: false,
             _keep_alive: None,
         }
+    }
+
+    /// Receive with one multishot `recv` into provided buffers where the ring can (the
+    /// default), or one `recv` at a time.
+    pub fn with_multishot(mut self, multishot: bool) -> Self {
+        self.recv.multishot = multishot;
+        self
     }
 
     fn extended(&self) -> bool {
