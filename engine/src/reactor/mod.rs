@@ -3,7 +3,8 @@
 //! - [`core`]: the state machine that turns request parts into device ops, generic over
 //!   [`crate::io::Io`] so the same logic runs on a real io_uring and on the simulator;
 //! - [`round`]: a device's flush rounds, run by its home reactor;
-//! - [`task`]: transport tasks (NBD connections…) hosted on a reactor's ring;
+//! - [`task`]: transport tasks (NBD connections…) hosted on a reactor's ring, through
+//!   [`crate::io::task_ring::TaskRing`] so they run on the simulator too;
 //! - [`mesh`]: what reactors share (inboxes, wake-ups, stats) and how they reach each other;
 //! - [`idle`]: the pure spin-or-park decision of an idle reactor;
 //! - [`placement`]: which cores the reactors run on;
