@@ -32,7 +32,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::task_ring::{
-    RingCompletion, Socket, SocketOp, CQE_BUFFER_SHIFT, CQE_F_BUFFER, CQE_F_MORE,
+    RingCompletion, Socket, SocketOp, CQE_BUFFER_SHIFT, CQE_F_BUFFER, CQE_F_MORE, CQE_F_NOTIF,
 };
 use crate::provided::ProvidedBuffers;
 use crate::request::Errno;
@@ -326,6 +326,7 @@ impl SimNet {
             SocketOp::Recv { socket, .. }
             | SocketOp::RecvMulti { socket, .. }
             | SocketOp::Send { socket, .. }
+            | SocketOp::SendZc { socket, .. }
             | SocketOp::SendMsg { socket, .. } => socket,
         };
         match net.resolve(ring, task_id, socket) {
@@ -660,7 +661,15 @@ impl Net {
                     iov_len: len as usize,
                 }];
                 // SAFETY: the op's buffer is valid until it completes.
-                self.progress_send(p, &iov)
+                self.progress_send(p, &iov, false)
+            }
+            SocketOp::SendZc { buf, len, .. } => {
+                let iov = [libc::iovec {
+                    iov_base: buf as *mut libc::c_void,
+                    iov_len: len as usize,
+                }];
+                // SAFETY: the op's buffer is valid until its notification.
+                self.progress_send(p, &iov, true)
             }
             SocketOp::SendMsg { msg, .. } => {
                 // SAFETY: the header and its iovecs are valid until the op completes.
@@ -672,24 +681,28 @@ impl Net {
                         std::slice::from_raw_parts(m.msg_iov, m.msg_iovlen)
                     }
                 };
-                self.progress_send(p, iov)
+                self.progress_send(p, iov, false)
             }
         }
     }
 
-    fn progress_send(&mut self, p: &PendingOp, iov: &[libc::iovec]) -> bool {
+    /// A send: done once the pipe took some of it (or it failed). A zero-copy one completes
+    /// as the kernel's does, a result flagged `MORE` and then its notification (at once: the
+    /// simulator copied the bytes).
+    fn progress_send(&mut self, p: &PendingOp, iov: &[libc::iovec], zero_copy: bool) -> bool {
         // SAFETY: forwarded from `progress`.
-        match unsafe { self.send(p.endpoint, iov) } {
-            Ok(0) if iov.iter().any(|v| v.iov_len > 0) => false,
-            Ok(n) => {
-                self.complete(p, n as i32, 0);
-                true
-            }
-            Err(e) => {
-                self.complete(p, -e.0, 0);
-                true
-            }
+        let result = match unsafe { self.send(p.endpoint, iov) } {
+            Ok(0) if iov.iter().any(|v| v.iov_len > 0) => return false,
+            Ok(n) => n as i32,
+            Err(e) => -e.0,
+        };
+        if zero_copy {
+            self.complete(p, result, CQE_F_MORE);
+            self.complete(p, 0, CQE_F_NOTIF);
+        } else {
+            self.complete(p, result, 0);
         }
+        true
     }
 
     /// Arrivals into the next free buffers of `group`, one completion each, until nothing is

@@ -40,9 +40,6 @@ pub enum Socket {
 /// whoever pushes the op keeps them valid (and a receive's buffer untouched) until its last
 /// completion (see [`TaskRing::push`]).
 ///
-/// A zero-copy send (`SEND_ZC`: a result completion flagged [`CQE_F_MORE`], then a
-/// notification flagged [`CQE_F_NOTIF`] once the buffer is free) belongs here as one more
-/// variant; the replication transport adds it with its first user.
 #[derive(Clone, Copy, Debug)]
 pub enum SocketOp {
     /// Receive up to `len` bytes into `buf`. `poll_first`: arm the readiness poll before the
@@ -67,6 +64,15 @@ pub enum SocketOp {
     SendMsg {
         socket: Socket,
         msg: *const libc::msghdr,
+    },
+    /// Send `len` bytes from `buf` without copying them (`SEND_ZC`): two completions, the
+    /// result flagged [`CQE_F_MORE`], then a notification ([`RingCompletion::is_notification`])
+    /// once the kernel no longer reads `buf`, which stays valid (and unchanged) until then.
+    /// Sockets that cannot send without copying (Unix sockets) fail it with `EOPNOTSUPP`.
+    SendZc {
+        socket: Socket,
+        buf: *const u8,
+        len: u32,
     },
 }
 

@@ -252,6 +252,25 @@ fn ring_ops_complete_from_the_network() {
     );
     assert_eq!(read_for(&net, &mut client, 4, 20), b"abcd");
 
+    // A zero-copy send: its result (flagged MORE), then its notification.
+    let z = *b"zc";
+    let op = SocketOp::SendZc {
+        socket: Socket::Fd(fd),
+        buf: z.as_ptr(),
+        len: 2,
+    };
+    // SAFETY: z outlives the op.
+    unsafe { net.push(ring, 1, op, 11) };
+    net.tick();
+    done.clear();
+    net.take_completions(ring, &mut done);
+    let got: Vec<_> = done
+        .iter()
+        .map(|(_, c)| (c.tag, c.result, c.more(), c.is_notification()))
+        .collect();
+    assert_eq!(got, [(11, 2, true, false), (11, 0, false, true)]);
+    assert_eq!(read_for(&net, &mut client, 2, 20), b"zc");
+
     // A single-shot receive.
     let mut rbuf = [0u8; 16];
     let op = SocketOp::Recv {
