@@ -332,4 +332,144 @@ mod tests {
         receiver.read_exact(&mut back).unwrap();
         assert_eq!(back, data);
     }
+
+    /// The entry's bytes, to compare two entries.
+    fn sqe_bytes(e: squeue::Entry) -> [u8; 64] {
+        const _: () = assert!(std::mem::size_of::<squeue::Entry>() == 64);
+        // SAFETY: an Entry is a repr(C) 64-byte SQE, built from zeroes, so every byte is
+        // initialised.
+        unsafe { std::mem::transmute::<squeue::Entry, [u8; 64]>(e) }
+    }
+
+    /// Every socket op becomes exactly the entry a task built with the io_uring crate itself
+    /// (opcode, socket or fixed slot, flags, ioprio), so the real ring behaves as it did.
+    #[test]
+    fn socket_ops_build_the_entries_tasks_built() {
+        let mut byte = 0u8;
+        let buf = &mut byte as *mut u8;
+        // SAFETY: msghdr is plain old data.
+        let msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        let msg = &msg as *const libc::msghdr;
+        for (socket, fd, fixed) in [(Socket::Fd(7), 7, None), (Socket::Fixed(3), 0, Some(3))] {
+            let built = |e: fn(types::Fd) -> squeue::Entry,
+                         f: fn(types::Fixed) -> squeue::Entry| {
+                sqe_bytes(match fixed {
+                    Some(slot) => f(types::Fixed(slot)),
+                    None => e(types::Fd(fd)),
+                })
+            };
+            let cases: [(SocketOp, [u8; 64]); 6] = [
+                (
+                    SocketOp::Recv {
+                        socket,
+                        buf,
+                        len: 9,
+                        poll_first: false,
+                    },
+                    built(
+                        |fd| {
+                            opcode::Recv::new(fd, std::ptr::null_mut(), 9)
+                                .ioprio(0)
+                                .build()
+                        },
+                        |fd| {
+                            opcode::Recv::new(fd, std::ptr::null_mut(), 9)
+                                .ioprio(0)
+                                .build()
+                        },
+                    ),
+                ),
+                (
+                    SocketOp::Recv {
+                        socket,
+                        buf,
+                        len: 9,
+                        poll_first: true,
+                    },
+                    built(
+                        |fd| {
+                            opcode::Recv::new(fd, std::ptr::null_mut(), 9)
+                                .ioprio(1)
+                                .build()
+                        },
+                        |fd| {
+                            opcode::Recv::new(fd, std::ptr::null_mut(), 9)
+                                .ioprio(1)
+                                .build()
+                        },
+                    ),
+                ),
+                (
+                    SocketOp::RecvMulti { socket, group: 5 },
+                    built(
+                        |fd| opcode::RecvMulti::new(fd, 5).build(),
+                        |fd| opcode::RecvMulti::new(fd, 5).build(),
+                    ),
+                ),
+                (
+                    SocketOp::Send {
+                        socket,
+                        buf,
+                        len: 9,
+                    },
+                    built(
+                        |fd| {
+                            opcode::Send::new(fd, std::ptr::null(), 9)
+                                .flags(libc::MSG_NOSIGNAL)
+                                .build()
+                        },
+                        |fd| {
+                            opcode::Send::new(fd, std::ptr::null(), 9)
+                                .flags(libc::MSG_NOSIGNAL)
+                                .build()
+                        },
+                    ),
+                ),
+                (
+                    SocketOp::SendMsg { socket, msg },
+                    built(
+                        |fd| {
+                            opcode::SendMsg::new(fd, std::ptr::null())
+                                .flags(libc::MSG_NOSIGNAL as u32)
+                                .build()
+                        },
+                        |fd| {
+                            opcode::SendMsg::new(fd, std::ptr::null())
+                                .flags(libc::MSG_NOSIGNAL as u32)
+                                .build()
+                        },
+                    ),
+                ),
+                (
+                    SocketOp::SendZc {
+                        socket,
+                        buf,
+                        len: 9,
+                    },
+                    built(
+                        |fd| {
+                            opcode::SendZc::new(fd, std::ptr::null(), 9)
+                                .flags(libc::MSG_NOSIGNAL)
+                                .build()
+                        },
+                        |fd| {
+                            opcode::SendZc::new(fd, std::ptr::null(), 9)
+                                .flags(libc::MSG_NOSIGNAL)
+                                .build()
+                        },
+                    ),
+                ),
+            ];
+            for (op, mut want) in cases {
+                // The pointers differ (a closure cannot capture them): put ours in.
+                let addr = match op {
+                    SocketOp::SendMsg { msg, .. } => msg as u64,
+                    SocketOp::RecvMulti { .. } => 0,
+                    _ => buf as u64,
+                };
+                want[16..24].copy_from_slice(&addr.to_ne_bytes());
+                assert_eq!(sqe_bytes(entry_of(op)), want, "{op:?}");
+            }
+        }
+    }
 }
