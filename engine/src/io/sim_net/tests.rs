@@ -407,3 +407,30 @@ fn the_simulated_ring_refuses_raw_entries() {
     let r = unsafe { io.push_raw(0, entry, 0) };
     assert_eq!(r, Err(Errno(libc::EOPNOTSUPP)));
 }
+
+/// Seeded random cuts: the tick a connection is cut at repeats with its seed.
+#[test]
+fn random_cuts_come_from_the_seed() {
+    let cut_tick = |seed: u64| {
+        let net = SimNet::new(
+            seed,
+            NetOptions {
+                cut_per_million_ticks: 20_000,
+                ..opts()
+            },
+        );
+        let (a, b) = net.socket_pair(A, B).unwrap();
+        let (mut a, _b) = (net.stream(a), net.stream(b));
+        for _ in 0..10_000 {
+            net.tick();
+            if a.write(b"x") == Err(Errno(libc::ECONNRESET)) {
+                return net.now_tick();
+            }
+            let _ = a.read(&mut [0u8; 8]);
+        }
+        panic!("seed {seed}: never cut");
+    };
+    let ticks: Vec<u64> = (0..8).map(cut_tick).collect();
+    assert_eq!(ticks, (0..8).map(cut_tick).collect::<Vec<_>>());
+    assert!(ticks.iter().any(|&t| t != ticks[0]), "{ticks:?}");
+}
