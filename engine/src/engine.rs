@@ -20,7 +20,7 @@ use crate::reactor::mesh::Shared;
 use crate::reactor::placement::{device_irq_core, select_cores};
 use crate::reactor::task::{ReactorTask, MAX_TASKS_PER_REACTOR};
 use crate::reactor::thread::spawn_reactors;
-use crate::reactor::{Control, FlushWaiter, Home, Msg};
+use crate::reactor::{Control, FlushWaiter, Home, Msg, Router};
 use crate::request::{Errno, Port, Request};
 use crate::state_record::{self, DeviceRecord};
 use crate::volume::{checked_new_volume, DeviceState, Volume};
@@ -145,33 +145,36 @@ impl std::fmt::Debug for TaskSlot {
 /// A volume opened for IO. While any handle is open the volume cannot be deleted.
 pub struct VolumeHandle {
     volume: Arc<Volume>,
-    shared: Arc<Shared>,
+    /// The engine's reactors (or the simulator's).
+    router: Arc<dyn Router>,
 }
 
 impl VolumeHandle {
+    /// Open `volume` for IO through `router` (which counts it open until the handle drops).
+    pub(crate) fn new(volume: Arc<Volume>, router: Arc<dyn Router>) -> Self {
+        volume.open_handles.fetch_add(1, Ordering::AcqRel);
+        Self { volume, router }
+    }
+
     pub fn volume(&self) -> &Arc<Volume> {
         &self.volume
     }
 
     /// Submit a request; its completion arrives on `port`. A refused request comes back.
     pub fn submit(&self, req: Request, port: &Arc<Port>) -> Result<(), (Request, Errno)> {
-        if self.shared.stopping.load(Ordering::Acquire) {
+        if self.router.stopping() {
             return Err((req, Errno::ESHUTDOWN));
         }
-        let n = self.shared.reactors.len() as u32;
+        let n = self.router.reactors();
         crate::front::submit(&self.volume, req, port, n, &mut |to, msg| {
-            self.shared.send_blocking(to, msg)
+            crate::reactor::mesh::send_blocking(&*self.router, to, msg)
         })
     }
 }
 
 impl Clone for VolumeHandle {
     fn clone(&self) -> Self {
-        self.volume.open_handles.fetch_add(1, Ordering::AcqRel);
-        Self {
-            volume: self.volume.clone(),
-            shared: self.shared.clone(),
-        }
+        Self::new(self.volume.clone(), self.router.clone())
     }
 }
 
@@ -386,11 +389,7 @@ impl Engine {
             kind: VolumeErrorKind::NotFound,
             message: "no such volume".into(),
         })?;
-        volume.open_handles.fetch_add(1, Ordering::AcqRel);
-        Ok(VolumeHandle {
-            volume,
-            shared: self.shared.clone(),
-        })
+        Ok(VolumeHandle::new(volume, self.shared.clone()))
     }
 
     fn control(&self, device: &DeviceState, control: Control) -> Result<(), Errno> {

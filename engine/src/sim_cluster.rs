@@ -1,6 +1,8 @@
 //! A whole engine on simulated disks, stepped deterministically in one thread: reactors run
-//! round-robin, one tick of the simulated clock per step. Used by the crash tests and available
-//! to other crates' tests.
+//! round-robin, one tick of the simulated clock per step. Reactors host tasks (NBD
+//! connections…) whose sockets live on a simulated network ([`SimNet`]): every step ticks the
+//! network, hands the tasks their ring completions and polls them, as a reactor thread's loop
+//! does. Used by the crash tests and available to other crates' tests.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,15 +11,19 @@ use std::sync::{Arc, Mutex};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use crate::buf::IoBuf;
 use crate::device::FaultConfig;
+use crate::engine::VolumeHandle;
 use crate::error::EngineError;
 use crate::ids::{DeviceId, ReactorId, VolumeId};
 use crate::io::delay::{DelayModel, Delayed};
 use crate::io::fault::{FaultState, Faulty};
 use crate::io::sim::{SimClock, SimDisk, SimIo};
+use crate::io::sim_net::{NetOptions, NodeId, SimNet};
 use crate::loader::{load_device, DeviceSpec, SyncAccess};
+use crate::reactor::task::{ReactorTask, TaskEnv, TaskTable};
 use crate::reactor::{Control, Home, Msg, ReactorCore, Router};
-use crate::request::{Errno, Port, Request};
+use crate::request::{Errno, Port, PortWaker, Request};
 use crate::volume::{DeviceState, Volume};
 
 struct SimRouter {
@@ -35,6 +41,20 @@ impl Router for SimRouter {
             .push_back(msg);
         Ok(())
     }
+}
+
+/// What simulated reactors give their tasks beside the core: no registered buffer pool (tasks
+/// use their own buffers) and no wake-ups (nothing parks).
+struct SimEnv;
+
+impl TaskEnv for SimEnv {
+    fn take_buffer(&self, _me: ReactorId, _len: usize) -> Option<IoBuf> {
+        None
+    }
+    fn port_waker(&self, _me: ReactorId) -> PortWaker {
+        PortWaker::None
+    }
+    fn task_dropped(&self, _me: ReactorId) {}
 }
 
 struct SimAccess<'a>(&'a Mutex<SimDisk>);
@@ -95,7 +115,15 @@ impl ControlReply {
 }
 
 pub struct SimCluster {
+    /// Declared before `tasks`, so dropped first: a reactor's ring leaves the network (which
+    /// forgets its ops) before the tasks that own those ops' buffers go.
     reactors: Vec<ReactorCore<SimStack>>,
+    /// The tasks each reactor hosts.
+    tasks: Vec<TaskTable>,
+    /// Tasks are told to stop (once) on their next poll.
+    stopping: bool,
+    net: SimNet,
+    node: NodeId,
     router: Arc<SimRouter>,
     clock: Arc<AtomicU64>,
     devices: Vec<Arc<DeviceState>>,
@@ -103,13 +131,15 @@ pub struct SimCluster {
 }
 
 impl SimCluster {
-    /// Load (or format) every disk and build the reactors.
+    /// Load (or format) every disk and build the reactors, as node 0 of a network of its
+    /// own ([`NetOptions::default`], seeded from `seed`; [`Self::step`] ticks it).
     pub fn start(
         seed: u64,
         opts: SimOptions,
         disks: Vec<(DeviceSpec, Arc<Mutex<SimDisk>>)>,
     ) -> Result<Self, EngineError> {
-        Self::start_wrapped(seed, opts, disks, &[])
+        let net = SimNet::new(seed ^ 0x5EED_0000_0000_0001, NetOptions::default());
+        Self::start_with(seed, opts, disks, &net, NodeId(0), &[])
     }
 
     /// [`Self::start`], with some disks under the `delay` and `fault` wrappers.
@@ -117,6 +147,31 @@ impl SimCluster {
         seed: u64,
         opts: SimOptions,
         disks: Vec<(DeviceSpec, Arc<Mutex<SimDisk>>)>,
+        wrappers: &[(DeviceId, SimWrappers)],
+    ) -> Result<Self, EngineError> {
+        let net = SimNet::new(seed ^ 0x5EED_0000_0000_0001, NetOptions::default());
+        Self::start_with(seed, opts, disks, &net, NodeId(0), wrappers)
+    }
+
+    /// As [`Self::start`], as `node` of `net` (shared with clients, or other clusters: a
+    /// cluster restarted after a crash on the same network finds its clients still there).
+    pub fn start_on(
+        seed: u64,
+        opts: SimOptions,
+        disks: Vec<(DeviceSpec, Arc<Mutex<SimDisk>>)>,
+        net: &SimNet,
+        node: NodeId,
+    ) -> Result<Self, EngineError> {
+        Self::start_with(seed, opts, disks, net, node, &[])
+    }
+
+    /// [`Self::start_on`], with some disks under the `delay` and `fault` wrappers.
+    pub fn start_with(
+        seed: u64,
+        opts: SimOptions,
+        disks: Vec<(DeviceSpec, Arc<Mutex<SimDisk>>)>,
+        net: &SimNet,
+        node: NodeId,
         wrappers: &[(DeviceId, SimWrappers)],
     ) -> Result<Self, EngineError> {
         let n = opts.reactors;
@@ -172,7 +227,8 @@ impl SimCluster {
                     seed.wrapping_mul(31).wrapping_add(i as u64),
                     opts.queue_depth,
                     opts.max_latency_ticks,
-                );
+                )
+                .with_net(net);
                 let io = Delayed::new(
                     Faulty::new(io, faults.iter().cloned()),
                     SimClock::new(clock.clone()),
@@ -185,6 +241,10 @@ impl SimCluster {
             .collect();
         Ok(Self {
             reactors,
+            tasks: (0..n).map(|_| TaskTable::new()).collect(),
+            stopping: false,
+            net: net.clone(),
+            node,
             router,
             clock,
             devices,
@@ -200,10 +260,56 @@ impl SimCluster {
         self.devices.iter().find(|d| d.id == id).cloned()
     }
 
-    /// One tick: every reactor handles its messages and its completions.
+    /// The network this cluster's sockets are on, and its node there.
+    pub fn net(&self) -> (&SimNet, NodeId) {
+        (&self.net, self.node)
+    }
+
+    /// Open a volume for IO (a task's handle, as `Engine::open` gives).
+    pub fn open(&self, name: &str) -> Option<VolumeHandle> {
+        let router: Arc<dyn Router> = self.router.clone();
+        self.volume(name).map(|v| VolumeHandle::new(v, router))
+    }
+
+    /// Host `task` on reactor `reactor`; handed back when its table is full.
+    pub fn spawn_task(
+        &mut self,
+        reactor: ReactorId,
+        task: Box<dyn ReactorTask>,
+    ) -> Result<(), Box<dyn ReactorTask>> {
+        match self.tasks.get_mut(reactor.0 as usize) {
+            Some(table) => table.insert(task),
+            None => Err(task),
+        }
+    }
+
+    /// Tasks hosted, on all reactors.
+    pub fn tasks(&self) -> usize {
+        self.tasks.iter().map(TaskTable::len).sum()
+    }
+
+    /// No task left and none of their ring ops in flight.
+    pub fn tasks_drained(&self) -> bool {
+        self.tasks.iter().all(TaskTable::is_drained)
+    }
+
+    /// Tell every task to stop (as a stopping daemon does), on its next poll.
+    pub fn stop_tasks(&mut self) {
+        self.stopping = true;
+    }
+
+    /// One tick: the network moves, then every reactor handles its messages, its completions
+    /// and its tasks.
     pub fn step(&mut self) {
+        self.net.tick();
+        self.step_reactors();
+    }
+
+    /// One tick of the reactors only: for several clusters on one network, whoever drives
+    /// them ticks the network once per round ([`SimNet::tick`]) and steps each cluster so.
+    pub fn step_reactors(&mut self) {
         self.clock.fetch_add(1, Ordering::Relaxed);
-        for r in &mut self.reactors {
+        for (r, tasks) in self.reactors.iter_mut().zip(&mut self.tasks) {
             // Bounded: only messages already queued at the start of this step.
             let queued = self.router.queues[r.id.0 as usize]
                 .lock()
@@ -215,11 +321,21 @@ impl SimCluster {
                     .expect("sim queue")
                     .pop_front();
                 match msg {
+                    Some(Msg::Task(t)) => {
+                        if tasks.insert(t).is_err() {
+                            tracing::error!(reactor = r.id.0, "task table full; dropping a task");
+                        }
+                    }
                     Some(m) => r.handle(m),
                     None => break,
                 }
             }
+            // The order of a reactor thread's turn: device completions, ring completions to
+            // the tasks, what they started inline, then the tasks.
             r.poll().expect("sim poll cannot fail");
+            tasks.dispatch_ring(r, &SimEnv);
+            r.poll_local().expect("sim poll cannot fail");
+            tasks.poll_all(r, &SimEnv, self.stopping);
         }
     }
 
@@ -341,9 +457,11 @@ impl SimCluster {
         done
     }
 
-    /// Crash: every disk keeps a random subset of its volatile state; returns the images.
+    /// Crash: the tasks vanish mid-flight, every connection with an end on this node is reset,
+    /// and every disk keeps a random subset of its volatile state; returns the images.
     pub fn crash(self, disks: &[(DeviceSpec, Arc<Mutex<SimDisk>>)], seed: u64) -> Vec<Vec<u8>> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        self.net.crash_node(self.node);
         drop(self);
         disks
             .iter()

@@ -1,6 +1,8 @@
-//! The IO seam. Reactor logic is written against [`Io`]. Two leaves implement it: the real
-//! one drives one io_uring per reactor ([`uring::UringIo`]), the simulated one a seeded model
-//! of a disk with a volatile write cache ([`sim::SimIo`]). Two decorators stack on either
+//! The IO seam. Reactor logic is written against [`Io`] (device ops) and hosted tasks against
+//! [`task_ring::TaskRing`] (socket ops). Two leaves implement both: the real one drives one
+//! io_uring per reactor ([`uring::UringIo`]), the simulated one a seeded model of a disk with a
+//! volatile write cache and a seeded network of stream sockets ([`sim::SimIo`],
+//! [`sim_net::SimNet`]). Two decorators stack on either
 //! leaf, each acting only on the devices configured for it and passing other devices' ops
 //! straight through:
 //!
@@ -16,6 +18,9 @@ pub mod delay;
 pub mod fault;
 #[cfg(any(test, feature = "testing"))]
 pub mod sim;
+#[cfg(any(test, feature = "testing"))]
+pub mod sim_net;
+pub mod task_ring;
 #[cfg(test)]
 mod test_io;
 pub mod uring;

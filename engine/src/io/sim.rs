@@ -13,8 +13,11 @@ use std::sync::{Arc, Mutex};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::sim_net::SimNet;
+use super::task_ring::{RingCompletion, SocketOp, TaskRing};
 use super::{Io, IoCompletion, IoKind, IoOp};
 use crate::ids::DeviceId;
+use crate::provided::ProvidedBuffers;
 use crate::request::Errno;
 
 /// Granularity at which the simulated disk tears writes.
@@ -182,6 +185,8 @@ pub struct SimIo {
     queue_depth: usize,
     max_latency_ticks: u64,
     next_order: u64,
+    /// The network its tasks' sockets are on, and this ring's number there.
+    net: Option<(SimNet, u32)>,
 }
 
 impl SimIo {
@@ -201,7 +206,14 @@ impl SimIo {
             queue_depth,
             max_latency_ticks,
             next_order: 0,
+            net: None,
         }
+    }
+
+    /// Host tasks whose sockets are on `net`.
+    pub fn with_net(mut self, net: &SimNet) -> Self {
+        self.net = Some((net.clone(), net.new_ring()));
+        self
     }
 
     fn complete(&mut self, p: Pending) -> IoCompletion {
@@ -260,6 +272,70 @@ impl SimIo {
             Ok(len as u32)
         };
         IoCompletion { tag, result, buf }
+    }
+}
+
+impl Drop for SimIo {
+    fn drop(&mut self) {
+        if let Some((net, ring)) = &self.net {
+            net.drop_ring(*ring);
+        }
+    }
+}
+
+/// Tasks' socket ops go to the simulated network; ops it cannot model are refused.
+impl TaskRing for SimIo {
+    unsafe fn push(&mut self, task_id: u32, op: SocketOp, tag: u32) -> Result<(), Errno> {
+        let (net, ring) = self.net.as_ref().ok_or(Errno(libc::EOPNOTSUPP))?;
+        // SAFETY: forwarded contract.
+        unsafe { net.push(*ring, task_id, op, tag) };
+        Ok(())
+    }
+
+    unsafe fn push_raw(
+        &mut self,
+        _task_id: u32,
+        _entry: io_uring::squeue::Entry,
+        _tag: u32,
+    ) -> Result<(), Errno> {
+        Err(Errno(libc::EOPNOTSUPP))
+    }
+
+    fn register_fd(&mut self, task_id: u32, fd: std::os::fd::RawFd) -> Option<u32> {
+        let (net, ring) = self.net.as_ref()?;
+        net.register_fd(*ring, task_id, fd)
+    }
+
+    unsafe fn register_buffers(&mut self, task_id: u32, bufs: &mut ProvidedBuffers) -> Option<u16> {
+        let (net, ring) = self.net.as_ref()?;
+        // SAFETY: forwarded contract.
+        unsafe { net.register_buffers(*ring, task_id, bufs) }
+    }
+
+    fn release_task_resources(&mut self, task_id: u32) {
+        if let Some((net, ring)) = &self.net {
+            net.release_task(*ring, task_id);
+        }
+    }
+
+    fn take_completions(&mut self, out: &mut Vec<(u32, RingCompletion)>) {
+        if let Some((net, ring)) = &self.net {
+            net.take_completions(*ring, out);
+        }
+    }
+
+    unsafe fn send_now(&mut self, fd: std::os::fd::RawFd, iov: &[libc::iovec]) -> usize {
+        match &self.net {
+            // SAFETY: forwarded contract.
+            Some((net, _)) => unsafe { net.send_now(fd, iov) },
+            None => 0,
+        }
+    }
+
+    fn shutdown(&mut self, fd: std::os::fd::RawFd) {
+        if let Some((net, _)) = &self.net {
+            net.shutdown(fd);
+        }
     }
 }
 

@@ -8,8 +8,9 @@ use std::sync::Arc;
 
 use crossbeam_queue::ArrayQueue;
 
+use super::task::TaskEnv;
 use super::{Msg, Router};
-use crate::buf::RegisteredPool;
+use crate::buf::{IoBuf, RegisteredPool};
 use crate::error::EngineError;
 use crate::ids::ReactorId;
 use crate::io::uring::{new_wake_fd, wake};
@@ -54,6 +55,9 @@ impl Router for Shared {
     fn reactors(&self) -> u32 {
         self.reactors.len() as u32
     }
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
     fn try_send(&self, to: ReactorId, msg: Msg) -> Result<(), Msg> {
         let r = &self.reactors[to.0 as usize];
         r.inbox.push(msg)?;
@@ -86,9 +90,21 @@ impl Shared {
     }
 }
 
-impl ReactorShared {
-    pub(crate) fn pool_take(&self, len: usize) -> Option<crate::buf::IoBuf> {
-        self.pool.take(len)
+impl TaskEnv for Arc<Shared> {
+    fn take_buffer(&self, me: ReactorId, len: usize) -> Option<IoBuf> {
+        self.reactors[me.0 as usize].pool.take(len)
+    }
+
+    fn port_waker(&self, me: ReactorId) -> crate::request::PortWaker {
+        let shared = self.clone();
+        let me = me.0 as usize;
+        crate::request::PortWaker::Callback(Box::new(move || shared.wake_if_parked(me)))
+    }
+
+    fn task_dropped(&self, me: ReactorId) {
+        self.reactors[me.0 as usize]
+            .task_slots_used
+            .fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -103,14 +119,19 @@ impl Shared {
     }
 
     /// Send from outside a reactor: waits (yielding) while the inbox is full.
-    pub(crate) fn send_blocking(&self, to: ReactorId, mut msg: Msg) {
-        loop {
-            match self.try_send(to, msg) {
-                Ok(()) => return,
-                Err(m) => {
-                    msg = m;
-                    std::thread::yield_now();
-                }
+    pub(crate) fn send_blocking(&self, to: ReactorId, msg: Msg) {
+        send_blocking(self, to, msg)
+    }
+}
+
+/// Send from outside a reactor through `router`: waits (yielding) while the inbox is full.
+pub(crate) fn send_blocking(router: &dyn Router, to: ReactorId, mut msg: Msg) {
+    loop {
+        match router.try_send(to, msg) {
+            Ok(()) => return,
+            Err(m) => {
+                msg = m;
+                std::thread::yield_now();
             }
         }
     }

@@ -3,7 +3,8 @@
 //! - [`core`]: the state machine that turns request parts into device ops, generic over
 //!   [`crate::io::Io`] so the same logic runs on a real io_uring and on the simulator;
 //! - [`round`]: a device's flush rounds, run by its home reactor;
-//! - [`task`]: transport tasks (NBD connections…) hosted on a reactor's ring;
+//! - [`task`]: transport tasks (NBD connections…) hosted on a reactor's ring, through
+//!   [`crate::io::task_ring::TaskRing`] so they run on the simulator too;
 //! - [`mesh`]: what reactors share (inboxes, wake-ups, stats) and how they reach each other;
 //! - [`idle`]: the pure spin-or-park decision of an idle reactor;
 //! - [`placement`]: which cores the reactors run on;
@@ -65,7 +66,7 @@ pub(crate) enum Msg {
         device: DeviceId,
         control: Control,
     },
-    /// A transport task to host (threaded runtime only; taken before it reaches the core).
+    /// A transport task to host (taken by the runtime before it reaches the core).
     Task(Box<dyn task::ReactorTask>),
 }
 
@@ -73,4 +74,8 @@ pub(crate) enum Msg {
 pub(crate) trait Router: Send + Sync {
     fn reactors(&self) -> u32;
     fn try_send(&self, to: ReactorId, msg: Msg) -> Result<(), Msg>;
+    /// The engine is stopping: new requests are refused.
+    fn stopping(&self) -> bool {
+        false
+    }
 }

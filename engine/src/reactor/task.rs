@@ -1,18 +1,24 @@
 //! Tasks hosted on a reactor: transports run their connections here so that a connection's
 //! socket IO goes through the same io_uring as its chunks' device IO, and a request for a chunk
 //! this reactor owns is served inline, without crossing cores.
+//!
+//! A task sees its reactor through [`TaskCtx`]: socket ops on the reactor's ring
+//! ([`crate::io::task_ring::TaskRing`]: the real io_uring, or the simulator's network) and the
+//! engine parts (submit, read in place, buffers, wake-ups). [`TaskTable`] hosts the tasks of one
+//! reactor for the reactor thread's loop and for the simulator alike.
 
-use std::sync::atomic::Ordering;
+use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use io_uring::squeue;
 
-use super::mesh::Shared;
 use super::ReactorCore;
+use crate::buf::IoBuf;
 use crate::engine::VolumeHandle;
 use crate::ids::ReactorId;
-pub use crate::io::uring::RingCompletion;
-use crate::io::ReactorIo;
+use crate::io::task_ring::TaskRing;
+pub use crate::io::task_ring::{RingCompletion, Socket, SocketOp};
+use crate::io::Io;
 use crate::provided::ProvidedBuffers;
 use crate::request::{Errno, Port, PortWaker, Request};
 
@@ -36,20 +42,125 @@ pub trait ReactorTask: Send {
     fn finished(&self) -> bool;
 }
 
+/// What a reactor's surroundings give its tasks beside the core: the threaded runtime's mesh
+/// ([`super::mesh::Shared`]) or the simulator's stand-in.
+pub(crate) trait TaskEnv {
+    /// A buffer from reactor `me`'s registered pool, if one is free and `len` fits.
+    fn take_buffer(&self, me: ReactorId, len: usize) -> Option<IoBuf>;
+    /// A waker for ports of a task on reactor `me`.
+    fn port_waker(&self, me: ReactorId) -> PortWaker;
+    /// Reactor `me` dropped a finished task: its table entry is free.
+    fn task_dropped(&self, me: ReactorId);
+}
+
+/// The reactor a task runs on, as [`TaskCtx`] sees it: its ring and the engine parts.
+trait TaskHost {
+    fn reactor(&self) -> ReactorId;
+    fn ring(&mut self) -> &mut dyn TaskRing;
+    fn submit(
+        &mut self,
+        handle: &VolumeHandle,
+        req: Request,
+        port: &Arc<Port>,
+    ) -> Result<(), (Request, Errno)>;
+    fn read_in_place(
+        &mut self,
+        handle: &VolumeHandle,
+        offset_bytes: u64,
+        len_bytes: u64,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> Option<Result<(), Errno>>;
+    fn data_epoch(&self) -> u64;
+    fn take_buffer(&self, len: usize) -> Option<IoBuf>;
+    fn port_waker(&self) -> PortWaker;
+}
+
+/// A reactor core and its surroundings, hosting tasks.
+struct CoreHost<'a, I: Io + TaskRing> {
+    core: &'a mut ReactorCore<I>,
+    env: &'a dyn TaskEnv,
+}
+
+impl<I: Io + TaskRing> TaskHost for CoreHost<'_, I> {
+    fn reactor(&self) -> ReactorId {
+        self.core.id
+    }
+
+    #[inline]
+    fn ring(&mut self) -> &mut dyn TaskRing {
+        &mut self.core.io
+    }
+
+    #[inline]
+    fn submit(
+        &mut self,
+        handle: &VolumeHandle,
+        req: Request,
+        port: &Arc<Port>,
+    ) -> Result<(), (Request, Errno)> {
+        let n = self.core.router.reactors();
+        let core = &mut *self.core;
+        crate::front::submit(handle.volume(), req, port, n, &mut |to, msg| {
+            core.send(to, msg)
+        })
+    }
+
+    #[inline]
+    fn read_in_place(
+        &mut self,
+        handle: &VolumeHandle,
+        offset_bytes: u64,
+        len_bytes: u64,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> Option<Result<(), Errno>> {
+        self.core
+            .read_in_place(handle.volume(), offset_bytes, len_bytes, sink)
+    }
+
+    fn data_epoch(&self) -> u64 {
+        self.core.data_epoch()
+    }
+
+    fn take_buffer(&self, len: usize) -> Option<IoBuf> {
+        self.env.take_buffer(self.core.id, len)
+    }
+
+    fn port_waker(&self) -> PortWaker {
+        self.env.port_waker(self.core.id)
+    }
+}
+
 /// What a task may do on its reactor.
 pub struct TaskCtx<'a> {
-    pub(crate) core: &'a mut ReactorCore<ReactorIo>,
-    pub(crate) shared: &'a Arc<Shared>,
-    pub(crate) task_id: u32,
-    pub(crate) raw_in_flight: &'a mut usize,
+    host: &'a mut dyn TaskHost,
+    task_id: u32,
+    raw_in_flight: &'a mut usize,
 }
 
 impl TaskCtx<'_> {
     pub fn reactor(&self) -> ReactorId {
-        self.core.id
+        self.host.reactor()
     }
 
-    /// Queue a ring operation; its completion comes back through [`ReactorTask::on_ring`].
+    /// Queue a socket op; its completion comes back through [`ReactorTask::on_ring`].
+    ///
+    /// # Safety
+    /// Every buffer, header and file descriptor the op refers to must stay valid until its
+    /// last completion arrives (the task owns them and must not drop them earlier).
+    #[inline]
+    pub unsafe fn push(&mut self, op: SocketOp, tag: u32) -> Result<(), Errno> {
+        if *self.raw_in_flight >= MAX_RAW_OPS_PER_REACTOR {
+            return Err(Errno(libc::EAGAIN));
+        }
+        // SAFETY: forwarded contract.
+        unsafe { self.host.ring().push(self.task_id, op, tag) }?;
+        *self.raw_in_flight += 1;
+        Ok(())
+    }
+
+    /// Queue a ring entry built by the task (ublk's commands); its completion comes back
+    /// through [`ReactorTask::on_ring`]. Only a real ring takes it: the simulator answers
+    /// `EOPNOTSUPP`.
     ///
     /// # Safety
     /// Every buffer and file descriptor the entry refers to must stay valid until that
@@ -59,47 +170,60 @@ impl TaskCtx<'_> {
             return Err(Errno(libc::EAGAIN));
         }
         // SAFETY: forwarded contract.
-        unsafe { self.core.io.push_raw(entry, self.task_id, tag) }
-            .map_err(|()| Errno(libc::EAGAIN))?;
+        unsafe { self.host.ring().push_raw(self.task_id, entry, tag) }?;
         *self.raw_in_flight += 1;
         Ok(())
     }
 
     /// Put `fd` (a socket this task owns) in the ring's file table, so the task's ops can name
-    /// it as `io_uring::types::Fixed(slot)`: each op then skips a descriptor lookup and a
-    /// reference count. None when the kernel cannot: use the plain descriptor. The slot is
-    /// released when the reactor drops the finished task; until then the table holds a
-    /// reference to the file, so closing `fd` alone does not close the socket (use
-    /// `shutdown(2)` to end a connection early).
-    pub fn register_fd(&mut self, fd: std::os::fd::RawFd) -> Option<u32> {
-        self.core.io.register_task_fd(self.task_id, fd)
+    /// it as [`Socket::Fixed`]: each op then skips a descriptor lookup and a reference count.
+    /// None when the ring cannot: use [`Socket::Fd`]. The slot is released when the reactor
+    /// drops the finished task; until then the table holds a reference to the file, so
+    /// closing `fd` alone does not close the socket (use [`Self::shutdown`] to end a
+    /// connection early).
+    pub fn register_fd(&mut self, fd: RawFd) -> Option<u32> {
+        self.host.ring().register_fd(self.task_id, fd)
     }
 
     /// Register `bufs` on this reactor's ring, so receives may name its group
-    /// ([`ProvidedBuffers::group`]). None when the kernel cannot or every group is taken.
+    /// ([`ProvidedBuffers::group`]). None when the ring cannot or every group is taken.
     ///
     /// # Safety
     /// `bufs` must not be dropped before the reactor drops this task (it unregisters the ring
-    /// first): the kernel reads its ring and writes into its buffers. Moving it is fine; its
+    /// first): the ring reads its entries and writes into its buffers. Moving it is fine; its
     /// memory is on the heap.
     pub unsafe fn register_buffers(&mut self, bufs: &mut ProvidedBuffers) -> Option<u16> {
         // SAFETY: forwarded contract.
-        unsafe { self.core.io.register_task_buffers(self.task_id, bufs) }
+        unsafe { self.host.ring().register_buffers(self.task_id, bufs) }
+    }
+
+    /// Send `iov` on socket `fd` now, without blocking (`sendmsg(MSG_DONTWAIT)`, outside the
+    /// ring). Returns the bytes the socket took (0 when none, or on an error, which a ring
+    /// send of the rest then reports).
+    ///
+    /// # Safety
+    /// The iovecs point at readable memory, valid for the call.
+    #[inline]
+    pub unsafe fn send_now(&mut self, fd: RawFd, iov: &[libc::iovec]) -> usize {
+        // SAFETY: forwarded contract.
+        unsafe { self.host.ring().send_now(fd, iov) }
+    }
+
+    /// `shutdown(fd, SHUT_RDWR)` on a socket this task owns: its receive in flight completes.
+    pub fn shutdown(&mut self, fd: RawFd) {
+        self.host.ring().shutdown(fd)
     }
 
     /// Submit an engine request. Parts for chunks this reactor owns run right now (a RAM read
     /// completes before this returns); the rest go to their owners.
+    #[inline]
     pub fn submit(
         &mut self,
         handle: &VolumeHandle,
         req: Request,
         port: &Arc<Port>,
     ) -> Result<(), (Request, Errno)> {
-        let n = self.shared.reactors.len() as u32;
-        let core = &mut *self.core;
-        crate::front::submit(handle.volume(), req, port, n, &mut |to, msg| {
-            core.send(to, msg)
-        })
+        self.host.submit(handle, req, port)
     }
 
     /// Read `len_bytes` at `offset_bytes` straight from where the volume keeps them, when this
@@ -114,6 +238,7 @@ impl TaskCtx<'_> {
     /// message or completion the reactor handles. A task may keep pointers to them across
     /// further `read_in_place` calls of its own, and must be done with them before any of
     /// that (the NBD connection sends a receive's replies from them at its end).
+    #[inline]
     pub fn read_in_place(
         &mut self,
         handle: &VolumeHandle,
@@ -121,28 +246,26 @@ impl TaskCtx<'_> {
         len_bytes: u64,
         sink: &mut dyn FnMut(&[u8]),
     ) -> Option<Result<(), Errno>> {
-        self.core
-            .read_in_place(handle.volume(), offset_bytes, len_bytes, sink)
+        self.host
+            .read_in_place(handle, offset_bytes, len_bytes, sink)
     }
 
     /// Changes whenever something runs on this reactor that may change or free memory
     /// [`Self::read_in_place`] handed out: a task that keeps pointers to it checks (in debug
     /// builds) that this still has the value it read when it kept them.
     pub fn data_epoch(&self) -> u64 {
-        self.core.data_epoch()
+        self.host.data_epoch()
     }
 
     /// A buffer from this reactor's registered pool (cheapest for device IO here), if one is
     /// free and `len` fits.
-    pub fn take_buffer(&self, len: usize) -> Option<crate::buf::IoBuf> {
-        self.shared.reactors[self.core.id.0 as usize].pool_take(len)
+    pub fn take_buffer(&self, len: usize) -> Option<IoBuf> {
+        self.host.take_buffer(len)
     }
 
     /// A waker for ports this task owns: wakes this reactor if it is parked.
     pub fn port_waker(&self) -> PortWaker {
-        let shared = self.shared.clone();
-        let me = self.core.id.0 as usize;
-        PortWaker::Callback(Box::new(move || shared.wake_if_parked(me)))
+        self.host.port_waker()
     }
 }
 
@@ -180,12 +303,12 @@ impl TaskTable {
     }
 
     /// Hand the tasks' completed ring operations to them. Returns how many.
-    pub(crate) fn dispatch_ring(
+    pub(crate) fn dispatch_ring<I: Io + TaskRing>(
         &mut self,
-        core: &mut ReactorCore<ReactorIo>,
-        shared: &Arc<Shared>,
+        core: &mut ReactorCore<I>,
+        env: &dyn TaskEnv,
     ) -> usize {
-        core.io.take_raw(&mut self.raw_done);
+        core.io.take_completions(&mut self.raw_done);
         let n = self.raw_done.len();
         for (task_id, c) in self.raw_done.drain(..) {
             // A multishot op stays in flight until its last completion.
@@ -197,9 +320,12 @@ impl TaskTable {
                 self.raw_in_flight -= 1;
             }
             if let Some(Some(task)) = self.tasks.get_mut(task_id as usize) {
-                let mut ctx = TaskCtx {
+                let mut host = CoreHost {
                     core: &mut *core,
-                    shared,
+                    env,
+                };
+                let mut ctx = TaskCtx {
+                    host: &mut host,
                     task_id,
                     raw_in_flight: &mut self.raw_in_flight,
                 };
@@ -211,18 +337,21 @@ impl TaskTable {
 
     /// Poll every task (telling each to stop, once, when `stopping`) and drop the finished
     /// ones. Returns the work they did.
-    pub(crate) fn poll_all(
+    pub(crate) fn poll_all<I: Io + TaskRing>(
         &mut self,
-        core: &mut ReactorCore<ReactorIo>,
-        shared: &Arc<Shared>,
+        core: &mut ReactorCore<I>,
+        env: &dyn TaskEnv,
         stopping: bool,
     ) -> usize {
         let mut work = 0;
         for (i, slot) in self.tasks.iter_mut().enumerate() {
             let Some(task) = slot else { continue };
-            let mut ctx = TaskCtx {
+            let mut host = CoreHost {
                 core: &mut *core,
-                shared,
+                env,
+            };
+            let mut ctx = TaskCtx {
+                host: &mut host,
                 task_id: i as u32,
                 raw_in_flight: &mut self.raw_in_flight,
             };
@@ -234,9 +363,7 @@ impl TaskTable {
                 // Unregister first: the task owns the memory of its provided buffers.
                 core.io.release_task_resources(i as u32);
                 *slot = None;
-                shared.reactors[core.id.0 as usize]
-                    .task_slots_used
-                    .fetch_sub(1, Ordering::AcqRel);
+                env.task_dropped(core.id);
             }
         }
         self.stop_sent |= stopping;
@@ -246,6 +373,12 @@ impl TaskTable {
     /// No task left, and none of their ring operations in flight.
     pub(crate) fn is_drained(&self) -> bool {
         self.tasks.iter().all(Option::is_none) && self.raw_in_flight == 0
+    }
+
+    /// Tasks in the table.
+    #[cfg(any(test, feature = "testing"))]
+    pub(crate) fn len(&self) -> usize {
+        self.tasks.iter().flatten().count()
     }
 
     /// Some task has something waiting to be handled.

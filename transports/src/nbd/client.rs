@@ -356,8 +356,9 @@ impl<S: Read + Write> Client<S> {
     }
 }
 
-/// Adds one frame of the reply to `req` to `reply`.
-fn absorb(reply: &mut Reply, req: &Request, frame: ReplyFrame) -> Result<(), ClientError> {
+/// Adds one frame of the reply to `req` to `reply`: for clients that pipeline requests and
+/// parse replies themselves with [`ReplyParser`] ([`Client::receive`] uses it too).
+pub fn absorb(reply: &mut Reply, req: &Request, frame: ReplyFrame) -> Result<(), ClientError> {
     let set_error = |reply: &mut Reply, error: u32, message: &str| {
         if reply.error == 0 {
             reply.error = error;

@@ -4,8 +4,9 @@
 //! [`super::fault`]).
 //!
 //! This layer knows nothing above it: the reactor says what to size the ring for
-//! ([`RingConfig`]). Besides device ops, the ring carries raw ops of the reactor's tasks
-//! ([`raw`]) and the wake-up read; [`user_data`] is the one encoding that tells them apart.
+//! ([`RingConfig`]). Besides device ops, the ring carries the ops of the reactor's tasks
+//! ([`raw`]: the real [`super::task_ring::TaskRing`]) and the wake-up read; [`user_data`] is
+//! the one encoding that tells them apart.
 //! [`sys`] holds the system calls the io_uring crate does not wrap.
 
 mod raw;
@@ -18,10 +19,10 @@ use std::sync::Arc;
 
 use io_uring::{opcode, squeue, types, IoUring};
 
-pub use self::raw::RingCompletion;
 use self::sys::register_ring_fd;
 pub use self::sys::{new_wake_fd, wake};
 use self::user_data::UserData;
+use super::task_ring::RingCompletion;
 use super::{Io, IoCompletion, IoKind, IoOp, MemAccess};
 use crate::buf::{AlignedBuf, RegisteredPool};
 use crate::device::{Backend, OpenDevice};

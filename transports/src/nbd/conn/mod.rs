@@ -49,21 +49,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use ringblock_engine::provided::ProvidedBuffers;
-use ringblock_engine::task::{ReactorTask, RingCompletion, TaskCtx};
+use ringblock_engine::task::{ReactorTask, RingCompletion, Socket, TaskCtx};
 use ringblock_engine::{Engine, Port, VolumeHandle};
 
 use super::wire;
 use super::Negotiated;
-
-/// An op on the connection's socket: through the ring's file table when the socket is in it.
-macro_rules! on_socket {
-    ($conn:expr, $build:expr) => {
-        match $conn.socket_slot {
-            Some(slot) => $build(types::Fixed(slot)),
-            None => $build(types::Fd($conn.fd.as_raw_fd())),
-        }
-    };
-}
 
 mod buffers;
 mod recv;
@@ -123,7 +113,9 @@ pub struct Connection {
     peer: String,
     port: Option<Arc<Port>>,
     state: State,
+    /// The socket is shut down, or is to be at the end of this poll (`shutdown_wanted`).
     shut_down: bool,
+    shutdown_wanted: bool,
     /// The receive path.
     recv: RecvState,
     /// Requests in flight.
@@ -162,8 +154,7 @@ pub fn spawn(
     peer: String,
     setup: Setup,
 ) -> Arc<ConnStats> {
-    let mut conn = Connection::new(stream, negotiated, peer);
-    conn.recv.multishot = setup.multishot;
+    let mut conn = Connection::new(stream, negotiated, peer).with_multishot(setup.multishot);
     conn.set_budget(setup.budget);
     conn._keep_alive = setup.keep_alive;
     let stats = conn.stats.clone();
@@ -199,6 +190,7 @@ impl Connection {
             port: None,
             state: State::Running,
             shut_down: false,
+            shutdown_wanted: false,
             recv: RecvState::new(),
             reqs: Requests::default(),
             send: SendState::new(),
@@ -214,6 +206,13 @@ impl Connection {
             busy: false,
             _keep_alive: None,
         }
+    }
+
+    /// Receive with one multishot `recv` into provided buffers where the ring can (the
+    /// default), or one `recv` at a time.
+    pub fn with_multishot(mut self, multishot: bool) -> Self {
+        self.recv.multishot = multishot;
+        self
     }
 
     fn extended(&self) -> bool {
@@ -255,12 +254,21 @@ impl Connection {
         tracing::debug!(peer = %self.peer, export = %self.neg.info.name, reactor = %ctx.reactor(), fixed_file = ?self.socket_slot, multishot = self.recv.multishot, "connection on reactor");
     }
 
+    /// The connection's socket, as its ring ops name it: through the ring's file table when
+    /// the socket is in it.
+    fn socket(&self) -> Socket {
+        match self.socket_slot {
+            Some(slot) => Socket::Fixed(slot),
+            None => Socket::Fd(self.fd.as_raw_fd()),
+        }
+    }
+
+    /// Shut the socket down (at the end of this poll, where the ring is at hand): that makes
+    /// an in-flight recv complete, so the task can finish.
     fn shutdown_socket(&mut self) {
         if !self.shut_down {
-            // Makes an in-flight recv complete, so the task can finish.
-            // SAFETY: shutdown on our own socket.
-            unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_RDWR) };
             self.shut_down = true;
+            self.shutdown_wanted = true;
         }
     }
 }
@@ -295,6 +303,9 @@ impl ReactorTask for Connection {
             && !self.send.in_flight
         {
             self.shutdown_socket();
+        }
+        if std::mem::take(&mut self.shutdown_wanted) {
+            ctx.shutdown(self.fd.as_raw_fd());
         }
         if self.bufs.bytes > 0 && self.budget.used_bytes() > self.budget.limit_bytes {
             // Spare buffers are the first memory to give back when the server is over budget.

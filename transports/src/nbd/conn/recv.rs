@@ -3,12 +3,10 @@
 //! going straight into the buffer it will be written from.
 
 use std::collections::VecDeque;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 
-use ringblock_engine::io_uring::{opcode, types};
 use ringblock_engine::provided::ProvidedBuffers;
-use ringblock_engine::task::{RingCompletion, TaskCtx};
+use ringblock_engine::task::{RingCompletion, SocketOp, TaskCtx};
 use ringblock_engine::{Errno, IoBuf};
 
 use super::wire::{self, Command, WireError};
@@ -20,9 +18,6 @@ pub(super) const RECV_BUF_BYTES: usize = 256 << 10;
 /// in pieces, so a few pipelined requests fill one and a burst fills several.
 pub(super) const RX_BUFS: u16 = 16;
 pub(super) const RX_BUF_BYTES: usize = 16 << 10;
-/// `sqe->ioprio` flag of socket sends and receives: arm the poll before the first attempt
-/// (`IORING_RECVSEND_POLL_FIRST` in linux/io_uring.h).
-pub(super) const IORING_RECVSEND_POLL_FIRST: u16 = 1;
 
 /// A request header is in, its payload is still arriving: the payload goes straight into the
 /// buffer it will be written from, however it is split across receives.
@@ -267,12 +262,14 @@ impl Connection {
             if rx.lent() == rx.count() {
                 return false; // every buffer is out (held): nothing to receive into
             }
-            let group = rx.group().expect("registered");
-            let entry = on_socket!(self, |fd| opcode::RecvMulti::new(fd, group).build());
+            let op = SocketOp::RecvMulti {
+                socket: self.socket(),
+                group: rx.group().expect("registered"),
+            };
             // SAFETY: the provided buffers live as long as the task (registered through
             // `register_buffers`), and the task outlives the op (finished() waits for its last
             // completion).
-            return match unsafe { ctx.push_raw(entry, TAG_RECV) } {
+            return match unsafe { ctx.push(op, TAG_RECV) } {
                 Ok(()) => {
                     self.recv.in_flight = true;
                     true
@@ -292,19 +289,17 @@ impl Connection {
         }
         let ptr = self.recv.rbuf[self.recv.rend..].as_mut_ptr();
         let len = (self.recv.rbuf.len() - self.recv.rend) as u32;
-        // After a receive that emptied the socket, skip the attempt that would find it empty.
-        let ioprio = if self.recv.drained {
-            IORING_RECVSEND_POLL_FIRST
-        } else {
-            0
+        let op = SocketOp::Recv {
+            socket: self.socket(),
+            buf: ptr,
+            len,
+            // After a receive that emptied the socket, skip the attempt that would find it empty.
+            poll_first: self.recv.drained,
         };
-        let entry = on_socket!(self, |fd| opcode::Recv::new(fd, ptr, len)
-            .ioprio(ioprio)
-            .build());
         // SAFETY: without the multishot receive, rbuf is only resized before the first recv (on
         // the first poll, or when falling back), and the task outlives the op (finished()
         // waits).
-        match unsafe { ctx.push_raw(entry, TAG_RECV) } {
+        match unsafe { ctx.push(op, TAG_RECV) } {
             Ok(()) => {
                 self.recv.in_flight = true;
                 self.recv.asked = len as usize;

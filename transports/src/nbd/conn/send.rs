@@ -5,8 +5,7 @@
 use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
 
-use ringblock_engine::io_uring::{opcode, types};
-use ringblock_engine::task::{RingCompletion, TaskCtx};
+use ringblock_engine::task::{RingCompletion, SocketOp, TaskCtx};
 use ringblock_engine::IoBuf;
 
 use super::reply::INLINE_READ_MAX_BYTES;
@@ -93,19 +92,6 @@ pub(super) struct DirectReply {
     pub(super) len: usize,
     /// `TaskCtx::data_epoch` when `data` was kept: it must not have moved when it is sent.
     pub(super) data_epoch: u64,
-}
-
-/// `sendmsg(MSG_DONTWAIT)` of `iov`: the bytes the socket took (0 when it took none or
-/// failed; the ring send of what is left reports any error).
-pub(super) fn send_now(fd: std::os::fd::RawFd, iov: &[libc::iovec]) -> usize {
-    // SAFETY: msghdr is plain old data; all-zero is an empty header.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
-    msg.msg_iovlen = iov.len() as _;
-    // SAFETY: the iovecs point at memory the caller keeps valid and unchanged for this
-    // synchronous call; the kernel only reads them.
-    let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
-    usize::try_from(n).unwrap_or(0)
 }
 
 /// The send path's state.
@@ -204,7 +190,7 @@ impl Connection {
     ///
     /// Called at the end of every `feed` and before a request that changes data starts: the
     /// pointers are valid until then (`TaskCtx::read_in_place`).
-    pub(super) fn flush_direct(&mut self, ctx: &TaskCtx<'_>) {
+    pub(super) fn flush_direct(&mut self, ctx: &mut TaskCtx<'_>) {
         if self.send.direct.is_empty() {
             return;
         }
@@ -217,7 +203,7 @@ impl Connection {
         );
         let mut direct = std::mem::take(&mut self.send.direct);
         if self.state != State::Failed {
-            self.send_direct(&mut direct);
+            self.send_direct(ctx, &mut direct);
         }
         for d in direct.drain(..) {
             self.spare_msg(d.msg);
@@ -227,7 +213,7 @@ impl Connection {
 
     /// `flush_direct`'s send. What the socket did not take moves from `direct` to the front of
     /// the queue; what it took stays in `direct`, for the caller to spare.
-    pub(super) fn send_direct(&mut self, direct: &mut Vec<DirectReply>) {
+    pub(super) fn send_direct(&mut self, ctx: &mut TaskCtx<'_>, direct: &mut Vec<DirectReply>) {
         self.send.direct_iov.clear();
         for d in direct.iter() {
             self.send.direct_iov.push(libc::iovec {
@@ -247,7 +233,9 @@ impl Connection {
             !self.send.in_flight && self.send.cursor == (0, 0),
             "direct send at a reply boundary"
         );
-        let mut sent = send_now(self.fd.as_raw_fd(), &self.send.direct_iov);
+        // SAFETY: the iovecs point at the headers in `direct` and at device memory valid until
+        // `flush_direct` returns (above).
+        let mut sent = unsafe { ctx.send_now(self.fd.as_raw_fd(), &self.send.direct_iov) };
         // The first reply not all sent, and how much of it was.
         let (mut first_unsent, mut first_sent) = (direct.len(), 0);
         for (i, d) in direct.iter().enumerate() {
@@ -303,25 +291,27 @@ impl Connection {
         if self.send.iov.is_empty() {
             return false;
         }
-        let entry = if let [one] = self.send.iov[..] {
+        let socket = self.socket();
+        let op = if let [one] = self.send.iov[..] {
             // One piece (a reply with its data behind the header): a plain send, which spares
             // the kernel importing a message header and an iovec.
-            let (ptr, len) = (one.iov_base as *const u8, one.iov_len as u32);
-            on_socket!(self, |fd| opcode::Send::new(fd, ptr, len)
-                .flags(libc::MSG_NOSIGNAL)
-                .build())
+            SocketOp::Send {
+                socket,
+                buf: one.iov_base as *const u8,
+                len: one.iov_len as u32,
+            }
         } else {
             self.send.msghdr.msg_iov = self.send.iov.as_mut_ptr();
             self.send.msghdr.msg_iovlen = self.send.iov.len() as _;
-            let msghdr = &*self.send.msghdr as *const libc::msghdr;
-            on_socket!(self, |fd| opcode::SendMsg::new(fd, msghdr)
-                .flags(libc::MSG_NOSIGNAL as u32)
-                .build())
+            SocketOp::SendMsg {
+                socket,
+                msg: &*self.send.msghdr as *const libc::msghdr,
+            }
         };
         // SAFETY: msghdr is boxed, iov is not touched while a send is in flight, and the queued
         // messages it (or a plain send's pointer) points into are only popped after the
         // completion.
-        match unsafe { ctx.push_raw(entry, TAG_SEND) } {
+        match unsafe { ctx.push(op, TAG_SEND) } {
             Ok(()) => {
                 self.send.in_flight = true;
                 true
