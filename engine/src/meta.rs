@@ -51,6 +51,8 @@ pub enum MetaError {
     CorruptSlot(String),
     #[error("metadata does not fit its slot ({needed} > {slot} bytes)")]
     TooLarge { needed: usize, slot: u64 },
+    #[error("replication record cannot be written: {0}")]
+    InvalidRecord(&'static str),
 }
 
 /// Written once at format; fixes the device's layout.

@@ -63,9 +63,9 @@ pub struct GenerationHistory {
 impl GenerationHistory {
     /// The history of a volume created now: one new generation.
     pub fn created() -> GenerationHistory {
-        let mut h = GenerationHistory::default();
-        h.push(GenerationId::random());
-        h
+        GenerationHistory {
+            ids: vec![GenerationId::random()],
+        }
     }
 
     /// A history from ids oldest first (as stored on disk or sent by a peer).
@@ -110,13 +110,22 @@ impl GenerationHistory {
                 break id;
             }
         };
-        self.push(id);
+        self.append(id);
         id
     }
 
-    /// Append `id` as the current generation, dropping the oldest when full.
-    pub fn push(&mut self, id: GenerationId) {
-        debug_assert!(!self.contains(id), "generation ids are unique in a history");
+    /// Append `id` (a generation a peer started) as the current generation, dropping the
+    /// oldest when full. An id already in the history is refused: the history stays valid.
+    pub fn push(&mut self, id: GenerationId) -> Result<(), ReplicationError> {
+        if self.contains(id) {
+            return Err(ReplicationError::DuplicateGeneration(id));
+        }
+        self.append(id);
+        Ok(())
+    }
+
+    fn append(&mut self, id: GenerationId) {
+        debug_assert!(!self.contains(id));
         if self.ids.len() == MAX_HISTORY {
             self.ids.remove(0);
         }

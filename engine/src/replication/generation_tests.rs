@@ -90,6 +90,14 @@ fn histories_are_bounded_unique_and_never_hold_zero() {
         GenerationHistory::from_ids(vec![g(1), g(2), g(1)]),
         Err(ReplicationError::DuplicateGeneration(g(1)))
     );
+    let mut small = h(&[1, 2]);
+    assert_eq!(
+        small.push(g(1)),
+        Err(ReplicationError::DuplicateGeneration(g(1)))
+    );
+    assert_eq!(small, h(&[1, 2]), "left as it was");
+    small.push(g(3)).unwrap();
+    assert_eq!(small.current(), Some(g(3)));
 }
 
 fn arb_history() -> impl Strategy<Value = GenerationHistory> {
@@ -215,7 +223,7 @@ impl Pair {
                     // A switchover: both follow the new generation.
                     self.nodes[o].primary = false;
                     let id = self.nodes[p].history.start_new();
-                    self.nodes[o].history.push(id);
+                    self.nodes[o].history.push(id).unwrap();
                 } else {
                     self.nodes[p].diverge();
                     self.promoted_apart = true;
@@ -243,7 +251,7 @@ impl Pair {
                 self.copy(survivor, victim, regions.as_ref())?;
                 self.nodes[victim].primary = false;
                 let id = self.nodes[survivor].history.start_new();
-                self.nodes[victim].history.push(id);
+                self.nodes[victim].history.push(id).unwrap();
                 self.synced();
             }
         }

@@ -163,8 +163,19 @@ impl ReplicationRecord {
             runs.iter().all(|r| r.start < r.end && r.end <= MAX_REGIONS)
                 && runs.windows(2).all(|w| w[0].end < w[1].start)
         };
-        debug_assert!(runs_ok(&self.activity));
-        debug_assert!(self.replicas.iter().all(|r| runs_ok(&r.dirty)));
+        if !runs_ok(&self.activity) || !self.replicas.iter().all(|r| runs_ok(&r.dirty)) {
+            return Err(MetaError::InvalidRecord(
+                "runs of regions must be sorted, disjoint, not adjacent and under 2^24",
+            ));
+        }
+        if !(MIN_REGION_SHIFT..=MAX_REGION_SHIFT).contains(&self.region_shift) {
+            return Err(MetaError::InvalidRecord("region size out of range"));
+        }
+        for (i, r) in self.replicas.iter().enumerate() {
+            if self.replicas[..i].iter().any(|x| x.node == r.node) {
+                return Err(MetaError::InvalidRecord("a replica appears twice"));
+            }
+        }
         Ok(())
     }
 
@@ -378,6 +389,34 @@ pub(crate) mod tests {
         assert!(matches!(
             over.encode(&mut Vec::new()),
             Err(MetaError::TooLarge { .. })
+        ));
+        // Nothing is written that would not decode the same.
+        #[allow(clippy::reversed_empty_ranges)]
+        let empty = 5..4;
+        let bad_runs: [Vec<Range<u64>>; 3] = [
+            vec![0..2, 2..3],
+            std::iter::once(empty).collect(),
+            std::iter::once(MAX_REGIONS..MAX_REGIONS + 1).collect(),
+        ];
+        for bad in bad_runs {
+            let mut r = rec.clone();
+            r.activity = bad;
+            assert!(matches!(
+                r.encode(&mut Vec::new()),
+                Err(MetaError::InvalidRecord(_))
+            ));
+        }
+        let mut r = rec.clone();
+        r.replicas[1].node = r.replicas[0].node;
+        assert!(matches!(
+            r.encode(&mut Vec::new()),
+            Err(MetaError::InvalidRecord(_))
+        ));
+        let mut r = rec;
+        r.region_shift = 50;
+        assert!(matches!(
+            r.encode(&mut Vec::new()),
+            Err(MetaError::InvalidRecord(_))
         ));
     }
 
