@@ -298,8 +298,6 @@ pub fn run(args: ServeArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Start the configured `[[export]]`s. A volume that does not exist, or a kernel without ublk,
-/// stops the daemon with a clear error.
 /// This node's id (made at the first start) and, when a volume has replicas, the checked
 /// replication settings. A damaged node id file stops the daemon either way: it is never
 /// replaced by a new identity.
@@ -331,6 +329,8 @@ fn replication_config(
     cfg.replication(node_id).map_err(Failure::Config)
 }
 
+/// Start the configured `[[export]]`s. A volume that does not exist, or a kernel without ublk,
+/// stops the daemon with a clear error.
 fn start_exports(engine: &Engine, cfg: &DaemonConfig, say: &dyn Fn(String)) -> Result<(), Failure> {
     use ringblock_transports::ublk::{self, UblkError, UblkOptions};
     for e in &cfg.exports {
