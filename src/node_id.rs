@@ -26,7 +26,15 @@ pub fn read(state_dir: &Path) -> anyhow::Result<Option<NodeId>> {
     let meta = match std::fs::symlink_metadata(&file) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("node id {}", file.display())),
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "node id {} (in the state directory: set [web] state_dir or --state-dir to \
+                     a usable directory)",
+                    file.display()
+                )
+            })
+        }
     };
     if !meta.file_type().is_file() {
         bail!(
@@ -69,6 +77,17 @@ pub fn load_or_create(state_dir: &Path) -> anyhow::Result<(NodeId, bool)> {
     }
     ringblock_web::token::create_private_dir(state_dir)
         .with_context(|| format!("state directory {}", state_dir.display()))?;
+    let dir_meta = std::fs::metadata(state_dir)
+        .with_context(|| format!("state directory {}", state_dir.display()))?;
+    if let Some((problem, fix)) =
+        ringblock_web::token::ownership_problem(state_dir, &dir_meta, ringblock_web::token::euid())
+    {
+        bail!(
+            "state directory {}: {problem}: another local user could plant this node's \
+             identity; fix: {fix}",
+            state_dir.display()
+        );
+    }
     let id = loop {
         let mut bytes = [0u8; 16];
         rand::rngs::OsRng.fill_bytes(&mut bytes);
@@ -160,6 +179,18 @@ mod tests {
         }
         std::fs::write(&file, vec![b'a'; 100]).unwrap();
         assert!(format!("{:#}", read(dir.path()).unwrap_err()).contains("100 bytes"));
+    }
+
+    #[test]
+    fn no_id_is_made_in_a_directory_others_may_write() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let e = format!("{:#}", load_or_create(dir.path()).unwrap_err());
+        assert!(
+            e.contains("writable by group or others") && e.contains("chmod 700"),
+            "{e}"
+        );
+        assert!(!path(dir.path()).exists());
     }
 
     #[test]
