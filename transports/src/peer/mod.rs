@@ -13,6 +13,9 @@ pub mod auth;
 pub mod body;
 pub mod frame;
 pub mod handshake;
+pub(crate) mod io;
+pub mod link;
+pub mod serve;
 pub mod window;
 
 #[cfg(test)]
@@ -32,6 +35,9 @@ pub use handshake::{
     Acceptor, AcceptorConfig, Initiator, InitiatorConfig, LocalVolume, Progress, Refusal, Session,
     Step, VolumeLookup,
 };
+pub use io::{monotonic_clock, Clock};
+pub use link::{LinkOptions, PrimaryLink};
+pub use serve::{ReplicaServe, ServeOptions};
 pub use window::{Acked, InboundWindow, SendWindow};
 
 use std::fmt;

@@ -1,0 +1,321 @@
+//! Socket plumbing shared by the peer tasks: a bounded receive buffer that holds one frame at
+//! most, and an in-order frame sender (one ring op at a time, so frames never interleave on
+//! the stream) that sends a data frame's pages from where they are, copying or zero-copy.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ringblock_engine::task::{RingCompletion, Socket, SocketOp, TaskCtx};
+
+use super::MAX_FRAME_BYTES;
+
+/// Milliseconds on a monotonic clock (the simulator gives its ticks).
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// The real clock: milliseconds since it was made.
+pub fn monotonic_clock() -> Clock {
+    let start = Instant::now();
+    Arc::new(move || start.elapsed().as_millis() as u64)
+}
+
+/// Received bytes not yet decoded; never more than one largest frame.
+pub(crate) struct RecvBuf {
+    socket: Socket,
+    tag: u32,
+    /// Allocated once and never resized: a receive in flight writes into it.
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+    in_flight: bool,
+    closed: bool,
+}
+
+impl RecvBuf {
+    pub(crate) fn new(socket: Socket, tag: u32) -> RecvBuf {
+        RecvBuf {
+            socket,
+            tag,
+            buf: vec![0u8; MAX_FRAME_BYTES].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            in_flight: false,
+            closed: false,
+        }
+    }
+
+    pub(crate) fn data(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    pub(crate) fn consume(&mut self, n: usize) {
+        debug_assert!(self.start + n <= self.end);
+        self.start += n;
+    }
+
+    pub(crate) fn busy(&self) -> bool {
+        self.in_flight
+    }
+
+    /// Start a receive unless one is in flight (or the peer closed).
+    pub(crate) fn arm(&mut self, ctx: &mut TaskCtx<'_>) -> Result<(), String> {
+        if self.in_flight || self.closed {
+            return Ok(());
+        }
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
+        } else if self.end == self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            (self.start, self.end) = (0, self.end - self.start);
+        }
+        // A frame is at most the buffer; the decoder never asks for more.
+        debug_assert!(
+            self.end < self.buf.len(),
+            "a partial frame fills the buffer"
+        );
+        let op = SocketOp::Recv {
+            socket: self.socket,
+            // SAFETY (pointer arithmetic): `end` is within the buffer.
+            buf: unsafe { self.buf.as_mut_ptr().add(self.end) },
+            len: (self.buf.len() - self.end) as u32,
+            poll_first: false,
+        };
+        // SAFETY: the buffer lives in the task and is neither moved (boxed) nor touched at
+        // `end..` until the completion; the task outlives its ops.
+        match unsafe { ctx.push(op, self.tag) } {
+            Ok(()) => {
+                self.in_flight = true;
+                Ok(())
+            }
+            Err(e) if e.0 == libc::EAGAIN => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// The receive completed: Ok with new bytes, or why the connection ended.
+    pub(crate) fn on_complete(&mut self, c: RingCompletion) -> Result<(), String> {
+        self.in_flight = false;
+        match c.result {
+            n if n > 0 => {
+                self.end += n as usize;
+                Ok(())
+            }
+            0 => {
+                self.closed = true;
+                Err("the peer closed the connection".into())
+            }
+            _ => {
+                self.closed = true;
+                Err(format!(
+                    "receive failed: {}",
+                    c.errno().map_or(String::new(), |e| e.to_string())
+                ))
+            }
+        }
+    }
+}
+
+/// A frame waiting for the socket: its header (or the whole small frame) and the pages of
+/// its payload, which the owner keeps valid until [`SendDone`] names the frame.
+struct OutFrame {
+    seq: u64,
+    head: Vec<u8>,
+    payload: *const u8,
+    payload_len: usize,
+    zero_copy: bool,
+    /// Bytes of head then payload the socket took.
+    sent: usize,
+}
+
+// SAFETY: `payload` points into memory the task owns (a request's buffer it holds); the task
+// moves between threads only as a whole.
+unsafe impl Send for OutFrame {}
+
+enum Op {
+    Idle,
+    Copy,
+    /// A zero-copy send: waiting for its result, then for its notification.
+    ZeroCopy {
+        result_seen: bool,
+        error: Option<String>,
+    },
+}
+
+/// A frame is fully sent and the kernel no longer reads its pages.
+pub(crate) struct SendDone {
+    pub seq: u64,
+}
+
+/// Sends frames in order, one ring op at a time.
+pub(crate) struct FrameSender {
+    socket: Socket,
+    tag: u32,
+    queue: VecDeque<OutFrame>,
+    op: Op,
+    /// Stable storage a `sendmsg` op points to.
+    iov: Box<[libc::iovec; 2]>,
+    msg: Box<libc::msghdr>,
+}
+
+// SAFETY: the iovec and msghdr pointers point into this sender's own boxes or into frames
+// whose memory the owner keeps valid.
+unsafe impl Send for FrameSender {}
+
+impl FrameSender {
+    pub(crate) fn new(socket: Socket, tag: u32) -> FrameSender {
+        let empty = libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        };
+        FrameSender {
+            socket,
+            tag,
+            queue: VecDeque::new(),
+            op: Op::Idle,
+            iov: Box::new([empty, empty]),
+            // SAFETY: an all-zero msghdr is a valid empty one.
+            msg: Box::new(unsafe { std::mem::zeroed() }),
+        }
+    }
+
+    /// Queue a frame. The payload (`payload_len` bytes at `payload`) stays valid until the
+    /// frame is reported done.
+    pub(crate) fn enqueue(
+        &mut self,
+        seq: u64,
+        head: Vec<u8>,
+        payload: *const u8,
+        payload_len: usize,
+        zero_copy: bool,
+    ) {
+        self.queue.push_back(OutFrame {
+            seq,
+            head,
+            payload,
+            payload_len,
+            zero_copy: zero_copy && payload_len > 0,
+            sent: 0,
+        });
+    }
+
+    pub(crate) fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// A ring op is in flight (the kernel may read a frame's pages).
+    pub(crate) fn busy(&self) -> bool {
+        !matches!(self.op, Op::Idle)
+    }
+
+    /// Forget the frames not started (after a failure; their pages are never read).
+    pub(crate) fn clear(&mut self) {
+        if self.busy() {
+            self.queue.truncate(1);
+        } else {
+            self.queue.clear();
+        }
+    }
+
+    /// Start sending the next bytes, if no op is in flight. True when an op was pushed.
+    pub(crate) fn pump(&mut self, ctx: &mut TaskCtx<'_>) -> Result<bool, String> {
+        if self.busy() {
+            return Ok(false);
+        }
+        let Some(f) = self.queue.front() else {
+            return Ok(false);
+        };
+        let head_left = f.head.len().saturating_sub(f.sent);
+        let payload_at = f.sent.saturating_sub(f.head.len());
+        // SAFETY (pointer arithmetic): `payload_at` is within the payload.
+        let payload = unsafe { f.payload.add(payload_at) };
+        let payload_left = f.payload_len - payload_at;
+        let (op, next) = if f.zero_copy && head_left == 0 {
+            let op = SocketOp::SendZc {
+                socket: self.socket,
+                buf: payload,
+                len: payload_left as u32,
+            };
+            let next = Op::ZeroCopy {
+                result_seen: false,
+                error: None,
+            };
+            (op, next)
+        } else {
+            self.iov[0] = libc::iovec {
+                iov_base: f.head[f.sent.min(f.head.len())..].as_ptr() as *mut libc::c_void,
+                iov_len: head_left,
+            };
+            self.iov[1] = libc::iovec {
+                iov_base: payload as *mut libc::c_void,
+                iov_len: if f.zero_copy { 0 } else { payload_left },
+            };
+            self.msg.msg_iov = self.iov.as_mut_ptr();
+            self.msg.msg_iovlen = 2;
+            let op = SocketOp::SendMsg {
+                socket: self.socket,
+                msg: &*self.msg,
+            };
+            (op, Op::Copy)
+        };
+        // SAFETY: the header and iovecs live in boxes of this sender, the frame's head in
+        // the queue (not dropped while its op is in flight), the payload with the owner
+        // until the frame is reported done.
+        match unsafe { ctx.push(op, self.tag) } {
+            Ok(()) => {
+                self.op = next;
+                Ok(true)
+            }
+            Err(e) if e.0 == libc::EAGAIN => Ok(false),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// A completion of the sender's op: the frames now done, or why the connection failed.
+    pub(crate) fn on_complete(&mut self, c: RingCompletion) -> Result<Vec<SendDone>, String> {
+        let took = match &mut self.op {
+            Op::Idle => return Err("a send completion with no send in flight".into()),
+            Op::Copy => {
+                self.op = Op::Idle;
+                if c.result <= 0 {
+                    return Err(send_error(c));
+                }
+                c.result as usize
+            }
+            Op::ZeroCopy { result_seen, error } => {
+                if !*result_seen && !c.is_notification() {
+                    *result_seen = true;
+                    if c.result < 0 {
+                        *error = Some(send_error(c));
+                    } else if let Some(f) = self.queue.front_mut() {
+                        f.sent += c.result as usize;
+                    }
+                    if c.more() {
+                        return Ok(Vec::new()); // the notification follows
+                    }
+                }
+                let error = error.take();
+                self.op = Op::Idle;
+                if let Some(e) = error {
+                    return Err(e);
+                }
+                0
+            }
+        };
+        let mut done = Vec::new();
+        if let Some(f) = self.queue.front_mut() {
+            f.sent += took;
+            if f.sent >= f.head.len() + f.payload_len {
+                done.push(SendDone { seq: f.seq });
+                self.queue.pop_front();
+            }
+        }
+        Ok(done)
+    }
+}
+
+fn send_error(c: RingCompletion) -> String {
+    match c.errno() {
+        Some(e) => format!("send failed: {e}"),
+        None => "the socket took nothing".into(),
+    }
+}

@@ -1,0 +1,518 @@
+//! The primary's side of a replica link, as a reactor task over an established connection.
+//!
+//! The task drains its [`ReplicaLink`]'s inbox while its [`SendWindow`] has room (bounded in
+//! frames and bytes; when full it stops taking ops, and the bounded inbox makes further
+//! writes mark the bitmap instead of waiting), sends each op as one frame (a Write's pages
+//! straight from the request's buffer), heartbeats when idle, and matches every
+//! acknowledgement against the window. A request's replica part is done when its ack
+//! arrived *and* the kernel is done with its pages (a zero-copy send's notification).
+//!
+//! **Failure** (the peer closes or resets, a timeout, an error ack, a protocol error, a
+//! Goodbye): the link leaves the fan-out, and every range the replica may lack is marked in
+//! its dirty bitmap: ops not acknowledged, and writes acknowledged since the last flush the
+//! replica acknowledged (they may sit in its volatile cache). Then a local flush makes the
+//! marks durable, and only then are the waiting parts done (as success: the volume goes on,
+//! degraded), so a client's flush that waited on this replica never completes before the
+//! bitmap that replaces it is on disk.
+
+use std::collections::{BTreeSet, HashMap};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+
+use ringblock_engine::replication::{LinkState, ReplicaLink, ReplicaOp, ReplicaOpKind};
+use ringblock_engine::task::{ReactorTask, RingCompletion, Socket, TaskCtx};
+use ringblock_engine::{Errno, Port, Request, RequestKind, VolumeHandle};
+
+use super::body::{decode_frame, encode_data_header, encode_frame, Body, Decoded, Frame};
+use super::frame::{FrameKind, HEADER_LEN};
+use super::io::{Clock, FrameSender, RecvBuf, SendDone};
+use super::window::{InboundWindow, SendWindow};
+use super::{GoodbyeReason, ReplicatedVolumeId, Seq};
+
+/// Payloads at least this large go with a zero-copy send (when the link may use one); smaller
+/// ones are copied, which is cheaper than pinning pages and waiting for a notification.
+pub const ZERO_COPY_MIN_BYTES: usize = 16 << 10;
+/// A link sends a heartbeat after this long without sending anything.
+pub const HEARTBEAT_INTERVAL_MS: u64 = 1000;
+/// A frame not acknowledged after this long fails the link.
+pub const ACK_TIMEOUT_MS: u64 = 5000;
+
+/// Frames built and not yet taken by the socket, at most (then ops wait in the inbox).
+const MAX_QUEUED_FRAMES: usize = 64;
+
+const TAG_RECV: u32 = 0;
+const TAG_SEND: u32 = 1;
+const TAG_FLUSH_PORT: u64 = 1;
+
+/// How a link behaves.
+#[derive(Clone)]
+pub struct LinkOptions {
+    /// The replicated volume's cluster-wide id, in every frame.
+    pub volume: ReplicatedVolumeId,
+    /// The next sequence numbers each way (from the handshake's `Session`).
+    pub send_seq: Seq,
+    pub recv_seq: Seq,
+    /// Bounds of the send window.
+    pub window_frames: u32,
+    pub window_bytes: u64,
+    /// Whether the ring and socket can send without copying (the start-up probe's answer).
+    pub zero_copy: bool,
+    /// Milliseconds, for heartbeats and timeouts.
+    pub clock: Clock,
+    /// Name for logs.
+    pub peer: String,
+}
+
+/// Whether a payload of `len` bytes goes with a zero-copy send.
+pub fn use_zero_copy(zero_copy_available: bool, len: usize) -> bool {
+    zero_copy_available && len >= ZERO_COPY_MIN_BYTES
+}
+
+/// A frame in flight and what it waits for.
+struct Pending {
+    op: Option<ReplicaOp>,
+    sent_ms: u64,
+    acked: bool,
+    /// Its bytes are all handed to the kernel and no notification is outstanding.
+    released: bool,
+}
+
+enum Phase {
+    Running,
+    /// The link failed: waiting for submitters to leave, ring ops to end, then the flush.
+    Failing {
+        orphans: Vec<ReplicaOp>,
+        flush_sent: bool,
+    },
+    Done,
+}
+
+/// The primary's link task (see the module).
+pub struct PrimaryLink {
+    fd: OwnedFd,
+    socket: Socket,
+    handle: VolumeHandle,
+    link: Arc<ReplicaLink>,
+    opts: LinkOptions,
+    window: SendWindow,
+    inbound: InboundWindow,
+    sender: FrameSender,
+    recv: RecvBuf,
+    pending: HashMap<u64, Pending>,
+    /// Regions written since the last Flush was sent, and those written before the newest
+    /// Flush not yet acknowledged: the replica may still lose them.
+    unflushed: BTreeSet<u64>,
+    flushing: BTreeSet<u64>,
+    newest_flush: Option<u64>,
+    last_send_ms: u64,
+    port: Arc<Port>,
+    waker_set: bool,
+    phase: Phase,
+}
+
+impl PrimaryLink {
+    pub fn new(
+        fd: OwnedFd,
+        handle: VolumeHandle,
+        link: Arc<ReplicaLink>,
+        opts: LinkOptions,
+    ) -> PrimaryLink {
+        let socket = Socket::Fd(fd.as_raw_fd());
+        let now = (opts.clock)();
+        PrimaryLink {
+            window: SendWindow::new(opts.send_seq, opts.window_frames, opts.window_bytes),
+            inbound: InboundWindow::new(opts.recv_seq),
+            sender: FrameSender::new(socket, TAG_SEND),
+            recv: RecvBuf::new(socket, TAG_RECV),
+            fd,
+            socket,
+            handle,
+            link,
+            opts,
+            pending: HashMap::new(),
+            unflushed: BTreeSet::new(),
+            flushing: BTreeSet::new(),
+            newest_flush: None,
+            last_send_ms: now,
+            port: Port::new(1, ringblock_engine::PortWaker::None),
+            waker_set: false,
+            phase: Phase::Running,
+        }
+    }
+
+    fn region_shift(&self) -> u8 {
+        self.link.replication().activity.region_shift()
+    }
+
+    /// Take ops from the inbox while the window has room, and frame them.
+    fn take_ops(&mut self, now: u64) -> usize {
+        let mut n = 0;
+        while self.sender.queued() < MAX_QUEUED_FRAMES && self.window_has_room() {
+            let Some(op) = self.link.pop() else { break };
+            n += 1;
+            self.frame_op(op, now);
+        }
+        if self.pending.is_empty()
+            && self.sender.queued() == 0
+            && now.saturating_sub(self.last_send_ms) >= HEARTBEAT_INTERVAL_MS
+        {
+            self.frame_small(Body::Heartbeat, None, now);
+        }
+        n
+    }
+
+    /// Whether the window has room for the largest op (checked before popping, since a
+    /// popped op cannot go back), and one frame more for a heartbeat.
+    fn window_has_room(&self) -> bool {
+        let frames = self.window.in_flight_frames() + 1 < self.opts.window_frames.max(2);
+        let bytes = self.window.in_flight_bytes() + u64::from(super::MAX_PAYLOAD_BYTES)
+            <= self
+                .opts
+                .window_bytes
+                .max(u64::from(super::MAX_PAYLOAD_BYTES));
+        frames && bytes
+    }
+
+    fn frame_op(&mut self, op: ReplicaOp, now: u64) {
+        let (offset, len) = (op.offset_bytes(), op.len_bytes());
+        let body = match op.kind() {
+            ReplicaOpKind::Write { fua } => {
+                let data = op.payload().unwrap_or(&[]);
+                let body = Body::Write {
+                    offset_bytes: offset,
+                    fua,
+                    data,
+                };
+                let Ok(seq) = self.window.try_reserve(FrameKind::Write, data.len() as u32) else {
+                    unreachable!("room was checked before the op was taken");
+                };
+                let header = encode_data_header(&Frame::new(seq, self.opts.volume, body));
+                let (ptr, dlen) = (data.as_ptr(), data.len());
+                self.note_written(offset, len);
+                self.pending.insert(
+                    seq.0,
+                    Pending {
+                        op: Some(op),
+                        sent_ms: now,
+                        acked: false,
+                        released: false,
+                    },
+                );
+                let zc = use_zero_copy(self.opts.zero_copy, dlen);
+                self.sender.enqueue(seq.0, header.to_vec(), ptr, dlen, zc);
+                return;
+            }
+            ReplicaOpKind::Trim | ReplicaOpKind::WriteZeroes => {
+                self.note_written(offset, len);
+                let len_bytes = len as u32;
+                debug_assert!(len <= u64::from(u32::MAX), "requests are at most 64 MiB");
+                if op.kind() == ReplicaOpKind::Trim {
+                    Body::Trim {
+                        offset_bytes: offset,
+                        len_bytes,
+                    }
+                } else {
+                    Body::WriteZeroes {
+                        offset_bytes: offset,
+                        len_bytes,
+                    }
+                }
+            }
+            ReplicaOpKind::Flush => Body::Flush,
+        };
+        self.frame_small(body, Some(op), now);
+    }
+
+    fn frame_small(&mut self, body: Body<'_>, op: Option<ReplicaOp>, now: u64) {
+        let kind = body.kind();
+        let Ok(seq) = self.window.try_reserve(kind, 0) else {
+            unreachable!("room was checked before the op was taken");
+        };
+        if kind == FrameKind::Flush {
+            // Everything written so far is covered once this flush is acknowledged.
+            self.flushing.append(&mut self.unflushed);
+            self.newest_flush = Some(seq.0);
+        }
+        let mut bytes = Vec::with_capacity(HEADER_LEN);
+        encode_frame(&Frame::new(seq, self.opts.volume, body), &mut bytes);
+        self.pending.insert(
+            seq.0,
+            Pending {
+                op,
+                sent_ms: now,
+                acked: false,
+                released: false,
+            },
+        );
+        self.sender
+            .enqueue(seq.0, bytes, std::ptr::null(), 0, false);
+    }
+
+    fn note_written(&mut self, offset: u64, len: u64) {
+        let shift = self.region_shift();
+        let (first, last) = (offset >> shift, (offset + len.max(1) - 1) >> shift);
+        self.unflushed.extend(first..=last);
+    }
+
+    /// Frames that arrived: acknowledgements, heartbeats, a Goodbye.
+    fn on_frames(&mut self, ctx: &mut TaskCtx<'_>) -> Result<(), String> {
+        loop {
+            let (kind, ack_seq, errno, consumed) = match decode_frame(self.recv.data()) {
+                Ok(Decoded::Need(_)) => return Ok(()),
+                Err(e) => return Err(format!("bad frame from the replica: {e}")),
+                Ok(Decoded::Frame { frame, consumed }) => {
+                    if frame.volume != self.opts.volume {
+                        return Err(format!("frame for volume {}", frame.volume));
+                    }
+                    self.inbound.accept(&frame).map_err(|e| e.to_string())?;
+                    match frame.body {
+                        Body::WriteAck { seq, errno } => {
+                            (FrameKind::WriteAck, seq, errno, consumed)
+                        }
+                        Body::FlushAck { seq, errno } => {
+                            (FrameKind::FlushAck, seq, errno, consumed)
+                        }
+                        Body::HeartbeatAck { seq } => (FrameKind::HeartbeatAck, seq, 0, consumed),
+                        Body::Goodbye(reason) => {
+                            return Err(format!("the replica said goodbye ({reason:?})"))
+                        }
+                        other => {
+                            return Err(format!("unexpected {:?} from the replica", other.kind()))
+                        }
+                    }
+                }
+            };
+            self.recv.consume(consumed);
+            self.window.ack(kind, ack_seq).map_err(|e| e.to_string())?;
+            if errno != 0 {
+                return Err(format!(
+                    "the replica failed frame {ack_seq}: {}",
+                    Errno(errno as i32)
+                ));
+            }
+            if kind == FrameKind::FlushAck && self.newest_flush == Some(ack_seq.0) {
+                self.flushing.clear();
+                self.newest_flush = None;
+            }
+            let Some(p) = self.pending.get_mut(&ack_seq.0) else {
+                return Err(format!("ack {ack_seq} for a frame not pending"));
+            };
+            p.acked = true;
+            self.retire(ctx, ack_seq.0);
+        }
+    }
+
+    /// Hand back the frame's op once it is acknowledged and its pages are released.
+    fn retire(&mut self, ctx: &mut TaskCtx<'_>, seq: u64) {
+        if self
+            .pending
+            .get(&seq)
+            .is_some_and(|p| p.acked && p.released)
+        {
+            if let Some(op) = self.pending.remove(&seq).and_then(|p| p.op) {
+                ctx.replica_done(op);
+            }
+        }
+    }
+
+    fn fail(&mut self, ctx: &mut TaskCtx<'_>, reason: &str) {
+        if !matches!(self.phase, Phase::Running) {
+            return;
+        }
+        let volume = self.handle.volume().clone();
+        tracing::warn!(volume = %volume.name, peer = %self.opts.peer, "replica link failed: {reason}");
+        if self.link.fall_behind() {
+            // The set of up-to-date replicas changed: a new generation, and the replica's
+            // `since` is the one it was last up to date in.
+            let replication = self.link.replication();
+            let replica = &replication.replicas()[self.link.index()];
+            if replica.since().is_none() {
+                replica.set_since(replication.history().current());
+                replication.start_generation();
+            }
+            volume.replication_changed();
+        }
+        ctx.shutdown(self.fd.as_raw_fd());
+        self.sender.clear();
+        self.phase = Phase::Failing {
+            orphans: Vec::new(),
+            flush_sent: false,
+        };
+    }
+
+    /// The failing link's steps: collect every op, mark what the replica may lack, flush,
+    /// then hand the ops back.
+    fn step_failing(&mut self, ctx: &mut TaskCtx<'_>) -> usize {
+        let volume = self.handle.volume().clone();
+        let shift = self.region_shift();
+        let Phase::Failing {
+            orphans,
+            flush_sent,
+        } = &mut self.phase
+        else {
+            return 0;
+        };
+        let mut work = 0;
+        // Ops whose pages the kernel may still read wait for their send to end.
+        if !self.sender.busy() {
+            for (_, p) in self.pending.drain() {
+                orphans.extend(p.op);
+            }
+        }
+        if self.link.pushers_gone() {
+            while let Some(op) = self.link.pop() {
+                orphans.push(op);
+                work += 1;
+            }
+        }
+        if *flush_sent || self.sender.busy() || self.recv.busy() || !self.pending.is_empty() {
+            return work;
+        }
+        for op in orphans.iter() {
+            if op.kind() != ReplicaOpKind::Flush {
+                self.link
+                    .mark_lacking(&volume, op.offset_bytes(), op.len_bytes());
+            }
+        }
+        for r in self.unflushed.iter().chain(&self.flushing) {
+            self.link.mark_lacking(&volume, r << shift, 1 << shift);
+        }
+        let flush = Request {
+            kind: RequestKind::Flush,
+            offset_bytes: 0,
+            len_bytes: 0,
+            fua: false,
+            buf: None,
+            mover: None,
+            tag: TAG_FLUSH_PORT,
+        };
+        if let Err((_, e)) = ctx.submit(&self.handle, flush, &self.port) {
+            tracing::error!(volume = %volume.name, "cannot flush the replica's dirty marks: {e}");
+            self.finish_orphans(ctx, Err(e));
+            return work + 1;
+        }
+        *flush_sent = true;
+        work + 1
+    }
+
+    fn finish_orphans(&mut self, ctx: &mut TaskCtx<'_>, result: Result<(), Errno>) {
+        let Phase::Failing { orphans, .. } = std::mem::replace(&mut self.phase, Phase::Done) else {
+            return;
+        };
+        for op in orphans {
+            if let (Err(e), ReplicaOpKind::Flush) = (result, op.kind()) {
+                // The marks that stand for this replica are not durable: the flush fails.
+                op.fail(e);
+            }
+            ctx.replica_done(op);
+        }
+    }
+}
+
+impl ReactorTask for PrimaryLink {
+    fn poll(&mut self, ctx: &mut TaskCtx<'_>) -> usize {
+        if !self.waker_set {
+            self.link.set_waker(ctx.port_waker());
+            self.waker_set = true;
+        }
+        let now = (self.opts.clock)();
+        let mut work = 0;
+        if matches!(self.phase, Phase::Running) {
+            if self.link.state() != LinkState::UpToDate {
+                self.fail(ctx, "the link fell behind (its inbox was full)");
+            } else if let Some(oldest) = self.window.oldest() {
+                let sent = self.pending.get(&oldest.seq.0).map_or(now, |p| p.sent_ms);
+                if now.saturating_sub(sent) >= ACK_TIMEOUT_MS {
+                    self.fail(ctx, "no acknowledgement in time");
+                }
+            }
+        }
+        match self.phase {
+            Phase::Running => {
+                work += self.take_ops(now);
+                if let Err(e) = self.recv.arm(ctx) {
+                    self.fail(ctx, &format!("cannot receive: {e}"));
+                }
+                match self.sender.pump(ctx) {
+                    Ok(true) => {
+                        self.last_send_ms = now;
+                        work += 1;
+                    }
+                    Ok(false) => {}
+                    Err(e) => self.fail(ctx, &format!("cannot send: {e}")),
+                }
+            }
+            Phase::Failing { .. } => work += self.step_failing(ctx),
+            Phase::Done => {}
+        }
+        if let Some(c) = self.port.pop() {
+            self.finish_orphans(ctx, c.result);
+            work += 1;
+        }
+        work
+    }
+
+    fn on_ring(&mut self, ctx: &mut TaskCtx<'_>, c: RingCompletion) {
+        match c.tag {
+            TAG_RECV => match self.recv.on_complete(c) {
+                Ok(()) => {
+                    if let Err(e) = self.on_frames(ctx) {
+                        self.fail(ctx, &e);
+                    }
+                }
+                Err(e) => self.fail(ctx, &e),
+            },
+            _ => match self.sender.on_complete(c) {
+                Ok(done) => {
+                    for SendDone { seq } in done {
+                        if let Some(p) = self.pending.get_mut(&seq) {
+                            p.released = true;
+                        }
+                        self.retire(ctx, seq);
+                    }
+                }
+                Err(e) => self.fail(ctx, &e),
+            },
+        }
+    }
+
+    fn stop(&mut self, ctx: &mut TaskCtx<'_>) {
+        let mut bytes = Vec::new();
+        if let Ok(seq) = self.window.try_reserve(FrameKind::Goodbye, 0) {
+            let frame = Frame::new(
+                seq,
+                self.opts.volume,
+                Body::Goodbye(GoodbyeReason::Shutdown),
+            );
+            encode_frame(&frame, &mut bytes);
+            // SAFETY: `bytes` is valid for the call.
+            unsafe {
+                ctx.send_now(
+                    self.fd.as_raw_fd(),
+                    &[libc::iovec {
+                        iov_base: bytes.as_ptr() as *mut libc::c_void,
+                        iov_len: bytes.len(),
+                    }],
+                )
+            };
+        }
+        self.fail(ctx, "the daemon is stopping");
+    }
+
+    fn has_ready(&self) -> bool {
+        !self.port.is_empty() || self.link.inbox_len() > 0
+    }
+
+    fn finished(&self) -> bool {
+        matches!(self.phase, Phase::Done) && !self.sender.busy() && !self.recv.busy()
+    }
+}
+
+impl std::fmt::Debug for PrimaryLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrimaryLink")
+            .field("socket", &self.socket)
+            .field("peer", &self.opts.peer)
+            .finish()
+    }
+}
