@@ -285,17 +285,21 @@ pub(crate) fn fan_out(
         match link.try_push(op) {
             Ok(()) => pushed += 1,
             Err(op) => {
+                if link.state() == LinkState::UpToDate {
+                    // The inbox is full: this replica cannot keep up. It falls behind (its
+                    // task ends the connection) instead of stalling the volume. Which of its
+                    // acknowledged writes it has not flushed yet only its task knows, and a
+                    // flush may complete before the task marks them: mark the whole volume
+                    // first (a full resync after an overload, never a missed region).
+                    link.mark_lacking(volume, 0, volume.max_size_bytes());
+                    link.fall_behind();
+                    tracing::warn!(
+                        volume = %volume.name,
+                        replica = link.index,
+                        "replica inbox full; the replica falls behind"
+                    );
+                }
                 if kind != ReplicaOpKind::Flush {
-                    if link.state() == LinkState::UpToDate {
-                        // The inbox is full: this replica cannot keep up. It falls behind
-                        // (its task ends the connection) instead of stalling the volume.
-                        link.fall_behind();
-                        tracing::warn!(
-                            volume = %volume.name,
-                            replica = link.index,
-                            "replica inbox full; the replica falls behind"
-                        );
-                    }
                     link.mark_lacking(volume, offset_bytes, len_bytes);
                 }
                 drop(op);

@@ -10,6 +10,9 @@ use ringblock_engine::task::{RingCompletion, Socket, SocketOp, TaskCtx};
 
 use super::MAX_FRAME_BYTES;
 
+/// Most bytes of header-only frames sent as one.
+const MAX_BATCH_BYTES: usize = 64 << 10;
+
 /// Milliseconds on a monotonic clock (the simulator gives its ticks).
 pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
@@ -119,6 +122,9 @@ impl RecvBuf {
 /// its payload, which the owner keeps valid until [`SendDone`] names the frame.
 struct OutFrame {
     seq: u64,
+    /// Header-only frames queued right after this one, sent with it (their bytes are
+    /// appended to `head`): acks go out many at a time.
+    also: Vec<u64>,
     head: Vec<u8>,
     payload: *const u8,
     payload_len: usize,
@@ -188,8 +194,18 @@ impl FrameSender {
         payload_len: usize,
         zero_copy: bool,
     ) {
+        let started = self.busy() && self.queue.len() == 1;
+        if let Some(back) = self.queue.back_mut() {
+            let small = back.payload_len == 0 && payload_len == 0 && back.sent == 0;
+            if small && !started && back.head.len() + head.len() <= MAX_BATCH_BYTES {
+                back.head.extend_from_slice(&head);
+                back.also.push(seq);
+                return;
+            }
+        }
         self.queue.push_back(OutFrame {
             seq,
+            also: Vec::new(),
             head,
             payload,
             payload_len,
@@ -306,6 +322,7 @@ impl FrameSender {
             f.sent += took;
             if f.sent >= f.head.len() + f.payload_len {
                 done.push(SendDone { seq: f.seq });
+                done.extend(f.also.iter().map(|&seq| SendDone { seq }));
                 self.queue.pop_front();
             }
         }

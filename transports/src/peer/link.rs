@@ -321,6 +321,19 @@ impl PrimaryLink {
         }
         let volume = self.handle.volume().clone();
         tracing::warn!(volume = %volume.name, peer = %self.opts.peer, "replica link failed: {reason}");
+        // Mark what the replica may lack *before* leaving the fan-out: from then on a
+        // client's flush no longer waits for this replica, so the marks must already be
+        // there for its metadata round to take.
+        let shift = self.region_shift();
+        for p in self.pending.values() {
+            if let Some(op) = p.op.as_ref().filter(|op| op.kind() != ReplicaOpKind::Flush) {
+                self.link
+                    .mark_lacking(&volume, op.offset_bytes(), op.len_bytes());
+            }
+        }
+        for r in self.unflushed.iter().chain(&self.flushing) {
+            self.link.mark_lacking(&volume, r << shift, 1 << shift);
+        }
         if self.link.fall_behind() {
             // The set of up-to-date replicas changed: a new generation, and the replica's
             // `since` is the one it was last up to date in.
@@ -344,7 +357,6 @@ impl PrimaryLink {
     /// then hand the ops back.
     fn step_failing(&mut self, ctx: &mut TaskCtx<'_>) -> usize {
         let volume = self.handle.volume().clone();
-        let shift = self.region_shift();
         let Phase::Failing {
             orphans,
             flush_sent,
@@ -359,23 +371,26 @@ impl PrimaryLink {
                 orphans.extend(p.op);
             }
         }
-        if self.link.pushers_gone() {
-            while let Some(op) = self.link.pop() {
-                orphans.push(op);
-                work += 1;
-            }
-        }
-        if *flush_sent || self.sender.busy() || self.recv.busy() || !self.pending.is_empty() {
+        if *flush_sent
+            || self.sender.busy()
+            || self.recv.busy()
+            || !self.pending.is_empty()
+            || !self.link.pushers_gone()
+        {
             return work;
         }
+        // No submitter is pushing, and every later one sees the link behind: after this
+        // drain no op can reach the inbox (see `replication::fanout`).
+        while let Some(op) = self.link.pop() {
+            orphans.push(op);
+            work += 1;
+        }
+        // Ops taken from the inbox after the failure (pending ones are marked already).
         for op in orphans.iter() {
             if op.kind() != ReplicaOpKind::Flush {
                 self.link
                     .mark_lacking(&volume, op.offset_bytes(), op.len_bytes());
             }
-        }
-        for r in self.unflushed.iter().chain(&self.flushing) {
-            self.link.mark_lacking(&volume, r << shift, 1 << shift);
         }
         let flush = Request {
             kind: RequestKind::Flush,
