@@ -660,3 +660,139 @@ fn sync_replication_survives_cuts_partitions_and_crashes_on_the_simulator() {
         "no seed checked a durable mark after a power cut"
     );
 }
+
+/// A replica fed by a hostile "primary" (a test stream): a good write lands and is
+/// acknowledged; then a frame with a flipped payload bit, an out-of-sequence frame, or a write
+/// past the volume's end ends the connection with a Goodbye, and nothing of it is written.
+#[test]
+fn a_replica_refuses_bad_frames_and_writes_nothing_of_them() {
+    use ringblock_transports::peer::{decode_frame, encode_frame, Body, Decoded, Frame};
+    for (case, seed) in [(0u32, 1u64), (1, 2), (2, 3)] {
+        let net = SimNet::new(seed, NetOptions::default());
+        let opts = SimOptions {
+            reactors: 1,
+            queue_depth: 8,
+            max_latency_ticks: 2,
+        };
+        let disk = Arc::new(Mutex::new(SimDisk::new(DEVICE_BYTES, true)));
+        let mut r = start(seed, opts, &net, REPLICA, &disk);
+        r.create_volume(DeviceId(0), VolumeId(1), "a", VOLUME_BYTES)
+            .unwrap();
+        let (fd, mut stream) = net.connect(REPLICA, PRIMARY).unwrap();
+        let net2 = net.clone();
+        let vol = ReplicatedVolumeId(9);
+        let sopts = ServeOptions {
+            volume: vol,
+            send_seq: Seq(0),
+            recv_seq: Seq(0),
+            max_in_flight: 4,
+            clock: Arc::new(move || net2.now_tick()),
+            peer: "hostile".into(),
+        };
+        let task = ReplicaServe::new(fd, r.open("a").unwrap(), sopts);
+        assert!(r.spawn_task(ReactorId(0), Box::new(task)).is_ok());
+        let frame = |seq: u64, offset: u64, fill: u8| {
+            let data = vec![fill; 4096];
+            let mut out = Vec::new();
+            let body = Body::Write {
+                offset_bytes: offset,
+                fua: false,
+                data: &data,
+            };
+            encode_frame(&Frame::new(Seq(seq), vol, body), &mut out);
+            out
+        };
+        let mut bytes = frame(0, 0, 0x11);
+        let good_len = bytes.len();
+        let bad = match case {
+            0 => {
+                let mut f = frame(1, 8192, 0x22);
+                let at = f.len() - 100;
+                f[at] ^= 0x04; // a payload bit flipped: its crc no longer matches
+                f
+            }
+            1 => frame(5, 8192, 0x22),         // out of sequence
+            _ => frame(1, VOLUME_BYTES, 0x22), // past the end
+        };
+        bytes.extend_from_slice(&bad);
+        let mut sent = 0;
+        let mut got = Vec::new();
+        let mut closed = false;
+        for _ in 0..MAX_WAIT_TICKS {
+            r.step();
+            // The bad frame goes once the good write's ack is back.
+            let until = if got.is_empty() {
+                good_len
+            } else {
+                bytes.len()
+            };
+            if sent < until {
+                if let Ok(n) = stream.write(&bytes[sent..until]) {
+                    sent += n;
+                }
+            }
+            let mut buf = [0u8; 4096];
+            match stream.read(&mut buf) {
+                Ok(0) => closed = true,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(_) => {}
+            }
+            if closed && r.tasks() == 0 && r.tasks_drained() {
+                break;
+            }
+        }
+        assert!(closed && r.tasks() == 0, "case {case}: the connection ends");
+        // The replies: the good write's ack, then a Goodbye.
+        let mut kinds = Vec::new();
+        let mut at = 0;
+        while let Ok(Decoded::Frame { frame, consumed }) = decode_frame(&got[at..]) {
+            kinds.push(frame.body.clone());
+            at += consumed;
+        }
+        assert!(
+            matches!(
+                kinds.first(),
+                Some(Body::WriteAck {
+                    seq: Seq(0),
+                    errno: 0
+                })
+            ),
+            "case {case}: the good write is acknowledged: {kinds:?}"
+        );
+        assert!(
+            matches!(kinds.last(), Some(Body::Goodbye(_))),
+            "case {case}: a Goodbye ends it: {kinds:?}"
+        );
+        // The good write is there; nothing of the bad frame is.
+        let volume = r.volume("a").unwrap();
+        let port = Port::new(1, PortWaker::None);
+        let req = Request {
+            kind: RequestKind::Read,
+            offset_bytes: 0,
+            len_bytes: 16384,
+            fua: false,
+            buf: Some(IoBuf::owned(AlignedBuf::zeroed(16384))),
+            mover: None,
+            tag: 0,
+        };
+        r.submit(&volume, req, &port).unwrap();
+        let mut data = None;
+        for _ in 0..MAX_WAIT_TICKS {
+            r.step();
+            if let Some(c) = port.pop() {
+                data = c.buf;
+                break;
+            }
+        }
+        let data = data.expect("read completes");
+        let data = data.as_slice();
+        assert!(
+            data[..4096].iter().all(|&b| b == 0x11),
+            "case {case}: good write"
+        );
+        assert!(
+            data[4096..].iter().all(|&b| b == 0),
+            "case {case}: nothing else"
+        );
+    }
+}

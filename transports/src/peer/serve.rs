@@ -61,6 +61,8 @@ pub struct ReplicaServe {
     held_flush: Option<Seq>,
     last_heard_ms: u64,
     closing: bool,
+    /// A Goodbye is queued: shut the socket down once it is sent.
+    shutdown_after_send: bool,
 }
 
 impl ReplicaServe {
@@ -80,6 +82,7 @@ impl ReplicaServe {
             held_flush: None,
             last_heard_ms: now,
             closing: false,
+            shutdown_after_send: false,
         }
     }
 
@@ -240,18 +243,28 @@ impl ReplicaServe {
             peer = %self.opts.peer,
             "replica link closed: {reason}"
         );
-        if let Some(seq) = self.next_seq {
-            let mut bytes = Vec::new();
-            let body = Body::Goodbye(GoodbyeReason::Protocol);
-            encode_frame(&Frame::new(seq, self.opts.volume, body), &mut bytes);
-            let iov = [libc::iovec {
-                iov_base: bytes.as_ptr() as *mut libc::c_void,
-                iov_len: bytes.len(),
-            }];
-            // SAFETY: `bytes` is valid for the call.
-            unsafe { ctx.send_now(self.fd.as_raw_fd(), &iov) };
+        // The Goodbye goes after the frame in flight, if any; the socket shuts down once it
+        // is sent (or the send fails).
+        self.sender.clear();
+        let _ = self.send_small(Body::Goodbye(GoodbyeReason::Protocol));
+        self.closing = true;
+        self.shutdown_after_send = true;
+        self.finish_goodbye(ctx);
+    }
+
+    /// Send the Goodbye, then shut the socket down.
+    fn finish_goodbye(&mut self, ctx: &mut TaskCtx<'_>) {
+        if !self.shutdown_after_send {
+            return;
         }
-        self.close(ctx);
+        let sent = match self.sender.pump(ctx) {
+            Ok(_) => !self.sender.busy() && self.sender.queued() == 0,
+            Err(_) => true,
+        };
+        if sent {
+            self.shutdown_after_send = false;
+            ctx.shutdown(self.fd.as_raw_fd());
+        }
     }
 
     fn close(&mut self, ctx: &mut TaskCtx<'_>) {
@@ -294,6 +307,7 @@ impl ReactorTask for ReplicaServe {
             }
         }
         if self.closing {
+            self.finish_goodbye(ctx);
             return work;
         }
         let now = (self.opts.clock)();
@@ -319,12 +333,24 @@ impl ReactorTask for ReplicaServe {
     fn on_ring(&mut self, ctx: &mut TaskCtx<'_>, c: RingCompletion) {
         let result = if c.tag == TAG_RECV {
             self.last_heard_ms = (self.opts.clock)();
-            self.recv.on_complete(c).and_then(|()| self.on_frames(ctx))
+            let received = self.recv.on_complete(c);
+            if self.closing {
+                return; // nothing more is read from a connection being closed
+            }
+            received.and_then(|()| self.on_frames(ctx))
         } else {
             self.sender.on_complete(c).map(drop)
         };
-        if let Err(e) = result {
-            self.fail(ctx, &e);
+        match result {
+            Err(_) if self.closing => {
+                // The Goodbye could not go: shut down anyway.
+                if self.shutdown_after_send && !self.sender.busy() {
+                    self.shutdown_after_send = false;
+                    ctx.shutdown(self.fd.as_raw_fd());
+                }
+            }
+            Err(e) => self.fail(ctx, &e),
+            Ok(()) => self.finish_goodbye(ctx),
         }
     }
 
@@ -337,6 +363,10 @@ impl ReactorTask for ReplicaServe {
     }
 
     fn finished(&self) -> bool {
-        self.closing && self.in_flight.is_empty() && !self.sender.busy() && !self.recv.busy()
+        self.closing
+            && !self.shutdown_after_send
+            && self.in_flight.is_empty()
+            && !self.sender.busy()
+            && !self.recv.busy()
     }
 }
