@@ -1,6 +1,7 @@
 //! Socket plumbing shared by the peer tasks: a bounded receive buffer that holds one frame at
 //! most, and an in-order frame sender (one ring op at a time, so frames never interleave on
-//! the stream) that sends a data frame's pages from where they are, copying or zero-copy.
+//! the stream) that sends a data frame's pages from where they are: a copying `sendmsg` takes
+//! many frames at once, a zero-copy send one frame's payload.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -10,8 +11,11 @@ use ringblock_engine::task::{RingCompletion, Socket, SocketOp, TaskCtx};
 
 use super::MAX_FRAME_BYTES;
 
-/// Most bytes of header-only frames sent as one.
+/// Most bytes of header-only frames merged into one.
 const MAX_BATCH_BYTES: usize = 64 << 10;
+/// Most iovecs (two per frame) and bytes one copying send offers.
+const MAX_IOVECS: usize = 64;
+const MAX_SEND_BYTES: usize = 4 << 20;
 
 /// Milliseconds on a monotonic clock (the simulator gives its ticks).
 pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
@@ -152,14 +156,33 @@ pub(crate) struct SendDone {
     pub seq: u64,
 }
 
-/// Sends frames in order, one ring op at a time.
+impl OutFrame {
+    fn total(&self) -> usize {
+        self.head.len() + self.payload_len
+    }
+
+    /// Bytes a copying send may still take from this frame: all of it, or only its head when
+    /// the payload goes zero-copy.
+    fn copy_left(&self) -> usize {
+        let end = if self.zero_copy {
+            self.head.len()
+        } else {
+            self.total()
+        };
+        end.saturating_sub(self.sent)
+    }
+}
+
+/// Sends frames in order, one ring op at a time; a copying send takes several frames at once.
 pub(crate) struct FrameSender {
     socket: Socket,
     tag: u32,
     queue: VecDeque<OutFrame>,
     op: Op,
+    /// Frames at the front of the queue the op in flight reads (they must not change).
+    op_frames: usize,
     /// Stable storage a `sendmsg` op points to.
-    iov: Box<[libc::iovec; 2]>,
+    iov: Box<[libc::iovec; MAX_IOVECS]>,
     msg: Box<libc::msghdr>,
 }
 
@@ -178,7 +201,8 @@ impl FrameSender {
             tag,
             queue: VecDeque::new(),
             op: Op::Idle,
-            iov: Box::new([empty, empty]),
+            op_frames: 0,
+            iov: Box::new([empty; MAX_IOVECS]),
             // SAFETY: an all-zero msghdr is a valid empty one.
             msg: Box::new(unsafe { std::mem::zeroed() }),
         }
@@ -194,10 +218,10 @@ impl FrameSender {
         payload_len: usize,
         zero_copy: bool,
     ) {
-        let started = self.busy() && self.queue.len() == 1;
-        if let Some(back) = self.queue.back_mut() {
+        let idle_back = self.queue.len() > self.op_frames;
+        if let Some(back) = self.queue.back_mut().filter(|_| idle_back) {
             let small = back.payload_len == 0 && payload_len == 0 && back.sent == 0;
-            if small && !started && back.head.len() + head.len() <= MAX_BATCH_BYTES {
+            if small && back.head.len() + head.len() <= MAX_BATCH_BYTES {
                 back.head.extend_from_slice(&head);
                 back.also.push(seq);
                 return;
@@ -223,13 +247,9 @@ impl FrameSender {
         !matches!(self.op, Op::Idle)
     }
 
-    /// Forget the frames not started (after a failure; their pages are never read).
+    /// Forget the frames no op reads (after a failure; their pages are never read).
     pub(crate) fn clear(&mut self) {
-        if self.busy() {
-            self.queue.truncate(1);
-        } else {
-            self.queue.clear();
-        }
+        self.queue.truncate(self.op_frames);
     }
 
     /// Start sending the next bytes, if no op is in flight. True when an op was pushed.
@@ -240,45 +260,36 @@ impl FrameSender {
         let Some(f) = self.queue.front() else {
             return Ok(false);
         };
-        let head_left = f.head.len().saturating_sub(f.sent);
-        let payload_at = f.sent.saturating_sub(f.head.len());
-        // SAFETY (pointer arithmetic): `payload_at` is within the payload.
-        let payload = unsafe { f.payload.add(payload_at) };
-        let payload_left = f.payload_len - payload_at;
-        let (op, next) = if f.zero_copy && head_left == 0 {
+        let (op, next, frames) = if f.zero_copy && f.sent >= f.head.len() {
+            let at = f.sent - f.head.len();
             let op = SocketOp::SendZc {
                 socket: self.socket,
-                buf: payload,
-                len: payload_left as u32,
+                // SAFETY (pointer arithmetic): `at` is within the payload.
+                buf: unsafe { f.payload.add(at) },
+                len: (f.payload_len - at) as u32,
             };
             let next = Op::ZeroCopy {
                 result_seen: false,
                 error: None,
             };
-            (op, next)
+            (op, next, 1)
         } else {
-            self.iov[0] = libc::iovec {
-                iov_base: f.head[f.sent.min(f.head.len())..].as_ptr() as *mut libc::c_void,
-                iov_len: head_left,
-            };
-            self.iov[1] = libc::iovec {
-                iov_base: payload as *mut libc::c_void,
-                iov_len: if f.zero_copy { 0 } else { payload_left },
-            };
+            let (iovs, frames) = self.gather();
             self.msg.msg_iov = self.iov.as_mut_ptr();
-            self.msg.msg_iovlen = 2;
+            self.msg.msg_iovlen = iovs;
             let op = SocketOp::SendMsg {
                 socket: self.socket,
                 msg: &*self.msg,
             };
-            (op, Op::Copy)
+            (op, Op::Copy, frames)
         };
-        // SAFETY: the header and iovecs live in boxes of this sender, the frame's head in
-        // the queue (not dropped while its op is in flight), the payload with the owner
-        // until the frame is reported done.
+        // SAFETY: the header and iovecs live in boxes of this sender, the frames' heads in
+        // the queue (neither changed nor dropped while their op is in flight: `op_frames`),
+        // the payloads with the owner until their frame is reported done.
         match unsafe { ctx.push(op, self.tag) } {
             Ok(()) => {
                 self.op = next;
+                self.op_frames = frames;
                 Ok(true)
             }
             Err(e) if e.0 == libc::EAGAIN => Ok(false),
@@ -286,12 +297,51 @@ impl FrameSender {
         }
     }
 
+    /// Fill the iovecs with what a copying send takes next: frames from the front, up to a
+    /// zero-copy frame's head (its payload goes by itself). Returns the iovecs and frames.
+    fn gather(&mut self) -> (usize, usize) {
+        let (mut n, mut frames, mut bytes) = (0, 0, 0);
+        for f in &self.queue {
+            if n + 2 > MAX_IOVECS || bytes >= MAX_SEND_BYTES {
+                break;
+            }
+            let left = f.copy_left();
+            debug_assert!(left > 0, "a frame at the front with nothing to copy");
+            let head_at = f.sent.min(f.head.len());
+            let head_left = f.head.len() - head_at;
+            if head_left > 0 {
+                self.iov[n] = libc::iovec {
+                    iov_base: f.head[head_at..].as_ptr() as *mut libc::c_void,
+                    iov_len: head_left,
+                };
+                n += 1;
+            }
+            let payload_left = left - head_left;
+            if payload_left > 0 {
+                let at = f.payload_len - payload_left;
+                self.iov[n] = libc::iovec {
+                    // SAFETY (pointer arithmetic): `at` is within the payload.
+                    iov_base: unsafe { f.payload.add(at) } as *mut libc::c_void,
+                    iov_len: payload_left,
+                };
+                n += 1;
+            }
+            frames += 1;
+            bytes += left;
+            if f.zero_copy {
+                break;
+            }
+        }
+        (n, frames)
+    }
+
     /// A completion of the sender's op: the frames now done, or why the connection failed.
     pub(crate) fn on_complete(&mut self, c: RingCompletion) -> Result<Vec<SendDone>, String> {
-        let took = match &mut self.op {
+        let mut took = match &mut self.op {
             Op::Idle => return Err("a send completion with no send in flight".into()),
             Op::Copy => {
                 self.op = Op::Idle;
+                self.op_frames = 0;
                 if c.result <= 0 {
                     return Err(send_error(c));
                 }
@@ -311,6 +361,7 @@ impl FrameSender {
                 }
                 let error = error.take();
                 self.op = Op::Idle;
+                self.op_frames = 0;
                 if let Some(e) = error {
                     return Err(e);
                 }
@@ -318,14 +369,18 @@ impl FrameSender {
             }
         };
         let mut done = Vec::new();
-        if let Some(f) = self.queue.front_mut() {
-            f.sent += took;
-            if f.sent >= f.head.len() + f.payload_len {
-                done.push(SendDone { seq: f.seq });
-                done.extend(f.also.iter().map(|&seq| SendDone { seq }));
-                self.queue.pop_front();
+        while let Some(f) = self.queue.front_mut() {
+            let take = took.min(f.copy_left());
+            f.sent += take;
+            took -= take;
+            if f.sent < f.total() {
+                break;
             }
+            done.push(SendDone { seq: f.seq });
+            done.extend(f.also.iter().map(|&seq| SendDone { seq }));
+            self.queue.pop_front();
         }
+        debug_assert_eq!(took, 0, "the socket took more than was offered");
         Ok(done)
     }
 }
