@@ -42,8 +42,8 @@ use ringblock_transports::peer::{
 
 const SECTOR: u64 = 512;
 const CHUNK: u64 = 16 * 1024;
-const DEVICE_BYTES: u64 = 2 << 20;
-const VOLUME_BYTES: u64 = 1 << 20;
+const DEVICE_BYTES: u64 = 6 << 20;
+const VOLUME_BYTES: u64 = 3 << 20;
 const REGION_SHIFT: u8 = 16;
 const MAX_QD: usize = 8;
 const PRIMARY: NodeId = NodeId(0);
@@ -270,7 +270,13 @@ impl Run {
             return;
         }
         let sectors = VOLUME_BYTES / SECTOR;
-        let len_sectors = self.rng.gen_range(1..=(3 * CHUNK / SECTOR));
+        // Now and then a write larger than one frame's payload (1 MiB): several frames.
+        let max_len = if self.rng.gen_bool(0.03) {
+            3 << 19
+        } else {
+            3 * CHUNK
+        };
+        let len_sectors = self.rng.gen_range(1..=max_len / SECTOR);
         let first = self.rng.gen_range(0..=sectors - len_sectors);
         let (offset, len) = (first * SECTOR, len_sectors * SECTOR);
         self.next_tag += 1;

@@ -70,11 +70,19 @@ pub fn use_zero_copy(zero_copy_available: bool, len: usize) -> bool {
 
 /// A frame in flight and what it waits for.
 struct Pending {
-    op: Option<ReplicaOp>,
+    /// The op it carries (a key of `ops`), if any.
+    op: Option<u64>,
     sent_ms: u64,
     acked: bool,
     /// Its bytes are all handed to the kernel and no notification is outstanding.
     released: bool,
+}
+
+/// An op taken from the inbox.
+struct OpEntry {
+    op: ReplicaOp,
+    /// Its frames not yet acknowledged and released.
+    frames_left: u32,
 }
 
 enum Phase {
@@ -99,6 +107,14 @@ pub struct PrimaryLink {
     sender: FrameSender,
     recv: RecvBuf,
     pending: HashMap<u64, Pending>,
+    /// Ops taken from the inbox and not done, by id: a write larger than one frame's payload
+    /// goes as several frames, and is done when all of them are.
+    ops: HashMap<u64, OpEntry>,
+    next_op: u64,
+    /// The write being cut into frames, and the bytes of it framed so far.
+    cutting: Option<(u64, u64)>,
+    /// Why the link cannot go on, found where it cannot fail at once.
+    broken: Option<String>,
     /// Regions written since the last Flush was sent, and those written before the newest
     /// Flush not yet acknowledged: the replica may still lose them.
     unflushed: BTreeSet<u64>,
@@ -130,6 +146,10 @@ impl PrimaryLink {
             link,
             opts,
             pending: HashMap::new(),
+            ops: HashMap::new(),
+            next_op: 0,
+            cutting: None,
+            broken: None,
             unflushed: BTreeSet::new(),
             flushing: BTreeSet::new(),
             newest_flush: None,
@@ -147,7 +167,14 @@ impl PrimaryLink {
     /// Take ops from the inbox while the window has room, and frame them.
     fn take_ops(&mut self, now: u64) -> usize {
         let mut n = 0;
-        while self.sender.queued() < MAX_QUEUED_FRAMES && self.window_has_room() {
+        while self.sender.queued() < MAX_QUEUED_FRAMES
+            && self.window_has_room()
+            && self.broken.is_none()
+        {
+            if let Some((id, done)) = self.cutting {
+                self.frame_write_piece(id, done, now);
+                continue;
+            }
             let Some(op) = self.link.pop() else { break };
             n += 1;
             self.frame_op(op, now);
@@ -175,38 +202,21 @@ impl PrimaryLink {
 
     fn frame_op(&mut self, op: ReplicaOp, now: u64) {
         let (offset, len) = (op.offset_bytes(), op.len_bytes());
-        let body = match op.kind() {
-            ReplicaOpKind::Write { fua } => {
-                let data = op.payload().unwrap_or(&[]);
-                let body = Body::Write {
-                    offset_bytes: offset,
-                    fua,
-                    data,
-                };
-                let Ok(seq) = self.window.try_reserve(FrameKind::Write, data.len() as u32) else {
-                    unreachable!("room was checked before the op was taken");
-                };
-                let header = encode_data_header(&Frame::new(seq, self.opts.volume, body));
-                let (ptr, dlen) = (data.as_ptr(), data.len());
-                self.note_written(offset, len);
-                self.pending.insert(
-                    seq.0,
-                    Pending {
-                        op: Some(op),
-                        sent_ms: now,
-                        acked: false,
-                        released: false,
-                    },
-                );
-                let zc = use_zero_copy(self.opts.zero_copy, dlen);
-                self.sender.enqueue(seq.0, header.to_vec(), ptr, dlen, zc);
-                return;
+        self.note_written(op.kind(), offset, len);
+        let kind = op.kind();
+        let id = self.next_op;
+        self.next_op += 1;
+        self.ops.insert(id, OpEntry { op, frames_left: 0 });
+        let body = match kind {
+            ReplicaOpKind::Write { .. } => {
+                self.cutting = Some((id, 0));
+                return self.frame_write_piece(id, 0, now);
             }
             ReplicaOpKind::Trim | ReplicaOpKind::WriteZeroes => {
-                self.note_written(offset, len);
+                // Requests are at most 64 MiB: the length fits the frame's 32 bits.
+                debug_assert!(len <= u64::from(u32::MAX));
                 let len_bytes = len as u32;
-                debug_assert!(len <= u64::from(u32::MAX), "requests are at most 64 MiB");
-                if op.kind() == ReplicaOpKind::Trim {
+                if kind == ReplicaOpKind::Trim {
                     Body::Trim {
                         offset_bytes: offset,
                         len_bytes,
@@ -220,14 +230,68 @@ impl PrimaryLink {
             }
             ReplicaOpKind::Flush => Body::Flush,
         };
-        self.frame_small(body, Some(op), now);
+        self.frame_small(body, Some(id), now);
     }
 
-    fn frame_small(&mut self, body: Body<'_>, op: Option<ReplicaOp>, now: u64) {
-        let kind = body.kind();
-        let Ok(seq) = self.window.try_reserve(kind, 0) else {
-            unreachable!("room was checked before the op was taken");
+    /// Frame the next piece (at most one payload) of write `id`, `done` bytes of it framed.
+    fn frame_write_piece(&mut self, id: u64, done: u64, now: u64) {
+        let Some(entry) = self.ops.get_mut(&id) else {
+            self.cutting = None;
+            return;
         };
+        let ReplicaOpKind::Write { fua } = entry.op.kind() else {
+            self.cutting = None;
+            return;
+        };
+        let data = entry.op.payload().unwrap_or(&[]);
+        let piece_len = (data.len() as u64 - done).min(u64::from(super::MAX_PAYLOAD_BYTES));
+        let piece = &data[done as usize..(done + piece_len) as usize];
+        let seq = match self.window.try_reserve(FrameKind::Write, piece_len as u32) {
+            Ok(seq) => seq,
+            Err(e) => {
+                // Room was checked first; only an exhausted sequence space gets here.
+                self.broken = Some(format!("cannot send: {e}"));
+                return;
+            }
+        };
+        let body = Body::Write {
+            offset_bytes: entry.op.offset_bytes() + done,
+            fua,
+            data: piece,
+        };
+        let header = encode_data_header(&Frame::new(seq, self.opts.volume, body));
+        let zc = use_zero_copy(self.opts.zero_copy, piece.len());
+        // The pages stay valid until the frame is reported sent: the op (and its request)
+        // stays in `ops` until every frame of it is acknowledged and released.
+        self.sender
+            .enqueue(seq.0, header.to_vec(), piece.as_ptr(), piece.len(), zc);
+        entry.frames_left += 1;
+        let done = done + piece_len;
+        self.cutting = (done < data.len() as u64).then_some((id, done));
+        self.pending.insert(
+            seq.0,
+            Pending {
+                op: Some(id),
+                sent_ms: now,
+                acked: false,
+                released: false,
+            },
+        );
+    }
+
+    fn frame_small(&mut self, body: Body<'_>, op: Option<u64>, now: u64) {
+        let kind = body.kind();
+        let seq = match self.window.try_reserve(kind, 0) {
+            Ok(seq) => seq,
+            Err(e) => {
+                // Room was checked first; only an exhausted sequence space gets here.
+                self.broken = Some(format!("cannot send: {e}"));
+                return;
+            }
+        };
+        if let Some(entry) = op.and_then(|id| self.ops.get_mut(&id)) {
+            entry.frames_left += 1;
+        }
         if kind == FrameKind::Flush {
             // Everything written so far is covered once this flush is acknowledged.
             self.flushing.append(&mut self.unflushed);
@@ -248,7 +312,10 @@ impl PrimaryLink {
             .enqueue(seq.0, bytes, std::ptr::null(), 0, false);
     }
 
-    fn note_written(&mut self, offset: u64, len: u64) {
+    fn note_written(&mut self, kind: ReplicaOpKind, offset: u64, len: u64) {
+        if kind == ReplicaOpKind::Flush {
+            return;
+        }
         let shift = self.region_shift();
         let (first, last) = (offset >> shift, (offset + len.max(1) - 1) >> shift);
         self.unflushed.extend(first..=last);
@@ -302,15 +369,27 @@ impl PrimaryLink {
         }
     }
 
-    /// Hand back the frame's op once it is acknowledged and its pages are released.
+    /// Retire the frame once it is acknowledged and its pages are released; hand back its op
+    /// when that was the op's last frame.
     fn retire(&mut self, ctx: &mut TaskCtx<'_>, seq: u64) {
-        if self
+        if !self
             .pending
             .get(&seq)
             .is_some_and(|p| p.acked && p.released)
         {
-            if let Some(op) = self.pending.remove(&seq).and_then(|p| p.op) {
-                ctx.replica_done(op);
+            return;
+        }
+        let Some(id) = self.pending.remove(&seq).and_then(|p| p.op) else {
+            return;
+        };
+        let Some(entry) = self.ops.get_mut(&id) else {
+            return;
+        };
+        entry.frames_left -= 1;
+        let cut_whole = self.cutting.is_none_or(|(c, _)| c != id);
+        if entry.frames_left == 0 && cut_whole {
+            if let Some(entry) = self.ops.remove(&id) {
+                ctx.replica_done(entry.op);
             }
         }
     }
@@ -325,8 +404,9 @@ impl PrimaryLink {
         // client's flush no longer waits for this replica, so the marks must already be
         // there for its metadata round to take.
         let shift = self.region_shift();
-        for p in self.pending.values() {
-            if let Some(op) = p.op.as_ref().filter(|op| op.kind() != ReplicaOpKind::Flush) {
+        for entry in self.ops.values() {
+            if entry.op.kind() != ReplicaOpKind::Flush {
+                let op = &entry.op;
                 self.link
                     .mark_lacking(&volume, op.offset_bytes(), op.len_bytes());
             }
@@ -367,9 +447,9 @@ impl PrimaryLink {
         let mut work = 0;
         // Ops whose pages the kernel may still read wait for their send to end.
         if !self.sender.busy() {
-            for (_, p) in self.pending.drain() {
-                orphans.extend(p.op);
-            }
+            self.pending.clear();
+            self.cutting = None;
+            orphans.extend(self.ops.drain().map(|(_, e)| e.op));
         }
         if *flush_sent
             || self.sender.busy()
@@ -433,7 +513,9 @@ impl ReactorTask for PrimaryLink {
         let now = (self.opts.clock)();
         let mut work = 0;
         if matches!(self.phase, Phase::Running) {
-            if self.link.state() != LinkState::UpToDate {
+            if let Some(reason) = self.broken.take() {
+                self.fail(ctx, &reason);
+            } else if self.link.state() != LinkState::UpToDate {
                 self.fail(ctx, "the link fell behind (its inbox was full)");
             } else if let Some(oldest) = self.window.oldest() {
                 let sent = self.pending.get(&oldest.seq.0).map_or(now, |p| p.sent_ms);
