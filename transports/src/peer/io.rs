@@ -181,6 +181,8 @@ pub(crate) struct FrameSender {
     op: Op,
     /// Frames at the front of the queue the op in flight reads (they must not change).
     op_frames: usize,
+    /// The socket refused a zero-copy send: payloads are copied from then on.
+    zero_copy_refused: bool,
     /// Stable storage a `sendmsg` op points to.
     iov: Box<[libc::iovec; MAX_IOVECS]>,
     msg: Box<libc::msghdr>,
@@ -202,6 +204,7 @@ impl FrameSender {
             queue: VecDeque::new(),
             op: Op::Idle,
             op_frames: 0,
+            zero_copy_refused: false,
             iov: Box::new([empty; MAX_IOVECS]),
             // SAFETY: an all-zero msghdr is a valid empty one.
             msg: Box::new(unsafe { std::mem::zeroed() }),
@@ -233,7 +236,7 @@ impl FrameSender {
             head,
             payload,
             payload_len,
-            zero_copy: zero_copy && payload_len > 0,
+            zero_copy: zero_copy && payload_len > 0 && !self.zero_copy_refused,
             sent: 0,
         });
     }
@@ -350,7 +353,14 @@ impl FrameSender {
             Op::ZeroCopy { result_seen, error } => {
                 if !*result_seen && !c.is_notification() {
                     *result_seen = true;
-                    if c.result < 0 {
+                    if c.result == -libc::EOPNOTSUPP {
+                        // This socket cannot send without copying (a Unix socket): from now
+                        // on every payload is copied.
+                        self.zero_copy_refused = true;
+                        for f in &mut self.queue {
+                            f.zero_copy = false;
+                        }
+                    } else if c.result < 0 {
                         *error = Some(send_error(c));
                     } else if let Some(f) = self.queue.front_mut() {
                         f.sent += c.result as usize;
