@@ -121,7 +121,9 @@ pub struct PrimaryLink {
     flushing: BTreeSet<u64>,
     newest_flush: Option<u64>,
     last_send_ms: u64,
-    port: Arc<Port>,
+    /// Where the failure path's local flush completes (made on the first turn, with the
+    /// reactor's waker).
+    port: Option<Arc<Port>>,
     waker_set: bool,
     phase: Phase,
 }
@@ -154,7 +156,7 @@ impl PrimaryLink {
             flushing: BTreeSet::new(),
             newest_flush: None,
             last_send_ms: now,
-            port: Port::new(1, ringblock_engine::PortWaker::None),
+            port: None,
             waker_set: false,
             phase: Phase::Running,
         }
@@ -481,7 +483,11 @@ impl PrimaryLink {
             mover: None,
             tag: TAG_FLUSH_PORT,
         };
-        if let Err((_, e)) = ctx.submit(&self.handle, flush, &self.port) {
+        let port = self
+            .port
+            .get_or_insert_with(|| Port::new(1, ctx.port_waker()))
+            .clone();
+        if let Err((_, e)) = ctx.submit(&self.handle, flush, &port) {
             tracing::error!(volume = %volume.name, "cannot flush the replica's dirty marks: {e}");
             self.finish_orphans(ctx, Err(e));
             return work + 1;
@@ -508,6 +514,7 @@ impl ReactorTask for PrimaryLink {
     fn poll(&mut self, ctx: &mut TaskCtx<'_>) -> usize {
         if !self.waker_set {
             self.link.set_waker(ctx.port_waker());
+            self.port = Some(Port::new(1, ctx.port_waker()));
             self.waker_set = true;
         }
         let now = (self.opts.clock)();
@@ -542,7 +549,7 @@ impl ReactorTask for PrimaryLink {
             Phase::Failing { .. } => work += self.step_failing(ctx),
             Phase::Done => {}
         }
-        if let Some(c) = self.port.pop() {
+        if let Some(c) = self.port.as_ref().and_then(|p| p.pop()) {
             self.finish_orphans(ctx, c.result);
             work += 1;
         }
@@ -597,7 +604,16 @@ impl ReactorTask for PrimaryLink {
     }
 
     fn has_ready(&self) -> bool {
-        !self.port.is_empty() || self.link.inbox_len() > 0
+        // A failing link keeps its reactor turning until its flush is out: it waits for
+        // submitters to leave, which wakes nobody.
+        let failing = matches!(
+            self.phase,
+            Phase::Failing {
+                flush_sent: false,
+                ..
+            }
+        );
+        failing || self.port.as_ref().is_some_and(|p| !p.is_empty()) || self.link.inbox_len() > 0
     }
 
     fn finished(&self) -> bool {
