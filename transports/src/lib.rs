@@ -1,4 +1,5 @@
-//! ringblock transports: the NBD server, ublk devices (and later the peer protocol).
+//! ringblock transports: the NBD server, ublk devices and the peer protocol.
 
 pub mod nbd;
+pub mod peer;
 pub mod ublk;
