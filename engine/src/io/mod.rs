@@ -11,6 +11,7 @@ pub mod sim;
 pub mod sim_net;
 pub mod task_ring;
 pub mod uring;
+pub mod zero_copy;
 
 use crate::buf::IoBuf;
 use crate::ids::DeviceId;

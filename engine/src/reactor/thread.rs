@@ -107,7 +107,7 @@ impl ReactorThread {
             max_raw_owners: MAX_TASKS_PER_REACTOR,
             max_raw_ops: MAX_RAW_OPS_PER_REACTOR,
         };
-        let io = match UringIo::new(&devices, ring, me.wake_fd.clone(), Some(me.pool.clone())) {
+        let mut io = match UringIo::new(&devices, ring, me.wake_fd.clone(), Some(me.pool.clone())) {
             Ok(io) => io,
             Err(e) => {
                 let _ = ready.send(Err(e));
@@ -115,6 +115,13 @@ impl ReactorThread {
             }
         };
         tracing::debug!(reactor = id.0, features = ?io.features(), "reactor ring ready");
+        if let Some(reason) = io.zero_copy_unavailable() {
+            tracing::info!(
+                reactor = id.0,
+                "zero-copy sends unavailable ({reason}); sends to peers copy"
+            );
+        }
+        io.count_sends_in(me.stats.sends.clone());
         let router: Arc<dyn Router> = shared.clone();
         let mut core = ReactorCore::new(id, io, router, homes);
         core.set_bounce_pool(me.pool.clone());

@@ -25,6 +25,7 @@ pub use self::sys::{new_wake_fd, wake};
 use self::user_data::UserData;
 use super::delay::{schedule_delayed, DelayQueue};
 use super::task_ring::RingCompletion;
+use super::zero_copy::SendCounters;
 use super::{Io, IoCompletion, IoKind, IoOp, MemAccess};
 use crate::buf::{AlignedBuf, RegisteredPool};
 use crate::device::{Backend, OpenDevice};
@@ -61,6 +62,8 @@ pub struct RingFeatures {
     pub registered_ring: bool,
     /// Tasks' sockets can be fixed files too (a sparse file table).
     pub task_files: bool,
+    /// Zero-copy sends with usage reports (`SEND_ZC`, `SENDMSG_ZC`, Linux 6.2).
+    pub zero_copy_sends: bool,
 }
 
 /// What a ring is sized for: the layer above says how much it will put in at once.
@@ -107,6 +110,10 @@ pub struct UringIo {
     /// Free provided-buffer group ids, and who holds the taken ones.
     free_buf_groups: Vec<u16>,
     task_buf_groups: Vec<(u32, u16)>,
+    /// Why zero-copy sends are off, when they are.
+    zero_copy_unavailable: Option<String>,
+    /// How tasks' zero-copy sends went out.
+    sends: Arc<SendCounters>,
 }
 
 impl UringIo {
@@ -127,10 +134,10 @@ impl UringIo {
         assert!((1..=4096).contains(&queue_depth));
         assert!(max_raw_owners <= usize::from(u16::MAX));
         // Device ops, the wake read and tasks' raw ops all fit at once: the CQ (twice the SQ)
-        // can never overflow.
+        // never overflows, even when every raw op is a zero-copy send (two completions each).
         let entries = (queue_depth as u32 + 1 + max_raw_ops as u32).next_power_of_two();
         let mut features = RingFeatures::default();
-        let ring = match IoUring::builder()
+        let mut ring = match IoUring::builder()
             .setup_single_issuer()
             .setup_defer_taskrun()
             // The kernel flags pending deferred completions in the SQ ring, so a polling
@@ -149,6 +156,8 @@ impl UringIo {
             },
         };
         features.ext_arg = ring.params().is_feature_ext_arg();
+        let zero_copy = raw::probe_zero_copy(&mut ring);
+        features.zero_copy_sends = zero_copy.is_ok();
         let max_id = devices
             .iter()
             .map(|d| d.spec.id.0 as usize)
@@ -253,11 +262,31 @@ impl UringIo {
             task_files: Vec::new(),
             free_buf_groups: (0..max_raw_owners as u16).rev().collect(),
             task_buf_groups: Vec::new(),
+            zero_copy_unavailable: zero_copy.err(),
+            sends: Arc::default(),
         })
     }
 
     pub fn features(&self) -> RingFeatures {
         self.features
+    }
+
+    /// Why tasks' zero-copy sends go out by copying on this ring, if they do.
+    pub fn zero_copy_unavailable(&self) -> Option<&str> {
+        self.zero_copy_unavailable.as_deref()
+    }
+
+    /// Count tasks' zero-copy sends in `counters` (the reactor's statistics) from now on.
+    pub fn count_sends_in(&mut self, counters: Arc<SendCounters>) {
+        self.sends = counters;
+    }
+
+    /// Send every zero-copy send by copying, as on a kernel without them: the fallback, on a
+    /// kernel that has them.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn disable_zero_copy_sends(&mut self) {
+        self.features.zero_copy_sends = false;
+        self.zero_copy_unavailable = Some("turned off for a test".to_string());
     }
 
     fn now_ns(&self) -> u64 {
@@ -426,13 +455,17 @@ impl UringIo {
                         result: res,
                         flags,
                     };
-                    // A multishot op stays in flight until its last completion.
+                    // A multishot op, or a zero-copy send before its notification, stays in
+                    // flight until its last completion.
                     if !c.more() {
                         debug_assert!(
                             self.raw_in_flight > 0,
                             "a raw completion with none in flight"
                         );
                         self.raw_in_flight -= 1;
+                    }
+                    if c.copied() {
+                        self.sends.count_kernel_copied();
                     }
                     self.raw_done.push((task_id, c));
                     continue;

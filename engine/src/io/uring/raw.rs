@@ -1,15 +1,17 @@
 //! Task ops: the socket ops a reactor's tasks push (built here into exactly the entries the
 //! tasks used to build themselves), their raw entries (ublk's commands), and the file table
 //! slots and provided-buffer groups they use. The ring knows its owners only by number and
-//! releases what each registered when told to.
+//! releases what each registered when told to. Zero-copy sends are probed for when the ring is
+//! made ([`probe_zero_copy`]) and routed at push ([`crate::io::zero_copy`]).
 
 use std::os::fd::RawFd;
 
-use io_uring::{opcode, squeue, types};
+use io_uring::{opcode, squeue, types, IoUring};
 
 use super::user_data::UserData;
 use super::UringIo;
 use crate::io::task_ring::{RingCompletion, Socket, SocketOp, TaskRing};
+use crate::io::zero_copy::{self, SendCounters, SEND_ZC_REPORT_USAGE};
 use crate::provided::ProvidedBuffers;
 use crate::request::Errno;
 
@@ -57,14 +59,87 @@ fn entry_of(op: SocketOp) -> squeue::Entry {
         SocketOp::SendMsg { socket, msg } => on_socket!(socket, |fd| opcode::SendMsg::new(fd, msg)
             .flags(libc::MSG_NOSIGNAL as u32)
             .build()),
+        SocketOp::SendZc { socket, buf, len } => {
+            on_socket!(socket, |fd| opcode::SendZc::new(fd, buf, len)
+                .flags(libc::MSG_NOSIGNAL)
+                .zc_flags(SEND_ZC_REPORT_USAGE)
+                .build())
+        }
+        SocketOp::SendMsgZc { socket, msg } => {
+            on_socket!(socket, |fd| opcode::SendMsgZc::new(fd, msg)
+                .flags(libc::MSG_NOSIGNAL as u32)
+                .ioprio(SEND_ZC_REPORT_USAGE)
+                .build())
+        }
+    }
+}
+
+/// Whether `ring` can send zero-copy as [`SocketOp::SendZc`] does; Err says why not.
+///
+/// Call on a fresh ring, before anything else is in it: the probe's own completions are
+/// reaped here.
+pub(super) fn probe_zero_copy(ring: &mut IoUring) -> Result<(), String> {
+    let mut probe = io_uring::Probe::new();
+    ring.submitter()
+        .register_probe(&mut probe)
+        .map_err(|e| format!("the kernel cannot list its io_uring opcodes ({e})"))?;
+    for (code, name) in [
+        (opcode::SendZc::CODE, "IORING_OP_SEND_ZC (Linux 6.0)"),
+        (opcode::SendMsgZc::CODE, "IORING_OP_SENDMSG_ZC (Linux 6.1)"),
+    ] {
+        if !probe.is_supported(code) {
+            return Err(format!("the kernel has no {name}"));
+        }
+    }
+    // The opcode probe says nothing of flags. A send on no descriptor fails in preparation
+    // (EINVAL) where the usage report is unknown, and only later (EBADF) where it is known.
+    let entry = opcode::SendZc::new(types::Fd(-1), std::ptr::null(), 0)
+        .zc_flags(SEND_ZC_REPORT_USAGE)
+        .build()
+        .user_data(UserData::Wake.encode());
+    // SAFETY: the entry points at no memory (no buffer, no descriptor).
+    unsafe { ring.submission().push(&entry) }
+        .map_err(|_| "the fresh ring has no room for the probe".to_string())?;
+    let mut result = None;
+    let mut notification_due = false;
+    // Bounded: the result comes, then at most one notification (announced by `more`).
+    while result.is_none() || notification_due {
+        ring.submit_and_wait(1)
+            .map_err(|e| format!("probing zero-copy sends failed ({e})"))?;
+        for cqe in ring.completion() {
+            let c = RingCompletion {
+                tag: 0,
+                result: cqe.result(),
+                flags: cqe.flags(),
+            };
+            if c.is_notification() {
+                notification_due = false;
+            } else {
+                result = Some(c.result);
+                notification_due = c.more();
+            }
+        }
+    }
+    match result {
+        Some(r) if r == -libc::EINVAL => Err(
+            "the kernel cannot report zero-copy usage (IORING_SEND_ZC_REPORT_USAGE, Linux 6.2)"
+                .to_string(),
+        ),
+        _ => Ok(()),
     }
 }
 
 impl TaskRing for UringIo {
     #[inline]
     unsafe fn push(&mut self, task_id: u32, op: SocketOp, tag: u32) -> Result<(), Errno> {
+        // SAFETY: forwarded contract (a SendMsgZc's header is readable).
+        let (op, path) = unsafe { zero_copy::route(op, self.features.zero_copy_sends) };
         // SAFETY: forwarded contract.
-        unsafe { self.push_task_entry(entry_of(op), task_id, tag) }
+        unsafe { self.push_task_entry(entry_of(op), task_id, tag) }?;
+        if let Some(path) = path {
+            self.sends.count(path);
+        }
+        Ok(())
     }
 
     unsafe fn push_raw(
@@ -84,6 +159,14 @@ impl TaskRing for UringIo {
     unsafe fn register_buffers(&mut self, task_id: u32, bufs: &mut ProvidedBuffers) -> Option<u16> {
         // SAFETY: forwarded contract.
         unsafe { self.register_task_buffers(task_id, bufs) }
+    }
+
+    fn zero_copy_sends(&self) -> bool {
+        self.features.zero_copy_sends
+    }
+
+    fn send_counters(&self) -> &SendCounters {
+        &self.sends
     }
 
     fn release_task_resources(&mut self, task_id: u32) {
