@@ -16,7 +16,7 @@ use super::task_ring::SocketOp;
 /// below it, pinning the pages and waiting for the notification costs more than the copy it
 /// saves. Measured with `ringblock-bench zc-threshold`; the numbers and how the value follows
 /// from them are in docs/performance.md ("Zero-copy sends").
-pub const ZERO_COPY_MIN_BYTES: usize = 16 << 10;
+pub const ZERO_COPY_MIN_BYTES: usize = 8 << 10;
 
 /// `IORING_SEND_ZC_REPORT_USAGE` (`sqe->ioprio` of a zero-copy send, Linux 6.2): the
 /// notification says whether the kernel copied the pages after all.
