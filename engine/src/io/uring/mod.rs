@@ -271,24 +271,6 @@ impl UringIo {
         self.features
     }
 
-    /// Why tasks' zero-copy sends go out by copying on this ring, if they do.
-    pub fn zero_copy_unavailable(&self) -> Option<&str> {
-        self.zero_copy_unavailable.as_deref()
-    }
-
-    /// Count tasks' zero-copy sends in `counters` (the reactor's statistics) from now on.
-    pub fn count_sends_in(&mut self, counters: Arc<SendCounters>) {
-        self.sends = counters;
-    }
-
-    /// Send every zero-copy send by copying, as on a kernel without them: the fallback, on a
-    /// kernel that has them.
-    #[cfg(any(test, feature = "testing"))]
-    pub fn disable_zero_copy_sends(&mut self) {
-        self.features.zero_copy_sends = false;
-        self.zero_copy_unavailable = Some("turned off for a test".to_string());
-    }
-
     fn now_ns(&self) -> u64 {
         self.epoch.elapsed().as_nanos() as u64
     }

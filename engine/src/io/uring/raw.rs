@@ -5,6 +5,7 @@
 //! made ([`probe_zero_copy`]) and routed at push ([`crate::io::zero_copy`]).
 
 use std::os::fd::RawFd;
+use std::sync::Arc;
 
 use io_uring::{opcode, squeue, types, IoUring};
 
@@ -197,6 +198,24 @@ impl TaskRing for UringIo {
 }
 
 impl UringIo {
+    /// Why tasks' zero-copy sends go out by copying on this ring, if they do.
+    pub fn zero_copy_unavailable(&self) -> Option<&str> {
+        self.zero_copy_unavailable.as_deref()
+    }
+
+    /// Count tasks' zero-copy sends in `counters` (the reactor's statistics) from now on.
+    pub fn count_sends_in(&mut self, counters: Arc<SendCounters>) {
+        self.sends = counters;
+    }
+
+    /// Send every zero-copy send by copying, as on a kernel without them: the fallback, on a
+    /// kernel that has them.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn disable_zero_copy_sends(&mut self) {
+        self.features.zero_copy_sends = false;
+        self.zero_copy_unavailable = Some("turned off for a test".to_string());
+    }
+
     /// Put a task's descriptor in the ring's file table; ops may then name it as
     /// `types::Fixed(slot)`. None when the kernel has no sparse table or all slots are taken:
     /// the task uses the plain descriptor.
