@@ -135,6 +135,11 @@ pub struct Volume {
 }
 
 impl Volume {
+    /// Handles open on the volume (clients, tasks): it cannot be deleted while any is.
+    pub fn open_handles(&self) -> u32 {
+        self.open_handles.load(Ordering::Acquire)
+    }
+
     pub(crate) fn new(
         id: VolumeId,
         name: String,

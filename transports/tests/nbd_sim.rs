@@ -465,6 +465,13 @@ impl Run {
                 self.cluster().step(); // the network notices the closed descriptor
                 let open = self.net.open_sockets();
                 assert_eq!(open, 0, "seed {} {what}: sockets left open", self.seed);
+                let volume = self.cluster().volume("a").expect("volume a");
+                assert_eq!(
+                    volume.open_handles(),
+                    0,
+                    "seed {} {what}: handle left open",
+                    self.seed
+                );
                 return;
             }
         }

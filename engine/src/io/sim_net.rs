@@ -698,7 +698,7 @@ impl Net {
                     iov_base: buf as *mut libc::c_void,
                     iov_len: len as usize,
                 }];
-                // SAFETY: the op's buffer is valid until it completes.
+                // SAFETY: the op's buffer is valid until its last completion.
                 self.progress_send(p, &iov)
             }
             SocketOp::SendMsg { msg, .. } | SocketOp::SendMsgZc { msg, .. } => {
@@ -716,6 +716,9 @@ impl Net {
         }
     }
 
+    /// A send: done once the pipe took some of it (or it failed). A zero-copy one completes
+    /// as the kernel's does: a result flagged `MORE`, then its notification, a tick or more
+    /// later (by the seed).
     fn progress_send(&mut self, p: &PendingOp, iov: &[libc::iovec]) -> bool {
         // SAFETY: forwarded from `progress`.
         let result = match unsafe { self.send(p.endpoint, iov) } {

@@ -107,9 +107,10 @@ pub struct RingCompletion {
 }
 
 impl RingCompletion {
-    /// The error, when the operation failed.
+    /// The error, when the operation failed. None for a notification, whose result holds
+    /// flags ([`Self::copied`]), not an error.
     pub fn errno(&self) -> Option<Errno> {
-        (self.result < 0).then(|| Errno(-self.result))
+        (self.result < 0 && !self.is_notification()).then(|| Errno(self.result.wrapping_neg()))
     }
 
     /// More completions of this operation will follow: a multishot one is still armed, or a

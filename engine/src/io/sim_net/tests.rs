@@ -252,6 +252,28 @@ fn ring_ops_complete_from_the_network() {
     );
     assert_eq!(read_for(&net, &mut client, 4, 20), b"abcd");
 
+    // A zero-copy send: its result (flagged MORE), then its notification.
+    let z = *b"zc";
+    let op = SocketOp::SendZc {
+        socket: Socket::Fd(fd),
+        buf: z.as_ptr(),
+        len: 2,
+    };
+    // SAFETY: z outlives the op.
+    unsafe { net.push(ring, 1, op, 11) };
+    done.clear();
+    // The notification follows the result a tick or more later.
+    for _ in 0..opts().max_delay_ticks + 2 {
+        net.tick();
+        net.take_completions(ring, &mut done);
+    }
+    let got: Vec<_> = done
+        .iter()
+        .map(|(_, c)| (c.tag, c.result, c.more(), c.is_notification()))
+        .collect();
+    assert_eq!(got, [(11, 2, true, false), (11, 0, false, true)]);
+    assert_eq!(read_for(&net, &mut client, 2, 20), b"zc");
+
     // A single-shot receive.
     let mut rbuf = [0u8; 16];
     let op = SocketOp::Recv {
@@ -567,4 +589,31 @@ fn zero_copy_sendmsg_sends_header_and_pages() {
             (u64::from(zero_copy), u64::from(!zero_copy))
         );
     }
+}
+
+/// Seeded random cuts: the tick a connection is cut at repeats with its seed.
+#[test]
+fn random_cuts_come_from_the_seed() {
+    let cut_tick = |seed: u64| {
+        let net = SimNet::new(
+            seed,
+            NetOptions {
+                cut_per_million_ticks: 20_000,
+                ..opts()
+            },
+        );
+        let (a, b) = net.socket_pair(A, B).unwrap();
+        let (mut a, _b) = (net.stream(a), net.stream(b));
+        for _ in 0..10_000 {
+            net.tick();
+            if a.write(b"x") == Err(Errno(libc::ECONNRESET)) {
+                return net.now_tick();
+            }
+            let _ = a.read(&mut [0u8; 8]);
+        }
+        panic!("seed {seed}: never cut");
+    };
+    let ticks: Vec<u64> = (0..8).map(cut_tick).collect();
+    assert_eq!(ticks, (0..8).map(cut_tick).collect::<Vec<_>>());
+    assert!(ticks.iter().any(|&t| t != ticks[0]), "{ticks:?}");
 }
