@@ -19,6 +19,9 @@ pub struct VolumeConfig {
     pub device: String,
     /// Created with this size if missing; grown if it is smaller.
     pub size_bytes: u64,
+    /// `[[volume.replica]]`: copies on other nodes.
+    #[serde(default, rename = "replica", skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<crate::replication::ReplicaConfig>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -231,6 +234,9 @@ pub struct DaemonConfig {
     /// Management API and dashboard.
     #[serde(default)]
     pub web: ringblock_web::WebConfig,
+    /// This node's side of replication.
+    #[serde(default)]
+    pub peer: crate::replication::PeerConfig,
 }
 
 impl DaemonConfig {
@@ -243,6 +249,7 @@ impl DaemonConfig {
                 name: "default".into(),
                 device: "ram0".into(),
                 size_bytes: DEFAULT_VOLUME_BYTES,
+                replicas: Vec::new(),
             }],
             ..Self::default()
         }
@@ -267,6 +274,7 @@ impl DaemonConfig {
     /// device's capacity where that is known.
     pub fn validate(&self) -> anyhow::Result<()> {
         self.validate_static()?;
+        self.validate_replication()?;
         let probes = self.engine_config().validate()?;
         for v in &self.volumes {
             let Some(i) = self.devices.iter().position(|d| d.name == v.device) else {
@@ -329,6 +337,7 @@ impl DaemonConfig {
         }
         self.nbd.validate(&self.cores)?;
         self.web.validate().map_err(anyhow::Error::msg)?;
+        self.validate_replication_static()?;
         Ok(())
     }
 

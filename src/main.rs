@@ -3,6 +3,8 @@
 mod config;
 mod doctor;
 mod export_cmd;
+mod node_id;
+mod replication;
 mod serve;
 mod web;
 
@@ -70,6 +72,20 @@ enum ProfileCommand {
     Show { name: String },
 }
 
+/// `check-config`: every check `serve` makes, then what replication is set up (with this
+/// node's id if it has one; nothing is created).
+fn check_replication(cfg: config::DaemonConfig) -> anyhow::Result<Vec<String>> {
+    cfg.validate()?;
+    let node = match web::state_dir(&None, &cfg) {
+        Ok(dir) => node_id::read(&dir)?,
+        Err(_) => None,
+    };
+    if let Some(own) = node {
+        cfg.replication(own)?;
+    }
+    Ok(replication::describe(&cfg, node))
+}
+
 /// Exit codes: 0 fine, 1 failure while running, 2 bad usage or configuration.
 const EXIT_RUNTIME: u8 = 1;
 const EXIT_CONFIG: u8 = 2;
@@ -113,8 +129,11 @@ fn main() -> ExitCode {
         Command::Status { api } => web::run_status(&api),
         Command::Token { command } => web::run_token(command),
         Command::CheckConfig { file } => {
-            match config::DaemonConfig::load(&file).and_then(|c| c.validate().map(|()| c)) {
-                Ok(_) => {
+            match config::DaemonConfig::load(&file).and_then(check_replication) {
+                Ok(lines) => {
+                    for line in lines {
+                        println!("{line}");
+                    }
                     println!("{}: ok", file.display());
                     Ok(())
                 }

@@ -96,6 +96,22 @@ pub fn run(args: ServeArgs) -> Result<(), Failure> {
     }
     // The same checks as `check-config`, after the command line's overrides.
     cfg.validate().map_err(Failure::Config)?;
+    let replication = replication_config(&cfg, &args.web.state_dir)?;
+    if let Some(r) = &replication {
+        // The peer runtime does not exist yet: serving a volume that is configured with
+        // replicas as if it had none would let the operator believe it is protected.
+        let volumes: Vec<&str> = r.volumes.iter().map(|v| v.volume.as_str()).collect();
+        return Err(Failure::Config(anyhow::anyhow!(
+            "replication is not available in this build yet: {} configured with \
+             [[volume.replica]] ({}); remove those entries to serve without replicas",
+            if volumes.len() == 1 {
+                "volume is"
+            } else {
+                "volumes are"
+            },
+            volumes.join(", ")
+        )));
+    }
     // Addresses given on the command line always apply; the configured ones only without
     // socket activation.
     let tcp_text = if !args.listen.is_empty() {
@@ -280,6 +296,37 @@ pub fn run(args: ServeArgs) -> Result<(), Failure> {
     }
     say("ringblock: stopped cleanly".into());
     Ok(())
+}
+
+/// This node's id (made at the first start) and, when a volume has replicas, the checked
+/// replication settings. A damaged node id file stops the daemon either way: it is never
+/// replaced by a new identity.
+fn replication_config(
+    cfg: &DaemonConfig,
+    state_dir_arg: &Option<PathBuf>,
+) -> Result<Option<crate::replication::ReplicationConfig>, Failure> {
+    let dir = match crate::web::state_dir(state_dir_arg, cfg) {
+        Ok(dir) => dir,
+        Err(_) if !cfg.has_replicas() => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if crate::node_id::read(&dir)
+        .map_err(Failure::Config)?
+        .is_none()
+        && !cfg.has_replicas()
+    {
+        // Made now so that the node keeps one identity from its first start on; a state
+        // directory that cannot take it matters only once replication does.
+        if let Err(e) = crate::node_id::load_or_create(&dir) {
+            tracing::warn!("no node id yet: {e:#}");
+            return Ok(None);
+        }
+    }
+    let (node_id, made) = crate::node_id::load_or_create(&dir).map_err(Failure::Config)?;
+    if made {
+        tracing::info!(%node_id, dir = %dir.display(), "made this node's id");
+    }
+    cfg.replication(node_id).map_err(Failure::Config)
 }
 
 /// Start the configured `[[export]]`s. A volume that does not exist, or a kernel without ublk,

@@ -84,6 +84,70 @@ fn bad_configurations_are_clear_errors() {
 }
 
 #[test]
+fn replicas_are_refused_until_replication_runs_and_the_node_id_is_kept() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let secret = write_file(dir.path(), "cluster.secret", "s3cret\n");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let base = format!(
+        "[[device]]\nname = \"d\"\nkind = \"ram\"\nsize_bytes = 67108864\n\
+         [[volume]]\nname = \"v\"\ndevice = \"d\"\nsize_bytes = 1048576\n\
+         [web]\nstate_dir = \"{}\"\n",
+        state.display()
+    );
+    let replicated = write_file(
+        dir.path(),
+        "replicated.toml",
+        &format!(
+            "{base}[peer]\ncluster_id = \"lab\"\nsecret_file = \"{secret}\"\n\
+             [[volume.replica]]\nnode = \"right\"\naddress = \"127.0.0.1:10811\"\nmode = \"sync\"\n"
+        ),
+    );
+    // check-config shows the replica set and creates nothing.
+    let (code, out, err) = run(&["check-config", &replicated]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("replica on node right at 127.0.0.1:10811 (sync)"),
+        "{out}"
+    );
+    assert!(out.contains("made at the first start"), "{out}");
+    assert!(!state.join("node-id").exists());
+    // serve makes the node id, then refuses: no volume is served as if it had replicas.
+    assert_config_error(
+        &["serve", "--config", &replicated, "--no-web"],
+        "replication is not available in this build yet",
+    );
+    let id = std::fs::read_to_string(state.join("node-id")).unwrap();
+    assert_eq!(id.trim().len(), 32, "{id:?}");
+    let mode = std::fs::metadata(state.join("node-id"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let (code, out, _) = run(&["check-config", &replicated]);
+    assert_eq!(code, 0);
+    assert!(out.contains(&format!("node id {}", id.trim())), "{out}");
+    // Naming this node as its own replica is refused.
+    let own = write_file(
+        dir.path(),
+        "own.toml",
+        &std::fs::read_to_string(&replicated)
+            .unwrap()
+            .replace("\"right\"", &format!("\"{}\"", id.trim())),
+    );
+    assert_config_error(&["check-config", &own], "is this node");
+    // A damaged node id stops the daemon even without replicas, and is left as it was.
+    std::fs::write(state.join("node-id"), "garbage\n").unwrap();
+    let plain = write_file(dir.path(), "plain.toml", &base);
+    assert_config_error(&["serve", "--config", &plain, "--no-web"], "is damaged");
+    assert_eq!(
+        std::fs::read_to_string(state.join("node-id")).unwrap(),
+        "garbage\n"
+    );
+}
+
+#[test]
 fn cli_basics() {
     let (code, out, _) = run(&["--version"]);
     assert_eq!(code, 0);

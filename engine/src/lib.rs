@@ -14,6 +14,7 @@ pub mod loader;
 pub mod meta;
 pub mod profile;
 pub mod provided;
+pub mod replication;
 #[cfg(any(test, feature = "testing"))]
 pub mod sim_cluster;
 pub mod state_record;

@@ -12,6 +12,7 @@ use crate::error::EngineError;
 use crate::ids::{ChunkIndex, DeviceId};
 use crate::meta::{choose_slot, Label, MetaError, MetaSnapshot, LABEL_BYTES};
 use crate::profile::FirmwareProfile;
+use crate::replication::VolumeReplication;
 use crate::volume::{validate_volume_name, DeviceHealth, DeviceState, Volume};
 
 /// When the daemon may write a fresh label on a device.
@@ -291,6 +292,11 @@ fn build(
             }
             volume.set_mapping(ChunkIndex(c.0), Some(p));
         }
+        if let Some(r) = &rec.replication {
+            let state = VolumeReplication::from_record(r, volume.max_size_bytes())
+                .map_err(|e| corrupt(format!("volume {}: replication record: {e}", rec.name)))?;
+            volume.load_replication(Arc::new(state));
+        }
         volumes.push(Arc::new(volume));
     }
     Ok(LoadedDevice {
@@ -362,6 +368,7 @@ mod tests {
             name: name.into(),
             size_bytes: 1 << 20,
             mapped: vec![(ChunkIndex(0), PhysChunk(0))],
+            replication: None,
         }
     }
 
@@ -399,6 +406,69 @@ mod tests {
         };
         let mut access = device_with(Some(&snapshot), None);
         assert_eq!(load_device(&spec(), &mut access).unwrap().volumes.len(), 1);
+    }
+
+    #[test]
+    fn a_device_written_by_the_version_1_code_loads_and_takes_a_replication_record() {
+        use crate::meta::tests::{unhex, V1_LABEL_HEX, V1_SLOT_HEX};
+        use crate::replication::{NodeId, Role};
+        let mut access = MemAccess(vec![0; spec().size_bytes as usize]);
+        access.write_at(0, &unhex(V1_LABEL_HEX)).unwrap();
+        let label = Label::decode(&access.0[..4096]).unwrap();
+        // Both slots as a completed round leaves them (the same generation twice is the one
+        // case the fixture's single slot can stand for).
+        for slot in 0..2 {
+            access
+                .write_at(label.slot_offset_bytes(slot), &unhex(V1_SLOT_HEX))
+                .unwrap();
+        }
+        let l = load_device(&spec(), &mut access).unwrap();
+        assert_eq!((l.slot, l.generation, l.formatted), (0, 7, false));
+        assert!(!l.state.meta_dirty(), "loading alone rewrites nothing");
+        let names: Vec<_> = l.volumes.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(names, ["old-vol", "empty"]);
+        assert!(l.volumes.iter().all(|v| v.replication().is_none()));
+        let vol = &l.volumes[0];
+        assert_eq!(vol.mapping(ChunkIndex(2)), Some(PhysChunk(0)));
+        // Replicate it: the metadata becomes dirty, and the next round's snapshot (what
+        // round.rs writes) carries the record into a version 2 slot.
+        let node = NodeId::new(5).unwrap();
+        let state =
+            VolumeReplication::new(Role::Primary, vol.max_size_bytes(), 20, &[node]).unwrap();
+        state.mark_dirty(&[node], 1 << 20, 4096);
+        vol.set_replication(Some(Arc::new(state)));
+        assert!(l.state.meta_dirty());
+        let snapshot = MetaSnapshot {
+            generation: 8,
+            volumes: l.volumes.iter().map(|v| v.record()).collect(),
+        };
+        assert_eq!(snapshot.version(), crate::meta::SLOT_VERSION_REPLICATED);
+        let image = snapshot.encode(label.slot_bytes).unwrap();
+        access.write_at(label.slot_offset_bytes(1), &image).unwrap();
+        let again = load_device(&spec(), &mut access).unwrap();
+        assert_eq!((again.slot, again.generation), (1, 8));
+        let rep = again.volumes[0].replication().expect("record loaded");
+        let history = vol.replication().unwrap().history();
+        assert_eq!(rep.history(), history);
+        assert!(rep
+            .replica(node)
+            .unwrap()
+            .dirty
+            .is_dirty(crate::replication::RegionIndex(1)));
+        assert!(again.volumes[1].replication().is_none());
+        // A record that does not fit its volume is corrupt metadata, not a silent drop.
+        let mut bad = snapshot.clone();
+        let rec = bad.volumes[0].replication.as_mut().unwrap();
+        rec.replicas[0].dirty = std::iter::once(1 << 20..(1 << 20) + 1).collect();
+        bad.generation = 9;
+        access
+            .write_at(
+                label.slot_offset_bytes(0),
+                &bad.encode(label.slot_bytes).unwrap(),
+            )
+            .unwrap();
+        let e = load_device(&spec(), &mut access).err().expect("refused");
+        assert!(e.to_string().contains("replication record"), "{e}");
     }
 
     #[test]

@@ -12,13 +12,27 @@
 //!
 //! Integers are little-endian. The format is explicit rather than serde-derived because it is
 //! an on-disk contract that must not shift when a Rust type changes.
+//!
+//! Versions: the label is version 1. A slot is version 1 (volumes and chunk maps) unless a
+//! volume carries a replication record, then version 2 (each volume entry is followed by a
+//! flag byte and, when set, the record: [`crate::replication::record`]). A device written by
+//! the code that knew only version 1 loads unchanged, and it is written back as version 1 for
+//! as long as no volume is replicated, so that code can still read it; the first replication
+//! record makes both slots version 2, which that code refuses ("unsupported format version")
+//! rather than misreads.
 
 use crate::ids::{ChunkIndex, PhysChunk, VolumeId};
+use crate::replication::record::{ReplicationRecord, RECORD_MAX_BYTES};
 
 pub const LABEL_BYTES: u64 = 4096;
 const LABEL_MAGIC: &[u8; 8] = b"RBLABEL1";
 const SLOT_MAGIC: &[u8; 8] = b"RBMETA01";
-pub const FORMAT_VERSION: u32 = 1;
+/// The label's format version.
+pub const LABEL_VERSION: u32 = 1;
+/// A slot without replication records (the original format).
+pub const SLOT_VERSION_PLAIN: u32 = 1;
+/// A slot whose volume entries may carry replication records.
+pub const SLOT_VERSION_REPLICATED: u32 = 2;
 /// Most volumes one device holds.
 pub const MAX_VOLUMES_PER_DEVICE: usize = 256;
 /// Longest volume name, in bytes.
@@ -37,6 +51,8 @@ pub enum MetaError {
     CorruptSlot(String),
     #[error("metadata does not fit its slot ({needed} > {slot} bytes)")]
     TooLarge { needed: usize, slot: u64 },
+    #[error("replication record cannot be written: {0}")]
+    InvalidRecord(&'static str),
 }
 
 /// Written once at format; fixes the device's layout.
@@ -82,7 +98,7 @@ impl Label {
     pub fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(LABEL_BYTES as usize);
         b.extend_from_slice(LABEL_MAGIC);
-        b.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b.extend_from_slice(&LABEL_VERSION.to_le_bytes());
         b.extend_from_slice(&0u32.to_le_bytes()); // crc placeholder
         b.extend_from_slice(&self.device_uuid.to_le_bytes());
         b.extend_from_slice(&self.chunk_size_bytes.to_le_bytes());
@@ -108,7 +124,7 @@ impl Label {
         }
         let mut r = Reader::new(&b[8..60]);
         let version = r.u32()?;
-        if version != FORMAT_VERSION {
+        if version != LABEL_VERSION {
             return Err(MetaError::CorruptLabel("unsupported format version"));
         }
         let crc = r.u32()?;
@@ -133,11 +149,37 @@ impl Label {
     }
 }
 
-fn slot_bytes_for(max_chunks: u64) -> u64 {
-    let raw = SLOT_HEADER_BYTES as u64
+impl Label {
+    /// How many replicated volumes this device's slots are sure to hold next to the largest
+    /// volume table and chunk map they can have: the runtime refuses to replicate more
+    /// volumes of the device than this. A device formatted before replication records existed
+    /// has only its slots' rounding slack (often room for none).
+    pub fn replication_capacity(&self) -> usize {
+        let plain = plain_bytes(u64::from(self.total_chunks)) + MAX_VOLUMES_PER_DEVICE as u64;
+        (self.slot_bytes.saturating_sub(plain) / (1 + RECORD_MAX_BYTES) as u64) as usize
+    }
+}
+
+/// The largest slot without replication records: header, volume count, every volume's entry
+/// at its longest, a map entry for every chunk.
+fn plain_bytes(max_chunks: u64) -> u64 {
+    SLOT_HEADER_BYTES as u64
         + 4
         + (MAX_VOLUMES_PER_DEVICE * VOLUME_ENTRY_MAX_BYTES) as u64
-        + max_chunks * MAP_ENTRY_BYTES as u64;
+        + max_chunks * MAP_ENTRY_BYTES as u64
+}
+
+/// Replication records a new device's slots make room for: one per 16 chunks (so a small
+/// device does not give a data chunk to them), at least one, at most one per volume.
+fn replication_reserve(max_chunks: u64) -> u64 {
+    (max_chunks / 16).clamp(1, MAX_VOLUMES_PER_DEVICE as u64)
+}
+
+fn slot_bytes_for(max_chunks: u64) -> u64 {
+    // The flag byte of every volume entry, then the reserved records.
+    let raw = plain_bytes(max_chunks)
+        + MAX_VOLUMES_PER_DEVICE as u64
+        + replication_reserve(max_chunks) * (1 + RECORD_MAX_BYTES) as u64;
     raw.div_ceil(4096) * 4096
 }
 
@@ -149,6 +191,8 @@ pub struct VolumeRecord {
     pub size_bytes: u64,
     /// Mapped chunks only; everything else reads as zeros.
     pub mapped: Vec<(ChunkIndex, PhysChunk)>,
+    /// Set on a replicated volume (a version 2 slot).
+    pub replication: Option<ReplicationRecord>,
 }
 
 /// Everything a device's metadata slot holds.
@@ -159,8 +203,20 @@ pub struct MetaSnapshot {
 }
 
 impl MetaSnapshot {
-    /// Serialize into a slot image of exactly `slot_bytes` (zero padded).
+    /// The slot version this snapshot is written as: the original one unless a volume is
+    /// replicated.
+    pub fn version(&self) -> u32 {
+        if self.volumes.iter().any(|v| v.replication.is_some()) {
+            SLOT_VERSION_REPLICATED
+        } else {
+            SLOT_VERSION_PLAIN
+        }
+    }
+
+    /// Serialize into a slot image of exactly `slot_bytes` (zero padded). What does not fit
+    /// is an error ([`MetaError::TooLarge`]), never cut short.
     pub fn encode(&self, slot_bytes: u64) -> Result<Vec<u8>, MetaError> {
+        let version = self.version();
         let mut p = Vec::new();
         p.extend_from_slice(&(self.volumes.len() as u32).to_le_bytes());
         for v in &self.volumes {
@@ -177,6 +233,15 @@ impl MetaSnapshot {
                 p.extend_from_slice(&c.0.to_le_bytes());
                 p.extend_from_slice(&pc.0.to_le_bytes());
             }
+            if version == SLOT_VERSION_REPLICATED {
+                match &v.replication {
+                    None => p.push(0),
+                    Some(r) => {
+                        p.push(1);
+                        r.encode(&mut p)?;
+                    }
+                }
+            }
         }
         let needed = SLOT_HEADER_BYTES + p.len();
         if needed as u64 > slot_bytes {
@@ -187,7 +252,7 @@ impl MetaSnapshot {
         }
         let mut b = Vec::with_capacity(slot_bytes as usize);
         b.extend_from_slice(SLOT_MAGIC);
-        b.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b.extend_from_slice(&version.to_le_bytes());
         b.extend_from_slice(&0u32.to_le_bytes()); // crc placeholder
         b.extend_from_slice(&self.generation.to_le_bytes());
         b.extend_from_slice(&(p.len() as u64).to_le_bytes());
@@ -205,7 +270,8 @@ impl MetaSnapshot {
             return Err(corrupt("bad magic"));
         }
         let mut h = Reader::new(&b[8..SLOT_HEADER_BYTES]);
-        if h.u32()? != FORMAT_VERSION {
+        let version = h.u32()?;
+        if version != SLOT_VERSION_PLAIN && version != SLOT_VERSION_REPLICATED {
             return Err(corrupt("unsupported format version"));
         }
         let crc = h.u32()?;
@@ -241,11 +307,20 @@ impl MetaSnapshot {
             for _ in 0..mapped_len {
                 mapped.push((ChunkIndex(r.u64()?), PhysChunk(r.u32()?)));
             }
+            let replication = match version {
+                SLOT_VERSION_PLAIN => None,
+                _ => match r.u8()? {
+                    0 => None,
+                    1 => Some(ReplicationRecord::decode(&mut r)?),
+                    _ => return Err(corrupt("unknown replication flag")),
+                },
+            };
             volumes.push(VolumeRecord {
                 id,
                 name,
                 size_bytes,
                 mapped,
+                replication,
             });
         }
         if r.remaining() != 0 {
@@ -275,7 +350,8 @@ pub fn header_generation(b: &[u8]) -> Option<u64> {
         return None;
     }
     let mut h = Reader::new(&b[8..SLOT_HEADER_BYTES]);
-    (h.u32().ok()? == FORMAT_VERSION).then_some(())?;
+    let version = h.u32().ok()?;
+    (version == SLOT_VERSION_PLAIN || version == SLOT_VERSION_REPLICATED).then_some(())?;
     h.u32().ok()?;
     h.u64().ok()
 }
@@ -371,15 +447,16 @@ pub fn pick_slot(slot0: &[u8], slot1: &[u8]) -> Result<(u64, MetaSnapshot), Meta
     choose_slot(slot0, slot1).map(|c| (c.slot, c.snapshot))
 }
 
-struct Reader<'a> {
+/// Reads little-endian fields; running out is a corrupt slot, never a panic.
+pub(crate) struct Reader<'a> {
     b: &'a [u8],
 }
 
 impl<'a> Reader<'a> {
-    fn new(b: &'a [u8]) -> Self {
+    pub(crate) fn new(b: &'a [u8]) -> Self {
         Self { b }
     }
-    fn remaining(&self) -> usize {
+    pub(crate) fn remaining(&self) -> usize {
         self.b.len()
     }
     fn bytes(&mut self, n: usize) -> Result<&'a [u8], MetaError> {
@@ -390,22 +467,25 @@ impl<'a> Reader<'a> {
         self.b = tail;
         Ok(head)
     }
-    fn u16(&mut self) -> Result<u16, MetaError> {
+    pub(crate) fn u8(&mut self) -> Result<u8, MetaError> {
+        Ok(self.bytes(1)?[0])
+    }
+    pub(crate) fn u16(&mut self) -> Result<u16, MetaError> {
         Ok(u16::from_le_bytes(
             self.bytes(2)?.try_into().expect("2 bytes"),
         ))
     }
-    fn u32(&mut self) -> Result<u32, MetaError> {
+    pub(crate) fn u32(&mut self) -> Result<u32, MetaError> {
         Ok(u32::from_le_bytes(
             self.bytes(4)?.try_into().expect("4 bytes"),
         ))
     }
-    fn u64(&mut self) -> Result<u64, MetaError> {
+    pub(crate) fn u64(&mut self) -> Result<u64, MetaError> {
         Ok(u64::from_le_bytes(
             self.bytes(8)?.try_into().expect("8 bytes"),
         ))
     }
-    fn u128(&mut self) -> Result<u128, MetaError> {
+    pub(crate) fn u128(&mut self) -> Result<u128, MetaError> {
         Ok(u128::from_le_bytes(
             self.bytes(16)?.try_into().expect("16 bytes"),
         ))
@@ -413,8 +493,9 @@ impl<'a> Reader<'a> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use crate::replication::record::tests::arb_valid_record;
     use proptest::prelude::*;
 
     fn arb_snapshot() -> impl Strategy<Value = MetaSnapshot> {
@@ -423,8 +504,9 @@ mod tests {
             "[a-z0-9_-]{1,40}",
             any::<u64>(),
             proptest::collection::vec((any::<u64>(), any::<u32>()), 0..50),
+            proptest::option::weighted(0.3, arb_valid_record()),
         )
-            .prop_map(|(id, name, size_bytes, m)| VolumeRecord {
+            .prop_map(|(id, name, size_bytes, m, replication)| VolumeRecord {
                 id: VolumeId(id),
                 name,
                 size_bytes,
@@ -432,6 +514,7 @@ mod tests {
                     .into_iter()
                     .map(|(c, p)| (ChunkIndex(c), PhysChunk(p)))
                     .collect(),
+                replication,
             });
         (any::<u64>(), proptest::collection::vec(vol, 0..8)).prop_map(|(generation, volumes)| {
             MetaSnapshot {
@@ -483,6 +566,7 @@ mod tests {
                     name: n.to_string(),
                     size_bytes: 1 << 20,
                     mapped: vec![],
+                    replication: None,
                 })
                 .collect(),
         }
@@ -538,6 +622,111 @@ mod tests {
         // Both invalid: an error naming both reasons.
         let e = choose_slot(&[0u8; 64], &[1u8; 64]).unwrap_err();
         assert!(e.to_string().contains("slot 0: ") && e.to_string().contains("slot 1: "));
+    }
+
+    /// A device's label and metadata slot 0 as the code that knew only version 1 wrote them
+    /// (two volumes, generation 7), to the end of the slot's payload.
+    pub(crate) const V1_LABEL_HEX: &str =
+        "52424c4142454c31010000007e60bc337766554433221100efcdab89674523010000100000000000\
+        00a0000000000000000010000000000007000000";
+    pub(crate) const V1_SLOT_HEX: &str =
+        "52424d455441303101000000387c00bc070000000000000054000000000000000200000001000000\
+        07006f6c642d766f6c0000300000000000020000000000000000000000000000000200000002000000\
+        0000000000000000020000000500656d70747900001000000000000000000000000000";
+
+    pub(crate) fn unhex(s: &str) -> Vec<u8> {
+        let s: String = s.split_whitespace().collect();
+        (0..s.len() / 2)
+            .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap())
+            .collect()
+    }
+
+    fn replicated(rec: &MetaSnapshot) -> MetaSnapshot {
+        use crate::replication::{GenerationHistory, NodeId, ReplicaRecord, Role};
+        let mut rec = rec.clone();
+        rec.volumes[0].replication = Some(ReplicationRecord {
+            role: Role::Primary,
+            region_shift: 20,
+            history: GenerationHistory::created(),
+            replicas: vec![ReplicaRecord {
+                node: NodeId::new(9).unwrap(),
+                since: None,
+                full_sync: true,
+                dirty: std::iter::once(1..3).collect(),
+            }],
+            activity: vec![],
+        });
+        rec
+    }
+
+    #[test]
+    fn a_version_1_slot_loads_and_stays_version_1_until_a_volume_is_replicated() {
+        let label = Label::decode(&unhex(V1_LABEL_HEX)).unwrap();
+        let mut slot = unhex(V1_SLOT_HEX);
+        slot.resize(label.slot_bytes as usize, 0);
+        let snap = MetaSnapshot::decode(&slot).unwrap();
+        assert_eq!(snap.generation, 7);
+        let names: Vec<_> = snap.volumes.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(names, ["old-vol", "empty"]);
+        assert_eq!(
+            snap.volumes[0].mapped,
+            [(ChunkIndex(0), PhysChunk(2)), (ChunkIndex(2), PhysChunk(0))]
+        );
+        assert!(snap.volumes.iter().all(|v| v.replication.is_none()));
+        // Written back unchanged: byte for byte what the old code wrote.
+        assert_eq!(snap.version(), SLOT_VERSION_PLAIN);
+        assert_eq!(snap.encode(label.slot_bytes).unwrap(), slot);
+        // A replication record makes it version 2, which the old code's check refuses.
+        let rep = replicated(&snap);
+        let image = rep.encode(label.slot_bytes).unwrap();
+        assert_eq!(header_generation(&image), Some(7));
+        assert_eq!(&image[8..12], &SLOT_VERSION_REPLICATED.to_le_bytes());
+        assert_eq!(MetaSnapshot::decode(&image).unwrap(), rep);
+        // This old 8 MiB device has room for no guaranteed record, a new one for one.
+        assert_eq!(label.replication_capacity(), 0);
+        let new = Label::plan(1, 8 << 20, 1 << 20).unwrap();
+        assert!(new.replication_capacity() >= 1);
+        assert_eq!(new.data_offset_bytes, label.data_offset_bytes);
+    }
+
+    #[test]
+    fn new_layouts_reserve_room_for_replication_records() {
+        for (size, chunk) in [
+            (8u64 << 20, 1u64 << 20),
+            (1 << 30, 1 << 20),
+            (64 << 30, 1 << 20),
+            (1 << 30, 4096),
+        ] {
+            let l = Label::plan(1, size, chunk).unwrap();
+            let reserved = replication_reserve(size / chunk) as usize;
+            assert!(l.replication_capacity() >= reserved, "{size} {chunk}");
+            // The worst case fits: every volume at its longest, every chunk mapped, the
+            // reserved records at their largest.
+            assert!(
+                plain_bytes(u64::from(l.total_chunks))
+                    + MAX_VOLUMES_PER_DEVICE as u64
+                    + reserved as u64 * (1 + RECORD_MAX_BYTES) as u64
+                    <= l.slot_bytes
+            );
+        }
+        // The default 1 GiB RAM device keeps its data where it was.
+        let l = Label::plan(1, (1 << 30) + (64 << 20), 1 << 20).unwrap();
+        assert_eq!(l.data_offset_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn a_record_that_does_not_fit_is_an_error_not_a_truncation() {
+        let snap = replicated(&snap(3, &["a"]));
+        let needed = snap
+            .encode(1 << 20)
+            .unwrap()
+            .iter()
+            .rposition(|&b| b != 0)
+            .unwrap();
+        match snap.encode(4096.min(needed as u64)) {
+            Err(MetaError::TooLarge { needed: n, slot }) => assert!(n as u64 > slot),
+            other => panic!("{other:?}"),
+        }
     }
 
     proptest! {

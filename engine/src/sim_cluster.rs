@@ -12,10 +12,13 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::buf::IoBuf;
+use crate::device::FaultConfig;
 use crate::engine::VolumeHandle;
 use crate::error::EngineError;
 use crate::ids::{DeviceId, ReactorId, VolumeId};
-use crate::io::sim::{SimDisk, SimIo};
+use crate::io::delay::{DelayModel, Delayed};
+use crate::io::fault::{FaultState, Faulty};
+use crate::io::sim::{SimClock, SimDisk, SimIo};
 use crate::io::sim_net::{NetOptions, NodeId, SimNet};
 use crate::loader::{load_device, DeviceSpec, SyncAccess};
 use crate::reactor::task::{ReactorTask, TaskEnv, TaskTable};
@@ -90,6 +93,17 @@ impl Default for SimOptions {
     }
 }
 
+/// The `delay` and `fault` wrappers of one simulated disk, as a device's
+/// `emulate_profile_latency` and `fault` settings: the same decorators as on a reactor, on the
+/// simulated clock.
+#[derive(Clone, Debug, Default)]
+pub struct SimWrappers {
+    pub emulate_profile_latency: bool,
+    pub fault: Option<FaultConfig>,
+}
+
+type SimStack = Delayed<Faulty<SimIo>, SimClock>;
+
 /// The answer to a control message, once the engine has given it.
 #[derive(Clone)]
 pub struct ControlReply(Arc<Mutex<Option<Result<(), Errno>>>>);
@@ -103,7 +117,7 @@ impl ControlReply {
 pub struct SimCluster {
     /// Declared before `tasks`, so dropped first: a reactor's ring leaves the network (which
     /// forgets its ops) before the tasks that own those ops' buffers go.
-    reactors: Vec<ReactorCore<SimIo>>,
+    reactors: Vec<ReactorCore<SimStack>>,
     /// The tasks each reactor hosts.
     tasks: Vec<TaskTable>,
     /// Tasks are told to stop (once) on their next poll.
@@ -125,7 +139,18 @@ impl SimCluster {
         disks: Vec<(DeviceSpec, Arc<Mutex<SimDisk>>)>,
     ) -> Result<Self, EngineError> {
         let net = SimNet::new(seed ^ 0x5EED_0000_0000_0001, NetOptions::default());
-        Self::start_on(seed, opts, disks, &net, NodeId(0))
+        Self::start_with(seed, opts, disks, &net, NodeId(0), &[])
+    }
+
+    /// [`Self::start`], with some disks under the `delay` and `fault` wrappers.
+    pub fn start_wrapped(
+        seed: u64,
+        opts: SimOptions,
+        disks: Vec<(DeviceSpec, Arc<Mutex<SimDisk>>)>,
+        wrappers: &[(DeviceId, SimWrappers)],
+    ) -> Result<Self, EngineError> {
+        let net = SimNet::new(seed ^ 0x5EED_0000_0000_0001, NetOptions::default());
+        Self::start_with(seed, opts, disks, &net, NodeId(0), wrappers)
     }
 
     /// As [`Self::start`], as `node` of `net` (shared with clients, or other clusters: a
@@ -136,6 +161,18 @@ impl SimCluster {
         disks: Vec<(DeviceSpec, Arc<Mutex<SimDisk>>)>,
         net: &SimNet,
         node: NodeId,
+    ) -> Result<Self, EngineError> {
+        Self::start_with(seed, opts, disks, net, node, &[])
+    }
+
+    /// [`Self::start_on`], with some disks under the `delay` and `fault` wrappers.
+    pub fn start_with(
+        seed: u64,
+        opts: SimOptions,
+        disks: Vec<(DeviceSpec, Arc<Mutex<SimDisk>>)>,
+        net: &SimNet,
+        node: NodeId,
+        wrappers: &[(DeviceId, SimWrappers)],
     ) -> Result<Self, EngineError> {
         let n = opts.reactors;
         assert!(n > 0);
@@ -160,6 +197,26 @@ impl SimCluster {
             volumes.extend(loaded.volumes);
             disk_map.insert(spec.id, disk.clone());
         }
+        // One fault state per device, shared by every reactor (as on a real engine).
+        let faults: Vec<(DeviceId, Arc<FaultState>)> = wrappers
+            .iter()
+            .filter_map(|(id, w)| Some((*id, Arc::new(FaultState::new(w.fault.clone()?)))))
+            .collect();
+        let delays: Vec<(DeviceId, DelayModel)> = wrappers
+            .iter()
+            .map(|(id, w)| {
+                let profile = disks
+                    .iter()
+                    .find(|(spec, _)| spec.id == *id)
+                    .filter(|_| w.emulate_profile_latency)
+                    .map(|(spec, _)| spec.profile.clone());
+                let spikes = faults
+                    .iter()
+                    .find(|(f, state)| f == id && state.spikes())
+                    .map(|(_, state)| state.clone());
+                (*id, DelayModel { profile, spikes })
+            })
+            .collect();
         let reactors = homes
             .into_iter()
             .enumerate()
@@ -172,6 +229,12 @@ impl SimCluster {
                     opts.max_latency_ticks,
                 )
                 .with_net(net);
+                let io = Delayed::new(
+                    Faulty::new(io, faults.iter().cloned()),
+                    SimClock::new(clock.clone()),
+                    opts.queue_depth,
+                    delays.iter().cloned(),
+                );
                 let r: Arc<dyn Router> = router.clone();
                 ReactorCore::new(ReactorId(i as u32), io, r, h)
             })

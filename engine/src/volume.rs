@@ -10,6 +10,7 @@ use crate::alloc::ChunkAllocator;
 use crate::ids::{ChunkIndex, DeviceId, PhysChunk, ReactorId, VolumeId};
 use crate::meta::{Label, VolumeRecord};
 use crate::profile::FirmwareProfile;
+use crate::replication::VolumeReplication;
 
 /// Map entry of a chunk that has never been written (or was trimmed): reads as zeros.
 pub(crate) const UNMAPPED: u32 = u32::MAX;
@@ -132,6 +133,10 @@ pub struct Volume {
     /// Set once deletion starts; new requests are refused.
     pub(crate) deleted: AtomicBool,
     pub(crate) open_handles: AtomicU32,
+    /// Set on a replicated volume. The mutex guards only attaching and detaching; a data
+    /// path takes the `Arc` once (per connection or per reactor turn) and works on its
+    /// atomics (see `replication::state`).
+    replication: Mutex<Option<Arc<VolumeReplication>>>,
 }
 
 impl Volume {
@@ -156,7 +161,34 @@ impl Volume {
             stats: VolumeStats::default(),
             deleted: AtomicBool::new(false),
             open_handles: AtomicU32::new(0),
+            replication: Mutex::new(None),
         }
+    }
+
+    /// The volume's replication state, if it is replicated.
+    pub fn replication(&self) -> Option<Arc<VolumeReplication>> {
+        self.replication
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Make the volume replicated (Some) or not (None). The change reaches the device's
+    /// metadata with the next flush.
+    pub fn set_replication(&self, replication: Option<Arc<VolumeReplication>>) {
+        *self.replication.lock().unwrap_or_else(|e| e.into_inner()) = replication;
+        self.replication_changed();
+    }
+
+    /// The loader's: the state as the metadata holds it (nothing to persist).
+    pub(crate) fn load_replication(&self, replication: Arc<VolumeReplication>) {
+        *self.replication.lock().unwrap_or_else(|e| e.into_inner()) = Some(replication);
+    }
+
+    /// Something in the replication state changed (a bit newly set, a generation, a role):
+    /// the next flush persists it.
+    pub fn replication_changed(&self) {
+        self.device.mark_meta_dirty();
     }
 
     pub fn size_bytes(&self) -> u64 {
@@ -255,6 +287,7 @@ impl Volume {
             name: self.name.clone(),
             size_bytes: self.size_bytes(),
             mapped,
+            replication: self.replication().map(|r| r.record()),
         }
     }
 

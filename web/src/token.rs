@@ -179,7 +179,7 @@ pub fn write_first_token(dir: &Path, token: &str) -> Result<PathBuf, TokenError>
 }
 
 /// The effective user id of this process.
-pub(crate) fn euid() -> u32 {
+pub fn euid() -> u32 {
     // SAFETY: geteuid has no preconditions, touches no memory and cannot fail.
     unsafe { libc::geteuid() }
 }
@@ -198,6 +198,21 @@ fn open_state_dir(dir: &Path) -> Result<(), TokenError> {
 /// Refuse `path` (a state directory or token file) unless `uid` owns it and neither group nor
 /// others may write it.
 fn check_private(path: &Path, meta: &fs::Metadata, uid: u32) -> Result<(), TokenError> {
+    match ownership_problem(path, meta, uid) {
+        None => Ok(()),
+        Some((problem, fix)) => Err(TokenError::Insecure {
+            path: path.to_path_buf(),
+            problem,
+            fix,
+        }),
+    }
+}
+
+/// What is wrong with `path` (a state directory or a file of it) for a daemon running as
+/// `uid`, and the fix: None when `uid` owns it and neither group nor others may write it. The
+/// check of the token and its directory, shared with the daemon's other private files (node
+/// id, cluster secret).
+pub fn ownership_problem(path: &Path, meta: &fs::Metadata, uid: u32) -> Option<(String, String)> {
     let shown = path.display();
     let mode = meta.mode() & 0o7777;
     let (what, private_mode) = if meta.is_dir() {
@@ -206,27 +221,25 @@ fn check_private(path: &Path, meta: &fs::Metadata, uid: u32) -> Result<(), Token
         ("file", "600")
     };
     if meta.uid() != uid {
-        return Err(TokenError::Insecure {
-            path: path.to_path_buf(),
-            problem: format!(
+        return Some((
+            format!(
                 "the {what} is owned by uid {} but the daemon runs as uid {uid}",
                 meta.uid()
             ),
-            fix: format!("`chown {uid} {shown}`, or set [web] state_dir / --state-dir to a directory of this user"),
-        });
+            format!("`chown {uid} {shown}`, or set [web] state_dir / --state-dir to a directory of this user"),
+        ));
     }
     if mode & 0o022 != 0 {
-        return Err(TokenError::Insecure {
-            path: path.to_path_buf(),
-            problem: format!("the {what} has mode {mode:04o}, writable by group or others"),
-            fix: format!("`chmod {private_mode} {shown}`"),
-        });
+        return Some((
+            format!("the {what} has mode {mode:04o}, writable by group or others"),
+            format!("`chmod {private_mode} {shown}`"),
+        ));
     }
-    Ok(())
+    None
 }
 
 /// Create `dir` (and parents) if missing; a new last component gets mode 0700.
-pub(crate) fn create_private_dir(dir: &Path) -> io::Result<()> {
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
     if dir.is_dir() {
         return Ok(());
     }

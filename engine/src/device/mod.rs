@@ -1,6 +1,7 @@
 //! Device backends: `file` and `blockdev` (O_DIRECT through io_uring), `ram` (volatile),
 //! `bbram` (battery-backed RAM, emulated by a file-backed shared mapping with explicit persist
-//! points), `null`, and the `delay` and `fault` wrappers (configured per device).
+//! points), `null`, and the `delay` and `fault` wrappers (configured per device, applied by
+//! the IO layer's decorators [`crate::io::delay`] and [`crate::io::fault`]).
 //!
 //! This module holds the configuration and the opened device; [`mem`] the memory of `ram` and
 //! `bbram`, [`backing`] opening, creating and locking files and block devices, [`probe`] the
@@ -9,12 +10,13 @@
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::EngineError;
 use crate::ids::DeviceId;
+use crate::io::fault::FaultState;
 use crate::loader::{DeviceSpec, FormatPolicy, SyncAccess};
 use crate::profile::{self, FirmwareProfile};
 
@@ -154,54 +156,15 @@ pub enum Backend {
     Null,
 }
 
-/// The `fault` wrapper's live state.
-pub struct FaultState {
-    pub config: FaultConfig,
-    pub writes: AtomicU64,
-    pub ops: AtomicU64,
-}
-
-impl FaultState {
-    /// An injected error for this op, if any.
-    pub fn inject(&self, offset: u64, len: u64, is_write: bool) -> Option<crate::request::Errno> {
-        let hits = self
-            .config
-            .eio_ranges
-            .iter()
-            .any(|[s, e]| offset < *e && *s < offset + len.max(1));
-        if hits {
-            return Some(crate::request::Errno::EIO);
-        }
-        if is_write && self.config.fail_every_nth_write > 0 {
-            let n = self.writes.fetch_add(1, Ordering::Relaxed) + 1;
-            if n.is_multiple_of(self.config.fail_every_nth_write) {
-                return Some(crate::request::Errno::EIO);
-            }
-        }
-        None
-    }
-
-    pub fn spike_ns(&self) -> u64 {
-        if self.config.spike_every_nth == 0 {
-            return 0;
-        }
-        let n = self.ops.fetch_add(1, Ordering::Relaxed) + 1;
-        if n.is_multiple_of(self.config.spike_every_nth) {
-            self.config.spike_us * 1000
-        } else {
-            0
-        }
-    }
-}
-
 /// An opened device, shared by every reactor.
 pub struct OpenDevice {
     pub spec: DeviceSpec,
     pub path: Option<PathBuf>,
     pub backend: Backend,
-    /// The `delay` wrapper, when emulating the profile.
+    /// The profile whose service times the delay decorator emulates, if any.
     pub delay: Option<FirmwareProfile>,
-    pub fault: Option<FaultState>,
+    /// The fault decorator's state, shared by every reactor.
+    pub fault: Option<Arc<FaultState>>,
     /// This open created the backing file: a failed start removes it again.
     pub created: bool,
 }
@@ -335,11 +298,7 @@ impl OpenDevice {
             path,
             backend,
             delay: cfg.emulate_profile_latency.then_some(profile),
-            fault: cfg.fault.clone().map(|config| FaultState {
-                config,
-                writes: AtomicU64::new(0),
-                ops: AtomicU64::new(0),
-            }),
+            fault: cfg.fault.clone().map(|c| Arc::new(FaultState::new(c))),
             created,
         })
     }

@@ -1,19 +1,38 @@
 //! The IO seam. Reactor logic is written against [`Io`] (device ops) and hosted tasks against
-//! [`task_ring::TaskRing`] (socket ops); the real implementation of both drives one io_uring
-//! per reactor ([`uring::UringIo`]), the simulated one a seeded model of a disk with a
+//! [`task_ring::TaskRing`] (socket ops). Two leaves implement both: the real one drives one
+//! io_uring per reactor ([`uring::UringIo`]), the simulated one a seeded model of a disk with a
 //! volatile write cache and a seeded network of stream sockets ([`sim::SimIo`],
-//! [`sim_net::SimNet`]).
+//! [`sim_net::SimNet`]). Two decorators stack on either
+//! leaf, each acting only on the devices configured for it and passing other devices' ops
+//! straight through:
+//!
+//! - [`fault::Faulty`] fails chosen ops with EIO before they reach the leaf;
+//! - [`delay::Delayed`] holds each completion until the emulated device would have finished
+//!   it (the firmware profile's service time, plus fault spikes), by a [`delay::Clock`] the
+//!   simulator can drive.
+//!
+//! The order is fixed, delay over fault over leaf (a reactor's `ReactorIo`): an injected
+//! error waits like any completion, and a spike adds to the due time.
 
-mod delay;
+pub mod delay;
+pub mod fault;
 #[cfg(any(test, feature = "testing"))]
 pub mod sim;
 #[cfg(any(test, feature = "testing"))]
 pub mod sim_net;
 pub mod task_ring;
+#[cfg(test)]
+mod test_io;
 pub mod uring;
 pub mod zero_copy;
 
+use std::sync::Arc;
+
+use self::delay::{Clock, DelayModel, Delayed, MonotonicClock};
+use self::fault::Faulty;
+use self::uring::UringIo;
 use crate::buf::IoBuf;
+use crate::device::OpenDevice;
 use crate::ids::DeviceId;
 use crate::request::Errno;
 
@@ -79,6 +98,11 @@ pub trait Io {
     /// Ops pushed and not yet completed.
     fn in_flight(&self) -> usize;
 
+    /// Whether [`Io::push`] takes an op for `device` now (it hands it back when the reactor's
+    /// or the device's queue is full). A decorator that settles an op itself asks first, so
+    /// the op is refused exactly where the leaf would refuse it.
+    fn has_room(&self, device: DeviceId) -> bool;
+
     /// Run `f` on `len` bytes at `offset_bytes` of `device`'s own memory, synchronously, when
     /// the device is plain memory (`ram`, `bbram`; not wrapped by `delay` or `fault`). `None`
     /// when it is not: the caller goes through a buffer and [`Io::push`] instead.
@@ -96,4 +120,25 @@ pub trait Io {
         let _ = (device, offset_bytes, len, access, f);
         None
     }
+}
+
+/// A reactor's IO: its ring under the fault and delay decorators of the devices that have
+/// them.
+pub(crate) type ReactorIo = Delayed<Faulty<UringIo>, MonotonicClock>;
+
+/// Stack the fault and delay decorators `devices` ask for over `leaf`. `queue_depth` bounds
+/// the ops in flight at once, completions held back by the delay included.
+pub(crate) fn decorate<I: Io, C: Clock>(
+    leaf: I,
+    clock: C,
+    queue_depth: usize,
+    devices: &[Arc<OpenDevice>],
+) -> Delayed<Faulty<I>, C> {
+    let faults = devices
+        .iter()
+        .filter_map(|d| Some((d.spec.id, d.fault.clone()?)));
+    let delays = devices
+        .iter()
+        .filter_map(|d| Some((d.spec.id, DelayModel::of(d)?)));
+    Delayed::new(Faulty::new(leaf, faults), clock, queue_depth, delays)
 }

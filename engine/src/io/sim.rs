@@ -437,4 +437,30 @@ impl Io for SimIo {
     fn in_flight(&self) -> usize {
         self.pending.len()
     }
+
+    fn has_room(&self, _device: DeviceId) -> bool {
+        self.pending.len() < self.queue_depth
+    }
+}
+
+/// Simulated nanoseconds per tick of the simulator's clock, as the delay decorator reads it.
+pub const SIM_TICK_NS: u64 = 10_000;
+
+/// The simulator's tick clock, in nanoseconds ([`SIM_TICK_NS`] per tick).
+pub struct SimClock {
+    ticks: Arc<AtomicU64>,
+}
+
+impl SimClock {
+    pub fn new(ticks: Arc<AtomicU64>) -> Self {
+        Self { ticks }
+    }
+}
+
+impl super::delay::Clock for SimClock {
+    fn now_ns(&self) -> u64 {
+        self.ticks
+            .load(Ordering::Relaxed)
+            .saturating_mul(SIM_TICK_NS)
+    }
 }

@@ -200,3 +200,61 @@ pub trait TaskRing {
     /// sees end-of-file after what was sent.
     fn shutdown(&mut self, fd: RawFd);
 }
+
+/// A device-op decorator ([`super::delay::Delayed`], [`super::fault::Faulty`]) leaves socket
+/// ops alone: it hands them to the ring below.
+macro_rules! task_ring_passes_through {
+    ($ty:ty, $($bounds:tt)*) => {
+        impl<$($bounds)*> TaskRing for $ty {
+            #[inline]
+            unsafe fn push(&mut self, task_id: u32, op: SocketOp, tag: u32) -> Result<(), Errno> {
+                // SAFETY: forwarded contract.
+                unsafe { TaskRing::push(&mut **self, task_id, op, tag) }
+            }
+            unsafe fn push_raw(
+                &mut self,
+                task_id: u32,
+                entry: squeue::Entry,
+                tag: u32,
+            ) -> Result<(), Errno> {
+                // SAFETY: forwarded contract.
+                unsafe { (**self).push_raw(task_id, entry, tag) }
+            }
+            fn register_fd(&mut self, task_id: u32, fd: RawFd) -> Option<u32> {
+                (**self).register_fd(task_id, fd)
+            }
+            unsafe fn register_buffers(
+                &mut self,
+                task_id: u32,
+                bufs: &mut ProvidedBuffers,
+            ) -> Option<u16> {
+                // SAFETY: forwarded contract.
+                unsafe { (**self).register_buffers(task_id, bufs) }
+            }
+            fn zero_copy_sends(&self) -> bool {
+                (**self).zero_copy_sends()
+            }
+            fn send_counters(&self) -> &SendCounters {
+                (**self).send_counters()
+            }
+            fn release_task_resources(&mut self, task_id: u32) {
+                (**self).release_task_resources(task_id)
+            }
+            #[inline]
+            fn take_completions(&mut self, out: &mut Vec<(u32, RingCompletion)>) {
+                (**self).take_completions(out)
+            }
+            #[inline]
+            unsafe fn send_now(&mut self, fd: RawFd, iov: &[libc::iovec]) -> usize {
+                // SAFETY: forwarded contract.
+                unsafe { (**self).send_now(fd, iov) }
+            }
+            fn shutdown(&mut self, fd: RawFd) {
+                (**self).shutdown(fd)
+            }
+        }
+    };
+}
+
+task_ring_passes_through!(super::delay::Delayed<I, C>, I: super::Io + TaskRing, C: super::delay::Clock);
+task_ring_passes_through!(super::fault::Faulty<I>, I: super::Io + TaskRing);

@@ -13,8 +13,9 @@ use super::{Home, Msg, ReactorCore, Router};
 use crate::device::OpenDevice;
 use crate::error::EngineError;
 use crate::ids::ReactorId;
+use crate::io::delay::MonotonicClock;
 use crate::io::uring::{RingConfig, UringIo};
-use crate::io::Io;
+use crate::io::{decorate, Io, ReactorIo};
 
 /// Messages taken from the inbox per loop turn, so completions are reaped between drains.
 const INBOX_BATCH: usize = 256;
@@ -107,21 +108,23 @@ impl ReactorThread {
             max_raw_owners: MAX_TASKS_PER_REACTOR,
             max_raw_ops: MAX_RAW_OPS_PER_REACTOR,
         };
-        let mut io = match UringIo::new(&devices, ring, me.wake_fd.clone(), Some(me.pool.clone())) {
-            Ok(io) => io,
-            Err(e) => {
-                let _ = ready.send(Err(e));
-                return;
-            }
-        };
-        tracing::debug!(reactor = id.0, features = ?io.features(), "reactor ring ready");
-        if let Some(reason) = io.zero_copy_unavailable() {
+        let mut uring =
+            match UringIo::new(&devices, ring, me.wake_fd.clone(), Some(me.pool.clone())) {
+                Ok(io) => io,
+                Err(e) => {
+                    let _ = ready.send(Err(e));
+                    return;
+                }
+            };
+        tracing::debug!(reactor = id.0, features = ?uring.features(), "reactor ring ready");
+        if let Some(reason) = uring.zero_copy_unavailable() {
             tracing::info!(
                 reactor = id.0,
                 "zero-copy sends unavailable ({reason}); sends to peers copy"
             );
         }
-        io.count_sends_in(me.stats.sends.clone());
+        uring.count_sends_in(me.stats.sends.clone());
+        let io = decorate(uring, MonotonicClock::new(), queue_depth, &devices);
         let router: Arc<dyn Router> = shared.clone();
         let mut core = ReactorCore::new(id, io, router, homes);
         core.set_bounce_pool(me.pool.clone());
@@ -142,7 +145,7 @@ impl ReactorThread {
 struct Loop<'a> {
     me: &'a ReactorShared,
     shared: &'a Arc<Shared>,
-    core: ReactorCore<UringIo>,
+    core: ReactorCore<ReactorIo>,
     tasks: TaskTable,
     idle: IdlePolicy,
 }

@@ -1,7 +1,7 @@
 //! The real [`Io`]: one io_uring per reactor. O_DIRECT files and block devices go through the
-//! ring (registered as fixed files); RAM, bbram and null devices complete inline. The `delay`
-//! wrapper holds completions until the profile's service time has passed; the `fault` wrapper
-//! fails chosen ops.
+//! ring (registered as fixed files); RAM, bbram and null devices complete inline. Plain IO:
+//! emulated service times and injected faults are decorators above it ([`super::delay`],
+//! [`super::fault`]).
 //!
 //! This layer knows nothing above it: the reactor says what to size the ring for
 //! ([`RingConfig`]). Besides device ops, the ring carries the ops of the reactor's tasks
@@ -16,14 +16,12 @@ mod user_data;
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
-use std::time::Instant;
 
 use io_uring::{opcode, squeue, types, IoUring};
 
 use self::sys::register_ring_fd;
 pub use self::sys::{new_wake_fd, wake};
 use self::user_data::UserData;
-use super::delay::{schedule_delayed, DelayQueue};
 use super::task_ring::RingCompletion;
 use super::zero_copy::SendCounters;
 use super::{Io, IoCompletion, IoKind, IoOp, MemAccess};
@@ -31,7 +29,6 @@ use crate::buf::{AlignedBuf, RegisteredPool};
 use crate::device::{Backend, OpenDevice};
 use crate::error::EngineError;
 use crate::ids::DeviceId;
-use crate::profile::ServiceTime;
 use crate::request::Errno;
 
 /// Memory alignment we guarantee for O_DIRECT (buffers that miss it are bounced).
@@ -44,7 +41,6 @@ struct Slot {
     op: IoOp,
     /// Aligned copy for a buffer whose memory O_DIRECT cannot use.
     bounce: Option<AlignedBuf>,
-    submitted_ns: u64,
     /// Bytes already transferred by earlier submissions of a read or write that came back
     /// short; the next submission carries on from there.
     done_bytes: u32,
@@ -85,8 +81,8 @@ pub struct UringIo {
     features: RingFeatures,
     devices: Vec<Option<Arc<OpenDevice>>>,
     fixed_index: Vec<Option<u32>>,
+    /// Ops of each device not yet completed: what the profile's queue depth bounds.
     per_device_in_flight: Vec<u32>,
-    busy_until_ns: Vec<u64>,
     slots: Vec<Option<Slot>>,
     free_slots: Vec<u32>,
     ring_in_flight: usize,
@@ -95,13 +91,11 @@ pub struct UringIo {
     reap_scratch: Vec<(u64, i32, u32)>,
     raw_in_flight: usize,
     ready: VecDeque<IoCompletion>,
-    delayed: DelayQueue,
     in_flight: usize,
     queue_depth: usize,
     wake_fd: Arc<OwnedFd>,
     wake_armed: bool,
     wake_buf: Box<[u8; 8]>,
-    epoch: Instant,
     /// Index of the registered ring fd, passed to io_uring_enter instead of the fd.
     ring_index: Option<u32>,
     /// Free slots of the file table for tasks' descriptors, and who holds the taken ones.
@@ -240,7 +234,6 @@ impl UringIo {
             ring,
             features,
             per_device_in_flight: vec![0; max_id],
-            busy_until_ns: vec![0; max_id],
             devices: by_id,
             fixed_index,
             slots: Vec::with_capacity(queue_depth),
@@ -250,13 +243,11 @@ impl UringIo {
             reap_scratch: Vec::new(),
             raw_in_flight: 0,
             ready: VecDeque::new(),
-            delayed: DelayQueue::default(),
             in_flight: 0,
             queue_depth,
             wake_fd,
             wake_armed: false,
             wake_buf: Box::new([0; 8]),
-            epoch: Instant::now(),
             ring_index,
             free_task_files,
             task_files: Vec::new(),
@@ -271,47 +262,14 @@ impl UringIo {
         self.features
     }
 
-    fn now_ns(&self) -> u64 {
-        self.epoch.elapsed().as_nanos() as u64
-    }
-
-    /// Where a finished op goes: straight to `ready`, or held back by the delay wrapper.
-    fn finish(
-        &mut self,
-        device: &OpenDevice,
-        kind: IoKind,
-        len: u64,
-        submitted_ns: u64,
-        c: IoCompletion,
-    ) {
-        let i = device.spec.id.0 as usize;
+    /// A device op is done: it no longer counts against its device's queue depth.
+    fn finish(&mut self, device_index: usize, c: IoCompletion) {
         debug_assert!(
-            self.per_device_in_flight[i] > 0,
-            "a completion on device {i} with none in flight"
+            self.per_device_in_flight[device_index] > 0,
+            "a completion on device {device_index} with none in flight"
         );
-        self.per_device_in_flight[i] -= 1;
-        let spike_ns = device.fault.as_ref().map_or(0, |f| f.spike_ns());
-        let service = match (&device.delay, kind) {
-            (Some(p), IoKind::Read) => p.read_service(len),
-            (Some(p), IoKind::Write { .. } | IoKind::Zero { .. }) => p.write_service(len),
-            // Charged even without a volatile cache: the command still travels to the device.
-            (Some(p), IoKind::Sync) => ServiceTime {
-                latency_ns: p.flush_delay_ns(),
-                transfer_ns: 0,
-            },
-            (None, _) => ServiceTime {
-                latency_ns: 0,
-                transfer_ns: 0,
-            },
-        };
-        if service.total_ns() == 0 && spike_ns == 0 {
-            self.ready.push_back(c);
-            return;
-        }
-        // Transfers share the device's bandwidth one after another; latencies (and fault
-        // spikes) overlap, up to the profile's queue depth which `push_on` enforces.
-        let due_ns = schedule_delayed(&mut self.busy_until_ns[i], submitted_ns, service, spike_ns);
-        self.delayed.push(due_ns, c);
+        self.per_device_in_flight[device_index] -= 1;
+        self.ready.push_back(c);
     }
 
     fn run_inline(device: &OpenDevice, op: &mut IoOp) -> Result<u32, Errno> {
@@ -473,12 +431,7 @@ impl UringIo {
             }
             self.free_slots.push(tag);
             self.ring_in_flight -= 1;
-            let Slot {
-                mut op,
-                bounce,
-                submitted_ns,
-                ..
-            } = slot;
+            let Slot { mut op, bounce, .. } = slot;
             // The one place a ring result's -errno becomes an Errno.
             let result = if res < 0 {
                 Err(Errno(-res))
@@ -495,18 +448,12 @@ impl UringIo {
                     .as_mut_slice()
                     .copy_from_slice(b.as_slice());
             }
-            // Moved out and back rather than cloned: no shared refcount traffic per op.
-            let di = op.device.0 as usize;
-            let device = self.devices[di].take().expect("device");
-            let len = expected.max(0) as u64;
-            let kind = op.kind;
             let c = IoCompletion {
                 tag: op.tag,
                 result,
                 buf: op.buf.take(),
             };
-            self.finish(&device, kind, len, submitted_ns, c);
-            self.devices[di] = Some(device);
+            self.finish(op.device.0 as usize, c);
         }
         done.clear();
         self.reap_scratch = done;
@@ -525,14 +472,6 @@ impl UringIo {
                 tracing::warn!("io_uring submit: {e}");
             }
         }
-    }
-
-    fn release_due(&mut self) {
-        if self.delayed.is_empty() {
-            return;
-        }
-        let now = self.now_ns();
-        self.delayed.release_due(now, &mut self.ready);
     }
 
     fn arm_wake(&mut self) -> bool {
@@ -555,7 +494,7 @@ impl UringIo {
         true
     }
     /// Every op accepted by `push` and not yet handed out is in exactly one place: the ring
-    /// (one taken slot each), the delay queue, or the ready queue.
+    /// (one taken slot each) or the ready queue.
     fn debug_check_counts(&self) {
         debug_assert_eq!(
             self.ring_in_flight,
@@ -564,8 +503,8 @@ impl UringIo {
         );
         debug_assert_eq!(
             self.in_flight,
-            self.ring_in_flight + self.delayed.len() + self.ready.len(),
-            "ops in flight vs ring + delayed + ready"
+            self.ring_in_flight + self.ready.len(),
+            "ops in flight vs ring + ready"
         );
     }
 
@@ -574,42 +513,16 @@ impl UringIo {
         if self.per_device_in_flight[i] >= device.spec.profile.queue_depth {
             return Err(op);
         }
-        let len = match op.kind {
-            IoKind::Zero { len_bytes } => len_bytes,
-            _ => op.buf.as_ref().map_or(0, |b| b.len() as u64),
-        };
-        // The clock is only needed by the delay and fault wrappers.
-        let now = if device.delay.is_some() || device.fault.is_some() {
-            self.now_ns()
-        } else {
-            0
-        };
         self.in_flight += 1;
         self.per_device_in_flight[i] += 1;
-        let is_write = matches!(op.kind, IoKind::Write { .. } | IoKind::Zero { .. });
-        if let Some(errno) = device.fault.as_ref().and_then(|f| {
-            (op.kind != IoKind::Sync)
-                .then(|| f.inject(op.offset_bytes, len, is_write))
-                .flatten()
-        }) {
-            let kind = op.kind;
-            let c = IoCompletion {
-                tag: op.tag,
-                result: Err(errno),
-                buf: op.buf.take(),
-            };
-            self.finish(device, kind, len, now, c);
-            return Ok(());
-        }
         if !matches!(device.backend, Backend::Direct { .. }) {
             let result = Self::run_inline(device, &mut op);
-            let kind = op.kind;
             let c = IoCompletion {
                 tag: op.tag,
                 result,
                 buf: op.buf.take(),
             };
-            self.finish(device, kind, len, now, c);
+            self.finish(i, c);
             return Ok(());
         }
         let bounce = op
@@ -633,7 +546,6 @@ impl UringIo {
         let mut slot = Slot {
             op,
             bounce,
-            submitted_ns: now,
             done_bytes: 0,
         };
         let sqe = self.build_sqe(device, &mut slot, tag);
@@ -705,7 +617,6 @@ impl Io for UringIo {
 
     fn poll_local(&mut self, out: &mut Vec<IoCompletion>) -> Result<(), EngineError> {
         self.reap_ring();
-        self.release_due();
         debug_assert!(
             self.in_flight >= self.ready.len(),
             "more completions than ops"
@@ -720,21 +631,13 @@ impl Io for UringIo {
         if !self.ready.is_empty() || !self.raw_done.is_empty() {
             return Ok(());
         }
-        let delay_ns = self
-            .delayed
-            .next_due_ns()
-            .map(|due_ns| due_ns.saturating_sub(self.now_ns()));
-        let wait_ns = match (timeout_ns, delay_ns) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        if wait_ns == Some(0) {
+        if timeout_ns == Some(0) {
             return Ok(());
         }
         if !self.arm_wake() {
             return Ok(());
         }
-        let res = match wait_ns {
+        let res = match timeout_ns {
             Some(ns) if self.features.ext_arg => self.enter(1, Some(ns)),
             _ => self.enter(1, None),
         };
@@ -759,6 +662,17 @@ impl Io for UringIo {
         self.in_flight
     }
 
+    fn has_room(&self, device: DeviceId) -> bool {
+        self.in_flight < self.queue_depth
+            && match self.devices.get(device.0 as usize) {
+                Some(Some(d)) => {
+                    self.per_device_in_flight[device.0 as usize] < d.spec.profile.queue_depth
+                }
+                // Answered at once with ENODEV.
+                _ => true,
+            }
+    }
+
     fn with_memory(
         &mut self,
         device: DeviceId,
@@ -768,10 +682,6 @@ impl Io for UringIo {
         f: &mut dyn FnMut(&mut [u8]) -> Result<(), Errno>,
     ) -> Option<Result<(), Errno>> {
         let d = self.devices.get(device.0 as usize)?.as_ref()?;
-        // The wrappers shape each op (latency, injected errors): such devices take the op path.
-        if d.delay.is_some() || d.fault.is_some() {
-            return None;
-        }
         let Backend::Mem(m) = &d.backend else {
             return None;
         };

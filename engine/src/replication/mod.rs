@@ -1,0 +1,42 @@
+//! Replication state that survives restarts, and the pure decisions made from it: generation
+//! histories and how two copies relate ([`generation`]), dirty-region bitmaps ([`bitmap`]),
+//! the record a metadata slot holds ([`record`]) and the shared in-memory state a volume
+//! carries ([`state`]). Nothing here touches a socket or a ring: the peer runtime builds on it.
+
+pub mod bitmap;
+pub mod generation;
+pub mod record;
+pub mod state;
+
+pub use bitmap::{DirtyBitmap, RegionIndex};
+pub use generation::{
+    compare, resync_scope, GenerationHistory, GenerationId, Relation, ResyncScope,
+};
+pub use record::{NodeId, ReplicaRecord, ReplicationRecord, Role, MAX_REPLICAS};
+pub use state::{ReplicaState, VolumeReplication};
+
+/// Why replication state cannot be built as asked (from a record on disk or from a request).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReplicationError {
+    #[error("a generation history holds at most {max} generations, not {0}", max = generation::MAX_HISTORY)]
+    HistoryTooLong(usize),
+    #[error("generation {0} appears twice in one history")]
+    DuplicateGeneration(GenerationId),
+    #[error("region size 2^{0} bytes is outside 4 KiB..1 TiB (a power of two in that range)")]
+    RegionSize(u8),
+    #[error(
+        "{capacity_bytes} bytes in regions of {region_bytes} bytes are {regions} regions, more \
+         than a dirty bitmap tracks ({max}): use regions of at least {needed_bytes} bytes",
+        max = bitmap::MAX_REGIONS
+    )]
+    TooManyRegions {
+        capacity_bytes: u64,
+        region_bytes: u64,
+        regions: u64,
+        needed_bytes: u64,
+    },
+    #[error("dirty regions up to {end} lie past the volume's {regions} regions")]
+    PastEnd { end: u64, regions: u64 },
+    #[error("{0} replicas are more than a volume may have ({MAX_REPLICAS})")]
+    TooManyReplicas(usize),
+}

@@ -1,0 +1,278 @@
+//! A replicated volume's replication state in memory, shared by every reactor.
+//!
+//! Who writes what:
+//! - the bitmaps (each replica's dirty regions, the activity log) are atomics: the reactor
+//!   that owns a chunk marks the regions a write touches, with no lock, from any reactor;
+//! - role, history and each replica's `since` change rarely (a replica drops out or comes
+//!   back, a promotion, a resolve) and sit behind small mutexes no data path takes;
+//! - the device's home reactor snapshots all of it into every metadata round
+//!   ([`VolumeReplication::record`], through `Volume::record`), so whoever changes it only
+//!   marks the device's metadata dirty (`Volume::replication_changed`) and a flush makes it
+//!   durable.
+//!
+//! The rule that keeps a restart from forgetting a write: a region is dirty for a replica (or
+//! in the activity log) in a *persisted* round before a write to it can reach the local disk
+//! without reaching that replica. The runtime that sends writes to peers enforces it; this
+//! type gives it the cheap half (`mark_*` say whether a bit was new, so only the first write
+//! to a region waits for a round).
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use super::bitmap::{coarsen, DirtyBitmap, RegionIndex};
+use super::generation::{GenerationHistory, GenerationId};
+use super::record::{
+    NodeId, ReplicaRecord, ReplicationRecord, Role, MAX_ACTIVITY_RUNS, MAX_PERSISTED_RUNS,
+    MAX_REPLICAS,
+};
+use super::ReplicationError;
+
+/// One replica of a volume, as the primary tracks it.
+#[derive(Debug)]
+pub struct ReplicaState {
+    pub node: NodeId,
+    since: Mutex<Option<GenerationId>>,
+    full_sync: AtomicBool,
+    /// Regions this replica lacks.
+    pub dirty: DirtyBitmap,
+}
+
+impl ReplicaState {
+    /// The generation the replica was last up to date in (None: up to date).
+    pub fn since(&self) -> Option<GenerationId> {
+        *self.since.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn set_since(&self, since: Option<GenerationId>) {
+        *self.since.lock().unwrap_or_else(|e| e.into_inner()) = since;
+    }
+
+    pub fn full_sync(&self) -> bool {
+        self.full_sync.load(Ordering::Acquire)
+    }
+
+    pub fn set_full_sync(&self, full: bool) {
+        self.full_sync.store(full, Ordering::Release);
+    }
+}
+
+/// A volume's replication state.
+#[derive(Debug)]
+pub struct VolumeReplication {
+    role: Mutex<Role>,
+    history: Mutex<GenerationHistory>,
+    replicas: Vec<ReplicaState>,
+    /// Regions that may have writes in flight.
+    pub activity: DirtyBitmap,
+}
+
+impl VolumeReplication {
+    /// A new replicated volume of at most `capacity_bytes`: a fresh history, and every replica
+    /// in need of a full sync.
+    pub fn new(
+        role: Role,
+        capacity_bytes: u64,
+        region_shift: u8,
+        replicas: &[NodeId],
+    ) -> Result<VolumeReplication, ReplicationError> {
+        let record = ReplicationRecord {
+            role,
+            region_shift,
+            history: GenerationHistory::created(),
+            replicas: replicas
+                .iter()
+                .map(|&node| ReplicaRecord {
+                    node,
+                    since: None,
+                    full_sync: true,
+                    dirty: Vec::new(),
+                })
+                .collect(),
+            activity: Vec::new(),
+        };
+        VolumeReplication::from_record(&record, capacity_bytes)
+    }
+
+    /// The state a loaded record describes, for a volume of at most `capacity_bytes`. The
+    /// activity log is folded into every replica's dirty regions (a crash may have left its
+    /// regions written here and not there) and starts empty.
+    pub fn from_record(
+        record: &ReplicationRecord,
+        capacity_bytes: u64,
+    ) -> Result<VolumeReplication, ReplicationError> {
+        if record.replicas.len() > MAX_REPLICAS {
+            return Err(ReplicationError::TooManyReplicas(record.replicas.len()));
+        }
+        let bitmap = || DirtyBitmap::new(capacity_bytes, record.region_shift);
+        let activity = bitmap()?;
+        let check = |runs: &[Range<u64>], b: &DirtyBitmap| match runs.last() {
+            Some(last) if last.end > b.regions() => Err(ReplicationError::PastEnd {
+                end: last.end,
+                regions: b.regions(),
+            }),
+            _ => Ok(()),
+        };
+        check(&record.activity, &activity)?;
+        let mut replicas = Vec::with_capacity(record.replicas.len());
+        for r in &record.replicas {
+            let dirty = bitmap()?;
+            check(&r.dirty, &dirty)?;
+            for run in r.dirty.iter().chain(&record.activity) {
+                dirty.mark_regions(run.clone());
+            }
+            replicas.push(ReplicaState {
+                node: r.node,
+                since: Mutex::new(r.since),
+                full_sync: AtomicBool::new(r.full_sync),
+                dirty,
+            });
+        }
+        Ok(VolumeReplication {
+            role: Mutex::new(record.role),
+            history: Mutex::new(record.history.clone()),
+            replicas,
+            activity,
+        })
+    }
+
+    /// What the next metadata round persists: a consistent-enough snapshot (each bitmap read
+    /// once; a bit set meanwhile is in it or marks the metadata dirty again), with runs merged
+    /// to their bounds.
+    pub fn record(&self) -> ReplicationRecord {
+        ReplicationRecord {
+            role: self.role(),
+            region_shift: self.activity.region_shift(),
+            history: self.history(),
+            replicas: self
+                .replicas
+                .iter()
+                .map(|r| ReplicaRecord {
+                    node: r.node,
+                    since: r.since(),
+                    full_sync: r.full_sync(),
+                    dirty: coarsen(r.dirty.runs(), MAX_PERSISTED_RUNS),
+                })
+                .collect(),
+            activity: coarsen(self.activity.runs(), MAX_ACTIVITY_RUNS),
+        }
+    }
+
+    pub fn role(&self) -> Role {
+        *self.role.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn set_role(&self, role: Role) {
+        *self.role.lock().unwrap_or_else(|e| e.into_inner()) = role;
+    }
+
+    pub fn history(&self) -> GenerationHistory {
+        self.history
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Start a new generation (the set of up-to-date replicas changed, a promotion, a
+    /// resolve) and return it.
+    pub fn start_generation(&self) -> GenerationId {
+        self.history
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .start_new()
+    }
+
+    /// Take `history` as this copy's own (a sync target adopts its source's at the end of a
+    /// resync).
+    pub fn adopt_history(&self, history: GenerationHistory) {
+        *self.history.lock().unwrap_or_else(|e| e.into_inner()) = history;
+    }
+
+    pub fn replicas(&self) -> &[ReplicaState] {
+        &self.replicas
+    }
+
+    pub fn replica(&self, node: NodeId) -> Option<&ReplicaState> {
+        self.replicas.iter().find(|r| r.node == node)
+    }
+
+    /// Mark `offset_bytes..+len_bytes` dirty for every replica in `lacking`. True when a bit
+    /// was new (the persisted copy needs a round).
+    pub fn mark_dirty(&self, lacking: &[NodeId], offset_bytes: u64, len_bytes: u64) -> bool {
+        let mut newly = false;
+        for r in self.replicas.iter().filter(|r| lacking.contains(&r.node)) {
+            newly |= r.dirty.mark_bytes(offset_bytes, len_bytes);
+        }
+        newly
+    }
+
+    /// A region was resynced to `node`.
+    pub fn resynced(&self, node: NodeId, region: RegionIndex) -> bool {
+        self.replica(node).is_some_and(|r| r.dirty.clear(region))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(n: u128) -> NodeId {
+        NodeId::new(n).unwrap()
+    }
+
+    #[test]
+    fn a_snapshot_reloads_as_a_superset_with_the_activity_folded_in() {
+        let v = VolumeReplication::new(Role::Primary, 1 << 30, 20, &[node(1), node(2)]).unwrap();
+        assert!(v
+            .replicas()
+            .iter()
+            .all(|r| r.full_sync() && r.since().is_none()));
+        let g0 = v.history().current().unwrap();
+        let g1 = v.start_generation();
+        v.replica(node(1)).unwrap().set_since(Some(g0));
+        v.replica(node(1)).unwrap().set_full_sync(false);
+        // Many scattered dirty regions: more runs than persist.
+        for i in 0..200u64 {
+            assert!(v.mark_dirty(&[node(1)], (i * 3) << 20, 1));
+        }
+        assert!(!v.mark_dirty(&[node(1)], 0, 4096), "already dirty");
+        v.activity.mark_regions(1000..1002);
+        let rec = v.record();
+        assert_eq!(rec.history.current(), Some(g1));
+        assert_eq!(rec.replicas[0].dirty.len(), MAX_PERSISTED_RUNS);
+        let mut bytes = Vec::new();
+        rec.encode(&mut bytes).unwrap();
+        let back = VolumeReplication::from_record(&rec, 1 << 30).unwrap();
+        let r1 = back.replica(node(1)).unwrap();
+        assert_eq!(r1.since(), Some(g0));
+        for i in 0..200u64 {
+            assert!(r1.dirty.is_dirty(RegionIndex(i * 3)));
+        }
+        // The activity log counts as dirty for every replica after a restart.
+        for r in back.replicas() {
+            assert!(r.dirty.is_dirty(RegionIndex(1000)) && r.dirty.is_dirty(RegionIndex(1001)));
+        }
+        assert_eq!(back.activity.dirty_regions(), 0);
+        assert!(back.resynced(node(1), RegionIndex(3)));
+        assert!(!back.resynced(node(1), RegionIndex(3)));
+    }
+
+    #[test]
+    fn a_record_that_does_not_fit_the_volume_is_refused() {
+        let v = VolumeReplication::new(Role::Replica, 1 << 30, 20, &[node(1)]).unwrap();
+        let mut rec = v.record();
+        rec.replicas[0].dirty = std::iter::once(1020..1025).collect();
+        assert_eq!(
+            VolumeReplication::from_record(&rec, 1 << 30).unwrap_err(),
+            ReplicationError::PastEnd {
+                end: 1025,
+                regions: 1024
+            }
+        );
+        rec.replicas[0].dirty.clear();
+        assert!(matches!(
+            VolumeReplication::from_record(&rec, 1 << 50),
+            Err(ReplicationError::TooManyRegions { .. })
+        ));
+    }
+}
