@@ -586,6 +586,10 @@ fn a_flood_of_silent_connections_does_not_lock_out_a_real_peer() {
     eventually("the listener took every flood connection", || {
         node.listener.counts().accepted >= 16
     });
+    // The cut-off handshakes wind down; the newest four stay, silent, until their deadline.
+    eventually("only the table's handshakes are left", || {
+        node.listener.handshakes() == 4
+    });
     // From the same address: the flood's handshakes are all older, so they are cut off first.
     connect(
         &PeerAddress::from(node.addr),

@@ -2,6 +2,7 @@
 //! handshake itself under its deadline, and the hand-over of an established connection.
 
 use std::io::{self, Write};
+use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -97,18 +98,18 @@ fn on_accept(inner: &Arc<Inner>, conn: Conn, label: &str) {
         .name("peer-handshake".into())
         .spawn(move || {
             handshake_thread(&thread_inner, conn, &peer, &label, id);
-            finished(&thread_inner, id);
+            finished(&thread_inner, id, addr);
         });
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "peer: cannot start handshake thread; closing connection");
-        finished(inner, id);
+        finished(inner, id, addr);
     }
 }
 
 /// The handshake thread of connection `id` is done (also if it never started).
-fn finished(inner: &Inner, id: u64) {
+fn finished(inner: &Inner, id: u64, addr: Option<IpAddr>) {
     let mut table = inner.handshakes();
-    table.finished(id);
+    table.finished(id, addr);
     if table.threads() == 0 {
         inner.idle.notify_all();
     }

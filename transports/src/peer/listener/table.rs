@@ -7,7 +7,9 @@
 //! address only churns its own slots and never locks others out, and a well-behaved peer,
 //! whose handshake takes milliseconds, is almost never the oldest even behind the same
 //! address. Cut-off handshakes leave within moments (their socket is shut down); meanwhile
-//! their threads still count, up to twice `max`, and beyond that newcomers are turned away.
+//! their threads still count, up to twice `max_per_address` from one address and twice `max`
+//! in all, and beyond that newcomers (from that address, or at all) are turned away: a flood
+//! from one address can never use up the threads the others need.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -18,7 +20,8 @@ use std::sync::{Arc, Mutex};
 pub(super) enum Admit<T> {
     /// Admitted; these handshakes were cut off to make room (shut their sockets down).
     Admitted { cut_off: Vec<T> },
-    /// Turned away: too many handshake threads are still winding down.
+    /// Turned away: too many handshake threads (from its address, or in all) are still
+    /// winding down.
     Busy,
 }
 
@@ -37,6 +40,8 @@ pub(super) struct HandshakeTable<T> {
     per_address: HashMap<IpAddr, usize>,
     /// Handshake threads running: in the table, cut off or handed on but not finished.
     threads: usize,
+    /// The same, by address.
+    threads_per_address: HashMap<IpAddr, usize>,
 }
 
 impl<T> HandshakeTable<T> {
@@ -48,6 +53,7 @@ impl<T> HandshakeTable<T> {
             entries: BTreeMap::new(),
             per_address: HashMap::new(),
             threads: 0,
+            threads_per_address: HashMap::new(),
         }
     }
 
@@ -65,6 +71,11 @@ impl<T> HandshakeTable<T> {
     pub(super) fn admit(&mut self, id: u64, addr: Option<IpAddr>, socket: T) -> Admit<T> {
         if self.threads >= 2 * self.max {
             return Admit::Busy;
+        }
+        if let Some(a) = addr {
+            if self.threads_per_address.get(&a).copied().unwrap_or(0) >= 2 * self.max_per_address {
+                return Admit::Busy;
+            }
         }
         let mut cut_off = Vec::new();
         if let Some(a) = addr {
@@ -89,6 +100,7 @@ impl<T> HandshakeTable<T> {
         self.entries.insert(id, Entry { addr, socket });
         if let Some(a) = addr {
             *self.per_address.entry(a).or_insert(0) += 1;
+            *self.threads_per_address.entry(a).or_insert(0) += 1;
         }
         self.threads += 1;
         debug_assert!(self.entries.len() <= self.max);
@@ -99,21 +111,28 @@ impl<T> HandshakeTable<T> {
     pub(super) fn remove(&mut self, id: u64) -> Option<T> {
         let entry = self.entries.remove(&id)?;
         if let Some(a) = entry.addr {
-            if let Some(n) = self.per_address.get_mut(&a) {
-                *n -= 1;
-                if *n == 0 {
-                    self.per_address.remove(&a);
-                }
-            }
+            decrement(&mut self.per_address, a);
         }
         Some(entry.socket)
     }
 
-    /// The thread of handshake `id` finished.
-    pub(super) fn finished(&mut self, id: u64) {
+    /// The thread of handshake `id`, from `addr`, finished.
+    pub(super) fn finished(&mut self, id: u64, addr: Option<IpAddr>) {
         self.remove(id);
         debug_assert!(self.threads > 0);
         self.threads = self.threads.saturating_sub(1);
+        if let Some(a) = addr {
+            decrement(&mut self.threads_per_address, a);
+        }
+    }
+}
+
+fn decrement(counts: &mut HashMap<IpAddr, usize>, addr: IpAddr) {
+    if let Some(n) = counts.get_mut(&addr) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            counts.remove(&addr);
+        }
     }
 }
 
@@ -212,8 +231,23 @@ mod tests {
         }
         assert_eq!(t.threads(), 4);
         assert_eq!(t.admit(4, None, 4), Admit::Busy);
-        t.finished(0);
+        t.finished(0, None);
         assert!(matches!(t.admit(5, None, 5), Admit::Admitted { .. }));
+    }
+
+    #[test]
+    fn one_address_cannot_use_up_the_threads_of_others() {
+        let mut t = HandshakeTable::new(8, 2);
+        // Four from one address: two in the table, two cut off and still winding down.
+        for id in 0..4 {
+            assert!(matches!(t.admit(id, ip(1), id), Admit::Admitted { .. }));
+        }
+        assert_eq!(t.admit(4, ip(1), 4), Admit::Busy);
+        // Another address is still let in.
+        assert_eq!(t.admit(5, ip(2), 5), Admit::Admitted { cut_off: vec![] });
+        // Once a thread of the first address finishes, it may try again.
+        t.finished(0, ip(1));
+        assert!(matches!(t.admit(6, ip(1), 6), Admit::Admitted { .. }));
     }
 
     #[test]
@@ -224,9 +258,10 @@ mod tests {
         assert_eq!(t.remove(0), None);
         // The address's share is free again.
         assert_eq!(t.admit(1, ip(1), 1), Admit::Admitted { cut_off: vec![] });
-        t.finished(0);
-        t.finished(1);
+        t.finished(0, ip(1));
+        t.finished(1, ip(1));
         assert_eq!(t.threads(), 0);
+        assert!(t.threads_per_address.is_empty());
         assert_eq!(t.sockets().count(), 0);
     }
 
