@@ -712,6 +712,25 @@ fn connections_beyond_the_limit_are_closed_before_they_are_established() {
     eventually("established again", || node.established() == 1);
 }
 
+#[test]
+fn stopping_the_listener_cuts_off_handshakes_in_progress() {
+    let node = Node::start(|c| c.handshake_deadline = Duration::from_secs(60));
+    let mut silent: Vec<TcpStream> = (0..3).map(|_| raw(node.addr)).collect();
+    eventually("three handshakes in progress", || {
+        node.listener.handshakes() == 3
+    });
+    node.listener.stop();
+    assert_eq!(
+        node.listener.handshakes(),
+        0,
+        "stop waits for their threads"
+    );
+    for s in &mut silent {
+        assert_eq!(read_to_close(s), b"");
+    }
+    assert_eq!(node.established(), 0);
+}
+
 // ---- the connector's errors --------------------------------------------------------------
 
 #[test]

@@ -154,6 +154,13 @@ fn handshake_thread(inner: &Inner, conn: Conn, peer: &str, label: &str, id: u64)
         }
         return;
     };
+    // The connection leaves the table before its Welcome: one cut off just now is never told
+    // it is established, and one that was told is never shut down behind the runtime's back.
+    if inner.handshakes().remove(id).is_none() {
+        inner.counters.closed.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(listener = label, %peer, "peer: handshake cut off before its Welcome");
+        return;
+    }
     if let Some(bytes) = welcome {
         if let Err(e) = stream.write_all(&bytes) {
             inner.counters.closed.fetch_add(1, Ordering::Relaxed);
@@ -167,8 +174,6 @@ fn handshake_thread(inner: &Inner, conn: Conn, peer: &str, label: &str, id: u64)
             "peer: cannot clear socket timeouts; closing");
         return;
     }
-    // The connection leaves the table before it is handed on, so stop never shuts it down.
-    inner.handshakes().remove(id);
     inner.counters.established.fetch_add(1, Ordering::Relaxed);
     tracing::info!(listener = label, %peer, node = %session.peer_node, volume = %session.volume,
         version = session.version, "peer: connection established");
