@@ -60,6 +60,11 @@ fn a_full_replica_set_is_checked_into_the_runtime_form() {
     assert_eq!(r.node_id, own());
     assert_eq!(r.cluster_id, "lab");
     assert_eq!(r.listen, DEFAULT_PEER_LISTEN.parse().unwrap());
+    // The configuration's default is where the peer listener listens by default.
+    assert_eq!(
+        r.listen,
+        ringblock_transports::peer::listener::DEFAULT_PEER_LISTEN
+    );
     assert_eq!(r.volumes.len(), 1);
     let reps = &r.volumes[0].replicas;
     assert_eq!(reps[0].node, NodeRef::Name("right".into()));

@@ -8,7 +8,7 @@ use anyhow::Context;
 use nix::sys::signal::{SigSet, Signal};
 use ringblock_engine::{Engine, EngineError};
 use ringblock_transports::nbd::server::{
-    take_systemd_listeners, BoundAddr, NbdServer, ServerConfig,
+    take_systemd_listeners, BoundAddr, Listener, NbdServer, ServerConfig,
 };
 use ringblock_transports::nbd::EngineCatalog;
 
@@ -73,62 +73,10 @@ pub fn run(args: ServeArgs) -> Result<(), Failure> {
             println!("{line}");
         }
     };
-    let mut cfg = match &args.config {
-        Some(path) => DaemonConfig::load(path).map_err(Failure::Config)?,
-        None => DaemonConfig::embedded_default(),
-    };
-    if let Some(cores) = args.cores {
-        cfg.cores = cores;
-    }
-    for volume in &args.ublk {
-        if !cfg
-            .exports
-            .iter()
-            .any(|e| e.kind == ExportKind::Ublk && &e.volume == volume)
-        {
-            cfg.exports.push(ExportConfig {
-                kind: ExportKind::Ublk,
-                volume: volume.clone(),
-                queue_depth: None,
-                max_io_bytes: None,
-            });
-        }
-    }
-    // The same checks as `check-config`, after the command line's overrides.
-    cfg.validate().map_err(Failure::Config)?;
+    let cfg = load_config(&args)?;
     let replication = replication_config(&cfg, &args.web.state_dir)?;
-    if let Some(r) = &replication {
-        // The peer runtime does not exist yet: serving a volume that is configured with
-        // replicas as if it had none would let the operator believe it is protected.
-        let volumes: Vec<&str> = r.volumes.iter().map(|v| v.volume.as_str()).collect();
-        return Err(Failure::Config(anyhow::anyhow!(
-            "replication is not available in this build yet: {} configured with \
-             [[volume.replica]] ({}); remove those entries to serve without replicas",
-            if volumes.len() == 1 {
-                "volume is"
-            } else {
-                "volumes are"
-            },
-            volumes.join(", ")
-        )));
-    }
-    // Addresses given on the command line always apply; the configured ones only without
-    // socket activation.
-    let tcp_text = if !args.listen.is_empty() {
-        args.listen.clone()
-    } else if activated {
-        Vec::new()
-    } else {
-        cfg.nbd.listen.clone()
-    };
-    let mut tcp = Vec::new();
-    for a in &tcp_text {
-        tcp.push(a.parse::<SocketAddr>().map_err(|_| {
-            Failure::Config(anyhow::anyhow!(
-                "nbd listen address {a:?} is not an address:port"
-            ))
-        })?);
-    }
+    refuse_replicas_until_the_runtime_exists(replication.as_ref())?;
+    let tcp = nbd_tcp_addresses(&args, &cfg, activated)?;
     let unix = args.unix.clone().or_else(|| {
         if activated {
             None
@@ -158,6 +106,119 @@ pub fn run(args: ServeArgs) -> Result<(), Failure> {
     cfg.nbd
         .check_connections(engine.reactor_count() as usize)
         .map_err(Failure::Config)?;
+    ensure_volumes(&engine, &cfg)?;
+    announce(&engine, &cfg, &say);
+    let engine = Arc::new(engine);
+    let server = start_nbd(&engine, &cfg, tcp, unix, inherited)?;
+    announce_listeners(&server, &cfg, activated, &say);
+    if let Err(e) = start_exports(&engine, &cfg, &say) {
+        stop_exports();
+        server.stop();
+        return Err(e);
+    }
+    // After the signal mask is set: the web server's threads inherit it.
+    let web = match web.map(|w| crate::web::start(w, &engine, &server, &cfg, &say)) {
+        Some(Err(e)) => {
+            stop_exports();
+            server.stop();
+            return Err(e);
+        }
+        Some(Ok(w)) => Some(w),
+        None => None,
+    };
+    say(format!(
+        "ringblock: engine running on {} reactor(s)",
+        engine.reactor_count()
+    ));
+    say("ringblock: ready".into());
+    let signal = stop
+        .wait()
+        .context("waiting for signals")
+        .map_err(Failure::Runtime)?;
+    tracing::info!(?signal, "stopping: draining and flushing");
+    stop_everything(web, server, engine)?;
+    say("ringblock: stopped cleanly".into());
+    Ok(())
+}
+
+/// The configuration file (or the embedded default) with the command line's overrides, checked
+/// as `check-config` checks it.
+fn load_config(args: &ServeArgs) -> Result<DaemonConfig, Failure> {
+    let mut cfg = match &args.config {
+        Some(path) => DaemonConfig::load(path).map_err(Failure::Config)?,
+        None => DaemonConfig::embedded_default(),
+    };
+    if let Some(cores) = args.cores.clone() {
+        cfg.cores = cores;
+    }
+    for volume in &args.ublk {
+        if !cfg
+            .exports
+            .iter()
+            .any(|e| e.kind == ExportKind::Ublk && &e.volume == volume)
+        {
+            cfg.exports.push(ExportConfig {
+                kind: ExportKind::Ublk,
+                volume: volume.clone(),
+                queue_depth: None,
+                max_io_bytes: None,
+            });
+        }
+    }
+    // The same checks as `check-config`, after the command line's overrides.
+    cfg.validate().map_err(Failure::Config)?;
+    Ok(cfg)
+}
+
+/// Serving a volume that is configured with replicas as if it had none would let the
+/// operator believe it is protected: refused until the peer runtime exists.
+fn refuse_replicas_until_the_runtime_exists(
+    replication: Option<&crate::replication::ReplicationConfig>,
+) -> Result<(), Failure> {
+    if let Some(r) = replication {
+        let volumes: Vec<&str> = r.volumes.iter().map(|v| v.volume.as_str()).collect();
+        return Err(Failure::Config(anyhow::anyhow!(
+            "replication is not available in this build yet: {} configured with \
+             [[volume.replica]] ({}); remove those entries to serve without replicas",
+            if volumes.len() == 1 {
+                "volume is"
+            } else {
+                "volumes are"
+            },
+            volumes.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// The NBD TCP addresses to listen on.
+fn nbd_tcp_addresses(
+    args: &ServeArgs,
+    cfg: &DaemonConfig,
+    activated: bool,
+) -> Result<Vec<SocketAddr>, Failure> {
+    // Addresses given on the command line always apply; the configured ones only without
+    // socket activation.
+    let tcp_text = if !args.listen.is_empty() {
+        args.listen.clone()
+    } else if activated {
+        Vec::new()
+    } else {
+        cfg.nbd.listen.clone()
+    };
+    let mut tcp = Vec::new();
+    for a in &tcp_text {
+        tcp.push(a.parse::<SocketAddr>().map_err(|_| {
+            Failure::Config(anyhow::anyhow!(
+                "nbd listen address {a:?} is not an address:port"
+            ))
+        })?);
+    }
+    Ok(tcp)
+}
+
+/// Create the configured volumes that do not exist yet and grow those configured larger.
+fn ensure_volumes(engine: &Engine, cfg: &DaemonConfig) -> Result<(), Failure> {
     for v in &cfg.volumes {
         match engine.volume(&v.name) {
             None => {
@@ -177,6 +238,11 @@ pub fn run(args: ServeArgs) -> Result<(), Failure> {
             Some(_) => {}
         }
     }
+    Ok(())
+}
+
+/// Say what the engine holds, and warn about settings that name nothing.
+fn announce(engine: &Engine, cfg: &DaemonConfig, say: &dyn Fn(String)) {
     for d in engine.devices() {
         say(format!(
             "ringblock: device {} ({}, profile {}): {} bytes, {} chunks of {} bytes, {} in use, block {}/{} bytes",
@@ -206,12 +272,21 @@ pub fn run(args: ServeArgs) -> Result<(), Failure> {
             tracing::warn!(volume = %name, "[nbd] read_only names a volume that does not exist");
         }
     }
-    let engine = Arc::new(engine);
+}
+
+/// The NBD server over the engine, on the given sockets, with the configured limits.
+fn start_nbd(
+    engine: &Arc<Engine>,
+    cfg: &DaemonConfig,
+    tcp: Vec<SocketAddr>,
+    unix: Option<PathBuf>,
+    inherited: Vec<Listener>,
+) -> Result<NbdServer, Failure> {
     let catalog = Arc::new(EngineCatalog {
         engine: engine.clone(),
         read_only: cfg.nbd.read_only.clone(),
     });
-    let server = NbdServer::start(
+    NbdServer::start(
         engine.clone(),
         catalog,
         ServerConfig {
@@ -228,7 +303,16 @@ pub fn run(args: ServeArgs) -> Result<(), Failure> {
             ..ServerConfig::default()
         },
     )
-    .map_err(|e| Failure::Config(e.into()))?;
+    .map_err(|e| Failure::Config(e.into()))
+}
+
+/// Say where NBD listens, and warn loudly when that is beyond loopback.
+fn announce_listeners(
+    server: &NbdServer,
+    cfg: &DaemonConfig,
+    activated: bool,
+    say: &dyn Fn(String),
+) {
     for addr in server.addrs() {
         let how = if activated {
             " (socket activation)"
@@ -246,31 +330,15 @@ pub fn run(args: ServeArgs) -> Result<(), Failure> {
             say(format!("ringblock: warning: nbd on {addr} has no TLS or authentication; {who} can use every export"));
         }
     }
-    if let Err(e) = start_exports(&engine, &cfg, &say) {
-        stop_exports();
-        server.stop();
-        return Err(e);
-    }
-    // After the signal mask is set: the web server's threads inherit it.
-    let mut web = match web.map(|w| crate::web::start(w, &engine, &server, &cfg, &say)) {
-        Some(Err(e)) => {
-            stop_exports();
-            server.stop();
-            return Err(e);
-        }
-        Some(Ok(w)) => Some(w),
-        None => None,
-    };
-    say(format!(
-        "ringblock: engine running on {} reactor(s)",
-        engine.reactor_count()
-    ));
-    say("ringblock: ready".into());
-    let signal = stop
-        .wait()
-        .context("waiting for signals")
-        .map_err(Failure::Runtime)?;
-    tracing::info!(?signal, "stopping: draining and flushing");
+}
+
+/// Stop in order: the web server, the ublk exports, the NBD server, then the engine (which
+/// drains and flushes).
+fn stop_everything(
+    mut web: Option<ringblock_web::WebServer>,
+    server: NbdServer,
+    engine: Arc<Engine>,
+) -> Result<(), Failure> {
     // The web server drops its engine reference (and any command in progress finishes).
     if let Some(w) = web.as_mut() {
         w.stop();
@@ -294,7 +362,6 @@ pub fn run(args: ServeArgs) -> Result<(), Failure> {
                 .map_err(Failure::Runtime)?;
         }
     }
-    say("ringblock: stopped cleanly".into());
     Ok(())
 }
 

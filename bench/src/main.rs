@@ -27,6 +27,7 @@ mod run;
 mod run_report;
 mod stats;
 mod targets;
+mod zc_threshold;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -52,6 +53,10 @@ enum Command {
     Compare(compare::CompareArgs),
     /// Write a run's report.md and plots again from its summary.json.
     Report(run_report::ReportArgs),
+    /// Zero-copy against copying sends by payload size, on loopback TCP and a Unix socket
+    /// pair: CPU per KiB and the kernel's copy reports (docs/performance.md, "Zero-copy
+    /// sends").
+    ZcThreshold(zc_threshold::ZcArgs),
 }
 
 /// `ringblock-bench --quick` (options, no subcommand) means `ringblock-bench run --quick`.
@@ -86,6 +91,7 @@ fn main() -> Result<()> {
         Command::Run(args) => run::run(&args),
         Command::Compare(args) => compare::run(&args),
         Command::Report(args) => run_report::rerun(&args),
+        Command::ZcThreshold(args) => zc_threshold::run(&args),
     }
 }
 

@@ -15,6 +15,7 @@ use crate::device::{DeviceConfig, DeviceProbe, OpenDevice};
 use crate::error::{EngineError, VolumeErrorKind};
 use crate::ids::{DeviceId, ReactorId, VolumeId};
 use crate::io::uring::wake;
+use crate::io::zero_copy::SendCounts;
 use crate::loader::{load_device_with, LoadOptions, LoadedDevice};
 use crate::reactor::mesh::Shared;
 use crate::reactor::placement::{device_irq_core, select_cores};
@@ -196,6 +197,8 @@ pub struct ReactorSnapshot {
     pub completions: u64,
     pub ops_in_flight: u64,
     pub parked: bool,
+    /// How its tasks' zero-copy sends went out.
+    pub sends: SendCounts,
 }
 
 pub struct Engine {
@@ -653,6 +656,7 @@ impl Engine {
                 completions: r.stats.completions.load(Ordering::Relaxed),
                 ops_in_flight: r.stats.ops_in_flight.load(Ordering::Relaxed),
                 parked: r.parked.load(Ordering::Relaxed),
+                sends: r.stats.sends.snapshot(),
             })
             .collect()
     }

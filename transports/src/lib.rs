@@ -2,4 +2,5 @@
 
 pub mod nbd;
 pub mod peer;
+mod socket;
 pub mod ublk;

@@ -287,6 +287,7 @@ mod tests {
             completions: 0,
             ops_in_flight: 0,
             parked,
+            sends: Default::default(),
         }
     }
 

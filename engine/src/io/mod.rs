@@ -24,6 +24,7 @@ pub mod task_ring;
 #[cfg(test)]
 mod test_io;
 pub mod uring;
+pub mod zero_copy;
 
 use std::sync::Arc;
 

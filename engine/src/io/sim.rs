@@ -15,6 +15,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::sim_net::SimNet;
 use super::task_ring::{RingCompletion, SocketOp, TaskRing};
+use super::zero_copy::{self, SendCounters};
 use super::{Io, IoCompletion, IoKind, IoOp};
 use crate::ids::DeviceId;
 use crate::provided::ProvidedBuffers;
@@ -187,6 +188,9 @@ pub struct SimIo {
     next_order: u64,
     /// The network its tasks' sockets are on, and this ring's number there.
     net: Option<(SimNet, u32)>,
+    /// Zero-copy sends go out zero-copy (else by copying, as on a kernel without them).
+    zero_copy: bool,
+    sends: SendCounters,
 }
 
 impl SimIo {
@@ -207,7 +211,15 @@ impl SimIo {
             max_latency_ticks,
             next_order: 0,
             net: None,
+            zero_copy: true,
+            sends: SendCounters::default(),
         }
+    }
+
+    /// Send zero-copy sends by copying, as a ring on a kernel without them does.
+    pub fn without_zero_copy(mut self) -> Self {
+        self.zero_copy = false;
+        self
     }
 
     /// Host tasks whose sockets are on `net`.
@@ -287,8 +299,13 @@ impl Drop for SimIo {
 impl TaskRing for SimIo {
     unsafe fn push(&mut self, task_id: u32, op: SocketOp, tag: u32) -> Result<(), Errno> {
         let (net, ring) = self.net.as_ref().ok_or(Errno(libc::EOPNOTSUPP))?;
+        // SAFETY: forwarded contract (a SendMsgZc's header is readable).
+        let (op, path) = unsafe { zero_copy::route(op, self.zero_copy) };
         // SAFETY: forwarded contract.
         unsafe { net.push(*ring, task_id, op, tag) };
+        if let Some(path) = path {
+            self.sends.count(path);
+        }
         Ok(())
     }
 
@@ -310,6 +327,14 @@ impl TaskRing for SimIo {
         let (net, ring) = self.net.as_ref()?;
         // SAFETY: forwarded contract.
         unsafe { net.register_buffers(*ring, task_id, bufs) }
+    }
+
+    fn zero_copy_sends(&self) -> bool {
+        self.zero_copy
+    }
+
+    fn send_counters(&self) -> &SendCounters {
+        &self.sends
     }
 
     fn release_task_resources(&mut self, task_id: u32) {

@@ -19,6 +19,10 @@
 //! ring has a number here, and its completions wait until the ring takes them. Test code drives
 //! the other end of a connection with a [`SimStream`].
 //!
+//! **Zero-copy sends** deliver like sends; their result completion is flagged `more`, and the
+//! notification (never "copied") follows 1 to `max_delay_ticks + 1` ticks later, by the seed,
+//! so a task's holding of the memory until then is exercised.
+//!
 //! Memory: endpoints stay listed (without their buffers) until the network is dropped, so a
 //! test makes a bounded number of connections.
 
@@ -125,6 +129,14 @@ struct PendingOp {
     op: SocketOp,
 }
 
+/// A zero-copy send's notification, due at a later tick.
+struct Notification {
+    due_tick: u64,
+    ring: u32,
+    task_id: u32,
+    tag: u32,
+}
+
 /// A provided-buffer ring a task registered, as the simulated "kernel" reads it.
 struct BufGroup {
     task_id: u32,
@@ -154,6 +166,8 @@ struct Net {
     by_fd: BTreeMap<RawFd, usize>,
     partitions: BTreeSet<(NodeId, NodeId)>,
     pending: Vec<PendingOp>,
+    /// Zero-copy sends that completed and are not notified yet.
+    notifications: Vec<Notification>,
     rings: Vec<Ring>,
 }
 
@@ -184,6 +198,7 @@ impl SimNet {
             by_fd: BTreeMap::new(),
             partitions: BTreeSet::new(),
             pending: Vec::new(),
+            notifications: Vec::new(),
             rings: Vec::new(),
         })))
     }
@@ -297,9 +312,10 @@ impl SimNet {
         self.lock().by_fd.len()
     }
 
-    /// Ops pushed and not completed.
+    /// Ops pushed and not completed: zero-copy sends count until their notification.
     pub fn pending_ops(&self) -> usize {
-        self.lock().pending.len()
+        let net = self.lock();
+        net.pending.len() + net.notifications.len()
     }
 
     /// A new ring (a reactor's [`super::sim::SimIo`]); released by [`Self::drop_ring`].
@@ -313,6 +329,7 @@ impl SimNet {
     pub(crate) fn drop_ring(&self, ring: u32) {
         let mut net = self.lock();
         net.pending.retain(|p| p.ring != ring);
+        net.notifications.retain(|n| n.ring != ring);
         net.rings[ring as usize] = Ring::default();
     }
 
@@ -326,8 +343,9 @@ impl SimNet {
             SocketOp::Recv { socket, .. }
             | SocketOp::RecvMulti { socket, .. }
             | SocketOp::Send { socket, .. }
+            | SocketOp::SendMsg { socket, .. }
             | SocketOp::SendZc { socket, .. }
-            | SocketOp::SendMsg { socket, .. } => socket,
+            | SocketOp::SendMsgZc { socket, .. } => socket,
         };
         match net.resolve(ring, task_id, socket) {
             Some(endpoint) => net.pending.push(PendingOp {
@@ -417,6 +435,7 @@ impl SimNet {
 impl Net {
     fn tick(&mut self) {
         self.now_tick += 1;
+        self.notify_due();
         self.notice_closes();
         if self.opts.cut_per_million_ticks > 0 {
             for c in 0..self.conns.len() {
@@ -449,6 +468,25 @@ impl Net {
             if !self.progress(&p) {
                 self.pending.push(p);
             }
+        }
+    }
+
+    /// Post the zero-copy notifications due by now (each a tick or more after its result).
+    fn notify_due(&mut self) {
+        let now = self.now_tick;
+        let due: Vec<Notification> = self
+            .notifications
+            .extract_if(.., |n| n.due_tick <= now)
+            .collect();
+        for n in due {
+            self.rings[n.ring as usize].done.push((
+                n.task_id,
+                RingCompletion {
+                    tag: n.tag,
+                    result: 0,
+                    flags: CQE_F_NOTIF,
+                },
+            ));
         }
     }
 
@@ -655,23 +693,15 @@ impl Net {
                 true
             }
             SocketOp::RecvMulti { group, .. } => self.progress_multishot(p, group),
-            SocketOp::Send { buf, len, .. } => {
+            SocketOp::Send { buf, len, .. } | SocketOp::SendZc { buf, len, .. } => {
                 let iov = [libc::iovec {
                     iov_base: buf as *mut libc::c_void,
                     iov_len: len as usize,
                 }];
-                // SAFETY: the op's buffer is valid until it completes.
-                self.progress_send(p, &iov, false)
+                // SAFETY: the op's buffer is valid until its last completion.
+                self.progress_send(p, &iov)
             }
-            SocketOp::SendZc { buf, len, .. } => {
-                let iov = [libc::iovec {
-                    iov_base: buf as *mut libc::c_void,
-                    iov_len: len as usize,
-                }];
-                // SAFETY: the op's buffer is valid until its notification.
-                self.progress_send(p, &iov, true)
-            }
-            SocketOp::SendMsg { msg, .. } => {
+            SocketOp::SendMsg { msg, .. } | SocketOp::SendMsgZc { msg, .. } => {
                 // SAFETY: the header and its iovecs are valid until the op completes.
                 let iov = unsafe {
                     let m = &*msg;
@@ -681,27 +711,36 @@ impl Net {
                         std::slice::from_raw_parts(m.msg_iov, m.msg_iovlen)
                     }
                 };
-                self.progress_send(p, iov, false)
+                self.progress_send(p, iov)
             }
         }
     }
 
     /// A send: done once the pipe took some of it (or it failed). A zero-copy one completes
-    /// as the kernel's does, a result flagged `MORE` and then its notification (at once: the
-    /// simulator copied the bytes).
-    fn progress_send(&mut self, p: &PendingOp, iov: &[libc::iovec], zero_copy: bool) -> bool {
+    /// as the kernel's does: a result flagged `MORE`, then its notification, a tick or more
+    /// later (by the seed).
+    fn progress_send(&mut self, p: &PendingOp, iov: &[libc::iovec]) -> bool {
         // SAFETY: forwarded from `progress`.
         let result = match unsafe { self.send(p.endpoint, iov) } {
             Ok(0) if iov.iter().any(|v| v.iov_len > 0) => return false,
             Ok(n) => n as i32,
             Err(e) => -e.0,
         };
-        if zero_copy {
-            self.complete(p, result, CQE_F_MORE);
-            self.complete(p, 0, CQE_F_NOTIF);
-        } else {
+        let zero_copy = matches!(p.op, SocketOp::SendZc { .. } | SocketOp::SendMsgZc { .. });
+        if !zero_copy {
             self.complete(p, result, 0);
+            return true;
         }
+        // As the kernel does once a zero-copy send was prepared: the result says more
+        // follows, whatever it is, and the notification comes later.
+        self.complete(p, result, CQE_F_MORE);
+        let due_tick = self.now_tick + self.rng.gen_range(1..=self.opts.max_delay_ticks + 1);
+        self.notifications.push(Notification {
+            due_tick,
+            ring: p.ring,
+            task_id: p.task_id,
+            tag: p.tag,
+        });
         true
     }
 

@@ -11,6 +11,7 @@ use std::os::fd::RawFd;
 
 use io_uring::squeue;
 
+use super::zero_copy::{SendCounters, NOTIF_USAGE_ZC_COPIED};
 use crate::provided::ProvidedBuffers;
 use crate::request::Errno;
 
@@ -40,6 +41,18 @@ pub enum Socket {
 /// whoever pushes the op keeps them valid (and a receive's buffer untouched) until its last
 /// completion (see [`TaskRing::push`]).
 ///
+/// **Zero-copy sends** ([`Self::SendZc`], [`Self::SendMsgZc`]) complete twice: the result
+/// (bytes sent or -errno) flagged [`CQE_F_MORE`], then a notification
+/// ([`RingCompletion::is_notification`]) once the kernel no longer reads the pages, which says
+/// whether it copied them after all ([`RingCompletion::copied`]). Until that notification the
+/// memory is the kernel's: the task keeps it alive and unchanged (hold a reference to the
+/// chunk or receive buffer it lies in), even when the result already said every byte went.
+/// A ring without zero-copy sends, or a payload under
+/// [`super::zero_copy::ZERO_COPY_MIN_BYTES`], goes out as the matching copying op instead:
+/// one completion, without `more`. So the rule is one for every send: the memory is free at
+/// the op's completion without [`RingCompletion::more`]. Zero-copy needs a TCP (or UDP)
+/// socket: on a Unix socket the kernel answers `EOPNOTSUPP` (then still notifies), so a task
+/// on one uses [`Self::Send`] / [`Self::SendMsg`].
 #[derive(Clone, Copy, Debug)]
 pub enum SocketOp {
     /// Receive up to `len` bytes into `buf`. `poll_first`: arm the readiness poll before the
@@ -65,14 +78,20 @@ pub enum SocketOp {
         socket: Socket,
         msg: *const libc::msghdr,
     },
-    /// Send `len` bytes from `buf` without copying them (`SEND_ZC`): two completions, the
-    /// result flagged [`CQE_F_MORE`], then a notification ([`RingCompletion::is_notification`])
-    /// once the kernel no longer reads `buf`, which stays valid (and unchanged) until then.
-    /// Sockets that cannot send without copying (Unix sockets) fail it with `EOPNOTSUPP`.
+    /// Send `len` bytes from `buf` zero-copy (`IORING_OP_SEND_ZC` with
+    /// `IORING_SEND_ZC_REPORT_USAGE`); `buf` stays valid and unchanged until the notification.
     SendZc {
         socket: Socket,
         buf: *const u8,
         len: u32,
+    },
+    /// `sendmsg` zero-copy (`IORING_OP_SENDMSG_ZC`, reporting usage) of the iovecs `msg`
+    /// names: a frame header and the pages that follow it, from where they already are. The
+    /// header, the iovecs and the memory they name stay valid and unchanged until the
+    /// notification.
+    SendMsgZc {
+        socket: Socket,
+        msg: *const libc::msghdr,
     },
 }
 
@@ -88,12 +107,15 @@ pub struct RingCompletion {
 }
 
 impl RingCompletion {
-    /// The error, when the operation failed.
+    /// The error, when the operation failed. None for a notification, whose result holds
+    /// flags ([`Self::copied`]), not an error.
     pub fn errno(&self) -> Option<Errno> {
-        (self.result < 0).then(|| Errno(-self.result))
+        (self.result < 0 && !self.is_notification()).then(|| Errno(self.result.wrapping_neg()))
     }
 
-    /// More completions of this operation will follow: a multishot one is still armed.
+    /// More completions of this operation will follow: a multishot one is still armed, or a
+    /// zero-copy send's notification is still to come. The op is in flight (and its memory
+    /// the kernel's) until a completion without it.
     pub fn more(&self) -> bool {
         io_uring::cqueue::more(self.flags)
     }
@@ -103,9 +125,16 @@ impl RingCompletion {
         io_uring::cqueue::buffer_select(self.flags)
     }
 
-    /// A zero-copy send's notification: its buffer may be reused.
+    /// A zero-copy send's notification: its memory may be reused. Its [`Self::result`] is
+    /// not a byte count (the result completion before it had that).
     pub fn is_notification(&self) -> bool {
         io_uring::cqueue::notif(self.flags)
+    }
+
+    /// A zero-copy send's notification saying the kernel copied the pages anyway (loopback,
+    /// or a device that cannot send from them), so the send cost a copy after all.
+    pub fn copied(&self) -> bool {
+        self.is_notification() && (self.result as u32) & NOTIF_USAGE_ZC_COPIED != 0
     }
 }
 
@@ -113,7 +142,9 @@ impl RingCompletion {
 /// the task that made them and released together when the reactor drops it.
 pub trait TaskRing {
     /// Queue task `task_id`'s socket op; its completion comes back from
-    /// [`Self::take_completions`] with `tag`.
+    /// [`Self::take_completions`] with `tag`. A zero-copy send goes out by copying when the
+    /// ring cannot send zero-copy or the payload is small (see [`SocketOp`]); either way it is
+    /// counted in [`Self::send_counters`].
     ///
     /// # Safety
     /// Every buffer, header and descriptor the op refers to must stay valid until its last
@@ -142,6 +173,13 @@ pub trait TaskRing {
     /// # Safety
     /// `bufs`' memory must stay valid until [`Self::release_task_resources`] runs for the task.
     unsafe fn register_buffers(&mut self, task_id: u32, bufs: &mut ProvidedBuffers) -> Option<u16>;
+
+    /// The ring sends [`SocketOp::SendZc`] and [`SocketOp::SendMsgZc`] zero-copy (from
+    /// [`super::zero_copy::ZERO_COPY_MIN_BYTES`] on); false: it sends them by copying.
+    fn zero_copy_sends(&self) -> bool;
+
+    /// How this ring's zero-copy sends went out.
+    fn send_counters(&self) -> &SendCounters;
 
     /// Drop what task `task_id` registered (file slots, buffer groups), before the task and
     /// the memory it owns are dropped.
@@ -192,6 +230,12 @@ macro_rules! task_ring_passes_through {
             ) -> Option<u16> {
                 // SAFETY: forwarded contract.
                 unsafe { (**self).register_buffers(task_id, bufs) }
+            }
+            fn zero_copy_sends(&self) -> bool {
+                (**self).zero_copy_sends()
+            }
+            fn send_counters(&self) -> &SendCounters {
+                (**self).send_counters()
             }
             fn release_task_resources(&mut self, task_id: u32) {
                 (**self).release_task_resources(task_id)

@@ -14,6 +14,7 @@ use crate::buf::{IoBuf, RegisteredPool};
 use crate::error::EngineError;
 use crate::ids::ReactorId;
 use crate::io::uring::{new_wake_fd, wake};
+use crate::io::zero_copy::SendCounters;
 
 /// Messages a reactor's inbox holds; a full inbox pushes back on submitters.
 pub const INBOX_CAPACITY: usize = 4096;
@@ -27,6 +28,8 @@ pub struct ReactorStats {
     pub messages: AtomicU64,
     pub completions: AtomicU64,
     pub ops_in_flight: AtomicU64,
+    /// How its tasks' zero-copy sends went out (the reactor's ring counts them).
+    pub sends: Arc<SendCounters>,
 }
 
 /// Registered buffers per reactor: count and size of each.

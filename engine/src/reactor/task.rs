@@ -218,6 +218,13 @@ impl TaskCtx<'_> {
         unsafe { self.host.ring().send_now(fd, iov) }
     }
 
+    /// This reactor's ring sends [`SocketOp::SendZc`] and [`SocketOp::SendMsgZc`] zero-copy
+    /// (from [`crate::io::zero_copy::ZERO_COPY_MIN_BYTES`] on). Either way those ops work: a
+    /// ring without zero-copy sends them by copying, with one completion.
+    pub fn zero_copy_sends(&mut self) -> bool {
+        self.host.ring().zero_copy_sends()
+    }
+
     /// `shutdown(fd, SHUT_RDWR)` on a socket this task owns: its receive in flight completes.
     pub fn shutdown(&mut self, fd: RawFd) {
         self.host.ring().shutdown(fd)
@@ -327,7 +334,8 @@ impl TaskTable {
         core.io.take_completions(&mut self.raw_done);
         let n = self.raw_done.len();
         for (task_id, c) in self.raw_done.drain(..) {
-            // A multishot op stays in flight until its last completion.
+            // A multishot op, or a zero-copy send before its notification, stays in flight
+            // until its last completion.
             if !c.more() {
                 debug_assert!(
                     self.raw_in_flight > 0,

@@ -108,14 +108,22 @@ impl ReactorThread {
             max_raw_owners: MAX_TASKS_PER_REACTOR,
             max_raw_ops: MAX_RAW_OPS_PER_REACTOR,
         };
-        let uring = match UringIo::new(&devices, ring, me.wake_fd.clone(), Some(me.pool.clone())) {
-            Ok(io) => io,
-            Err(e) => {
-                let _ = ready.send(Err(e));
-                return;
-            }
-        };
+        let mut uring =
+            match UringIo::new(&devices, ring, me.wake_fd.clone(), Some(me.pool.clone())) {
+                Ok(io) => io,
+                Err(e) => {
+                    let _ = ready.send(Err(e));
+                    return;
+                }
+            };
         tracing::debug!(reactor = id.0, features = ?uring.features(), "reactor ring ready");
+        if let Some(reason) = uring.zero_copy_unavailable() {
+            tracing::info!(
+                reactor = id.0,
+                "zero-copy sends unavailable ({reason}); sends to peers copy"
+            );
+        }
+        uring.count_sends_in(me.stats.sends.clone());
         let io = decorate(uring, MonotonicClock::new(), queue_depth, &devices);
         let router: Arc<dyn Router> = shared.clone();
         let mut core = ReactorCore::new(id, io, router, homes);

@@ -30,8 +30,9 @@ pub const CHALLENGE_LEN: usize = 56;
 /// Bytes of a Welcome payload before its history.
 pub const WELCOME_FIXED_LEN: usize = 48;
 
-/// A volume's generation ids, oldest first, the current one last: 1 to [`MAX_HISTORY_LEN`]
-/// distinct non-zero ids. Two nodes compare theirs at connect to decide who resyncs whom.
+/// A volume's generation ids, oldest first, the current one last: up to [`MAX_HISTORY_LEN`]
+/// distinct non-zero ids. Empty: the copy holds no data of the volume yet (a new replica,
+/// which needs a full sync). Two nodes compare theirs at connect to decide who resyncs whom.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct GenerationHistory(Vec<u64>);
 
@@ -39,9 +40,6 @@ impl GenerationHistory {
     /// Checks the bounds and that ids are non-zero and distinct.
     pub fn new(ids: Vec<u64>) -> Result<GenerationHistory, PeerError> {
         let invalid = |reason| Err(PeerError::InvalidHistory { reason });
-        if ids.is_empty() {
-            return invalid("no generation");
-        }
         if ids.len() > MAX_HISTORY_LEN {
             return invalid("more than 64 generations");
         }
@@ -59,10 +57,9 @@ impl GenerationHistory {
         &self.0
     }
 
-    /// The current generation.
-    pub fn current(&self) -> u64 {
-        debug_assert!(!self.0.is_empty());
-        self.0.last().copied().unwrap_or(0)
+    /// The current generation; None for an empty history.
+    pub fn current(&self) -> Option<u64> {
+        self.0.last().copied()
     }
 }
 

@@ -1,20 +1,30 @@
-//! The peer protocol between ringblock nodes that replicate a volume, as pure code: the frame
+//! The peer protocol between ringblock nodes that replicate a volume. As pure code: the frame
 //! codec ([`frame`], [`body`]), sequencing and in-flight windows ([`window`]), the shared-secret
-//! authentication ([`auth`]) and the sans-IO handshake state machines ([`handshake`]).
+//! authentication ([`auth`]), the sans-IO handshake state machines ([`handshake`]), what a link
+//! does once established ([`decide`], with engine and wire types converted in [`convert`])
+//! and when to reconnect ([`backoff`]). Over real sockets: the [`listener`] that accepts peers
+//! and [`connect()`], which reaches one; both run the handshake with blocking IO under a
+//! deadline and hand over the socket with its [`Session`].
 //!
-//! Nothing here touches a socket: a connection task reads bytes, hands them to
-//! [`decode_frame`], feeds the frames to a state machine and sends the bytes it gets back.
+//! A connection task reads bytes, hands them to [`decode_frame`], feeds the frames to a state
+//! machine and sends the bytes it gets back.
 //! Every byte from a peer is untrusted; decoders never panic, never allocate more than a
 //! bounded amount ([`MAX_PAYLOAD_BYTES`], [`MAX_HISTORY_LEN`]) and report one [`PeerError`].
 //!
 //! The layout of frames and the handshake are described in `docs/replication.md`.
 
 pub mod auth;
+pub mod backoff;
 pub mod body;
+pub mod connect;
+pub mod convert;
+pub mod decide;
+mod exchange;
 pub mod frame;
 pub mod handshake;
 pub(crate) mod io;
 pub mod link;
+pub mod listener;
 pub mod serve;
 pub mod window;
 
@@ -24,10 +34,14 @@ mod handshake_tests;
 mod tests;
 
 pub use auth::{ClusterSecret, Mac, Nonce, MAC_LEN, NONCE_LEN};
+pub use backoff::Backoff;
 pub use body::{
     checksums, decode_frame, encode_checksums, encode_data_header, encode_frame, Body, Challenge,
     Decoded, Frame, GenerationHistory, GoodbyeReason, Hello, RefuseCode, Welcome,
 };
+pub use connect::{connect, ConnectConfig, ConnectError, PeerAddress};
+pub use decide::{decide, LinkDecision, LinkRefusal, LocalCopy, Tracking};
+pub use exchange::MAX_HANDSHAKE_FRAME_BYTES;
 pub use frame::{
     crc32c_of, decode_header, encode_header, FrameFlags, FrameHeader, FrameKind, HEADER_LEN,
 };
@@ -37,6 +51,7 @@ pub use handshake::{
 };
 pub use io::{monotonic_clock, Clock};
 pub use link::{LinkOptions, PrimaryLink};
+pub use listener::{Established, ListenerConfig, ListenerCounts, PeerListener};
 pub use serve::{ReplicaServe, ServeOptions};
 pub use window::{Acked, InboundWindow, SendWindow};
 

@@ -261,9 +261,12 @@ fn ring_ops_complete_from_the_network() {
     };
     // SAFETY: z outlives the op.
     unsafe { net.push(ring, 1, op, 11) };
-    net.tick();
     done.clear();
-    net.take_completions(ring, &mut done);
+    // The notification follows the result a tick or more later.
+    for _ in 0..opts().max_delay_ticks + 2 {
+        net.tick();
+        net.take_completions(ring, &mut done);
+    }
     let got: Vec<_> = done
         .iter()
         .map(|(_, c)| (c.tag, c.result, c.more(), c.is_notification()))
@@ -406,6 +409,186 @@ fn the_simulated_ring_refuses_raw_entries() {
     // SAFETY: a NOP points at nothing.
     let r = unsafe { io.push_raw(0, entry, 0) };
     assert_eq!(r, Err(Errno(libc::EOPNOTSUPP)));
+}
+
+/// A zero-copy send delivers like a send; its result says a notification follows, which comes
+/// (never "copied") one or more ticks later, by the seed, and the op is pending until then.
+/// A small one, or any on a ring without zero-copy, is a copying send: one completion. The
+/// ring counts each path.
+#[test]
+fn zero_copy_sends_are_notified_after_their_result() {
+    use crate::io::sim::SimIo;
+    use crate::io::task_ring::TaskRing;
+    use crate::io::zero_copy::{SendCounts, ZERO_COPY_MIN_BYTES};
+
+    let data: Vec<u8> = (0..ZERO_COPY_MIN_BYTES).map(|i| (i * 13) as u8).collect();
+    let mut delays = BTreeSet::new();
+    for seed in 0..20 {
+        let net = SimNet::new(
+            seed,
+            NetOptions {
+                buffer_bytes: 4 * ZERO_COPY_MIN_BYTES,
+                short_io_percent: 0,
+                ..opts()
+            },
+        );
+        let clock = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut io = SimIo::new(Default::default(), clock, seed, 4, 4).with_net(&net);
+        assert!(io.zero_copy_sends());
+        let (task_fd, client) = net.connect(A, B).unwrap();
+        let mut client = net.stream(client.fd);
+        let socket = Socket::Fd(task_fd.as_raw_fd());
+        let op = SocketOp::SendZc {
+            socket,
+            buf: data.as_ptr(),
+            len: data.len() as u32,
+        };
+        // SAFETY: `data` outlives the op (its notification is awaited below).
+        unsafe { io.push(1, op, 5) }.unwrap();
+        let (mut result_tick, mut notified_tick) = (None, None);
+        let mut done = Vec::new();
+        for _ in 0..50 {
+            net.tick();
+            done.clear();
+            io.take_completions(&mut done);
+            for &(task, c) in &done {
+                assert_eq!((task, c.tag), (1, 5));
+                if c.is_notification() {
+                    assert!(
+                        result_tick.is_some(),
+                        "seed {seed}: notified before the result"
+                    );
+                    assert!(!c.more() && !c.copied(), "seed {seed}: {c:?}");
+                    notified_tick = Some(net.now_tick());
+                } else {
+                    assert_eq!(c.result, data.len() as i32, "seed {seed}");
+                    assert!(
+                        c.more(),
+                        "seed {seed}: the result announces the notification"
+                    );
+                    result_tick = Some(net.now_tick());
+                }
+            }
+            // In flight until the notification, not just until the result.
+            assert_eq!(net.pending_ops(), usize::from(notified_tick.is_none()));
+            if notified_tick.is_some() {
+                break;
+            }
+        }
+        let result_tick = result_tick.expect("a result");
+        let notified_tick = notified_tick.expect("a notification");
+        assert!(notified_tick > result_tick, "seed {seed}");
+        assert!(notified_tick <= result_tick + opts().max_delay_ticks + 1);
+        delays.insert(notified_tick - result_tick);
+        assert_eq!(read_for(&net, &mut client, data.len(), 50), data);
+
+        // Under the threshold: a copying send, one completion without `more`.
+        let small = SocketOp::SendZc {
+            socket,
+            buf: data.as_ptr(),
+            len: 100,
+        };
+        // SAFETY: as above; it completes within the ticks below.
+        unsafe { io.push(1, small, 6) }.unwrap();
+        net.tick();
+        done.clear();
+        io.take_completions(&mut done);
+        assert_eq!(
+            done,
+            [(
+                1,
+                RingCompletion {
+                    tag: 6,
+                    result: 100,
+                    flags: 0
+                }
+            )]
+        );
+        assert_eq!(net.pending_ops(), 0);
+        assert_eq!(read_for(&net, &mut client, 100, 50), &data[..100]);
+        assert_eq!(
+            io.send_counters().snapshot(),
+            SendCounts {
+                zero_copy: 1,
+                copied_small: 1,
+                ..Default::default()
+            }
+        );
+    }
+    assert!(delays.len() > 1, "the seed picks the delay: {delays:?}");
+}
+
+/// A frame header and its pages in one zero-copy sendmsg arrive in order, notified after the
+/// result; on a ring without zero-copy the same op is a copying sendmsg.
+#[test]
+fn zero_copy_sendmsg_sends_header_and_pages() {
+    use crate::io::sim::SimIo;
+    use crate::io::task_ring::TaskRing;
+    use crate::io::zero_copy::ZERO_COPY_MIN_BYTES;
+
+    let header = *b"HDR:";
+    let pages: Vec<u8> = (0..ZERO_COPY_MIN_BYTES).map(|i| (i % 251) as u8).collect();
+    let iov = [
+        libc::iovec {
+            iov_base: header.as_ptr() as *mut libc::c_void,
+            iov_len: header.len(),
+        },
+        libc::iovec {
+            iov_base: pages.as_ptr() as *mut libc::c_void,
+            iov_len: pages.len(),
+        },
+    ];
+    // SAFETY: msghdr is plain old data.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = 2;
+    let total = header.len() + pages.len();
+    for zero_copy in [true, false] {
+        let net = SimNet::new(
+            3,
+            NetOptions {
+                buffer_bytes: 4 * ZERO_COPY_MIN_BYTES,
+                short_io_percent: 0,
+                ..opts()
+            },
+        );
+        let clock = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut io = SimIo::new(Default::default(), clock, 3, 4, 4).with_net(&net);
+        if !zero_copy {
+            io = io.without_zero_copy();
+        }
+        let (task_fd, client) = net.connect(A, B).unwrap();
+        let mut client = net.stream(client.fd);
+        let op = SocketOp::SendMsgZc {
+            socket: Socket::Fd(task_fd.as_raw_fd()),
+            msg: &msg,
+        };
+        // SAFETY: msg, iov, header and pages outlive the op (awaited below).
+        unsafe { io.push(2, op, 9) }.unwrap();
+        let mut done = Vec::new();
+        for _ in 0..20 {
+            net.tick();
+            io.take_completions(&mut done);
+        }
+        let got: Vec<_> = done
+            .iter()
+            .map(|(_, c)| (c.is_notification(), c.more()))
+            .collect();
+        if zero_copy {
+            assert_eq!(got, [(false, true), (true, false)]);
+        } else {
+            assert_eq!(got, [(false, false)]);
+        }
+        assert_eq!(done[0].1.result, total as i32);
+        let arrived = read_for(&net, &mut client, total, 50);
+        assert_eq!(&arrived[..4], b"HDR:");
+        assert_eq!(&arrived[4..], &pages[..]);
+        let counts = io.send_counters().snapshot();
+        assert_eq!(
+            (counts.zero_copy, counts.copied_unsupported),
+            (u64::from(zero_copy), u64::from(!zero_copy))
+        );
+    }
 }
 
 /// Seeded random cuts: the tick a connection is cut at repeats with its seed.

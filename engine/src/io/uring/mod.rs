@@ -23,6 +23,7 @@ use self::sys::register_ring_fd;
 pub use self::sys::{new_wake_fd, wake};
 use self::user_data::UserData;
 use super::task_ring::RingCompletion;
+use super::zero_copy::SendCounters;
 use super::{Io, IoCompletion, IoKind, IoOp, MemAccess};
 use crate::buf::{AlignedBuf, RegisteredPool};
 use crate::device::{Backend, OpenDevice};
@@ -57,6 +58,8 @@ pub struct RingFeatures {
     pub registered_ring: bool,
     /// Tasks' sockets can be fixed files too (a sparse file table).
     pub task_files: bool,
+    /// Zero-copy sends with usage reports (`SEND_ZC`, `SENDMSG_ZC`, Linux 6.2).
+    pub zero_copy_sends: bool,
 }
 
 /// What a ring is sized for: the layer above says how much it will put in at once.
@@ -101,6 +104,10 @@ pub struct UringIo {
     /// Free provided-buffer group ids, and who holds the taken ones.
     free_buf_groups: Vec<u16>,
     task_buf_groups: Vec<(u32, u16)>,
+    /// Why zero-copy sends are off, when they are.
+    zero_copy_unavailable: Option<String>,
+    /// How tasks' zero-copy sends went out.
+    sends: Arc<SendCounters>,
 }
 
 impl UringIo {
@@ -121,10 +128,10 @@ impl UringIo {
         assert!((1..=4096).contains(&queue_depth));
         assert!(max_raw_owners <= usize::from(u16::MAX));
         // Device ops, the wake read and tasks' raw ops all fit at once: the CQ (twice the SQ)
-        // can never overflow.
+        // never overflows, even when every raw op is a zero-copy send (two completions each).
         let entries = (queue_depth as u32 + 1 + max_raw_ops as u32).next_power_of_two();
         let mut features = RingFeatures::default();
-        let ring = match IoUring::builder()
+        let mut ring = match IoUring::builder()
             .setup_single_issuer()
             .setup_defer_taskrun()
             // The kernel flags pending deferred completions in the SQ ring, so a polling
@@ -143,6 +150,8 @@ impl UringIo {
             },
         };
         features.ext_arg = ring.params().is_feature_ext_arg();
+        let zero_copy = raw::probe_zero_copy(&mut ring);
+        features.zero_copy_sends = zero_copy.is_ok();
         let max_id = devices
             .iter()
             .map(|d| d.spec.id.0 as usize)
@@ -244,6 +253,8 @@ impl UringIo {
             task_files: Vec::new(),
             free_buf_groups: (0..max_raw_owners as u16).rev().collect(),
             task_buf_groups: Vec::new(),
+            zero_copy_unavailable: zero_copy.err(),
+            sends: Arc::default(),
         })
     }
 
@@ -384,13 +395,17 @@ impl UringIo {
                         result: res,
                         flags,
                     };
-                    // A multishot op stays in flight until its last completion.
+                    // A multishot op, or a zero-copy send before its notification, stays in
+                    // flight until its last completion.
                     if !c.more() {
                         debug_assert!(
                             self.raw_in_flight > 0,
                             "a raw completion with none in flight"
                         );
                         self.raw_in_flight -= 1;
+                    }
+                    if c.copied() {
+                        self.sends.count_kernel_copied();
                     }
                     self.raw_done.push((task_id, c));
                     continue;

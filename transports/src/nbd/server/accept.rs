@@ -10,8 +10,8 @@ use super::super::conn;
 use super::super::handshake::{negotiate, refuse};
 use super::limits::{Admission, Slot};
 use super::registry::ClientInfo;
-use super::socket::{Conn, DeadlineStream, Listener};
 use super::{Inner, ACCEPT_ERROR_PAUSE, REFUSAL_DEADLINE};
+use crate::socket::{Conn, DeadlineStream, Listener};
 
 pub(super) fn accept_loop(inner: &Arc<Inner>, listener: &Listener, label: &str) {
     tracing::debug!(listener = label, "nbd acceptor running");

@@ -1,15 +1,14 @@
-//! Bounds on handshakes and connections: the handshake table, the connection counts with
-//! their permits, and rate-limited refusal logging.
+//! Bounds on handshakes and connections: the handshake table and the connection counts with
+//! their permits.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Instant;
 
 use ringblock_engine::Engine;
 
-use super::socket::Conn;
-use super::{Inner, REFUSAL_LOG_INTERVAL};
+use super::Inner;
+use crate::socket::Conn;
 
 /// Handshakes in progress: their count, and a duplicate of each socket so `stop` can shut
 /// them down.
@@ -101,29 +100,6 @@ pub(super) enum Admission {
     Refused(String),
 }
 
-/// At most one log line per [`REFUSAL_LOG_INTERVAL`], counting what it stood for.
-#[derive(Default)]
-pub(super) struct LogLimit {
-    state: Mutex<(Option<Instant>, u64)>,
-}
-
-impl LogLimit {
-    /// Count an event; Some(events since the last line, this one included) when a line is due.
-    pub(super) fn note(&self) -> Option<u64> {
-        let mut st = self.state.lock().expect("log limit");
-        st.1 += 1;
-        let now = Instant::now();
-        if st
-            .0
-            .is_some_and(|t| now.duration_since(t) < REFUSAL_LOG_INTERVAL)
-        {
-            return None;
-        }
-        st.0 = Some(now);
-        Some(std::mem::take(&mut st.1))
-    }
-}
-
 impl Inner {
     /// Take a connection's place in the limits and a reactor task slot, or say why not.
     pub(super) fn admit(&self, engine: &Engine, addr: Option<IpAddr>) -> Admission {
@@ -159,28 +135,5 @@ impl Inner {
             },
             task_slot,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn refusal_log_lines_are_rate_limited_with_a_count() {
-        let limit = LogLimit::default();
-        assert_eq!(limit.note(), Some(1));
-        // Within the interval: counted, not logged (bounded loop; the interval is a second).
-        let mut logged = 0;
-        for _ in 0..1000 {
-            logged += usize::from(limit.note().is_some());
-        }
-        assert!(
-            logged <= 1,
-            "{logged} lines for 1000 refusals within a second or so"
-        );
-        // After the interval, the next line carries the count.
-        limit.state.lock().unwrap().0 = Some(Instant::now() - REFUSAL_LOG_INTERVAL);
-        assert!(limit.note().is_some_and(|n| n >= 1));
     }
 }

@@ -54,12 +54,14 @@ use super::conn::{self, BufferBudget};
 use super::handshake::HandshakeConfig;
 use super::ExportCatalog;
 
+pub use crate::socket::Listener;
+use crate::socket::{bind_unix, remove_socket_file, LogLimit};
 use accept::accept_loop;
-use limits::{ConnCounts, Handshakes, LogLimit};
+use limits::{ConnCounts, Handshakes};
 use registry::idle_loop;
 pub use registry::{ClientInfo, ClientRegistry};
-use socket::bind_unix;
-pub use socket::{BoundAddr, Listener};
+use socket::bound_addr;
+pub use socket::BoundAddr;
 pub use systemd::take_systemd_listeners;
 
 /// Timeout of each read or write during the handshake.
@@ -74,8 +76,6 @@ pub const MAX_HANDSHAKES_PER_ADDRESS: usize = 8;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 128;
 /// Time a refused client has to read why.
 const REFUSAL_DEADLINE: Duration = Duration::from_secs(2);
-/// Shortest time between two log lines of one kind of refusal.
-const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest time between two scans for idle connections.
 const IDLE_SCAN_INTERVAL: Duration = Duration::from_secs(1);
 /// Connected clients remembered for status pages (the oldest are forgotten first).
@@ -194,7 +194,7 @@ impl NbdServer {
     ) -> io::Result<NbdServer> {
         let mut bound = Vec::new();
         for l in std::mem::take(&mut config.inherited) {
-            let addr = l.addr()?;
+            let addr = bound_addr(&l)?;
             bound.push(Bound {
                 listener: Arc::new(l),
                 addr,
@@ -287,7 +287,7 @@ impl NbdServer {
             });
         }
         if let Some(path) = &config.unix {
-            let l = bind_unix(path).map_err(|e| {
+            let l = bind_unix(path, UNIX_SOCKET_MODE).map_err(|e| {
                 io::Error::new(
                     e.kind(),
                     format!("nbd: cannot listen on {}: {e}", path.display()),
@@ -368,10 +368,7 @@ impl Drop for NbdServer {
 fn remove_created(bound: &[Bound]) {
     for b in bound {
         if let Some((path, inode)) = &b.created {
-            // Only remove the file if it is still ours.
-            if std::fs::symlink_metadata(path).is_ok_and(|m| m.ino() == *inode) {
-                let _ = std::fs::remove_file(path);
-            }
+            remove_socket_file(path, *inode);
         }
     }
 }

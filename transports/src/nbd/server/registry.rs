@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use super::conn;
-use super::socket::Conn;
 use super::{Inner, IDLE_SCAN_INTERVAL, MAX_TRACKED_CLIENTS};
+use crate::socket::Conn;
 
 /// A client that entered the transmission phase.
 #[derive(Clone, Debug, PartialEq, Eq)]

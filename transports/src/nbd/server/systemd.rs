@@ -5,8 +5,8 @@ use std::net::TcpListener;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 
-use super::socket::Listener;
 use super::MAX_SYSTEMD_FDS;
+use crate::socket::Listener;
 
 /// First file descriptor of systemd socket activation.
 const SD_LISTEN_FDS_START: RawFd = 3;
