@@ -1,7 +1,7 @@
 //! Socket plumbing shared by the peer tasks: a bounded receive buffer that holds one frame at
 //! most, and an in-order frame sender (one ring op at a time, so frames never interleave on
 //! the stream) that sends a data frame's pages from where they are: a copying `sendmsg` takes
-//! many frames at once, a zero-copy send one frame's payload.
+//! many frames at once, a zero-copy `sendmsg` one frame (header and pages).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -160,17 +160,6 @@ impl OutFrame {
     fn total(&self) -> usize {
         self.head.len() + self.payload_len
     }
-
-    /// Bytes a copying send may still take from this frame: all of it, or only its head when
-    /// the payload goes zero-copy.
-    fn copy_left(&self) -> usize {
-        let end = if self.zero_copy {
-            self.head.len()
-        } else {
-            self.total()
-        };
-        end.saturating_sub(self.sent)
-    }
 }
 
 /// Sends frames in order, one ring op at a time; a copying send takes several frames at once.
@@ -263,28 +252,28 @@ impl FrameSender {
         let Some(f) = self.queue.front() else {
             return Ok(false);
         };
-        let (op, next, frames) = if f.zero_copy && f.sent >= f.head.len() {
-            let at = f.sent - f.head.len();
-            let op = SocketOp::SendZc {
+        let zero_copy = f.zero_copy;
+        let (iovs, frames) = self.gather();
+        self.msg.msg_iov = self.iov.as_mut_ptr();
+        self.msg.msg_iovlen = iovs;
+        let (op, next) = if zero_copy {
+            // One frame, its header and pages in one op; the ring copies instead when it
+            // cannot send zero-copy or the payload is small, with one completion then.
+            let op = SocketOp::SendMsgZc {
                 socket: self.socket,
-                // SAFETY (pointer arithmetic): `at` is within the payload.
-                buf: unsafe { f.payload.add(at) },
-                len: (f.payload_len - at) as u32,
+                msg: &*self.msg,
             };
             let next = Op::ZeroCopy {
                 result_seen: false,
                 error: None,
             };
-            (op, next, 1)
+            (op, next)
         } else {
-            let (iovs, frames) = self.gather();
-            self.msg.msg_iov = self.iov.as_mut_ptr();
-            self.msg.msg_iovlen = iovs;
             let op = SocketOp::SendMsg {
                 socket: self.socket,
                 msg: &*self.msg,
             };
-            (op, Op::Copy, frames)
+            (op, Op::Copy)
         };
         // SAFETY: the header and iovecs live in boxes of this sender, the frames' heads in
         // the queue (neither changed nor dropped while their op is in flight: `op_frames`),
@@ -300,16 +289,22 @@ impl FrameSender {
         }
     }
 
-    /// Fill the iovecs with what a copying send takes next: frames from the front, up to a
-    /// zero-copy frame's head (its payload goes by itself). Returns the iovecs and frames.
+    /// Fill the iovecs with what the next send takes: the front frame's rest alone when it
+    /// goes zero-copy, else frames from the front up to the next zero-copy one. Returns the
+    /// iovecs and frames.
     fn gather(&mut self) -> (usize, usize) {
         let (mut n, mut frames, mut bytes) = (0, 0, 0);
-        for f in &self.queue {
-            if n + 2 > MAX_IOVECS || bytes >= MAX_SEND_BYTES {
+        for (i, f) in self.queue.iter().enumerate() {
+            let stop = if i == 0 {
+                false
+            } else {
+                f.zero_copy || self.queue[0].zero_copy
+            };
+            if stop || n + 2 > MAX_IOVECS || bytes >= MAX_SEND_BYTES {
                 break;
             }
-            let left = f.copy_left();
-            debug_assert!(left > 0, "a frame at the front with nothing to copy");
+            let left = f.total() - f.sent;
+            debug_assert!(left > 0, "a queued frame with nothing left to send");
             let head_at = f.sent.min(f.head.len());
             let head_left = f.head.len() - head_at;
             if head_left > 0 {
@@ -331,9 +326,6 @@ impl FrameSender {
             }
             frames += 1;
             bytes += left;
-            if f.zero_copy {
-                break;
-            }
         }
         (n, frames)
     }
@@ -380,7 +372,7 @@ impl FrameSender {
         };
         let mut done = Vec::new();
         while let Some(f) = self.queue.front_mut() {
-            let take = took.min(f.copy_left());
+            let take = took.min(f.total() - f.sent);
             f.sent += take;
             took -= take;
             if f.sent < f.total() {

@@ -32,8 +32,9 @@ mod failure;
 use super::{GoodbyeReason, ReplicatedVolumeId, Seq};
 
 /// Payloads at least this large go with a zero-copy send (when the link may use one); smaller
-/// ones are copied, which is cheaper than pinning pages and waiting for a notification.
-pub const ZERO_COPY_MIN_BYTES: usize = 16 << 10;
+/// ones are copied, which is cheaper than pinning pages and waiting for a notification (the
+/// ring layer's measured threshold, `docs/performance.md`).
+pub const ZERO_COPY_MIN_BYTES: usize = ringblock_engine::io::zero_copy::ZERO_COPY_MIN_BYTES;
 /// A link sends a heartbeat after this long without sending anything.
 pub const HEARTBEAT_INTERVAL_MS: u64 = 1000;
 /// A frame not acknowledged after this long fails the link.
