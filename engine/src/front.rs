@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use crate::ids::{ChunkIndex, ReactorId};
 use crate::reactor::{FlushWaiter, Msg};
+use crate::replication::fanout;
 use crate::request::{Errno, InFlight, Part, Port, Request, RequestKind};
 use crate::volume::{chunk_owner, Volume};
 
@@ -105,14 +106,32 @@ pub(crate) fn submit(
     if let Err(e) = validate(volume, &req) {
         return Err((req, e));
     }
+    // One atomic load: a volume without replicas takes no other step of the fan-out.
+    let replicas = match volume.replica_set() {
+        Some(set) if req.kind != RequestKind::Read && !set.links().is_empty() => Some(set),
+        _ => None,
+    };
+    if replicas.is_some() && req.mover.is_some() {
+        // The link sends a write's pages from the request's buffer; a mover has none.
+        tracing::warn!(volume = %volume.name, "a replicated volume takes no mover writes");
+        return Err((req, Errno::ENOTSUP));
+    }
     count_accepted(volume, req.kind, req.len_bytes);
     let kind = req.kind;
     let (offset, len) = (req.offset_bytes, req.len_bytes);
     let inflight = InFlight::new(volume.clone(), &mut req, port.clone());
+    // Each link of the set is one more part; `fan_out` ends those of links that take no op.
+    let links = replicas.map_or(0, |set| set.links().len() as u32);
+    let fan_out = |inflight: &Arc<InFlight>| {
+        if let Some(set) = replicas {
+            fanout::fan_out(set, volume, inflight, offset, len);
+        }
+    };
     if kind == RequestKind::Flush {
         inflight
             .remaining
-            .store(1, std::sync::atomic::Ordering::Release);
+            .store(1 + links, std::sync::atomic::Ordering::Release);
+        fan_out(&inflight);
         let device = &volume.device;
         send(
             device.home_reactor(reactors),
@@ -133,10 +152,11 @@ pub(crate) fn submit(
     let parts = (last - first + 1) as u32;
     inflight
         .remaining
-        .store(parts, std::sync::atomic::Ordering::Release);
+        .store(parts + links, std::sync::atomic::Ordering::Release);
     let has_buf =
         matches!(kind, RequestKind::Read | RequestKind::Write) && inflight.mover.is_none();
-    // The part of chunk `c`, holding `req`. Every window is taken before any part is sent.
+    // The part of chunk `c`, holding `req`. Every window is taken before any part is sent,
+    // and before the fan-out hands the buffer to links (which only read it).
     let make_part = |c: u64, req: Arc<InFlight>| {
         let start = (c * cs).max(offset);
         let end = ((c + 1) * cs).min(offset + len);
@@ -159,6 +179,7 @@ pub(crate) fn submit(
         // The common case (a request inside one chunk): no list of parts, and the part takes
         // over the submitter's reference to the request.
         let (to, part) = make_part(first, inflight);
+        fan_out(&part.req);
         send(to, Msg::Part(part));
         return Ok(());
     }
@@ -175,6 +196,8 @@ pub(crate) fn submit(
             && ready.iter().map(|(_, p)| p.len_bytes).sum::<u64>() == len,
         "part windows overlap or leave gaps"
     );
+    fan_out(&inflight);
+    drop(inflight);
     for (to, part) in ready {
         send(to, Msg::Part(part));
     }

@@ -202,6 +202,29 @@ impl InFlight {
         unsafe { IoBuf::from_raw_parts(ptr, len, keep) }
     }
 
+    /// The whole buffer of a Write, read-only, for a replica link to send.
+    ///
+    /// Sound next to the parts' windows: a Write's parts only read their windows (the device
+    /// op or the memory copy reads them), so every access to the bytes while the request is
+    /// in flight is a read. The cell itself is written only by [`Self::complete`], which runs
+    /// after every part, the link's included, is done; the link must not use the slice after
+    /// it reported its part done (`ReplicaOp` is consumed by that call).
+    pub fn replica_payload(&self) -> &[u8] {
+        debug_assert_eq!(
+            self.kind,
+            RequestKind::Write,
+            "only a Write has data to send"
+        );
+        debug_assert!(
+            self.remaining.load(Ordering::Acquire) > 0,
+            "the request is still in flight"
+        );
+        // SAFETY: see above: no one writes the cell or the bytes until `complete`, which
+        // cannot run while the caller's part is outstanding.
+        let buf = unsafe { (*self.buf.get()).as_ref() };
+        buf.map_or(&[], IoBuf::as_slice)
+    }
+
     pub fn fail(&self, e: Errno) {
         let _ = self
             .errno

@@ -3,14 +3,15 @@
 //! A volume's chunk map is an array of atomics: each entry is written only by the reactor that
 //! owns that chunk, and read by anyone (block status, metadata snapshots) without locks.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::alloc::ChunkAllocator;
 use crate::ids::{ChunkIndex, DeviceId, PhysChunk, ReactorId, VolumeId};
 use crate::meta::{Label, VolumeRecord};
 use crate::profile::FirmwareProfile;
-use crate::replication::VolumeReplication;
+use crate::replication::fanout::MAX_REPLICA_SET_CHANGES;
+use crate::replication::{ReplicaSet, ReplicationError, VolumeReplication};
 
 /// Map entry of a chunk that has never been written (or was trimmed): reads as zeros.
 pub(crate) const UNMAPPED: u32 = u32::MAX;
@@ -137,6 +138,11 @@ pub struct Volume {
     /// path takes the `Arc` once (per connection or per reactor turn) and works on its
     /// atomics (see `replication::state`).
     replication: Mutex<Option<Arc<VolumeReplication>>>,
+    /// The replicas writes fan out to (null: none), read with one atomic load on the write
+    /// path. Points into an `Arc` held by `replica_sets` for as long as the volume lives.
+    replica_set: AtomicPtr<ReplicaSet>,
+    /// Every set ever attached (see `replication::fanout` on why they stay).
+    replica_sets: Mutex<Vec<Arc<ReplicaSet>>>,
 }
 
 impl Volume {
@@ -162,6 +168,8 @@ impl Volume {
             deleted: AtomicBool::new(false),
             open_handles: AtomicU32::new(0),
             replication: Mutex::new(None),
+            replica_set: AtomicPtr::new(std::ptr::null_mut()),
+            replica_sets: Mutex::new(Vec::new()),
         }
     }
 
@@ -178,6 +186,34 @@ impl Volume {
     pub fn set_replication(&self, replication: Option<Arc<VolumeReplication>>) {
         *self.replication.lock().unwrap_or_else(|e| e.into_inner()) = replication;
         self.replication_changed();
+    }
+
+    /// The replicas writes fan out to, if any: one atomic load.
+    #[inline]
+    pub fn replica_set(&self) -> Option<&ReplicaSet> {
+        let ptr = self.replica_set.load(Ordering::Acquire);
+        // SAFETY: a non-null pointer comes from an `Arc` that `replica_sets` keeps until the
+        // volume is dropped, which outlives `&self`.
+        unsafe { ptr.as_ref() }
+    }
+
+    /// Make writes fan out to `set` (None: to no replica). Requests already submitted keep
+    /// the set they saw. A volume takes at most `MAX_REPLICA_SET_CHANGES` sets in its life.
+    pub fn attach_replicas(&self, set: Option<Arc<ReplicaSet>>) -> Result<(), ReplicationError> {
+        let mut sets = self.replica_sets.lock().unwrap_or_else(|e| e.into_inner());
+        let ptr = match set {
+            Some(set) => {
+                if sets.len() >= MAX_REPLICA_SET_CHANGES {
+                    return Err(ReplicationError::TooManySetChanges);
+                }
+                let ptr = Arc::as_ptr(&set).cast_mut();
+                sets.push(set);
+                ptr
+            }
+            None => std::ptr::null_mut(),
+        };
+        self.replica_set.store(ptr, Ordering::Release);
+        Ok(())
     }
 
     /// The loader's: the state as the metadata holds it (nothing to persist).

@@ -11,7 +11,7 @@ use super::{FlushWaiter, Msg, Router};
 use crate::buf::{AlignedBuf, IoBuf, RegisteredPool};
 use crate::ids::{ChunkIndex, DeviceId, PhysChunk, ReactorId, VolumeId};
 use crate::io::{Io, IoCompletion, IoKind, IoOp, MemAccess};
-use crate::request::{DataMover, Errno, Part, RequestKind};
+use crate::request::{DataMover, Errno, InFlight, Part, RequestKind};
 use crate::volume::{chunk_owner, DeviceState, Volume};
 
 /// Most device operations one reactor tracks at once (in the ring or waiting for ring space).
@@ -614,6 +614,12 @@ impl<I: Io> ReactorCore<I> {
         if !req.part_done() {
             return;
         }
+        self.finish_request(req);
+    }
+
+    /// Every part of `req` (local and replica) is done: complete it, or start the trailing
+    /// flush of a FUA write that needs one.
+    pub(crate) fn finish_request(&mut self, req: Arc<InFlight>) {
         let device = &req.volume.device;
         let needs_flush = req.kind == RequestKind::Write
             && req.fua

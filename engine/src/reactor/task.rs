@@ -20,6 +20,7 @@ use crate::io::task_ring::TaskRing;
 pub use crate::io::task_ring::{RingCompletion, Socket, SocketOp};
 use crate::io::Io;
 use crate::provided::ProvidedBuffers;
+use crate::replication::ReplicaOp;
 use crate::request::{Errno, Port, PortWaker, Request};
 
 /// Most ring operations (socket sends/receives…) all tasks of one reactor may have in flight.
@@ -71,6 +72,7 @@ trait TaskHost {
         sink: &mut dyn FnMut(&[u8]),
     ) -> Option<Result<(), Errno>>;
     fn data_epoch(&self) -> u64;
+    fn replica_done(&mut self, op: ReplicaOp);
     fn take_buffer(&self, len: usize) -> Option<IoBuf>;
     fn port_waker(&self) -> PortWaker;
 }
@@ -119,6 +121,13 @@ impl<I: Io + TaskRing> TaskHost for CoreHost<'_, I> {
 
     fn data_epoch(&self) -> u64 {
         self.core.data_epoch()
+    }
+
+    fn replica_done(&mut self, op: ReplicaOp) {
+        let req = op.req;
+        if req.part_done() {
+            self.core.finish_request(req);
+        }
     }
 
     fn take_buffer(&self, len: usize) -> Option<IoBuf> {
@@ -262,6 +271,13 @@ impl TaskCtx<'_> {
     /// builds) that this still has the value it read when it kept them.
     pub fn data_epoch(&self) -> u64 {
         self.host.data_epoch()
+    }
+
+    /// A replica link's op is done: the replica acknowledged it, or the link failed and
+    /// marked its range in the replica's dirty bitmap. Its request completes when its other
+    /// parts are done too.
+    pub fn replica_done(&mut self, op: ReplicaOp) {
+        self.host.replica_done(op)
     }
 
     /// A buffer from this reactor's registered pool (cheapest for device IO here), if one is

@@ -4,11 +4,13 @@
 //! carries ([`state`]). Nothing here touches a socket or a ring: the peer runtime builds on it.
 
 pub mod bitmap;
+pub mod fanout;
 pub mod generation;
 pub mod record;
 pub mod state;
 
 pub use bitmap::{DirtyBitmap, RegionIndex};
+pub use fanout::{LinkState, ReplicaLink, ReplicaOp, ReplicaOpKind, ReplicaSet};
 pub use generation::{
     compare, resync_scope, GenerationHistory, GenerationId, Relation, ResyncScope,
 };
@@ -39,4 +41,9 @@ pub enum ReplicationError {
     PastEnd { end: u64, regions: u64 },
     #[error("{0} replicas are more than a volume may have ({MAX_REPLICAS})")]
     TooManyReplicas(usize),
+    #[error(
+        "the volume's replica set changed {} times; restart the daemon to change it again",
+        fanout::MAX_REPLICA_SET_CHANGES
+    )]
+    TooManySetChanges,
 }

@@ -167,6 +167,15 @@ pub enum Body<'a> {
     HeartbeatAck {
         seq: Seq,
     },
+    /// Trim (release) or zero `len_bytes` at `offset_bytes`.
+    Trim {
+        offset_bytes: u64,
+        len_bytes: u32,
+    },
+    WriteZeroes {
+        offset_bytes: u64,
+        len_bytes: u32,
+    },
     ResyncRequest {
         first: RegionIndex,
         count: u32,
@@ -319,6 +328,8 @@ impl Body<'_> {
             Body::FlushAck { .. } => FrameKind::FlushAck,
             Body::Heartbeat => FrameKind::Heartbeat,
             Body::HeartbeatAck { .. } => FrameKind::HeartbeatAck,
+            Body::Trim { .. } => FrameKind::Trim,
+            Body::WriteZeroes { .. } => FrameKind::WriteZeroes,
             Body::ResyncRequest { .. } => FrameKind::ResyncRequest,
             Body::ResyncData { .. } => FrameKind::ResyncData,
             Body::ResyncDone { .. } => FrameKind::ResyncDone,
@@ -337,7 +348,9 @@ impl Body<'_> {
 
     fn arg(&self) -> u64 {
         match self {
-            Body::Write { offset_bytes, .. } => *offset_bytes,
+            Body::Write { offset_bytes, .. }
+            | Body::Trim { offset_bytes, .. }
+            | Body::WriteZeroes { offset_bytes, .. } => *offset_bytes,
             Body::WriteAck { seq, .. }
             | Body::FlushAck { seq, .. }
             | Body::HeartbeatAck { seq } => seq.0,
@@ -365,6 +378,7 @@ impl Body<'_> {
                 ..
             } => *offset_in_region_bytes,
             Body::Goodbye(reason) => *reason as u32,
+            Body::Trim { len_bytes, .. } | Body::WriteZeroes { len_bytes, .. } => *len_bytes,
             _ => 0,
         }
     }
@@ -518,6 +532,32 @@ fn parse_body<'a>(h: &FrameHeader, p: &'a [u8]) -> Result<Body<'a>, PeerError> {
             Body::Goodbye(f.code(GoodbyeReason::from_u32(h.aux), "unknown goodbye reason")?)
         }
         FrameKind::Write | FrameKind::ResyncData => parse_data(&f)?,
+        FrameKind::Trim | FrameKind::WriteZeroes => {
+            f.bare(true, true)?;
+            let sector = u64::from(SECTOR_BYTES);
+            f.check(h.aux != 0, "empty range")?;
+            f.check(
+                h.aux.is_multiple_of(SECTOR_BYTES),
+                "length is not whole sectors",
+            )?;
+            f.check(h.arg.is_multiple_of(sector), "offset is not sector-aligned")?;
+            f.check(
+                h.arg.checked_add(u64::from(h.aux)).is_some(),
+                "offset + length overflows",
+            )?;
+            let (offset_bytes, len_bytes) = (h.arg, h.aux);
+            if h.kind == FrameKind::Trim {
+                Body::Trim {
+                    offset_bytes,
+                    len_bytes,
+                }
+            } else {
+                Body::WriteZeroes {
+                    offset_bytes,
+                    len_bytes,
+                }
+            }
+        }
         FrameKind::WriteAck => {
             f.bare(true, true)?;
             Body::WriteAck {

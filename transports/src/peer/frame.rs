@@ -65,6 +65,11 @@ pub enum FrameKind {
     Heartbeat = 20,
     /// `arg` = sequence of the Heartbeat.
     HeartbeatAck = 21,
+    /// Release `aux` bytes at `arg` (byte offset); reads return zeros after. Acknowledged by
+    /// WriteAck.
+    Trim = 22,
+    /// Zero `aux` bytes at `arg` (byte offset). Acknowledged by WriteAck.
+    WriteZeroes = 23,
     /// Ask for regions `arg .. arg + aux`.
     ResyncRequest = 32,
     /// Data of region `arg` at byte `aux` within the region; acknowledged by WriteAck.
@@ -81,7 +86,7 @@ pub enum FrameKind {
 
 impl FrameKind {
     /// Every frame type, for tests and fuzzing.
-    pub const ALL: [FrameKind; 17] = [
+    pub const ALL: [FrameKind; 19] = [
         FrameKind::Hello,
         FrameKind::Challenge,
         FrameKind::Response,
@@ -93,6 +98,8 @@ impl FrameKind {
         FrameKind::FlushAck,
         FrameKind::Heartbeat,
         FrameKind::HeartbeatAck,
+        FrameKind::Trim,
+        FrameKind::WriteZeroes,
         FrameKind::ResyncRequest,
         FrameKind::ResyncData,
         FrameKind::ResyncDone,
@@ -118,7 +125,9 @@ impl FrameKind {
     /// acknowledged frames take room in an in-flight window.
     pub fn ack_kind(self) -> Option<FrameKind> {
         match self {
-            FrameKind::Write | FrameKind::ResyncData => Some(FrameKind::WriteAck),
+            FrameKind::Write | FrameKind::ResyncData | FrameKind::Trim | FrameKind::WriteZeroes => {
+                Some(FrameKind::WriteAck)
+            }
             FrameKind::Flush => Some(FrameKind::FlushAck),
             FrameKind::Heartbeat => Some(FrameKind::HeartbeatAck),
             _ => None,

@@ -22,7 +22,10 @@ pub mod decide;
 mod exchange;
 pub mod frame;
 pub mod handshake;
+pub(crate) mod io;
+pub mod link;
 pub mod listener;
+pub mod serve;
 pub mod window;
 
 #[cfg(test)]
@@ -46,7 +49,10 @@ pub use handshake::{
     Acceptor, AcceptorConfig, Initiator, InitiatorConfig, LocalVolume, Progress, Refusal, Session,
     Step, VolumeLookup,
 };
+pub use io::{monotonic_clock, Clock};
+pub use link::{LinkOptions, PrimaryLink};
 pub use listener::{Established, ListenerConfig, ListenerCounts, PeerListener};
+pub use serve::{ReplicaServe, ServeOptions};
 pub use window::{Acked, InboundWindow, SendWindow};
 
 use std::fmt;

@@ -141,6 +141,14 @@ impl Spec {
             },
             FrameKind::Heartbeat => Body::Heartbeat,
             FrameKind::HeartbeatAck => Body::HeartbeatAck { seq: Seq(self.x) },
+            FrameKind::Trim => Body::Trim {
+                offset_bytes: sectors_offset,
+                len_bytes: (1 + self.y % 4096) * SECTOR_BYTES,
+            },
+            FrameKind::WriteZeroes => Body::WriteZeroes {
+                offset_bytes: sectors_offset,
+                len_bytes: (1 + self.y % 4096) * SECTOR_BYTES,
+            },
             FrameKind::ResyncRequest => Body::ResyncRequest { first, count },
             FrameKind::ResyncData => Body::ResyncData {
                 region: RegionIndex(self.x),

@@ -1,0 +1,312 @@
+//! The write path's fan-out to replicas (sync mode, DRBD protocol C).
+//!
+//! A volume may carry a [`ReplicaSet`]: one [`ReplicaLink`] per replica, each served by a task
+//! on one reactor (the peer link task in transports). `front::submit` reads the set with one
+//! atomic load; a volume without replicas pays nothing more. For each Write, Trim,
+//! WriteZeroes and Flush:
+//! - an up-to-date link gets a [`ReplicaOp`] in its bounded inbox and the request one more
+//!   part to wait for; the link task sends it and calls [`crate::task::TaskCtx::replica_done`]
+//!   when the replica acknowledged it (a Flush or FUA write: when it is durable there);
+//! - a link that is not up to date gets the range marked in its dirty bitmap instead (one
+//!   `fetch_or` per 64 regions), so a resync later sends only those regions;
+//! - a full inbox never blocks the submitter: that write marks the bitmap and the link falls
+//!   behind (its task ends the connection).
+//!
+//! **Handing over without a lock.** A pusher announces itself (`pushers += 1`), then reads
+//! the state, pushes, and leaves (`pushers -= 1`). A link task that fails stores `Behind`
+//! first and drains the inbox only once it has seen `pushers == 0` afterwards. Both sides use
+//! `SeqCst`, so either the pusher sees `Behind` (and marks the bitmap) or the task sees the
+//! pusher and waits for it: no op is left in an inbox nobody drains.
+//!
+//! **Memory.** A set, once attached, stays allocated until the volume goes (a data path may
+//! still read it after a swap). Sets change when the configured replicas change, not when a
+//! link reconnects (the link, and its state, outlive connections), so the count of retired
+//! sets is bounded by [`MAX_REPLICA_SET_CHANGES`].
+
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use crossbeam_queue::ArrayQueue;
+
+use super::state::VolumeReplication;
+use super::ReplicationError;
+use crate::ids::ReactorId;
+use crate::request::{InFlight, PortWaker, RequestKind};
+use crate::volume::Volume;
+
+/// Ops one link's inbox holds. A link task takes them as its window allows; a full inbox
+/// makes the link fall behind rather than stall the volume.
+pub const LINK_INBOX_OPS: usize = 1024;
+/// Replica sets one volume may be given in its life (each stays allocated, see the module).
+pub const MAX_REPLICA_SET_CHANGES: usize = 256;
+
+/// Where a link stands in the fan-out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum LinkState {
+    /// Not in the fan-out: writes mark the link's dirty bitmap.
+    Behind = 0,
+    /// In the fan-out: writes and flushes wait for this replica.
+    UpToDate = 1,
+}
+
+/// What a replica op does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplicaOpKind {
+    Write { fua: bool },
+    Trim,
+    WriteZeroes,
+    Flush,
+}
+
+/// One request's share for one replica: what to send, and the request to answer when the
+/// replica acknowledged it. Hand it back through
+/// [`crate::task::TaskCtx::replica_done`] exactly once; dropping it leaves its request
+/// waiting forever (only a crash may).
+pub struct ReplicaOp {
+    pub(crate) req: Arc<InFlight>,
+    kind: ReplicaOpKind,
+    offset_bytes: u64,
+    len_bytes: u64,
+}
+
+impl std::fmt::Debug for ReplicaOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaOp")
+            .field("kind", &self.kind)
+            .field("offset_bytes", &self.offset_bytes)
+            .field("len_bytes", &self.len_bytes)
+            .finish()
+    }
+}
+
+impl ReplicaOp {
+    pub fn kind(&self) -> ReplicaOpKind {
+        self.kind
+    }
+
+    pub fn offset_bytes(&self) -> u64 {
+        self.offset_bytes
+    }
+
+    pub fn len_bytes(&self) -> u64 {
+        self.len_bytes
+    }
+
+    /// Fail the request with `e` (for a Flush whose replica part cannot be made good).
+    pub fn fail(&self, e: crate::request::Errno) {
+        self.req.fail(e);
+    }
+
+    /// A Write's data, read-only, from the request's own buffer (None for other kinds). It
+    /// stays valid and unchanged for as long as the op is held: the request completes (and
+    /// hands its buffer back) only after this op is done.
+    pub fn payload(&self) -> Option<&[u8]> {
+        match self.kind {
+            ReplicaOpKind::Write { .. } => {
+                let data = self.req.replica_payload();
+                debug_assert_eq!(data.len() as u64, self.len_bytes);
+                Some(data)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// One replica's link, shared by the submit path (any reactor) and its task.
+pub struct ReplicaLink {
+    replication: Arc<VolumeReplication>,
+    /// The replica's index in `replication.replicas()`.
+    index: usize,
+    reactor: ReactorId,
+    state: AtomicU8,
+    pushers: AtomicU32,
+    inbox: ArrayQueue<ReplicaOp>,
+    waker: OnceLock<PortWaker>,
+}
+
+impl std::fmt::Debug for ReplicaLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaLink")
+            .field("index", &self.index)
+            .field("reactor", &self.reactor)
+            .field("state", &self.state())
+            .finish()
+    }
+}
+
+impl ReplicaLink {
+    /// The link to replica `index` of `replication`, served by a task on `reactor`. It starts
+    /// behind; whoever brings the replica up to date says so ([`Self::set_up_to_date`]).
+    pub fn new(
+        replication: Arc<VolumeReplication>,
+        index: usize,
+        reactor: ReactorId,
+    ) -> Option<Arc<ReplicaLink>> {
+        (index < replication.replicas().len()).then(|| {
+            Arc::new(ReplicaLink {
+                replication,
+                index,
+                reactor,
+                state: AtomicU8::new(LinkState::Behind as u8),
+                pushers: AtomicU32::new(0),
+                inbox: ArrayQueue::new(LINK_INBOX_OPS),
+                waker: OnceLock::new(),
+            })
+        })
+    }
+
+    /// The reactor whose task serves this link.
+    pub fn reactor(&self) -> ReactorId {
+        self.reactor
+    }
+
+    pub fn replication(&self) -> &Arc<VolumeReplication> {
+        &self.replication
+    }
+
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    pub fn state(&self) -> LinkState {
+        if self.state.load(Ordering::SeqCst) == LinkState::UpToDate as u8 {
+            LinkState::UpToDate
+        } else {
+            LinkState::Behind
+        }
+    }
+
+    /// The replica has every write: from now on writes wait for it.
+    pub fn set_up_to_date(&self) {
+        debug_assert!(self.inbox.is_empty(), "a behind link's inbox is drained");
+        self.state
+            .store(LinkState::UpToDate as u8, Ordering::SeqCst);
+    }
+
+    /// Leave the fan-out. Returns whether it was up to date. The task drains the inbox only
+    /// once [`Self::pushers_gone`] says so.
+    pub fn fall_behind(&self) -> bool {
+        self.state.swap(LinkState::Behind as u8, Ordering::SeqCst) == LinkState::UpToDate as u8
+    }
+
+    /// No submitter is between reading the state and pushing (see the module).
+    pub fn pushers_gone(&self) -> bool {
+        self.pushers.load(Ordering::SeqCst) == 0
+    }
+
+    /// The task's wake-up, set once from its first turn ([`crate::task::TaskCtx::port_waker`]).
+    pub fn set_waker(&self, waker: PortWaker) {
+        let _ = self.waker.set(waker);
+    }
+
+    /// The next op, for the link task.
+    pub fn pop(&self) -> Option<ReplicaOp> {
+        self.inbox.pop()
+    }
+
+    pub fn inbox_len(&self) -> usize {
+        self.inbox.len()
+    }
+
+    /// Mark `offset_bytes..+len_bytes` as lacking on this replica; the next metadata round
+    /// persists it if a bit was new.
+    pub fn mark_lacking(&self, volume: &Volume, offset_bytes: u64, len_bytes: u64) {
+        let replica = &self.replication.replicas()[self.index];
+        if replica.dirty.mark_bytes(offset_bytes, len_bytes) {
+            volume.replication_changed();
+        }
+    }
+
+    /// Push `op` if the link is up to date and its inbox has room; else hand it back.
+    fn try_push(&self, op: ReplicaOp) -> Result<(), ReplicaOp> {
+        self.pushers.fetch_add(1, Ordering::SeqCst);
+        let pushed = if self.state() == LinkState::UpToDate {
+            self.inbox.push(op)
+        } else {
+            Err(op)
+        };
+        self.pushers.fetch_sub(1, Ordering::SeqCst);
+        if pushed.is_ok() {
+            match self.waker.get() {
+                Some(PortWaker::Thread(t)) => t.unpark(),
+                Some(PortWaker::Callback(f)) => f(),
+                Some(PortWaker::None) | None => {}
+            }
+        }
+        pushed
+    }
+}
+
+/// The replicas a volume writes to.
+#[derive(Debug, Default)]
+pub struct ReplicaSet {
+    links: Vec<Arc<ReplicaLink>>,
+}
+
+impl ReplicaSet {
+    pub fn new(links: Vec<Arc<ReplicaLink>>) -> Result<ReplicaSet, ReplicationError> {
+        if links.len() > super::MAX_REPLICAS {
+            return Err(ReplicationError::TooManyReplicas(links.len()));
+        }
+        Ok(ReplicaSet { links })
+    }
+
+    pub fn links(&self) -> &[Arc<ReplicaLink>] {
+        &self.links
+    }
+}
+
+/// Fan `req` (its kind, range and FUA flag) out to `set`: called by `front::submit` before
+/// any local part is sent. `req.remaining` must already count one extra part per link in
+/// the set; the parts of links that take no op are done here. Returns the links that took one.
+pub(crate) fn fan_out(
+    set: &ReplicaSet,
+    volume: &Volume,
+    req: &Arc<InFlight>,
+    offset_bytes: u64,
+    len_bytes: u64,
+) -> usize {
+    let kind = match req.kind {
+        RequestKind::Write => ReplicaOpKind::Write { fua: req.fua },
+        RequestKind::Trim => ReplicaOpKind::Trim,
+        RequestKind::WriteZeroes => ReplicaOpKind::WriteZeroes,
+        RequestKind::Flush => ReplicaOpKind::Flush,
+        RequestKind::Read => unreachable!("reads are not replicated"),
+    };
+    let mut pushed = 0;
+    for link in &set.links {
+        let op = ReplicaOp {
+            req: req.clone(),
+            kind,
+            offset_bytes,
+            len_bytes,
+        };
+        match link.try_push(op) {
+            Ok(()) => pushed += 1,
+            Err(op) => {
+                if link.state() == LinkState::UpToDate {
+                    // The inbox is full: this replica cannot keep up. It falls behind (its
+                    // task ends the connection) instead of stalling the volume. Which of its
+                    // acknowledged writes it has not flushed yet only its task knows, and a
+                    // flush may complete before the task marks them: mark the whole volume
+                    // first (a full resync after an overload, never a missed region).
+                    link.mark_lacking(volume, 0, volume.max_size_bytes());
+                    link.fall_behind();
+                    tracing::warn!(
+                        volume = %volume.name,
+                        replica = link.index,
+                        "replica inbox full; the replica falls behind"
+                    );
+                }
+                if kind != ReplicaOpKind::Flush {
+                    link.mark_lacking(volume, offset_bytes, len_bytes);
+                }
+                drop(op);
+                let last = req.part_done();
+                debug_assert!(!last, "local parts are counted and not yet sent");
+            }
+        }
+    }
+    pushed
+}

@@ -1,0 +1,185 @@
+//! The engine's fan-out to replica links, without a peer: which requests take a link op,
+//! which mark the replica's dirty bitmap instead, a full inbox, and mover writes.
+
+use std::sync::{Arc, Mutex};
+
+use ringblock_engine::io::sim::SimDisk;
+use ringblock_engine::profile;
+use ringblock_engine::replication::{
+    LinkState, NodeId, RegionIndex, ReplicaLink, ReplicaOpKind, ReplicaSet, Role, VolumeReplication,
+};
+use ringblock_engine::sim_cluster::{SimCluster, SimOptions};
+use ringblock_engine::{
+    AlignedBuf, DataMover, DeviceId, DeviceSpec, Errno, FormatPolicy, IoBuf, Port, PortWaker,
+    ReactorId, Request, RequestKind, VolumeId,
+};
+
+const CHUNK: u64 = 64 << 10;
+const VOLUME_BYTES: u64 = 4 << 20;
+
+fn cluster() -> SimCluster {
+    let mut p = profile::builtin("flash").unwrap();
+    p.logical_block_size_bytes = 512;
+    let spec = DeviceSpec {
+        id: DeviceId(0),
+        name: "sim0".into(),
+        kind: "sim".into(),
+        size_bytes: 8 << 20,
+        persistent: true,
+        profile: p,
+        chunk_size_bytes: CHUNK,
+        format: FormatPolicy::IfBlank,
+    };
+    let disk = Arc::new(Mutex::new(SimDisk::new(8 << 20, true)));
+    let opts = SimOptions {
+        reactors: 2,
+        queue_depth: 8,
+        max_latency_ticks: 2,
+    };
+    let mut c = SimCluster::start(1, opts, vec![(spec, disk)]).unwrap();
+    c.create_volume(DeviceId(0), VolumeId(1), "a", VOLUME_BYTES)
+        .unwrap();
+    c
+}
+
+fn write(offset: u64, len: usize, tag: u64) -> Request {
+    Request {
+        kind: RequestKind::Write,
+        offset_bytes: offset,
+        len_bytes: len as u64,
+        fua: false,
+        buf: Some(IoBuf::owned(AlignedBuf::zeroed(len))),
+        mover: None,
+        tag,
+    }
+}
+
+/// A volume of `c` with one link (behind), attached.
+fn attach(c: &SimCluster) -> Arc<ReplicaLink> {
+    let volume = c.volume("a").unwrap();
+    let replication = Arc::new(
+        VolumeReplication::new(
+            Role::Primary,
+            volume.max_size_bytes(),
+            16,
+            &[NodeId::new(5).unwrap()],
+        )
+        .unwrap(),
+    );
+    volume.set_replication(Some(replication.clone()));
+    let link = ReplicaLink::new(replication, 0, ReactorId(0)).unwrap();
+    let set = ReplicaSet::new(vec![link.clone()]).unwrap();
+    volume.attach_replicas(Some(Arc::new(set))).unwrap();
+    link
+}
+
+#[test]
+fn a_behind_link_gets_marks_and_an_up_to_date_one_gets_ops() {
+    let mut c = cluster();
+    let volume = c.volume("a").unwrap();
+    let link = attach(&c);
+    let port = Port::new(8, PortWaker::None);
+    // Behind: the write completes at once and its regions are dirty.
+    c.submit(&volume, write(3 << 16, 2 << 16, 1), &port)
+        .unwrap();
+    c.run_until_idle(10_000);
+    let done = port.pop().expect("the write completed");
+    assert_eq!(done.result, Ok(()));
+    let dirty = &link.replication().replicas()[0].dirty;
+    assert!(dirty.is_dirty(RegionIndex(3)) && dirty.is_dirty(RegionIndex(4)));
+    assert!(!dirty.is_dirty(RegionIndex(2)) && !dirty.is_dirty(RegionIndex(5)));
+    assert_eq!(link.inbox_len(), 0);
+    // Up to date: the op waits in the inbox with the request's data, and the request
+    // waits for it.
+    link.set_up_to_date();
+    let mut req = write(0, 4096, 2);
+    req.buf.as_mut().unwrap().as_mut_slice().fill(0xA5);
+    c.submit(&volume, req, &port).unwrap();
+    c.run_until_idle(10_000);
+    assert!(port.pop().is_none(), "the write waits for its replica");
+    let op = link.pop().expect("an op for the link");
+    assert_eq!(op.kind(), ReplicaOpKind::Write { fua: false });
+    assert_eq!((op.offset_bytes(), op.len_bytes()), (0, 4096));
+    assert!(op.payload().unwrap().iter().all(|&b| b == 0xA5));
+    assert!(!dirty.is_dirty(RegionIndex(0)));
+    // A flush takes an op too; a read does not.
+    let flush = Request {
+        kind: RequestKind::Flush,
+        offset_bytes: 0,
+        len_bytes: 0,
+        fua: false,
+        buf: None,
+        mover: None,
+        tag: 3,
+    };
+    c.submit(&volume, flush, &port).unwrap();
+    let flush_op = link.pop().expect("a flush op");
+    assert_eq!(flush_op.kind(), ReplicaOpKind::Flush);
+    let mut read = write(0, 4096, 4);
+    read.kind = RequestKind::Read;
+    c.submit(&volume, read, &port).unwrap();
+    c.run_until_idle(10_000);
+    assert_eq!(port.pop().map(|c| c.tag), Some(4), "a read does not wait");
+    assert!(link.pop().is_none());
+    // The ops are held by the test: their requests never complete (as after a crash).
+    drop((op, flush_op));
+}
+
+#[test]
+fn a_full_inbox_marks_the_whole_volume_and_the_link_falls_behind() {
+    let mut c = cluster();
+    let volume = c.volume("a").unwrap();
+    let link = attach(&c);
+    link.set_up_to_date();
+    let n = ringblock_engine::replication::fanout::LINK_INBOX_OPS;
+    let port = Port::new(n + 1, PortWaker::None);
+    for i in 0..n {
+        c.submit(&volume, write(0, 512, i as u64), &port).unwrap();
+        c.step();
+    }
+    assert_eq!(link.inbox_len(), n);
+    assert_eq!(link.state(), LinkState::UpToDate);
+    c.submit(&volume, write(1 << 20, 512, n as u64), &port)
+        .unwrap();
+    assert_eq!(link.state(), LinkState::Behind);
+    c.run_until_idle(10_000);
+    // The write that found the inbox full did not wait.
+    let done: Vec<u64> = std::iter::from_fn(|| port.pop()).map(|c| c.tag).collect();
+    assert_eq!(done, vec![n as u64]);
+    let dirty = &link.replication().replicas()[0].dirty;
+    assert_eq!(dirty.dirty_regions(), volume.max_size_bytes() >> 16);
+}
+
+struct Zeros;
+
+impl DataMover for Zeros {
+    fn copy_out(&self, _: u64, _: &[u8]) -> Result<(), Errno> {
+        Ok(())
+    }
+    fn copy_in(&self, _: u64, dst: &mut [u8]) -> Result<(), Errno> {
+        dst.fill(0);
+        Ok(())
+    }
+}
+
+#[test]
+fn a_replicated_volume_refuses_mover_writes() {
+    let mut c = cluster();
+    let volume = c.volume("a").unwrap();
+    let port = Port::new(2, PortWaker::None);
+    let mover_write = |tag| Request {
+        kind: RequestKind::Write,
+        offset_bytes: 0,
+        len_bytes: 4096,
+        fua: false,
+        buf: None,
+        mover: Some(Arc::new(Zeros)),
+        tag,
+    };
+    c.submit(&volume, mover_write(1), &port).unwrap();
+    c.run_until_idle(10_000);
+    assert_eq!(port.pop().map(|c| c.result), Some(Ok(())));
+    attach(&c);
+    let refused = c.submit(&volume, mover_write(2), &port).map_err(|(_, e)| e);
+    assert_eq!(refused, Err(Errno::ENOTSUP));
+}
