@@ -59,8 +59,8 @@ fn request(kind: RequestKind, offset: u64, len: u64, fua: bool, buf: Option<IoBu
     }
 }
 
-fn replicate_over(primary_fd: OwnedFd, replica_fd: OwnedFd, what: &str) {
-    let (p, r) = (engine(), engine());
+/// Attach one replica to volume "a" of `p` and spawn its link task on `primary_fd`.
+fn spawn_link(p: &Engine, primary_fd: OwnedFd, what: &str) -> Arc<ReplicaLink> {
     let volume = p.volume("a").unwrap();
     let replication = Arc::new(
         VolumeReplication::new(
@@ -76,9 +76,8 @@ fn replicate_over(primary_fd: OwnedFd, replica_fd: OwnedFd, what: &str) {
     link.set_up_to_date();
     let set = ReplicaSet::new(vec![link.clone()]).unwrap();
     volume.attach_replicas(Some(Arc::new(set))).unwrap();
-    let id = ReplicatedVolumeId(77);
     let lopts = LinkOptions {
-        volume: id,
+        volume: ReplicatedVolumeId(77),
         send_seq: Seq(0),
         recv_seq: Seq(0),
         window_frames: 64,
@@ -89,6 +88,13 @@ fn replicate_over(primary_fd: OwnedFd, replica_fd: OwnedFd, what: &str) {
     };
     let task = PrimaryLink::new(primary_fd, p.open("a").unwrap(), link.clone(), lopts);
     p.spawn_task(Some(ReactorId(0)), Box::new(task));
+    link
+}
+
+fn replicate_over(primary_fd: OwnedFd, replica_fd: OwnedFd, what: &str) {
+    let (p, r) = (engine(), engine());
+    let link = spawn_link(&p, primary_fd, what);
+    let id = ReplicatedVolumeId(77);
     let sopts = ServeOptions {
         volume: id,
         send_seq: Seq(0),
@@ -181,4 +187,43 @@ fn a_replica_over_tcp_gets_every_write() {
 fn a_replica_over_a_unix_socket_gets_every_write() {
     let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
     replicate_over(OwnedFd::from(a), OwnedFd::from(b), "a Unix socket");
+}
+
+/// Nothing but the link's timer wakes the primary's parked reactor: its heartbeat still goes
+/// out (HEARTBEAT_INTERVAL_MS after the link starts), read here straight off the socket.
+#[test]
+fn an_idle_primary_link_keeps_heartbeating() {
+    use ringblock_transports::peer::{decode_frame, Body, Decoded};
+    use std::io::Read;
+
+    let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let p = engine();
+    let link = spawn_link(&p, OwnedFd::from(a), "a silent peer");
+    b.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(4);
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let heartbeat = loop {
+        match decode_frame(&got).expect("the link sends valid frames") {
+            Decoded::Frame { frame, .. } => break frame.body,
+            Decoded::Need(_) => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no frame from an idle link within 4 s"
+        );
+        match b.read(&mut chunk) {
+            Ok(0) => panic!("the link closed its socket"),
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("read: {e}"),
+        }
+    };
+    assert!(
+        matches!(heartbeat, Body::Heartbeat),
+        "the first frame of an idle link is a heartbeat, got {heartbeat:?}"
+    );
+    assert_eq!(link.state(), LinkState::UpToDate);
+    p.shutdown().unwrap();
 }

@@ -1,5 +1,6 @@
-//! When an idle reactor spins and when it parks: a pure decision from the poll window and the
-//! recent idle gaps, fed the clock readings the loop takes (it reads no clock itself).
+//! When an idle reactor spins and when it parks, and for how long: a pure decision from the
+//! poll window, the recent idle gaps and the soonest wake-up a task asked for, fed the clock
+//! readings the loop takes (it reads no clock itself).
 //!
 //! Adaptive polling: after work, spin for the poll window only while idle gaps are typically
 //! shorter than the window (the next request is likely to arrive while we spin). At a steady
@@ -16,9 +17,12 @@ use std::time::{Duration, Instant};
 pub(crate) enum IdleDecision {
     /// Spin: look for work again at once.
     Spin,
-    /// Park until a completion or a wake-up; `busy_ns` is the busy stretch that just ended
-    /// (None when it was already counted).
-    Park { busy_ns: Option<u64> },
+    /// Park until a completion or a wake-up, or `timeout_ns` (a task's timer) at most;
+    /// `busy_ns` is the busy stretch that just ended (None when it was already counted).
+    Park {
+        busy_ns: Option<u64>,
+        timeout_ns: Option<u64>,
+    },
 }
 
 /// The spin-or-park state of one reactor.
@@ -63,9 +67,12 @@ impl IdlePolicy {
         self.busy_since.get_or_insert(self.last_read);
     }
 
-    /// A loop turn found nothing to do at `now`: spin on, or park.
+    /// A loop turn found nothing to do at `now`: spin on, or park. `task_wake_ns`: the soonest
+    /// a task asked to be polled again by, from this turn. A wake-up due within the poll
+    /// window spins (parking for less is not worth the system call); a later one bounds the
+    /// park.
     #[inline]
-    pub(crate) fn on_idle(&mut self, now: Instant) -> IdleDecision {
+    pub(crate) fn on_idle(&mut self, now: Instant, task_wake_ns: Option<u64>) -> IdleDecision {
         self.last_read = now;
         if std::mem::take(&mut self.worked) {
             self.idle_from = now; // the spin window starts when the work ran out
@@ -75,11 +82,15 @@ impl IdlePolicy {
         if spin && now.duration_since(self.idle_from) < self.poll_idle {
             return IdleDecision::Spin;
         }
+        if task_wake_ns.is_some_and(|ns| ns < self.poll_idle.as_nanos() as u64) {
+            return IdleDecision::Spin;
+        }
         IdleDecision::Park {
             busy_ns: self
                 .busy_since
                 .take()
                 .map(|since| now.duration_since(since).as_nanos() as u64),
+            timeout_ns: task_wake_ns,
         }
     }
 
@@ -109,14 +120,15 @@ mod tests {
         let t0 = Instant::now();
         let mut p = IdlePolicy::new(WINDOW, t0);
         p.on_work();
-        assert_eq!(p.on_idle(t0 + us(1)), IdleDecision::Spin);
-        assert_eq!(p.on_idle(t0 + us(50)), IdleDecision::Spin);
+        assert_eq!(p.on_idle(t0 + us(1), None), IdleDecision::Spin);
+        assert_eq!(p.on_idle(t0 + us(50), None), IdleDecision::Spin);
         // The window counts from the first idle turn (t0 + 1 µs), not from the work.
         // The busy stretch ran from the work (dated t0, the last reading) to the park.
         assert_eq!(
-            p.on_idle(t0 + us(52)),
+            p.on_idle(t0 + us(52), None),
             IdleDecision::Park {
-                busy_ns: Some(52_000)
+                busy_ns: Some(52_000),
+                timeout_ns: None,
             }
         );
     }
@@ -129,17 +141,21 @@ mod tests {
         assert_eq!(p.on_wake(t0, wake), 10_000);
         p.on_work();
         p.on_work();
-        assert_eq!(p.on_idle(wake + us(100)), IdleDecision::Spin);
+        assert_eq!(p.on_idle(wake + us(100), None), IdleDecision::Spin);
         assert_eq!(
-            p.on_idle(wake + us(151)),
+            p.on_idle(wake + us(151), None),
             IdleDecision::Park {
-                busy_ns: Some(151_000)
+                busy_ns: Some(151_000),
+                timeout_ns: None,
             }
         );
         // Parked again without work in between: nothing more to count.
         assert_eq!(
-            p.on_idle(wake + us(300)),
-            IdleDecision::Park { busy_ns: None }
+            p.on_idle(wake + us(300), None),
+            IdleDecision::Park {
+                busy_ns: None,
+                timeout_ns: None
+            }
         );
     }
 
@@ -152,7 +168,7 @@ mod tests {
         for _ in 0..8 {
             p.on_work();
             assert!(matches!(
-                p.on_idle(now),
+                p.on_idle(now, None),
                 IdleDecision::Spin | IdleDecision::Park { .. }
             ));
             now += Duration::from_millis(10);
@@ -160,17 +176,42 @@ mod tests {
         }
         p.on_work();
         // The gaps average far above the window: no spinning right after work.
-        assert!(matches!(p.on_idle(now), IdleDecision::Park { .. }));
+        assert!(matches!(p.on_idle(now, None), IdleDecision::Park { .. }));
         // A burst of short gaps brings the average under the window: spinning again.
         for _ in 0..32 {
             now += us(2);
             p.on_wake(now - us(2), now);
             p.on_work();
             now += us(1);
-            let _ = p.on_idle(now);
+            let _ = p.on_idle(now, None);
         }
         now += us(1);
         p.on_work();
-        assert_eq!(p.on_idle(now), IdleDecision::Spin);
+        assert_eq!(p.on_idle(now, None), IdleDecision::Spin);
+    }
+
+    #[test]
+    fn a_task_wake_up_bounds_the_park_or_keeps_the_reactor_spinning() {
+        let t0 = Instant::now();
+        let mut p = IdlePolicy::new(WINDOW, t0);
+        // Past the spin window: a heartbeat due in 1 s bounds the park.
+        assert_eq!(
+            p.on_idle(t0 + us(100), Some(1_000_000_000)),
+            IdleDecision::Park {
+                busy_ns: None,
+                timeout_ns: Some(1_000_000_000)
+            }
+        );
+        // Due within the window (or overdue): spin rather than park for so short a time.
+        assert_eq!(p.on_idle(t0 + us(200), Some(10_000)), IdleDecision::Spin);
+        assert_eq!(p.on_idle(t0 + us(300), Some(0)), IdleDecision::Spin);
+        // No timer asked for: park until something arrives.
+        assert_eq!(
+            p.on_idle(t0 + us(400), None),
+            IdleDecision::Park {
+                busy_ns: None,
+                timeout_ns: None
+            }
+        );
     }
 }

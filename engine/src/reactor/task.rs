@@ -144,6 +144,8 @@ pub struct TaskCtx<'a> {
     host: &'a mut dyn TaskHost,
     task_id: u32,
     raw_in_flight: &'a mut usize,
+    /// The soonest any task of this turn asked to be polled again by, in ns from its poll.
+    wake_within_ns: &'a mut Option<u64>,
 }
 
 impl TaskCtx<'_> {
@@ -290,6 +292,15 @@ impl TaskCtx<'_> {
     pub fn port_waker(&self) -> PortWaker {
         self.host.port_waker()
     }
+
+    /// Poll this task again within `delay_ns` even when nothing else happens (a heartbeat or
+    /// a timeout is due): a parked reactor parks no longer than that. Asked from
+    /// [`ReactorTask::poll`], for that poll only: a task that still waits asks again each
+    /// poll. The delay is relative so that a task keeps its own clock (the simulator's ticks).
+    pub fn wake_within_ns(&mut self, delay_ns: u64) {
+        let soonest = self.wake_within_ns.get_or_insert(delay_ns);
+        *soonest = (*soonest).min(delay_ns);
+    }
 }
 
 /// The tasks one reactor hosts, and their ring operations in flight.
@@ -300,6 +311,8 @@ pub(crate) struct TaskTable {
     raw_done: Vec<(u32, RingCompletion)>,
     /// Every task has been told to stop.
     stop_sent: bool,
+    /// The soonest wake-up the tasks asked for in the last [`Self::poll_all`].
+    wake_within_ns: Option<u64>,
 }
 
 impl TaskTable {
@@ -309,6 +322,7 @@ impl TaskTable {
             raw_in_flight: 0,
             raw_done: Vec::new(),
             stop_sent: false,
+            wake_within_ns: None,
         }
     }
 
@@ -348,10 +362,13 @@ impl TaskTable {
                     core: &mut *core,
                     env,
                 };
+                // Only a poll's wake-up request counts (the turn's poll follows).
+                let mut ignored = None;
                 let mut ctx = TaskCtx {
                     host: &mut host,
                     task_id,
                     raw_in_flight: &mut self.raw_in_flight,
+                    wake_within_ns: &mut ignored,
                 };
                 task.on_ring(&mut ctx, c);
             }
@@ -368,6 +385,7 @@ impl TaskTable {
         stopping: bool,
     ) -> usize {
         let mut work = 0;
+        self.wake_within_ns = None;
         for (i, slot) in self.tasks.iter_mut().enumerate() {
             let Some(task) = slot else { continue };
             let mut host = CoreHost {
@@ -378,6 +396,7 @@ impl TaskTable {
                 host: &mut host,
                 task_id: i as u32,
                 raw_in_flight: &mut self.raw_in_flight,
+                wake_within_ns: &mut self.wake_within_ns,
             };
             if stopping && !self.stop_sent {
                 task.stop(&mut ctx);
@@ -392,6 +411,12 @@ impl TaskTable {
         }
         self.stop_sent |= stopping;
         work
+    }
+
+    /// The soonest a task asked to be polled again by ([`TaskCtx::wake_within_ns`]) in the
+    /// last [`Self::poll_all`], in ns from then.
+    pub(crate) fn wake_within_ns(&self) -> Option<u64> {
+        self.wake_within_ns
     }
 
     /// No task left, and none of their ring operations in flight.

@@ -159,7 +159,7 @@ impl Loop<'_> {
                 continue;
             }
             let now = Instant::now();
-            let decision = self.idle.on_idle(now);
+            let decision = self.idle.on_idle(now, self.tasks.wake_within_ns());
             if stopping
                 && self.core.is_idle()
                 && self.me.inbox.is_empty()
@@ -169,7 +169,10 @@ impl Loop<'_> {
             }
             match decision {
                 IdleDecision::Spin => std::hint::spin_loop(),
-                IdleDecision::Park { busy_ns } => self.park(now, busy_ns),
+                IdleDecision::Park {
+                    busy_ns,
+                    timeout_ns,
+                } => self.park(now, busy_ns, timeout_ns),
             }
         }
     }
@@ -237,8 +240,9 @@ impl Loop<'_> {
 
     /// Park: announce it, then re-check the inbox and the tasks' ports (a sender may have
     /// pushed before it saw the flag), then block in the ring until a completion, a wake or a
-    /// timer. `now`: the clock reading that decided to park.
-    fn park(&mut self, now: Instant, busy_ns: Option<u64>) {
+    /// timer, or `timeout_ns` (a task's wake-up) at most. `now`: the clock reading that
+    /// decided to park.
+    fn park(&mut self, now: Instant, busy_ns: Option<u64>, timeout_ns: Option<u64>) {
         let me = self.me;
         if let Some(ns) = busy_ns {
             me.stats.busy_ns.fetch_add(ns, Ordering::Relaxed);
@@ -248,7 +252,7 @@ impl Loop<'_> {
         let ready = self.tasks.any_ready();
         if me.inbox.is_empty() && !ready && !self.shared.stopping.load(Ordering::SeqCst) {
             me.stats.parks.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = self.core.io.park(None) {
+            if let Err(e) = self.core.io.park(timeout_ns) {
                 tracing::error!(reactor = self.core.id.0, "park failed: {e}");
                 std::thread::sleep(Duration::from_millis(1));
             }

@@ -193,6 +193,22 @@ impl PrimaryLink {
         n
     }
 
+    /// In how many ms the next heartbeat or acknowledgement timeout is due, if one is: a
+    /// parked reactor must poll the link by then even when nothing else happens.
+    fn next_timer_ms(&self, now: u64) -> Option<u64> {
+        let ack = self.window.oldest().and_then(|oldest| {
+            let sent = self.pending.get(&oldest.seq.0)?.sent_ms;
+            Some(ACK_TIMEOUT_MS.saturating_sub(now.saturating_sub(sent)))
+        });
+        // A heartbeat goes only when nothing is unacknowledged or queued (see `take_ops`).
+        let heartbeat = (self.pending.is_empty() && self.sender.queued() == 0)
+            .then(|| HEARTBEAT_INTERVAL_MS.saturating_sub(now.saturating_sub(self.last_send_ms)));
+        match (ack, heartbeat) {
+            (Some(a), Some(h)) => Some(a.min(h)),
+            (a, h) => a.or(h),
+        }
+    }
+
     /// Whether the window has room for the largest op (checked before popping, since a
     /// popped op cannot go back), and one frame more for a heartbeat.
     fn window_has_room(&self) -> bool {
@@ -434,6 +450,9 @@ impl ReactorTask for PrimaryLink {
                     }
                     Ok(false) => {}
                     Err(e) => self.fail(ctx, &format!("cannot send: {e}")),
+                }
+                if let Some(ms) = self.next_timer_ms(now) {
+                    ctx.wake_within_ns(ms.saturating_mul(1_000_000));
                 }
             }
             Phase::Failing { .. } => work += self.step_failing(ctx),

@@ -311,10 +311,13 @@ impl ReactorTask for ReplicaServe {
             return work;
         }
         let now = (self.opts.clock)();
-        if now.saturating_sub(self.last_heard_ms) >= PEER_SILENCE_MS {
+        let silent_ms = now.saturating_sub(self.last_heard_ms);
+        if silent_ms >= PEER_SILENCE_MS {
             self.fail(ctx, "the primary went silent");
             return work;
         }
+        // Poll again when the silence would be too long, even on a parked reactor.
+        ctx.wake_within_ns((PEER_SILENCE_MS - silent_ms).saturating_mul(1_000_000));
         let step = self
             .submit_held_flush(ctx)
             .and_then(|()| self.on_frames(ctx))
