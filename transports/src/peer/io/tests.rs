@@ -17,7 +17,9 @@ fn receive(r: &mut RecvBuf, bytes: &[u8]) {
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect()
 }
 
 /// A whole largest frame the owner cannot take yet fills the buffer: there is no room for a
