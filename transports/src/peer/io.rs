@@ -64,22 +64,12 @@ impl RecvBuf {
         self.in_flight
     }
 
-    /// Start a receive unless one is in flight (or the peer closed).
+    /// Start a receive unless one is in flight, the peer closed, or the buffer is full (a
+    /// whole largest frame the owner has not consumed yet: it arms again once it has).
     pub(crate) fn arm(&mut self, ctx: &mut TaskCtx<'_>) -> Result<(), String> {
-        if self.in_flight || self.closed {
+        if self.in_flight || self.closed || !self.make_room() {
             return Ok(());
         }
-        if self.start == self.end {
-            (self.start, self.end) = (0, 0);
-        } else if self.end == self.buf.len() {
-            self.buf.copy_within(self.start..self.end, 0);
-            (self.start, self.end) = (0, self.end - self.start);
-        }
-        // A frame is at most the buffer; the decoder never asks for more.
-        debug_assert!(
-            self.end < self.buf.len(),
-            "a partial frame fills the buffer"
-        );
         let op = SocketOp::Recv {
             socket: self.socket,
             // SAFETY (pointer arithmetic): `end` is within the buffer.
@@ -97,6 +87,19 @@ impl RecvBuf {
             Err(e) if e.0 == libc::EAGAIN => Ok(()),
             Err(e) => Err(e.to_string()),
         }
+    }
+
+    /// Move the undecoded bytes to the front when they reach the end. False when the buffer
+    /// is still full: a receive of zero bytes would return 0 at once, which reads as the
+    /// peer's close (and, where it does not, never completes).
+    fn make_room(&mut self) -> bool {
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
+        } else if self.end == self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            (self.start, self.end) = (0, self.end - self.start);
+        }
+        self.end < self.buf.len()
     }
 
     /// The receive completed: Ok with new bytes, or why the connection ended.
@@ -393,3 +396,6 @@ fn send_error(c: RingCompletion) -> String {
         None => "the socket took nothing".into(),
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -617,3 +617,41 @@ fn random_cuts_come_from_the_seed() {
     assert_eq!(ticks, (0..8).map(cut_tick).collect::<Vec<_>>());
     assert!(ticks.iter().any(|&t| t != ticks[0]), "{ticks:?}");
 }
+
+/// A receive of no bytes completes with 0 at once, as the kernel's does, whether or not
+/// bytes wait: it never hangs.
+#[test]
+fn a_zero_byte_receive_returns_zero_at_once() {
+    let net = SimNet::new(3, opts());
+    let ring = net.new_ring();
+    let (task_fd, mut client) = net.connect(A, B).unwrap();
+    let fd = task_fd.as_raw_fd();
+    let mut done = Vec::new();
+    let mut rbuf = [0u8; 1];
+    for (tag, waiting) in [(1, false), (2, true)] {
+        if waiting {
+            write_all(&net, &mut client, b"x", 10);
+            for _ in 0..opts().max_delay_ticks + 1 {
+                net.tick();
+            }
+        }
+        let op = SocketOp::Recv {
+            socket: Socket::Fd(fd),
+            buf: rbuf.as_mut_ptr(),
+            len: 0,
+            poll_first: false,
+        };
+        // SAFETY: rbuf outlives the op.
+        unsafe { net.push(ring, 1, op, tag) };
+        net.tick();
+        done.clear();
+        net.take_completions(ring, &mut done);
+        let want = RingCompletion {
+            tag,
+            result: 0,
+            flags: 0,
+        };
+        assert_eq!(done, [(1, want)], "waiting bytes: {waiting}");
+    }
+    assert_eq!(net.pending_ops(), 0);
+}
