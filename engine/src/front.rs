@@ -120,6 +120,111 @@ pub(crate) fn submit(
     let kind = req.kind;
     let (offset, len) = (req.offset_bytes, req.len_bytes);
     let inflight = InFlight::new(volume.clone(), &mut req, port.clone());
+    if let Some(set) = replicas {
+        if writes_data(kind) && len > 0 {
+            let replication = set.links()[0].replication();
+            if !replication.activity_persisted(offset, len) {
+                // The write-ahead rule: the regions enter the activity log in memory, then
+                // the write waits for a round that starts afterwards (it persists them). The
+                // metadata is marked dirty even when another write set the bits, so that
+                // round writes metadata rather than only syncing data.
+                replication.begin_activity(offset, len);
+                volume.replication_changed();
+                let device = &volume.device;
+                let parked = ParkedWrite {
+                    inflight,
+                    offset_bytes: offset,
+                    len_bytes: len,
+                    reactors,
+                };
+                send(
+                    device.home_reactor(reactors),
+                    Msg::Flush {
+                        device: device.id,
+                        waiter: FlushWaiter::Activity(parked),
+                    },
+                );
+                return Ok(());
+            }
+        }
+    }
+    dispatch(volume, inflight, replicas, offset, len, reactors, send);
+    Ok(())
+}
+
+fn writes_data(kind: RequestKind) -> bool {
+    matches!(
+        kind,
+        RequestKind::Write | RequestKind::Trim | RequestKind::WriteZeroes
+    )
+}
+
+/// A write of a replicated volume that waits on the device's home reactor for the metadata
+/// round that puts its regions in the persisted activity log. It holds no window yet: its
+/// parts are made when it is released.
+pub(crate) struct ParkedWrite {
+    inflight: Arc<InFlight>,
+    offset_bytes: u64,
+    len_bytes: u64,
+    reactors: u32,
+}
+
+/// The round a [`ParkedWrite`] waited for ended with `result`: on success its regions are in
+/// the persisted activity log and it goes on like any write; a failed round fails it, before
+/// any byte reached a device or a replica.
+pub(crate) fn release_parked(
+    parked: ParkedWrite,
+    result: Result<(), Errno>,
+    send: &mut dyn FnMut(ReactorId, Msg),
+) {
+    let ParkedWrite {
+        inflight,
+        offset_bytes,
+        len_bytes,
+        reactors,
+    } = parked;
+    let volume = inflight.volume.clone();
+    if let Err(e) = result {
+        inflight.fail(e);
+        inflight.complete();
+        return;
+    }
+    // A set swapped in meanwhile shares the volume's replication state.
+    let replicas = volume.replica_set().filter(|s| !s.links().is_empty());
+    if let Some(set) = replicas {
+        set.links()[0]
+            .replication()
+            .activity_durable(offset_bytes, len_bytes);
+    }
+    dispatch(
+        &volume,
+        inflight,
+        replicas,
+        offset_bytes,
+        len_bytes,
+        reactors,
+        send,
+    );
+}
+
+/// Fan `inflight` out to the replicas and send its parts to the reactors owning its chunks.
+fn dispatch(
+    volume: &Arc<Volume>,
+    inflight: Arc<InFlight>,
+    replicas: Option<&crate::replication::ReplicaSet>,
+    offset: u64,
+    len: u64,
+    reactors: u32,
+    send: &mut dyn FnMut(ReactorId, Msg),
+) {
+    let kind = inflight.kind;
+    // The invariant of the write-ahead rule: no write of a replicated volume reaches the
+    // local device (or a replica) for a region not in the persisted activity log.
+    debug_assert!(
+        replicas.is_none_or(|set| !writes_data(kind)
+            || set.links()[0].replication().activity_persisted(offset, len)),
+        "a replicated write is sent before its activity log entry is persisted"
+    );
     // Each link of the set is one more part; `fan_out` ends those of links that take no op.
     let links = replicas.map_or(0, |set| set.links().len() as u32);
     let fan_out = |inflight: &Arc<InFlight>| {
@@ -140,11 +245,11 @@ pub(crate) fn submit(
                 waiter: FlushWaiter::Request(inflight),
             },
         );
-        return Ok(());
+        return;
     }
     if len == 0 {
         inflight.complete();
-        return Ok(());
+        return;
     }
     let cs = volume.chunk_size_bytes();
     let first = offset / cs;
@@ -181,7 +286,7 @@ pub(crate) fn submit(
         let (to, part) = make_part(first, inflight);
         fan_out(&part.req);
         send(to, Msg::Part(part));
-        return Ok(());
+        return;
     }
     let ready: Vec<_> = (first..=last)
         .map(|c| make_part(c, inflight.clone()))
@@ -201,5 +306,4 @@ pub(crate) fn submit(
     for (to, part) in ready {
         send(to, Msg::Part(part));
     }
-    Ok(())
 }

@@ -130,9 +130,17 @@ fn a_full_inbox_marks_the_whole_volume_and_the_link_falls_behind() {
     let mut c = cluster();
     let volume = c.volume("a").unwrap();
     let link = attach(&c);
-    link.set_up_to_date();
     let n = ringblock_engine::replication::fanout::LINK_INBOX_OPS;
     let port = Port::new(n + 1, PortWaker::None);
+    // Both regions enter the persisted activity log first, so that no write below waits
+    // for a metadata round.
+    for (tag, offset) in [(0, 0), (1, 1 << 20)] {
+        c.submit(&volume, write(offset, 512, tag), &port).unwrap();
+    }
+    c.run_until_idle(10_000);
+    assert_eq!(std::iter::from_fn(|| port.pop()).count(), 2);
+    link.replication().replicas()[0].dirty.clear_all();
+    link.set_up_to_date();
     for i in 0..n {
         c.submit(&volume, write(0, 512, i as u64), &port).unwrap();
         c.step();

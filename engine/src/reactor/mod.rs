@@ -36,6 +36,9 @@ pub(crate) type Reply = Box<dyn FnOnce(Result<(), Errno>) + Send>;
 pub(crate) enum FlushWaiter {
     Request(Arc<InFlight>),
     Control(Reply),
+    /// A write to regions not yet in the persisted activity log: sent on once the round
+    /// persisting them completed (see `front::submit`).
+    Activity(crate::front::ParkedWrite),
 }
 
 /// Control-plane messages; they go to the home reactor of the volume's device.

@@ -97,7 +97,7 @@ impl<I: Io> ReactorCore<I> {
         if device.health.backing_deleted.load(Ordering::Acquire) {
             // Its backing file is gone: nothing can be made durable any more.
             device.health.flush_errors.fetch_add(1, Ordering::Relaxed);
-            Self::answer(waiters, Err(Errno::EIO));
+            self.answer(waiters, Err(Errno::EIO));
             return;
         }
         let version = device.meta_version.load(Ordering::Acquire);
@@ -119,7 +119,7 @@ impl<I: Io> ReactorCore<I> {
                 }),
                 (Err(e), _) | (_, Err(e)) => {
                     tracing::error!(device = %device.name, "cannot encode metadata: {e}");
-                    Self::answer(waiters, Err(Errno::ENOSPC));
+                    self.answer(waiters, Err(Errno::ENOSPC));
                     return;
                 }
             }
@@ -134,7 +134,7 @@ impl<I: Io> ReactorCore<I> {
                     .persisted_version
                     .fetch_max(m.version, Ordering::AcqRel);
             }
-            Self::answer(waiters, Ok(()));
+            self.answer(waiters, Ok(()));
             return;
         }
         home.round = Some(Round {
@@ -172,7 +172,7 @@ impl<I: Io> ReactorCore<I> {
             }
             tracing::error!(device = %device.name, stage = ?round.stage, "flush failed: {e}");
             let round = home.round.take().expect("round");
-            Self::answer(round.waiters, Err(Errno::EIO));
+            self.answer(round.waiters, Err(Errno::EIO));
             self.start_round(device_id);
             return;
         }
@@ -237,14 +237,14 @@ impl<I: Io> ReactorCore<I> {
                         );
                     }
                 }
-                Self::answer(round.waiters, Ok(()));
+                self.answer(round.waiters, Ok(()));
                 self.start_round(device_id);
             }
             (Stage::SyncFirst, None) => unreachable!("a round without metadata only syncs data"),
         }
     }
 
-    fn answer(waiters: Vec<FlushWaiter>, result: Result<(), Errno>) {
+    fn answer(&mut self, waiters: Vec<FlushWaiter>, result: Result<(), Errno>) {
         for w in waiters {
             match w {
                 FlushWaiter::Request(req) => {
@@ -256,6 +256,9 @@ impl<I: Io> ReactorCore<I> {
                     }
                 }
                 FlushWaiter::Control(reply) => reply(result),
+                FlushWaiter::Activity(parked) => {
+                    crate::front::release_parked(parked, result, &mut |to, msg| self.send(to, msg));
+                }
             }
         }
     }

@@ -65,6 +65,9 @@ pub struct VolumeReplication {
     replicas: Vec<ReplicaState>,
     /// Regions that may have writes in flight.
     pub activity: DirtyBitmap,
+    /// Regions of `activity` that a completed metadata round persisted: a write to them goes
+    /// straight to the local device (see [`Self::activity_persisted`]).
+    activity_persisted: DirtyBitmap,
 }
 
 impl VolumeReplication {
@@ -133,6 +136,7 @@ impl VolumeReplication {
             history: Mutex::new(record.history.clone()),
             replicas,
             activity,
+            activity_persisted: bitmap()?,
         })
     }
 
@@ -204,6 +208,33 @@ impl VolumeReplication {
             newly |= r.dirty.mark_bytes(offset_bytes, len_bytes);
         }
         newly
+    }
+
+    /// True when every region of `offset_bytes..+len_bytes` is in the persisted activity
+    /// log: a write there may reach the local device at once (one bit test per region).
+    pub fn activity_persisted(&self, offset_bytes: u64, len_bytes: u64) -> bool {
+        self.activity_persisted
+            .regions_of(offset_bytes, len_bytes)
+            .all(|r| self.activity_persisted.is_dirty(RegionIndex(r)))
+    }
+
+    /// Put `offset_bytes..+len_bytes` in the activity log in memory. The caller then marks
+    /// the metadata dirty and waits for a round that starts afterwards: that round's record
+    /// holds these regions (activity bits are never cleared while the volume lives).
+    pub fn begin_activity(&self, offset_bytes: u64, len_bytes: u64) {
+        self.activity.mark_bytes(offset_bytes, len_bytes);
+    }
+
+    /// A metadata round that started after [`Self::begin_activity`] for this range completed:
+    /// the range is in the persisted activity log.
+    pub fn activity_durable(&self, offset_bytes: u64, len_bytes: u64) {
+        debug_assert!(
+            self.activity
+                .regions_of(offset_bytes, len_bytes)
+                .all(|r| self.activity.is_dirty(RegionIndex(r))),
+            "only regions in the activity log become persisted"
+        );
+        self.activity_persisted.mark_bytes(offset_bytes, len_bytes);
     }
 
     /// A region was resynced to `node`.
