@@ -8,6 +8,7 @@ pub mod fanout;
 pub mod generation;
 pub mod record;
 pub mod state;
+pub mod status;
 
 pub use bitmap::{DirtyBitmap, RegionIndex};
 pub use fanout::{LinkState, ReplicaLink, ReplicaOp, ReplicaOpKind, ReplicaSet};
@@ -16,6 +17,7 @@ pub use generation::{
 };
 pub use record::{NodeId, ReplicaRecord, ReplicationRecord, Role, MAX_REPLICAS};
 pub use state::{ReplicaState, VolumeReplication};
+pub use status::{PeerState, PeerStatus, ResyncProgress, ResyncSnapshot};
 
 /// Why replication state cannot be built as asked (from a record on disk or from a request).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -26,6 +26,7 @@ use super::record::{
     NodeId, ReplicaRecord, ReplicationRecord, Role, MAX_ACTIVITY_RUNS, MAX_PERSISTED_RUNS,
     MAX_REPLICAS,
 };
+use super::status::PeerStatus;
 use super::ReplicationError;
 
 /// One replica of a volume, as the primary tracks it.
@@ -36,6 +37,8 @@ pub struct ReplicaState {
     full_sync: AtomicBool,
     /// Regions this replica lacks.
     pub dirty: DirtyBitmap,
+    /// What operators see of this peer (not persisted: every start begins at `Connecting`).
+    pub status: PeerStatus,
 }
 
 impl ReplicaState {
@@ -129,6 +132,7 @@ impl VolumeReplication {
                 since: Mutex::new(r.since),
                 full_sync: AtomicBool::new(r.full_sync),
                 dirty,
+                status: PeerStatus::default(),
             });
         }
         Ok(VolumeReplication {
