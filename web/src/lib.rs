@@ -21,6 +21,7 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod openapi;
+pub mod replication;
 pub mod size;
 pub mod stats;
 pub mod token;
@@ -40,6 +41,7 @@ use tokio::sync::{oneshot, watch};
 
 pub use api::{NbdClient, NbdStatus, UblkControl, UblkControlError, UblkExport};
 pub use config::{default_state_dir, WebConfig, DEFAULT_WEB_LISTEN};
+pub use replication::{ReplicationControl, ReplicationControlError, ReplicationStatus};
 pub use routes::route_table;
 pub use token::TokenStore;
 

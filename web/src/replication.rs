@@ -1,0 +1,118 @@
+//! What the daemon lets the web layer see and do with replication, without the web crate
+//! depending on transports: the status of every replicated volume and its peers, and the
+//! operator's commands (promote, demote, suspend, resume, resolve). The daemon's peer runtime
+//! implements [`ReplicationControl`]; a daemon without replicated volumes passes `None`.
+//!
+//! Commands block on metadata rounds (a role or generation change is durable before it is
+//! acknowledged), so the API runs them on the blocking pool.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::error::ApiError;
+
+/// This node and every replicated volume it holds a copy of.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ReplicationStatus {
+    /// This node's id (32 hex digits).
+    pub node_id: String,
+    pub node_name: Option<String>,
+    pub cluster: String,
+    /// Where peers connect.
+    pub listen: String,
+    pub volumes: Vec<VolumeReplicationStatus>,
+}
+
+/// One replicated volume on this node.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VolumeReplicationStatus {
+    pub volume: String,
+    /// "primary" (serves clients) or "replica" (follows a primary; not exportable).
+    pub role: String,
+    /// Current generation (16 hex digits), if the copy has one.
+    pub generation: Option<String>,
+    /// Generations in the history.
+    pub history_len: usize,
+    pub region_size_bytes: u64,
+    /// Whether the volume may be exported (NBD, ublk) here, and if not why.
+    pub exportable: bool,
+    pub not_exportable_reason: Option<String>,
+    pub peers: Vec<PeerReplicationStatus>,
+}
+
+/// One peer of a replicated volume, as this node sees it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PeerReplicationStatus {
+    /// The peer's node id (32 hex digits).
+    pub node: String,
+    pub address: String,
+    /// "sync" or "async".
+    pub mode: String,
+    /// connecting, up-to-date, behind, resyncing, diverged or suspended.
+    pub state: String,
+    /// Why it is not up to date (a refusal, a timeout, the operator).
+    pub reason: Option<String>,
+    pub connected_since_unix_ms: Option<u64>,
+    /// Bytes of regions the peer lacks (its dirty bitmap).
+    pub dirty_bytes: u64,
+    /// Bytes sent and not yet acknowledged (queued for an async peer included).
+    pub lag_bytes: u64,
+    /// Age of the oldest unacknowledged write, if any.
+    pub lag_ms: Option<u64>,
+    pub resync: Option<ResyncStatus>,
+}
+
+/// A resync in progress.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ResyncStatus {
+    pub total_bytes: u64,
+    pub done_bytes: u64,
+    pub rate_bytes_per_s: f64,
+    pub eta_s: Option<f64>,
+}
+
+/// The daemon's replication: status and commands. Each command returns a line for the
+/// operator on success (what changed), or why it was refused.
+pub trait ReplicationControl: Send + Sync + 'static {
+    fn status(&self) -> ReplicationStatus;
+    /// Make this node's copy of `volume` the primary. Refused while a reachable peer is
+    /// primary for it, unless `force` (disaster recovery: the other side may diverge).
+    fn promote(&self, volume: &str, force: bool) -> Result<String, ReplicationControlError>;
+    /// Make this node's copy a replica (refused while it is exported).
+    fn demote(&self, volume: &str) -> Result<String, ReplicationControlError>;
+    /// Stop sending to `node` (writes mark its bitmap) until [`Self::resume`].
+    fn suspend(&self, volume: &str, node: &str) -> Result<String, ReplicationControlError>;
+    fn resume(&self, volume: &str, node: &str) -> Result<String, ReplicationControlError>;
+    /// End a split brain by discarding `discard_node`'s changes since the common generation.
+    fn resolve(&self, volume: &str, discard_node: &str) -> Result<String, ReplicationControlError>;
+}
+
+/// Why a replication command failed; each kind has its HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationControlError {
+    /// No such replicated volume or peer (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// Refused in the current state, e.g. promote while a peer is primary (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// A request that cannot be right, e.g. an invalid node id (400).
+    #[error("{0}")]
+    Invalid(String),
+    /// The change could not be made durable (500).
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<ReplicationControlError> for ApiError {
+    fn from(e: ReplicationControlError) -> Self {
+        use axum::http::StatusCode;
+        let status = match e {
+            ReplicationControlError::NotFound(_) => StatusCode::NOT_FOUND,
+            ReplicationControlError::Conflict(_) => StatusCode::CONFLICT,
+            ReplicationControlError::Invalid(_) => StatusCode::BAD_REQUEST,
+            ReplicationControlError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
