@@ -84,39 +84,76 @@ fn bad_configurations_are_clear_errors() {
 }
 
 #[test]
-fn replicas_are_refused_until_replication_runs_and_the_node_id_is_kept() {
+fn a_replicated_primary_serves_and_the_node_id_is_kept() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let secret = write_file(dir.path(), "cluster.secret", "s3cret\n");
+    let secret = write_file(
+        dir.path(),
+        "cluster.secret",
+        "a cluster secret of more than sixteen bytes\n",
+    );
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let other = "0123456789abcdef0123456789abcdef";
     let base = format!(
         "[[device]]\nname = \"d\"\nkind = \"ram\"\nsize_bytes = 67108864\n\
          [[volume]]\nname = \"v\"\ndevice = \"d\"\nsize_bytes = 1048576\n\
          [web]\nstate_dir = \"{}\"\n",
         state.display()
     );
-    let replicated = write_file(
-        dir.path(),
-        "replicated.toml",
-        &format!(
-            "{base}[peer]\ncluster_id = \"lab\"\nsecret_file = \"{secret}\"\n\
-             [[volume.replica]]\nnode = \"right\"\naddress = \"127.0.0.1:10811\"\nmode = \"sync\"\n"
-        ),
+    let replicated_text = format!(
+        "[[device]]\nname = \"d\"\nkind = \"ram\"\nsize_bytes = 67108864\n\
+         [[volume]]\nname = \"v\"\ndevice = \"d\"\nsize_bytes = 1048576\nrole = \"primary\"\n\
+         [[volume.replica]]\nnode = \"{other}\"\naddress = \"127.0.0.1:9\"\nmode = \"sync\"\n\
+         [web]\nstate_dir = \"{}\"\n\
+         [peer]\ncluster_id = \"lab\"\nsecret_file = \"{secret}\"\nlisten = \"127.0.0.1:0\"\n",
+        state.display()
     );
+    let replicated = write_file(dir.path(), "replicated.toml", &replicated_text);
     // check-config shows the replica set and creates nothing.
     let (code, out, err) = run(&["check-config", &replicated]);
     assert_eq!(code, 0, "{err}");
     assert!(
-        out.contains("replica on node right at 127.0.0.1:10811 (sync)"),
+        out.contains(&format!("copy on node {other} at 127.0.0.1:9 (sync)")),
         "{out}"
     );
+    assert!(out.contains("volume v: role primary"), "{out}");
     assert!(out.contains("made at the first start"), "{out}");
     assert!(!state.join("node-id").exists());
-    // serve makes the node id, then refuses: no volume is served as if it had replicas.
-    assert_config_error(
-        &["serve", "--config", &replicated, "--no-web"],
-        "replication is not available in this build yet",
+    // A replica named by a node name is refused with the fix.
+    let named = write_file(
+        dir.path(),
+        "named.toml",
+        &replicated_text.replace(other, "right"),
+    );
+    assert_config_error(&["check-config", &named], "replicas are named by node id");
+    // serve makes the node id and serves the primary copy; its replica is not reachable, so
+    // the link keeps trying while the daemon runs.
+    let d = Daemon::start(&[
+        "--config",
+        &replicated,
+        "--no-web",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(
+        d.stdout_lines
+            .iter()
+            .any(|l| l.contains("volume v is replicated here as the primary")),
+        "{:?}",
+        d.stdout_lines
+    );
+    assert!(
+        d.stdout_lines
+            .iter()
+            .any(|l| l.contains("peer listening on 127.0.0.1:")),
+        "{:?}",
+        d.stdout_lines
+    );
+    let rest = d.stop();
+    assert!(
+        rest.iter().any(|l| l.contains("stopped cleanly")),
+        "{rest:?}"
     );
     let id = std::fs::read_to_string(state.join("node-id")).unwrap();
     assert_eq!(id.trim().len(), 32, "{id:?}");
@@ -132,14 +169,12 @@ fn replicas_are_refused_until_replication_runs_and_the_node_id_is_kept() {
     let own = write_file(
         dir.path(),
         "own.toml",
-        &std::fs::read_to_string(&replicated)
-            .unwrap()
-            .replace("\"right\"", &format!("\"{}\"", id.trim())),
+        &replicated_text.replace(other, id.trim()),
     );
     assert_config_error(&["check-config", &own], "is this node");
+    let plain = write_file(dir.path(), "plain.toml", &base);
     // A damaged node id stops the daemon even without replicas, and is left as it was.
     std::fs::write(state.join("node-id"), "garbage\n").unwrap();
-    let plain = write_file(dir.path(), "plain.toml", &base);
     assert_config_error(&["serve", "--config", &plain, "--no-web"], "is damaged");
     assert_eq!(
         std::fs::read_to_string(state.join("node-id")).unwrap(),

@@ -197,6 +197,7 @@ impl VolumeEntry {
 pub struct VolumeView {
     pub name: String,
     pub id: ReplicatedVolumeId,
+    pub size_bytes: u64,
     pub replication: Arc<VolumeReplication>,
     /// The configured peers, each with its index in `replication.replicas()`.
     pub peers: Vec<(PeerSpec, usize)>,
@@ -349,6 +350,7 @@ fn view(e: &VolumeEntry) -> VolumeView {
     VolumeView {
         name: e.name.clone(),
         id: e.id,
+        size_bytes: e.volume.size_bytes(),
         replication: e.replication.clone(),
         peers: e.peers.iter().map(|p| (p.spec.clone(), p.index)).collect(),
         primary_connected: e.serving_node(),
