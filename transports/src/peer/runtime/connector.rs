@@ -25,11 +25,19 @@ use crate::peer::{
 const WINDOW_FRAMES: u32 = 256;
 const WINDOW_BYTES: u64 = 32 << 20;
 
-/// Attach a replica set to `entry`'s volume and start one connector per peer.
+/// Attach a replica set to `entry`'s volume (links behind: writes mark their bitmaps) and
+/// start one connector per peer.
 pub(super) fn start_primary(
     shared: &Arc<Shared>,
     entry: &Arc<VolumeEntry>,
 ) -> Result<(), RuntimeError> {
+    attach_links(shared, entry)?;
+    start_connectors(shared, entry)
+}
+
+/// The first half of [`start_primary`]: from here on every write reaches the replicas'
+/// bitmaps, before any connector runs.
+pub(super) fn attach_links(shared: &Shared, entry: &VolumeEntry) -> Result<(), RuntimeError> {
     let mut primary = lock(&entry.primary);
     if primary.is_some() {
         return Ok(());
@@ -50,12 +58,30 @@ pub(super) fn start_primary(
         .volume
         .attach_replicas(Some(Arc::new(set)))
         .map_err(|e| RuntimeError::Failed(format!("volume {}: {e}", entry.name)))?;
-    let mut side = PrimarySide {
-        links: links.clone(),
+    *primary = Some(PrimarySide {
+        links,
         controls: Vec::new(),
         threads: Vec::new(),
+    });
+    Ok(())
+}
+
+/// The second half of [`start_primary`]: one connector thread per link.
+pub(super) fn start_connectors(
+    shared: &Arc<Shared>,
+    entry: &Arc<VolumeEntry>,
+) -> Result<(), RuntimeError> {
+    let mut primary = lock(&entry.primary);
+    let Some(side) = primary.as_mut() else {
+        return Err(RuntimeError::Failed(format!(
+            "volume {}: no replica set attached",
+            entry.name
+        )));
     };
-    for (peer, link) in links.into_iter().enumerate() {
+    if !side.threads.is_empty() {
+        return Ok(());
+    }
+    for (peer, link) in side.links.clone().into_iter().enumerate() {
         let control = ConnectorControl::new();
         let (s, e, c) = (shared.clone(), entry.clone(), control.clone());
         let spawned = std::thread::Builder::new()
@@ -67,7 +93,6 @@ pub(super) fn start_primary(
                 side.threads.push(t);
             }
             Err(err) => {
-                *primary = Some(side);
                 drop(primary);
                 stop_primary(shared, entry, true);
                 return Err(RuntimeError::Failed(format!(
@@ -76,7 +101,6 @@ pub(super) fn start_primary(
             }
         }
     }
-    *primary = Some(side);
     Ok(())
 }
 
@@ -247,14 +271,17 @@ fn attempt(
         }
     };
     let status = &replication.replicas()[p.index].status;
-    if let Err(reason) = prepare_link(shared, entry, p, link, scope) {
-        return Attempt::Failed(reason);
+    if control.stopped() || p.suspended.load(Ordering::Acquire) {
+        return Attempt::Failed("told to stop while connecting".into());
     }
-    status.set_connected(Some(unix_ms()));
     let handle = match shared.engine.open(&entry.name) {
         Ok(h) => h,
         Err(e) => return Attempt::Failed(format!("cannot open the volume: {e}")),
     };
+    if let Err(reason) = prepare_link(shared, entry, p, link, scope) {
+        return Attempt::Failed(reason);
+    }
+    status.set_connected(Some(unix_ms()));
     let opts = LinkOptions {
         volume: entry.id,
         send_seq: session.next_send,

@@ -57,6 +57,10 @@ impl PeerRuntime {
                  promote with force to serve it empty"
             )));
         }
+        // Writes mark the replicas' bitmaps from the moment the role is durable: the set is
+        // attached first (nothing is exported yet, so nothing is written meanwhile).
+        connector::attach_links(shared, &entry)?;
+        let before = replication.history();
         replication.set_role(Role::Primary);
         let generation = replication.start_generation();
         for r in replication.replicas() {
@@ -65,10 +69,12 @@ impl PeerRuntime {
         }
         entry.volume.replication_changed();
         if let Err(e) = prepare::persist(&shared.engine, "the promotion") {
+            connector::stop_primary(shared, &entry, true);
             replication.set_role(Role::Replica);
+            replication.adopt_history(before);
             return Err(e);
         }
-        connector::start_primary(shared, &entry)?;
+        connector::start_connectors(shared, &entry)?;
         tracing::info!(volume, %generation, force, "peer: promoted to primary");
         Ok(format!(
             "volume {volume} is now the primary here (generation {generation})"
