@@ -201,3 +201,103 @@ impl ReplicationControl for RuntimeControl {
             .map_err(control_error)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use ringblock_engine::{DeviceConfig, EngineConfig};
+
+    use super::*;
+    use crate::replication::{Replica, VolumeReplicas};
+
+    #[test]
+    fn status_and_commands_over_a_running_replica_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret_file = dir.path().join("cluster.secret");
+        std::fs::write(&secret_file, "a secret of at least sixteen bytes").unwrap();
+        std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let engine = Arc::new(
+            Engine::start(&EngineConfig {
+                devices: vec![DeviceConfig::ram("d", 64 << 20)],
+                cores: vec![0],
+                ..Default::default()
+            })
+            .unwrap(),
+        );
+        engine.create_volume("d", "v", 1 << 20).unwrap();
+        let other: NodeId = "0123456789abcdef0123456789abcdef".parse().unwrap();
+        let config = ReplicationConfig {
+            node_id: "00000000000000000000000000000001".parse().unwrap(),
+            node_name: Some("left".into()),
+            cluster_id: "lab".into(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            secret_file,
+            volumes: vec![VolumeReplicas {
+                volume: "v".into(),
+                role: VolumeRole::Replica,
+                replicas: vec![Replica {
+                    node: other,
+                    address: "127.0.0.1:9".into(),
+                    mode: ReplicaMode::Sync,
+                }],
+            }],
+        };
+        let runtime = start(&engine, &config, NbdClients::default()).unwrap();
+        let control = RuntimeControl {
+            runtime: runtime.clone(),
+            config,
+        };
+        let s = control.status();
+        assert_eq!(s.cluster, "lab");
+        assert!(
+            s.listen.starts_with("127.0.0.1:") && !s.listen.ends_with(":0"),
+            "{}",
+            s.listen
+        );
+        let v = &s.volumes[0];
+        assert_eq!((v.volume.as_str(), v.role.as_str()), ("v", "replica"));
+        assert_eq!(
+            (v.generation.as_deref(), v.history_len),
+            (None, 0),
+            "a new replica holds nothing"
+        );
+        assert!(!v.exportable && v.not_exportable_reason.is_some());
+        assert_eq!(v.region_size_bytes, 1 << 20);
+        assert_eq!(v.peers[0].node, other.to_string());
+        assert_eq!(v.peers[0].state, "connecting");
+        // Commands map the runtime's refusals to their HTTP kinds.
+        assert!(matches!(
+            control.promote("v", false),
+            Err(ReplicationControlError::Conflict(_))
+        ));
+        assert!(matches!(
+            control.promote("w", false),
+            Err(ReplicationControlError::NotFound(_))
+        ));
+        assert!(matches!(
+            control.suspend("v", "nope"),
+            Err(ReplicationControlError::Invalid(_))
+        ));
+        assert!(matches!(
+            control.resolve("v", &other.to_string()),
+            Err(ReplicationControlError::Conflict(m)) if m.contains("run this on node")
+        ));
+        control.promote("v", true).unwrap();
+        let v = &control.status().volumes[0];
+        assert_eq!(v.role, "primary");
+        assert!(v.exportable && v.generation.is_some());
+        // The peer is unreachable: its bitmap is marked only when a link decides on a full
+        // sync.
+        assert_eq!(v.peers[0].dirty_bytes, 0);
+        control.demote("v").unwrap();
+        assert_eq!(control.status().volumes[0].role, "replica");
+        runtime.stop();
+        drop((control, runtime));
+        Arc::try_unwrap(engine)
+            .ok()
+            .expect("the runtime let go of the engine")
+            .shutdown()
+            .unwrap();
+    }
+}

@@ -207,7 +207,23 @@ fn run(
             }
             Attempt::Ran(lived) => {
                 last_reason = None;
-                if !p.suspended.load(Ordering::Acquire) {
+                let replica = &entry.replication.replicas()[p.index];
+                let lacking = replica.dirty.dirty_bytes(entry.volume.size_bytes());
+                if p.suspended.load(Ordering::Acquire) {
+                    // The suspend operation says so.
+                } else if lacking > 0 || replica.full_sync() {
+                    status.set(
+                        PeerState::Behind,
+                        Some(&format!(
+                            "lacks {lacking} bytes{}; the connection ended, reconnecting",
+                            if replica.full_sync() {
+                                " (full sync)"
+                            } else {
+                                ""
+                            }
+                        )),
+                    );
+                } else {
                     status.set(
                         PeerState::Connecting,
                         Some("the connection ended; reconnecting"),
