@@ -107,10 +107,12 @@ pub(super) fn start_connectors(
 /// Stop `entry`'s connectors and their link tasks (bounded waits); with `detach`, the
 /// volume's writes stop fanning out (demote). The links' failure paths mark what each
 /// replica may lack.
-pub(super) fn stop_primary(shared: &Shared, entry: &VolumeEntry, detach: bool) {
+/// Returns whether every link task ended within the wait.
+pub(super) fn stop_primary(shared: &Shared, entry: &VolumeEntry, detach: bool) -> bool {
     let Some(side) = lock(&entry.primary).take() else {
-        return;
+        return true;
     };
+    let mut all_ended = true;
     for c in &side.controls {
         c.stop();
     }
@@ -122,6 +124,7 @@ pub(super) fn stop_primary(shared: &Shared, entry: &VolumeEntry, detach: bool) {
     for c in &side.controls {
         if let Some(task) = c.task() {
             if !task.end_and_wait(shared.timing.stop_wait) {
+                all_ended = false;
                 tracing::warn!(volume = %entry.name, "peer: a link task did not end in time");
             }
         }
@@ -132,6 +135,7 @@ pub(super) fn stop_primary(shared: &Shared, entry: &VolumeEntry, detach: bool) {
         }
     }
     drop(side.links);
+    all_ended
 }
 
 /// The links of a primary copy now (empty on a replica copy).

@@ -69,7 +69,7 @@ impl PeerRuntime {
         }
         entry.volume.replication_changed();
         if let Err(e) = prepare::persist(&shared.engine, "the promotion") {
-            connector::stop_primary(shared, &entry, true);
+            let _ = connector::stop_primary(shared, &entry, true);
             replication.set_role(Role::Replica);
             replication.adopt_history(before);
             return Err(e);
@@ -105,12 +105,13 @@ impl PeerRuntime {
             .filter(|l| l.state() == LinkState::UpToDate)
             .map(|l| l.index())
             .collect();
-        connector::stop_primary(shared, &entry, true);
+        let ended = connector::stop_primary(shared, &entry, true);
         replication.set_role(Role::Replica);
         // The links' ends started generations no write went into (nothing is exported): a
         // replica that was up to date and lacks nothing stays in step with this copy.
         let replicas = replication.replicas();
-        let all_clean = !clean.is_empty()
+        let all_clean = ended
+            && !clean.is_empty()
             && clean
                 .iter()
                 .all(|&i| replicas[i].dirty.dirty_regions() == 0);
