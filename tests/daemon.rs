@@ -329,3 +329,99 @@ fn nbd_writes_survive_daemon_restart_and_kill() {
     qemu_io(&["read -P 0x44 7M 128k", "read -P 0x11 0 1M"]);
     d.stop();
 }
+
+/// A replica copy on a file device: never exported (a real NBD client is told why), its
+/// persisted role wins over the configuration's (with a warning naming the command), and
+/// its replication record is never served as a plain volume.
+#[test]
+fn a_replica_copy_keeps_its_role_and_is_never_exported() {
+    use ringblock_transports::nbd::client::{Client, ClientError, Options};
+    use ringblock_transports::nbd::wire::REP_ERR_POLICY;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = write_file(
+        dir.path(),
+        "cluster.secret",
+        "a secret of at least sixteen bytes",
+    );
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let volume = format!(
+        "cores = [0]\n[[device]]\nname = \"disk0\"\nkind = \"file\"\npath = \"{}/disk0.img\"\n\
+         size_bytes = 268435456\n[[volume]]\nname = \"v\"\ndevice = \"disk0\"\n\
+         size_bytes = 16777216\n",
+        dir.path().display()
+    );
+    let web = format!("[web]\nstate_dir = \"{}/state\"\n", dir.path().display());
+    let plain = format!("{volume}{web}");
+    let replicated = |role: &str| {
+        format!(
+            "{volume}role = \"{role}\"\n\
+             [[volume.replica]]\nnode = \"0123456789abcdef0123456789abcdef\"\n\
+             address = \"127.0.0.1:9\"\n\
+             [peer]\ncluster_id = \"lab\"\nsecret_file = \"{secret}\"\nlisten = \"127.0.0.1:0\"\n\
+             {web}"
+        )
+    };
+    let as_replica = write_file(dir.path(), "replica.toml", &replicated("replica"));
+    let d = Daemon::start(&[
+        "--config",
+        &as_replica,
+        "--no-web",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(
+        d.stdout_lines
+            .iter()
+            .any(|l| l.contains("volume v is replicated here as a replica (not exported)")),
+        "{:?}",
+        d.stdout_lines
+    );
+    let (tcp, _) = common::nbd_endpoints(&d);
+    let tcp = tcp.expect("an NBD TCP address");
+    let tcp = tcp.trim_start_matches("nbd://").trim_end_matches('/');
+    match Client::connect_tcp(tcp, "v", Options::default()) {
+        Err(ClientError::Refused { reply, message, .. }) => {
+            assert_eq!(reply, REP_ERR_POLICY);
+            assert!(message.contains("replica copy"), "{message}");
+        }
+        other => panic!("a replica copy was exported: {other:?}"),
+    }
+    d.stop();
+    // The configuration now says primary: the persisted role wins, with a warning.
+    let as_primary = write_file(dir.path(), "primary.toml", &replicated("primary"));
+    let log = dir.path().join("stderr.log");
+    let d = Daemon::start_with_stderr(
+        &[
+            "--config",
+            &as_primary,
+            "--no-web",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        std::fs::File::create(&log).unwrap().into(),
+    );
+    assert!(
+        d.stdout_lines
+            .iter()
+            .any(|l| l.contains("volume v is replicated here as a replica")),
+        "{:?}",
+        d.stdout_lines
+    );
+    d.stop();
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(stderr.contains("ringblock volume promote"), "{stderr}");
+    // Without its [[volume.replica]] entries the volume is refused, not served plainly.
+    let without = write_file(dir.path(), "plain.toml", &plain);
+    assert_config_error(
+        &[
+            "serve",
+            "--config",
+            &without,
+            "--no-web",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        "has a replication record",
+    );
+}
