@@ -4,6 +4,7 @@ mod config;
 mod doctor;
 mod export_cmd;
 mod node_id;
+mod peer_control;
 mod replication;
 mod serve;
 mod web;
