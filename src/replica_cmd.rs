@@ -61,7 +61,7 @@ pub fn run(api: &ApiArgs, cmd: ReplicaCommand) -> Result<(), Failure> {
                 print_json(&status);
                 return Ok(());
             }
-            if status.volumes.is_empty() {
+            if status.volumes.is_empty() && volume.is_none() {
                 println!("no replicated volumes");
                 return Ok(());
             }
@@ -76,8 +76,8 @@ pub fn run(api: &ApiArgs, cmd: ReplicaCommand) -> Result<(), Failure> {
             }
             return Ok(());
         }
-        ReplicaCommand::Suspend { volume, node } => c.replica_command(&volume, &node, "suspend"),
-        ReplicaCommand::Resume { volume, node } => c.replica_command(&volume, &node, "resume"),
+        ReplicaCommand::Suspend { volume, node } => c.suspend_replica(&volume, &node),
+        ReplicaCommand::Resume { volume, node } => c.resume_replica(&volume, &node),
         ReplicaCommand::Resolve { volume, discard } => c.resolve(&volume, &discard),
     }
     .map_err(client_failure)?;

@@ -242,8 +242,16 @@ impl ApiClient {
         self.command::<()>(path, None)
     }
 
-    /// `action`: `suspend` or `resume`.
-    pub fn replica_command(
+    /// Stop sending `volume`'s writes to the peer `node` (a node id).
+    pub fn suspend_replica(&self, volume: &str, node: &str) -> Result<String, ClientError> {
+        self.replica_command(volume, node, "suspend")
+    }
+
+    pub fn resume_replica(&self, volume: &str, node: &str) -> Result<String, ClientError> {
+        self.replica_command(volume, node, "resume")
+    }
+
+    fn replica_command(
         &self,
         volume: &str,
         node: &str,
