@@ -13,7 +13,7 @@ use ringblock_engine::Engine;
 
 use crate::api::NbdClient;
 use crate::replication::ReplicationStatus;
-use crate::replication_api::{dirty_bytes, role_name};
+use crate::replication_api::{peer_dirty_bytes, role_name};
 
 /// Smallest and largest histogram bucket exported: 2^10 ns (~1 µs) … 2^36 ns (~69 s). Faster
 /// operations fall in the first bucket, slower ones only in `+Inf`.
@@ -185,8 +185,8 @@ fn replication_metrics(
     let per_peer: [(&str, &str, PGet); 3] = [
         (
             "ringblock_replica_dirty_bytes",
-            "Bytes of regions the peer lacks (its dirty bitmap).",
-            |v, p, _| dirty_bytes(&p.dirty, v.size_bytes),
+            "Bytes of regions the peer lacks (its dirty bitmap; 0 on a replica copy, which does not track what its primary lacks).",
+            |v, p, _| peer_dirty_bytes(v.replication, p, v.size_bytes),
         ),
         (
             "ringblock_replica_resync_done_bytes",
@@ -729,6 +729,49 @@ mod tests {
         replication_metrics(&mut o, &[], None);
         assert!(parse(&o.0).is_empty());
         assert_eq!(o.0.matches("# TYPE ").count(), 6, "{}", o.0);
+    }
+
+    #[test]
+    fn a_replica_copy_reports_its_role_and_no_dirty_bytes() {
+        use ringblock_engine::replication::NodeId;
+
+        let primary = NodeId::new(0xa).unwrap();
+        let r = VolumeReplication::new(Role::Replica, 64 << 20, 20, &[primary]).unwrap();
+        // What its activity log folds in after a crash: not what the primary lacks.
+        r.mark_dirty(&[primary], 0, 4 << 20);
+        let mut o = Out(String::new());
+        let vols = [Replicated {
+            volume: "r",
+            size_bytes: 64 << 20,
+            replication: &r,
+        }];
+        replication_metrics(&mut o, &vols, None);
+        let samples = parse(&o.0);
+        let node = primary.to_string();
+        let role = |r| {
+            value(
+                &samples,
+                "ringblock_volume_replication_role",
+                &[("volume", "r"), ("role", r)],
+            )
+        };
+        assert_eq!((role("primary"), role("replica")), (Some(0.0), Some(1.0)));
+        assert_eq!(
+            value(
+                &samples,
+                "ringblock_replica_dirty_bytes",
+                &[("volume", "r"), ("node", &node)]
+            ),
+            Some(0.0)
+        );
+        assert_eq!(
+            value(
+                &samples,
+                "ringblock_replica_state",
+                &[("volume", "r"), ("node", &node), ("state", "connecting")]
+            ),
+            Some(1.0)
+        );
     }
 
     #[test]

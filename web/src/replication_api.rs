@@ -11,7 +11,9 @@ use std::sync::Arc;
 
 use axum::extract::{Path, State};
 use axum::Json;
-use ringblock_engine::replication::{DirtyBitmap, NodeId, RegionIndex, Role, VolumeReplication};
+use ringblock_engine::replication::{
+    DirtyBitmap, NodeId, RegionIndex, ReplicaState, Role, VolumeReplication,
+};
 use ringblock_engine::Volume;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -88,6 +90,16 @@ pub fn dirty_bytes(bitmap: &DirtyBitmap, size_bytes: u64) -> u64 {
     bytes
 }
 
+/// What `peer` lacks, as the API and `/metrics` report it: its dirty bitmap on a primary; 0
+/// on a replica copy, which does not track what its primary lacks (the runtime's status says
+/// the same).
+pub fn peer_dirty_bytes(r: &VolumeReplication, peer: &ReplicaState, size_bytes: u64) -> u64 {
+    match r.role() {
+        Role::Primary => dirty_bytes(&peer.dirty, size_bytes),
+        Role::Replica => 0,
+    }
+}
+
 /// The brief of a volume's replication state.
 pub fn brief(v: &Volume, r: &VolumeReplication) -> VolumeReplicationBrief {
     VolumeReplicationBrief {
@@ -98,7 +110,7 @@ pub fn brief(v: &Volume, r: &VolumeReplication) -> VolumeReplicationBrief {
             .map(|p| PeerBrief {
                 node: p.node.to_string(),
                 state: p.status.state().name().into(),
-                dirty_bytes: dirty_bytes(&p.dirty, v.size_bytes()),
+                dirty_bytes: peer_dirty_bytes(r, p, v.size_bytes()),
             })
             .collect(),
     }
