@@ -355,8 +355,9 @@ async function refreshReplication() {
         rows.push(el('tr', { 'data-replicated': v.volume }, ...cells));
         return;
       }
+      // Only a primary sends to its peers: suspend and resume are a primary's commands.
       const suspended = p.state === 'suspended';
-      const peerAction = el('button', { type: 'button', class: 'small peer-action', onclick: () => peerCommand(v.volume, p.node, suspended ? 'resume' : 'suspend') }, suspended ? 'Resume' : 'Suspend');
+      const peerAction = v.role !== 'primary' ? '' : el('button', { type: 'button', class: 'small peer-action', onclick: () => peerCommand(v.volume, p.node, suspended ? 'resume' : 'suspend') }, suspended ? 'Resume' : 'Suspend');
       cells.push(
         // The full id (what the CLI takes) is in the tooltip; 8 digits tell peers apart.
         el('td', { title: p.node + ' at ' + p.address }, el('code', {}, p.node.slice(0, 8) + '…')), el('td', {}, p.mode),
