@@ -21,6 +21,7 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod metrics;
+mod metrics_replication;
 pub mod openapi;
 pub mod replication;
 pub mod replication_api;
