@@ -127,7 +127,16 @@ pub fn run(args: ServeArgs) -> Result<(), Failure> {
         return Err(e);
     }
     // After the signal mask is set: the web server's threads inherit it.
-    let web = match web.map(|w| crate::web::start(w, &engine, &server, &cfg, &say)) {
+    let web = match web.map(|w| {
+        crate::web::start(
+            w,
+            &engine,
+            &server,
+            &cfg,
+            peers.as_ref().map(|p| p.control.clone()),
+            &say,
+        )
+    }) {
         Some(Err(e)) => {
             stop_exports();
             server.stop();
@@ -326,7 +335,6 @@ fn announce_listeners(
 struct Replication {
     runtime: Arc<ringblock_transports::peer::PeerRuntime>,
     /// What the web layer's replication routes use (`None` without replicated volumes).
-    #[allow(dead_code)] // handed to the web server once its routes take it
     control: Arc<dyn ringblock_web::ReplicationControl>,
 }
 
