@@ -48,6 +48,10 @@ pub enum LinkState {
     Behind = 0,
     /// In the fan-out: writes and flushes wait for this replica.
     UpToDate = 1,
+    /// In the fan-out while its task resyncs the dirty regions: writes and flushes wait for
+    /// this replica, and writes also mark its bitmap (before they are pushed), so a region
+    /// written during its own resync is resynced again.
+    Resyncing = 2,
 }
 
 /// What a replica op does.
@@ -170,22 +174,40 @@ impl ReplicaLink {
     }
 
     pub fn state(&self) -> LinkState {
-        if self.state.load(Ordering::SeqCst) == LinkState::UpToDate as u8 {
-            LinkState::UpToDate
-        } else {
-            LinkState::Behind
+        match self.state.load(Ordering::SeqCst) {
+            s if s == LinkState::UpToDate as u8 => LinkState::UpToDate,
+            s if s == LinkState::Resyncing as u8 => LinkState::Resyncing,
+            _ => LinkState::Behind,
         }
+    }
+
+    /// In the fan-out (up to date or resyncing): writes wait for this replica.
+    pub fn in_fan_out(&self) -> bool {
+        self.state() != LinkState::Behind
     }
 
     /// The replica has every write: from now on writes wait for it.
     pub fn set_up_to_date(&self) {
-        debug_assert!(self.inbox.is_empty(), "a behind link's inbox is drained");
+        debug_assert!(
+            self.in_fan_out() || self.inbox.is_empty(),
+            "a behind link's inbox is drained"
+        );
         self.state
             .store(LinkState::UpToDate as u8, Ordering::SeqCst);
     }
 
-    /// Leave the fan-out. Returns whether it was up to date. The task drains the inbox only
-    /// once [`Self::pushers_gone`] says so.
+    /// Enter the fan-out to resync: writes go to the replica and mark its bitmap.
+    pub fn start_resync(&self) {
+        debug_assert!(
+            self.in_fan_out() || self.inbox.is_empty(),
+            "a behind link's inbox is drained"
+        );
+        self.state
+            .store(LinkState::Resyncing as u8, Ordering::SeqCst);
+    }
+
+    /// Leave the fan-out. Returns whether it was up to date (not merely resyncing). The task
+    /// drains the inbox only once [`Self::pushers_gone`] says so.
     pub fn fall_behind(&self) -> bool {
         self.state.swap(LinkState::Behind as u8, Ordering::SeqCst) == LinkState::UpToDate as u8
     }
@@ -218,13 +240,33 @@ impl ReplicaLink {
         }
     }
 
-    /// Push `op` if the link is up to date and its inbox has room; else hand it back.
-    fn try_push(&self, op: ReplicaOp) -> Result<(), ReplicaOp> {
+    /// Mark a range a write touches while the link resyncs: the bits stand for the write
+    /// until the op is acknowledged, and the progress counts the regions newly dirty.
+    fn mark_resyncing(&self, volume: &Volume, offset_bytes: u64, len_bytes: u64) {
+        let replica = &self.replication.replicas()[self.index];
+        if replica.dirty.mark_bytes(offset_bytes, len_bytes) {
+            volume.replication_changed();
+            let regions = replica.dirty.regions_of(offset_bytes, len_bytes);
+            let bytes = (regions.end - regions.start) * replica.dirty.region_bytes();
+            replica.status.resync.add_total(bytes);
+        }
+    }
+
+    /// Push `op` if the link is in the fan-out and its inbox has room; else hand it back.
+    /// While resyncing, a write marks its range first: a resync that clears the bit after
+    /// this mark sends the region again, one that cleared it before sends it after this op
+    /// reached the wire or with this write in it (the write barrier).
+    fn try_push(&self, op: ReplicaOp, volume: &Volume) -> Result<(), ReplicaOp> {
         self.pushers.fetch_add(1, Ordering::SeqCst);
-        let pushed = if self.state() == LinkState::UpToDate {
-            self.inbox.push(op)
-        } else {
-            Err(op)
+        let pushed = match self.state() {
+            LinkState::Behind => Err(op),
+            LinkState::UpToDate => self.inbox.push(op),
+            LinkState::Resyncing => {
+                if op.kind != ReplicaOpKind::Flush {
+                    self.mark_resyncing(volume, op.offset_bytes, op.len_bytes);
+                }
+                self.inbox.push(op)
+            }
         };
         self.pushers.fetch_sub(1, Ordering::SeqCst);
         if pushed.is_ok() {
@@ -282,10 +324,10 @@ pub(crate) fn fan_out(
             offset_bytes,
             len_bytes,
         };
-        match link.try_push(op) {
+        match link.try_push(op, volume) {
             Ok(()) => pushed += 1,
             Err(op) => {
-                if link.state() == LinkState::UpToDate {
+                if link.in_fan_out() {
                     // The inbox is full: this replica cannot keep up. It falls behind (its
                     // task ends the connection) instead of stalling the volume. Which of its
                     // acknowledged writes it has not flushed yet only its task knows, and a

@@ -20,6 +20,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
+use super::barrier::WriteBarrier;
 use super::bitmap::{coarsen, DirtyBitmap, RegionIndex};
 use super::generation::{GenerationHistory, GenerationId};
 use super::record::{
@@ -71,6 +72,8 @@ pub struct VolumeReplication {
     /// Regions of `activity` that a completed metadata round persisted: a write to them goes
     /// straight to the local device (see [`Self::activity_persisted`]).
     activity_persisted: DirtyBitmap,
+    /// Writes in flight by epoch: a resync waits on it before it reads (see [`super::barrier`]).
+    pub barrier: WriteBarrier,
 }
 
 impl VolumeReplication {
@@ -141,6 +144,7 @@ impl VolumeReplication {
             replicas,
             activity,
             activity_persisted: bitmap()?,
+            barrier: WriteBarrier::default(),
         })
     }
 
