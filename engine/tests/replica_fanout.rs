@@ -237,8 +237,9 @@ fn a_resyncing_link_gets_ops_and_marks_and_the_barrier_waits_for_the_local_write
     let dirty = &replication.replicas()[0].dirty;
     dirty.clear_all();
     link.start_resync();
-    c.spawn_task(ReactorId(0), Box::new(AckAll(link.clone())))
-        .unwrap();
+    assert!(c
+        .spawn_task(ReactorId(0), Box::new(AckAll(link.clone())))
+        .is_ok());
     c.submit(&volume, write(3 << 16, 8192, 1), &port).unwrap();
     assert!(
         dirty.is_dirty(RegionIndex(3)),

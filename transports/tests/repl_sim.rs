@@ -462,7 +462,21 @@ impl Run {
             max_in_flight: self.rng.gen_range(1..=16),
             clock,
             peer: "primary".into(),
+            primary_node: None,
+            primary_history: Default::default(),
         };
+        let r_volume = self.r.c().volume("a").expect("volume a");
+        if r_volume.replication().is_none() {
+            let replication = VolumeReplication::new(
+                Role::Replica,
+                r_volume.max_size_bytes(),
+                REGION_SHIFT,
+                &[ReplicaNode::new(1).unwrap()],
+            )
+            .unwrap();
+            replication.adopt_history(Default::default());
+            r_volume.set_replication(Some(Arc::new(replication)));
+        }
         let r_reactor = ReactorId(self.rng.gen_range(0..self.opts.reactors));
         let handle = self.r.c().open("a").unwrap();
         let task = ReplicaServe::new(fd_r, handle, sopts);
@@ -688,7 +702,22 @@ fn a_seed_repeats_exactly() {
 /// past the volume's end ends the connection with a Goodbye, and nothing of it is written.
 #[test]
 fn a_replica_refuses_bad_frames_and_writes_nothing_of_them() {
-    use ringblock_transports::peer::{decode_frame, encode_frame, Body, Decoded, Frame};
+    use ringblock_transports::peer::{decode_frame, encode_frame, Body, Decoded, Frame, FrameKind};
+    fn replies(got: &[u8]) -> Vec<Body<'static>> {
+        let mut kinds = Vec::new();
+        let mut at = 0;
+        while let Ok(Decoded::Frame { frame, consumed }) = decode_frame(&got[at..]) {
+            // Only payload-free replies come back: nothing borrows `got`.
+            kinds.push(match frame.body {
+                Body::WriteAck { seq, errno } => Body::WriteAck { seq, errno },
+                Body::Goodbye(r) => Body::Goodbye(r),
+                Body::ResyncDone { first, count } => Body::ResyncDone { first, count },
+                other => panic!("unexpected reply {:?}", other.kind()),
+            });
+            at += consumed;
+        }
+        kinds
+    }
     for (case, seed) in [(0u32, 1u64), (1, 2), (2, 3)] {
         let net = SimNet::new(seed, NetOptions::default());
         let opts = SimOptions {
@@ -710,6 +739,8 @@ fn a_replica_refuses_bad_frames_and_writes_nothing_of_them() {
             max_in_flight: 4,
             clock: Arc::new(move || net2.now_tick()),
             peer: "hostile".into(),
+            primary_node: None,
+            primary_history: Default::default(),
         };
         let task = ReplicaServe::new(fd, r.open("a").unwrap(), sopts);
         assert!(r.spawn_task(ReactorId(0), Box::new(task)).is_ok());
@@ -742,8 +773,12 @@ fn a_replica_refuses_bad_frames_and_writes_nothing_of_them() {
         let mut closed = false;
         for _ in 0..MAX_WAIT_TICKS {
             r.step();
-            // The bad frame goes once the good write's ack is back.
-            let until = if got.is_empty() {
+            // The bad frame goes once the good write's ack is back (the replica's
+            // ResyncDone of the start comes first).
+            let until = if !replies(&got)
+                .iter()
+                .any(|b| b.kind() == FrameKind::WriteAck)
+            {
                 good_len
             } else {
                 bytes.len()
@@ -764,13 +799,13 @@ fn a_replica_refuses_bad_frames_and_writes_nothing_of_them() {
             }
         }
         assert!(closed && r.tasks() == 0, "case {case}: the connection ends");
-        // The replies: the good write's ack, then a Goodbye.
-        let mut kinds = Vec::new();
-        let mut at = 0;
-        while let Ok(Decoded::Frame { frame, consumed }) = decode_frame(&got[at..]) {
-            kinds.push(frame.body.clone());
-            at += consumed;
-        }
+        // The replies: its ResyncDone, the good write's ack, then a Goodbye.
+        let mut kinds = replies(&got);
+        assert!(
+            matches!(kinds.first(), Some(Body::ResyncDone { .. })),
+            "case {case}: the replica says it asks for nothing: {kinds:?}"
+        );
+        kinds.remove(0);
         assert!(
             matches!(
                 kinds.first(),

@@ -160,7 +160,7 @@ mod tests {
                         }
                         completed[i].store(n, SeqCst);
                         b.leave(entry);
-                        if n % 16 == 0 {
+                        if n.is_multiple_of(16) {
                             std::thread::yield_now();
                         }
                     }
