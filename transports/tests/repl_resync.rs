@@ -86,11 +86,8 @@ fn read_all(e: &Engine) -> Vec<u8> {
     let mut out = Vec::with_capacity(VOLUME_BYTES as usize);
     for offset in (0..VOLUME_BYTES).step_by(MIB as usize) {
         let buf = IoBuf::owned(AlignedBuf::zeroed(MIB as usize));
-        let got = run(
-            &handle,
-            request(RequestKind::Read, offset, MIB, Some(buf)),
-        )
-        .expect("read buffer");
+        let got =
+            run(&handle, request(RequestKind::Read, offset, MIB, Some(buf))).expect("read buffer");
         out.extend_from_slice(got.as_slice());
     }
     out
@@ -208,7 +205,12 @@ fn a_full_sync_copies_the_data_trims_the_holes_and_hands_over_the_history() {
         write(&rhandle, mib * MIB, MIB, 0xEE);
     }
     let rreplication = make_replica(&r, GenerationHistory::default());
-    let written_before = r.volume("a").unwrap().stats.write_bytes.load(Ordering::Relaxed);
+    let written_before = r
+        .volume("a")
+        .unwrap()
+        .stats
+        .write_bytes
+        .load(Ordering::Relaxed);
     // A full sync, as the runtime asks for one: the whole bitmap.
     let replica = &link.replication().replicas()[0];
     replica.dirty.mark_bytes(0, VOLUME_BYTES);
@@ -218,7 +220,10 @@ fn a_full_sync_copies_the_data_trims_the_holes_and_hands_over_the_history() {
     connect(&p, &r, &link, OwnedFd::from(client), OwnedFd::from(server));
     wait_up_to_date(&link);
 
-    assert!(read_all(&p) == read_all(&r), "the replica equals the primary");
+    assert!(
+        read_all(&p) == read_all(&r),
+        "the replica equals the primary"
+    );
     assert_eq!(replica.status.state(), PeerState::UpToDate);
     assert_eq!((replica.since(), replica.full_sync()), (None, false));
     let progress = replica.status.resync.snapshot(0);
@@ -261,7 +266,10 @@ fn a_replica_that_missed_some_writes_gets_only_the_dirty_regions() {
     let (pfd, rfd) = unix_pair();
     connect(&p, &r, &link, pfd, rfd);
     wait_up_to_date(&link);
-    assert!(read_all(&p) == read_all(&r), "the replica equals the primary");
+    assert!(
+        read_all(&p) == read_all(&r),
+        "the replica equals the primary"
+    );
     let progress = replica.status.resync.snapshot(0);
     assert_eq!(
         (progress.done_bytes, progress.total_bytes),
@@ -313,7 +321,10 @@ fn writes_during_the_resync_reach_the_replica_and_the_copies_end_equal() {
     assert!(writes >= 64);
     run(&handle, request(RequestKind::Flush, 0, 0, None));
     assert_eq!(link.state(), LinkState::UpToDate, "the link stays up");
-    assert!(read_all(&p) == read_all(&r), "the replica equals the primary");
+    assert!(
+        read_all(&p) == read_all(&r),
+        "the replica equals the primary"
+    );
     drop(handle);
     Arc::try_unwrap(p).ok().unwrap().shutdown().unwrap();
     r.shutdown().unwrap();
@@ -388,7 +399,10 @@ fn a_link_cut_mid_resync_keeps_every_region_dirty_and_a_new_link_finishes() {
     let (pfd, rfd) = unix_pair();
     connect(&p, &r, &link, pfd, rfd);
     wait_up_to_date(&link);
-    assert!(read_all(&p) == read_all(&r), "the replica equals the primary");
+    assert!(
+        read_all(&p) == read_all(&r),
+        "the replica equals the primary"
+    );
     assert_eq!(replica.status.state(), PeerState::UpToDate);
     drop(handle);
     p.shutdown().unwrap();

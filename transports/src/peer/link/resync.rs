@@ -241,9 +241,10 @@ impl PrimaryLink {
                 pieces += 1;
                 pos += len;
             }
-            // A region past the volume's end has nothing to send.
+            // A region past the volume's end has nothing to send. A region written again
+            // while its first copy is in flight is in flight twice: counts add up.
             if pieces > 0 {
-                self.resync.regions.insert(region, pieces);
+                *self.resync.regions.entry(region).or_insert(0) += pieces;
             }
         }
         1
