@@ -408,3 +408,64 @@ fn a_link_cut_mid_resync_keeps_every_region_dirty_and_a_new_link_finishes() {
     p.shutdown().unwrap();
     r.shutdown().unwrap();
 }
+
+#[test]
+fn the_replica_asks_for_its_own_dirty_regions_and_follows_new_generations() {
+    let (p, r) = (engine(), engine());
+    for e in [&p, &r] {
+        let h = e.open("a").unwrap();
+        for mib in 0..VOLUME_BYTES / MIB {
+            write(&h, mib * MIB, MIB, 0x20 + mib as u8);
+        }
+    }
+    let link = make_primary(&p);
+    let rreplication = make_replica(&r, link.replication().history());
+    // The replica wrote regions 2 and 11..13 on its own (its activity log after a crash,
+    // when it was primary): they are dirty for the primary there, and only there.
+    let rhandle = r.open("a").unwrap();
+    write(&rhandle, 2 * MIB, 4096, 0xDD);
+    write(&rhandle, 11 * MIB + 8192, 2 * MIB, 0xDD);
+    let own = &rreplication.replicas()[0].dirty;
+    own.mark_bytes(2 * MIB, 4096);
+    own.mark_bytes(11 * MIB + 8192, 2 * MIB);
+    assert_eq!(own.dirty_regions(), 4);
+    let replica = &link.replication().replicas()[0];
+    assert_eq!(
+        replica.dirty.dirty_regions(),
+        0,
+        "the primary knows of nothing"
+    );
+    let (pfd, rfd) = unix_pair();
+    connect(&p, &r, &link, pfd, rfd);
+    wait_up_to_date(&link);
+    assert!(
+        read_all(&p) == read_all(&r),
+        "the replica equals the primary"
+    );
+    assert_eq!(replica.status.resync.snapshot(0).done_bytes, 4 * MIB);
+    wait_for("the replica's own marks are cleared", || {
+        own.dirty_regions() == 0
+    });
+    // A generation the primary starts reaches the up-to-date replica.
+    let before = rreplication.history();
+    let g = link.replication().start_generation();
+    wait_for("the replica follows the new generation", || {
+        rreplication.history().current() == Some(g)
+    });
+    assert_eq!(rreplication.history(), link.replication().history());
+    assert_eq!(
+        &rreplication.history().ids()[..before.ids().len()],
+        before.ids()
+    );
+    // Writes go on to the replica.
+    let handle = p.open("a").unwrap();
+    write(&handle, 7 * MIB, 65536, 0x5A);
+    assert_eq!(link.state(), LinkState::UpToDate);
+    assert!(
+        read_all(&p) == read_all(&r),
+        "the replica equals the primary"
+    );
+    drop((handle, rhandle));
+    p.shutdown().unwrap();
+    r.shutdown().unwrap();
+}
