@@ -389,7 +389,7 @@ fn a_link_cut_mid_resync_keeps_every_region_dirty_and_a_new_link_finishes() {
     // The failing link marks what it cleared and the replica did not acknowledge.
     wait_for("the failed link drains", || link.inbox_len() == 0);
     std::thread::sleep(Duration::from_millis(200));
-    assert!(!replica.dirty.iter_dirty().next().is_none(), "work is left");
+    assert!(replica.dirty.iter_dirty().next().is_some(), "work is left");
     assert_differences_are_dirty(&p, &r, &link, "after the cut");
     assert!(
         rreplication.history().is_empty(),

@@ -171,60 +171,17 @@ impl ReplicaServe {
             }
             self.inbound.accept(&frame).map_err(|e| e.to_string())?;
             let seq = frame.seq;
-            let size = self.handle.volume().size_bytes();
-            let in_range =
-                |offset: u64, len: u64| offset.checked_add(len).is_some_and(|e| e <= size);
             let req = match frame.body {
-                Body::Write { data, .. } | Body::ResyncData { data, .. } => {
-                    let fua = matches!(frame.body, Body::Write { fua: true, .. });
-                    let offset_bytes = range.start;
-                    if !in_range(offset_bytes, data.len() as u64) {
-                        return Err(format!("write at {offset_bytes} past the volume's end"));
-                    }
-                    let buf = ctx
-                        .take_buffer(data.len())
-                        .map(|mut b| {
-                            b.as_mut_slice().copy_from_slice(data);
-                            b
-                        })
-                        .unwrap_or_else(|| IoBuf::owned(AlignedBuf::from_slice(data)));
-                    Some(request(
-                        RequestKind::Write,
-                        offset_bytes,
-                        data.len() as u64,
-                        fua,
-                        Some(buf),
-                    ))
-                }
-                Body::Trim {
-                    offset_bytes,
-                    len_bytes,
-                }
-                | Body::WriteZeroes {
-                    offset_bytes,
-                    len_bytes,
-                } => {
-                    let len = u64::from(len_bytes);
-                    if !in_range(offset_bytes, len) {
-                        return Err(format!("range at {offset_bytes} past the volume's end"));
-                    }
-                    let kind = if frame.body.kind() == FrameKind::Trim {
-                        RequestKind::Trim
-                    } else {
-                        RequestKind::WriteZeroes
-                    };
-                    Some(request(kind, offset_bytes, len, false, None))
-                }
-                Body::Flush | Body::Heartbeat | Body::Generation(_) | Body::ResyncDone { .. } => {
-                    None
-                }
                 Body::Goodbye(reason) => {
                     tracing::info!(peer = %self.opts.peer, "the primary said goodbye ({reason:?})");
                     self.recv.consume(consumed);
                     self.close(ctx);
                     return Ok(());
                 }
-                other => return Err(format!("unexpected {:?} frame", other.kind())),
+                Body::Flush | Body::Heartbeat | Body::Generation(_) | Body::ResyncDone { .. } => {
+                    None
+                }
+                ref body => Some(self.engine_request(ctx, body, range.clone())?),
             };
             let kind = frame.body.kind();
             let held = match frame.body {
@@ -260,6 +217,39 @@ impl ReplicaServe {
             self.submit_held(ctx)?;
         }
         Ok(())
+    }
+
+    /// The engine request a data frame (Write, ResyncData, Trim, WriteZeroes) asks for at
+    /// `range`; Err for a range past the volume's end or a frame the primary does not send.
+    fn engine_request(
+        &self,
+        ctx: &TaskCtx<'_>,
+        body: &Body<'_>,
+        range: Range<u64>,
+    ) -> Result<Request, String> {
+        if range.end > self.handle.volume().size_bytes() {
+            return Err(format!("range at {} past the volume's end", range.start));
+        }
+        let len = range.end - range.start;
+        let write = |data: &[u8], fua: bool| {
+            let buf = ctx
+                .take_buffer(data.len())
+                .map(|mut b| {
+                    b.as_mut_slice().copy_from_slice(data);
+                    b
+                })
+                .unwrap_or_else(|| IoBuf::owned(AlignedBuf::from_slice(data)));
+            request(RequestKind::Write, range.start, len, fua, Some(buf))
+        };
+        Ok(match *body {
+            Body::Write { data, fua, .. } => write(data, fua),
+            Body::ResyncData { data, .. } => write(data, false),
+            Body::Trim { .. } => request(RequestKind::Trim, range.start, len, false, None),
+            Body::WriteZeroes { .. } => {
+                request(RequestKind::WriteZeroes, range.start, len, false, None)
+            }
+            ref other => return Err(format!("unexpected {:?} frame", other.kind())),
+        })
     }
 
     /// The byte range a data frame writes (empty for other frames). Err: a ResyncData on a

@@ -149,7 +149,7 @@ impl PrimaryLink {
         work += self.collect_reads()?;
         work += self.frame_pieces(now);
         if self.resync_finished() {
-            self.finish_resync(now);
+            self.finish_resync();
             work += 1;
         }
         Ok(work)
@@ -409,7 +409,7 @@ impl PrimaryLink {
     /// that still marks a region now (it saw the link resyncing) was pushed after its mark,
     /// so its op follows every resync frame on the wire; its bit only costs a region more in
     /// a later resync.
-    fn finish_resync(&mut self, now: u64) {
+    fn finish_resync(&mut self) {
         let replication = self.link.replication().clone();
         let regions = replication
             .activity
@@ -429,7 +429,6 @@ impl PrimaryLink {
                 count,
             },
         );
-        let _ = now;
         self.link.set_up_to_date();
         self.resync.phase = ResyncPhase::Done;
         let replica = &replication.replicas()[self.link.index()];
