@@ -301,7 +301,7 @@ fn writes_during_the_resync_reach_the_replica_and_the_copies_end_equal() {
             let handle = p.open("a").unwrap();
             let mut x = 0x9E37_79B9_7F4A_7C15u64;
             let mut n = 0u64;
-            while !stop.load(Ordering::SeqCst) || n < 64 {
+            while n < 64 || (!stop.load(Ordering::SeqCst) && n < 1000) {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;

@@ -206,6 +206,19 @@ impl ReplicaLink {
             .store(LinkState::Resyncing as u8, Ordering::SeqCst);
     }
 
+    /// The resync is done: from resyncing to up to date. False when the link fell behind
+    /// meanwhile (a full inbox): it stays behind, and its task fails the connection.
+    pub fn finish_resync(&self) -> bool {
+        self.state
+            .compare_exchange(
+                LinkState::Resyncing as u8,
+                LinkState::UpToDate as u8,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
+            .is_ok()
+    }
+
     /// Leave the fan-out. Returns whether it was up to date (not merely resyncing). The task
     /// drains the inbox only once [`Self::pushers_gone`] says so.
     pub fn fall_behind(&self) -> bool {

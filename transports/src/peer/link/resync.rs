@@ -410,6 +410,10 @@ impl PrimaryLink {
     /// so its op follows every resync frame on the wire; its bit only costs a region more in
     /// a later resync.
     fn finish_resync(&mut self) {
+        if !self.link.finish_resync() {
+            // A full inbox put the link behind: the next poll fails it.
+            return;
+        }
         let replication = self.link.replication().clone();
         let regions = replication
             .activity
@@ -429,7 +433,6 @@ impl PrimaryLink {
                 count,
             },
         );
-        self.link.set_up_to_date();
         self.resync.phase = ResyncPhase::Done;
         let replica = &replication.replicas()[self.link.index()];
         replica.set_since(None);
