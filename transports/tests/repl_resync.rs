@@ -443,9 +443,16 @@ fn the_replica_asks_for_its_own_dirty_regions_and_follows_new_generations() {
         "the replica equals the primary"
     );
     assert_eq!(replica.status.resync.snapshot(0).done_bytes, 4 * MIB);
-    wait_for("the replica's own marks are cleared", || {
-        own.dirty_regions() == 0
+    // At the primary's ResyncDone the replica clears its own marks and sees the primary up
+    // to date.
+    wait_for("the replica adopts", || {
+        rreplication.replicas()[0].status.state() == PeerState::UpToDate
     });
+    assert_eq!(
+        own.dirty_regions(),
+        0,
+        "the replica's own marks are cleared"
+    );
     // A generation the primary starts reaches the up-to-date replica.
     let before = rreplication.history();
     let g = link.replication().start_generation();

@@ -21,7 +21,7 @@ use std::ops::Range;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
-use ringblock_engine::replication::{GenerationHistory, NodeId, VolumeReplication};
+use ringblock_engine::replication::{GenerationHistory, NodeId, PeerState, VolumeReplication};
 use ringblock_engine::task::{ReactorTask, RingCompletion, TaskCtx};
 use ringblock_engine::{AlignedBuf, Errno, IoBuf, Port, Request, RequestKind, VolumeHandle};
 
@@ -301,6 +301,7 @@ impl ReplicaServe {
             peer = %self.opts.peer,
             "replica link closed: {reason}"
         );
+        self.set_status(PeerState::Behind, Some(reason));
         // The Goodbye goes after the frame in flight, if any; the socket shuts down once it
         // is sent (or the send fails).
         self.sender.clear();
@@ -326,6 +327,7 @@ impl ReplicaServe {
     }
 
     fn close(&mut self, ctx: &mut TaskCtx<'_>) {
+        self.set_status(PeerState::Behind, Some("the primary said goodbye"));
         self.closing = true;
         self.sender.clear();
         ctx.shutdown(self.fd.as_raw_fd());

@@ -1,7 +1,7 @@
 //! The replica's part of a resync (see the parent module): ask for its own dirty regions at
 //! start, adopt the primary's history at its ResyncDone, record each Generation durably.
 
-use ringblock_engine::replication::GenerationId;
+use ringblock_engine::replication::{GenerationId, PeerState};
 use ringblock_engine::task::TaskCtx;
 use ringblock_engine::RequestKind;
 
@@ -15,6 +15,19 @@ use super::{request, Held, ReplicaServe};
 const MAX_REQUESTS: usize = 64;
 
 impl ReplicaServe {
+    /// What operators see of the primary on this node: resyncing from it until its
+    /// ResyncDone, then up to date, behind once the connection ends.
+    pub(super) fn set_status(&self, state: PeerState, reason: Option<&str>) {
+        let replication = self.replication.as_ref();
+        let peer = self
+            .opts
+            .primary_node
+            .and_then(|n| replication.and_then(|r| r.replica(n)));
+        if let Some(peer) = peer {
+            peer.status.set(state, reason);
+        }
+    }
+
     /// Ask the primary for this copy's dirty regions for it (a crash left its activity log
     /// there: regions it may have written and the primary may not hold the same), then say
     /// that is all with a ResyncDone.
@@ -32,6 +45,7 @@ impl ReplicaServe {
             .and_then(|node| replication.replica(node))
             .map(|r| r.dirty.runs())
             .unwrap_or_default();
+        self.set_status(PeerState::Resyncing, None);
         let runs = ringblock_engine::replication::bitmap::coarsen(own, MAX_REQUESTS);
         for run in runs {
             let count = u32::try_from(run.end - run.start).unwrap_or(u32::MAX);
@@ -119,6 +133,7 @@ impl ReplicaServe {
             if let Some(r) = self.opts.primary_node.and_then(|n| replication.replica(n)) {
                 r.dirty.clear_all();
             }
+            self.set_status(PeerState::UpToDate, None);
         }
         self.handle.volume().replication_changed();
         tracing::info!(
