@@ -215,39 +215,39 @@ impl ringblock_engine::task::ReactorTask for AckAll {
         self.0.inbox_len() > 0
     }
     fn finished(&self) -> bool {
-        true
+        false
     }
 }
 
-/// The race the write barrier closes, on the simulator: a write to a resyncing link marks
-/// its region and takes an op; a resync that clears the bit while the write's local part is
-/// in flight holds a ticket that passes only once the write completed.
+/// The race the write barrier closes, on the simulator: a write to a resyncing link takes an
+/// op; a resync that takes its region while the write's local part is in flight holds a
+/// ticket that passes only once the write completed; a write to a region the resync holds
+/// marks it again, a write elsewhere does not.
 #[test]
-fn a_resyncing_link_gets_ops_and_marks_and_the_barrier_waits_for_the_local_write() {
+fn a_resyncing_link_gets_ops_and_the_barrier_waits_for_the_local_write() {
     let mut c = cluster();
     let volume = c.volume("a").unwrap();
     let link = attach(&c);
     let port = Port::new(4, PortWaker::None);
-    // The region enters the persisted activity log first: the write below is dispatched at
-    // once, not parked for a metadata round.
+    // The regions enter the persisted activity log first: the writes below are dispatched
+    // at once, not parked for a metadata round.
     c.submit(&volume, write(3 << 16, 4096, 0), &port).unwrap();
+    c.submit(&volume, write(5 << 16, 4096, 0), &port).unwrap();
     c.run_until_idle(10_000);
-    assert!(port.pop().is_some());
+    assert_eq!(std::iter::from_fn(|| port.pop()).count(), 2);
     let replication = link.replication().clone();
     let dirty = &replication.replicas()[0].dirty;
     dirty.clear_all();
+    dirty.mark_regions(3..4);
     link.start_resync();
     assert!(c
         .spawn_task(ReactorId(0), Box::new(AckAll(link.clone())))
         .is_ok());
     c.submit(&volume, write(3 << 16, 8192, 1), &port).unwrap();
-    assert!(
-        dirty.is_dirty(RegionIndex(3)),
-        "a resyncing link's write marks"
-    );
-    assert_eq!(link.inbox_len(), 1, "and takes an op");
+    assert_eq!(link.inbox_len(), 1, "a resyncing link takes an op");
     assert_eq!(replication.barrier.in_flight(), 1);
-    // The resync clears the bit; the write's local part has not run yet.
+    // The resync takes region 3; the write's local part has not run yet.
+    link.resync_region_begins(RegionIndex(3));
     assert!(dirty.clear(RegionIndex(3)));
     let ticket = replication.barrier.ticket();
     assert!(
@@ -266,5 +266,16 @@ fn a_resyncing_link_gets_ops_and_marks_and_the_barrier_waits_for_the_local_write
     assert_eq!(port.pop().map(|c| (c.tag, c.result)), Some((1, Ok(()))));
     assert!(replication.barrier.passed(&ticket));
     assert_eq!(replication.barrier.in_flight(), 0);
+    // Region 3 is in the resync's hands: a write to it marks it again; region 5 is not.
+    c.submit(&volume, write(3 << 16, 4096, 2), &port).unwrap();
+    c.submit(&volume, write(5 << 16, 4096, 3), &port).unwrap();
+    c.run_until_idle(10_000);
+    assert_eq!(std::iter::from_fn(|| port.pop()).count(), 2);
+    assert!(
+        dirty.is_dirty(RegionIndex(3)),
+        "written during its own resync"
+    );
+    assert!(!dirty.is_dirty(RegionIndex(5)), "the op carries it");
+    link.resync_region_ends(RegionIndex(3));
     assert_eq!(link.state(), LinkState::Resyncing);
 }

@@ -293,6 +293,18 @@ impl Run {
         let (offset, len) = (first * SECTOR, len_sectors * SECTOR);
         self.next_tag += 1;
         let tag = self.next_tag;
+        if self.rng.gen_bool(0.005) {
+            // The primary starts a generation (as when another replica drops out): the
+            // replica follows it.
+            if let Some(link) = &self.link {
+                link.replication().start_generation();
+                self.p
+                    .c()
+                    .volume("a")
+                    .expect("volume a")
+                    .replication_changed();
+            }
+        }
         let roll = self.rng.gen_range(0..100);
         if roll < 10 {
             let snaps = self.sectors.iter().map(|(&s, l)| (s, l.acked)).collect();
@@ -598,7 +610,28 @@ impl Run {
             );
         }
         assert_eq!(link.state(), LinkState::UpToDate);
+        self.assert_follows("after the resync");
         pdata
+    }
+
+    /// The replica took the primary's history (at the end of its resync) and every
+    /// generation started since.
+    fn assert_follows(&mut self, what: &str) {
+        let primary = self.link.as_ref().expect("link").replication().clone();
+        let volume = self.r.c().volume("a").expect("volume a");
+        let replica = volume.replication().expect("replica state");
+        for _ in 0..MAX_WAIT_TICKS {
+            if replica.history() == primary.history() {
+                return;
+            }
+            self.step();
+        }
+        panic!(
+            "seed {} {what}: the replica's history {:?} is not the primary's {:?}",
+            self.seed,
+            replica.history(),
+            primary.history()
+        );
     }
 
     fn restart(&mut self, primary: bool, cycle: u64) {
@@ -755,15 +788,27 @@ fn run_seed(seed: u64) -> (usize, u64) {
         // replica back to it.
         run.heal_and_resync(3);
     } else if fault == Fault::None {
+        // The link started by resyncing what the writes marked while it entered the
+        // fan-out; it ends that once the load stops.
+        for _ in 0..MAX_WAIT_TICKS {
+            if link.state() != LinkState::Resyncing {
+                break;
+            }
+            run.step();
+        }
         assert_eq!(
             link.state(),
             LinkState::UpToDate,
-            "seed {seed}: the link stays up"
+            "seed {seed}: the link stays up (dirty regions {}, status {:?})",
+            link.replication().replicas()[0].dirty.dirty_regions(),
+            link.replication().replicas()[0].status.resync.snapshot(0),
         );
+        let (pdata, rdata) = (run.read_all(true), run.read_all(false));
         assert!(
             pdata == rdata,
             "seed {seed}: the replica equals the primary"
         );
+        run.assert_follows("with no fault");
     } else {
         let dirty = &link.replication().replicas()[0].dirty;
         for (i, (a, b)) in pdata

@@ -23,11 +23,12 @@
 //! link reconnects (the link, and its state, outlive connections), so the count of retired
 //! sets is bounded by [`MAX_REPLICA_SET_CHANGES`].
 
-use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{fence, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use crossbeam_queue::ArrayQueue;
 
+use super::bitmap::{DirtyBitmap, RegionIndex};
 use super::state::VolumeReplication;
 use super::ReplicationError;
 use crate::ids::ReactorId;
@@ -49,8 +50,8 @@ pub enum LinkState {
     /// In the fan-out: writes and flushes wait for this replica.
     UpToDate = 1,
     /// In the fan-out while its task resyncs the dirty regions: writes and flushes wait for
-    /// this replica, and writes also mark its bitmap (before they are pushed), so a region
-    /// written during its own resync is resynced again.
+    /// this replica, and a write to a region whose resync is in flight also marks it (before
+    /// it is pushed), so a region written during its own resync is resynced again.
     Resyncing = 2,
 }
 
@@ -127,6 +128,9 @@ pub struct ReplicaLink {
     pushers: AtomicU32,
     inbox: ArrayQueue<ReplicaOp>,
     waker: OnceLock<PortWaker>,
+    /// Regions the link's resync cleared and the replica has not acknowledged yet: a write
+    /// to one of them while resyncing marks it again (see [`LinkState::Resyncing`]).
+    in_resync: DirtyBitmap,
 }
 
 impl std::fmt::Debug for ReplicaLink {
@@ -147,17 +151,22 @@ impl ReplicaLink {
         index: usize,
         reactor: ReactorId,
     ) -> Option<Arc<ReplicaLink>> {
-        (index < replication.replicas().len()).then(|| {
-            Arc::new(ReplicaLink {
-                replication,
-                index,
-                reactor,
-                state: AtomicU8::new(LinkState::Behind as u8),
-                pushers: AtomicU32::new(0),
-                inbox: ArrayQueue::new(LINK_INBOX_OPS),
-                waker: OnceLock::new(),
-            })
-        })
+        let dirty = &replication.replicas().get(index)?.dirty;
+        let in_resync = DirtyBitmap::new(
+            dirty.regions() << dirty.region_shift(),
+            dirty.region_shift(),
+        )
+        .ok()?;
+        Some(Arc::new(ReplicaLink {
+            replication,
+            index,
+            reactor,
+            state: AtomicU8::new(LinkState::Behind as u8),
+            pushers: AtomicU32::new(0),
+            inbox: ArrayQueue::new(LINK_INBOX_OPS),
+            waker: OnceLock::new(),
+            in_resync,
+        }))
     }
 
     /// The reactor whose task serves this link.
@@ -253,9 +262,39 @@ impl ReplicaLink {
         }
     }
 
-    /// Mark a range a write touches while the link resyncs: the bits stand for the write
-    /// until the op is acknowledged, and the progress counts the regions newly dirty.
+    /// The resync is about to clear `region`'s dirty bit and send it: from now until
+    /// [`Self::resync_region_ends`], a write to it marks it again.
+    pub fn resync_region_begins(&self, region: RegionIndex) {
+        self.in_resync.mark_regions(region.0..region.0 + 1);
+        // Pairs with the fence in `try_push`: a write either sees this bit, or was counted by
+        // the write barrier before the resync's ticket (so the read waits for it).
+        fence(Ordering::SeqCst);
+    }
+
+    /// The replica acknowledged every copy of `region` the resync sent.
+    pub fn resync_region_ends(&self, region: RegionIndex) {
+        self.in_resync.clear(region);
+    }
+
+    /// The resync stops (the link failed or starts over): no region is in flight.
+    pub fn resync_regions_clear(&self) {
+        self.in_resync.clear_all();
+    }
+
+    /// Mark a range a write touches while the link resyncs, if a region of it is in the
+    /// resync's hands: a copy read before this write completed may reach the replica after
+    /// it, so the region goes again. Other regions need no mark: a dirty one is sent later
+    /// (after this write completed, the barrier), a resynced one was acknowledged before
+    /// this op is sent. The progress counts the regions newly dirty.
     fn mark_resyncing(&self, volume: &Volume, offset_bytes: u64, len_bytes: u64) {
+        fence(Ordering::SeqCst);
+        let in_resync = self.in_resync.regions_of(offset_bytes, len_bytes);
+        if !in_resync
+            .clone()
+            .any(|r| self.in_resync.is_dirty(RegionIndex(r)))
+        {
+            return;
+        }
         let replica = &self.replication.replicas()[self.index];
         if replica.dirty.mark_bytes(offset_bytes, len_bytes) {
             volume.replication_changed();
@@ -266,9 +305,8 @@ impl ReplicaLink {
     }
 
     /// Push `op` if the link is in the fan-out and its inbox has room; else hand it back.
-    /// While resyncing, a write marks its range first: a resync that clears the bit after
-    /// this mark sends the region again, one that cleared it before sends it after this op
-    /// reached the wire or with this write in it (the write barrier).
+    /// While resyncing, a write to a region the resync holds marks it first, so the region
+    /// goes again after this op (see [`Self::mark_resyncing`]).
     fn try_push(&self, op: ReplicaOp, volume: &Volume) -> Result<(), ReplicaOp> {
         self.pushers.fetch_add(1, Ordering::SeqCst);
         let pushed = match self.state() {

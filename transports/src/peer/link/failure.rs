@@ -49,6 +49,8 @@ impl PrimaryLink {
             }
             volume.replication_changed();
         }
+        // Behind now, so writes mark every region: none is in the resync's hands.
+        self.link.resync_regions_clear();
         let replica = &self.link.replication().replicas()[self.link.index()];
         replica.status.set(PeerState::Behind, Some(reason));
         ctx.shutdown(self.fd.as_raw_fd());

@@ -124,6 +124,7 @@ impl PrimaryLink {
     /// Enter the fan-out as resyncing and start the progress at the bitmap's dirty bytes.
     pub(super) fn start_resync(&mut self, ctx: &mut TaskCtx<'_>) {
         self.resync.port = Some(Port::new(MAX_READS + 1, ctx.port_waker()));
+        self.link.resync_regions_clear();
         self.link.start_resync();
         let replica = self.replica();
         let size = self.handle.volume().size_bytes();
@@ -179,9 +180,13 @@ impl PrimaryLink {
                 continue;
             };
             self.resync.cursor = region.0 + 1;
+            // In the resync's hands before the bit goes: a write from now on marks it again.
+            self.link.resync_region_begins(region);
             if dirty.clear(region) {
                 regions.push(region.0);
                 bytes += region_bytes;
+            } else {
+                self.release_region(region.0);
             }
         }
         if regions.is_empty() {
@@ -245,6 +250,8 @@ impl PrimaryLink {
             // while its first copy is in flight is in flight twice: counts add up.
             if pieces > 0 {
                 *self.resync.regions.entry(region).or_insert(0) += pieces;
+            } else {
+                self.release_region(region);
             }
         }
         1
@@ -391,7 +398,18 @@ impl PrimaryLink {
             *left -= 1;
             if *left == 0 {
                 self.resync.regions.remove(&piece.region);
+                self.release_region(piece.region);
             }
+        }
+    }
+
+    /// `region` leaves the resync's hands unless another copy of it is in flight or cleared
+    /// and waiting for the barrier (a write to it must still mark it).
+    fn release_region(&self, region: u64) {
+        let r = &self.resync;
+        let batched = r.batch.as_ref().is_some_and(|(b, _)| b.contains(&region));
+        if !batched && !r.regions.contains_key(&region) {
+            self.link.resync_region_ends(RegionIndex(region));
         }
     }
 
