@@ -140,6 +140,8 @@ pub struct PrimaryLink {
     /// The newest generation the replica was told of (the primary's current one when the
     /// link started: the handshake carried it).
     followed: Option<GenerationId>,
+    /// `VolumeReplication::history_changes` when the history was last looked at.
+    history_seen: u64,
 }
 
 impl PrimaryLink {
@@ -151,6 +153,8 @@ impl PrimaryLink {
     ) -> PrimaryLink {
         let socket = Socket::Fd(fd.as_raw_fd());
         let now = (opts.clock)();
+        // Read the counter first: a change after it is seen at the next poll.
+        let history_seen = link.replication().history_changes();
         let followed = link.replication().history().current();
         PrimaryLink {
             window: SendWindow::new(opts.send_seq, opts.window_frames, opts.window_bytes),
@@ -176,6 +180,7 @@ impl PrimaryLink {
             phase: Phase::Running,
             resync: Resync::new(),
             followed,
+            history_seen,
         }
     }
 
@@ -359,11 +364,17 @@ impl PrimaryLink {
     /// Tell the replica of every generation the primary started since the last one it was
     /// told of (it records each durably before acknowledging).
     fn follow_generations(&mut self, now: u64) {
+        let changes = self.link.replication().history_changes();
+        if changes == self.history_seen {
+            return;
+        }
         let history = self.link.replication().history();
         let Some(current) = history.current() else {
+            self.history_seen = changes;
             return;
         };
         if self.followed == Some(current) {
+            self.history_seen = changes;
             return;
         }
         let ids = history.ids();
@@ -378,6 +389,7 @@ impl PrimaryLink {
             self.frame_small(Body::Generation(id.get()), None, now);
             self.followed = Some(id);
         }
+        self.history_seen = changes;
     }
 
     fn note_written(&mut self, kind: ReplicaOpKind, offset: u64, len: u64) {
