@@ -110,7 +110,7 @@ impl Node {
 
 impl Running {
     fn status(&self) -> serde_json::Value {
-        let r = http_auth(&self.web, "GET", "/api/replication", &self.token, None);
+        let r = http_auth(&self.web, &self.token, "GET", "/api/replication", &[], None);
         assert_eq!(r.status, 200, "{}", r.error());
         r.json()
     }
@@ -127,7 +127,14 @@ impl Running {
     }
 
     fn post(&self, path: &str, body: &str) -> (u16, serde_json::Value) {
-        let r = http_auth(&self.web, "POST", path, &self.token, Some(body.as_bytes()));
+        let r = http_auth(
+            &self.web,
+            &self.token,
+            "POST",
+            path,
+            &[("Content-Type", "application/json")],
+            Some(body.as_bytes()),
+        );
         (r.status, r.json())
     }
 

@@ -85,7 +85,9 @@ impl Pair {
     fn veth(&self, left: &str, lns: Option<&str>, right: &str, rns: Option<&str>, subnet: u8) {
         let tmp_l = format!("rbt{}l{subnet}", std::process::id() % 100000);
         let tmp_r = format!("rbt{}r{subnet}", std::process::id() % 100000);
-        ip(&["link", "add", &tmp_l, "type", "veth", "peer", "name", &tmp_r]);
+        ip(&[
+            "link", "add", &tmp_l, "type", "veth", "peer", "name", &tmp_r,
+        ]);
         for (tmp, name, ns, host) in [(&tmp_l, left, lns, 1), (&tmp_r, right, rns, 2)] {
             let addr = format!("10.{}.{subnet}.{host}/24", self.net);
             match ns {
