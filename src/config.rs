@@ -19,6 +19,9 @@ pub struct VolumeConfig {
     pub device: String,
     /// Created with this size if missing; grown if it is smaller.
     pub size_bytes: u64,
+    /// "primary" or "replica": required when the volume has replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<crate::replication::VolumeRole>,
     /// `[[volume.replica]]`: copies on other nodes.
     #[serde(default, rename = "replica", skip_serializing_if = "Vec::is_empty")]
     pub replicas: Vec<crate::replication::ReplicaConfig>,
@@ -249,6 +252,7 @@ impl DaemonConfig {
                 name: "default".into(),
                 device: "ram0".into(),
                 size_bytes: DEFAULT_VOLUME_BYTES,
+                role: None,
                 replicas: Vec::new(),
             }],
             ..Self::default()

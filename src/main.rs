@@ -4,6 +4,8 @@ mod config;
 mod doctor;
 mod export_cmd;
 mod node_id;
+mod peer_control;
+mod replica_cmd;
 mod replication;
 mod serve;
 mod web;
@@ -43,7 +45,8 @@ enum Command {
         #[command(subcommand)]
         command: web::VolumeCommand,
     },
-    /// Show a running daemon's reactors, devices, volumes and clients (through its web API).
+    /// Show a running daemon's reactors, devices, volumes, replication and clients (through its
+    /// web API).
     Status {
         #[command(flatten)]
         api: web::ApiArgs,
@@ -61,6 +64,13 @@ enum Command {
         api: web::ApiArgs,
         #[command(subcommand)]
         command: export_cmd::ExportCommand,
+    },
+    /// See and drive the copies of replicated volumes on other nodes (through the web API).
+    Replica {
+        #[command(flatten)]
+        api: web::ApiArgs,
+        #[command(subcommand)]
+        command: replica_cmd::ReplicaCommand,
     },
 }
 
@@ -85,6 +95,9 @@ fn check_replication(cfg: config::DaemonConfig) -> anyhow::Result<Vec<String>> {
     }
     Ok(replication::describe(&cfg, node))
 }
+
+#[cfg(test)]
+mod cli_tests;
 
 /// Exit codes: 0 fine, 1 failure while running, 2 bad usage or configuration.
 const EXIT_RUNTIME: u8 = 1;
@@ -125,6 +138,7 @@ fn main() -> ExitCode {
         },
         Command::Doctor => doctor::run(),
         Command::Export { api, command } => export_cmd::run(&api, command),
+        Command::Replica { api, command } => replica_cmd::run(&api, command),
         Command::Volume { api, command } => web::run_volume(&api, command),
         Command::Status { api } => web::run_status(&api),
         Command::Token { command } => web::run_token(command),

@@ -6,14 +6,15 @@
 //! cluster_id = "lab"                       # the same on every node of the cluster
 //! listen = "127.0.0.1:10810"
 //! secret_file = "/etc/ringblock/cluster.secret"
-//! node_name = "left"                       # optional: peers may name this node by it
+//! node_name = "left"                       # optional: shown in status
 //!
 //! [[volume]]
 //! name = "db"
 //! device = "nvme0"
 //! size_bytes = 10737418240
+//! role = "primary"                         # or "replica"; required with replicas
 //! [[volume.replica]]
-//! node = "right"                           # a node name, or a node id (32 hex digits)
+//! node = "0123456789abcdef0123456789abcdef" # the other node's id (32 hex digits)
 //! address = "10.0.0.2:10810"
 //! mode = "sync"                            # or "async"
 //! ```
@@ -78,11 +79,31 @@ pub enum ReplicaMode {
     Async,
 }
 
+/// `[[volume]] role`: which copy serves clients. Applies when the volume's replication record
+/// is first made; afterwards the persisted role wins (`ringblock volume promote/demote`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VolumeRole {
+    /// Serves clients and sends every write to its replicas.
+    Primary,
+    /// Follows a primary; not exported.
+    Replica,
+}
+
+impl VolumeRole {
+    pub fn name(self) -> &'static str {
+        match self {
+            VolumeRole::Primary => "primary",
+            VolumeRole::Replica => "replica",
+        }
+    }
+}
+
 /// `[[volume.replica]]`, as written.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReplicaConfig {
-    /// The replica's node: its name (`[peer] node_name` there) or its node id.
+    /// The other copy's node id (32 hex digits; `ringblock check-config` there prints it).
     pub node: String,
     /// Where its peer listener is: `host:port`.
     pub address: String,
@@ -90,26 +111,10 @@ pub struct ReplicaConfig {
     pub mode: ReplicaMode,
 }
 
-/// A replica's node as configured.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum NodeRef {
-    Id(NodeId),
-    Name(String),
-}
-
-impl std::fmt::Display for NodeRef {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            NodeRef::Id(id) => write!(f, "{id}"),
-            NodeRef::Name(n) => write!(f, "{n}"),
-        }
-    }
-}
-
 /// One checked replica.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Replica {
-    pub node: NodeRef,
+    pub node: NodeId,
     pub address: String,
     pub mode: ReplicaMode,
 }
@@ -118,6 +123,7 @@ pub struct Replica {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VolumeReplicas {
     pub volume: String,
+    pub role: VolumeRole,
     pub replicas: Vec<Replica>,
 }
 
@@ -176,15 +182,16 @@ fn check_address(address: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn parse_node(node: &str) -> anyhow::Result<NodeRef> {
+/// A replica's node id. Node names are not resolved (the record and the handshake carry
+/// ids): a name is refused with the fix.
+fn parse_node(node: &str) -> anyhow::Result<NodeId> {
     if node.len() == 32 && node.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return node
-            .parse::<NodeId>()
-            .map(NodeRef::Id)
-            .map_err(anyhow::Error::msg);
+        return node.parse::<NodeId>().map_err(anyhow::Error::msg);
     }
-    check_name("node name", node)?;
-    Ok(NodeRef::Name(node.to_string()))
+    bail!(
+        "node {node:?} is not a node id: replicas are named by node id (32 hex digits); \
+         `ringblock check-config` on that node prints its id"
+    )
 }
 
 impl DaemonConfig {
@@ -196,6 +203,17 @@ impl DaemonConfig {
     /// Checks of `[peer]` and `[[volume.replica]]` that need nothing but the file.
     pub(crate) fn validate_replication_static(&self) -> anyhow::Result<()> {
         self.replica_sets(None).map(|_| ())?;
+        if let Some(v) = self
+            .volumes
+            .iter()
+            .find(|v| v.replicas.is_empty() && v.role.is_some())
+        {
+            bail!(
+                "[[volume]] {:?} sets a role but has no [[volume.replica]]: a role applies only \
+                 to a replicated volume",
+                v.name
+            );
+        }
         self.peer.listen.parse::<SocketAddr>().with_context(|| {
             format!(
                 "[peer] listen = {:?} is not an address:port",
@@ -240,17 +258,20 @@ impl DaemonConfig {
                     v.replicas.len()
                 );
             }
+            let Some(role) = v.role else {
+                bail!(
+                    "[[volume]] {:?} has replicas: set role = \"primary\" (this copy serves \
+                     clients) or role = \"replica\" (it follows the primary)",
+                    v.name
+                );
+            };
             let mut replicas: Vec<Replica> = Vec::new();
             for (i, r) in v.replicas.iter().enumerate() {
                 let node = parse_node(&r.node).with_context(|| at(i))?;
                 if replicas.iter().any(|x| x.node == node) {
                     bail!("{}: node {node} is a replica of this volume twice", at(i));
                 }
-                let is_self = match &node {
-                    NodeRef::Id(id) => Some(*id) == own,
-                    NodeRef::Name(n) => self.peer.node_name.as_deref() == Some(n),
-                };
-                if is_self {
+                if Some(node) == own {
                     bail!(
                         "{}: node {node} is this node; a replica must be another node",
                         at(i)
@@ -266,6 +287,7 @@ impl DaemonConfig {
             }
             out.push(VolumeReplicas {
                 volume: v.name.clone(),
+                role,
                 replicas,
             });
         }
@@ -361,9 +383,14 @@ pub fn describe(cfg: &DaemonConfig, node: Option<NodeId>) -> Vec<String> {
             .map_or("?".into(), |p| p.display().to_string())
     ));
     for v in cfg.volumes.iter().filter(|v| !v.replicas.is_empty()) {
+        lines.push(format!(
+            "volume {}: role {}",
+            v.name,
+            v.role.map_or("?", VolumeRole::name)
+        ));
         for r in &v.replicas {
             lines.push(format!(
-                "volume {}: replica on node {} at {} ({})",
+                "volume {}: copy on node {} at {} ({})",
                 v.name,
                 r.node,
                 r.address,

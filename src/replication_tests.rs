@@ -21,11 +21,15 @@ fn peer(secret: &Path) -> String {
     )
 }
 
+/// The role line a replicated volume needs (after BASE's [[volume]]).
+const ROLE: &str = "role='primary'\n";
+
 fn replica(node: &str, address: &str) -> String {
     format!("[[volume.replica]]\nnode='{node}'\naddress='{address}'\n")
 }
 
 const OTHER: &str = "0123456789abcdef0123456789abcdef";
+const RIGHT: &str = "00000000000000000000000000000abc";
 
 fn own() -> NodeId {
     "ffffffffffffffffffffffffffffffff".parse().unwrap()
@@ -46,8 +50,8 @@ fn refused(text: &str) -> String {
 fn a_full_replica_set_is_checked_into_the_runtime_form() {
     let (_d, s) = secret();
     let text = format!(
-        "{BASE}{}mode='async'\n{}{}",
-        replica("right", "10.0.0.2:10810"),
+        "{BASE}{ROLE}{}mode='async'\n{}{}",
+        replica(RIGHT, "10.0.0.2:10810"),
         replica(OTHER, "[::1]:10811"),
         peer(&s)
     );
@@ -67,16 +71,17 @@ fn a_full_replica_set_is_checked_into_the_runtime_form() {
     );
     assert_eq!(r.volumes.len(), 1);
     let reps = &r.volumes[0].replicas;
-    assert_eq!(reps[0].node, NodeRef::Name("right".into()));
+    assert_eq!(reps[0].node, RIGHT.parse().unwrap());
+    assert_eq!(r.volumes[0].role, VolumeRole::Primary);
     assert_eq!(reps[0].mode, ReplicaMode::Async);
-    assert_eq!(reps[1].node, NodeRef::Id(OTHER.parse().unwrap()));
+    assert_eq!(reps[1].node, OTHER.parse().unwrap());
     assert_eq!(reps[1].mode, ReplicaMode::Sync, "sync unless said");
     let lines = describe(&cfg, Some(own()));
     assert!(lines[0].contains(&own().to_string()) && lines[0].contains("left"));
     assert!(
         lines
             .iter()
-            .any(|l| l.contains("replica on node right at 10.0.0.2:10810 (async)")),
+            .any(|l| l.contains(&format!("copy on node {RIGHT} at 10.0.0.2:10810 (async)"))),
         "{lines:?}"
     );
     // The same text survives a round trip through the serializer.
@@ -93,86 +98,114 @@ fn without_replicas_nothing_is_required() {
     assert!(describe(&cfg, None)[0].contains("made at the first start"));
 }
 
+/// Node id number `n` as configuration text.
+fn id(n: u128) -> String {
+    format!("{n:032x}")
+}
+
 #[test]
 fn each_mistake_is_named() {
     let (_d, s) = secret();
     let p = peer(&s);
-    let many: String = (1..=5)
-        .map(|i| replica(&format!("n{i}"), "10.0.0.2:1"))
-        .collect();
-    let cases: Vec<(String, &str)> = vec![
+    let r = id(0xabc);
+    let many: String = (1..=5).map(|i| replica(&id(i), "10.0.0.2:1")).collect();
+    let cases: Vec<(String, String)> = vec![
         (
             format!(
-                "{BASE}{}{}{p}",
-                replica("right", "h:1"),
-                replica("right", "g:2")
+                "{BASE}{ROLE}{}{}{p}",
+                replica(&r, "h:1"),
+                replica(&r, "g:2")
             ),
-            "node right is a replica of this volume twice",
+            format!("node {r} is a replica of this volume twice"),
         ),
         (
-            format!("{BASE}{}{p}", replica(&own().to_string(), "h:1")),
-            "is this node",
+            format!("{BASE}{ROLE}{}{p}", replica(&own().to_string(), "h:1")),
+            "is this node".into(),
         ),
         (
-            format!("{BASE}{}{p}", replica("left", "h:1")),
-            "node left is this node",
-        ),
-        (format!("{BASE}{many}{p}"), "at most 4"),
-        (
-            format!("{BASE}{}{p}", replica("r", "10.0.0.2")),
-            "has no :port",
+            format!("{BASE}{ROLE}{}{p}", replica("left", "h:1")),
+            "replicas are named by node id".into(),
         ),
         (
-            format!("{BASE}{}{p}", replica("r", "h:0")),
-            "is not 1-65535",
+            format!("{BASE}{ROLE}{}{p}", replica("right", "h:1")),
+            "`ringblock check-config` on that node prints its id".into(),
+        ),
+        (format!("{BASE}{ROLE}{many}{p}"), "at most 4".into()),
+        (
+            format!("{BASE}{}{p}", replica(&r, "h:1")),
+            "set role = \"primary\"".into(),
         ),
         (
-            format!("{BASE}{}{p}", replica("r", "h:http")),
-            "is not 1-65535",
+            format!("{BASE}role='replica'\n{p}"),
+            "sets a role but has no [[volume.replica]]".into(),
         ),
         (
-            format!("{BASE}{}{p}", replica("r", "bad host:1")),
-            "nor a DNS name",
-        ),
-        (format!("{BASE}{}{p}", replica("r", ":1")), "nor a DNS name"),
-        (
-            format!("{BASE}{}{p}", replica("bad name", "h:1")),
-            "node name",
+            format!("{BASE}role='leader'\n{}{p}", replica(&r, "h:1")),
+            "leader".into(),
         ),
         (
-            format!("{BASE}{}{p}", replica(&"0".repeat(32), "h:1")),
-            "not a node id",
+            format!("{BASE}{ROLE}{}{p}", replica(&r, "10.0.0.2")),
+            "has no :port".into(),
         ),
         (
-            format!("{BASE}{}mode='semi'\n{p}", replica("r", "h:1")),
-            "semi",
+            format!("{BASE}{ROLE}{}{p}", replica(&r, "h:0")),
+            "is not 1-65535".into(),
+        ),
+        (
+            format!("{BASE}{ROLE}{}{p}", replica(&r, "h:http")),
+            "is not 1-65535".into(),
+        ),
+        (
+            format!("{BASE}{ROLE}{}{p}", replica(&r, "bad host:1")),
+            "nor a DNS name".into(),
+        ),
+        (
+            format!("{BASE}{ROLE}{}{p}", replica(&r, ":1")),
+            "nor a DNS name".into(),
+        ),
+        (
+            format!("{BASE}{ROLE}{}{p}", replica(&"0".repeat(32), "h:1")),
+            "not a node id".into(),
+        ),
+        (
+            format!("{BASE}{ROLE}{}mode='semi'\n{p}", replica(&r, "h:1")),
+            "semi".into(),
         ),
         (
             format!(
-                "{BASE}{}[peer]\nsecret_file='{}'\n",
-                replica("r", "h:1"),
+                "{BASE}{ROLE}{}[peer]\nsecret_file='{}'\n",
+                replica(&r, "h:1"),
                 s.display()
             ),
-            "cluster_id is required",
+            "cluster_id is required".into(),
         ),
         (
-            format!("{BASE}{}[peer]\ncluster_id='lab'\n", replica("r", "h:1")),
-            "secret_file is required",
+            format!(
+                "{BASE}{ROLE}{}[peer]\ncluster_id='lab'\n",
+                replica(&r, "h:1")
+            ),
+            "secret_file is required".into(),
         ),
-        (format!("{BASE}[peer]\ncluster_id='a b'\n"), "cluster_id"),
-        (format!("{BASE}[peer]\nlisten='nowhere'\n"), "[peer] listen"),
-        (format!("{BASE}[peer]\nport=1\n"), "port"),
+        (
+            format!("{BASE}[peer]\ncluster_id='a b'\n"),
+            "cluster_id".into(),
+        ),
+        (
+            format!("{BASE}[peer]\nlisten='nowhere'\n"),
+            "[peer] listen".into(),
+        ),
+        (format!("{BASE}[peer]\nport=1\n"), "port".into()),
     ];
     for (text, says) in cases {
         let e = refused(&text);
-        assert!(e.contains(says), "expected {says:?} in: {e}\n{text}");
+        assert!(e.contains(&says), "expected {says:?} in: {e}\n{text}");
     }
 }
 
 #[test]
 fn the_secret_file_must_exist_hold_something_and_stay_private() {
     let (dir, s) = secret();
-    let text = |path: &Path| format!("{BASE}{}{}", replica("r", "h:1"), peer(path));
+    let text = |path: &Path| format!("{BASE}{ROLE}{}{}", replica(&id(0xabc), "h:1"), peer(path));
     let e = refused(&text(&dir.path().join("missing")));
     assert!(
         e.contains("secret_file") && e.contains("No such file"),

@@ -75,7 +75,6 @@ pub fn run(args: ServeArgs) -> Result<(), Failure> {
     };
     let cfg = load_config(&args)?;
     let replication = replication_config(&cfg, &args.web.state_dir)?;
-    refuse_replicas_until_the_runtime_exists(replication.as_ref())?;
     let tcp = nbd_tcp_addresses(&args, &cfg, activated)?;
     let unix = args.unix.clone().or_else(|| {
         if activated {
@@ -109,18 +108,39 @@ pub fn run(args: ServeArgs) -> Result<(), Failure> {
     ensure_volumes(&engine, &cfg)?;
     announce(&engine, &cfg, &say);
     let engine = Arc::new(engine);
-    let server = start_nbd(&engine, &cfg, tcp, unix, inherited)?;
+    // Before any export: a replica copy has its role (and refuses export) from the start.
+    let nbd_clients = crate::peer_control::NbdClients::default();
+    let peers = start_replication(&engine, replication, nbd_clients.clone(), &say)?;
+    let server = match start_nbd(&engine, &cfg, tcp, unix, inherited) {
+        Ok(s) => s,
+        Err(e) => {
+            stop_replication(peers);
+            return Err(e);
+        }
+    };
+    let _ = nbd_clients.set(server.registry());
     announce_listeners(&server, &cfg, activated, &say);
     if let Err(e) = start_exports(&engine, &cfg, &say) {
         stop_exports();
         server.stop();
+        stop_replication(peers);
         return Err(e);
     }
     // After the signal mask is set: the web server's threads inherit it.
-    let web = match web.map(|w| crate::web::start(w, &engine, &server, &cfg, &say)) {
+    let web = match web.map(|w| {
+        crate::web::start(
+            w,
+            &engine,
+            &server,
+            &cfg,
+            peers.as_ref().map(|p| p.control.clone()),
+            &say,
+        )
+    }) {
         Some(Err(e)) => {
             stop_exports();
             server.stop();
+            stop_replication(peers);
             return Err(e);
         }
         Some(Ok(w)) => Some(w),
@@ -136,7 +156,7 @@ pub fn run(args: ServeArgs) -> Result<(), Failure> {
         .context("waiting for signals")
         .map_err(Failure::Runtime)?;
     tracing::info!(?signal, "stopping: draining and flushing");
-    stop_everything(web, server, engine)?;
+    stop_everything(web, server, peers, engine)?;
     say("ringblock: stopped cleanly".into());
     Ok(())
 }
@@ -168,27 +188,6 @@ fn load_config(args: &ServeArgs) -> Result<DaemonConfig, Failure> {
     // The same checks as `check-config`, after the command line's overrides.
     cfg.validate().map_err(Failure::Config)?;
     Ok(cfg)
-}
-
-/// Serving a volume that is configured with replicas as if it had none would let the
-/// operator believe it is protected: refused until the peer runtime exists.
-fn refuse_replicas_until_the_runtime_exists(
-    replication: Option<&crate::replication::ReplicationConfig>,
-) -> Result<(), Failure> {
-    if let Some(r) = replication {
-        let volumes: Vec<&str> = r.volumes.iter().map(|v| v.volume.as_str()).collect();
-        return Err(Failure::Config(anyhow::anyhow!(
-            "replication is not available in this build yet: {} configured with \
-             [[volume.replica]] ({}); remove those entries to serve without replicas",
-            if volumes.len() == 1 {
-                "volume is"
-            } else {
-                "volumes are"
-            },
-            volumes.join(", ")
-        )));
-    }
-    Ok(())
 }
 
 /// The NBD TCP addresses to listen on.
@@ -332,11 +331,66 @@ fn announce_listeners(
     }
 }
 
-/// Stop in order: the web server, the ublk exports, the NBD server, then the engine (which
-/// drains and flushes).
+/// The peer runtime and the control the web layer uses over it, while replication runs.
+struct Replication {
+    runtime: Arc<ringblock_transports::peer::PeerRuntime>,
+    /// What the web layer's replication routes use (`None` without replicated volumes).
+    control: Arc<dyn ringblock_web::ReplicationControl>,
+}
+
+/// Start the peer runtime when a volume has replicas. A volume that carries a replication
+/// record without being configured as replicated is refused either way.
+fn start_replication(
+    engine: &Arc<Engine>,
+    replication: Option<crate::replication::ReplicationConfig>,
+    nbd: crate::peer_control::NbdClients,
+    say: &dyn Fn(String),
+) -> Result<Option<Replication>, Failure> {
+    let configured: Vec<&str> = replication
+        .as_ref()
+        .map(|r| r.volumes.iter().map(|v| v.volume.as_str()).collect())
+        .unwrap_or_default();
+    ringblock_transports::peer::runtime::check_unconfigured_records(engine, &configured)
+        .map_err(|e| Failure::Config(e.into()))?;
+    let Some(config) = replication else {
+        return Ok(None);
+    };
+    let runtime = crate::peer_control::start(engine, &config, nbd).map_err(Failure::Config)?;
+    say(format!(
+        "ringblock: peer listening on {} as node {}",
+        runtime.listening(),
+        config.node_id
+    ));
+    for v in runtime.volumes() {
+        say(format!(
+            "ringblock: volume {} is replicated here as {}",
+            v.name,
+            match v.replication.role() {
+                ringblock_engine::replication::Role::Primary => "the primary",
+                ringblock_engine::replication::Role::Replica => "a replica (not exported)",
+            }
+        ));
+    }
+    let control = Arc::new(crate::peer_control::RuntimeControl {
+        runtime: runtime.clone(),
+        config,
+    });
+    Ok(Some(Replication { runtime, control }))
+}
+
+/// Stop the peer runtime (its listener, connectors and link tasks) and let go of the engine.
+fn stop_replication(replication: Option<Replication>) {
+    if let Some(r) = replication {
+        r.runtime.stop();
+    }
+}
+
+/// Stop in order: the web server, the ublk exports, the NBD server, the peer runtime, then
+/// the engine (which drains and flushes).
 fn stop_everything(
     mut web: Option<ringblock_web::WebServer>,
     server: NbdServer,
+    peers: Option<Replication>,
     engine: Arc<Engine>,
 ) -> Result<(), Failure> {
     // The web server drops its engine reference (and any command in progress finishes).
@@ -349,6 +403,7 @@ fn stop_everything(
     // Stop accepting first; afterwards the server holds the only other engine reference.
     server.stop();
     drop(server);
+    stop_replication(peers);
     match Arc::try_unwrap(engine) {
         Ok(engine) => engine
             .shutdown()

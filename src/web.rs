@@ -228,6 +228,7 @@ pub fn start(
     engine: &Arc<Engine>,
     nbd: &NbdServer,
     cfg: &DaemonConfig,
+    replication: Option<Arc<dyn ringblock_web::ReplicationControl>>,
     say: &dyn Fn(String),
 ) -> Result<WebServer, Failure> {
     let (tokens, new_token) = TokenStore::open_or_create(&prepared.state_dir)
@@ -255,6 +256,7 @@ pub fn start(
         engine.clone(),
         view,
         ublk,
+        replication,
     )
     .context("starting the web server")
     .map_err(Failure::Runtime)?;
@@ -329,6 +331,16 @@ pub enum VolumeCommand {
         #[arg(long)]
         size: String,
     },
+    /// Make this node's copy of a replicated volume the primary (it then serves clients).
+    Promote {
+        name: String,
+        /// Promote even while another node is primary for it (disaster recovery: both copies
+        /// may then take writes, a split brain `replica resolve` must end).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Make this node's copy of a replicated volume a replica (refused while exported).
+    Demote { name: String },
 }
 
 #[derive(clap::Subcommand)]
@@ -437,6 +449,17 @@ pub fn run_volume(api: &ApiArgs, cmd: VolumeCommand) -> Result<(), Failure> {
                 println!("deleted volume {name}");
             }
         }
+        VolumeCommand::Promote { name, force } => {
+            if force {
+                eprintln!("{}", crate::replica_cmd::force_warning(&name));
+            }
+            let message = c.promote(&name, force).map_err(client_failure)?;
+            crate::replica_cmd::print_message(api, &message);
+        }
+        VolumeCommand::Demote { name } => {
+            let message = c.demote(&name).map_err(client_failure)?;
+            crate::replica_cmd::print_message(api, &message);
+        }
         VolumeCommand::Grow { name, size: s } => {
             let v = c.grow_volume(&name, size(&s)?).map_err(client_failure)?;
             if api.json {
@@ -459,9 +482,10 @@ pub fn run_status(api: &ApiArgs) -> Result<(), Failure> {
     let devices = c.devices().map_err(client_failure)?;
     let vols = c.volumes().map_err(client_failure)?;
     let clients = c.clients().map_err(client_failure)?;
+    let replication = c.replication().map_err(client_failure)?;
     print!(
         "{}",
-        client::status_text(&base, &status, &devices, &vols, &clients)
+        client::status_text(&base, &status, &devices, &vols, &clients, &replication)
     );
     Ok(())
 }

@@ -84,39 +84,76 @@ fn bad_configurations_are_clear_errors() {
 }
 
 #[test]
-fn replicas_are_refused_until_replication_runs_and_the_node_id_is_kept() {
+fn a_replicated_primary_serves_and_the_node_id_is_kept() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let secret = write_file(dir.path(), "cluster.secret", "s3cret\n");
+    let secret = write_file(
+        dir.path(),
+        "cluster.secret",
+        "a cluster secret of more than sixteen bytes\n",
+    );
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let other = "0123456789abcdef0123456789abcdef";
     let base = format!(
         "[[device]]\nname = \"d\"\nkind = \"ram\"\nsize_bytes = 67108864\n\
          [[volume]]\nname = \"v\"\ndevice = \"d\"\nsize_bytes = 1048576\n\
          [web]\nstate_dir = \"{}\"\n",
         state.display()
     );
-    let replicated = write_file(
-        dir.path(),
-        "replicated.toml",
-        &format!(
-            "{base}[peer]\ncluster_id = \"lab\"\nsecret_file = \"{secret}\"\n\
-             [[volume.replica]]\nnode = \"right\"\naddress = \"127.0.0.1:10811\"\nmode = \"sync\"\n"
-        ),
+    let replicated_text = format!(
+        "[[device]]\nname = \"d\"\nkind = \"ram\"\nsize_bytes = 67108864\n\
+         [[volume]]\nname = \"v\"\ndevice = \"d\"\nsize_bytes = 1048576\nrole = \"primary\"\n\
+         [[volume.replica]]\nnode = \"{other}\"\naddress = \"127.0.0.1:9\"\nmode = \"sync\"\n\
+         [web]\nstate_dir = \"{}\"\n\
+         [peer]\ncluster_id = \"lab\"\nsecret_file = \"{secret}\"\nlisten = \"127.0.0.1:0\"\n",
+        state.display()
     );
+    let replicated = write_file(dir.path(), "replicated.toml", &replicated_text);
     // check-config shows the replica set and creates nothing.
     let (code, out, err) = run(&["check-config", &replicated]);
     assert_eq!(code, 0, "{err}");
     assert!(
-        out.contains("replica on node right at 127.0.0.1:10811 (sync)"),
+        out.contains(&format!("copy on node {other} at 127.0.0.1:9 (sync)")),
         "{out}"
     );
+    assert!(out.contains("volume v: role primary"), "{out}");
     assert!(out.contains("made at the first start"), "{out}");
     assert!(!state.join("node-id").exists());
-    // serve makes the node id, then refuses: no volume is served as if it had replicas.
-    assert_config_error(
-        &["serve", "--config", &replicated, "--no-web"],
-        "replication is not available in this build yet",
+    // A replica named by a node name is refused with the fix.
+    let named = write_file(
+        dir.path(),
+        "named.toml",
+        &replicated_text.replace(other, "right"),
+    );
+    assert_config_error(&["check-config", &named], "replicas are named by node id");
+    // serve makes the node id and serves the primary copy; its replica is not reachable, so
+    // the link keeps trying while the daemon runs.
+    let d = Daemon::start(&[
+        "--config",
+        &replicated,
+        "--no-web",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(
+        d.stdout_lines
+            .iter()
+            .any(|l| l.contains("volume v is replicated here as the primary")),
+        "{:?}",
+        d.stdout_lines
+    );
+    assert!(
+        d.stdout_lines
+            .iter()
+            .any(|l| l.contains("peer listening on 127.0.0.1:")),
+        "{:?}",
+        d.stdout_lines
+    );
+    let rest = d.stop();
+    assert!(
+        rest.iter().any(|l| l.contains("stopped cleanly")),
+        "{rest:?}"
     );
     let id = std::fs::read_to_string(state.join("node-id")).unwrap();
     assert_eq!(id.trim().len(), 32, "{id:?}");
@@ -132,14 +169,12 @@ fn replicas_are_refused_until_replication_runs_and_the_node_id_is_kept() {
     let own = write_file(
         dir.path(),
         "own.toml",
-        &std::fs::read_to_string(&replicated)
-            .unwrap()
-            .replace("\"right\"", &format!("\"{}\"", id.trim())),
+        &replicated_text.replace(other, id.trim()),
     );
     assert_config_error(&["check-config", &own], "is this node");
+    let plain = write_file(dir.path(), "plain.toml", &base);
     // A damaged node id stops the daemon even without replicas, and is left as it was.
     std::fs::write(state.join("node-id"), "garbage\n").unwrap();
-    let plain = write_file(dir.path(), "plain.toml", &base);
     assert_config_error(&["serve", "--config", &plain, "--no-web"], "is damaged");
     assert_eq!(
         std::fs::read_to_string(state.join("node-id")).unwrap(),
@@ -293,4 +328,100 @@ fn nbd_writes_survive_daemon_restart_and_kill() {
     let d = Daemon::start(&["--config", &cfg, "--listen", "127.0.0.1:0", "--unix", sock]);
     qemu_io(&["read -P 0x44 7M 128k", "read -P 0x11 0 1M"]);
     d.stop();
+}
+
+/// A replica copy on a file device: never exported (a real NBD client is told why), its
+/// persisted role wins over the configuration's (with a warning naming the command), and
+/// its replication record is never served as a plain volume.
+#[test]
+fn a_replica_copy_keeps_its_role_and_is_never_exported() {
+    use ringblock_transports::nbd::client::{Client, ClientError, Options};
+    use ringblock_transports::nbd::wire::REP_ERR_POLICY;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = write_file(
+        dir.path(),
+        "cluster.secret",
+        "a secret of at least sixteen bytes",
+    );
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let volume = format!(
+        "cores = [0]\n[[device]]\nname = \"disk0\"\nkind = \"file\"\npath = \"{}/disk0.img\"\n\
+         size_bytes = 268435456\n[[volume]]\nname = \"v\"\ndevice = \"disk0\"\n\
+         size_bytes = 16777216\n",
+        dir.path().display()
+    );
+    let web = format!("[web]\nstate_dir = \"{}/state\"\n", dir.path().display());
+    let plain = format!("{volume}{web}");
+    let replicated = |role: &str| {
+        format!(
+            "{volume}role = \"{role}\"\n\
+             [[volume.replica]]\nnode = \"0123456789abcdef0123456789abcdef\"\n\
+             address = \"127.0.0.1:9\"\n\
+             [peer]\ncluster_id = \"lab\"\nsecret_file = \"{secret}\"\nlisten = \"127.0.0.1:0\"\n\
+             {web}"
+        )
+    };
+    let as_replica = write_file(dir.path(), "replica.toml", &replicated("replica"));
+    let d = Daemon::start(&[
+        "--config",
+        &as_replica,
+        "--no-web",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(
+        d.stdout_lines
+            .iter()
+            .any(|l| l.contains("volume v is replicated here as a replica (not exported)")),
+        "{:?}",
+        d.stdout_lines
+    );
+    let (tcp, _) = common::nbd_endpoints(&d);
+    let tcp = tcp.expect("an NBD TCP address");
+    let tcp = tcp.trim_start_matches("nbd://").trim_end_matches('/');
+    match Client::connect_tcp(tcp, "v", Options::default()) {
+        Err(ClientError::Refused { reply, message, .. }) => {
+            assert_eq!(reply, REP_ERR_POLICY);
+            assert!(message.contains("replica copy"), "{message}");
+        }
+        other => panic!("a replica copy was exported: {other:?}"),
+    }
+    d.stop();
+    // The configuration now says primary: the persisted role wins, with a warning.
+    let as_primary = write_file(dir.path(), "primary.toml", &replicated("primary"));
+    let log = dir.path().join("stderr.log");
+    let d = Daemon::start_with_stderr(
+        &[
+            "--config",
+            &as_primary,
+            "--no-web",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        std::fs::File::create(&log).unwrap().into(),
+    );
+    assert!(
+        d.stdout_lines
+            .iter()
+            .any(|l| l.contains("volume v is replicated here as a replica")),
+        "{:?}",
+        d.stdout_lines
+    );
+    d.stop();
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(stderr.contains("ringblock volume promote"), "{stderr}");
+    // Without its [[volume.replica]] entries the volume is refused, not served plainly.
+    let without = write_file(dir.path(), "plain.toml", &plain);
+    assert_config_error(
+        &[
+            "serve",
+            "--config",
+            &without,
+            "--no-web",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        "has a replication record",
+    );
 }

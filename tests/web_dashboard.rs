@@ -222,6 +222,92 @@ fn base64_decode(s: &str) -> Vec<u8> {
     out
 }
 
+/// The page's viewport as a PNG artefact in `target/tmp/`.
+fn save_screenshot(page: &mut Cdp, file: &str) {
+    let shot = page.call("Page.captureScreenshot", json!({"format": "png"}));
+    let png = base64_decode(shot["data"].as_str().unwrap());
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(file);
+    std::fs::write(&path, &png).unwrap();
+    println!("dashboard screenshot: {}", path.display());
+}
+
+/// A replicated volume on the page: `/api/replication` answers (in the page only) a status
+/// built from the API's own type, with a resyncing peer. The row shows its state, progress,
+/// rate and ETA; its Suspend button reaches the daemon, whose refusal (this daemon has no
+/// replicated volume) the page shows.
+fn show_replication(page: &mut Cdp) {
+    use ringblock_web::replication::{
+        PeerReplicationStatus, ReplicationStatus, ResyncStatus, VolumeReplicationStatus,
+    };
+    const NODE: &str = "0123456789abcdef0123456789abcdef";
+    let status = ReplicationStatus {
+        node_id: "fedcba9876543210fedcba9876543210".into(),
+        node_name: Some("left".into()),
+        cluster: "lab".into(),
+        listen: "127.0.0.1:7900".into(),
+        volumes: vec![VolumeReplicationStatus {
+            volume: "default".into(),
+            role: "primary".into(),
+            generation: Some("00000000000000ab".into()),
+            history_len: 2,
+            region_size_bytes: MIB,
+            exportable: true,
+            not_exportable_reason: None,
+            peers: vec![PeerReplicationStatus {
+                node: NODE.into(),
+                address: "127.0.0.1:7901".into(),
+                mode: "sync".into(),
+                state: "resyncing".into(),
+                reason: Some("came back after a timeout".into()),
+                connected_since_unix_ms: Some(1),
+                dirty_bytes: 96 * MIB,
+                lag_bytes: 8192,
+                lag_ms: Some(2),
+                resync: Some(ResyncStatus {
+                    total_bytes: 128 * MIB,
+                    done_bytes: 32 * MIB,
+                    rate_bytes_per_s: (16 * MIB) as f64,
+                    eta_s: Some(6.0),
+                }),
+            }],
+        }],
+    };
+    let body = serde_json::to_string(&serde_json::to_string(&status).unwrap()).unwrap();
+    page.eval(&format!(
+        "(() => {{ const real = window.fetch; window.fetch = (u, o) => String(u).endsWith('/api/replication') ? Promise.resolve(new Response({body}, {{ status: 200, headers: {{ 'Content-Type': 'application/json' }} }})) : real(u, o); return true; }})()"
+    ));
+    let row = page.wait(
+        Duration::from_secs(20),
+        "the replicated volume's row",
+        &format!("(() => {{ const r = document.querySelector('#replication tr[data-node=\"{NODE}\"]'); return r ? {{ state: r.dataset.state, badge: r.querySelector('.badge').className, percent: r.querySelector('td.resync').dataset.percent, text: r.textContent }} : null; }})()"),
+    );
+    assert_eq!(row["state"], "resyncing", "{row}");
+    assert_eq!(row["badge"], "badge peer-resyncing", "{row}");
+    assert_eq!(row["percent"], "25.0", "{row}");
+    let text = row["text"].as_str().unwrap();
+    for part in [
+        "default",
+        "primary",
+        "sync",
+        "96 MiB",
+        "25.0% · 16 MiB/s · ETA 6 s",
+        "came back after a timeout",
+    ] {
+        assert!(text.contains(part), "{part:?} not in {text:?}");
+    }
+    page.eval("document.getElementById('replication').scrollIntoView(); true");
+    save_screenshot(page, "web-dashboard-replication.png");
+    page.eval(&format!("window.confirm = () => true; document.querySelector('#replication tr[data-node=\"{NODE}\"] button.peer-action').click(); true"));
+    let msg = page.wait(
+        Duration::from_secs(20),
+        "the suspend refusal",
+        "(() => { const m = document.getElementById('message'); return !m.hidden && m.className === 'error' ? m.textContent : null; })()",
+    );
+    assert!(msg.as_str().unwrap().contains("not replicated"), "{msg}");
+    page.eval("document.getElementById('message').hidden = true; true");
+}
+
 #[test]
 fn dashboard_shows_live_numbers_in_chromium() {
     for tool in ["chromium", "fio"] {
@@ -315,6 +401,14 @@ fn dashboard_shows_live_numbers_in_chromium() {
         assert!(ublk.contains("ublk_drv"), "{ublk}");
     }
 
+    // No replicated volume: the replication table says so.
+    let replication = page.wait(
+        Duration::from_secs(30),
+        "the replication table",
+        "(() => document.querySelector('#replication tbody').textContent || null)()",
+    );
+    assert_eq!(replication, "no replicated volumes");
+
     // The numbers keep changing: later samples, different rates.
     let second = page.wait(
         Duration::from_secs(30),
@@ -343,12 +437,9 @@ fn dashboard_shows_live_numbers_in_chromium() {
         json!({"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": false}),
     );
     std::thread::sleep(Duration::from_millis(1500));
-    let shot = page.call("Page.captureScreenshot", json!({"format": "png"}));
-    let png = base64_decode(shot["data"].as_str().unwrap());
-    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
-    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("web-dashboard.png");
-    std::fs::write(&path, &png).unwrap();
-    println!("dashboard screenshot: {}", path.display());
+    save_screenshot(&mut page, "web-dashboard.png");
+
+    show_replication(&mut page);
 
     // Deleting the volume fio has open is refused; the page shows the API's error.
     page.eval("window.confirm = () => true; window.prompt = () => null; document.querySelector('tr[data-volume=\"default\"] button.danger').click(); true");

@@ -41,7 +41,8 @@ fn openapi_document_matches_the_routes() {
     for (method, path) in &served {
         let concrete = path
             .replace("{name}", "default")
-            .replace("{volume}", "default");
+            .replace("{volume}", "default")
+            .replace("{node}", "0123456789abcdef0123456789abcdef");
         if concrete == "/api/events" {
             continue; // a stream; covered by the SSE test
         }
@@ -65,6 +66,10 @@ fn openapi_document_matches_the_routes() {
         "NbdClient",
         "UblkExport",
         "StartUblkRequest",
+        "ReplicationStatus",
+        "PromoteRequest",
+        "ResolveRequest",
+        "CommandResult",
     ] {
         assert!(
             doc["components"]["schemas"][schema].is_object(),

@@ -2,5 +2,6 @@
 
 pub mod nbd;
 pub mod peer;
+pub mod replica_guard;
 mod socket;
 pub mod ublk;

@@ -209,6 +209,9 @@ pub struct VolumeInfo {
     /// NBD clients connected to it now.
     pub nbd_clients: usize,
     pub counters: VolumeCounters,
+    /// Its role and its peers' states, if it is replicated (details: `/api/replication`).
+    #[serde(default)]
+    pub replication: Option<crate::replication_api::VolumeReplicationBrief>,
 }
 
 /// Latency of one kind of operation since start (power-of-two buckets: quantiles are bucket
@@ -392,6 +395,9 @@ fn volume_info(st: &AppState, v: &Volume, clients: &[NbdClient]) -> VolumeInfo {
         read_only: st.0.nbd.read_only(&v.name),
         nbd_clients: clients.iter().filter(|c| c.export == v.name).count(),
         counters: counters(v),
+        replication: v
+            .replication()
+            .map(|r| crate::replication_api::brief(v, &r)),
     }
 }
 
@@ -873,7 +879,19 @@ fn stats_event(s: &Sample) -> Event {
         (status = 401, body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn metrics(State(st): State<AppState>) -> Response {
-    let text = crate::metrics::render(&st.0.engine, &st.0.nbd.clients(), st.0.started.elapsed());
+    let replication = match crate::replication_api::current_status(&st).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!("metrics without replication lag: {}", e.message);
+            None
+        }
+    };
+    let text = crate::metrics::render(
+        &st.0.engine,
+        &st.0.nbd.clients(),
+        st.0.started.elapsed(),
+        replication.as_ref(),
+    );
     (
         [(
             axum::http::header::CONTENT_TYPE,

@@ -10,6 +10,8 @@ use crate::api::{
     StatusInfo, UblkExport, VolumeInfo,
 };
 use crate::error::ErrorBody;
+use crate::replication::ReplicationStatus;
+use crate::replication_api::{CommandResult, PromoteRequest, ResolveRequest};
 use crate::size::format_size;
 
 /// Default API address (the daemon's default listen address).
@@ -108,6 +110,11 @@ impl ApiClient {
                 .post(&url)
                 .header("Authorization", &auth)
                 .send_json(b),
+            ("POST", None) => self
+                .agent
+                .post(&url)
+                .header("Authorization", &auth)
+                .send_empty(),
             _ => unreachable!("unsupported call {method} {path}"),
         };
         let mut resp = resp.map_err(transport)?;
@@ -209,10 +216,66 @@ impl ApiClient {
         self.call::<(), serde_json::Value>("DELETE", &path, None)
             .map(|_| ())
     }
+
+    pub fn replication(&self) -> Result<ReplicationStatus, ClientError> {
+        self.get("/api/replication")
+    }
+
+    /// A replication command: POST `path` (with `body`, if any); the operator's line.
+    fn command<B: Serialize>(&self, path: String, body: Option<&B>) -> Result<String, ClientError> {
+        self.call::<B, CommandResult>("POST", &path, body)?
+            .map(|r| r.message)
+            .ok_or_else(|| ClientError::Decode {
+                method: "POST".into(),
+                path,
+                message: "empty answer".into(),
+            })
+    }
+
+    pub fn promote(&self, volume: &str, force: bool) -> Result<String, ClientError> {
+        let path = format!("/api/volumes/{}/promote", path_segment(volume)?);
+        self.command(path, Some(&PromoteRequest { force }))
+    }
+
+    pub fn demote(&self, volume: &str) -> Result<String, ClientError> {
+        let path = format!("/api/volumes/{}/demote", path_segment(volume)?);
+        self.command::<()>(path, None)
+    }
+
+    /// Stop sending `volume`'s writes to the peer `node` (a node id).
+    pub fn suspend_replica(&self, volume: &str, node: &str) -> Result<String, ClientError> {
+        self.replica_command(volume, node, "suspend")
+    }
+
+    pub fn resume_replica(&self, volume: &str, node: &str) -> Result<String, ClientError> {
+        self.replica_command(volume, node, "resume")
+    }
+
+    fn replica_command(
+        &self,
+        volume: &str,
+        node: &str,
+        action: &str,
+    ) -> Result<String, ClientError> {
+        let path = format!(
+            "/api/volumes/{}/replicas/{}/{action}",
+            path_segment(volume)?,
+            path_segment(node)?
+        );
+        self.command::<()>(path, None)
+    }
+
+    pub fn resolve(&self, volume: &str, discard: &str) -> Result<String, ClientError> {
+        let path = format!("/api/volumes/{}/resolve", path_segment(volume)?);
+        let body = ResolveRequest {
+            discard: discard.into(),
+        };
+        self.command(path, Some(&body))
+    }
 }
 
-/// Volume names are plain (see `validate_volume_name`); refuse anything that would need
-/// escaping rather than build a surprising URL.
+/// Volume names and node ids are plain (see `validate_volume_name`); refuse anything that
+/// would need escaping rather than build a surprising URL.
 fn path_segment(name: &str) -> Result<&str, ClientError> {
     if !name.is_empty()
         && name
@@ -224,7 +287,7 @@ fn path_segment(name: &str) -> Result<&str, ClientError> {
         Ok(name)
     } else {
         Err(ClientError::Usage(format!(
-            "volume name {name:?} must be characters of A-Z a-z 0-9 - _ ."
+            "{name:?} must be characters of A-Z a-z 0-9 - _ . (a volume name or a node id)"
         )))
     }
 }
@@ -272,13 +335,34 @@ pub fn volumes_table(vols: &[VolumeInfo]) -> String {
                 ),
                 if v.read_only { "ro" } else { "rw" }.into(),
                 v.nbd_clients.to_string(),
+                replication_cell(v),
             ]
         })
         .collect();
     table(
-        &["NAME", "DEVICE", "SIZE", "ALLOCATED", "MODE", "CLIENTS"],
+        &[
+            "NAME",
+            "DEVICE",
+            "SIZE",
+            "ALLOCATED",
+            "MODE",
+            "CLIENTS",
+            "REPLICATION",
+        ],
         &rows,
     )
+}
+
+/// `primary: up-to-date, behind` (the role, then each peer's state), or `-`.
+fn replication_cell(v: &VolumeInfo) -> String {
+    match &v.replication {
+        None => "-".into(),
+        Some(r) if r.peers.is_empty() => r.role.clone(),
+        Some(r) => {
+            let states: Vec<&str> = r.peers.iter().map(|p| p.state.as_str()).collect();
+            format!("{}: {}", r.role, states.join(", "))
+        }
+    }
 }
 
 pub fn ublk_table(exports: &[UblkExport]) -> String {
@@ -308,6 +392,7 @@ pub fn status_text(
     devices: &[DeviceInfo],
     vols: &[VolumeInfo],
     clients: &[NbdClient],
+    replication: &ReplicationStatus,
 ) -> String {
     let mut out = format!(
         "ringblock {} at {api}: up {}s, {} reactor(s), {} device(s) ({} unhealthy), {} volume(s), {} NBD client(s)\n",
@@ -323,6 +408,10 @@ pub fn status_text(
     match &s.ublk_unavailable {
         Some(why) if s.ublk_exports == 0 => out.push_str(&format!("ublk: {why}\n")),
         _ => out.push_str(&format!("ublk: {} export(s)\n", s.ublk_exports)),
+    }
+    for line in crate::replication_view::status_lines(replication) {
+        out.push_str(&line);
+        out.push('\n');
     }
     out.push_str("\nreactors\n");
     let rows: Vec<Vec<String>> = s

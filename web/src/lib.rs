@@ -4,7 +4,8 @@
 //! The server runs on its own thread with a single-threaded tokio runtime. It reads the
 //! engine's statistics through lock-free snapshots (atomic counters and histograms) and runs
 //! commands (create/delete/grow a volume through the engine's control API, start/stop a ublk
-//! export through the daemon's [`UblkControl`]) on tokio's blocking pool, so neither a slow HTTP
+//! export through the daemon's [`UblkControl`], promote/demote/suspend/resume/resolve through
+//! its [`ReplicationControl`]) on tokio's blocking pool, so neither a slow HTTP
 //! client nor a slow command ever runs on a reactor or holds one up. Every API call needs the
 //! bearer token (see [`token`]); state-changing calls also check `Host` and `Origin` (see
 //! [`auth`]).
@@ -20,13 +21,18 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod metrics;
+mod metrics_replication;
 pub mod openapi;
 pub mod replication;
+pub mod replication_api;
+pub mod replication_view;
 pub mod size;
 pub mod stats;
 pub mod token;
 
 mod listener;
+#[cfg(test)]
+mod replication_routes_tests;
 mod routes;
 
 use std::collections::VecDeque;
@@ -81,6 +87,8 @@ pub(crate) struct Inner {
     pub(crate) engine: Arc<Engine>,
     pub(crate) nbd: Arc<dyn NbdStatus>,
     pub(crate) ublk: Arc<dyn UblkControl>,
+    /// The daemon's replication (None: it has no replicated volume).
+    pub(crate) replication: Option<Arc<dyn ReplicationControl>>,
     pub(crate) tokens: TokenStore,
     pub(crate) hosts: auth::HostPolicy,
     pub(crate) started: Instant,
@@ -148,8 +156,8 @@ impl WebServer {
         Ok(BoundWeb { listener, addr })
     }
 
-    /// Serve on `bound` from a new thread. The server keeps `engine`, `nbd` and `ublk` until
-    /// [`WebServer::stop`].
+    /// Serve on `bound` from a new thread. The server keeps `engine`, `nbd`, `ublk` and
+    /// `replication` (None: the daemon has no replicated volume) until [`WebServer::stop`].
     pub fn start(
         bound: BoundWeb,
         tokens: TokenStore,
@@ -157,6 +165,7 @@ impl WebServer {
         engine: Arc<Engine>,
         nbd: Arc<dyn NbdStatus>,
         ublk: Arc<dyn UblkControl>,
+        replication: Option<Arc<dyn ReplicationControl>>,
     ) -> std::io::Result<WebServer> {
         let addr = bound.addr;
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -169,6 +178,7 @@ impl WebServer {
             engine,
             nbd,
             ublk,
+            replication,
             tokens,
             hosts: auth::HostPolicy::new(addr, allowed_hosts),
             started: Instant::now(),

@@ -11,19 +11,26 @@ use ringblock_engine::stats::LatencySnapshot;
 use ringblock_engine::Engine;
 
 use crate::api::NbdClient;
+use crate::metrics_replication::{replication_metrics, Replicated};
+use crate::replication::ReplicationStatus;
 
 /// Smallest and largest histogram bucket exported: 2^10 ns (~1 µs) … 2^36 ns (~69 s). Faster
 /// operations fall in the first bucket, slower ones only in `+Inf`.
 const FIRST_BUCKET: usize = 10;
 const LAST_BUCKET: usize = 36;
 
-struct Out(String);
+pub(crate) struct Out(pub(crate) String);
 
 impl Out {
-    fn head(&mut self, name: &str, kind: &str, help: &str) {
+    pub(crate) fn head(&mut self, name: &str, kind: &str, help: &str) {
         let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
     }
-    fn line(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+    pub(crate) fn line(
+        &mut self,
+        name: &str,
+        labels: &[(&str, &str)],
+        value: impl std::fmt::Display,
+    ) {
         self.0.push_str(name);
         if !labels.is_empty() {
             self.0.push('{');
@@ -50,7 +57,7 @@ fn seconds(ns: u64) -> f64 {
     ns as f64 / 1e9
 }
 
-fn histogram(out: &mut Out, name: &str, labels: &[(&str, &str)], h: &LatencySnapshot) {
+pub(crate) fn histogram(out: &mut Out, name: &str, labels: &[(&str, &str)], h: &LatencySnapshot) {
     let mut cumulative = 0u64;
     let bounds_ns = LatencySnapshot::bucket_bounds_ns();
     for ((i, c), bound_ns) in h.counts.iter().enumerate().zip(bounds_ns) {
@@ -126,7 +133,12 @@ fn send_metrics(
     }
 }
 
-pub fn render(engine: &Engine, clients: &[NbdClient], uptime: Duration) -> String {
+pub fn render(
+    engine: &Engine,
+    clients: &[NbdClient],
+    uptime: Duration,
+    replication: Option<&ReplicationStatus>,
+) -> String {
     let mut o = Out(String::with_capacity(16 << 10));
     o.head(
         "ringblock_build_info",
@@ -356,6 +368,20 @@ pub fn render(engine: &Engine, clients: &[NbdClient], uptime: Duration) -> Strin
     for (export, n) in per_export {
         o.line("ringblock_nbd_clients", &[("export", export)], n);
     }
+
+    let states: Vec<_> = volumes
+        .iter()
+        .filter_map(|v| Some((v, v.replication()?)))
+        .collect();
+    let replicated: Vec<Replicated<'_>> = states
+        .iter()
+        .map(|(v, r)| Replicated {
+            volume: &v.name,
+            size_bytes: v.size_bytes(),
+            replication: r,
+        })
+        .collect();
+    replication_metrics(&mut o, &replicated, replication);
     o.0
 }
 

@@ -5,13 +5,14 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::api;
+use crate::replication_api;
 use crate::routes;
 
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "ringblock management API",
-        description = "Volumes, devices, NBD exports and clients, ublk exports, live statistics and metrics of a ringblock daemon. Every operation except this document and the dashboard's static files needs `Authorization: Bearer TOKEN` (the token is printed once at the daemon's first start; `ringblock token reset` makes a new one). State-changing calls must be addressed to the daemon's listen address or localhost (`Host`) and, from a browser, come from the dashboard's own origin (`Origin`). Errors are `{\"error\": \"...\"}`. Replica state will be added with replication (`/api/volumes/{name}/replicas`)."
+        description = "Volumes, devices, NBD exports and clients, ublk exports, live statistics and metrics of a ringblock daemon. Every operation except this document and the dashboard's static files needs `Authorization: Bearer TOKEN` (the token is printed once at the daemon's first start; `ringblock token reset` makes a new one). State-changing calls must be addressed to the daemon's listen address or localhost (`Host`) and, from a browser, come from the dashboard's own origin (`Origin`). Errors are `{\"error\": \"...\"}`. Replication: `/api/replication` (status of every replicated volume and its peers) and the commands promote, demote, suspend, resume and resolve; their answers are `{\"message\": \"...\"}`."
     ),
     paths(
         api::status,
@@ -28,6 +29,12 @@ use crate::routes;
         api::start_ublk,
         api::stop_ublk,
         api::list_reactors,
+        replication_api::status,
+        replication_api::promote,
+        replication_api::demote,
+        replication_api::suspend,
+        replication_api::resume,
+        replication_api::resolve,
         api::latest_stats,
         api::events,
         api::metrics,
@@ -42,6 +49,7 @@ use crate::routes;
         (name = "devices", description = "Storage devices"),
         (name = "nbd", description = "NBD exports and clients"),
         (name = "ublk", description = "Volumes as local block devices /dev/ublkbN (kernel ublk driver)"),
+        (name = "replication", description = "Copies of volumes on other nodes: roles, peers, resync, and the operator's commands"),
         (name = "stats", description = "Live statistics"),
         (name = "daemon", description = "The daemon as a whole"),
         (name = "ui", description = "The dashboard (no token needed to load it)"),

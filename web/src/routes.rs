@@ -9,7 +9,7 @@ use axum::routing::{self, MethodRouter};
 use axum::Router;
 
 use crate::error::ApiError;
-use crate::{api, auth, AppState, MAX_BODY_BYTES};
+use crate::{api, auth, replication_api, AppState, MAX_BODY_BYTES};
 
 const INDEX_HTML: &str = include_str!("../static/index.html");
 const DASHBOARD_JS: &str = include_str!("../static/dashboard.js");
@@ -80,8 +80,44 @@ fn table() -> Table {
         .add(true, g.clone(), "/api/exports", get(api::list_exports))
         .add(true, g.clone(), "/api/clients", get(api::list_clients))
         .add(true, g.clone(), "/api/ublk", get(api::list_ublk))
-        .add(true, p, "/api/ublk", post(api::start_ublk))
+        .add(true, p.clone(), "/api/ublk", post(api::start_ublk))
         .add(true, d, "/api/ublk/{volume}", delete(api::stop_ublk))
+        .add(
+            true,
+            g.clone(),
+            "/api/replication",
+            get(replication_api::status),
+        )
+        .add(
+            true,
+            p.clone(),
+            "/api/volumes/{name}/promote",
+            post(replication_api::promote),
+        )
+        .add(
+            true,
+            p.clone(),
+            "/api/volumes/{name}/demote",
+            post(replication_api::demote),
+        )
+        .add(
+            true,
+            p.clone(),
+            "/api/volumes/{name}/replicas/{node}/suspend",
+            post(replication_api::suspend),
+        )
+        .add(
+            true,
+            p.clone(),
+            "/api/volumes/{name}/replicas/{node}/resume",
+            post(replication_api::resume),
+        )
+        .add(
+            true,
+            p.clone(),
+            "/api/volumes/{name}/resolve",
+            post(replication_api::resolve),
+        )
         .add(true, g.clone(), "/api/reactors", get(api::list_reactors))
         .add(true, g.clone(), "/api/stats", get(api::latest_stats))
         .add(true, g.clone(), "/api/events", get(api::events))
@@ -195,7 +231,7 @@ mod tests {
         let extra: Vec<_> = documented.iter().filter(|r| !served.contains(r)).collect();
         assert!(missing.is_empty(), "served but not documented: {missing:?}");
         assert!(extra.is_empty(), "documented but not served: {extra:?}");
-        assert_eq!(served.len(), 21);
+        assert_eq!(served.len(), 27);
     }
 
     #[test]

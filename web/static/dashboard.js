@@ -295,6 +295,7 @@ async function refresh() {
       el('td', {}, c.id), el('td', {}, c.peer), el('td', {}, c.export), el('td', { class: 'num' }, fmtAge(c.connected_unix_s)),
       el('td', { class: 'num' }, fmtCount(c.requests)), el('td', { class: 'num' }, fmtBytes(c.bytes_read)), el('td', { class: 'num' }, fmtBytes(c.bytes_written)))), 7);
     await refreshUblk(status);
+    await refreshReplication();
   } catch (e) {
     if (!(e instanceof Unauthorized)) say('Refreshing failed: ' + e.message, true);
   }
@@ -312,9 +313,69 @@ async function refreshUblk(status) {
     el('td', { class: 'num' }, fmtCount(u.stats.reads) + ' / ' + fmtCount(u.stats.writes)))), 7, why ? 'none — ' + why : 'none');
 }
 
+// Replication: one row per peer of each replicated volume (from /api/replication, polled with
+// the other tables: the status carries its own resync rate and ETA). Fetched on its own like
+// ublk, so a failure there blanks nothing else.
+function fmtEta(s) {
+  if (s == null || !isFinite(s)) return '';
+  s = Math.round(s);
+  if (s < 60) return s + ' s';
+  if (s < 3600) return Math.floor(s / 60) + ' min ' + (s % 60) + ' s';
+  return Math.floor(s / 3600) + ' h ' + Math.floor((s % 3600) / 60) + ' min';
+}
+function resyncCell(r) {
+  if (!r) return el('td', { class: 'dim' }, '–');
+  const pct = r.total_bytes ? Math.min(100, (100 * r.done_bytes) / r.total_bytes) : 100;
+  const parts = [pct.toFixed(1) + '%'];
+  if (r.rate_bytes_per_s > 0) parts.push(fmtBytes(Math.round(r.rate_bytes_per_s)) + '/s');
+  if (r.eta_s != null) parts.push('ETA ' + fmtEta(r.eta_s));
+  return el('td', { class: 'resync', 'data-percent': pct.toFixed(1) },
+    el('span', { class: 'bar' }, el('span', { style: 'width:' + pct.toFixed(1) + '%' })), parts.join(' · '));
+}
+async function refreshReplication() {
+  let status;
+  try { status = await api('GET', '/api/replication'); } catch (e) {
+    if (e instanceof Unauthorized) throw e;
+    fillTable('replication', [], 10, 'unknown — ' + e.message); return;
+  }
+  $('replication-node').textContent = status.volumes.length ? `node ${status.node_id}${status.node_name ? ' (' + status.node_name + ')' : ''} · cluster ${status.cluster} · peers connect to ${status.listen}` : '';
+  const rows = [];
+  for (const v of status.volumes) {
+    const volumeAction = v.role === 'primary'
+      ? el('button', { type: 'button', class: 'danger', onclick: () => demoteVolume(v) }, 'Demote')
+      : el('button', { type: 'button', class: 'small', onclick: () => promoteVolume(v) }, 'Promote');
+    const role = el('td', { title: v.generation ? 'generation ' + v.generation : '' },
+      v.role + (v.exportable ? ' ' : ' (not exportable) '), volumeAction);
+    const peers = v.peers.length ? v.peers : [null];
+    peers.forEach((p, i) => {
+      const first = i === 0;
+      const cells = [el('td', {}, first ? el('strong', {}, v.volume) : ''), first ? role : el('td', {})];
+      if (!p) {
+        cells.push(el('td', { class: 'dim', colspan: 8 }, 'no peers'));
+        rows.push(el('tr', { 'data-replicated': v.volume }, ...cells));
+        return;
+      }
+      // Only a primary sends to its peers: suspend and resume are a primary's commands.
+      const suspended = p.state === 'suspended';
+      const peerAction = v.role !== 'primary' ? '' : el('button', { type: 'button', class: 'small peer-action', onclick: () => peerCommand(v.volume, p.node, suspended ? 'resume' : 'suspend') }, suspended ? 'Resume' : 'Suspend');
+      cells.push(
+        // The full id (what the CLI takes) is in the tooltip; 8 digits tell peers apart.
+        el('td', { title: p.node + ' at ' + p.address }, el('code', {}, p.node.slice(0, 8) + '…')), el('td', {}, p.mode),
+        el('td', {}, el('span', { class: 'badge peer-' + p.state }, p.state)),
+        el('td', { class: 'num' }, fmtBytes(p.dirty_bytes)),
+        el('td', { class: 'num' }, fmtBytes(p.lag_bytes) + (p.lag_ms != null ? ' / ' + fmtUs(p.lag_ms * 1000) : '')),
+        resyncCell(p.resync), el('td', { class: 'reason' }, p.reason || ''),
+        el('td', {}, peerAction));
+      rows.push(el('tr', { 'data-replicated': v.volume, 'data-node': p.node, 'data-state': p.state }, ...cells));
+    });
+  }
+  fillTable('replication', rows, 10, 'no replicated volumes');
+}
+
 // ----- actions ------------------------------------------------------------------------------
+// Runs an action; says the daemon's own line when it answers `{"message": …}`, else `what`.
 async function act(what, f) {
-  try { await f(); say(what); await refresh(); } catch (e) { if (!(e instanceof Unauthorized)) say(e.message, true); }
+  try { const r = await f(); say((r && r.message) || what); await refresh(); } catch (e) { if (!(e instanceof Unauthorized)) say(e.message, true); }
 }
 function growVolume(v) {
   const text = prompt(`Grow volume ${v.name} (now ${fmtBytes(v.size_bytes)}, at most ${fmtBytes(v.max_size_bytes)}) to:`, '');
@@ -327,6 +388,21 @@ function growVolume(v) {
 function deleteVolume(v) {
   if (!confirm(`Delete volume ${v.name}? Its ${fmtBytes(v.allocated_bytes)} of data are destroyed.`)) return;
   act(`Volume ${v.name} deleted.`, () => api('DELETE', '/api/volumes/' + encodeURIComponent(v.name)));
+}
+// Promotion from the page never forces: forcing (a primary is still connected) is disaster
+// recovery, left to `ringblock volume promote --force` and its warning.
+function promoteVolume(v) {
+  if (!confirm(`Promote this node's copy of ${v.volume} to primary? It then serves clients and sends its writes to the other copies.`)) return;
+  act(`Volume ${v.volume} promoted.`, () => api('POST', '/api/volumes/' + encodeURIComponent(v.volume) + '/promote', { force: false }));
+}
+function demoteVolume(v) {
+  if (!confirm(`Demote this node's copy of ${v.volume} to a replica? It stops serving clients (refused while clients are connected).`)) return;
+  act(`Volume ${v.volume} demoted.`, () => api('POST', '/api/volumes/' + encodeURIComponent(v.volume) + '/demote'));
+}
+function peerCommand(volume, node, action) {
+  const what = action === 'suspend' ? `Suspend replication of ${volume} to ${node}? Writes then only mark what it misses, until resumed.` : `Resume replication of ${volume} to ${node}? It resyncs what it missed.`;
+  if (!confirm(what)) return;
+  act(`Replication of ${volume} to ${node}: ${action}d.`, () => api('POST', '/api/volumes/' + encodeURIComponent(volume) + '/replicas/' + encodeURIComponent(node) + '/' + action));
 }
 function createVolume(ev) {
   ev.preventDefault();

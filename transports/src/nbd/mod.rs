@@ -13,6 +13,8 @@ use std::sync::Arc;
 
 use ringblock_engine::{Engine, VolumeHandle};
 
+use crate::replica_guard::export_refusal;
+
 /// Largest request payload we accept (the NBD recommendation; clients split larger IO).
 pub const MAX_BLOCK_BYTES: u32 = 32 << 20;
 /// Preferred request size we advertise.
@@ -38,6 +40,10 @@ pub trait ExportCatalog: Send + Sync {
     fn open(&self, name: &str) -> Option<(ExportInfo, VolumeHandle)>;
     /// The export used when a client asks for the empty name.
     fn default_export(&self) -> Option<String>;
+    /// Why `name` exists but may not be exported here (the client is told), if so.
+    fn refusal(&self, _name: &str) -> Option<String> {
+        None
+    }
 }
 
 /// Every engine volume is an export; `read_only` lists those exported read-only.
@@ -69,16 +75,33 @@ impl EngineCatalog {
 
 impl ExportCatalog for EngineCatalog {
     fn list(&self) -> Vec<ExportInfo> {
-        self.engine.volumes().iter().map(|v| self.info(v)).collect()
+        self.engine
+            .volumes()
+            .iter()
+            .filter(|v| export_refusal(v).is_none())
+            .map(|v| self.info(v))
+            .collect()
     }
 
     fn open(&self, name: &str) -> Option<(ExportInfo, VolumeHandle)> {
         let handle = self.engine.open(name).ok()?;
+        if export_refusal(handle.volume()).is_some() {
+            return None;
+        }
         Some((self.info(handle.volume()), handle))
     }
 
+    fn refusal(&self, name: &str) -> Option<String> {
+        export_refusal(&*self.engine.volume(name)?)
+    }
+
     fn default_export(&self) -> Option<String> {
-        let vols = self.engine.volumes();
+        let vols: Vec<_> = self
+            .engine
+            .volumes()
+            .into_iter()
+            .filter(|v| export_refusal(v).is_none())
+            .collect();
         vols.iter()
             .find(|v| v.name == "default")
             .or(vols.first())

@@ -4,7 +4,8 @@
 //! does once established ([`decide`], with engine and wire types converted in [`convert`])
 //! and when to reconnect ([`backoff`]). Over real sockets: the [`listener`] that accepts peers
 //! and [`connect()`], which reaches one; both run the handshake with blocking IO under a
-//! deadline and hand over the socket with its [`Session`].
+//! deadline and hand over the socket with its [`Session`]. The [`runtime`] puts it all to
+//! work for the daemon's replicated volumes.
 //!
 //! A connection task reads bytes, hands them to [`decode_frame`], feeds the frames to a state
 //! machine and sends the bytes it gets back.
@@ -22,9 +23,11 @@ pub mod decide;
 mod exchange;
 pub mod frame;
 pub mod handshake;
+pub mod ids;
 pub(crate) mod io;
 pub mod link;
 pub mod listener;
+pub mod runtime;
 pub mod serve;
 pub mod window;
 
@@ -52,6 +55,7 @@ pub use handshake::{
 pub use io::{monotonic_clock, Clock};
 pub use link::{LinkOptions, PrimaryLink};
 pub use listener::{Established, ListenerConfig, ListenerCounts, PeerListener};
+pub use runtime::{PeerRuntime, RuntimeConfig, RuntimeError};
 pub use serve::{ReplicaServe, ServeOptions};
 pub use window::{Acked, InboundWindow, SendWindow};
 

@@ -357,6 +357,9 @@ pub fn start_ublk_export(
     let handle = engine
         .open(volume)
         .map_err(|e| UblkError::Volume(e.to_string()))?;
+    if let Some(reason) = crate::replica_guard::export_refusal(handle.volume()) {
+        return Err(UblkError::Volume(reason));
+    }
     let mut ctl = Control::open()?;
     let features = match ctl.features() {
         Ok(f) => Some(f),

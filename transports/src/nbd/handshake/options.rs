@@ -6,8 +6,8 @@ use std::io::{self, Read, Write};
 use super::super::wire::{
     ClientOption, ExportNameReply, InfoRequest, MetaContextRequest, OptionReply, INFO_BLOCK_SIZE,
     INFO_DESCRIPTION, INFO_NAME, MAX_OPTION_LEN, META_CONTEXT_BASE_ALLOCATION, OPT_EXPORT_NAME,
-    REP_ERR_BLOCK_SIZE_REQD, REP_ERR_EXT_HEADER_REQD, REP_ERR_INVALID, REP_ERR_SHUTDOWN,
-    REP_ERR_TLS_REQD, REP_ERR_TOO_BIG, REP_ERR_UNKNOWN, REP_ERR_UNSUP,
+    REP_ERR_BLOCK_SIZE_REQD, REP_ERR_EXT_HEADER_REQD, REP_ERR_INVALID, REP_ERR_POLICY,
+    REP_ERR_SHUTDOWN, REP_ERR_TLS_REQD, REP_ERR_TOO_BIG, REP_ERR_UNKNOWN, REP_ERR_UNSUP,
 };
 use super::super::{ExportInfo, Negotiated};
 use super::{
@@ -56,6 +56,21 @@ impl<S: Read + Write> Session<'_, S> {
         } else {
             Some(name.to_string())
         }
+    }
+
+    /// Open the export `name` selects, or the error reply that says why not: no such export
+    /// (`REP_ERR_UNKNOWN`), or one the catalog refuses to export here (`REP_ERR_POLICY`, with
+    /// the reason, e.g. a replica copy).
+    fn open_export(
+        &self,
+        name: &str,
+    ) -> Result<(ExportInfo, ringblock_engine::VolumeHandle), (u32, String)> {
+        let unknown = || (REP_ERR_UNKNOWN, format!("no export named {name:?}"));
+        let resolved = self.resolve(name).ok_or_else(unknown)?;
+        if let Some(reason) = self.catalog.refusal(&resolved) {
+            return Err((REP_ERR_POLICY, reason));
+        }
+        self.catalog.open(&resolved).ok_or_else(unknown)
     }
 
     pub(super) fn handle(&mut self, option: ClientOption<'_>) -> Result<Step, HandshakeError> {
@@ -163,8 +178,12 @@ impl<S: Read + Write> Session<'_, S> {
         if self.cfg.stopping() {
             return refuse("server is shutting down");
         }
-        let Some((info, handle)) = self.resolve(name).and_then(|n| self.catalog.open(&n)) else {
-            return refuse("no such export");
+        let (info, handle) = match self.open_export(name) {
+            Ok(opened) => opened,
+            Err((REP_ERR_POLICY, _)) => {
+                return refuse("the export is refused by policy (a replica copy)")
+            }
+            Err(_) => return refuse("no such export"),
         };
         let bs = block_size(&info);
         if self.cfg.require_block_size && bs.min > 1 {
@@ -210,11 +229,12 @@ impl<S: Read + Write> Session<'_, S> {
         req: InfoRequest<'_>,
         go: bool,
     ) -> Result<Step, HandshakeError> {
-        let Some((info, handle)) = self.resolve(req.name).and_then(|n| self.catalog.open(&n))
-        else {
-            let message = format!("no export named {:?}", req.name);
-            self.reply(code, &[error(REP_ERR_UNKNOWN, &message)])?;
-            return Ok(Step::Continue);
+        let (info, handle) = match self.open_export(req.name) {
+            Ok(opened) => opened,
+            Err((rep, message)) => {
+                self.reply(code, &[error(rep, &message)])?;
+                return Ok(Step::Continue);
+            }
         };
         let bs = block_size(&info);
         if self.cfg.require_block_size && bs.min > 1 && !req.requests.contains(INFO_BLOCK_SIZE) {
@@ -270,13 +290,8 @@ impl<S: Read + Write> Session<'_, S> {
         if !self.meta_allowed(code)? {
             return Ok(());
         }
-        if self
-            .resolve(req.export)
-            .and_then(|n| self.catalog.open(&n))
-            .is_none()
-        {
-            let message = format!("no export named {:?}", req.export);
-            return self.reply(code, &[error(REP_ERR_UNKNOWN, &message)]);
+        if let Err((rep, message)) = self.open_export(req.export) {
+            return self.reply(code, &[error(rep, &message)]);
         }
         // No query lists everything; `base:` is the namespace wildcard; anything else that
         // is not `base:allocation` (unknown namespaces, unknown base leaves) is ignored.
@@ -302,10 +317,9 @@ impl<S: Read + Write> Session<'_, S> {
         if !self.meta_allowed(code)? {
             return Ok(());
         }
-        let Some((info, _handle)) = self.resolve(req.export).and_then(|n| self.catalog.open(&n))
-        else {
-            let message = format!("no export named {:?}", req.export);
-            return self.reply(code, &[error(REP_ERR_UNKNOWN, &message)]);
+        let (info, _handle) = match self.open_export(req.export) {
+            Ok(opened) => opened,
+            Err((rep, message)) => return self.reply(code, &[error(rep, &message)]),
         };
         // `base:` selects nothing in SET; unknown namespaces and leaves are ignored.
         let base_allocation = req

@@ -1,0 +1,172 @@
+//! The listening side: which volumes a peer may connect for (replica copies only), and what
+//! an established connection becomes (one `ReplicaServe` task per volume, from a configured
+//! peer, while the permit is held).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use ringblock_engine::replication::status::unix_ms;
+use ringblock_engine::replication::{PeerState, Role};
+
+use super::watch::{TaskControl, Watched};
+use super::{lock, Serving, Shared, VolumeEntry};
+use crate::peer::convert::{from_wire, node_id, to_wire};
+use crate::peer::listener::{OnEstablished, SharedLookup};
+use crate::peer::{
+    decide, monotonic_clock, Established, LinkDecision, LocalCopy, LocalVolume, ReplicaServe,
+    ReplicatedVolumeId, ServeOptions,
+};
+
+/// Engine requests a replica's serve task keeps in flight.
+const SERVE_IN_FLIGHT: usize = 32;
+
+/// The replica copies this node holds, as the handshake tells them. A primary copy is not
+/// offered: the peer is told `UnknownVolume`.
+pub(super) fn lookup(shared: &Arc<Shared>) -> SharedLookup {
+    let shared = Arc::downgrade(shared);
+    Arc::new(move |id: ReplicatedVolumeId| {
+        let shared = shared.upgrade()?;
+        let entry = shared.volumes.iter().find(|v| v.id == id)?;
+        if entry.replication.role() != Role::Replica {
+            return None;
+        }
+        Some(LocalVolume {
+            volume_size_bytes: entry.volume.size_bytes(),
+            region_size_bytes: 1u32 << entry.replication.activity.region_shift(),
+            history: to_wire(&entry.replication.history()).ok()?,
+        })
+    })
+}
+
+pub(super) fn on_established(shared: &Arc<Shared>) -> OnEstablished {
+    let shared = Arc::downgrade(shared);
+    Arc::new(move |est: Established| {
+        if let Some(shared) = shared.upgrade() {
+            if let Err(reason) = serve(&shared, est) {
+                tracing::warn!("peer: connection closed: {reason}");
+            }
+        }
+    })
+}
+
+/// Decide what `est` does and start its serve task; on refusal the connection closes (its
+/// socket and permit are dropped) and the reason is returned for the log.
+fn serve(shared: &Shared, est: Established) -> Result<(), String> {
+    if shared.stopping.load(Ordering::Acquire) {
+        return Err("the runtime is stopping".into());
+    }
+    let session = &est.session;
+    let entry = shared
+        .volumes
+        .iter()
+        .find(|v| v.id == session.volume)
+        .ok_or_else(|| format!("volume {} is not replicated here", session.volume))?;
+    let Some(peer) = node_id(session.peer_node).and_then(|n| entry.peer(n)) else {
+        return Err(format!(
+            "volume {}: node {} is not one of its configured peers",
+            entry.name, session.peer_node
+        ));
+    };
+    let status = &entry.replication.replicas()[peer.index].status;
+    let _ops = lock(&entry.ops);
+    if entry.replication.role() != Role::Replica {
+        return Err(format!(
+            "volume {}: this copy is the primary; node {} may not connect as one",
+            entry.name, peer.spec.node
+        ));
+    }
+    let mut serving = lock(&entry.serving);
+    if let Some(live) = serving.as_ref().filter(|s| !s.control.exited()) {
+        return Err(format!(
+            "volume {}: node {} is already connected as its primary; refusing a second \
+             primary connection from node {}",
+            entry.name, live.node, peer.spec.node
+        ));
+    }
+    let decision = decide(
+        &LocalCopy::from_state(&entry.replication, session.peer_node),
+        session,
+    );
+    match decision {
+        LinkDecision::UpToDate => status.set(PeerState::UpToDate, None),
+        LinkDecision::SyncTarget { .. } => status.set(
+            PeerState::Resyncing,
+            Some("this copy lacks writes; the primary resyncs it"),
+        ),
+        LinkDecision::Diverged { common } => {
+            let reason = format!(
+                "split brain: this copy and node {}'s both went on after generation {common}; \
+                 nothing moves until `ringblock volume resolve {} --discard NODE` runs on the \
+                 node whose changes are dropped",
+                peer.spec.node, entry.name
+            );
+            status.set(PeerState::Diverged, Some(&reason));
+            return Err(reason);
+        }
+        LinkDecision::Refuse(r) => {
+            let reason = format!("volume {}: link refused: {r}", entry.name);
+            status.set(PeerState::Connecting, Some(&reason));
+            return Err(reason);
+        }
+        LinkDecision::ResyncPeer { .. } => {
+            return Err("a replica is never a sync source".into());
+        }
+    }
+    let handle = shared
+        .engine
+        .open(&entry.name)
+        .map_err(|e| format!("volume {}: cannot open: {e}", entry.name))?;
+    status.set_connected(Some(unix_ms()));
+    let opts = ServeOptions {
+        volume: entry.id,
+        send_seq: session.next_send,
+        recv_seq: session.next_recv,
+        max_in_flight: SERVE_IN_FLIGHT,
+        clock: monotonic_clock(),
+        peer: format!("node {} at {}", peer.spec.node, est.peer),
+        primary_node: Some(peer.spec.node),
+        // Adopted at the end of the resync (with the generations the primary sends since).
+        primary_history: from_wire(&session.peer_history)
+            .map_err(|e| format!("volume {}: the primary's history: {e}", entry.name))?,
+    };
+    let replication = entry.replication.clone();
+    let index = peer.index;
+    let permit = est.permit;
+    let on_exit = Box::new(move || {
+        // The connection's place among the listener's connections goes with the task.
+        drop(permit);
+        let status = &replication.replicas()[index].status;
+        status.set_connected(None);
+        if status.state() != PeerState::Diverged {
+            status.set(
+                PeerState::Connecting,
+                Some("the primary's connection ended"),
+            );
+        }
+    });
+    let control = Arc::new(TaskControl::new(Some(on_exit)));
+    *serving = Some(Serving {
+        node: peer.spec.node,
+        control: control.clone(),
+    });
+    let task = Watched::new(ReplicaServe::new(est.fd, handle, opts), control);
+    let reactor = shared.engine.spawn_task(None, Box::new(task));
+    tracing::info!(volume = %entry.name, node = %peer.spec.node, reactor = reactor.0,
+        "peer: serving the primary's link");
+    Ok(())
+}
+
+/// End the serve task of `entry`, if one runs (bounded wait).
+pub(super) fn end_serving(shared: &Shared, entry: &VolumeEntry) -> bool {
+    let control = lock(&entry.serving).take().map(|s| s.control);
+    match control {
+        Some(c) if !c.exited() => {
+            let ended = c.end_and_wait(shared.timing.stop_wait);
+            if !ended {
+                tracing::warn!(volume = %entry.name, "peer: the serve task did not end in time");
+            }
+            ended
+        }
+        _ => true,
+    }
+}

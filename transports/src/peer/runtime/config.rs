@@ -1,0 +1,132 @@
+//! What the peer runtime is started with (checked by the daemon's configuration first) and
+//! the one error type of its operations.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ringblock_engine::replication::{NodeId, Role};
+
+use crate::peer::PeerAddress;
+
+/// Where the peer listener listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenAddress {
+    Tcp(SocketAddr),
+    /// A Unix socket (tests, or peers on one machine).
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for ListenAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddress::Tcp(a) => write!(f, "{a}"),
+            ListenAddress::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// How a replica acknowledges writes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PeerMode {
+    /// A write completes once the replica has it too.
+    #[default]
+    Sync,
+    /// Configured as asynchronous; this build replicates it synchronously (never weaker).
+    Async,
+}
+
+impl PeerMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            PeerMode::Sync => "sync",
+            PeerMode::Async => "async",
+        }
+    }
+}
+
+/// One other copy of a volume.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerSpec {
+    pub node: NodeId,
+    pub address: PeerAddress,
+    pub mode: PeerMode,
+}
+
+/// One replicated volume as configured.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicatedVolume {
+    pub name: String,
+    /// The role a new replication record gets; a persisted record's role wins.
+    pub role: Role,
+    pub peers: Vec<PeerSpec>,
+}
+
+/// Pacing of reconnects and bounded waits.
+#[derive(Clone, Debug)]
+pub struct RuntimeTiming {
+    /// First reconnect delay ceiling, doubling up to `backoff_max`.
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// Time between attempts while the copies are diverged (nothing moves until `resolve`).
+    pub diverged_retry: Duration,
+    /// Longest wait for a task or thread to end when told to.
+    pub stop_wait: Duration,
+}
+
+impl Default for RuntimeTiming {
+    fn default() -> Self {
+        RuntimeTiming {
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(30),
+            diverged_retry: Duration::from_secs(60),
+            stop_wait: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Says whether a volume is exported here (NBD clients connected, a ublk device), and how;
+/// demote is refused while it is.
+pub type ExportProbe = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// Everything the runtime needs.
+#[derive(Clone)]
+pub struct RuntimeConfig {
+    pub node: NodeId,
+    /// The cluster id as configured (the wire ids are hashed from it, see `peer::ids`).
+    pub cluster: String,
+    pub secret: Vec<u8>,
+    pub listen: ListenAddress,
+    pub volumes: Vec<ReplicatedVolume>,
+    pub timing: RuntimeTiming,
+    pub exports: Option<ExportProbe>,
+}
+
+impl std::fmt::Debug for RuntimeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeConfig")
+            .field("node", &self.node)
+            .field("cluster", &self.cluster)
+            .field("listen", &self.listen)
+            .field("volumes", &self.volumes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why the runtime did not start, or an operation was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// No such replicated volume or peer.
+    #[error("{0}")]
+    NotFound(String),
+    /// Refused in the current state.
+    #[error("{0}")]
+    Conflict(String),
+    /// The configuration or request cannot be right.
+    #[error("{0}")]
+    Invalid(String),
+    /// The change could not be made durable, or a socket or thread could not be set up.
+    #[error("{0}")]
+    Failed(String),
+}

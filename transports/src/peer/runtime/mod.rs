@@ -1,0 +1,387 @@
+//! The peer runtime: what `ringblock serve` starts for replicated volumes.
+//!
+//! - Each replicated volume gets its replication state ([`prepare`]): the persisted record, or
+//!   a new one (a primary's with a fresh generation, a replica's empty), durable before
+//!   anything is served.
+//! - A primary copy gets one [`ReplicaLink`] per peer behind one `ReplicaSet`, and one
+//!   connector thread per link ([`connector`]): connect with backoff, decide, spawn the
+//!   `PrimaryLink` task on the link's reactor, learn when it ends ([`watch`]), reconnect.
+//! - Every node listens ([`accept`]): a replica copy takes one primary connection per volume
+//!   and serves it with a `ReplicaServe` task.
+//! - The operator's operations ([`ops`]): promote, demote, suspend, resume, resolve.
+//!
+//! `docs/replication.md` ("Runtime") describes the roles and the operations.
+
+mod accept;
+pub mod config;
+mod connector;
+mod ops;
+mod prepare;
+mod watch;
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ringblock_engine::replication::{NodeId, ReplicaLink, Role, VolumeReplication};
+use ringblock_engine::{Engine, Volume};
+
+pub use config::{
+    ExportProbe, ListenAddress, PeerMode, PeerSpec, ReplicatedVolume, RuntimeConfig, RuntimeError,
+    RuntimeTiming,
+};
+pub use prepare::check_unconfigured_records;
+
+use super::ids::{cluster_id, volume_id};
+use super::listener::{ListenerConfig, PeerListener};
+use super::{AcceptorConfig, ClusterId, ClusterSecret, ReplicatedVolumeId};
+use watch::TaskControl;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What every thread of the runtime shares.
+pub(super) struct Shared {
+    engine: Arc<Engine>,
+    node: NodeId,
+    cluster: ClusterId,
+    secret: ClusterSecret,
+    timing: RuntimeTiming,
+    exports: Option<ExportProbe>,
+    volumes: Vec<Arc<VolumeEntry>>,
+    stopping: AtomicBool,
+    /// Round robin of link reactors.
+    next_reactor: AtomicU32,
+}
+
+impl Shared {
+    fn volume(&self, name: &str) -> Result<&Arc<VolumeEntry>, RuntimeError> {
+        self.volumes
+            .iter()
+            .find(|v| v.name == name)
+            .ok_or_else(|| RuntimeError::NotFound(format!("no replicated volume named {name}")))
+    }
+}
+
+/// One peer of a volume.
+pub(super) struct PeerEntry {
+    spec: PeerSpec,
+    /// Its index in the volume's `replicas()`.
+    index: usize,
+    /// Suspended by the operator (not persisted: a restart resumes).
+    suspended: AtomicBool,
+    /// Link tasks started for it since the runtime started.
+    link_starts: AtomicU64,
+}
+
+/// A connector thread and what it is told.
+pub(super) struct ConnectorControl {
+    state: Mutex<ConnectorState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct ConnectorState {
+    stop: bool,
+    /// Bumped on every wake-up (suspend, resume, stop).
+    wakes: u64,
+    /// The link task running now, if any.
+    task: Option<Arc<TaskControl>>,
+}
+
+impl ConnectorControl {
+    fn new() -> Arc<ConnectorControl> {
+        Arc::new(ConnectorControl {
+            state: Mutex::new(ConnectorState::default()),
+            cv: Condvar::new(),
+        })
+    }
+
+    fn stopped(&self) -> bool {
+        lock(&self.state).stop
+    }
+
+    /// Wake the thread (it re-reads what it is told) and end its link task, if any.
+    fn wake(&self, end_task: bool) {
+        let task = {
+            let mut s = lock(&self.state);
+            s.wakes += 1;
+            self.cv.notify_all();
+            if end_task {
+                s.task.clone()
+            } else {
+                None
+            }
+        };
+        if let Some(t) = task {
+            t.request_end();
+        }
+    }
+
+    fn stop(&self) {
+        lock(&self.state).stop = true;
+        self.wake(true);
+    }
+
+    /// Sleep `delay`, or until woken or stopped.
+    fn sleep(&self, delay: Duration) {
+        let until = Instant::now() + delay;
+        let mut s = lock(&self.state);
+        let wakes = s.wakes;
+        while !s.stop && s.wakes == wakes {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            s = self
+                .cv
+                .wait_timeout(s, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    fn set_task(&self, task: Option<Arc<TaskControl>>) {
+        lock(&self.state).task = task;
+    }
+
+    fn task(&self) -> Option<Arc<TaskControl>> {
+        lock(&self.state).task.clone()
+    }
+}
+
+/// A primary copy's moving parts.
+pub(super) struct PrimarySide {
+    links: Vec<Arc<ReplicaLink>>,
+    controls: Vec<Arc<ConnectorControl>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// A replica copy's live primary connection.
+pub(super) struct Serving {
+    node: NodeId,
+    control: Arc<TaskControl>,
+}
+
+/// One replicated volume.
+pub(super) struct VolumeEntry {
+    name: String,
+    id: ReplicatedVolumeId,
+    volume: Arc<Volume>,
+    replication: Arc<VolumeReplication>,
+    peers: Vec<PeerEntry>,
+    /// Serializes the operator's operations on this volume.
+    ops: Mutex<()>,
+    primary: Mutex<Option<PrimarySide>>,
+    serving: Mutex<Option<Serving>>,
+}
+
+impl VolumeEntry {
+    fn peer(&self, node: NodeId) -> Option<&PeerEntry> {
+        self.peers.iter().find(|p| p.spec.node == node)
+    }
+
+    /// The node of the primary connected to this replica copy now, if any.
+    fn serving_node(&self) -> Option<NodeId> {
+        lock(&self.serving)
+            .as_ref()
+            .filter(|s| !s.control.exited())
+            .map(|s| s.node)
+    }
+}
+
+/// What operators and tests see of one replicated volume.
+#[derive(Clone, Debug)]
+pub struct VolumeView {
+    pub name: String,
+    pub id: ReplicatedVolumeId,
+    pub size_bytes: u64,
+    pub replication: Arc<VolumeReplication>,
+    /// The configured peers, each with its index in `replication.replicas()`.
+    pub peers: Vec<(PeerSpec, usize)>,
+    /// On a replica copy: the primary connected now.
+    pub primary_connected: Option<NodeId>,
+    /// Per peer (same order): link tasks started since the runtime started.
+    pub link_starts: Vec<u64>,
+    /// Per peer (same order): suspended by the operator.
+    pub suspended: Vec<bool>,
+}
+
+/// The running peer runtime (see the module).
+pub struct PeerRuntime {
+    shared: Arc<Shared>,
+    listener: Mutex<Option<PeerListener>>,
+    listening: ListenAddress,
+    stopped: AtomicBool,
+}
+
+impl std::fmt::Debug for PeerRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerRuntime")
+            .field("node", &self.shared.node)
+            .field("listening", &self.listening)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PeerRuntime {
+    /// Give every replicated volume its state (durable), listen, and start the primaries'
+    /// connectors.
+    pub fn start(engine: Arc<Engine>, config: RuntimeConfig) -> Result<PeerRuntime, RuntimeError> {
+        let secret = ClusterSecret::new(config.secret.clone())
+            .map_err(|e| RuntimeError::Invalid(format!("[peer] secret_file: {e}")))?;
+        let found = prepare::check_capacity(&engine, &config.volumes)?;
+        let mut volumes = Vec::with_capacity(found.len());
+        for (cfg, volume) in config.volumes.iter().zip(found) {
+            let replication = prepare::replication_for(&volume, cfg)?;
+            let peers = cfg
+                .peers
+                .iter()
+                .map(|p| {
+                    let index = replication
+                        .replicas()
+                        .iter()
+                        .position(|r| r.node == p.node)
+                        .ok_or_else(|| {
+                            RuntimeError::Failed(format!("volume {}: peer {} lost", cfg.name, p.node))
+                        })?;
+                    if p.mode == PeerMode::Async {
+                        tracing::warn!(volume = %cfg.name, node = %p.node,
+                            "peer: asynchronous replication is not in this build; the replica is kept synchronously");
+                    }
+                    Ok(PeerEntry {
+                        spec: p.clone(),
+                        index,
+                        suspended: AtomicBool::new(false),
+                        link_starts: AtomicU64::new(0),
+                    })
+                })
+                .collect::<Result<Vec<_>, RuntimeError>>()?;
+            volumes.push(Arc::new(VolumeEntry {
+                name: cfg.name.clone(),
+                id: volume_id(&config.cluster, &cfg.name),
+                volume,
+                replication,
+                peers,
+                ops: Mutex::new(()),
+                primary: Mutex::new(None),
+                serving: Mutex::new(None),
+            }));
+        }
+        prepare::persist(&engine, "the volumes' replication records")?;
+        let shared = Arc::new(Shared {
+            engine,
+            node: config.node,
+            cluster: cluster_id(&config.cluster),
+            secret,
+            timing: config.timing.clone(),
+            exports: config.exports.clone(),
+            volumes,
+            stopping: AtomicBool::new(false),
+            next_reactor: AtomicU32::new(0),
+        });
+        let listener = start_listener(&shared, &config.listen)?;
+        let listening = match (&config.listen, listener.tcp_addrs().first()) {
+            (ListenAddress::Tcp(_), Some(bound)) => ListenAddress::Tcp(*bound),
+            (other, _) => other.clone(),
+        };
+        let runtime = PeerRuntime {
+            shared,
+            listener: Mutex::new(Some(listener)),
+            listening,
+            stopped: AtomicBool::new(false),
+        };
+        for entry in &runtime.shared.volumes {
+            if entry.replication.role() == Role::Primary {
+                if let Err(e) = connector::start_primary(&runtime.shared, entry) {
+                    runtime.stop();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(runtime)
+    }
+
+    /// Where peers connect (with the real port when port 0 was asked for).
+    pub fn listening(&self) -> &ListenAddress {
+        &self.listening
+    }
+
+    pub fn node(&self) -> NodeId {
+        self.shared.node
+    }
+
+    /// Every replicated volume, as operators see it.
+    pub fn volumes(&self) -> Vec<VolumeView> {
+        self.shared.volumes.iter().map(|e| view(e)).collect()
+    }
+
+    /// One replicated volume.
+    pub fn volume(&self, name: &str) -> Option<VolumeView> {
+        self.shared.volume(name).ok().map(|e| view(e))
+    }
+
+    /// Stop: the listener, then every connector and task (bounded waits). Idempotent.
+    pub fn stop(&self) {
+        if self.stopped.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.shared.stopping.store(true, Ordering::Release);
+        if let Some(l) = lock(&self.listener).take() {
+            l.stop();
+        }
+        for entry in &self.shared.volumes {
+            connector::stop_primary(&self.shared, entry, false);
+            accept::end_serving(&self.shared, entry);
+        }
+        tracing::info!("peer: runtime stopped");
+    }
+}
+
+impl Drop for PeerRuntime {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn view(e: &VolumeEntry) -> VolumeView {
+    VolumeView {
+        name: e.name.clone(),
+        id: e.id,
+        size_bytes: e.volume.size_bytes(),
+        replication: e.replication.clone(),
+        peers: e.peers.iter().map(|p| (p.spec.clone(), p.index)).collect(),
+        primary_connected: e.serving_node(),
+        link_starts: e
+            .peers
+            .iter()
+            .map(|p| p.link_starts.load(Ordering::Relaxed))
+            .collect(),
+        suspended: e
+            .peers
+            .iter()
+            .map(|p| p.suspended.load(Ordering::Relaxed))
+            .collect(),
+    }
+}
+
+fn start_listener(shared: &Arc<Shared>, at: &ListenAddress) -> Result<PeerListener, RuntimeError> {
+    let mut cfg = ListenerConfig::new(AcceptorConfig {
+        cluster: shared.cluster,
+        node: super::convert::wire_node_id(shared.node),
+        secret: shared.secret.clone(),
+    });
+    match at {
+        ListenAddress::Tcp(a) => cfg.tcp = vec![*a],
+        ListenAddress::Unix(p) => {
+            cfg.tcp = Vec::new();
+            cfg.unix = Some(p.clone());
+        }
+    }
+    let lookup = accept::lookup(shared);
+    let on_established = accept::on_established(shared);
+    PeerListener::start(cfg, lookup, on_established)
+        .map_err(|e| RuntimeError::Failed(format!("peer listener: {e}")))
+}

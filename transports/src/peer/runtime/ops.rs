@@ -1,0 +1,277 @@
+//! The operator's operations on a replicated volume. Each takes the volume's operation lock,
+//! and each change is durable (a metadata flush) before it returns.
+//!
+//! - **promote**: a replica copy becomes the primary: refused while a primary is connected
+//!   to it (unless forced: that connection is cut), and for a copy that holds nothing (unless
+//!   forced). A new generation starts; then the connectors start.
+//! - **demote**: a primary copy becomes a replica: refused while it is exported. Its links
+//!   end after a flush; a replica that was up to date and lacks nothing keeps its place in
+//!   the history (the generation its link's end started holds no write, and is dropped), so a
+//!   clean switchover does not look like a split brain.
+//! - **suspend / resume**: a primary stops sending to one replica (its link ends, writes mark
+//!   its bitmap) until resumed.
+//! - **resolve**: after a split brain, this node discards its copy's changes: its history
+//!   becomes empty and the primary sends it everything.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use ringblock_engine::replication::{GenerationHistory, LinkState, NodeId, PeerState, Role};
+use ringblock_engine::{Port, PortWaker, Request, RequestKind};
+
+use super::config::RuntimeError;
+use super::{accept, connector, lock, prepare, PeerRuntime, VolumeEntry};
+
+/// Longest wait for the flush before a demote.
+const DEMOTE_FLUSH_WAIT: Duration = Duration::from_secs(60);
+
+impl PeerRuntime {
+    /// Make this node's copy of `volume` the primary (see the module).
+    pub fn promote(&self, volume: &str, force: bool) -> Result<String, RuntimeError> {
+        let shared = &self.shared;
+        let entry = shared.volume(volume)?.clone();
+        let _ops = lock(&entry.ops);
+        let replication = &entry.replication;
+        if replication.role() == Role::Primary {
+            return Err(RuntimeError::Conflict(format!(
+                "volume {volume} is already the primary here"
+            )));
+        }
+        if let Some(node) = entry.serving_node() {
+            if !force {
+                return Err(RuntimeError::Conflict(format!(
+                    "volume {volume}: node {node} is connected as its primary; demote it there \
+                     first, or promote with force (the copies may then diverge)"
+                )));
+            }
+            tracing::warn!(volume, %node, "peer: forced promote; cutting the primary's connection");
+            if !accept::end_serving(shared, &entry) {
+                return Err(RuntimeError::Failed(format!(
+                    "volume {volume}: the primary's connection did not end in time; try again"
+                )));
+            }
+        }
+        if replication.history().is_empty() && !force {
+            return Err(RuntimeError::Conflict(format!(
+                "volume {volume}: this copy holds nothing yet (its first sync never finished); \
+                 promote with force to serve it empty"
+            )));
+        }
+        // Writes mark the replicas' bitmaps from the moment the role is durable: the set is
+        // attached first (nothing is exported yet, so nothing is written meanwhile).
+        connector::attach_links(shared, &entry)?;
+        let before = replication.history();
+        replication.set_role(Role::Primary);
+        let generation = replication.start_generation();
+        for r in replication.replicas() {
+            r.set_full_sync(true);
+            r.status.set(PeerState::Connecting, None);
+        }
+        entry.volume.replication_changed();
+        if let Err(e) = prepare::persist(&shared.engine, "the promotion") {
+            let _ = connector::stop_primary(shared, &entry, true);
+            replication.set_role(Role::Replica);
+            replication.adopt_history(before);
+            return Err(e);
+        }
+        connector::start_connectors(shared, &entry)?;
+        tracing::info!(volume, %generation, force, "peer: promoted to primary");
+        Ok(format!(
+            "volume {volume} is now the primary here (generation {generation})"
+        ))
+    }
+
+    /// Make this node's copy of `volume` a replica (see the module).
+    pub fn demote(&self, volume: &str) -> Result<String, RuntimeError> {
+        let shared = &self.shared;
+        let entry = shared.volume(volume)?.clone();
+        let _ops = lock(&entry.ops);
+        let replication = &entry.replication;
+        if replication.role() == Role::Replica {
+            return Err(RuntimeError::Conflict(format!(
+                "volume {volume} is already a replica here"
+            )));
+        }
+        if let Some(how) = shared.exports.as_ref().and_then(|probe| probe(volume)) {
+            return Err(RuntimeError::Conflict(format!(
+                "volume {volume} is exported ({how}); disconnect the clients first"
+            )));
+        }
+        flush_volume(shared, &entry)?;
+        let history = replication.history();
+        let links = connector::links(&entry);
+        let clean: Vec<usize> = links
+            .iter()
+            .filter(|l| l.state() == LinkState::UpToDate)
+            .map(|l| l.index())
+            .collect();
+        let ended = connector::stop_primary(shared, &entry, true);
+        replication.set_role(Role::Replica);
+        // The links' ends started generations no write went into (nothing is exported): a
+        // replica that was up to date and lacks nothing stays in step with this copy.
+        let replicas = replication.replicas();
+        let all_clean = ended
+            && !clean.is_empty()
+            && clean
+                .iter()
+                .all(|&i| replicas[i].dirty.dirty_regions() == 0);
+        if all_clean {
+            replication.adopt_history(history);
+            for &i in &clean {
+                replicas[i].set_since(None);
+            }
+        }
+        for r in replicas {
+            r.status.set(PeerState::Connecting, None);
+            r.status.set_connected(None);
+        }
+        entry.volume.replication_changed();
+        prepare::persist(&shared.engine, "the demotion")?;
+        tracing::info!(volume, "peer: demoted to replica");
+        Ok(format!("volume {volume} is now a replica here"))
+    }
+
+    /// Stop sending to `node` until [`Self::resume`] (see the module).
+    pub fn suspend(&self, volume: &str, node: NodeId) -> Result<String, RuntimeError> {
+        let shared = &self.shared;
+        let entry = shared.volume(volume)?.clone();
+        let _ops = lock(&entry.ops);
+        let (i, peer) = peer_of(&entry, node)?;
+        if entry.replication.role() != Role::Primary {
+            return Err(RuntimeError::Conflict(format!(
+                "volume {volume} is a replica here; suspend its replicas on the primary"
+            )));
+        }
+        if peer.suspended.swap(true, Ordering::AcqRel) {
+            return Ok(format!(
+                "volume {volume}: node {node} was already suspended"
+            ));
+        }
+        let status = &entry.replication.replicas()[peer.index].status;
+        if let Some(task) = connector::wake_peer(&entry, i, true) {
+            if !task.wait_exit(shared.timing.stop_wait) {
+                return Err(RuntimeError::Failed(format!(
+                    "volume {volume}: the link to node {node} did not end in time"
+                )));
+            }
+        }
+        status.set(PeerState::Suspended, Some("suspended by the operator"));
+        status.set_connected(None);
+        prepare::persist(&shared.engine, "the suspended replica's marks")?;
+        tracing::info!(volume, %node, "peer: replica suspended");
+        Ok(format!(
+            "volume {volume}: node {node} suspended; writes mark its bitmap until resume"
+        ))
+    }
+
+    pub fn resume(&self, volume: &str, node: NodeId) -> Result<String, RuntimeError> {
+        let shared = &self.shared;
+        let entry = shared.volume(volume)?.clone();
+        let _ops = lock(&entry.ops);
+        let (i, peer) = peer_of(&entry, node)?;
+        if !peer.suspended.swap(false, Ordering::AcqRel) {
+            return Ok(format!("volume {volume}: node {node} was not suspended"));
+        }
+        let status = &entry.replication.replicas()[peer.index].status;
+        status.set(PeerState::Connecting, Some("resumed by the operator"));
+        connector::wake_peer(&entry, i, false);
+        tracing::info!(volume, %node, "peer: replica resumed");
+        Ok(format!("volume {volume}: node {node} resumed"))
+    }
+
+    /// Discard `discard`'s changes since the split (see the module).
+    pub fn resolve(&self, volume: &str, discard: NodeId) -> Result<String, RuntimeError> {
+        let shared = &self.shared;
+        let entry = shared.volume(volume)?.clone();
+        let _ops = lock(&entry.ops);
+        if discard != shared.node {
+            let (_, peer) = peer_of(&entry, discard)?;
+            return Err(RuntimeError::Conflict(format!(
+                "volume {volume}: node {discard} discards its own copy: run this on node {} \
+                 (at {})",
+                discard, peer.spec.address
+            )));
+        }
+        let replication = &entry.replication;
+        if replication.role() != Role::Replica {
+            return Err(RuntimeError::Conflict(format!(
+                "volume {volume} is the primary here; demote it before discarding this copy"
+            )));
+        }
+        if let Some(node) = entry.serving_node() {
+            return Err(RuntimeError::Conflict(format!(
+                "volume {volume}: node {node} is connected as its primary and the copies agree; \
+                 there is nothing to resolve"
+            )));
+        }
+        replication.adopt_history(GenerationHistory::default());
+        for r in replication.replicas() {
+            r.status.set(
+                PeerState::Connecting,
+                Some("copy discarded; waiting for a full sync"),
+            );
+        }
+        entry.volume.replication_changed();
+        prepare::persist(&shared.engine, "the discarded history")?;
+        tracing::warn!(
+            volume,
+            "peer: this copy's changes are discarded; the primary sends everything"
+        );
+        Ok(format!(
+            "volume {volume}: this copy is discarded; the primary sends it everything when it \
+             connects"
+        ))
+    }
+}
+
+fn peer_of(entry: &VolumeEntry, node: NodeId) -> Result<(usize, &super::PeerEntry), RuntimeError> {
+    entry
+        .peers
+        .iter()
+        .enumerate()
+        .find(|(_, p)| p.spec.node == node)
+        .ok_or_else(|| {
+            RuntimeError::NotFound(format!(
+                "volume {}: node {node} is not one of its peers",
+                entry.name
+            ))
+        })
+}
+
+/// Flush the volume through the engine: the up-to-date replicas hold every write durably
+/// when this returns.
+fn flush_volume(shared: &super::Shared, entry: &VolumeEntry) -> Result<(), RuntimeError> {
+    let handle = shared
+        .engine
+        .open(&entry.name)
+        .map_err(|e| RuntimeError::Failed(format!("volume {}: {e}", entry.name)))?;
+    let port = Port::new(1, PortWaker::Thread(std::thread::current()));
+    let req = Request {
+        kind: RequestKind::Flush,
+        offset_bytes: 0,
+        len_bytes: 0,
+        fua: false,
+        buf: None,
+        mover: None,
+        tag: 0,
+    };
+    handle
+        .submit(req, &port)
+        .map_err(|(_, e)| RuntimeError::Failed(format!("volume {}: flush: {e}", entry.name)))?;
+    let until = std::time::Instant::now() + DEMOTE_FLUSH_WAIT;
+    loop {
+        if let Some(c) = port.pop() {
+            return c
+                .result
+                .map_err(|e| RuntimeError::Failed(format!("volume {}: flush: {e}", entry.name)));
+        }
+        if std::time::Instant::now() >= until {
+            return Err(RuntimeError::Failed(format!(
+                "volume {}: the flush did not complete within {} s",
+                entry.name,
+                DEMOTE_FLUSH_WAIT.as_secs()
+            )));
+        }
+        std::thread::park_timeout(Duration::from_millis(50));
+    }
+}

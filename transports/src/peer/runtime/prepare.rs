@@ -1,0 +1,146 @@
+//! Giving each replicated volume its replication state before anything is served: the record
+//! the volume was loaded with (it wins over the configuration), or a new one, checked against
+//! the configured peers and the device's room for records, and made durable.
+
+use std::sync::Arc;
+
+use ringblock_engine::replication::{
+    GenerationHistory, NodeId, ReplicaRecord, Role, VolumeReplication,
+};
+use ringblock_engine::{Engine, Volume};
+
+use super::config::{ReplicatedVolume, RuntimeError};
+
+/// Region size of a new record: 1 MiB.
+pub(super) const DEFAULT_REGION_SHIFT: u8 = 20;
+
+/// The volume's replication state, made or loaded, matching `cfg`'s peers. Nothing is
+/// persisted here: the caller flushes once for every volume.
+pub(super) fn replication_for(
+    volume: &Volume,
+    cfg: &ReplicatedVolume,
+) -> Result<Arc<VolumeReplication>, RuntimeError> {
+    let peers: Vec<NodeId> = cfg.peers.iter().map(|p| p.node).collect();
+    let Some(existing) = volume.replication() else {
+        let state = VolumeReplication::new(
+            cfg.role,
+            volume.max_size_bytes(),
+            DEFAULT_REGION_SHIFT,
+            &peers,
+        )
+        .map_err(|e| RuntimeError::Invalid(format!("volume {}: {e}", cfg.name)))?;
+        if cfg.role == Role::Replica {
+            // A new replica holds nothing: the primary sees it behind since nothing and
+            // sends everything.
+            state.adopt_history(GenerationHistory::default());
+        }
+        let state = Arc::new(state);
+        volume.set_replication(Some(state.clone()));
+        tracing::info!(volume = %cfg.name, role = ?cfg.role, "peer: new replication record");
+        return Ok(state);
+    };
+    if existing.role() != cfg.role {
+        let command = match existing.role() {
+            Role::Primary => "ringblock volume demote",
+            Role::Replica => "ringblock volume promote",
+        };
+        tracing::warn!(volume = %cfg.name, configured = ?cfg.role, recorded = ?existing.role(),
+            "peer: the volume's persisted role differs from the configuration; the persisted \
+             role applies (change it with `{command}`)");
+    }
+    let recorded: Vec<NodeId> = existing.replicas().iter().map(|r| r.node).collect();
+    if let Some(gone) = recorded.iter().find(|n| !peers.contains(n)) {
+        return Err(RuntimeError::Invalid(format!(
+            "volume {}: its replication record tracks node {gone}, which the configuration no \
+             longer lists as a replica; removing a replica is not supported in this build: put \
+             the [[volume.replica]] entry back",
+            cfg.name
+        )));
+    }
+    let added: Vec<NodeId> = peers
+        .iter()
+        .copied()
+        .filter(|n| !recorded.contains(n))
+        .collect();
+    if added.is_empty() {
+        return Ok(existing);
+    }
+    // Nothing is served yet (no set attached, no write in flight): rebuilding the state from
+    // its record with the new replicas added loses nothing. A new replica needs everything.
+    let mut record = existing.record();
+    for &node in &added {
+        record.replicas.push(ReplicaRecord {
+            node,
+            since: None,
+            full_sync: true,
+            dirty: Vec::new(),
+        });
+    }
+    let state = VolumeReplication::from_record(&record, volume.max_size_bytes())
+        .map_err(|e| RuntimeError::Invalid(format!("volume {}: {e}", cfg.name)))?;
+    let state = Arc::new(state);
+    volume.set_replication(Some(state.clone()));
+    tracing::info!(volume = %cfg.name, added = ?added, "peer: replicas added to the volume's record");
+    Ok(state)
+}
+
+/// Every configured volume exists, and no device gets more replicated volumes than its
+/// metadata slots are sure to hold.
+pub(super) fn check_capacity(
+    engine: &Engine,
+    volumes: &[ReplicatedVolume],
+) -> Result<Vec<Arc<Volume>>, RuntimeError> {
+    let mut found = Vec::with_capacity(volumes.len());
+    for cfg in volumes {
+        let v = engine.volume(&cfg.name).ok_or_else(|| {
+            RuntimeError::NotFound(format!("replicated volume {} does not exist", cfg.name))
+        })?;
+        found.push(v);
+    }
+    for d in engine.devices() {
+        let on_device: Vec<&str> = found
+            .iter()
+            .filter(|v| v.device.id == d.id)
+            .map(|v| v.name.as_str())
+            .collect();
+        let capacity = d.label.replication_capacity();
+        if on_device.len() > capacity {
+            return Err(RuntimeError::Invalid(format!(
+                "device {} holds {} replicated volumes ({}) but its metadata has room for {} \
+                 replication records; move volumes to a device formatted by this build, or \
+                 replicate fewer of them",
+                d.name,
+                on_device.len(),
+                on_device.join(", "),
+                capacity
+            )));
+        }
+    }
+    Ok(found)
+}
+
+/// Flush every device: the replication state's changes are durable when this returns.
+pub(super) fn persist(engine: &Engine, what: &str) -> Result<(), RuntimeError> {
+    engine
+        .flush_all()
+        .map_err(|e| RuntimeError::Failed(format!("cannot make {what} durable: {e}")))
+}
+
+/// A volume that carries a replication record but is not configured as replicated: serving
+/// it as a plain volume would leave its record (and a replica's role) behind silently.
+pub fn check_unconfigured_records(
+    engine: &Engine,
+    configured: &[&str],
+) -> Result<(), RuntimeError> {
+    for v in engine.volumes() {
+        if v.replication().is_some() && !configured.contains(&v.name.as_str()) {
+            return Err(RuntimeError::Invalid(format!(
+                "volume {} has a replication record but no [[volume.replica]] in the \
+                 configuration; removing replication from a volume is not supported in this \
+                 build: put its [[volume.replica]] entries back",
+                v.name
+            )));
+        }
+    }
+    Ok(())
+}

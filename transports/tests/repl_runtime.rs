@@ -1,0 +1,648 @@
+//! The peer runtime on real engines and real sockets (loopback TCP, or Unix sockets in a
+//! temporary directory where both nodes must know each other's address before starting):
+//! two engines and two runtimes in one process. Copies in step replicate writes; diverged
+//! copies and a wrong secret move nothing and say why; a cut connection comes back; promote,
+//! demote and the export refusal of a replica copy.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ringblock_engine::replication::{
+    GenerationHistory, NodeId, PeerState, Role, VolumeReplication,
+};
+use ringblock_engine::{
+    AlignedBuf, DeviceConfig, Engine, EngineConfig, IoBuf, Port, PortWaker, Request, RequestKind,
+};
+use ringblock_transports::nbd::client::{Client, ClientError, Options};
+use ringblock_transports::nbd::server::{BoundAddr, NbdServer, ServerConfig};
+use ringblock_transports::nbd::wire::REP_ERR_POLICY;
+use ringblock_transports::nbd::EngineCatalog;
+use ringblock_transports::peer::runtime::{
+    ListenAddress, PeerMode, PeerSpec, ReplicatedVolume, RuntimeConfig, RuntimeTiming, VolumeView,
+};
+use ringblock_transports::peer::{PeerAddress, PeerRuntime, RuntimeError};
+
+const VOLUME_BYTES: u64 = 16 << 20;
+const WAIT: Duration = Duration::from_secs(30);
+
+fn primary_node() -> NodeId {
+    NodeId::new(0x1111).unwrap()
+}
+
+fn replica_node() -> NodeId {
+    NodeId::new(0x2222).unwrap()
+}
+
+fn engine() -> Arc<Engine> {
+    let engine = Engine::start(&EngineConfig {
+        devices: vec![DeviceConfig::ram("r", 64 << 20)],
+        cores: vec![0],
+        ..Default::default()
+    })
+    .unwrap();
+    engine.create_volume("r", "a", VOLUME_BYTES).unwrap();
+    Arc::new(engine)
+}
+
+fn config(
+    node: NodeId,
+    role: Role,
+    peer: NodeId,
+    peer_address: PeerAddress,
+    listen: ListenAddress,
+    secret: &[u8],
+) -> RuntimeConfig {
+    RuntimeConfig {
+        node,
+        cluster: "lab".into(),
+        secret: secret.to_vec(),
+        listen,
+        volumes: vec![ReplicatedVolume {
+            name: "a".into(),
+            role,
+            peers: vec![PeerSpec {
+                node: peer,
+                address: peer_address,
+                mode: PeerMode::Sync,
+            }],
+        }],
+        timing: RuntimeTiming {
+            backoff_base: Duration::from_millis(20),
+            backoff_max: Duration::from_millis(400),
+            diverged_retry: Duration::from_millis(300),
+            stop_wait: Duration::from_secs(15),
+        },
+        exports: None,
+    }
+}
+
+const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+fn loopback() -> ListenAddress {
+    ListenAddress::Tcp("127.0.0.1:0".parse().unwrap())
+}
+
+/// The replica's runtime first (on a free port), then the primary's, pointed at it.
+fn pair(p: &Arc<Engine>, r: &Arc<Engine>, primary_secret: &[u8]) -> (PeerRuntime, PeerRuntime) {
+    let unused = PeerAddress::Tcp("127.0.0.1:9".into());
+    let replica = PeerRuntime::start(
+        r.clone(),
+        config(
+            replica_node(),
+            Role::Replica,
+            primary_node(),
+            unused,
+            loopback(),
+            SECRET,
+        ),
+    )
+    .unwrap();
+    let primary = PeerRuntime::start(
+        p.clone(),
+        config(
+            primary_node(),
+            Role::Primary,
+            replica_node(),
+            replica_address(&replica),
+            loopback(),
+            primary_secret,
+        ),
+    )
+    .unwrap();
+    (primary, replica)
+}
+
+fn replica_address(rt: &PeerRuntime) -> PeerAddress {
+    match rt.listening() {
+        ListenAddress::Tcp(a) => PeerAddress::Tcp(a.to_string()),
+        ListenAddress::Unix(p) => PeerAddress::Unix(p.clone()),
+    }
+}
+
+/// Give both copies of "a" a replication record with `primary` and `replica` histories,
+/// the primary tracking the replica as up to date (nothing dirty, no full sync pending).
+fn records(p: &Engine, r: &Engine, primary: &[u64], replica: &[u64]) {
+    let history = |ids: &[u64]| {
+        GenerationHistory::from_ids(
+            ids.iter()
+                .map(|&i| ringblock_engine::replication::GenerationId::new(i).unwrap())
+                .collect(),
+        )
+        .unwrap()
+    };
+    for (engine, role, ids, peer) in [
+        (p, Role::Primary, primary, replica_node()),
+        (r, Role::Replica, replica, primary_node()),
+    ] {
+        let v = engine.volume("a").unwrap();
+        let state = VolumeReplication::new(role, v.max_size_bytes(), 20, &[peer]).unwrap();
+        state.adopt_history(history(ids));
+        for rep in state.replicas() {
+            rep.set_full_sync(false);
+        }
+        v.set_replication(Some(Arc::new(state)));
+        engine.flush_all().unwrap();
+    }
+}
+
+fn view(rt: &PeerRuntime) -> VolumeView {
+    rt.volume("a").expect("volume a is replicated")
+}
+
+/// The runtime's only peer's state and reason.
+fn peer_state(rt: &PeerRuntime) -> (PeerState, Option<String>) {
+    let v = view(rt);
+    let status = &v.replication.replicas()[v.peers[0].1].status;
+    (status.state(), status.reason())
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let until = Instant::now() + WAIT;
+    while !done() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn run(engine: &Engine, req: Request) -> Result<Option<IoBuf>, ringblock_engine::Errno> {
+    let handle = engine.open("a").unwrap();
+    let port = Port::new(1, PortWaker::Thread(std::thread::current()));
+    handle.submit(req, &port).map_err(|(_, e)| e)?;
+    let until = Instant::now() + WAIT;
+    loop {
+        if let Some(c) = port.pop() {
+            return c.result.map(|()| c.buf);
+        }
+        assert!(Instant::now() < until, "a request never completed");
+        std::thread::park_timeout(Duration::from_millis(10));
+    }
+}
+
+fn request(kind: RequestKind, offset: u64, len: u64, buf: Option<IoBuf>) -> Request {
+    Request {
+        kind,
+        offset_bytes: offset,
+        len_bytes: len,
+        fua: false,
+        buf,
+        mover: None,
+        tag: 0,
+    }
+}
+
+fn write(engine: &Engine, offset: u64, len: usize, fill: u8) {
+    let mut data = AlignedBuf::zeroed(len);
+    data.as_mut_slice().fill(fill);
+    let req = request(
+        RequestKind::Write,
+        offset,
+        len as u64,
+        Some(IoBuf::owned(data)),
+    );
+    run(engine, req).expect("write");
+    run(engine, request(RequestKind::Flush, 0, 0, None)).expect("flush");
+}
+
+fn read(engine: &Engine, offset: u64, len: usize) -> Vec<u8> {
+    let buf = IoBuf::owned(AlignedBuf::zeroed(len));
+    let got = run(
+        engine,
+        request(RequestKind::Read, offset, len as u64, Some(buf)),
+    )
+    .expect("read")
+    .expect("read buffer");
+    got.as_slice().to_vec()
+}
+
+fn shutdown(engines: [Arc<Engine>; 2]) {
+    for e in engines {
+        Arc::try_unwrap(e)
+            .ok()
+            .expect("only the test holds the engine")
+            .shutdown()
+            .unwrap();
+    }
+}
+
+#[test]
+fn copies_in_step_replicate_every_write() {
+    let (p, r) = (engine(), engine());
+    records(&p, &r, &[7, 8], &[7, 8]);
+    let (primary, replica) = pair(&p, &r, SECRET);
+    wait_for("the link up to date", || {
+        peer_state(&primary).0 == PeerState::UpToDate
+    });
+    assert_eq!(view(&primary).link_starts, vec![1]);
+    assert_eq!(view(&replica).primary_connected, Some(primary_node()));
+    assert!(view(&primary).replication.replicas()[0]
+        .status
+        .connected_unix_ms()
+        .is_some());
+    write(&p, 1 << 20, 64 << 10, 0x5a);
+    write(&p, 9 << 20, 4096, 0xa5);
+    assert!(read(&r, 1 << 20, 64 << 10).iter().all(|&b| b == 0x5a));
+    assert!(read(&r, 9 << 20, 4096).iter().all(|&b| b == 0xa5));
+    assert_eq!(peer_state(&primary).0, PeerState::UpToDate);
+    primary.stop();
+    replica.stop();
+    drop((primary, replica));
+    shutdown([p, r]);
+}
+
+#[test]
+fn diverged_copies_move_nothing_and_say_so() {
+    let (p, r) = (engine(), engine());
+    records(&p, &r, &[7, 8], &[7, 9]);
+    let (primary, replica) = pair(&p, &r, SECRET);
+    wait_for("both sides diverged", || {
+        peer_state(&primary).0 == PeerState::Diverged
+            && peer_state(&replica).0 == PeerState::Diverged
+    });
+    let (_, reason) = peer_state(&primary);
+    let reason = reason.expect("a reason");
+    assert!(
+        reason.contains("split brain") && reason.contains("resolve"),
+        "{reason}"
+    );
+    write(&p, 0, 4096, 0x11);
+    assert_eq!(view(&primary).link_starts, vec![0]);
+    assert_eq!(view(&replica).primary_connected, None);
+    assert!(
+        read(&r, 0, 4096).iter().all(|&b| b == 0),
+        "nothing reached the replica"
+    );
+    primary.stop();
+    replica.stop();
+    drop((primary, replica));
+    shutdown([p, r]);
+}
+
+#[test]
+fn a_wrong_secret_is_never_established() {
+    let (p, r) = (engine(), engine());
+    records(&p, &r, &[7], &[7]);
+    let (primary, replica) = pair(&p, &r, b"another secret, 32 bytes long!!!");
+    wait_for("a refusal in the status", || {
+        peer_state(&primary)
+            .1
+            .is_some_and(|r| r.contains("refused"))
+    });
+    let (state, reason) = peer_state(&primary);
+    assert_eq!(state, PeerState::Connecting, "{reason:?}");
+    assert_eq!(view(&primary).link_starts, vec![0]);
+    assert_eq!(view(&replica).primary_connected, None);
+    primary.stop();
+    replica.stop();
+    drop((primary, replica));
+    shutdown([p, r]);
+}
+
+#[test]
+fn the_primary_reconnects_after_the_replica_restarts() {
+    let (p, r) = (engine(), engine());
+    records(&p, &r, &[7], &[7]);
+    let (primary, replica) = pair(&p, &r, SECRET);
+    wait_for("the link up to date", || {
+        peer_state(&primary).0 == PeerState::UpToDate
+    });
+    write(&p, 2 << 20, 8192, 0x21);
+    let ListenAddress::Tcp(bound) = *replica.listening() else {
+        panic!("tcp")
+    };
+    replica.stop();
+    drop(replica);
+    wait_for("the primary to see the link end", || {
+        peer_state(&primary).0 != PeerState::UpToDate
+    });
+    // Written while the replica is away: marked in its bitmap.
+    write(&p, 3 << 20, 4096, 0x22);
+    let dirty = view(&primary).replication.replicas()[0]
+        .dirty
+        .dirty_regions();
+    assert!(dirty >= 1, "the missed write is dirty for the replica");
+    // The replica comes back on the same address.
+    let unused = PeerAddress::Tcp("127.0.0.1:9".into());
+    let replica = PeerRuntime::start(
+        r.clone(),
+        config(
+            replica_node(),
+            Role::Replica,
+            primary_node(),
+            unused,
+            ListenAddress::Tcp(bound),
+            SECRET,
+        ),
+    )
+    .unwrap();
+    // The link comes back: it resyncs the dirty region (the resync is the link task's).
+    wait_for("a second link", || view(&primary).link_starts[0] >= 2);
+    wait_for("the replica behind, resyncing or caught up", || {
+        matches!(
+            peer_state(&primary).0,
+            PeerState::Behind | PeerState::Resyncing | PeerState::UpToDate
+        )
+    });
+    primary.stop();
+    replica.stop();
+    drop((primary, replica));
+    shutdown([p, r]);
+}
+
+#[test]
+fn a_replica_that_was_up_to_date_rejoins_at_once() {
+    let (p, r) = (engine(), engine());
+    records(&p, &r, &[7], &[7]);
+    let (primary, replica) = pair(&p, &r, SECRET);
+    wait_for("the link up to date", || {
+        peer_state(&primary).0 == PeerState::UpToDate
+    });
+    write(&p, 2 << 20, 8192, 0x21);
+    let ListenAddress::Tcp(bound) = *replica.listening() else {
+        panic!("tcp")
+    };
+    replica.stop();
+    drop(replica);
+    wait_for("the primary to see the link end", || {
+        peer_state(&primary).0 != PeerState::UpToDate
+    });
+    let unused = PeerAddress::Tcp("127.0.0.1:9".into());
+    let replica = PeerRuntime::start(
+        r.clone(),
+        config(
+            replica_node(),
+            Role::Replica,
+            primary_node(),
+            unused,
+            ListenAddress::Tcp(bound),
+            SECRET,
+        ),
+    )
+    .unwrap();
+    // Nothing was written meanwhile: the bitmap is empty and the link comes back up to date.
+    wait_for("the link up to date again", || {
+        peer_state(&primary).0 == PeerState::UpToDate && view(&primary).link_starts[0] >= 2
+    });
+    write(&p, 5 << 20, 4096, 0x33);
+    assert!(read(&r, 5 << 20, 4096).iter().all(|&b| b == 0x33));
+    assert!(read(&r, 2 << 20, 8192).iter().all(|&b| b == 0x21));
+    primary.stop();
+    replica.stop();
+    drop((primary, replica));
+    shutdown([p, r]);
+}
+
+#[test]
+fn a_fresh_replica_is_linked_for_a_full_resync() {
+    let (p, r) = (engine(), engine());
+    // The primary holds data before it is replicated; the replica holds other bytes.
+    write(&p, 0, 1 << 20, 0x31);
+    write(&p, 5 << 20, 64 << 10, 0x32);
+    write(&r, 2 << 20, 1 << 20, 0xEE);
+    let (primary, replica) = pair(&p, &r, SECRET);
+    wait_for("a link started", || view(&primary).link_starts[0] >= 1);
+    // The link resyncs everything and is up to date; the copies are equal.
+    wait_for("the full resync ends", || {
+        peer_state(&primary).0 == PeerState::UpToDate
+    });
+    let v = view(&primary);
+    let rep = &v.replication.replicas()[0];
+    assert!(!rep.full_sync() && rep.since().is_none());
+    assert!(
+        read(&p, 0, VOLUME_BYTES as usize) == read(&r, 0, VOLUME_BYTES as usize),
+        "the replica equals the primary"
+    );
+    wait_for("the replica takes the primary's history", || {
+        view(&replica).replication.history() == view(&primary).replication.history()
+    });
+    write(&p, 9 << 20, 4096, 0xa5);
+    assert!(read(&r, 9 << 20, 4096).iter().all(|&b| b == 0xa5));
+    primary.stop();
+    replica.stop();
+    drop((primary, replica));
+    shutdown([p, r]);
+}
+
+#[test]
+fn promote_and_demote_switch_the_roles() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pa, ra) = (dir.path().join("p.sock"), dir.path().join("r.sock"));
+    let (p, r) = (engine(), engine());
+    records(&p, &r, &[7], &[7]);
+    let replica = PeerRuntime::start(
+        r.clone(),
+        config(
+            replica_node(),
+            Role::Replica,
+            primary_node(),
+            PeerAddress::Unix(pa.clone()),
+            ListenAddress::Unix(ra.clone()),
+            SECRET,
+        ),
+    )
+    .unwrap();
+    let primary = PeerRuntime::start(
+        p.clone(),
+        config(
+            primary_node(),
+            Role::Primary,
+            replica_node(),
+            PeerAddress::Unix(ra.clone()),
+            ListenAddress::Unix(pa.clone()),
+            SECRET,
+        ),
+    )
+    .unwrap();
+    wait_for("the link up to date", || {
+        peer_state(&primary).0 == PeerState::UpToDate
+    });
+    let e = replica.promote("a", false).unwrap_err();
+    assert!(
+        matches!(&e, RuntimeError::Conflict(m) if m.contains("connected as its primary")),
+        "{e}"
+    );
+    assert!(matches!(
+        primary.promote("a", false),
+        Err(RuntimeError::Conflict(_))
+    ));
+    assert!(matches!(
+        replica.demote("a"),
+        Err(RuntimeError::Conflict(_))
+    ));
+    assert!(matches!(
+        primary.promote("b", false),
+        Err(RuntimeError::NotFound(_))
+    ));
+    let history = view(&primary).replication.history();
+
+    // A clean switchover: demote there, promote here.
+    primary.demote("a").unwrap();
+    assert_eq!(view(&primary).replication.role(), Role::Replica);
+    assert_eq!(
+        view(&primary).replication.history(),
+        history,
+        "a clean demote keeps the copies in step"
+    );
+    wait_for("the old primary's link gone", || {
+        view(&replica).primary_connected.is_none()
+    });
+    replica.promote("a", false).unwrap();
+    assert_eq!(view(&replica).replication.role(), Role::Primary);
+    assert_eq!(
+        view(&replica).replication.history().ids().len(),
+        history.ids().len() + 1,
+        "a promotion starts a generation"
+    );
+    wait_for("the new primary links the old one", || {
+        view(&replica).link_starts[0] >= 1
+    });
+    let (state, reason) = peer_state(&replica);
+    assert_ne!(state, PeerState::Diverged, "{reason:?}");
+
+    primary.stop();
+    replica.stop();
+    drop((primary, replica));
+    shutdown([p, r]);
+}
+
+#[test]
+fn a_forced_promote_cuts_the_primary_off() {
+    let (p, r) = (engine(), engine());
+    records(&p, &r, &[7], &[7]);
+    let (primary, replica) = pair(&p, &r, SECRET);
+    wait_for("the link up to date", || {
+        peer_state(&primary).0 == PeerState::UpToDate
+    });
+    replica.promote("a", true).unwrap();
+    assert_eq!(view(&replica).replication.role(), Role::Primary);
+    assert_eq!(view(&replica).primary_connected, None);
+    // Two primaries now: the old one is refused (this node no longer takes a primary's
+    // link for the volume) and says so.
+    wait_for("the old primary refused", || {
+        let (state, reason) = peer_state(&primary);
+        state == PeerState::Connecting && reason.is_some_and(|r| r.contains("refused"))
+    });
+    assert_eq!(view(&primary).link_starts, vec![1]);
+    primary.stop();
+    replica.stop();
+    drop((primary, replica));
+    shutdown([p, r]);
+}
+
+#[test]
+fn suspend_and_resume_a_replica() {
+    let (p, r) = (engine(), engine());
+    records(&p, &r, &[7], &[7]);
+    let (primary, replica) = pair(&p, &r, SECRET);
+    wait_for("the link up to date", || {
+        peer_state(&primary).0 == PeerState::UpToDate
+    });
+    primary.suspend("a", replica_node()).unwrap();
+    let (state, reason) = peer_state(&primary);
+    assert_eq!(state, PeerState::Suspended, "{reason:?}");
+    write(&p, 4 << 20, 4096, 0x44);
+    assert!(
+        view(&primary).replication.replicas()[0]
+            .dirty
+            .dirty_regions()
+            >= 1
+    );
+    assert!(
+        read(&r, 4 << 20, 4096).iter().all(|&b| b == 0),
+        "a suspended replica gets nothing"
+    );
+    assert_eq!(view(&primary).link_starts, vec![1]);
+    primary.resume("a", replica_node()).unwrap();
+    wait_for("a new link", || view(&primary).link_starts[0] >= 2);
+    assert!(matches!(
+        replica.suspend("a", primary_node()),
+        Err(RuntimeError::Conflict(_))
+    ));
+    primary.stop();
+    replica.stop();
+    drop((primary, replica));
+    shutdown([p, r]);
+}
+
+#[test]
+fn resolve_discards_this_copy_only() {
+    let (p, r) = (engine(), engine());
+    records(&p, &r, &[7, 8], &[7, 9]);
+    let (primary, replica) = pair(&p, &r, SECRET);
+    wait_for("both sides diverged", || {
+        peer_state(&primary).0 == PeerState::Diverged
+    });
+    let e = replica.resolve("a", primary_node()).unwrap_err();
+    assert!(
+        matches!(&e, RuntimeError::Conflict(m) if m.contains("run this on node")),
+        "{e}"
+    );
+    let e = primary.resolve("a", primary_node()).unwrap_err();
+    assert!(
+        matches!(&e, RuntimeError::Conflict(m) if m.contains("demote")),
+        "{e}"
+    );
+    replica.resolve("a", replica_node()).unwrap();
+    assert!(view(&replica).replication.history().is_empty());
+    // The primary's next attempt finds a copy that holds nothing: a full resync, no split.
+    wait_for("a link after the resolve", || {
+        view(&primary).link_starts[0] >= 1
+    });
+    primary.stop();
+    replica.stop();
+    drop((primary, replica));
+    shutdown([p, r]);
+}
+
+#[test]
+fn a_replica_copy_is_not_exported() {
+    let (p, r) = (engine(), engine());
+    records(&p, &r, &[7], &[7]);
+    let server = NbdServer::start(
+        r.clone(),
+        Arc::new(EngineCatalog {
+            engine: r.clone(),
+            read_only: vec![],
+        }),
+        ServerConfig {
+            tcp: vec!["127.0.0.1:0".parse().unwrap()],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let BoundAddr::Tcp(addr) = server.addrs()[0].clone() else {
+        panic!("tcp")
+    };
+    match Client::connect_tcp(addr, "a", Options::default()) {
+        Err(ClientError::Refused { reply, message, .. }) => {
+            assert_eq!(reply, REP_ERR_POLICY);
+            assert!(message.contains("replica"), "{message}");
+        }
+        other => panic!("a replica copy was exported: {other:?}"),
+    }
+    // The primary's copy is exported as usual.
+    let pserver = NbdServer::start(
+        p.clone(),
+        Arc::new(EngineCatalog {
+            engine: p.clone(),
+            read_only: vec![],
+        }),
+        ServerConfig {
+            tcp: vec!["127.0.0.1:0".parse().unwrap()],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let BoundAddr::Tcp(paddr) = pserver.addrs()[0].clone() else {
+        panic!("tcp")
+    };
+    let client = Client::connect_tcp(paddr, "a", Options::default()).expect("primary exports");
+    drop(client.disconnect());
+    let e = ringblock_transports::ublk::start_ublk_export(&r, "a", &Default::default())
+        .err()
+        .expect("ublk refuses a replica copy");
+    assert!(e.to_string().contains("replica copy"), "{e}");
+    server.stop();
+    pserver.stop();
+    drop((server, pserver));
+    shutdown([p, r]);
+}
