@@ -225,6 +225,14 @@ fn dispatch(
             || set.links()[0].replication().activity_persisted(offset, len)),
         "a replicated write is sent before its activity log entry is persisted"
     );
+    // Counted by the write barrier before the fan-out marks any bit, until it completes: a
+    // resync that cleared a bit this write marked waits for it before reading the region.
+    if let Some(set) = replicas.filter(|_| writes_data(kind)) {
+        let replication = set.links()[0].replication();
+        let entry = replication.barrier.enter();
+        let fresh = inflight.barrier.set((replication.clone(), entry)).is_ok();
+        debug_assert!(fresh, "a request is dispatched once");
+    }
     // Each link of the set is one more part; `fan_out` ends those of links that take no op.
     let links = replicas.map_or(0, |set| set.links().len() as u32);
     let fan_out = |inflight: &Arc<InFlight>| {

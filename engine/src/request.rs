@@ -8,6 +8,7 @@ use crossbeam_queue::ArrayQueue;
 
 use crate::buf::IoBuf;
 use crate::ids::ChunkIndex;
+use crate::replication::{BarrierEntry, VolumeReplication};
 use crate::volume::Volume;
 
 /// Errors reported per request, as errno values so transports can map them to their wire.
@@ -162,6 +163,9 @@ pub(crate) struct InFlight {
     pub submitted: std::time::Instant,
     /// Moves the data of a Read/Write that has no buffer.
     pub mover: Option<Arc<dyn DataMover>>,
+    /// A write of a replicated volume counted in flight by its write barrier (see
+    /// `replication::barrier`) until it completes.
+    pub barrier: std::sync::OnceLock<(Arc<VolumeReplication>, BarrierEntry)>,
     buf: UnsafeCell<Option<IoBuf>>,
 }
 
@@ -182,6 +186,7 @@ impl InFlight {
             stage: AtomicU32::new(0),
             submitted: std::time::Instant::now(),
             mover: req.mover.take(),
+            barrier: std::sync::OnceLock::new(),
             buf: UnsafeCell::new(req.buf.take()),
         })
     }
@@ -251,6 +256,9 @@ impl InFlight {
         let stats = &self.volume.stats;
         if result.is_err() {
             stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some((replication, entry)) = self.barrier.get() {
+            replication.barrier.leave(*entry);
         }
         let ns = self.submitted.elapsed().as_nanos() as u64;
         match self.kind {

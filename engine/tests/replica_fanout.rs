@@ -191,3 +191,91 @@ fn a_replicated_volume_refuses_mover_writes() {
     let refused = c.submit(&volume, mover_write(2), &port).map_err(|(_, e)| e);
     assert_eq!(refused, Err(Errno::ENOTSUP));
 }
+
+/// Pops a link's ops and acknowledges them at once (a replica that keeps up).
+struct AckAll(Arc<ReplicaLink>);
+
+impl ringblock_engine::task::ReactorTask for AckAll {
+    fn poll(&mut self, ctx: &mut ringblock_engine::task::TaskCtx<'_>) -> usize {
+        let mut n = 0;
+        while let Some(op) = self.0.pop() {
+            ctx.replica_done(op);
+            n += 1;
+        }
+        n
+    }
+    fn on_ring(
+        &mut self,
+        _: &mut ringblock_engine::task::TaskCtx<'_>,
+        _: ringblock_engine::task::RingCompletion,
+    ) {
+    }
+    fn stop(&mut self, _: &mut ringblock_engine::task::TaskCtx<'_>) {}
+    fn has_ready(&self) -> bool {
+        self.0.inbox_len() > 0
+    }
+    fn finished(&self) -> bool {
+        false
+    }
+}
+
+/// The race the write barrier closes, on the simulator: a write to a resyncing link takes an
+/// op; a resync that takes its region while the write's local part is in flight holds a
+/// ticket that passes only once the write completed; a write to a region the resync holds
+/// marks it again, a write elsewhere does not.
+#[test]
+fn a_resyncing_link_gets_ops_and_the_barrier_waits_for_the_local_write() {
+    let mut c = cluster();
+    let volume = c.volume("a").unwrap();
+    let link = attach(&c);
+    let port = Port::new(4, PortWaker::None);
+    // The regions enter the persisted activity log first: the writes below are dispatched
+    // at once, not parked for a metadata round.
+    c.submit(&volume, write(3 << 16, 4096, 0), &port).unwrap();
+    c.submit(&volume, write(5 << 16, 4096, 0), &port).unwrap();
+    c.run_until_idle(10_000);
+    assert_eq!(std::iter::from_fn(|| port.pop()).count(), 2);
+    let replication = link.replication().clone();
+    let dirty = &replication.replicas()[0].dirty;
+    dirty.clear_all();
+    dirty.mark_regions(3..4);
+    link.start_resync();
+    assert!(c
+        .spawn_task(ReactorId(0), Box::new(AckAll(link.clone())))
+        .is_ok());
+    c.submit(&volume, write(3 << 16, 8192, 1), &port).unwrap();
+    assert_eq!(link.inbox_len(), 1, "a resyncing link takes an op");
+    assert_eq!(replication.barrier.in_flight(), 1);
+    // The resync takes region 3; the write's local part has not run yet.
+    link.resync_region_begins(RegionIndex(3));
+    assert!(dirty.clear(RegionIndex(3)));
+    let ticket = replication.barrier.ticket();
+    assert!(
+        !replication.barrier.passed(&ticket),
+        "the write is in flight"
+    );
+    let mut passed_before_done = false;
+    while port.is_empty() {
+        passed_before_done |= replication.barrier.passed(&ticket);
+        c.step();
+    }
+    assert!(
+        !passed_before_done,
+        "the ticket passed before the write completed"
+    );
+    assert_eq!(port.pop().map(|c| (c.tag, c.result)), Some((1, Ok(()))));
+    assert!(replication.barrier.passed(&ticket));
+    assert_eq!(replication.barrier.in_flight(), 0);
+    // Region 3 is in the resync's hands: a write to it marks it again; region 5 is not.
+    c.submit(&volume, write(3 << 16, 4096, 2), &port).unwrap();
+    c.submit(&volume, write(5 << 16, 4096, 3), &port).unwrap();
+    c.run_until_idle(10_000);
+    assert_eq!(std::iter::from_fn(|| port.pop()).count(), 2);
+    assert!(
+        dirty.is_dirty(RegionIndex(3)),
+        "written during its own resync"
+    );
+    assert!(!dirty.is_dirty(RegionIndex(5)), "the op carries it");
+    link.resync_region_ends(RegionIndex(3));
+    assert_eq!(link.state(), LinkState::Resyncing);
+}

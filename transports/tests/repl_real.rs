@@ -91,8 +91,23 @@ fn spawn_link(p: &Engine, primary_fd: OwnedFd, what: &str) -> Arc<ReplicaLink> {
     link
 }
 
+/// Make volume "a" of `r` a replica that holds nothing yet (an empty history).
+fn make_replica(r: &Engine) {
+    let volume = r.volume("a").unwrap();
+    let replication = VolumeReplication::new(
+        Role::Replica,
+        volume.max_size_bytes(),
+        20,
+        &[NodeId::new(1).unwrap()],
+    )
+    .unwrap();
+    replication.adopt_history(Default::default());
+    volume.set_replication(Some(Arc::new(replication)));
+}
+
 fn replicate_over(primary_fd: OwnedFd, replica_fd: OwnedFd, what: &str) {
     let (p, r) = (engine(), engine());
+    make_replica(&r);
     let link = spawn_link(&p, primary_fd, what);
     let id = ReplicatedVolumeId(77);
     let sopts = ServeOptions {
@@ -102,6 +117,8 @@ fn replicate_over(primary_fd: OwnedFd, replica_fd: OwnedFd, what: &str) {
         max_in_flight: 16,
         clock: monotonic_clock(),
         peer: format!("primary over {what}"),
+        primary_node: None,
+        primary_history: Default::default(),
     };
     r.spawn_task(
         Some(ReactorId(0)),
@@ -224,6 +241,10 @@ fn an_idle_primary_link_keeps_heartbeating() {
         matches!(heartbeat, Body::Heartbeat),
         "the first frame of an idle link is a heartbeat, got {heartbeat:?}"
     );
-    assert_eq!(link.state(), LinkState::UpToDate);
+    assert_eq!(
+        link.state(),
+        LinkState::Resyncing,
+        "a peer that never said what it lacks keeps the link resyncing"
+    );
     p.shutdown().unwrap();
 }

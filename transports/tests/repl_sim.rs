@@ -15,7 +15,11 @@
 //!   sector where they differ lies in a region the primary's bitmap marks dirty for the
 //!   replica;
 //! - regions written after the link failed and covered by a later acknowledged flush are
-//!   still marked after a power cut of the primary (the marks were durable).
+//!   still marked after a power cut of the primary (the marks were durable);
+//! - after any fault the network heals and a new link resyncs the dirty regions while writes
+//!   go on (now and then a second cut or a power cut of the replica hits the resync, and a
+//!   third link finishes it): the link ends up to date and the replica equals the primary,
+//!   which still holds every acknowledged write.
 //!
 //! `RINGBLOCK_SIM_SEEDS=N` runs N seeds (default 100).
 
@@ -161,6 +165,8 @@ struct Run {
     p: Node,
     r: Node,
     link: Option<Arc<ReplicaLink>>,
+    /// The current link's task entered the fan-out (before that, writes only mark).
+    link_entered: bool,
     link_fd: i32,
     port: Arc<Port>,
     sectors: HashMap<u64, SectorLog>,
@@ -195,6 +201,9 @@ impl Run {
         if let Some(c) = self.r.cluster.as_mut() {
             c.step_reactors();
         }
+        if self.link.as_ref().is_some_and(|l| l.in_fan_out()) {
+            self.link_entered = true;
+        }
         while let Some(c) = self.port.pop() {
             let p = self.pending.remove(&c.tag).expect("a pending request");
             assert!(
@@ -207,10 +216,13 @@ impl Run {
         }
     }
 
+    /// The current link entered the fan-out and left it.
     fn link_failed(&self) -> bool {
-        self.link
-            .as_ref()
-            .is_some_and(|l| l.state() == LinkState::Behind)
+        self.link_entered
+            && self
+                .link
+                .as_ref()
+                .is_some_and(|l| l.state() == LinkState::Behind)
     }
 
     fn reap(&mut self, p: Pending) {
@@ -281,6 +293,18 @@ impl Run {
         let (offset, len) = (first * SECTOR, len_sectors * SECTOR);
         self.next_tag += 1;
         let tag = self.next_tag;
+        if self.rng.gen_bool(0.005) {
+            // The primary starts a generation (as when another replica drops out): the
+            // replica follows it.
+            if let Some(link) = &self.link {
+                link.replication().start_generation();
+                self.p
+                    .c()
+                    .volume("a")
+                    .expect("volume a")
+                    .replication_changed();
+            }
+        }
         let roll = self.rng.gen_range(0..100);
         if roll < 10 {
             let snaps = self.sectors.iter().map(|(&s, l)| (s, l.acked)).collect();
@@ -423,22 +447,40 @@ impl Run {
         let (fd_p, fd_r) = self.net.socket_pair(PRIMARY, REPLICA).unwrap();
         self.link_fd = fd_p.as_raw_fd();
         let volume = self.p.c().volume("a").expect("volume a");
-        let replication = Arc::new(
-            VolumeReplication::new(
-                Role::Primary,
-                volume.max_size_bytes(),
-                REGION_SHIFT,
-                &[ReplicaNode::new(7).unwrap()],
-            )
-            .unwrap(),
-        );
-        volume.set_replication(Some(replication.clone()));
         let p_reactor = ReactorId(self.rng.gen_range(0..self.opts.reactors));
-        let link = ReplicaLink::new(replication, 0, p_reactor).unwrap();
-        link.set_up_to_date();
-        volume
-            .attach_replicas(Some(Arc::new(ReplicaSet::new(vec![link.clone()]).unwrap())))
-            .unwrap();
+        // A link and its bitmap outlive connections; a restarted primary loads its state.
+        let reuse = self.link.clone().filter(|l| {
+            volume
+                .replication()
+                .is_some_and(|r| Arc::ptr_eq(&r, l.replication()))
+        });
+        let link = match reuse {
+            Some(link) => link,
+            None => {
+                let replication = match volume.replication() {
+                    Some(loaded) => loaded,
+                    None => {
+                        let fresh = Arc::new(
+                            VolumeReplication::new(
+                                Role::Primary,
+                                volume.max_size_bytes(),
+                                REGION_SHIFT,
+                                &[ReplicaNode::new(7).unwrap()],
+                            )
+                            .unwrap(),
+                        );
+                        volume.set_replication(Some(fresh.clone()));
+                        fresh
+                    }
+                };
+                let link = ReplicaLink::new(replication, 0, p_reactor).unwrap();
+                let set = ReplicaSet::new(vec![link.clone()]).unwrap();
+                volume.attach_replicas(Some(Arc::new(set))).unwrap();
+                link
+            }
+        };
+        // The link's task runs where its waker points (set by its first task).
+        let p_reactor = link.reactor();
         let net = self.net.clone();
         let clock: ringblock_transports::peer::Clock = Arc::new(move || net.now_tick());
         let vol_id = ReplicatedVolumeId(42);
@@ -462,12 +504,134 @@ impl Run {
             max_in_flight: self.rng.gen_range(1..=16),
             clock,
             peer: "primary".into(),
+            primary_node: ReplicaNode::new(1),
+            primary_history: link.replication().history(),
         };
+        let r_volume = self.r.c().volume("a").expect("volume a");
+        if r_volume.replication().is_none() {
+            let replication = VolumeReplication::new(
+                Role::Replica,
+                r_volume.max_size_bytes(),
+                REGION_SHIFT,
+                &[ReplicaNode::new(1).unwrap()],
+            )
+            .unwrap();
+            replication.adopt_history(Default::default());
+            r_volume.set_replication(Some(Arc::new(replication)));
+        }
         let r_reactor = ReactorId(self.rng.gen_range(0..self.opts.reactors));
         let handle = self.r.c().open("a").unwrap();
         let task = ReplicaServe::new(fd_r, handle, sopts);
         assert!(self.r.c().spawn_task(r_reactor, Box::new(task)).is_ok());
         self.link = Some(link);
+        self.link_entered = false;
+    }
+
+    /// Step until the old link and serve tasks ended (the primary's flushed its marks; the
+    /// replica's noticed the cut or the silence).
+    fn wait_tasks_gone(&mut self, what: &str) {
+        for _ in 0..MAX_WAIT_TICKS {
+            let gone = |n: &mut Node| n.cluster.as_ref().is_none_or(|c| c.tasks() == 0);
+            if gone(&mut self.p) && gone(&mut self.r) {
+                return;
+            }
+            self.step();
+        }
+        panic!("seed {} {what}: the old link tasks never ended", self.seed);
+    }
+
+    /// Heal the network and connect again: the link resyncs the dirty regions while writes
+    /// go on; now and then a second cut or a power cut of the replica hits the resync, and a
+    /// third connection finishes it. Then both copies hold the same bytes.
+    fn heal_and_resync(&mut self, cycle: u64) -> Vec<u8> {
+        self.net.heal_all();
+        self.wait_tasks_gone("after the fault");
+        self.spawn_link();
+        let second = self.rng.gen_range(0..3);
+        let steps = self.rng.gen_range(1..400);
+        let fault_at = self.rng.gen_range(0..steps);
+        for i in 0..steps {
+            self.issue();
+            self.step();
+            if i == fault_at {
+                match second {
+                    1 => self.net.cut(self.link_fd),
+                    2 => self.restart(false, cycle + 10),
+                    _ => {}
+                }
+            }
+        }
+        self.quiesce("during the resync");
+        if second != 0 {
+            for _ in 0..MAX_WAIT_TICKS {
+                if self.link_failed() {
+                    break;
+                }
+                self.step();
+            }
+            assert!(
+                self.link_failed(),
+                "seed {}: the resync's link fails",
+                self.seed
+            );
+            self.wait_tasks_gone("after the second fault");
+            self.spawn_link();
+        }
+        let link = self.link.clone().expect("link");
+        for _ in 0..MAX_WAIT_TICKS {
+            if link.state() == LinkState::UpToDate {
+                break;
+            }
+            self.step();
+        }
+        assert_eq!(
+            link.state(),
+            LinkState::UpToDate,
+            "seed {}: the resync ends (second fault {second})",
+            self.seed
+        );
+        // A few more writes go to the up-to-date replica.
+        for _ in 0..self.rng.gen_range(0..100) {
+            self.issue();
+            self.step();
+        }
+        self.quiesce("after the resync");
+        let pdata = self.check_primary(false, "after the resync");
+        let rdata = self.read_all(false);
+        for (i, (a, b)) in pdata
+            .chunks(SECTOR as usize)
+            .zip(rdata.chunks(SECTOR as usize))
+            .enumerate()
+        {
+            assert!(
+                a == b,
+                "seed {}: after the resync (second fault {second}) sector {i} differs",
+                self.seed
+            );
+        }
+        assert_eq!(link.state(), LinkState::UpToDate);
+        self.assert_follows("after the resync");
+        pdata
+    }
+
+    /// The replica took the primary's history (at the end of its resync) and every
+    /// generation started since.
+    fn assert_follows(&mut self, what: &str) {
+        let primary = self.link.as_ref().expect("link").replication().clone();
+        let volume = self.r.c().volume("a").expect("volume a");
+        let replica = volume.replication().expect("replica state");
+        for _ in 0..MAX_WAIT_TICKS {
+            if replica.history() == primary.history() {
+                return;
+            }
+            self.step();
+        }
+        panic!(
+            "seed {} {what}: the replica's history {:?} is not the primary's {:?}",
+            self.seed,
+            replica.history(),
+            primary.history()
+        );
     }
 
     fn restart(&mut self, primary: bool, cycle: u64) {
@@ -538,6 +702,7 @@ fn run_seed(seed: u64) -> (usize, u64) {
             cluster: Some(r),
         },
         link: None,
+        link_entered: false,
         link_fd: -1,
         port: Port::new(MAX_QD, PortWaker::None),
         sectors: HashMap::new(),
@@ -617,20 +782,33 @@ fn run_seed(seed: u64) -> (usize, u64) {
             "seed {seed}: replica sector {s} holds {got}, which the primary never wrote there"
         );
     }
-    if primary_crashed {
-        return (checked_marks, run.net.now_tick());
-    }
     let link = run.link.clone().expect("link");
-    if fault == Fault::None {
+    if primary_crashed {
+        // The restarted primary's loaded bitmap (its activity log folded in) brings the
+        // replica back to it.
+        run.heal_and_resync(3);
+    } else if fault == Fault::None {
+        // The link started by resyncing what the writes marked while it entered the
+        // fan-out; it ends that once the load stops.
+        for _ in 0..MAX_WAIT_TICKS {
+            if link.state() != LinkState::Resyncing {
+                break;
+            }
+            run.step();
+        }
         assert_eq!(
             link.state(),
             LinkState::UpToDate,
-            "seed {seed}: the link stays up"
+            "seed {seed}: the link stays up (dirty regions {}, status {:?})",
+            link.replication().replicas()[0].dirty.dirty_regions(),
+            link.replication().replicas()[0].status.resync.snapshot(0),
         );
+        let (pdata, rdata) = (run.read_all(true), run.read_all(false));
         assert!(
             pdata == rdata,
             "seed {seed}: the replica equals the primary"
         );
+        run.assert_follows("with no fault");
     } else {
         let dirty = &link.replication().replicas()[0].dirty;
         for (i, (a, b)) in pdata
@@ -651,6 +829,7 @@ fn run_seed(seed: u64) -> (usize, u64) {
                 "seed {seed} ({fault:?}): region {region} written after the failure is clean"
             );
         }
+        run.heal_and_resync(3);
     }
     (checked_marks, run.net.now_tick())
 }
@@ -688,7 +867,22 @@ fn a_seed_repeats_exactly() {
 /// past the volume's end ends the connection with a Goodbye, and nothing of it is written.
 #[test]
 fn a_replica_refuses_bad_frames_and_writes_nothing_of_them() {
-    use ringblock_transports::peer::{decode_frame, encode_frame, Body, Decoded, Frame};
+    use ringblock_transports::peer::{decode_frame, encode_frame, Body, Decoded, Frame, FrameKind};
+    fn replies(got: &[u8]) -> Vec<Body<'static>> {
+        let mut kinds = Vec::new();
+        let mut at = 0;
+        while let Ok(Decoded::Frame { frame, consumed }) = decode_frame(&got[at..]) {
+            // Only payload-free replies come back: nothing borrows `got`.
+            kinds.push(match frame.body {
+                Body::WriteAck { seq, errno } => Body::WriteAck { seq, errno },
+                Body::Goodbye(r) => Body::Goodbye(r),
+                Body::ResyncDone { first, count } => Body::ResyncDone { first, count },
+                other => panic!("unexpected reply {:?}", other.kind()),
+            });
+            at += consumed;
+        }
+        kinds
+    }
     for (case, seed) in [(0u32, 1u64), (1, 2), (2, 3)] {
         let net = SimNet::new(seed, NetOptions::default());
         let opts = SimOptions {
@@ -710,6 +904,8 @@ fn a_replica_refuses_bad_frames_and_writes_nothing_of_them() {
             max_in_flight: 4,
             clock: Arc::new(move || net2.now_tick()),
             peer: "hostile".into(),
+            primary_node: None,
+            primary_history: Default::default(),
         };
         let task = ReplicaServe::new(fd, r.open("a").unwrap(), sopts);
         assert!(r.spawn_task(ReactorId(0), Box::new(task)).is_ok());
@@ -742,8 +938,12 @@ fn a_replica_refuses_bad_frames_and_writes_nothing_of_them() {
         let mut closed = false;
         for _ in 0..MAX_WAIT_TICKS {
             r.step();
-            // The bad frame goes once the good write's ack is back.
-            let until = if got.is_empty() {
+            // The bad frame goes once the good write's ack is back (the replica's
+            // ResyncDone of the start comes first).
+            let until = if !replies(&got)
+                .iter()
+                .any(|b| b.kind() == FrameKind::WriteAck)
+            {
                 good_len
             } else {
                 bytes.len()
@@ -764,13 +964,13 @@ fn a_replica_refuses_bad_frames_and_writes_nothing_of_them() {
             }
         }
         assert!(closed && r.tasks() == 0, "case {case}: the connection ends");
-        // The replies: the good write's ack, then a Goodbye.
-        let mut kinds = Vec::new();
-        let mut at = 0;
-        while let Ok(Decoded::Frame { frame, consumed }) = decode_frame(&got[at..]) {
-            kinds.push(frame.body.clone());
-            at += consumed;
-        }
+        // The replies: its ResyncDone, the good write's ack, then a Goodbye.
+        let mut kinds = replies(&got);
+        assert!(
+            matches!(kinds.first(), Some(Body::ResyncDone { .. })),
+            "case {case}: the replica says it asks for nothing: {kinds:?}"
+        );
+        kinds.remove(0);
         assert!(
             matches!(
                 kinds.first(),
@@ -816,5 +1016,162 @@ fn a_replica_refuses_bad_frames_and_writes_nothing_of_them() {
             data[4096..].iter().all(|&b| b == 0),
             "case {case}: nothing else"
         );
+    }
+}
+
+/// Overlapping frames land on the replica in wire order: a test stream sends, back to back,
+/// pairs of writes (and resync data) to overlapping ranges with different bytes; whatever
+/// the disk's latencies, the replica ends with the later frame's bytes.
+#[test]
+fn a_replica_applies_overlapping_frames_in_wire_order() {
+    use ringblock_transports::peer::RegionIndex as WireRegion;
+    use ringblock_transports::peer::{decode_frame, encode_frame, Body, Decoded, Frame};
+    for seed in 0..20u64 {
+        let net = SimNet::new(seed, NetOptions::default());
+        let opts = SimOptions {
+            reactors: 1 + (seed % 3) as u32,
+            queue_depth: 16,
+            max_latency_ticks: 1 + seed % 12,
+        };
+        let disk = Arc::new(Mutex::new(SimDisk::new(DEVICE_BYTES, true)));
+        let mut r = start(seed, opts, &net, REPLICA, &disk);
+        r.create_volume(DeviceId(0), VolumeId(1), "a", VOLUME_BYTES)
+            .unwrap();
+        let volume = r.volume("a").unwrap();
+        let replication = VolumeReplication::new(
+            Role::Replica,
+            volume.max_size_bytes(),
+            REGION_SHIFT,
+            &[ReplicaNode::new(1).unwrap()],
+        )
+        .unwrap();
+        volume.set_replication(Some(Arc::new(replication)));
+        let (fd, mut stream) = net.connect(REPLICA, PRIMARY).unwrap();
+        let net2 = net.clone();
+        let vol = ReplicatedVolumeId(9);
+        let sopts = ServeOptions {
+            volume: vol,
+            send_seq: Seq(0),
+            recv_seq: Seq(0),
+            max_in_flight: 16,
+            clock: Arc::new(move || net2.now_tick()),
+            peer: "ordered".into(),
+            primary_node: ReplicaNode::new(1),
+            primary_history: Default::default(),
+        };
+        let task = ReplicaServe::new(fd, r.open("a").unwrap(), sopts);
+        assert!(r.spawn_task(ReactorId(0), Box::new(task)).is_ok());
+        let region = 1u64 << REGION_SHIFT;
+        let mut seq = 0u64;
+        let mut send_and_wait = |bytes: &[u8], frames: u64, r: &mut SimCluster| {
+            let (mut sent, mut got, mut acks) = (0, Vec::new(), 0);
+            for _ in 0..MAX_WAIT_TICKS {
+                r.step();
+                if sent < bytes.len() {
+                    if let Ok(n) = stream.write(&bytes[sent..]) {
+                        sent += n;
+                    }
+                }
+                let mut buf = [0u8; 4096];
+                if let Ok(n) = stream.read(&mut buf) {
+                    got.extend_from_slice(&buf[..n]);
+                }
+                let mut at = 0;
+                acks = 0;
+                while let Ok(Decoded::Frame { frame, consumed }) = decode_frame(&got[at..]) {
+                    match frame.body {
+                        Body::WriteAck { errno: 0, .. } => acks += 1,
+                        Body::ResyncDone { .. } => {}
+                        other => panic!("seed {seed}: unexpected reply {:?}", other.kind()),
+                    }
+                    at += consumed;
+                }
+                if acks == frames {
+                    break;
+                }
+            }
+            assert_eq!(acks, frames, "seed {seed}: every frame is acknowledged");
+        };
+        // The chunks are allocated first, so that nothing below waits for an allocation.
+        let mut bytes = Vec::new();
+        let whole = vec![1u8; (16 * region) as usize];
+        for piece in whole.chunks(1 << 20) {
+            let body = Body::Write {
+                offset_bytes: seq * (1 << 20),
+                fua: false,
+                data: piece,
+            };
+            encode_frame(&Frame::new(Seq(seq), vol, body), &mut bytes);
+            seq += 1;
+        }
+        send_and_wait(&bytes, seq, &mut r);
+        // Pairs at 8 places: a large write, then a small one inside it (or resync data of
+        // the whole region, then a write inside it).
+        let first_pair = seq;
+        let mut bytes = Vec::new();
+        let mut expect = whole.clone();
+        for i in 0..8u64 {
+            let at = i * 2 * region;
+            let first = vec![0x10 + i as u8; region as usize];
+            let body = if i % 2 == 0 {
+                Body::Write {
+                    offset_bytes: at,
+                    fua: false,
+                    data: &first,
+                }
+            } else {
+                Body::ResyncData {
+                    region: WireRegion(at / region),
+                    offset_in_region_bytes: 0,
+                    data: &first,
+                }
+            };
+            encode_frame(&Frame::new(Seq(seq), vol, body), &mut bytes);
+            seq += 1;
+            expect[at as usize..(at + region) as usize].copy_from_slice(&first);
+            let second = vec![0xA0 + i as u8; 8192];
+            let inside = at + (i + 1) * 4096;
+            let body = Body::Write {
+                offset_bytes: inside,
+                fua: false,
+                data: &second,
+            };
+            encode_frame(&Frame::new(Seq(seq), vol, body), &mut bytes);
+            seq += 1;
+            expect[inside as usize..inside as usize + 8192].copy_from_slice(&second);
+        }
+        send_and_wait(&bytes, seq - first_pair, &mut r);
+        let port = Port::new(1, PortWaker::None);
+        let len = 16 * region;
+        let req = Request {
+            kind: RequestKind::Read,
+            offset_bytes: 0,
+            len_bytes: len,
+            fua: false,
+            buf: Some(IoBuf::owned(AlignedBuf::zeroed(len as usize))),
+            mover: None,
+            tag: 0,
+        };
+        r.submit(&volume, req, &port).unwrap();
+        let mut data = None;
+        for _ in 0..MAX_WAIT_TICKS {
+            r.step();
+            if let Some(c) = port.pop() {
+                data = c.buf;
+                break;
+            }
+        }
+        let data = data.expect("read completes");
+        for (i, (a, b)) in data
+            .as_slice()
+            .chunks(4096)
+            .zip(expect.chunks(4096))
+            .enumerate()
+        {
+            assert!(
+                a == b,
+                "seed {seed}: page {i} does not hold the later frame's bytes"
+            );
+        }
     }
 }

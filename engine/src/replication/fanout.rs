@@ -23,11 +23,12 @@
 //! link reconnects (the link, and its state, outlive connections), so the count of retired
 //! sets is bounded by [`MAX_REPLICA_SET_CHANGES`].
 
-use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{fence, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use crossbeam_queue::ArrayQueue;
 
+use super::bitmap::{DirtyBitmap, RegionIndex};
 use super::state::VolumeReplication;
 use super::ReplicationError;
 use crate::ids::ReactorId;
@@ -48,6 +49,10 @@ pub enum LinkState {
     Behind = 0,
     /// In the fan-out: writes and flushes wait for this replica.
     UpToDate = 1,
+    /// In the fan-out while its task resyncs the dirty regions: writes and flushes wait for
+    /// this replica, and a write to a region whose resync is in flight also marks it (before
+    /// it is pushed), so a region written during its own resync is resynced again.
+    Resyncing = 2,
 }
 
 /// What a replica op does.
@@ -123,6 +128,9 @@ pub struct ReplicaLink {
     pushers: AtomicU32,
     inbox: ArrayQueue<ReplicaOp>,
     waker: OnceLock<PortWaker>,
+    /// Regions the link's resync cleared and the replica has not acknowledged yet: a write
+    /// to one of them while resyncing marks it again (see [`LinkState::Resyncing`]).
+    in_resync: DirtyBitmap,
 }
 
 impl std::fmt::Debug for ReplicaLink {
@@ -143,17 +151,22 @@ impl ReplicaLink {
         index: usize,
         reactor: ReactorId,
     ) -> Option<Arc<ReplicaLink>> {
-        (index < replication.replicas().len()).then(|| {
-            Arc::new(ReplicaLink {
-                replication,
-                index,
-                reactor,
-                state: AtomicU8::new(LinkState::Behind as u8),
-                pushers: AtomicU32::new(0),
-                inbox: ArrayQueue::new(LINK_INBOX_OPS),
-                waker: OnceLock::new(),
-            })
-        })
+        let dirty = &replication.replicas().get(index)?.dirty;
+        let in_resync = DirtyBitmap::new(
+            dirty.regions() << dirty.region_shift(),
+            dirty.region_shift(),
+        )
+        .ok()?;
+        Some(Arc::new(ReplicaLink {
+            replication,
+            index,
+            reactor,
+            state: AtomicU8::new(LinkState::Behind as u8),
+            pushers: AtomicU32::new(0),
+            inbox: ArrayQueue::new(LINK_INBOX_OPS),
+            waker: OnceLock::new(),
+            in_resync,
+        }))
     }
 
     /// The reactor whose task serves this link.
@@ -170,22 +183,53 @@ impl ReplicaLink {
     }
 
     pub fn state(&self) -> LinkState {
-        if self.state.load(Ordering::SeqCst) == LinkState::UpToDate as u8 {
-            LinkState::UpToDate
-        } else {
-            LinkState::Behind
+        match self.state.load(Ordering::SeqCst) {
+            s if s == LinkState::UpToDate as u8 => LinkState::UpToDate,
+            s if s == LinkState::Resyncing as u8 => LinkState::Resyncing,
+            _ => LinkState::Behind,
         }
+    }
+
+    /// In the fan-out (up to date or resyncing): writes wait for this replica.
+    pub fn in_fan_out(&self) -> bool {
+        self.state() != LinkState::Behind
     }
 
     /// The replica has every write: from now on writes wait for it.
     pub fn set_up_to_date(&self) {
-        debug_assert!(self.inbox.is_empty(), "a behind link's inbox is drained");
+        debug_assert!(
+            self.in_fan_out() || self.inbox.is_empty(),
+            "a behind link's inbox is drained"
+        );
         self.state
             .store(LinkState::UpToDate as u8, Ordering::SeqCst);
     }
 
-    /// Leave the fan-out. Returns whether it was up to date. The task drains the inbox only
-    /// once [`Self::pushers_gone`] says so.
+    /// Enter the fan-out to resync: writes go to the replica and mark its bitmap.
+    pub fn start_resync(&self) {
+        debug_assert!(
+            self.in_fan_out() || self.inbox.is_empty(),
+            "a behind link's inbox is drained"
+        );
+        self.state
+            .store(LinkState::Resyncing as u8, Ordering::SeqCst);
+    }
+
+    /// The resync is done: from resyncing to up to date. False when the link fell behind
+    /// meanwhile (a full inbox): it stays behind, and its task fails the connection.
+    pub fn finish_resync(&self) -> bool {
+        self.state
+            .compare_exchange(
+                LinkState::Resyncing as u8,
+                LinkState::UpToDate as u8,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
+            .is_ok()
+    }
+
+    /// Leave the fan-out. Returns whether it was up to date (not merely resyncing). The task
+    /// drains the inbox only once [`Self::pushers_gone`] says so.
     pub fn fall_behind(&self) -> bool {
         self.state.swap(LinkState::Behind as u8, Ordering::SeqCst) == LinkState::UpToDate as u8
     }
@@ -218,13 +262,62 @@ impl ReplicaLink {
         }
     }
 
-    /// Push `op` if the link is up to date and its inbox has room; else hand it back.
-    fn try_push(&self, op: ReplicaOp) -> Result<(), ReplicaOp> {
+    /// The resync is about to clear `region`'s dirty bit and send it: from now until
+    /// [`Self::resync_region_ends`], a write to it marks it again.
+    pub fn resync_region_begins(&self, region: RegionIndex) {
+        self.in_resync.mark_regions(region.0..region.0 + 1);
+        // Pairs with the fence in `try_push`: a write either sees this bit, or was counted by
+        // the write barrier before the resync's ticket (so the read waits for it).
+        fence(Ordering::SeqCst);
+    }
+
+    /// The replica acknowledged every copy of `region` the resync sent.
+    pub fn resync_region_ends(&self, region: RegionIndex) {
+        self.in_resync.clear(region);
+    }
+
+    /// The resync stops (the link failed or starts over): no region is in flight.
+    pub fn resync_regions_clear(&self) {
+        self.in_resync.clear_all();
+    }
+
+    /// Mark a range a write touches while the link resyncs, if a region of it is in the
+    /// resync's hands: a copy read before this write completed may reach the replica after
+    /// it, so the region goes again. Other regions need no mark: a dirty one is sent later
+    /// (after this write completed, the barrier), a resynced one was acknowledged before
+    /// this op is sent. The progress counts the regions newly dirty.
+    fn mark_resyncing(&self, volume: &Volume, offset_bytes: u64, len_bytes: u64) {
+        fence(Ordering::SeqCst);
+        let in_resync = self.in_resync.regions_of(offset_bytes, len_bytes);
+        if !in_resync
+            .clone()
+            .any(|r| self.in_resync.is_dirty(RegionIndex(r)))
+        {
+            return;
+        }
+        let replica = &self.replication.replicas()[self.index];
+        if replica.dirty.mark_bytes(offset_bytes, len_bytes) {
+            volume.replication_changed();
+            let regions = replica.dirty.regions_of(offset_bytes, len_bytes);
+            let bytes = (regions.end - regions.start) * replica.dirty.region_bytes();
+            replica.status.resync.add_total(bytes);
+        }
+    }
+
+    /// Push `op` if the link is in the fan-out and its inbox has room; else hand it back.
+    /// While resyncing, a write to a region the resync holds marks it first, so the region
+    /// goes again after this op (see [`Self::mark_resyncing`]).
+    fn try_push(&self, op: ReplicaOp, volume: &Volume) -> Result<(), ReplicaOp> {
         self.pushers.fetch_add(1, Ordering::SeqCst);
-        let pushed = if self.state() == LinkState::UpToDate {
-            self.inbox.push(op)
-        } else {
-            Err(op)
+        let pushed = match self.state() {
+            LinkState::Behind => Err(op),
+            LinkState::UpToDate => self.inbox.push(op),
+            LinkState::Resyncing => {
+                if op.kind != ReplicaOpKind::Flush {
+                    self.mark_resyncing(volume, op.offset_bytes, op.len_bytes);
+                }
+                self.inbox.push(op)
+            }
         };
         self.pushers.fetch_sub(1, Ordering::SeqCst);
         if pushed.is_ok() {
@@ -282,10 +375,10 @@ pub(crate) fn fan_out(
             offset_bytes,
             len_bytes,
         };
-        match link.try_push(op) {
+        match link.try_push(op, volume) {
             Ok(()) => pushed += 1,
             Err(op) => {
-                if link.state() == LinkState::UpToDate {
+                if link.in_fan_out() {
                     // The inbox is full: this replica cannot keep up. It falls behind (its
                     // task ends the connection) instead of stalling the volume. Which of its
                     // acknowledged writes it has not flushed yet only its task knows, and a

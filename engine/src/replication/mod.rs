@@ -3,6 +3,7 @@
 //! the record a metadata slot holds ([`record`]) and the shared in-memory state a volume
 //! carries ([`state`]). Nothing here touches a socket or a ring: the peer runtime builds on it.
 
+pub mod barrier;
 pub mod bitmap;
 pub mod fanout;
 pub mod generation;
@@ -10,6 +11,7 @@ pub mod record;
 pub mod state;
 pub mod status;
 
+pub use barrier::{BarrierEntry, BarrierTicket, WriteBarrier};
 pub use bitmap::{DirtyBitmap, RegionIndex};
 pub use fanout::{LinkState, ReplicaLink, ReplicaOp, ReplicaOpKind, ReplicaSet};
 pub use generation::{

@@ -17,9 +17,10 @@
 //! to a region waits for a round).
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use super::barrier::WriteBarrier;
 use super::bitmap::{coarsen, DirtyBitmap, RegionIndex};
 use super::generation::{GenerationHistory, GenerationId};
 use super::record::{
@@ -71,6 +72,10 @@ pub struct VolumeReplication {
     /// Regions of `activity` that a completed metadata round persisted: a write to them goes
     /// straight to the local device (see [`Self::activity_persisted`]).
     activity_persisted: DirtyBitmap,
+    /// Writes in flight by epoch: a resync waits on it before it reads (see [`super::barrier`]).
+    pub barrier: WriteBarrier,
+    /// Counts changes of `history`, so a link sees a new generation with one atomic load.
+    history_changes: AtomicU64,
 }
 
 impl VolumeReplication {
@@ -141,6 +146,8 @@ impl VolumeReplication {
             replicas,
             activity,
             activity_persisted: bitmap()?,
+            barrier: WriteBarrier::default(),
+            history_changes: AtomicU64::new(0),
         })
     }
 
@@ -184,16 +191,22 @@ impl VolumeReplication {
     /// Start a new generation (the set of up-to-date replicas changed, a promotion, a
     /// resolve) and return it.
     pub fn start_generation(&self) -> GenerationId {
-        self.history
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .start_new()
+        let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        let id = history.start_new();
+        self.history_changes.fetch_add(1, Ordering::AcqRel);
+        id
+    }
+
+    /// Changes whenever the history does (a cheap test before reading it).
+    pub fn history_changes(&self) -> u64 {
+        self.history_changes.load(Ordering::Acquire)
     }
 
     /// Take `history` as this copy's own (a sync target adopts its source's at the end of a
     /// resync).
     pub fn adopt_history(&self, history: GenerationHistory) {
         *self.history.lock().unwrap_or_else(|e| e.into_inner()) = history;
+        self.history_changes.fetch_add(1, Ordering::AcqRel);
     }
 
     pub fn replicas(&self) -> &[ReplicaState] {

@@ -189,6 +189,8 @@ pub enum Body<'a> {
         first: RegionIndex,
         count: u32,
     },
+    /// The primary started this generation (never 0).
+    Generation(u64),
     VerifyRequest {
         first: RegionIndex,
         count: u32,
@@ -333,6 +335,7 @@ impl Body<'_> {
             Body::ResyncRequest { .. } => FrameKind::ResyncRequest,
             Body::ResyncData { .. } => FrameKind::ResyncData,
             Body::ResyncDone { .. } => FrameKind::ResyncDone,
+            Body::Generation(_) => FrameKind::Generation,
             Body::VerifyRequest { .. } => FrameKind::VerifyRequest,
             Body::VerifyReply { .. } => FrameKind::VerifyReply,
             Body::Goodbye(_) => FrameKind::Goodbye,
@@ -359,6 +362,7 @@ impl Body<'_> {
             | Body::VerifyRequest { first, .. }
             | Body::VerifyReply { first, .. } => first.0,
             Body::ResyncData { region, .. } => region.0,
+            Body::Generation(id) => *id,
             _ => 0,
         }
     }
@@ -587,6 +591,11 @@ fn parse_body<'a>(h: &FrameHeader, p: &'a [u8]) -> Result<Body<'a>, PeerError> {
             f.bare(true, true)?;
             let (first, count) = f.regions(u32::MAX)?;
             Body::ResyncDone { first, count }
+        }
+        FrameKind::Generation => {
+            f.bare(true, false)?;
+            f.check(h.arg != 0, "generation id 0")?;
+            Body::Generation(h.arg)
         }
         FrameKind::VerifyRequest => {
             f.bare(true, true)?;

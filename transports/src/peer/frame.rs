@@ -74,8 +74,12 @@ pub enum FrameKind {
     ResyncRequest = 32,
     /// Data of region `arg` at byte `aux` within the region; acknowledged by WriteAck.
     ResyncData = 33,
-    /// Regions `arg .. arg + aux` are all sent.
+    /// Primary → replica: every region lacking is sent (regions `arg .. arg + aux`, the whole
+    /// volume); replica → primary: every region it asks for is asked.
     ResyncDone = 34,
+    /// Primary → replica: the primary started generation `arg` (non-zero); the replica
+    /// records it durably, then acknowledges with FlushAck.
+    Generation = 35,
     /// Ask for the checksums of regions `arg .. arg + aux`.
     VerifyRequest = 48,
     /// crc32c of each of regions `arg .. arg + aux`, 4 bytes each.
@@ -86,7 +90,7 @@ pub enum FrameKind {
 
 impl FrameKind {
     /// Every frame type, for tests and fuzzing.
-    pub const ALL: [FrameKind; 19] = [
+    pub const ALL: [FrameKind; 20] = [
         FrameKind::Hello,
         FrameKind::Challenge,
         FrameKind::Response,
@@ -103,6 +107,7 @@ impl FrameKind {
         FrameKind::ResyncRequest,
         FrameKind::ResyncData,
         FrameKind::ResyncDone,
+        FrameKind::Generation,
         FrameKind::VerifyRequest,
         FrameKind::VerifyReply,
         FrameKind::Goodbye,
@@ -128,7 +133,7 @@ impl FrameKind {
             FrameKind::Write | FrameKind::ResyncData | FrameKind::Trim | FrameKind::WriteZeroes => {
                 Some(FrameKind::WriteAck)
             }
-            FrameKind::Flush => Some(FrameKind::FlushAck),
+            FrameKind::Flush | FrameKind::Generation => Some(FrameKind::FlushAck),
             FrameKind::Heartbeat => Some(FrameKind::HeartbeatAck),
             _ => None,
         }

@@ -19,7 +19,9 @@ use std::collections::{BTreeSet, HashMap};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
-use ringblock_engine::replication::{LinkState, ReplicaLink, ReplicaOp, ReplicaOpKind};
+use ringblock_engine::replication::{
+    GenerationId, LinkState, ReplicaLink, ReplicaOp, ReplicaOpKind,
+};
 use ringblock_engine::task::{ReactorTask, RingCompletion, Socket, TaskCtx};
 use ringblock_engine::{Errno, Port, VolumeHandle};
 
@@ -29,6 +31,9 @@ use super::io::{Clock, FrameSender, RecvBuf, SendDone};
 use super::window::{InboundWindow, SendWindow};
 
 mod failure;
+mod resync;
+use resync::Resync;
+
 use super::{GoodbyeReason, ReplicatedVolumeId, Seq};
 
 /// Payloads at least this large go with a zero-copy send (when the link may use one); smaller
@@ -75,6 +80,8 @@ pub fn use_zero_copy(zero_copy_available: bool, len: usize) -> bool {
 struct Pending {
     /// The op it carries (a key of `ops`), if any.
     op: Option<u64>,
+    /// The resync piece it carries, if any.
+    piece: Option<u64>,
     sent_ms: u64,
     acked: bool,
     /// Its bytes are all handed to the kernel and no notification is outstanding.
@@ -129,6 +136,12 @@ pub struct PrimaryLink {
     port: Option<Arc<Port>>,
     waker_set: bool,
     phase: Phase,
+    resync: Resync,
+    /// The newest generation the replica was told of (the primary's current one when the
+    /// link started: the handshake carried it).
+    followed: Option<GenerationId>,
+    /// `VolumeReplication::history_changes` when the history was last looked at.
+    history_seen: u64,
 }
 
 impl PrimaryLink {
@@ -140,6 +153,9 @@ impl PrimaryLink {
     ) -> PrimaryLink {
         let socket = Socket::Fd(fd.as_raw_fd());
         let now = (opts.clock)();
+        // Read the counter first: a change after it is seen at the next poll.
+        let history_seen = link.replication().history_changes();
+        let followed = link.replication().history().current();
         PrimaryLink {
             window: SendWindow::new(opts.send_seq, opts.window_frames, opts.window_bytes),
             inbound: InboundWindow::new(opts.recv_seq),
@@ -162,6 +178,9 @@ impl PrimaryLink {
             port: None,
             waker_set: false,
             phase: Phase::Running,
+            resync: Resync::new(),
+            followed,
+            history_seen,
         }
     }
 
@@ -293,6 +312,7 @@ impl PrimaryLink {
             seq.0,
             Pending {
                 op: Some(id),
+                piece: None,
                 sent_ms: now,
                 acked: false,
                 released: false,
@@ -318,19 +338,58 @@ impl PrimaryLink {
             self.flushing.append(&mut self.unflushed);
             self.newest_flush = Some(seq.0);
         }
+        if kind.ack_kind().is_some() {
+            self.pending.insert(
+                seq.0,
+                Pending {
+                    op,
+                    piece: None,
+                    sent_ms: now,
+                    acked: false,
+                    released: false,
+                },
+            );
+        }
+        self.enqueue_small(seq, body);
+    }
+
+    /// Queue a frame without payload.
+    fn enqueue_small(&mut self, seq: Seq, body: Body<'_>) {
         let mut bytes = Vec::with_capacity(HEADER_LEN);
         encode_frame(&Frame::new(seq, self.opts.volume, body), &mut bytes);
-        self.pending.insert(
-            seq.0,
-            Pending {
-                op,
-                sent_ms: now,
-                acked: false,
-                released: false,
-            },
-        );
         self.sender
             .enqueue(seq.0, bytes, std::ptr::null(), 0, false);
+    }
+
+    /// Tell the replica of every generation the primary started since the last one it was
+    /// told of (it records each durably before acknowledging).
+    fn follow_generations(&mut self, now: u64) {
+        let changes = self.link.replication().history_changes();
+        if changes == self.history_seen {
+            return;
+        }
+        let history = self.link.replication().history();
+        let Some(current) = history.current() else {
+            self.history_seen = changes;
+            return;
+        };
+        if self.followed == Some(current) {
+            self.history_seen = changes;
+            return;
+        }
+        let ids = history.ids();
+        let from = self
+            .followed
+            .and_then(|f| ids.iter().position(|&g| g == f))
+            .map_or(ids.len() - 1, |at| at + 1);
+        for &id in &ids[from..] {
+            if !self.window_has_room() || self.broken.is_some() {
+                return;
+            }
+            self.frame_small(Body::Generation(id.get()), None, now);
+            self.followed = Some(id);
+        }
+        self.history_seen = changes;
     }
 
     fn note_written(&mut self, kind: ReplicaOpKind, offset: u64, len: u64) {
@@ -363,6 +422,16 @@ impl PrimaryLink {
                         Body::HeartbeatAck { seq } => (FrameKind::HeartbeatAck, seq, 0, consumed),
                         Body::Goodbye(reason) => {
                             return Err(format!("the replica said goodbye ({reason:?})"))
+                        }
+                        Body::ResyncRequest { first, count } => {
+                            self.recv.consume(consumed);
+                            self.on_resync_request(first.0, count)?;
+                            continue;
+                        }
+                        Body::ResyncDone { .. } => {
+                            self.recv.consume(consumed);
+                            self.on_peer_resync_done()?;
+                            continue;
                         }
                         other => {
                             return Err(format!("unexpected {:?} from the replica", other.kind()))
@@ -400,7 +469,13 @@ impl PrimaryLink {
         {
             return;
         }
-        let Some(id) = self.pending.remove(&seq).and_then(|p| p.op) else {
+        let Some(p) = self.pending.remove(&seq) else {
+            return;
+        };
+        if let Some(piece) = p.piece {
+            self.piece_done(piece);
+        }
+        let Some(id) = p.op else {
             return;
         };
         let Some(entry) = self.ops.get_mut(&id) else {
@@ -422,13 +497,14 @@ impl ReactorTask for PrimaryLink {
             self.link.set_waker(ctx.port_waker());
             self.port = Some(Port::new(1, ctx.port_waker()));
             self.waker_set = true;
+            self.start_resync(ctx);
         }
         let now = (self.opts.clock)();
         let mut work = 0;
         if matches!(self.phase, Phase::Running) {
             if let Some(reason) = self.broken.take() {
                 self.fail(ctx, &reason);
-            } else if self.link.state() != LinkState::UpToDate {
+            } else if self.link.state() == LinkState::Behind {
                 self.fail(ctx, "the link fell behind (its inbox was full)");
             } else if let Some(oldest) = self.window.oldest() {
                 let sent = self.pending.get(&oldest.seq.0).map_or(now, |p| p.sent_ms);
@@ -440,6 +516,11 @@ impl ReactorTask for PrimaryLink {
         match self.phase {
             Phase::Running => {
                 work += self.take_ops(now);
+                self.follow_generations(now);
+                match self.step_resync(ctx, now) {
+                    Ok(n) => work += n,
+                    Err(e) => self.fail(ctx, &e),
+                }
                 if let Err(e) = self.recv.arm(ctx) {
                     self.fail(ctx, &format!("cannot receive: {e}"));
                 }
@@ -522,7 +603,11 @@ impl ReactorTask for PrimaryLink {
                 ..
             }
         );
-        failing || self.port.as_ref().is_some_and(|p| !p.is_empty()) || self.link.inbox_len() > 0
+        let resync = matches!(self.phase, Phase::Running) && self.resync.wants_poll();
+        failing
+            || resync
+            || self.port.as_ref().is_some_and(|p| !p.is_empty())
+            || self.link.inbox_len() > 0
     }
 
     fn finished(&self) -> bool {

@@ -10,11 +10,18 @@
 //!   what the replica might lose).
 //! - A bad frame (checksum, field, sequence, a range past the volume) ends the connection
 //!   with a Goodbye and a logged reason; nothing of it is written.
+//! - A data frame (Write, ResyncData, Trim, WriteZeroes) whose range overlaps a request
+//!   still in flight waits until that one completed: overlapping frames land in wire order.
+//! - The resync (`resync`): at start the replica asks for its own dirty regions for this
+//!   primary, ResyncData is written like a Write, ResyncDone adopts the primary's history,
+//!   and a Generation is recorded durably before it is acknowledged.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
+use ringblock_engine::replication::{GenerationHistory, NodeId, PeerState, VolumeReplication};
 use ringblock_engine::task::{ReactorTask, RingCompletion, TaskCtx};
 use ringblock_engine::{AlignedBuf, Errno, IoBuf, Port, Request, RequestKind, VolumeHandle};
 
@@ -43,7 +50,22 @@ pub struct ServeOptions {
     pub max_in_flight: usize,
     pub clock: Clock,
     pub peer: String,
+    /// The primary's node id (its dirty regions here are asked for at start), if known.
+    pub primary_node: Option<NodeId>,
+    /// The primary's generation history from the handshake: adopted, with every Generation
+    /// received since, when the primary's ResyncDone arrives.
+    pub primary_history: GenerationHistory,
 }
+
+/// A frame that waits for every request before it to complete, then flushes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Held {
+    Flush,
+    Generation(u64),
+    ResyncDone,
+}
+
+mod resync;
 
 /// The replica's link task (see the module).
 pub struct ReplicaServe {
@@ -55,10 +77,17 @@ pub struct ReplicaServe {
     sender: FrameSender,
     recv: RecvBuf,
     port: Option<Arc<Port>>,
-    /// Engine requests in flight: the frame's seq and type.
-    in_flight: HashMap<u64, FrameKind>,
-    /// A Flush that waits for the writes before it.
-    held_flush: Option<Seq>,
+    /// Engine requests in flight: the frame's seq, type and byte range.
+    in_flight: HashMap<u64, (FrameKind, Range<u64>)>,
+    /// A Flush, Generation or ResyncDone that waits for the writes before it.
+    held: Option<(Seq, Held)>,
+    replication: Option<Arc<VolumeReplication>>,
+    /// The primary's history as known here: adopted at its ResyncDone.
+    primary_history: GenerationHistory,
+    /// The primary's ResyncDone arrived: this copy follows its generations.
+    adopted: bool,
+    /// The ResyncRequests and ResyncDone of the start are queued.
+    asked: bool,
     last_heard_ms: u64,
     closing: bool,
     /// A Goodbye is queued: shut the socket down once it is sent.
@@ -69,6 +98,8 @@ impl ReplicaServe {
     pub fn new(fd: OwnedFd, handle: VolumeHandle, opts: ServeOptions) -> ReplicaServe {
         let socket = ringblock_engine::task::Socket::Fd(fd.as_raw_fd());
         let now = (opts.clock)();
+        let replication = handle.volume().replication();
+        let primary_history = opts.primary_history.clone();
         ReplicaServe {
             inbound: InboundWindow::new(opts.recv_seq),
             next_seq: Some(opts.send_seq),
@@ -79,7 +110,11 @@ impl ReplicaServe {
             opts,
             port: None,
             in_flight: HashMap::new(),
-            held_flush: None,
+            held: None,
+            replication,
+            primary_history,
+            adopted: false,
+            asked: false,
             last_heard_ms: now,
             closing: false,
             shutdown_after_send: false,
@@ -97,7 +132,7 @@ impl ReplicaServe {
     }
 
     fn ack(&mut self, kind: FrameKind, seq: Seq, result: Result<(), Errno>) -> Result<(), String> {
-        let ack_kind = if kind == FrameKind::Flush {
+        let ack_kind = if matches!(kind, FrameKind::Flush | FrameKind::Generation) {
             FrameKind::FlushAck
         } else {
             FrameKind::WriteAck
@@ -116,7 +151,7 @@ impl ReplicaServe {
 
     /// Handle the frames received, while the in-flight bound allows. Err: a protocol error.
     fn on_frames(&mut self, ctx: &mut TaskCtx<'_>) -> Result<(), String> {
-        while self.in_flight.len() < self.opts.max_in_flight.max(1) && self.held_flush.is_none() {
+        while self.in_flight.len() < self.opts.max_in_flight.max(1) && self.held.is_none() {
             let (frame, consumed) = match decode_frame(self.recv.data()) {
                 Ok(Decoded::Need(_)) => return Ok(()),
                 Err(e) => return Err(format!("bad frame: {e}")),
@@ -125,74 +160,45 @@ impl ReplicaServe {
             if frame.volume != self.opts.volume {
                 return Err(format!("frame for volume {}", frame.volume));
             }
+            let range = self.data_range(&frame.body)?;
+            if self
+                .in_flight
+                .values()
+                .any(|(_, r)| r.start < range.end && range.start < r.end)
+            {
+                // Overlapping frames land in wire order: wait for the one in flight.
+                return Ok(());
+            }
             self.inbound.accept(&frame).map_err(|e| e.to_string())?;
             let seq = frame.seq;
-            let size = self.handle.volume().size_bytes();
-            let in_range =
-                |offset: u64, len: u64| offset.checked_add(len).is_some_and(|e| e <= size);
             let req = match frame.body {
-                Body::Write {
-                    offset_bytes,
-                    fua,
-                    data,
-                } => {
-                    if !in_range(offset_bytes, data.len() as u64) {
-                        return Err(format!("write at {offset_bytes} past the volume's end"));
-                    }
-                    let buf = ctx
-                        .take_buffer(data.len())
-                        .map(|mut b| {
-                            b.as_mut_slice().copy_from_slice(data);
-                            b
-                        })
-                        .unwrap_or_else(|| IoBuf::owned(AlignedBuf::from_slice(data)));
-                    Some(request(
-                        RequestKind::Write,
-                        offset_bytes,
-                        data.len() as u64,
-                        fua,
-                        Some(buf),
-                    ))
-                }
-                Body::Trim {
-                    offset_bytes,
-                    len_bytes,
-                }
-                | Body::WriteZeroes {
-                    offset_bytes,
-                    len_bytes,
-                } => {
-                    let len = u64::from(len_bytes);
-                    if !in_range(offset_bytes, len) {
-                        return Err(format!("range at {offset_bytes} past the volume's end"));
-                    }
-                    let kind = if frame.body.kind() == FrameKind::Trim {
-                        RequestKind::Trim
-                    } else {
-                        RequestKind::WriteZeroes
-                    };
-                    Some(request(kind, offset_bytes, len, false, None))
-                }
-                Body::Flush | Body::Heartbeat => None,
                 Body::Goodbye(reason) => {
                     tracing::info!(peer = %self.opts.peer, "the primary said goodbye ({reason:?})");
                     self.recv.consume(consumed);
                     self.close(ctx);
                     return Ok(());
                 }
-                other => return Err(format!("unexpected {:?} frame", other.kind())),
+                Body::Flush | Body::Heartbeat | Body::Generation(_) | Body::ResyncDone { .. } => {
+                    None
+                }
+                ref body => Some(self.engine_request(ctx, body, range.clone())?),
             };
             let kind = frame.body.kind();
+            let held = match frame.body {
+                Body::Flush => Some(Held::Flush),
+                Body::Generation(id) => Some(Held::Generation(id)),
+                Body::ResyncDone { .. } => Some(Held::ResyncDone),
+                _ => None,
+            };
             self.recv.consume(consumed);
-            match kind {
-                FrameKind::Flush => self.held_flush = Some(seq),
-                FrameKind::Heartbeat => {
-                    self.inbound
-                        .answered(FrameKind::HeartbeatAck, seq)
-                        .map_err(|e| e.to_string())?;
-                    self.send_small(Body::HeartbeatAck { seq })?;
-                }
-                _ => {}
+            if let Some(held) = held {
+                self.held = Some((seq, held));
+            }
+            if kind == FrameKind::Heartbeat {
+                self.inbound
+                    .answered(FrameKind::HeartbeatAck, seq)
+                    .map_err(|e| e.to_string())?;
+                self.send_small(Body::HeartbeatAck { seq })?;
             }
             if let Some(mut req) = req {
                 req.tag = seq.0;
@@ -203,35 +209,87 @@ impl ReplicaServe {
                     .clone();
                 match ctx.submit(&self.handle, req, &port) {
                     Ok(()) => {
-                        self.in_flight.insert(seq.0, kind);
+                        self.in_flight.insert(seq.0, (kind, range));
                     }
                     Err((_, e)) => self.ack(kind, seq, Err(e))?,
                 }
             }
-            self.submit_held_flush(ctx)?;
+            self.submit_held(ctx)?;
         }
         Ok(())
     }
 
-    /// Submit the held Flush once every write before it completed.
-    fn submit_held_flush(&mut self, ctx: &mut TaskCtx<'_>) -> Result<(), String> {
-        let Some(seq) = self.held_flush else {
-            return Ok(());
+    /// The engine request a data frame (Write, ResyncData, Trim, WriteZeroes) asks for at
+    /// `range`; Err for a range past the volume's end or a frame the primary does not send.
+    fn engine_request(
+        &self,
+        ctx: &TaskCtx<'_>,
+        body: &Body<'_>,
+        range: Range<u64>,
+    ) -> Result<Request, String> {
+        if range.end > self.handle.volume().size_bytes() {
+            return Err(format!("range at {} past the volume's end", range.start));
+        }
+        let len = range.end - range.start;
+        let write = |data: &[u8], fua: bool| {
+            let buf = ctx
+                .take_buffer(data.len())
+                .map(|mut b| {
+                    b.as_mut_slice().copy_from_slice(data);
+                    b
+                })
+                .unwrap_or_else(|| IoBuf::owned(AlignedBuf::from_slice(data)));
+            request(RequestKind::Write, range.start, len, fua, Some(buf))
         };
-        if !self.in_flight.is_empty() {
-            return Ok(());
-        }
-        self.held_flush = None;
-        let mut req = request(RequestKind::Flush, 0, 0, false, None);
-        req.tag = seq.0;
-        let port = self.port.as_ref().expect("port").clone();
-        match ctx.submit(&self.handle, req, &port) {
-            Ok(()) => {
-                self.in_flight.insert(seq.0, FrameKind::Flush);
-                Ok(())
+        Ok(match *body {
+            Body::Write { data, fua, .. } => write(data, fua),
+            Body::ResyncData { data, .. } => write(data, false),
+            Body::Trim { .. } => request(RequestKind::Trim, range.start, len, false, None),
+            Body::WriteZeroes { .. } => {
+                request(RequestKind::WriteZeroes, range.start, len, false, None)
             }
-            Err((_, e)) => self.ack(FrameKind::Flush, seq, Err(e)),
-        }
+            ref other => return Err(format!("unexpected {:?} frame", other.kind())),
+        })
+    }
+
+    /// The byte range a data frame writes (empty for other frames). Err: a ResyncData on a
+    /// volume that is not replicated here, or whose range overflows.
+    fn data_range(&self, body: &Body<'_>) -> Result<Range<u64>, String> {
+        let (offset, len) = match *body {
+            Body::Write {
+                offset_bytes, data, ..
+            } => (offset_bytes, data.len() as u64),
+            Body::Trim {
+                offset_bytes,
+                len_bytes,
+            }
+            | Body::WriteZeroes {
+                offset_bytes,
+                len_bytes,
+            } => (offset_bytes, u64::from(len_bytes)),
+            Body::ResyncData {
+                region,
+                offset_in_region_bytes,
+                data,
+            } => {
+                let shift = self
+                    .replication
+                    .as_ref()
+                    .ok_or("resync data for a volume not replicated here")?
+                    .activity
+                    .region_shift();
+                let offset = region
+                    .0
+                    .checked_mul(1 << shift)
+                    .filter(|o| o >> shift == region.0)
+                    .and_then(|o| o.checked_add(u64::from(offset_in_region_bytes)))
+                    .ok_or("resync data past the volume's end")?;
+                (offset, data.len() as u64)
+            }
+            _ => return Ok(0..0),
+        };
+        let end = offset.checked_add(len).ok_or("range overflows")?;
+        Ok(offset..end)
     }
 
     fn fail(&mut self, ctx: &mut TaskCtx<'_>, reason: &str) {
@@ -243,6 +301,7 @@ impl ReplicaServe {
             peer = %self.opts.peer,
             "replica link closed: {reason}"
         );
+        self.set_status(PeerState::Behind, Some(reason));
         // The Goodbye goes after the frame in flight, if any; the socket shuts down once it
         // is sent (or the send fails).
         self.sender.clear();
@@ -268,6 +327,7 @@ impl ReplicaServe {
     }
 
     fn close(&mut self, ctx: &mut TaskCtx<'_>) {
+        self.set_status(PeerState::Behind, Some("the primary said goodbye"));
         self.closing = true;
         self.sender.clear();
         ctx.shutdown(self.fd.as_raw_fd());
@@ -296,10 +356,17 @@ impl ReactorTask for ReplicaServe {
         let port = self.port.clone().expect("port");
         while let Some(c) = port.pop() {
             work += 1;
-            let Some(kind) = self.in_flight.remove(&c.tag) else {
+            let Some((kind, _)) = self.in_flight.remove(&c.tag) else {
                 continue;
             };
             if self.closing {
+                continue;
+            }
+            if kind == FrameKind::ResyncDone {
+                // Not acknowledged: the adopted history is durable, or the link ends.
+                if let Err(e) = c.result {
+                    self.fail(ctx, &format!("cannot persist the adopted history: {e}"));
+                }
                 continue;
             }
             if let Err(e) = self.ack(kind, Seq(c.tag), c.result) {
@@ -318,8 +385,15 @@ impl ReactorTask for ReplicaServe {
         }
         // Poll again when the silence would be too long, even on a parked reactor.
         ctx.wake_within_ns((PEER_SILENCE_MS - silent_ms).saturating_mul(1_000_000));
+        if !self.asked {
+            self.asked = true;
+            if let Err(e) = self.ask_for_own_dirty_regions() {
+                self.fail(ctx, &e);
+                return work;
+            }
+        }
         let step = self
-            .submit_held_flush(ctx)
+            .submit_held(ctx)
             .and_then(|()| self.on_frames(ctx))
             .and_then(|()| {
                 if self.in_flight.len() < self.opts.max_in_flight.max(1) {

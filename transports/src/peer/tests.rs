@@ -156,6 +156,7 @@ impl Spec {
                 data: &self.data,
             },
             FrameKind::ResyncDone => Body::ResyncDone { first, count },
+            FrameKind::Generation => Body::Generation(self.x | 1),
             FrameKind::VerifyRequest => Body::VerifyRequest { first, count },
             FrameKind::VerifyReply => Body::VerifyReply {
                 first,
@@ -382,6 +383,11 @@ fn every_field_rule_is_enforced() {
     assert_eq!(
         field_error(K::ResyncDone, 0, u64::MAX, 1, &[]),
         "region range overflows"
+    );
+    assert_eq!(field_error(K::Generation, 0, 0, 0, &[]), "generation id 0");
+    assert_eq!(
+        field_error(K::Generation, 0, 7, 1, &[]),
+        "unused aux field is not zero"
     );
     assert_eq!(
         field_error(K::VerifyRequest, 0, 0, MAX_VERIFY_REGIONS + 1, &[]),

@@ -4,7 +4,7 @@
 
 use std::os::fd::AsRawFd;
 
-use ringblock_engine::replication::ReplicaOpKind;
+use ringblock_engine::replication::{PeerState, ReplicaOpKind};
 use ringblock_engine::task::TaskCtx;
 use ringblock_engine::{Errno, Port, Request, RequestKind};
 
@@ -28,7 +28,14 @@ impl PrimaryLink {
                     .mark_lacking(&volume, op.offset_bytes(), op.len_bytes());
             }
         }
-        for r in self.unflushed.iter().chain(&self.flushing) {
+        let resyncing = self.resync.unacknowledged();
+        for r in self
+            .unflushed
+            .iter()
+            .chain(&self.flushing)
+            .copied()
+            .chain(resyncing)
+        {
             self.link.mark_lacking(&volume, r << shift, 1 << shift);
         }
         if self.link.fall_behind() {
@@ -42,6 +49,10 @@ impl PrimaryLink {
             }
             volume.replication_changed();
         }
+        // Behind now, so writes mark every region: none is in the resync's hands.
+        self.link.resync_regions_clear();
+        let replica = &self.link.replication().replicas()[self.link.index()];
+        replica.status.set(PeerState::Behind, Some(reason));
         ctx.shutdown(self.fd.as_raw_fd());
         self.sender.clear();
         self.phase = Phase::Failing {
@@ -65,6 +76,7 @@ impl PrimaryLink {
         // Ops whose pages the kernel may still read wait for their send to end.
         if !self.sender.busy() {
             self.pending.clear();
+            self.resync.clear();
             self.cutting = None;
             orphans.extend(self.ops.drain().map(|(_, e)| e.op));
         }

@@ -10,7 +10,7 @@ use ringblock_engine::replication::{PeerState, Role};
 
 use super::watch::{TaskControl, Watched};
 use super::{lock, Serving, Shared, VolumeEntry};
-use crate::peer::convert::{node_id, to_wire};
+use crate::peer::convert::{from_wire, node_id, to_wire};
 use crate::peer::listener::{OnEstablished, SharedLookup};
 use crate::peer::{
     decide, monotonic_clock, Established, LinkDecision, LocalCopy, LocalVolume, ReplicaServe,
@@ -124,6 +124,10 @@ fn serve(shared: &Shared, est: Established) -> Result<(), String> {
         max_in_flight: SERVE_IN_FLIGHT,
         clock: monotonic_clock(),
         peer: format!("node {} at {}", peer.spec.node, est.peer),
+        primary_node: Some(peer.spec.node),
+        // Adopted at the end of the resync (with the generations the primary sends since).
+        primary_history: from_wire(&session.peer_history)
+            .map_err(|e| format!("volume {}: the primary's history: {e}", entry.name))?,
     };
     let replication = entry.replication.clone();
     let index = peer.index;
