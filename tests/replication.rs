@@ -243,7 +243,14 @@ fn a_killed_replica_resyncs_only_what_changed_and_a_promoted_replica_has_every_w
     );
 
     // Phase 1 with both nodes up: 32 MiB of writes, replicated synchronously.
-    let out = fio(&ra.uri(), root.path(), "one", 0, 32, &["--do_verify=0", "--end_fsync=1"]);
+    let out = fio(
+        &ra.uri(),
+        root.path(),
+        "one",
+        0,
+        32,
+        &["--do_verify=0", "--end_fsync=1"],
+    );
     assert!(out.ok(), "fio phase 1: {}", out.stderr);
 
     // Kill the replica; the primary keeps serving (degraded) while fio writes 8 MiB more.
@@ -264,7 +271,9 @@ fn a_killed_replica_resyncs_only_what_changed_and_a_promoted_replica_has_every_w
     let rb = b.start("replica", &a);
     let p = ra.wait_up_to_date("the restarted replica to catch up");
     let last = &p["last_resync"];
-    let resynced = last["done_bytes"].as_u64().unwrap_or_else(|| panic!("no resync: {p}"));
+    let resynced = last["done_bytes"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no resync: {p}"));
     assert!(last["finished_unix_ms"].as_u64().is_some(), "{p}");
     // The 8 MiB written meanwhile, plus at most the regions of the activity log (writes in
     // flight when the replica died): far from the whole volume.

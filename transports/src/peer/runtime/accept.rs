@@ -124,7 +124,8 @@ fn serve(shared: &Shared, est: Established) -> Result<(), String> {
         max_in_flight: SERVE_IN_FLIGHT,
         clock: monotonic_clock(),
         peer: format!("node {} at {}", peer.spec.node, est.peer),
-        primary_node: node_id(session.peer_node),
+        primary_node: Some(peer.spec.node),
+        // Adopted at the end of the resync (with the generations the primary sends since).
         primary_history: from_wire(&session.peer_history)
             .map_err(|e| format!("volume {}: the primary's history: {e}", entry.name))?,
     };
