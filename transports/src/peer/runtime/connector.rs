@@ -14,7 +14,7 @@ use ringblock_engine::ReactorId;
 
 use super::config::RuntimeError;
 use super::watch::{TaskControl, Watched};
-use super::{lock, ConnectorControl, PeerEntry, PrimarySide, Shared, VolumeEntry};
+use super::{lock, split_brain, ConnectorControl, PeerEntry, PrimarySide, Shared, VolumeEntry};
 use crate::peer::convert::{to_wire, wire_node_id};
 use crate::peer::{
     connect, decide, monotonic_clock, Backoff, ConnectConfig, InitiatorConfig, LinkDecision,
@@ -278,12 +278,7 @@ fn attempt(
         LinkDecision::UpToDate => None,
         LinkDecision::ResyncPeer { scope, .. } => Some(scope),
         LinkDecision::Diverged { common } => {
-            return Attempt::Diverged(format!(
-                "split brain: this copy and node {}'s both went on after generation {common}; \
-                 nothing moves until `ringblock volume resolve {} --discard NODE` runs on the \
-                 node whose changes are dropped",
-                p.spec.node, entry.name
-            ))
+            return Attempt::Diverged(split_brain(&p.spec.node.to_string(), &entry.name, common))
         }
         LinkDecision::Refuse(r) => return Attempt::Failed(format!("link refused: {r}")),
         LinkDecision::SyncTarget { .. } => {
