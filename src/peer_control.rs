@@ -200,6 +200,22 @@ impl ReplicationControl for RuntimeControl {
     }
 }
 
+/// A resync's progress as the API shows it.
+fn resync_status(
+    progress: &ringblock_engine::replication::ResyncProgress,
+    now_unix_ms: u64,
+) -> ResyncStatus {
+    let s = progress.snapshot(now_unix_ms);
+    ResyncStatus {
+        total_bytes: s.total_bytes,
+        done_bytes: s.done_bytes,
+        started_unix_ms: s.started_unix_ms,
+        finished_unix_ms: s.finished_unix_ms,
+        rate_bytes_per_s: s.rate_bytes_per_s,
+        eta_s: s.eta_s,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;
@@ -297,21 +313,5 @@ mod tests {
             .expect("the runtime let go of the engine")
             .shutdown()
             .unwrap();
-    }
-}
-
-/// A resync's progress as the API shows it.
-fn resync_status(
-    progress: &ringblock_engine::replication::ResyncProgress,
-    now_unix_ms: u64,
-) -> ResyncStatus {
-    let s = progress.snapshot(now_unix_ms);
-    ResyncStatus {
-        total_bytes: s.total_bytes,
-        done_bytes: s.done_bytes,
-        started_unix_ms: s.started_unix_ms,
-        finished_unix_ms: s.finished_unix_ms,
-        rate_bytes_per_s: s.rate_bytes_per_s,
-        eta_s: s.eta_s,
     }
 }

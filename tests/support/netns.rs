@@ -1,16 +1,17 @@
-//! Network namespaces a test makes and removes: two nodes, each reachable from the test on its
-//! own management link, and one replication link between them that the test cuts and heals.
+//! Network namespaces a test makes and removes: two nodes, each in its own namespace with its
+//! own loopback (where its API and NBD listen), and one replication link between them that the
+//! test cuts and heals.
 //!
 //! ```text
-//!  test (root namespace)                      node A ns                 node B ns
-//!  rbN-ma 10.R.1.1 ──── veth ──── mgmt 10.R.1.2
-//!  rbN-mb 10.R.2.1 ──── veth ────────────────────────────────────────── mgmt 10.R.2.2
-//!                                   repl 10.R.3.1 ──── veth ──── repl 10.R.3.2
+//!   node A ns                              node B ns
+//!   lo 127.0.0.1 (API, NBD)                lo 127.0.0.1 (API, NBD)
+//!   repl 10.R.3.1 ──────── veth ──────── repl 10.R.3.2
 //! ```
 //!
-//! `R` is picked per test process so concurrent tests never share addresses; every address is
-//! in 10.0.0.0/8 on links that exist only inside these namespaces, so no test traffic leaves
-//! the machine. Dropping the [`Pair`] deletes both namespaces (and with them every link).
+//! Nothing is added to the test's own namespace: the test reaches a node's loopback from a
+//! thread that joins the node's namespace ([`Pair::in_ns`]). The replication addresses exist
+//! only inside the two namespaces, so no test traffic can leave them. Dropping the [`Pair`]
+//! deletes both namespaces, and the veth with them.
 
 #![allow(dead_code)]
 
@@ -42,26 +43,25 @@ fn ip(args: &[&str]) {
     );
 }
 
-/// Two namespaces and their links.
+/// Two namespaces and the link between them.
 pub struct Pair {
     pub a: String,
     pub b: String,
-    /// Second octet of every address.
+    /// Second octet of the replication addresses.
     net: u8,
 }
 
 impl Pair {
-    /// Make the namespaces and links; `tag` (a few letters) keeps names of tests apart.
+    /// Make the namespaces and the link; `tag` (a few letters) keeps names of tests apart.
     pub fn new(tag: &str) -> Pair {
         let pid = std::process::id();
-        let net = 100 + (pid % 100) as u8;
         let n = format!("{tag}{}", pid % 10000);
         let pair = Pair {
             a: format!("rb{n}a"),
             b: format!("rb{n}b"),
-            net,
+            net: 100 + (pid % 100) as u8,
         };
-        // A leftover of a killed run with the same name goes first.
+        // A leftover of a killed run with the same names goes first.
         for ns in [&pair.a, &pair.b] {
             let _ = Command::new("ip")
                 .args(["netns", "del", ns])
@@ -73,45 +73,18 @@ impl Pair {
         for ns in [&pair.a, &pair.b] {
             ip(&["-n", ns, "link", "set", "lo", "up"]);
         }
-        let (ma, mb) = (format!("rb{n}ma"), format!("rb{n}mb"));
-        pair.veth(&ma, None, "mgmt", Some(&pair.a), 1);
-        pair.veth(&mb, None, "mgmt", Some(&pair.b), 2);
-        pair.veth("repl", Some(&pair.a), "repl", Some(&pair.b), 3);
-        pair
-    }
-
-    /// A veth pair: `left` in namespace `lns` (None: the test's) gets `10.net.subnet.1`,
-    /// `right` in `rns` gets `.2`.
-    fn veth(&self, left: &str, lns: Option<&str>, right: &str, rns: Option<&str>, subnet: u8) {
-        let tmp_l = format!("rbt{}l{subnet}", std::process::id() % 100000);
-        let tmp_r = format!("rbt{}r{subnet}", std::process::id() % 100000);
+        // Made in A with its peer moved to B: it never exists in the test's namespace.
         ip(&[
-            "link", "add", &tmp_l, "type", "veth", "peer", "name", &tmp_r,
+            "-n", &pair.a, "link", "add", "repl", "type", "veth", "peer", "name", "replb",
         ]);
-        for (tmp, name, ns, host) in [(&tmp_l, left, lns, 1), (&tmp_r, right, rns, 2)] {
-            let addr = format!("10.{}.{subnet}.{host}/24", self.net);
-            match ns {
-                Some(ns) => {
-                    ip(&["link", "set", tmp, "netns", ns, "name", name]);
-                    ip(&["-n", ns, "addr", "add", &addr, "dev", name]);
-                    ip(&["-n", ns, "link", "set", name, "up"]);
-                }
-                None => {
-                    ip(&["link", "set", tmp, "name", name]);
-                    ip(&["addr", "add", &addr, "dev", name]);
-                    ip(&["link", "set", name, "up"]);
-                }
-            }
+        ip(&["-n", &pair.a, "link", "set", "replb", "netns", &pair.b]);
+        ip(&["-n", &pair.b, "link", "set", "replb", "name", "repl"]);
+        for (ns, host) in [(&pair.a, 1), (&pair.b, 2)] {
+            let addr = format!("10.{}.3.{host}/24", pair.net);
+            ip(&["-n", ns, "addr", "add", &addr, "dev", "repl"]);
+            ip(&["-n", ns, "link", "set", "repl", "up"]);
         }
-    }
-
-    /// Node A's management address (API, NBD), reachable from the test.
-    pub fn mgmt_a(&self) -> String {
-        format!("10.{}.1.2", self.net)
-    }
-
-    pub fn mgmt_b(&self) -> String {
-        format!("10.{}.2.2", self.net)
+        pair
     }
 
     /// Node A's and B's addresses on the replication link.
@@ -134,6 +107,27 @@ impl Pair {
         ip(&["-n", &self.b, "link", "set", "repl", "up"]);
     }
 
+    /// Run `f` on a thread inside namespace `ns` (a network namespace is per thread), e.g. to
+    /// reach a node's loopback; its panic is the caller's.
+    pub fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+        use std::os::fd::AsRawFd;
+        let path = format!("/run/netns/{ns}");
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let file = std::fs::File::open(&path)
+                        .unwrap_or_else(|e| panic!("opening {path}: {e}"));
+                    // SAFETY: a valid fd of a network namespace; setns moves only this
+                    // thread, which ends with the scope.
+                    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                    assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+                    f()
+                })
+                .join()
+                .unwrap_or_else(|e| std::panic::resume_unwind(e))
+        })
+    }
+
     /// A command that runs `program` inside namespace `ns`.
     pub fn command(ns: &str, program: &str) -> Command {
         let mut c = Command::new("ip");
@@ -147,6 +141,5 @@ impl Drop for Pair {
         for ns in [&self.a, &self.b] {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
-        // The management veths' test-side ends go with their peers in the namespaces.
     }
 }
