@@ -38,6 +38,16 @@ enum Command {
     },
     /// Check a configuration file without starting anything.
     CheckConfig { file: PathBuf },
+    /// Print this node's id (what other nodes' `[[volume.replica]] node` names), made in the
+    /// state directory if there is none yet, exactly as `serve` would make it.
+    NodeId {
+        /// State directory (default: `[web] state_dir` of --config, else the per-user one).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Configuration file whose `[web] state_dir` to use.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Manage volumes of a running daemon through its web API.
     Volume {
         #[command(flatten)]
@@ -96,6 +106,24 @@ fn check_replication(cfg: config::DaemonConfig) -> anyhow::Result<Vec<String>> {
     Ok(replication::describe(&cfg, node))
 }
 
+/// `node-id`: this node's id, made if there is none.
+fn print_node_id(
+    state_dir: Option<PathBuf>,
+    config: Option<PathBuf>,
+) -> Result<(), serve::Failure> {
+    let cfg = match config {
+        Some(path) => config::DaemonConfig::load(&path).map_err(serve::Failure::Config)?,
+        None => config::DaemonConfig::embedded_default(),
+    };
+    let dir = web::state_dir(&state_dir, &cfg)?;
+    let (id, made) = node_id::load_or_create(&dir).map_err(serve::Failure::Config)?;
+    if made {
+        eprintln!("made this node's id in {}", node_id::path(&dir).display());
+    }
+    println!("{id}");
+    Ok(())
+}
+
 #[cfg(test)]
 mod cli_tests;
 
@@ -142,6 +170,7 @@ fn main() -> ExitCode {
         Command::Volume { api, command } => web::run_volume(&api, command),
         Command::Status { api } => web::run_status(&api),
         Command::Token { command } => web::run_token(command),
+        Command::NodeId { state_dir, config } => print_node_id(state_dir, config),
         Command::CheckConfig { file } => {
             match config::DaemonConfig::load(&file).and_then(check_replication) {
                 Ok(lines) => {

@@ -135,15 +135,13 @@ impl ReplicationControl for RuntimeControl {
                             },
                             lag_bytes: 0,
                             lag_ms: None,
-                            resync: (state == PeerState::Resyncing).then(|| {
-                                let s = replica.status.resync.snapshot(now);
-                                ResyncStatus {
-                                    total_bytes: s.total_bytes,
-                                    done_bytes: s.done_bytes,
-                                    rate_bytes_per_s: s.rate_bytes_per_s,
-                                    eta_s: s.eta_s,
-                                }
-                            }),
+                            resync: (state == PeerState::Resyncing)
+                                .then(|| resync_status(&replica.status.resync, now)),
+                            last_resync: replica
+                                .status
+                                .resync
+                                .ever_started()
+                                .then(|| resync_status(&replica.status.resync, now)),
                         }
                     })
                     .collect();
@@ -199,6 +197,22 @@ impl ReplicationControl for RuntimeControl {
         self.runtime
             .resolve(volume, node(discard)?)
             .map_err(control_error)
+    }
+}
+
+/// A resync's progress as the API shows it.
+fn resync_status(
+    progress: &ringblock_engine::replication::ResyncProgress,
+    now_unix_ms: u64,
+) -> ResyncStatus {
+    let s = progress.snapshot(now_unix_ms);
+    ResyncStatus {
+        total_bytes: s.total_bytes,
+        done_bytes: s.done_bytes,
+        started_unix_ms: s.started_unix_ms,
+        finished_unix_ms: s.finished_unix_ms,
+        rate_bytes_per_s: s.rate_bytes_per_s,
+        eta_s: s.eta_s,
     }
 }
 

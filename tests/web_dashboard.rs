@@ -267,6 +267,16 @@ fn show_replication(page: &mut Cdp) {
                 resync: Some(ResyncStatus {
                     total_bytes: 128 * MIB,
                     done_bytes: 32 * MIB,
+                    started_unix_ms: 1,
+                    finished_unix_ms: None,
+                    rate_bytes_per_s: (16 * MIB) as f64,
+                    eta_s: Some(6.0),
+                }),
+                last_resync: Some(ResyncStatus {
+                    total_bytes: 128 * MIB,
+                    done_bytes: 32 * MIB,
+                    started_unix_ms: 1,
+                    finished_unix_ms: None,
                     rate_bytes_per_s: (16 * MIB) as f64,
                     eta_s: Some(6.0),
                 }),

@@ -515,11 +515,14 @@ fn a_forced_promote_cuts_the_primary_off() {
     replica.promote("a", true).unwrap();
     assert_eq!(view(&replica).replication.role(), Role::Primary);
     assert_eq!(view(&replica).primary_connected, None);
-    // Two primaries now: the old one is refused (this node no longer takes a primary's
-    // link for the volume) and says so.
-    wait_for("the old primary refused", || {
+    // Two primaries now, each with a generation the other lacks: the old one completes the
+    // handshake, sees the split brain and starts no link; the new one says so too.
+    wait_for("the old primary to see the split brain", || {
         let (state, reason) = peer_state(&primary);
-        state == PeerState::Connecting && reason.is_some_and(|r| r.contains("refused"))
+        state == PeerState::Diverged && reason.is_some_and(|r| r.contains("split brain"))
+    });
+    wait_for("the new primary to see the split brain", || {
+        peer_state(&replica).0 == PeerState::Diverged
     });
     assert_eq!(view(&primary).link_starts, vec![1]);
     primary.stop();

@@ -218,6 +218,7 @@ mod tests {
                     lag_bytes: 4096,
                     lag_ms: Some(3),
                     resync: None,
+                    last_resync: None,
                 }],
             }],
             ..Default::default()

@@ -59,14 +59,20 @@ pub struct PeerReplicationStatus {
     pub lag_bytes: u64,
     /// Age of the oldest unacknowledged write, if any.
     pub lag_ms: Option<u64>,
+    /// The resync in progress.
     pub resync: Option<ResyncStatus>,
+    /// The most recent resync since the daemon started, running or ended.
+    pub last_resync: Option<ResyncStatus>,
 }
 
-/// A resync in progress.
+/// A resync: what it set out to copy, what it copied, and how fast.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ResyncStatus {
     pub total_bytes: u64,
     pub done_bytes: u64,
+    pub started_unix_ms: u64,
+    /// None while it runs.
+    pub finished_unix_ms: Option<u64>,
     pub rate_bytes_per_s: f64,
     pub eta_s: Option<f64>,
 }

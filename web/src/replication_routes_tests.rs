@@ -95,6 +95,7 @@ impl ReplicationControl for FakeControl {
                     lag_bytes: 8192,
                     lag_ms: Some(2),
                     resync: None,
+                    last_resync: None,
                 }],
             }],
         }

@@ -161,6 +161,16 @@ mod tests {
                         resync: Some(ResyncStatus {
                             total_bytes: 4 << 30,
                             done_bytes: 1 << 30,
+                            started_unix_ms: 1,
+                            finished_unix_ms: None,
+                            rate_bytes_per_s: (100 << 20) as f64,
+                            eta_s: Some(95.0),
+                        }),
+                        last_resync: Some(ResyncStatus {
+                            total_bytes: 4 << 30,
+                            done_bytes: 1 << 30,
+                            started_unix_ms: 1,
+                            finished_unix_ms: None,
                             rate_bytes_per_s: (100 << 20) as f64,
                             eta_s: Some(95.0),
                         }),

@@ -70,6 +70,8 @@ pub struct ResyncProgress {
     total_bytes: AtomicU64,
     done_bytes: AtomicU64,
     started_unix_ms: AtomicU64,
+    /// When it ended (0: running, or none ever started).
+    finished_unix_ms: AtomicU64,
 }
 
 /// A consistent-enough copy of [`ResyncProgress`] with the rate and ETA worked out.
@@ -78,6 +80,8 @@ pub struct ResyncSnapshot {
     pub total_bytes: u64,
     pub done_bytes: u64,
     pub started_unix_ms: u64,
+    /// When it ended (None while it runs).
+    pub finished_unix_ms: Option<u64>,
     /// Bytes per second since the start (0 before a second has passed with progress).
     pub rate_bytes_per_s: f64,
     /// Seconds left at that rate (None while the rate is unknown).
@@ -90,6 +94,18 @@ impl ResyncProgress {
         self.done_bytes.store(0, Ordering::Relaxed);
         self.total_bytes.store(total_bytes, Ordering::Relaxed);
         self.started_unix_ms.store(now_unix_ms, Ordering::Relaxed);
+        self.finished_unix_ms.store(0, Ordering::Relaxed);
+    }
+
+    /// The resync ended (the replica is up to date, or the link failed) at `now_unix_ms`.
+    pub fn finish(&self, now_unix_ms: u64) {
+        self.finished_unix_ms
+            .store(now_unix_ms.max(1), Ordering::Relaxed);
+    }
+
+    /// Whether a resync ever started in this daemon's life.
+    pub fn ever_started(&self) -> bool {
+        self.started_unix_ms.load(Ordering::Relaxed) != 0
     }
 
     /// Writes dirtied `bytes` more while the resync ran.
@@ -106,18 +122,24 @@ impl ResyncProgress {
         let total_bytes = self.total_bytes.load(Ordering::Relaxed);
         let done_bytes = self.done_bytes.load(Ordering::Relaxed);
         let started_unix_ms = self.started_unix_ms.load(Ordering::Relaxed);
-        let elapsed_s = now_unix_ms.saturating_sub(started_unix_ms) as f64 / 1000.0;
+        let finished_unix_ms = match self.finished_unix_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(ms),
+        };
+        let until_ms = finished_unix_ms.unwrap_or(now_unix_ms);
+        let elapsed_s = until_ms.saturating_sub(started_unix_ms) as f64 / 1000.0;
         let rate_bytes_per_s = if started_unix_ms == 0 || elapsed_s < 1.0 {
             0.0
         } else {
             done_bytes as f64 / elapsed_s
         };
-        let eta_s = (rate_bytes_per_s > 0.0)
+        let eta_s = (rate_bytes_per_s > 0.0 && finished_unix_ms.is_none())
             .then(|| total_bytes.saturating_sub(done_bytes) as f64 / rate_bytes_per_s);
         ResyncSnapshot {
             total_bytes,
             done_bytes,
             started_unix_ms,
+            finished_unix_ms,
             rate_bytes_per_s,
             eta_s,
         }
@@ -218,5 +240,10 @@ mod tests {
         assert_eq!(s.eta_s, Some(3.0));
         p.add_total(200);
         assert_eq!(p.snapshot(12_000).eta_s, Some(4.0));
+        p.add_done(800);
+        p.finish(14_000);
+        let done = p.snapshot(60_000);
+        assert_eq!((done.finished_unix_ms, done.eta_s), (Some(14_000), None));
+        assert_eq!(done.rate_bytes_per_s, 300.0, "the rate stops at the end");
     }
 }

@@ -178,6 +178,7 @@ fn open(address: &PeerAddress, timeout: Duration) -> Result<Conn, ConnectError> 
                     Ok(s) => {
                         // Frames are small and latency matters: no Nagle delay.
                         let _ = s.set_nodelay(true);
+                        super::abort_when_unacknowledged(&s);
                         return Ok(Conn::Tcp(s));
                     }
                     Err(e) => last = Some(e),

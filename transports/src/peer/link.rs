@@ -142,6 +142,9 @@ pub struct PrimaryLink {
     followed: Option<GenerationId>,
     /// `VolumeReplication::history_changes` when the history was last looked at.
     history_seen: u64,
+    /// The resync ended: a Flush of the link's own follows, so the resynced regions leave
+    /// `unflushed` (otherwise a failure before the first client flush marks them all again).
+    flush_after_resync: bool,
 }
 
 impl PrimaryLink {
@@ -173,6 +176,7 @@ impl PrimaryLink {
             broken: None,
             unflushed: BTreeSet::new(),
             flushing: BTreeSet::new(),
+            flush_after_resync: false,
             newest_flush: None,
             last_send_ms: now,
             port: None,
@@ -520,6 +524,11 @@ impl ReactorTask for PrimaryLink {
                 match self.step_resync(ctx, now) {
                     Ok(n) => work += n,
                     Err(e) => self.fail(ctx, &e),
+                }
+                if self.flush_after_resync && self.window_has_room() {
+                    self.flush_after_resync = false;
+                    self.frame_small(Body::Flush, None, now);
+                    work += 1;
                 }
                 if let Err(e) = self.recv.arm(ctx) {
                     self.fail(ctx, &format!("cannot receive: {e}"));

@@ -197,3 +197,34 @@ pub enum PeerError {
     #[error("cannot draw a nonce from the OS random number generator: {reason}")]
     Random { reason: String },
 }
+
+/// A peer's TCP connection on which sent data stays unacknowledged this long is aborted by the
+/// kernel (`TCP_USER_TIMEOUT`): the link's own acknowledgement timeout.
+pub const TCP_USER_TIMEOUT_MS: u32 = link::ACK_TIMEOUT_MS as u32;
+
+/// Set [`TCP_USER_TIMEOUT_MS`] on a peer's socket. Without it a peer cut off by the network
+/// keeps the connection retransmitting for many minutes, and with it the pages of every
+/// zero-copy send still queued: the kernel reports them free only once the connection ends,
+/// and the client writes those pages belong to cannot complete until then. With it, the
+/// kernel drops the connection (and the queue) soon after the link gave up on the peer.
+pub(crate) fn abort_when_unacknowledged(s: &std::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    let ms: libc::c_uint = TCP_USER_TIMEOUT_MS;
+    // SAFETY: a valid socket fd, and an option value of the size the kernel expects for
+    // TCP_USER_TIMEOUT (an unsigned int), living across the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            (&ms as *const libc::c_uint).cast(),
+            std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::warn!(
+            "peer: cannot set TCP_USER_TIMEOUT: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}

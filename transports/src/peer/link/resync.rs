@@ -452,9 +452,14 @@ impl PrimaryLink {
             },
         );
         self.resync.phase = ResyncPhase::Done;
+        self.flush_after_resync = true;
         let replica = &replication.replicas()[self.link.index()];
         replica.set_since(None);
         replica.set_full_sync(false);
+        replica
+            .status
+            .resync
+            .finish(ringblock_engine::replication::status::unix_ms());
         replica.status.set(PeerState::UpToDate, None);
         self.handle.volume().replication_changed();
         tracing::info!(

@@ -58,6 +58,7 @@ fn on_accept(inner: &Arc<Inner>, conn: Conn, label: &str) {
     if let Conn::Tcp(s) = &conn {
         let _ = s.set_nodelay(true);
         let _ = nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::KeepAlive, &true);
+        crate::peer::abort_when_unacknowledged(s);
     }
     let peer = conn.peer();
     let addr = conn.peer_ip();

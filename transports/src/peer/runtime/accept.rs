@@ -1,6 +1,8 @@
-//! The listening side: which volumes a peer may connect for (replica copies only), and what
-//! an established connection becomes (one `ReplicaServe` task per volume, from a configured
-//! peer, while the permit is held).
+//! The listening side: which volumes a peer may connect for, and what an established
+//! connection becomes (one `ReplicaServe` task per replica copy, from a configured peer, while
+//! the permit is held). A primary copy completes the handshake too, so that two primaries of
+//! one volume (a forced promotion during a partition) both see the split brain, and then
+//! refuses the connection.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -9,7 +11,7 @@ use ringblock_engine::replication::status::unix_ms;
 use ringblock_engine::replication::{PeerState, Role};
 
 use super::watch::{TaskControl, Watched};
-use super::{lock, Serving, Shared, VolumeEntry};
+use super::{lock, split_brain, Serving, Shared, VolumeEntry};
 use crate::peer::convert::{from_wire, node_id, to_wire};
 use crate::peer::listener::{OnEstablished, SharedLookup};
 use crate::peer::{
@@ -20,16 +22,13 @@ use crate::peer::{
 /// Engine requests a replica's serve task keeps in flight.
 const SERVE_IN_FLIGHT: usize = 32;
 
-/// The replica copies this node holds, as the handshake tells them. A primary copy is not
-/// offered: the peer is told `UnknownVolume`.
+/// The copies this node holds, as the handshake tells them (only to a peer that proved it
+/// holds the cluster secret).
 pub(super) fn lookup(shared: &Arc<Shared>) -> SharedLookup {
     let shared = Arc::downgrade(shared);
     Arc::new(move |id: ReplicatedVolumeId| {
         let shared = shared.upgrade()?;
         let entry = shared.volumes.iter().find(|v| v.id == id)?;
-        if entry.replication.role() != Role::Replica {
-            return None;
-        }
         Some(LocalVolume {
             volume_size_bytes: entry.volume.size_bytes(),
             region_size_bytes: 1u32 << entry.replication.activity.region_shift(),
@@ -70,6 +69,13 @@ fn serve(shared: &Shared, est: Established) -> Result<(), String> {
     let status = &entry.replication.replicas()[peer.index].status;
     let _ops = lock(&entry.ops);
     if entry.replication.role() != Role::Replica {
+        let local = LocalCopy::from_state(&entry.replication, session.peer_node);
+        if let LinkDecision::Diverged { common } = decide(&local, session) {
+            let reason = split_brain(&peer.spec.node.to_string(), &entry.name, common);
+            tracing::error!(volume = %entry.name, node = %peer.spec.node, "peer: {reason}");
+            status.set(PeerState::Diverged, Some(&reason));
+            return Err(reason);
+        }
         return Err(format!(
             "volume {}: this copy is the primary; node {} may not connect as one",
             entry.name, peer.spec.node
@@ -94,12 +100,7 @@ fn serve(shared: &Shared, est: Established) -> Result<(), String> {
             Some("this copy lacks writes; the primary resyncs it"),
         ),
         LinkDecision::Diverged { common } => {
-            let reason = format!(
-                "split brain: this copy and node {}'s both went on after generation {common}; \
-                 nothing moves until `ringblock volume resolve {} --discard NODE` runs on the \
-                 node whose changes are dropped",
-                peer.spec.node, entry.name
-            );
+            let reason = split_brain(&peer.spec.node.to_string(), &entry.name, common);
             status.set(PeerState::Diverged, Some(&reason));
             return Err(reason);
         }

@@ -14,7 +14,7 @@ use ringblock_engine::ReactorId;
 
 use super::config::RuntimeError;
 use super::watch::{TaskControl, Watched};
-use super::{lock, ConnectorControl, PeerEntry, PrimarySide, Shared, VolumeEntry};
+use super::{lock, split_brain, ConnectorControl, PeerEntry, PrimarySide, Shared, VolumeEntry};
 use crate::peer::convert::{to_wire, wire_node_id};
 use crate::peer::{
     connect, decide, monotonic_clock, Backoff, ConnectConfig, InitiatorConfig, LinkDecision,
@@ -278,12 +278,7 @@ fn attempt(
         LinkDecision::UpToDate => None,
         LinkDecision::ResyncPeer { scope, .. } => Some(scope),
         LinkDecision::Diverged { common } => {
-            return Attempt::Diverged(format!(
-                "split brain: this copy and node {}'s both went on after generation {common}; \
-                 nothing moves until `ringblock volume resolve {} --discard NODE` runs on the \
-                 node whose changes are dropped",
-                p.spec.node, entry.name
-            ))
+            return Attempt::Diverged(split_brain(&p.spec.node.to_string(), &entry.name, common))
         }
         LinkDecision::Refuse(r) => return Attempt::Failed(format!("link refused: {r}")),
         LinkDecision::SyncTarget { .. } => {
@@ -298,7 +293,7 @@ fn attempt(
         Ok(h) => h,
         Err(e) => return Attempt::Failed(format!("cannot open the volume: {e}")),
     };
-    if let Err(reason) = prepare_link(shared, entry, p, link, scope) {
+    if let Err(reason) = prepare_link(shared, entry, p, scope) {
         return Attempt::Failed(reason);
     }
     status.set_connected(Some(unix_ms()));
@@ -362,13 +357,11 @@ fn wrong_peer(entry: &VolumeEntry, p: &PeerEntry, session: &Session) -> Option<S
     })
 }
 
-/// Before a link task moves data: a full resync marks the whole bitmap (durably), and a
-/// replica with nothing to catch up on joins the fan-out at once.
+/// Before a link task moves data: a full resync marks the whole bitmap (durably).
 fn prepare_link(
     shared: &Shared,
     entry: &VolumeEntry,
     p: &PeerEntry,
-    link: &ReplicaLink,
     scope: Option<ResyncScope>,
 ) -> Result<(), String> {
     let replica = &entry.replication.replicas()[p.index];
@@ -382,17 +375,12 @@ fn prepare_link(
                 .map_err(|e| e.to_string())?;
         }
     }
+    // The link task enters the fan-out as resyncing, copies what the bitmap holds (nothing,
+    // for a replica that lacks nothing) and then declares itself up to date.
     let dirty_bytes = replica.dirty.dirty_bytes(entry.volume.size_bytes());
-    if dirty_bytes == 0 && !replica.full_sync() {
-        // Nothing to copy: the replica holds every write (an empty bitmap since the
-        // generation it stopped at). `since` stays: the bitmap still counts from there.
-        link.set_up_to_date();
-        replica.status.set(PeerState::UpToDate, None);
-    } else {
-        replica.status.set(
-            PeerState::Behind,
-            Some(&format!("needs a resync of {dirty_bytes} bytes")),
-        );
-    }
+    replica.status.set(
+        PeerState::Resyncing,
+        Some(&format!("starting a resync of {dirty_bytes} bytes")),
+    );
     Ok(())
 }

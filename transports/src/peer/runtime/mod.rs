@@ -385,3 +385,16 @@ fn start_listener(shared: &Arc<Shared>, at: &ListenAddress) -> Result<PeerListen
     PeerListener::start(cfg, lookup, on_established)
         .map_err(|e| RuntimeError::Failed(format!("peer listener: {e}")))
 }
+
+/// What a split brain of `volume` with `node` says to the operator (log and status).
+pub(super) fn split_brain(
+    node: &str,
+    volume: &str,
+    common: ringblock_engine::replication::GenerationId,
+) -> String {
+    format!(
+        "split brain: this copy and node {node}'s both went on after generation {common}; \
+         nothing moves until `ringblock replica resolve {volume} --discard NODE` runs on the \
+         node whose changes are dropped (demoted first if it is a primary)"
+    )
+}

@@ -1,0 +1,401 @@
+//! Replication between real daemons on loopback: two `ringblock serve` processes with their own
+//! state directories, file devices and ports, a sync replica, and real clients (`fio` with its
+//! nbd engine and crc32c verification).
+//!
+//! - A replica killed with SIGKILL under load: the primary keeps serving; the restarted
+//!   replica is caught up from the dirty bitmap only (about what was written meanwhile, not
+//!   the whole volume), and after a clean stop of the primary and a promotion the replica
+//!   holds every write fio verifies.
+//! - The primary killed with SIGKILL under load: the replica is promoted and
+//!   `fio --verify_only` with the state fio saved finds every acknowledged write.
+//! - A replica refuses to export its copy.
+
+mod common;
+#[path = "support/required.rs"]
+mod required;
+
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{http_auth, run_tool, wait_for, web_endpoint, write_file, Daemon};
+
+const MIB: u64 = 1 << 20;
+const DEVICE_BYTES: u64 = 256 * MIB;
+const VOLUME_BYTES: u64 = 96 * MIB;
+const PRIMARY_ID: &str = "0123456789abcdef0123456789abcdef";
+const REPLICA_ID: &str = "fedcba9876543210fedcba9876543210";
+/// Bound on waiting for a replica to become up to date (a resync of a few MiB on loopback).
+const SYNC_LIMIT: Duration = Duration::from_secs(120);
+
+/// A free TCP port on 127.0.0.1 (bound and released: the daemon binds it right after).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One node: its directory (state, device file, config, secret) and its ports.
+struct Node {
+    dir: PathBuf,
+    id: &'static str,
+    peer_port: u16,
+    nbd_port: u16,
+}
+
+impl Node {
+    fn new(root: &Path, name: &str, id: &'static str) -> Node {
+        let dir = root.join(name);
+        std::fs::create_dir_all(dir.join("state")).unwrap();
+        std::fs::set_permissions(dir.join("state"), std::fs::Permissions::from_mode(0o700))
+            .unwrap();
+        let idf = dir.join("state/node-id");
+        std::fs::write(&idf, format!("{id}\n")).unwrap();
+        std::fs::set_permissions(&idf, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let secret = dir.join("cluster.secret");
+        std::fs::write(&secret, "correct horse battery staple\n").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        Node {
+            dir,
+            id,
+            peer_port: free_port(),
+            nbd_port: free_port(),
+        }
+    }
+
+    /// The config: this node's copy of volume `v` with `role`, `other` as its peer.
+    fn config(&self, role: &str, other: &Node) -> String {
+        write_file(
+            &self.dir,
+            "ringblock.toml",
+            &format!(
+                "[peer]\ncluster_id = \"e2e\"\nlisten = \"127.0.0.1:{}\"\nsecret_file = \"{}\"\n\n\
+                 [[device]]\nname = \"d0\"\nkind = \"file\"\npath = \"{}\"\nsize_bytes = {DEVICE_BYTES}\n\n\
+                 [[volume]]\nname = \"v\"\ndevice = \"d0\"\nsize_bytes = {VOLUME_BYTES}\nrole = \"{role}\"\n\n\
+                 [[volume.replica]]\nnode = \"{}\"\naddress = \"127.0.0.1:{}\"\nmode = \"sync\"\n",
+                self.peer_port,
+                self.dir.join("cluster.secret").display(),
+                self.dir.join("d0.img").display(),
+                other.id,
+                other.peer_port,
+            ),
+        )
+    }
+
+    fn start(&self, role: &str, other: &Node) -> Running {
+        let cfg = self.config(role, other);
+        let nbd = format!("127.0.0.1:{}", self.nbd_port);
+        let state = self.dir.join("state");
+        let log = std::fs::File::create(self.dir.join("daemon.log")).unwrap();
+        let daemon = Daemon::start_with_stderr(
+            &[
+                "--config",
+                &cfg,
+                "--listen",
+                &nbd,
+                "--web-listen",
+                "127.0.0.1:0",
+                "--state-dir",
+                state.to_str().unwrap(),
+            ],
+            Stdio::from(log),
+        );
+        let (web, token) = web_endpoint(&daemon);
+        let token = match token {
+            Some(t) => {
+                std::fs::write(self.dir.join("token"), &t).unwrap();
+                t
+            }
+            None => std::fs::read_to_string(self.dir.join("token")).unwrap(),
+        };
+        Running {
+            daemon,
+            web,
+            token,
+            nbd,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+}
+
+struct Running {
+    daemon: Daemon,
+    web: String,
+    token: String,
+    nbd: String,
+}
+
+impl Running {
+    fn get(&self, path: &str) -> serde_json::Value {
+        let r = http_auth(&self.web, &self.token, "GET", path, &[], None);
+        assert_eq!(r.status, 200, "GET {path}: {}", r.error());
+        r.json()
+    }
+
+    fn post(&self, path: &str, body: &str) -> (u16, serde_json::Value) {
+        let r = http_auth(
+            &self.web,
+            &self.token,
+            "POST",
+            path,
+            &[("Content-Type", "application/json")],
+            Some(body.as_bytes()),
+        );
+        let status = r.status;
+        (status, r.json())
+    }
+
+    /// This node's view of its peer of volume `v`.
+    fn peer(&self) -> serde_json::Value {
+        let s = self.get("/api/replication");
+        s["volumes"]
+            .as_array()
+            .and_then(|v| v.iter().find(|v| v["volume"] == "v"))
+            .and_then(|v| v["peers"].get(0).cloned())
+            .unwrap_or_else(|| panic!("no peer of volume v in {s}"))
+    }
+
+    fn wait_up_to_date(&self, what: &str) -> serde_json::Value {
+        wait_for(SYNC_LIMIT, what, || {
+            let p = self.peer();
+            (p["state"] == "up-to-date").then_some(p)
+        })
+    }
+
+    fn uri(&self) -> String {
+        format!("nbd://{}/v", self.nbd)
+    }
+}
+
+/// fio over NBD: `rw` on `offset..+size` with crc32c headers; `extra` adds options.
+fn fio(
+    uri: &str,
+    dir: &Path,
+    name: &str,
+    offset_mib: u64,
+    size_mib: u64,
+    extra: &[&str],
+) -> common::ToolOutput {
+    let uri = format!("--uri={uri}");
+    let offset = format!("--offset={offset_mib}m");
+    let size = format!("--size={size_mib}m");
+    let name = format!("--name={name}");
+    let mut args = vec![
+        name.as_str(),
+        "--ioengine=nbd",
+        uri.as_str(),
+        "--rw=randwrite",
+        "--bs=4k",
+        offset.as_str(),
+        size.as_str(),
+        "--iodepth=8",
+        "--verify=crc32c",
+        "--verify_fatal=1",
+        "--randrepeat=1",
+        "--output-format=json",
+    ];
+    args.extend_from_slice(extra);
+    let _ = dir;
+    run_tool(300, "fio", &args, &[])
+}
+
+fn tools_present(test: &str) -> bool {
+    for t in ["fio", "nbdinfo"] {
+        if !common::have_tool(t) {
+            required::skip(test, &format!("{t} is not installed"));
+            return false;
+        }
+    }
+    true
+}
+
+#[test]
+fn a_killed_replica_resyncs_only_what_changed_and_a_promoted_replica_has_every_write() {
+    const T: &str =
+        "a_killed_replica_resyncs_only_what_changed_and_a_promoted_replica_has_every_write";
+    if !tools_present(T) {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        Node::new(root.path(), "a", PRIMARY_ID),
+        Node::new(root.path(), "b", REPLICA_ID),
+    );
+    let rb = b.start("replica", &a);
+    let ra = a.start("primary", &b);
+    ra.wait_up_to_date("the new replica to come up to date");
+
+    // The replica refuses to export its copy, saying why.
+    // (libnbd shows the server's message only in its debug output.)
+    let info = run_tool(30, "nbdinfo", &[&rb.uri()], &[("LIBNBD_DEBUG", "1")]);
+    assert!(!info.ok(), "a replica exported its copy: {}", info.stdout);
+    assert!(
+        info.stderr.contains("replica"),
+        "the refusal does not say why: {}",
+        info.stderr
+    );
+
+    // Phase 1 with both nodes up: 32 MiB of writes, replicated synchronously.
+    let out = fio(
+        &ra.uri(),
+        root.path(),
+        "one",
+        0,
+        32,
+        &["--do_verify=0", "--end_fsync=1"],
+    );
+    assert!(out.ok(), "fio phase 1: {}", out.stderr);
+
+    // Kill the replica; the primary keeps serving (degraded) while fio writes 8 MiB more.
+    rb.daemon.kill();
+    let out = fio(&ra.uri(), root.path(), "two", 48, 8, &["--do_verify=0"]);
+    assert!(
+        out.ok(),
+        "fio with the replica gone: {}\n{}",
+        out.stderr,
+        a.log()
+    );
+    let p = ra.peer();
+    assert_ne!(p["state"], "up-to-date", "{p}");
+    let dirty = p["dirty_bytes"].as_u64().unwrap();
+    assert!(dirty >= 8 * MIB, "the bitmap misses writes: {p}");
+
+    // Restarted, the replica gets only the dirty regions.
+    let rb = b.start("replica", &a);
+    let p = ra.wait_up_to_date("the restarted replica to catch up");
+    let last = &p["last_resync"];
+    let resynced = last["done_bytes"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no resync: {p}"));
+    assert!(last["finished_unix_ms"].as_u64().is_some(), "{p}");
+    // The 8 MiB written meanwhile, plus at most the regions of the activity log (writes in
+    // flight when the replica died): far from the whole volume.
+    assert!(
+        (8 * MIB..=8 * MIB + 16 * MIB).contains(&resynced),
+        "resynced {resynced} bytes for 8 MiB written while the replica was down (volume {VOLUME_BYTES}): {p}\nprimary log:\n{}\nreplica log:\n{}",
+        a.log(),
+        b.log()
+    );
+    // Both phases verify on the primary.
+    for (name, off, size) in [("one", 0, 32), ("two", 48, 8)] {
+        let out = fio(&ra.uri(), root.path(), name, off, size, &["--verify_only"]);
+        assert!(out.ok(), "fio verify {name} on the primary: {}", out.stderr);
+    }
+    // Stop the primary cleanly, promote the replica: it holds every write.
+    ra.daemon.stop_clean();
+    let (status, body) = rb.post("/api/volumes/v/promote", "{\"force\": false}");
+    assert_eq!(status, 200, "promote: {body}");
+    for (name, off, size) in [("one", 0, 32), ("two", 48, 8)] {
+        let out = fio(&rb.uri(), root.path(), name, off, size, &["--verify_only"]);
+        assert!(
+            out.ok(),
+            "fio verify {name} on the promoted replica: {}\n{}",
+            out.stderr,
+            b.log()
+        );
+    }
+    rb.daemon.stop_clean();
+}
+
+#[test]
+fn a_promoted_replica_holds_every_write_acknowledged_before_the_primary_was_killed() {
+    const T: &str =
+        "a_promoted_replica_holds_every_write_acknowledged_before_the_primary_was_killed";
+    if !tools_present(T) {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        Node::new(root.path(), "a", PRIMARY_ID),
+        Node::new(root.path(), "b", REPLICA_ID),
+    );
+    let rb = b.start("replica", &a);
+    let ra = a.start("primary", &b);
+    ra.wait_up_to_date("the new replica to come up to date");
+
+    // fio writes with its verify state saved; the primary dies under it. At queue depth 1:
+    // fio 3.33's saved state trusts every write but the last `iodepth` issued, and when the
+    // server dies under a deeper queue a write that failed with it was sometimes expected on
+    // read-back (never at depth 1, and never in the verifies that follow no crash).
+    let state_dir = root.path().join("fio");
+    std::fs::create_dir_all(&state_dir).unwrap();
+    let uri = format!("--uri={}", ra.uri());
+    let mut fio = Command::new("fio")
+        .current_dir(&state_dir)
+        .args([
+            "--name=crash",
+            "--ioengine=nbd",
+            &uri,
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=64m",
+            "--iodepth=1",
+            "--verify=crc32c",
+            "--do_verify=0",
+            "--verify_state_save=1",
+            "--rate_iops=2000",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    ra.daemon.kill();
+    let _ = wait_for(Duration::from_secs(60), "fio to notice", || {
+        fio.try_wait().ok().flatten()
+    });
+
+    let (status, body) = rb.post("/api/volumes/v/promote", "{\"force\": false}");
+    assert_eq!(status, 200, "promote with the primary gone: {body}");
+    let uri = format!("--uri={}", rb.uri());
+    let out = Command::new("fio")
+        .current_dir(&state_dir)
+        .args([
+            "--name=crash",
+            "--ioengine=nbd",
+            &uri,
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=64m",
+            "--iodepth=1",
+            "--verify=crc32c",
+            "--verify_only",
+            "--verify_state_load=1",
+            "--verify_fatal=1",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "fio --verify_only on the promoted replica: {}\nreplica log:\n{}\nprimary log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        b.log(),
+        a.log()
+    );
+    rb.daemon.stop_clean();
+}
+
+#[test]
+fn node_id_makes_the_id_once_and_serve_uses_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let state = state.to_str().unwrap();
+    let (code, first, _) = common::run(&["node-id", "--state-dir", state]);
+    assert_eq!(code, 0);
+    let id = first.trim().to_string();
+    assert!(
+        id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{id:?}"
+    );
+    let (_, again, _) = common::run(&["node-id", "--state-dir", state]);
+    assert_eq!(again.trim(), id, "the id is made once");
+    let on_disk = std::fs::read_to_string(dir.path().join("state/node-id")).unwrap();
+    assert_eq!(on_disk.trim(), id);
+}
