@@ -68,12 +68,19 @@ fn serve(shared: &Shared, est: Established) -> Result<(), String> {
     };
     let status = &entry.replication.replicas()[peer.index].status;
     let _ops = lock(&entry.ops);
+    let decision = decide(
+        &LocalCopy::from_state(&entry.replication, session.peer_node),
+        session,
+    );
+    let diverged = |common| {
+        let reason = split_brain(&peer.spec.node.to_string(), &entry.name, common);
+        status.set(PeerState::Diverged, Some(&reason));
+        reason
+    };
     if entry.replication.role() != Role::Replica {
-        let local = LocalCopy::from_state(&entry.replication, session.peer_node);
-        if let LinkDecision::Diverged { common } = decide(&local, session) {
-            let reason = split_brain(&peer.spec.node.to_string(), &entry.name, common);
+        if let LinkDecision::Diverged { common } = decision {
+            let reason = diverged(common);
             tracing::error!(volume = %entry.name, node = %peer.spec.node, "peer: {reason}");
-            status.set(PeerState::Diverged, Some(&reason));
             return Err(reason);
         }
         return Err(format!(
@@ -89,21 +96,13 @@ fn serve(shared: &Shared, est: Established) -> Result<(), String> {
             entry.name, live.node, peer.spec.node
         ));
     }
-    let decision = decide(
-        &LocalCopy::from_state(&entry.replication, session.peer_node),
-        session,
-    );
     match decision {
         LinkDecision::UpToDate => status.set(PeerState::UpToDate, None),
         LinkDecision::SyncTarget { .. } => status.set(
             PeerState::Resyncing,
             Some("this copy lacks writes; the primary resyncs it"),
         ),
-        LinkDecision::Diverged { common } => {
-            let reason = split_brain(&peer.spec.node.to_string(), &entry.name, common);
-            status.set(PeerState::Diverged, Some(&reason));
-            return Err(reason);
-        }
+        LinkDecision::Diverged { common } => return Err(diverged(common)),
         LinkDecision::Refuse(r) => {
             let reason = format!("volume {}: link refused: {r}", entry.name);
             status.set(PeerState::Connecting, Some(&reason));
