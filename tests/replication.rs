@@ -184,6 +184,24 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// The crash test's fio job on `uri`, run in `state_dir` (where fio keeps its verify
+/// state): the write phase and the verify phase add their options to this one definition, so
+/// the verify replays exactly the job that wrote.
+fn crash_job(state_dir: &Path, uri: &str) -> Command {
+    let mut c = Command::new("fio");
+    c.current_dir(state_dir).args([
+        "--name=crash",
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--rw=randwrite",
+        "--bs=4k",
+        "--size=64m",
+        "--iodepth=1",
+        "--verify=crc32c",
+    ]);
+    c
+}
+
 /// fio over NBD: `rw` on `offset..+size` with crc32c headers; `extra` adds options.
 fn fio(
     uri: &str,
@@ -337,23 +355,9 @@ fn a_promoted_replica_holds_every_write_acknowledged_before_the_primary_was_kill
     // depth 8 its nbd engine sometimes never noticed the dead server and spun.
     let state_dir = root.path().join("fio");
     std::fs::create_dir_all(&state_dir).unwrap();
-    let uri = format!("--uri={}", ra.uri());
     let mut fio = KillOnDrop(
-        Command::new("fio")
-            .current_dir(&state_dir)
-            .args([
-                "--name=crash",
-                "--ioengine=nbd",
-                &uri,
-                "--rw=randwrite",
-                "--bs=4k",
-                "--size=64m",
-                "--iodepth=1",
-                "--verify=crc32c",
-                "--do_verify=0",
-                "--verify_state_save=1",
-                "--rate_iops=2000",
-            ])
+        crash_job(&state_dir, &ra.uri())
+            .args(["--do_verify=0", "--verify_state_save=1", "--rate_iops=2000"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -367,22 +371,8 @@ fn a_promoted_replica_holds_every_write_acknowledged_before_the_primary_was_kill
 
     let (status, body) = rb.post("/api/volumes/v/promote", "{\"force\": false}");
     assert_eq!(status, 200, "promote with the primary gone: {body}");
-    let uri = format!("--uri={}", rb.uri());
-    let out = Command::new("fio")
-        .current_dir(&state_dir)
-        .args([
-            "--name=crash",
-            "--ioengine=nbd",
-            &uri,
-            "--rw=randwrite",
-            "--bs=4k",
-            "--size=64m",
-            "--iodepth=1",
-            "--verify=crc32c",
-            "--verify_only",
-            "--verify_state_load=1",
-            "--verify_fatal=1",
-        ])
+    let out = crash_job(&state_dir, &rb.uri())
+        .args(["--verify_only", "--verify_state_load=1", "--verify_fatal=1"])
         .output()
         .unwrap();
     assert!(
