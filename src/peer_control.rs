@@ -57,6 +57,7 @@ pub fn start(
                             ReplicaMode::Sync => PeerMode::Sync,
                             ReplicaMode::Async => PeerMode::Async,
                         },
+                        queue_limit_bytes: r.queue_limit_bytes,
                     })
                     .collect(),
             })
@@ -120,6 +121,7 @@ impl ReplicationControl for RuntimeControl {
                     .map(|(spec, index)| {
                         let replica = &r.replicas()[*index];
                         let state = replica.status.state();
+                        let (lag_bytes, lag_ms) = lag(role, state, replica, v.size_bytes);
                         PeerReplicationStatus {
                             node: spec.node.to_string(),
                             address: spec.address.to_string(),
@@ -133,8 +135,8 @@ impl ReplicationControl for RuntimeControl {
                             } else {
                                 0
                             },
-                            lag_bytes: 0,
-                            lag_ms: None,
+                            lag_bytes,
+                            lag_ms,
                             resync: (state == PeerState::Resyncing)
                                 .then(|| resync_status(&replica.status.resync, now)),
                             last_resync: replica
@@ -201,6 +203,23 @@ impl ReplicationControl for RuntimeControl {
 }
 
 /// A resync's progress as the API shows it.
+/// What a primary's replica trails by: the bytes it lacks (its dirty regions and, for an async
+/// replica, the writes queued for it) and, while it is connected, how long the oldest write
+/// it has not acknowledged has waited. A replica copy tracks neither.
+fn lag(
+    role: Role,
+    state: PeerState,
+    replica: &ringblock_engine::replication::ReplicaState,
+    size_bytes: u64,
+) -> (u64, Option<u64>) {
+    if role != Role::Primary {
+        return (0, None);
+    }
+    let bytes = replica.dirty.dirty_bytes(size_bytes) + replica.status.lag.queued_bytes();
+    let connected = matches!(state, PeerState::UpToDate | PeerState::Resyncing);
+    (bytes, connected.then(|| replica.status.lag.oldest_age_ms()))
+}
+
 fn resync_status(
     progress: &ringblock_engine::replication::ResyncProgress,
     now_unix_ms: u64,

@@ -17,6 +17,7 @@
 //! node = "0123456789abcdef0123456789abcdef" # the other node's id (32 hex digits)
 //! address = "10.0.0.2:10810"
 //! mode = "sync"                            # or "async"
+//! queue_limit_mib = 64                     # async only: the bound of its queue
 //! ```
 
 use std::net::SocketAddr;
@@ -109,7 +110,14 @@ pub struct ReplicaConfig {
     pub address: String,
     #[serde(default)]
     pub mode: ReplicaMode,
+    /// An async replica's queue bound, in MiB (default 64).
+    #[serde(default)]
+    pub queue_limit_mib: Option<u64>,
 }
+
+/// An async replica's queue bound when none is configured, and the largest one allowed.
+pub const DEFAULT_QUEUE_LIMIT_MIB: u64 = 64;
+const MAX_QUEUE_LIMIT_MIB: u64 = 4096;
 
 /// One checked replica.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -117,6 +125,8 @@ pub struct Replica {
     pub node: NodeId,
     pub address: String,
     pub mode: ReplicaMode,
+    /// The async queue's bound (unused for a sync replica).
+    pub queue_limit_bytes: u64,
 }
 
 /// A volume's checked replica set.
@@ -184,6 +194,20 @@ fn check_address(address: &str) -> Result<(), String> {
 
 /// A replica's node id. Node names are not resolved (the record and the handshake carry
 /// ids): a name is refused with the fix.
+/// The async queue's bound in MiB: only an async replica has one, within 1..=4096 MiB.
+fn check_queue_limit(r: &ReplicaConfig) -> anyhow::Result<u64> {
+    match (r.mode, r.queue_limit_mib) {
+        (ReplicaMode::Sync, Some(_)) => bail!(
+            "queue_limit_mib is for mode = \"async\" (a sync replica's writes wait for it and \
+             queue nothing)"
+        ),
+        (_, Some(mib)) if !(1..=MAX_QUEUE_LIMIT_MIB).contains(&mib) => {
+            bail!("queue_limit_mib = {mib} is outside 1..={MAX_QUEUE_LIMIT_MIB}")
+        }
+        (_, limit) => Ok(limit.unwrap_or(DEFAULT_QUEUE_LIMIT_MIB)),
+    }
+}
+
 fn parse_node(node: &str) -> anyhow::Result<NodeId> {
     if node.len() == 32 && node.bytes().all(|b| b.is_ascii_hexdigit()) {
         return node.parse::<NodeId>().map_err(anyhow::Error::msg);
@@ -279,10 +303,12 @@ impl DaemonConfig {
                 }
                 check_address(&r.address)
                     .map_err(|e| anyhow::anyhow!("{}: address {:?} {e}", at(i), r.address))?;
+                let queue_limit_mib = check_queue_limit(r).with_context(|| at(i))?;
                 replicas.push(Replica {
                     node,
                     address: r.address.clone(),
                     mode: r.mode,
+                    queue_limit_bytes: queue_limit_mib << 20,
                 });
             }
             out.push(VolumeReplicas {

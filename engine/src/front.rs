@@ -233,8 +233,9 @@ fn dispatch(
         let fresh = inflight.barrier.set((replication.clone(), entry)).is_ok();
         debug_assert!(fresh, "a request is dispatched once");
     }
-    // Each link of the set is one more part; `fan_out` ends those of links that take no op.
-    let links = replicas.map_or(0, |set| set.links().len() as u32);
+    // Each sync link of the set is one more part; `fan_out` ends those of links that take no
+    // op. An async link's op is its own: nobody waits for it.
+    let links = replicas.map_or(0, |set| set.sync_links());
     let fan_out = |inflight: &Arc<InFlight>| {
         if let Some(set) = replicas {
             fanout::fan_out(set, volume, inflight, offset, len);

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use ringblock_engine::io::sim::SimDisk;
 use ringblock_engine::profile;
 use ringblock_engine::replication::{
-    LinkState, NodeId, RegionIndex, ReplicaLink, ReplicaOpKind, ReplicaSet, Role, VolumeReplication,
+    LinkMode, LinkState, NodeId, RegionIndex, ReplicaLink, ReplicaOpKind, ReplicaSet, Role, VolumeReplication,
 };
 use ringblock_engine::sim_cluster::{SimCluster, SimOptions};
 use ringblock_engine::{
@@ -54,8 +54,13 @@ fn write(offset: u64, len: usize, tag: u64) -> Request {
     }
 }
 
-/// A volume of `c` with one link (behind), attached.
+/// A volume of `c` with one sync link (behind), attached.
 fn attach(c: &SimCluster) -> Arc<ReplicaLink> {
+    attach_mode(c, LinkMode::Sync)
+}
+
+/// A volume of `c` with one link in `mode` (behind), attached.
+fn attach_mode(c: &SimCluster, mode: LinkMode) -> Arc<ReplicaLink> {
     let volume = c.volume("a").unwrap();
     let replication = Arc::new(
         VolumeReplication::new(
@@ -67,7 +72,7 @@ fn attach(c: &SimCluster) -> Arc<ReplicaLink> {
         .unwrap(),
     );
     volume.set_replication(Some(replication.clone()));
-    let link = ReplicaLink::new(replication, 0, ReactorId(0)).unwrap();
+    let link = ReplicaLink::with_mode(replication, 0, ReactorId(0), mode).unwrap();
     let set = ReplicaSet::new(vec![link.clone()]).unwrap();
     volume.attach_replicas(Some(Arc::new(set))).unwrap();
     link
@@ -278,4 +283,138 @@ fn a_resyncing_link_gets_ops_and_the_barrier_waits_for_the_local_write() {
     assert!(!dirty.is_dirty(RegionIndex(5)), "the op carries it");
     link.resync_region_ends(RegionIndex(3));
     assert_eq!(link.state(), LinkState::Resyncing);
+}
+
+fn flush(tag: u64) -> Request {
+    Request {
+        kind: RequestKind::Flush,
+        offset_bytes: 0,
+        len_bytes: 0,
+        fua: false,
+        buf: None,
+        mover: None,
+        tag,
+    }
+}
+
+#[test]
+fn an_async_link_gets_a_copy_and_nobody_waits_for_it() {
+    let mut c = cluster();
+    let volume = c.volume("a").unwrap();
+    let link = attach_mode(
+        &c,
+        LinkMode::Async {
+            queue_limit_bytes: 1 << 20,
+        },
+    );
+    let lag = &link.replication().replicas()[0].status.lag;
+    link.set_up_to_date();
+    let port = Port::new(8, PortWaker::None);
+    let mut req = write(0, 8192, 1);
+    req.buf.as_mut().unwrap().as_mut_slice().fill(0x3C);
+    c.submit(&volume, req, &port).unwrap();
+    c.submit(&volume, flush(2), &port).unwrap();
+    c.run_until_idle(10_000);
+    // Both complete with the link's ops still queued: protocol A.
+    let mut tags: Vec<u64> = std::iter::from_fn(|| port.pop()).map(|c| c.tag).collect();
+    tags.sort();
+    assert_eq!(tags, [1, 2], "neither the write nor the flush waits for the replica");
+    assert_eq!(lag.queued_bytes(), 8192, "the copy is charged to the queue");
+    // The write waited for its activity-log round, so the flush may come first.
+    let mut ops: Vec<_> = std::iter::from_fn(|| link.pop()).collect();
+    ops.sort_by_key(|op| op.kind() == ReplicaOpKind::Flush);
+    let [op, flush_op] = <[_; 2]>::try_from(ops).expect("the write's op and the flush's");
+    assert!(!op.awaited() && op.queued_ns().is_some());
+    assert!(
+        op.payload().unwrap().iter().all(|&b| b == 0x3C),
+        "a copy of the data, valid after the request completed"
+    );
+    assert_eq!(flush_op.kind(), ReplicaOpKind::Flush, "the flush is forwarded");
+    drop(op);
+    assert_eq!(lag.queued_bytes(), 0, "a dropped op hands its bytes back");
+    assert_eq!(link.replication().replicas()[0].dirty.dirty_regions(), 0);
+    drop(flush_op);
+}
+
+#[test]
+fn a_full_async_queue_marks_only_the_write_and_the_link_falls_behind() {
+    let mut c = cluster();
+    let volume = c.volume("a").unwrap();
+    let link = attach_mode(
+        &c,
+        LinkMode::Async {
+            queue_limit_bytes: 3 * 4096,
+        },
+    );
+    let port = Port::new(16, PortWaker::None);
+    link.set_up_to_date();
+    // Four writes in four regions: three fit the queue, the fourth does not.
+    for i in 0..4u64 {
+        c.submit(&volume, write(i << 16, 4096, i), &port).unwrap();
+    }
+    c.run_until_idle(10_000);
+    assert_eq!(
+        std::iter::from_fn(|| port.pop()).count(),
+        4,
+        "every write completes"
+    );
+    assert_eq!(link.state(), LinkState::Behind);
+    assert!(link.take_dropped_out(), "the task is told to start a generation");
+    assert!(!link.take_dropped_out(), "once");
+    let dirty = &link.replication().replicas()[0].dirty;
+    assert_eq!(dirty.dirty_regions(), 1, "only the write that did not fit");
+    assert!(dirty.is_dirty(RegionIndex(3)));
+    assert_eq!(link.inbox_len(), 3);
+    // Behind: later writes mark their range and queue nothing.
+    c.submit(&volume, write(5 << 16, 4096, 9), &port).unwrap();
+    c.run_until_idle(10_000);
+    assert_eq!(port.pop().map(|c| c.tag), Some(9));
+    assert!(dirty.is_dirty(RegionIndex(5)));
+    assert_eq!(link.inbox_len(), 3);
+    let lag = &link.replication().replicas()[0].status.lag;
+    assert_eq!(lag.queued_bytes(), 3 * 4096);
+    while link.pop().is_some() {}
+    assert_eq!(lag.queued_bytes(), 0);
+}
+
+#[test]
+fn a_set_waits_for_its_sync_links_only() {
+    let mut c = cluster();
+    let volume = c.volume("a").unwrap();
+    let replication = Arc::new(
+        VolumeReplication::new(
+            Role::Primary,
+            volume.max_size_bytes(),
+            16,
+            &[NodeId::new(5).unwrap(), NodeId::new(6).unwrap()],
+        )
+        .unwrap(),
+    );
+    volume.set_replication(Some(replication.clone()));
+    let sync = ReplicaLink::new(replication.clone(), 0, ReactorId(0)).unwrap();
+    let async_mode = LinkMode::Async {
+        queue_limit_bytes: 1 << 20,
+    };
+    let asynchronous = ReplicaLink::with_mode(replication, 1, ReactorId(1), async_mode).unwrap();
+    let set = ReplicaSet::new(vec![sync.clone(), asynchronous.clone()]).unwrap();
+    assert_eq!(set.sync_links(), 1);
+    volume.attach_replicas(Some(Arc::new(set))).unwrap();
+    sync.set_up_to_date();
+    asynchronous.set_up_to_date();
+    let port = Port::new(8, PortWaker::None);
+    c.submit(&volume, write(0, 4096, 1), &port).unwrap();
+    c.run_until_idle(10_000);
+    assert!(port.pop().is_none(), "the write waits for the sync replica");
+    let async_op = asynchronous.pop().expect("the async replica's copy");
+    drop(async_op);
+    assert!(port.pop().is_none(), "the async op is nobody's part");
+    assert!(sync.pop().is_some_and(|op| op.awaited()), "the sync replica's op");
+    // Acknowledged by the sync replica, the write completes.
+    assert!(c
+        .spawn_task(ReactorId(0), Box::new(AckAll(sync.clone())))
+        .is_ok());
+    c.submit(&volume, write(4096, 4096, 2), &port).unwrap();
+    c.run_until_idle(10_000);
+    assert_eq!(port.pop().map(|c| (c.tag, c.result)), Some((2, Ok(()))));
+    assert_eq!(asynchronous.inbox_len(), 1, "its copy waits for the async link");
 }

@@ -64,6 +64,7 @@ fn config(
                 node: peer,
                 address: peer_address,
                 mode: PeerMode::Sync,
+                queue_limit_bytes: 0,
             }],
         }],
         timing: RuntimeTiming {

@@ -124,9 +124,11 @@ impl<I: Io + TaskRing> TaskHost for CoreHost<'_, I> {
     }
 
     fn replica_done(&mut self, op: ReplicaOp) {
-        let req = op.req;
-        if req.part_done() {
-            self.core.finish_request(req);
+        // An async op's copy goes (and hands its bytes back to the queue's bound) here too.
+        if let crate::replication::fanout::OpOrigin::Request(req) = op.origin {
+            if req.part_done() {
+                self.core.finish_request(req);
+            }
         }
     }
 

@@ -1,12 +1,17 @@
-//! The write path's fan-out to replicas (sync mode, DRBD protocol C).
+//! The write path's fan-out to replicas.
 //!
 //! A volume may carry a [`ReplicaSet`]: one [`ReplicaLink`] per replica, each served by a task
 //! on one reactor (the peer link task in transports). `front::submit` reads the set with one
 //! atomic load; a volume without replicas pays nothing more. For each Write, Trim,
 //! WriteZeroes and Flush:
-//! - an up-to-date link gets a [`ReplicaOp`] in its bounded inbox and the request one more
-//!   part to wait for; the link task sends it and calls [`crate::task::TaskCtx::replica_done`]
-//!   when the replica acknowledged it (a Flush or FUA write: when it is durable there);
+//! - an up-to-date **sync** link (DRBD protocol C) gets a [`ReplicaOp`] in its bounded inbox
+//!   and the request one more part to wait for; the link task sends it and calls
+//!   [`crate::task::TaskCtx::replica_done`] when the replica acknowledged it (a Flush or FUA
+//!   write: when it is durable there);
+//! - an up-to-date **async** link (DRBD protocol A) gets an op holding a copy of the write's
+//!   data, and the request does not wait for it; the copies' bytes are bounded per link
+//!   ([`LinkMode::Async`]), and an op that does not fit makes the link fall behind: its range
+//!   goes to the dirty bitmap and a resync catches the replica up, instead of queueing more;
 //! - a link that is not up to date gets the range marked in its dirty bitmap instead (one
 //!   `fetch_or` per 64 regions), so a resync later sends only those regions;
 //! - a full inbox never blocks the submitter: that write marks the bitmap and the link falls
@@ -23,7 +28,7 @@
 //! link reconnects (the link, and its state, outlive connections), so the count of retired
 //! sets is bounded by [`MAX_REPLICA_SET_CHANGES`].
 
-use std::sync::atomic::{fence, AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use crossbeam_queue::ArrayQueue;
@@ -55,6 +60,20 @@ pub enum LinkState {
     Resyncing = 2,
 }
 
+/// When a replica's copy of a write counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkMode {
+    /// DRBD protocol C: a write completes once this replica has it too, a Flush or FUA write
+    /// once it is durable there.
+    Sync,
+    /// DRBD protocol A: a write completes after the local copy; a copy of its data waits for
+    /// the link, at most `queue_limit_bytes` of them (and [`LINK_INBOX_OPS`] ops). A Flush is
+    /// forwarded (so the replica's copy becomes durable in time) but nobody waits for it. A
+    /// primary lost with a full queue loses those writes on this replica, which is what
+    /// asynchronous means: the replica stays consistent, as of an older point.
+    Async { queue_limit_bytes: u64 },
+}
+
 /// What a replica op does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReplicaOpKind {
@@ -69,10 +88,37 @@ pub enum ReplicaOpKind {
 /// [`crate::task::TaskCtx::replica_done`] exactly once; dropping it leaves its request
 /// waiting forever (only a crash may).
 pub struct ReplicaOp {
-    pub(crate) req: Arc<InFlight>,
+    pub(crate) origin: OpOrigin,
     kind: ReplicaOpKind,
     offset_bytes: u64,
     len_bytes: u64,
+}
+
+/// Who waits for a replica op.
+pub(crate) enum OpOrigin {
+    /// A sync link's part of a client request: the request completes after it.
+    Request(Arc<InFlight>),
+    /// An async link's own copy: nobody waits; its bytes are charged to the replica's
+    /// [`super::lag::ReplicaLag`] until it is dropped.
+    Copy(AsyncCopy),
+}
+
+/// An async op's data and its charge on the queue's bound.
+pub(crate) struct AsyncCopy {
+    data: Box<[u8]>,
+    queued_ns: u64,
+    replication: Arc<VolumeReplication>,
+    index: usize,
+    charged_bytes: u64,
+}
+
+impl Drop for AsyncCopy {
+    fn drop(&mut self) {
+        self.replication.replicas()[self.index]
+            .status
+            .lag
+            .release(self.charged_bytes);
+    }
 }
 
 impl std::fmt::Debug for ReplicaOp {
@@ -98,18 +144,38 @@ impl ReplicaOp {
         self.len_bytes
     }
 
-    /// Fail the request with `e` (for a Flush whose replica part cannot be made good).
+    /// Fail the request with `e` (for a Flush whose replica part cannot be made good). An
+    /// async op has no request: nothing waits for it to fail.
     pub fn fail(&self, e: crate::request::Errno) {
-        self.req.fail(e);
+        if let OpOrigin::Request(req) = &self.origin {
+            req.fail(e);
+        }
     }
 
-    /// A Write's data, read-only, from the request's own buffer (None for other kinds). It
-    /// stays valid and unchanged for as long as the op is held: the request completes (and
-    /// hands its buffer back) only after this op is done.
+    /// Whether a client request waits for this op (a sync link's op).
+    pub fn awaited(&self) -> bool {
+        matches!(self.origin, OpOrigin::Request(_))
+    }
+
+    /// When an async op was queued ([`super::lag::monotonic_ns`]); None for a sync op.
+    pub fn queued_ns(&self) -> Option<u64> {
+        match &self.origin {
+            OpOrigin::Request(_) => None,
+            OpOrigin::Copy(c) => Some(c.queued_ns),
+        }
+    }
+
+    /// A Write's data, read-only (None for other kinds): a sync op's from the request's own
+    /// buffer, an async op's from its copy. It stays valid and unchanged for as long as the
+    /// op is held: the request completes (and hands its buffer back) only after this op is
+    /// done, and a copy lives as long as the op.
     pub fn payload(&self) -> Option<&[u8]> {
         match self.kind {
             ReplicaOpKind::Write { .. } => {
-                let data = self.req.replica_payload();
+                let data = match &self.origin {
+                    OpOrigin::Request(req) => req.replica_payload(),
+                    OpOrigin::Copy(c) => &c.data,
+                };
                 debug_assert_eq!(data.len() as u64, self.len_bytes);
                 Some(data)
             }
@@ -124,7 +190,11 @@ pub struct ReplicaLink {
     /// The replica's index in `replication.replicas()`.
     index: usize,
     reactor: ReactorId,
+    mode: LinkMode,
     state: AtomicU8,
+    /// Set when the link leaves the fan-out from up to date, until its task takes it (and
+    /// starts a new generation: the set of up-to-date replicas changed).
+    dropped_out: AtomicBool,
     pushers: AtomicU32,
     inbox: ArrayQueue<ReplicaOp>,
     waker: OnceLock<PortWaker>,
@@ -144,12 +214,23 @@ impl std::fmt::Debug for ReplicaLink {
 }
 
 impl ReplicaLink {
-    /// The link to replica `index` of `replication`, served by a task on `reactor`. It starts
-    /// behind; whoever brings the replica up to date says so ([`Self::set_up_to_date`]).
+    /// The sync link to replica `index` of `replication`, served by a task on `reactor`. It
+    /// starts behind; whoever brings the replica up to date says so
+    /// ([`Self::set_up_to_date`]).
     pub fn new(
         replication: Arc<VolumeReplication>,
         index: usize,
         reactor: ReactorId,
+    ) -> Option<Arc<ReplicaLink>> {
+        ReplicaLink::with_mode(replication, index, reactor, LinkMode::Sync)
+    }
+
+    /// [`Self::new`] for a link in `mode`.
+    pub fn with_mode(
+        replication: Arc<VolumeReplication>,
+        index: usize,
+        reactor: ReactorId,
+        mode: LinkMode,
     ) -> Option<Arc<ReplicaLink>> {
         let dirty = &replication.replicas().get(index)?.dirty;
         let in_resync = DirtyBitmap::new(
@@ -161,7 +242,9 @@ impl ReplicaLink {
             replication,
             index,
             reactor,
+            mode,
             state: AtomicU8::new(LinkState::Behind as u8),
+            dropped_out: AtomicBool::new(false),
             pushers: AtomicU32::new(0),
             inbox: ArrayQueue::new(LINK_INBOX_OPS),
             waker: OnceLock::new(),
@@ -180,6 +263,10 @@ impl ReplicaLink {
 
     pub fn index(&self) -> usize {
         self.index
+    }
+
+    pub fn mode(&self) -> LinkMode {
+        self.mode
     }
 
     pub fn state(&self) -> LinkState {
@@ -228,10 +315,23 @@ impl ReplicaLink {
             .is_ok()
     }
 
-    /// Leave the fan-out. Returns whether it was up to date (not merely resyncing). The task
-    /// drains the inbox only once [`Self::pushers_gone`] says so.
+    /// Leave the fan-out. Returns whether it was up to date (not merely resyncing), which
+    /// [`Self::take_dropped_out`] also reports later. The task drains the inbox only once
+    /// [`Self::pushers_gone`] says so.
     pub fn fall_behind(&self) -> bool {
-        self.state.swap(LinkState::Behind as u8, Ordering::SeqCst) == LinkState::UpToDate as u8
+        let was_up_to_date =
+            self.state.swap(LinkState::Behind as u8, Ordering::SeqCst) == LinkState::UpToDate as u8;
+        if was_up_to_date {
+            self.dropped_out.store(true, Ordering::SeqCst);
+        }
+        was_up_to_date
+    }
+
+    /// Whether the link left the fan-out from up to date since the last call: the task's
+    /// failure path starts the new generation then, whoever made the link fall behind (its
+    /// own failure, or the fan-out finding its inbox or queue full).
+    pub fn take_dropped_out(&self) -> bool {
+        self.dropped_out.swap(false, Ordering::SeqCst)
     }
 
     /// No submitter is between reading the state and pushing (see the module).
@@ -335,6 +435,8 @@ impl ReplicaLink {
 #[derive(Debug, Default)]
 pub struct ReplicaSet {
     links: Vec<Arc<ReplicaLink>>,
+    /// Links in [`LinkMode::Sync`]: each is one more part of every request.
+    sync_links: u32,
 }
 
 impl ReplicaSet {
@@ -342,24 +444,30 @@ impl ReplicaSet {
         if links.len() > super::MAX_REPLICAS {
             return Err(ReplicationError::TooManyReplicas(links.len()));
         }
-        Ok(ReplicaSet { links })
+        let sync_links = links.iter().filter(|l| l.mode == LinkMode::Sync).count() as u32;
+        Ok(ReplicaSet { links, sync_links })
     }
 
     pub fn links(&self) -> &[Arc<ReplicaLink>] {
         &self.links
     }
+
+    /// How many links a request waits for (if they take its op).
+    pub fn sync_links(&self) -> u32 {
+        self.sync_links
+    }
 }
 
 /// Fan `req` (its kind, range and FUA flag) out to `set`: called by `front::submit` before
-/// any local part is sent. `req.remaining` must already count one extra part per link in
-/// the set; the parts of links that take no op are done here. Returns the links that took one.
+/// any local part is sent. `req.remaining` must already count one extra part per sync link
+/// of the set ([`ReplicaSet::sync_links`]); the parts of links that take no op are done here.
 pub(crate) fn fan_out(
     set: &ReplicaSet,
     volume: &Volume,
     req: &Arc<InFlight>,
     offset_bytes: u64,
     len_bytes: u64,
-) -> usize {
+) {
     let kind = match req.kind {
         RequestKind::Write => ReplicaOpKind::Write { fua: req.fua },
         RequestKind::Trim => ReplicaOpKind::Trim,
@@ -367,39 +475,129 @@ pub(crate) fn fan_out(
         RequestKind::Flush => ReplicaOpKind::Flush,
         RequestKind::Read => unreachable!("reads are not replicated"),
     };
-    let mut pushed = 0;
     for link in &set.links {
-        let op = ReplicaOp {
-            req: req.clone(),
-            kind,
-            offset_bytes,
-            len_bytes,
-        };
-        match link.try_push(op, volume) {
-            Ok(()) => pushed += 1,
-            Err(op) => {
-                if link.in_fan_out() {
-                    // The inbox is full: this replica cannot keep up. It falls behind (its
-                    // task ends the connection) instead of stalling the volume. Which of its
-                    // acknowledged writes it has not flushed yet only its task knows, and a
-                    // flush may complete before the task marks them: mark the whole volume
-                    // first (a full resync after an overload, never a missed region).
-                    link.mark_lacking(volume, 0, volume.max_size_bytes());
-                    link.fall_behind();
-                    tracing::warn!(
-                        volume = %volume.name,
-                        replica = link.index,
-                        "replica inbox full; the replica falls behind"
-                    );
-                }
-                if kind != ReplicaOpKind::Flush {
-                    link.mark_lacking(volume, offset_bytes, len_bytes);
-                }
-                drop(op);
-                let last = req.part_done();
-                debug_assert!(!last, "local parts are counted and not yet sent");
-            }
+        match link.mode {
+            LinkMode::Sync => fan_out_sync(link, volume, req, kind, offset_bytes, len_bytes),
+            LinkMode::Async { queue_limit_bytes } => fan_out_async(
+                link,
+                volume,
+                req,
+                kind,
+                (offset_bytes, len_bytes),
+                queue_limit_bytes,
+            ),
         }
     }
-    pushed
+}
+
+fn fan_out_sync(
+    link: &ReplicaLink,
+    volume: &Volume,
+    req: &Arc<InFlight>,
+    kind: ReplicaOpKind,
+    offset_bytes: u64,
+    len_bytes: u64,
+) {
+    let op = ReplicaOp {
+        origin: OpOrigin::Request(req.clone()),
+        kind,
+        offset_bytes,
+        len_bytes,
+    };
+    let Err(op) = link.try_push(op, volume) else {
+        return;
+    };
+    if link.in_fan_out() {
+        // The inbox is full: this replica cannot keep up. It falls behind (its task ends the
+        // connection) instead of stalling the volume. Which of its acknowledged writes it has
+        // not flushed yet only its task knows, and a flush may complete before the task marks
+        // them: mark the whole volume first (a full resync after an overload, never a missed
+        // region).
+        link.mark_lacking(volume, 0, volume.max_size_bytes());
+        link.fall_behind();
+        tracing::warn!(
+            volume = %volume.name,
+            replica = link.index,
+            "replica inbox full; the replica falls behind"
+        );
+    }
+    if kind != ReplicaOpKind::Flush {
+        link.mark_lacking(volume, offset_bytes, len_bytes);
+    }
+    drop(op);
+    let last = req.part_done();
+    debug_assert!(!last, "local parts are counted and not yet sent");
+}
+
+/// Queue a copy for an async link, or mark the range when the link is behind or its queue
+/// is full (then it falls behind). Nobody waits: the request has no part for this link.
+fn fan_out_async(
+    link: &ReplicaLink,
+    volume: &Volume,
+    req: &Arc<InFlight>,
+    kind: ReplicaOpKind,
+    (offset_bytes, len_bytes): (u64, u64),
+    queue_limit_bytes: u64,
+) {
+    let queued = link.in_fan_out()
+        && match async_copy(link, req, kind, len_bytes, queue_limit_bytes) {
+            Some(copy) => {
+                let op = ReplicaOp {
+                    origin: OpOrigin::Copy(copy),
+                    kind,
+                    offset_bytes,
+                    len_bytes,
+                };
+                link.try_push(op, volume).is_ok()
+            }
+            None => false,
+        };
+    if queued {
+        return;
+    }
+    if link.in_fan_out() {
+        // The queue is full: the replica falls behind and is caught up from the bitmap. Only
+        // this op's range needs a mark here: no client flush waits for an async replica, so
+        // what it may lack besides (ops its task holds, writes it has not flushed) its task
+        // marks when it fails, and a crash of this node finds it in the activity log.
+        link.fall_behind();
+        tracing::warn!(
+            volume = %volume.name,
+            replica = link.index,
+            "asynchronous replica's queue full; the replica falls behind"
+        );
+    }
+    if kind != ReplicaOpKind::Flush {
+        link.mark_lacking(volume, offset_bytes, len_bytes);
+    }
+}
+
+/// An async op's copy of `req`'s data, charged to the link's queue; None when the queue is
+/// full.
+fn async_copy(
+    link: &ReplicaLink,
+    req: &Arc<InFlight>,
+    kind: ReplicaOpKind,
+    len_bytes: u64,
+    queue_limit_bytes: u64,
+) -> Option<AsyncCopy> {
+    let charged_bytes = match kind {
+        ReplicaOpKind::Write { .. } => len_bytes,
+        _ => 0,
+    };
+    let lag = &link.replication.replicas()[link.index].status.lag;
+    if !lag.try_charge(charged_bytes, queue_limit_bytes) {
+        return None;
+    }
+    let data: Box<[u8]> = match kind {
+        ReplicaOpKind::Write { .. } => req.replica_payload().into(),
+        _ => Box::default(),
+    };
+    Some(AsyncCopy {
+        data,
+        queued_ns: super::lag::monotonic_ns(),
+        replication: link.replication.clone(),
+        index: link.index,
+        charged_bytes,
+    })
 }

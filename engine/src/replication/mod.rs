@@ -7,16 +7,18 @@ pub mod barrier;
 pub mod bitmap;
 pub mod fanout;
 pub mod generation;
+pub mod lag;
 pub mod record;
 pub mod state;
 pub mod status;
 
 pub use barrier::{BarrierEntry, BarrierTicket, WriteBarrier};
 pub use bitmap::{DirtyBitmap, RegionIndex};
-pub use fanout::{LinkState, ReplicaLink, ReplicaOp, ReplicaOpKind, ReplicaSet};
+pub use fanout::{LinkMode, LinkState, ReplicaLink, ReplicaOp, ReplicaOpKind, ReplicaSet};
 pub use generation::{
     compare, resync_scope, GenerationHistory, GenerationId, Relation, ResyncScope,
 };
+pub use lag::ReplicaLag;
 pub use record::{NodeId, ReplicaRecord, ReplicationRecord, Role, MAX_REPLICAS};
 pub use state::{ReplicaState, VolumeReplication};
 pub use status::{PeerState, PeerStatus, ResyncProgress, ResyncSnapshot};

@@ -1,8 +1,8 @@
 //! What an operator sees of one peer of a replicated volume: its state, the last reason it
 //! is not up to date, and resync progress. Written by the peer runtime (connecting, diverged,
 //! suspended), the link task (resyncing, up to date, behind) and read by the API, `/metrics`
-//! and the dashboard. Nothing on the data path reads it: the fan-out has its own
-//! [`super::LinkState`].
+//! and the dashboard. The data path reads only [`PeerStatus::lag`] (an async queue's bound);
+//! the fan-out has its own [`super::LinkState`].
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
@@ -156,6 +156,9 @@ pub struct PeerStatus {
     /// When the current connection was established (0: not connected).
     connected_unix_ms: AtomicU64,
     pub resync: ResyncProgress,
+    /// The replica's backlog. The only part of the status the data path reads: an async
+    /// link's queue bound is charged here.
+    pub lag: super::lag::ReplicaLag,
 }
 
 impl PeerStatus {

@@ -15,12 +15,12 @@
 //! degraded), so a client's flush that waited on this replica never completes before the
 //! bitmap that replaces it is on disk.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
 use ringblock_engine::replication::{
-    GenerationId, LinkState, ReplicaLink, ReplicaOp, ReplicaOpKind,
+    GenerationId, LinkMode, LinkState, ReplicaLink, ReplicaOp, ReplicaOpKind,
 };
 use ringblock_engine::task::{ReactorTask, RingCompletion, Socket, TaskCtx};
 use ringblock_engine::{Errno, Port, VolumeHandle};
@@ -117,9 +117,13 @@ pub struct PrimaryLink {
     sender: FrameSender,
     recv: RecvBuf,
     pending: HashMap<u64, Pending>,
-    /// Ops taken from the inbox and not done, by id: a write larger than one frame's payload
-    /// goes as several frames, and is done when all of them are.
-    ops: HashMap<u64, OpEntry>,
+    /// Ops taken from the inbox and not done, by id (in the order taken, so the first is the
+    /// oldest): a write larger than one frame's payload goes as several frames, and is done
+    /// when all of them are.
+    ops: BTreeMap<u64, OpEntry>,
+    /// Since when ops wait in the inbox while the task holds none (the window is full of
+    /// resync pieces), for the lag ([`Self::publish_lag`]).
+    inbox_waiting_ns: Option<u64>,
     next_op: u64,
     /// The write being cut into frames, and the bytes of it framed so far.
     cutting: Option<(u64, u64)>,
@@ -170,7 +174,8 @@ impl PrimaryLink {
             link,
             opts,
             pending: HashMap::new(),
-            ops: HashMap::new(),
+            ops: BTreeMap::new(),
+            inbox_waiting_ns: None,
             next_op: 0,
             cutting: None,
             broken: None,
@@ -186,6 +191,29 @@ impl PrimaryLink {
             followed,
             history_seen,
         }
+    }
+
+    /// Tell the status how long the oldest write the replica has not acknowledged waited:
+    /// the oldest op held, else the inbox's (async ops carry when they were queued; a sync
+    /// replica does not trail, its writes wait for it).
+    fn publish_lag(&mut self) {
+        let oldest = match self.ops.first_key_value() {
+            Some((_, entry)) => {
+                self.inbox_waiting_ns = None;
+                entry.op.queued_ns()
+            }
+            None if self.link.inbox_len() > 0 && self.link.mode() != LinkMode::Sync => Some(
+                *self
+                    .inbox_waiting_ns
+                    .get_or_insert_with(ringblock_engine::replication::lag::monotonic_ns),
+            ),
+            None => {
+                self.inbox_waiting_ns = None;
+                None
+            }
+        };
+        let replica = &self.link.replication().replicas()[self.link.index()];
+        replica.status.lag.set_oldest(oldest);
     }
 
     fn region_shift(&self) -> u8 {
@@ -544,6 +572,7 @@ impl ReactorTask for PrimaryLink {
                 if let Some(ms) = self.next_timer_ms(now) {
                     ctx.wake_within_ns(ms.saturating_mul(1_000_000));
                 }
+                self.publish_lag();
             }
             Phase::Failing { .. } => work += self.step_failing(ctx),
             Phase::Done => {}

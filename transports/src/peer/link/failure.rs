@@ -38,9 +38,11 @@ impl PrimaryLink {
         {
             self.link.mark_lacking(&volume, r << shift, 1 << shift);
         }
-        if self.link.fall_behind() {
-            // The set of up-to-date replicas changed: a new generation, and the replica's
-            // `since` is the one it was last up to date in.
+        self.link.fall_behind();
+        if self.link.take_dropped_out() {
+            // The set of up-to-date replicas changed (here, or when the fan-out found the
+            // inbox or an async queue full): a new generation, and the replica's `since` is
+            // the one it was last up to date in.
             let replication = self.link.replication();
             let replica = &replication.replicas()[self.link.index()];
             if replica.since().is_none() {
@@ -78,7 +80,7 @@ impl PrimaryLink {
             self.pending.clear();
             self.resync.clear();
             self.cutting = None;
-            orphans.extend(self.ops.drain().map(|(_, e)| e.op));
+            orphans.extend(std::mem::take(&mut self.ops).into_values().map(|e| e.op));
         }
         if *flush_sent
             || self.sender.busy()
@@ -127,6 +129,9 @@ impl PrimaryLink {
         let Phase::Failing { orphans, .. } = std::mem::replace(&mut self.phase, Phase::Done) else {
             return;
         };
+        // What the replica lacks is in its bitmap now; nothing waits on this link.
+        let replica = &self.link.replication().replicas()[self.link.index()];
+        replica.status.lag.set_oldest(None);
         for op in orphans {
             if let (Err(e), ReplicaOpKind::Flush) = (result, op.kind()) {
                 // The marks that stand for this replica are not durable: the flush fails.

@@ -33,9 +33,13 @@ pub enum PeerMode {
     /// A write completes once the replica has it too.
     #[default]
     Sync,
-    /// Configured as asynchronous; this build replicates it synchronously (never weaker).
+    /// A write completes after the local copy; the replica is sent a copy from a bounded
+    /// queue ([`PeerSpec::queue_limit_bytes`]) and falls behind when it fills.
     Async,
 }
+
+/// An async replica's queue bound when the configuration names none.
+pub const DEFAULT_ASYNC_QUEUE_BYTES: u64 = 64 << 20;
 
 impl PeerMode {
     pub fn name(self) -> &'static str {
@@ -52,6 +56,21 @@ pub struct PeerSpec {
     pub node: NodeId,
     pub address: PeerAddress,
     pub mode: PeerMode,
+    /// An async replica's queue bound: bytes of writes copied for it and not acknowledged
+    /// (unused for a sync replica).
+    pub queue_limit_bytes: u64,
+}
+
+impl PeerSpec {
+    /// How the fan-out treats this peer's link.
+    pub fn link_mode(&self) -> ringblock_engine::replication::LinkMode {
+        match self.mode {
+            PeerMode::Sync => ringblock_engine::replication::LinkMode::Sync,
+            PeerMode::Async => ringblock_engine::replication::LinkMode::Async {
+                queue_limit_bytes: self.queue_limit_bytes,
+            },
+        }
+    }
 }
 
 /// One replicated volume as configured.

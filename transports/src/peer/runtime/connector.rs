@@ -46,10 +46,15 @@ pub(super) fn attach_links(shared: &Shared, entry: &VolumeEntry) -> Result<(), R
     let mut links = Vec::with_capacity(entry.peers.len());
     for p in &entry.peers {
         let reactor = ReactorId(shared.next_reactor.fetch_add(1, Ordering::Relaxed) % reactors);
-        let link =
-            ReplicaLink::new(entry.replication.clone(), p.index, reactor).ok_or_else(|| {
-                RuntimeError::Failed(format!("volume {}: no replica {}", entry.name, p.index))
-            })?;
+        let link = ReplicaLink::with_mode(
+            entry.replication.clone(),
+            p.index,
+            reactor,
+            p.spec.link_mode(),
+        )
+        .ok_or_else(|| {
+            RuntimeError::Failed(format!("volume {}: no replica {}", entry.name, p.index))
+        })?;
         links.push(link);
     }
     let set = ReplicaSet::new(links.clone())

@@ -29,7 +29,7 @@ use ringblock_engine::{Engine, Volume};
 
 pub use config::{
     ExportProbe, ListenAddress, PeerMode, PeerSpec, ReplicatedVolume, RuntimeConfig, RuntimeError,
-    RuntimeTiming,
+    RuntimeTiming, DEFAULT_ASYNC_QUEUE_BYTES,
 };
 pub use prepare::check_unconfigured_records;
 
@@ -245,12 +245,11 @@ impl PeerRuntime {
                         .iter()
                         .position(|r| r.node == p.node)
                         .ok_or_else(|| {
-                            RuntimeError::Failed(format!("volume {}: peer {} lost", cfg.name, p.node))
+                            RuntimeError::Failed(format!(
+                                "volume {}: peer {} lost",
+                                cfg.name, p.node
+                            ))
                         })?;
-                    if p.mode == PeerMode::Async {
-                        tracing::warn!(volume = %cfg.name, node = %p.node,
-                            "peer: asynchronous replication is not in this build; the replica is kept synchronously");
-                    }
                     Ok(PeerEntry {
                         spec: p.clone(),
                         index,
