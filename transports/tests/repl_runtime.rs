@@ -85,6 +85,16 @@ fn loopback() -> ListenAddress {
 
 /// The replica's runtime first (on a free port), then the primary's, pointed at it.
 fn pair(p: &Arc<Engine>, r: &Arc<Engine>, primary_secret: &[u8]) -> (PeerRuntime, PeerRuntime) {
+    pair_in(p, r, primary_secret, |_| {})
+}
+
+/// [`pair`], with the primary's configuration adjusted by `adjust`.
+fn pair_in(
+    p: &Arc<Engine>,
+    r: &Arc<Engine>,
+    primary_secret: &[u8],
+    adjust: impl FnOnce(&mut RuntimeConfig),
+) -> (PeerRuntime, PeerRuntime) {
     let unused = PeerAddress::Tcp("127.0.0.1:9".into());
     let replica = PeerRuntime::start(
         r.clone(),
@@ -98,18 +108,16 @@ fn pair(p: &Arc<Engine>, r: &Arc<Engine>, primary_secret: &[u8]) -> (PeerRuntime
         ),
     )
     .unwrap();
-    let primary = PeerRuntime::start(
-        p.clone(),
-        config(
-            primary_node(),
-            Role::Primary,
-            replica_node(),
-            replica_address(&replica),
-            loopback(),
-            primary_secret,
-        ),
-    )
-    .unwrap();
+    let mut primary_config = config(
+        primary_node(),
+        Role::Primary,
+        replica_node(),
+        replica_address(&replica),
+        loopback(),
+        primary_secret,
+    );
+    adjust(&mut primary_config);
+    let primary = PeerRuntime::start(p.clone(), primary_config).unwrap();
     (primary, replica)
 }
 
@@ -648,5 +656,73 @@ fn a_replica_copy_is_not_exported() {
     server.stop();
     pserver.stop();
     drop((server, pserver));
+    shutdown([p, r]);
+}
+
+/// An async replica: a burst far larger than its queue completes without waiting for it,
+/// overflows the queue (the replica falls behind, a new generation starts), and the replica
+/// is caught up from the bitmap until both copies are identical.
+#[test]
+fn an_async_replica_overflows_its_queue_and_catches_up() {
+    const WRITES: u64 = 256;
+    const LEN: u64 = 64 << 10;
+    let (p, r) = (engine(), engine());
+    records(&p, &r, &[7], &[7]);
+    let (primary, replica) = pair_in(&p, &r, SECRET, |c| {
+        let peer = &mut c.volumes[0].peers[0];
+        peer.mode = PeerMode::Async;
+        peer.queue_limit_bytes = LEN;
+    });
+    wait_for("the link up to date", || {
+        peer_state(&primary).0 == PeerState::UpToDate
+    });
+    let generations = view(&primary).replication.history().ids().len();
+    // Every region in the persisted activity log first, so that no write of the burst
+    // waits for a metadata round.
+    write(&p, 0, VOLUME_BYTES as usize, 0);
+    let handle = p.open("a").unwrap();
+    let port = Port::new(WRITES as usize, PortWaker::Thread(std::thread::current()));
+    for i in 0..WRITES {
+        let mut data = AlignedBuf::zeroed(LEN as usize);
+        data.as_mut_slice().fill(i as u8 + 1);
+        let req = request(RequestKind::Write, i * LEN, LEN, Some(IoBuf::owned(data)));
+        handle.submit(req, &port).map_err(|(_, e)| e).unwrap();
+    }
+    let mut completed = 0;
+    let until = Instant::now() + WAIT;
+    while completed < WRITES {
+        if let Some(c) = port.pop() {
+            assert_eq!(c.result, Ok(()));
+            completed += 1;
+        } else {
+            assert!(Instant::now() < until, "the burst never completed");
+            std::thread::park_timeout(Duration::from_millis(10));
+        }
+    }
+    run(&p, request(RequestKind::Flush, 0, 0, None)).expect("flush");
+    let v = view(&primary);
+    let replica_state = &v.replication.replicas()[v.peers[0].1];
+    wait_for("the replica caught up", || {
+        peer_state(&primary).0 == PeerState::UpToDate
+            && replica_state.dirty.dirty_regions() == 0
+            && replica_state.status.lag.queued_bytes() == 0
+            && view(&primary).link_starts[0] >= 2
+    });
+    assert!(
+        v.replication.history().ids().len() > generations,
+        "falling behind started a generation"
+    );
+    assert_eq!(
+        view(&replica).replication.history().ids(),
+        v.replication.history().ids(),
+        "the caught-up replica took the primary's history"
+    );
+    assert!(
+        read(&p, 0, VOLUME_BYTES as usize) == read(&r, 0, VOLUME_BYTES as usize),
+        "the copies are identical"
+    );
+    primary.stop();
+    replica.stop();
+    drop((primary, replica, v));
     shutdown([p, r]);
 }

@@ -1,5 +1,6 @@
-//! The replicated write path (sync mode) on the simulator: a primary and a replica engine on
-//! one seeded network, the primary's link task and the replica's serve task on a simulated
+//! The replicated write path on the simulator, sync or async per seed (an async queue as
+//! small as 16 KiB, so it often overflows and the replica is caught up from the bitmap): a
+//! primary and a replica engine on one seeded network, the primary's link task and the replica's serve task on a simulated
 //! socket pair (the handshake is skipped: both start from the sequence numbers it would
 //! leave), random writes, FUA writes, trims, write-zeroes and flushes submitted on the
 //! primary, and per seed one fault: none, a cut connection, a partition, a power cut of the
@@ -33,7 +34,7 @@ use ringblock_engine::io::sim::SimDisk;
 use ringblock_engine::io::sim_net::{NetOptions, NodeId, SimNet};
 use ringblock_engine::profile;
 use ringblock_engine::replication::{
-    LinkState, NodeId as ReplicaNode, RegionIndex, ReplicaLink, ReplicaSet, Role, VolumeReplication,
+    LinkMode, LinkState, NodeId as ReplicaNode, RegionIndex, ReplicaLink, ReplicaSet, Role, VolumeReplication,
 };
 use ringblock_engine::sim_cluster::{SimCluster, SimOptions};
 use ringblock_engine::{
@@ -164,6 +165,8 @@ struct Run {
     opts: SimOptions,
     p: Node,
     r: Node,
+    /// The link's mode for this seed.
+    mode: LinkMode,
     link: Option<Arc<ReplicaLink>>,
     /// The current link's task entered the fan-out (before that, writes only mark).
     link_entered: bool,
@@ -367,6 +370,60 @@ impl Run {
         );
     }
 
+    /// Wait until an async link sent and the replica acknowledged everything queued for it
+    /// (a sync link has nothing left once the requests completed), or it fell behind.
+    fn drain(&mut self, what: &str) {
+        let Some(link) = self.link.clone() else {
+            return;
+        };
+        let lag = &link.replication().replicas()[0].status.lag;
+        for _ in 0..MAX_WAIT_TICKS {
+            let drained = link.inbox_len() == 0 && !lag.waiting() && lag.queued_bytes() == 0;
+            if drained || link.state() == LinkState::Behind {
+                return;
+            }
+            self.step();
+        }
+        panic!("seed {} {what}: the async queue never drained", self.seed);
+    }
+
+    /// No request pending, nothing queued for the replica, and the link up to date: an async
+    /// link whose queue overflowed (it fell behind) is connected again and resyncs.
+    fn settle(&mut self, what: &str) {
+        for _ in 0..4 {
+            self.quiesce(what);
+            self.drain(what);
+            if !self.link_failed() {
+                return;
+            }
+            assert!(
+                matches!(self.mode, LinkMode::Async { .. }),
+                "seed {} {what}: a sync link failed without a fault",
+                self.seed
+            );
+            self.wait_tasks_gone(what);
+            self.spawn_link();
+            self.wait_up_to_date(what);
+        }
+        panic!("seed {} {what}: the link never settled", self.seed);
+    }
+
+    /// Step until the link is up to date (its resync ended) or it failed.
+    fn wait_up_to_date(&mut self, what: &str) {
+        let link = self.link.clone().expect("link");
+        for _ in 0..MAX_WAIT_TICKS {
+            if link.state() == LinkState::UpToDate || self.link_failed() {
+                return;
+            }
+            self.step();
+        }
+        panic!(
+            "seed {} {what}: the resync never ended ({:?})",
+            self.seed,
+            link.state()
+        );
+    }
+
     fn quiesce(&mut self, what: &str) {
         for _ in 0..MAX_WAIT_TICKS {
             self.step();
@@ -473,7 +530,7 @@ impl Run {
                         fresh
                     }
                 };
-                let link = ReplicaLink::new(replication, 0, p_reactor).unwrap();
+                let link = ReplicaLink::with_mode(replication, 0, p_reactor, self.mode).unwrap();
                 let set = ReplicaSet::new(vec![link.clone()]).unwrap();
                 volume.attach_replicas(Some(Arc::new(set))).unwrap();
                 link
@@ -577,13 +634,10 @@ impl Run {
             self.wait_tasks_gone("after the second fault");
             self.spawn_link();
         }
+        self.wait_up_to_date("the resync");
+        // Writes during the resync may have overflowed an async link's queue.
+        self.settle("after the resync");
         let link = self.link.clone().expect("link");
-        for _ in 0..MAX_WAIT_TICKS {
-            if link.state() == LinkState::UpToDate {
-                break;
-            }
-            self.step();
-        }
         assert_eq!(
             link.state(),
             LinkState::UpToDate,
@@ -595,7 +649,8 @@ impl Run {
             self.issue();
             self.step();
         }
-        self.quiesce("after the resync");
+        self.settle("after the resync");
+        let link = self.link.clone().expect("link");
         let pdata = self.check_primary(false, "after the resync");
         let rdata = self.read_all(false);
         for (i, (a, b)) in pdata
@@ -654,9 +709,9 @@ impl Run {
     }
 }
 
-/// Runs one seed; returns how many durable marks it checked after a power cut, and the ticks
-/// it took (for the determinism check).
-fn run_seed(seed: u64) -> (usize, u64) {
+/// Runs one seed; returns how many durable marks it checked after a power cut, the ticks it
+/// took (for the determinism check), and whether an async queue overflowed under the load.
+fn run_seed(seed: u64) -> (usize, u64, bool) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let opts = SimOptions {
         reactors: rng.gen_range(1..=3),
@@ -680,6 +735,13 @@ fn run_seed(seed: u64) -> (usize, u64) {
         Fault::ReplicaCrash,
         Fault::PrimaryCrash,
     ][rng.gen_range(0..6)];
+    let mode = if rng.gen_bool(0.5) {
+        LinkMode::Sync
+    } else {
+        LinkMode::Async {
+            queue_limit_bytes: rng.gen_range(16u64..=4096) << 10,
+        }
+    };
     let pdisk = Arc::new(Mutex::new(SimDisk::new(DEVICE_BYTES, true)));
     let rdisk = Arc::new(Mutex::new(SimDisk::new(DEVICE_BYTES, true)));
     let mut p = start(seed, opts, &net, PRIMARY, &pdisk);
@@ -701,6 +763,7 @@ fn run_seed(seed: u64) -> (usize, u64) {
             disk: rdisk,
             cluster: Some(r),
         },
+        mode,
         link: None,
         link_entered: false,
         link_fd: -1,
@@ -734,7 +797,15 @@ fn run_seed(seed: u64) -> (usize, u64) {
         }
     }
     run.quiesce("after the load");
-    if fault == Fault::None && run.rng.gen_bool(0.3) {
+    run.drain("after the load");
+    // An async link whose queue overflowed failed as if cut: the same checks follow.
+    let overflowed = fault == Fault::None && run.link_failed();
+    if overflowed {
+        assert!(matches!(mode, LinkMode::Async { .. }), "seed {seed}: a sync link failed");
+        // Its task marks what the replica may lack on its way out.
+        run.wait_tasks_gone("after the overflow");
+    }
+    if fault == Fault::None && !overflowed && run.rng.gen_bool(0.3) {
         // Idle longer than either side's timeout: heartbeats keep the link up.
         for _ in 0..2 * ringblock_transports::peer::serve::PEER_SILENCE_MS {
             run.step();
@@ -787,7 +858,7 @@ fn run_seed(seed: u64) -> (usize, u64) {
         // The restarted primary's loaded bitmap (its activity log folded in) brings the
         // replica back to it.
         run.heal_and_resync(3);
-    } else if fault == Fault::None {
+    } else if fault == Fault::None && !overflowed {
         // The link started by resyncing what the writes marked while it entered the
         // fan-out; it ends that once the load stops.
         for _ in 0..MAX_WAIT_TICKS {
@@ -796,6 +867,8 @@ fn run_seed(seed: u64) -> (usize, u64) {
             }
             run.step();
         }
+        run.settle("with no fault");
+        let link = run.link.clone().expect("link");
         assert_eq!(
             link.state(),
             LinkState::UpToDate,
@@ -831,11 +904,11 @@ fn run_seed(seed: u64) -> (usize, u64) {
         }
         run.heal_and_resync(3);
     }
-    (checked_marks, run.net.now_tick())
+    (checked_marks, run.net.now_tick(), overflowed)
 }
 
 #[test]
-fn sync_replication_survives_cuts_partitions_and_crashes_on_the_simulator() {
+fn replication_survives_cuts_partitions_and_crashes_on_the_simulator() {
     let seeds: u64 = std::env::var("RINGBLOCK_SIM_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -844,13 +917,19 @@ fn sync_replication_survives_cuts_partitions_and_crashes_on_the_simulator() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let mut checked_marks = 0;
+    let (mut checked_marks, mut overflows) = (0, 0);
     for seed in first..first + seeds {
-        checked_marks += run_seed(seed).0;
+        let (marks, _, overflowed) = run_seed(seed);
+        checked_marks += marks;
+        overflows += u32::from(overflowed);
     }
     assert!(
         seeds < 20 || checked_marks > 0,
         "no seed checked a durable mark after a power cut"
+    );
+    assert!(
+        seeds < 20 || overflows > 0,
+        "no seed overflowed an async queue"
     );
 }
 

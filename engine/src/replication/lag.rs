@@ -50,6 +50,11 @@ impl ReplicaLag {
             .store(queued_ns.unwrap_or(0), Ordering::Release);
     }
 
+    /// Whether an op waits for the replica's acknowledgement (as its link last said).
+    pub fn waiting(&self) -> bool {
+        self.oldest_queued_ns.load(Ordering::Acquire) != 0
+    }
+
     /// How long the oldest unacknowledged op has waited, in ms (0 when none waits).
     pub fn oldest_age_ms(&self) -> u64 {
         match self.oldest_queued_ns.load(Ordering::Acquire) {
