@@ -273,6 +273,7 @@ mod tests {
                     node: other,
                     address: "127.0.0.1:9".into(),
                     mode: ReplicaMode::Sync,
+                    queue_limit_bytes: 0,
                 }],
             }],
         };

@@ -74,6 +74,7 @@ fn a_full_replica_set_is_checked_into_the_runtime_form() {
     assert_eq!(reps[0].node, RIGHT.parse().unwrap());
     assert_eq!(r.volumes[0].role, VolumeRole::Primary);
     assert_eq!(reps[0].mode, ReplicaMode::Async);
+    assert_eq!(reps[0].queue_limit_bytes, DEFAULT_QUEUE_LIMIT_MIB << 20);
     assert_eq!(reps[1].node, OTHER.parse().unwrap());
     assert_eq!(reps[1].mode, ReplicaMode::Sync, "sync unless said");
     let lines = describe(&cfg, Some(own()));
@@ -227,4 +228,26 @@ fn the_secret_file_must_exist_hold_something_and_stay_private() {
     std::fs::write(&s, vec![b'x'; 5000]).unwrap();
     assert!(refused(&text(&s)).contains("5000 bytes"));
     assert!(refused(&text(dir.path())).contains("not a regular file"));
+}
+
+#[test]
+fn an_async_queue_bound_is_checked() {
+    let (_d, s) = secret();
+    let with = |extra: &str| {
+        format!(
+            "{BASE}{ROLE}{}{extra}{}",
+            replica(RIGHT, "10.0.0.2:10810"),
+            peer(&s)
+        )
+    };
+    let cfg = DaemonConfig::parse(&with("mode='async'\nqueue_limit_mib=8\n")).unwrap();
+    cfg.validate().unwrap();
+    let r = cfg.replication(own()).unwrap().unwrap();
+    assert_eq!(r.volumes[0].replicas[0].queue_limit_bytes, 8 << 20);
+    let e = refused(&with("queue_limit_mib=8\n"));
+    assert!(e.contains("queue_limit_mib is for mode = \"async\""), "{e}");
+    for bad in [0, 4097] {
+        let e = refused(&with(&format!("mode='async'\nqueue_limit_mib={bad}\n")));
+        assert!(e.contains("outside 1..=4096"), "{e}");
+    }
 }

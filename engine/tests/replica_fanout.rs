@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 use ringblock_engine::io::sim::SimDisk;
 use ringblock_engine::profile;
 use ringblock_engine::replication::{
-    LinkMode, LinkState, NodeId, RegionIndex, ReplicaLink, ReplicaOpKind, ReplicaSet, Role, VolumeReplication,
+    LinkMode, LinkState, NodeId, RegionIndex, ReplicaLink, ReplicaOpKind, ReplicaSet, Role,
+    VolumeReplication,
 };
 use ringblock_engine::sim_cluster::{SimCluster, SimOptions};
 use ringblock_engine::{
@@ -318,7 +319,11 @@ fn an_async_link_gets_a_copy_and_nobody_waits_for_it() {
     // Both complete with the link's ops still queued: protocol A.
     let mut tags: Vec<u64> = std::iter::from_fn(|| port.pop()).map(|c| c.tag).collect();
     tags.sort();
-    assert_eq!(tags, [1, 2], "neither the write nor the flush waits for the replica");
+    assert_eq!(
+        tags,
+        [1, 2],
+        "neither the write nor the flush waits for the replica"
+    );
     assert_eq!(lag.queued_bytes(), 8192, "the copy is charged to the queue");
     // The write waited for its activity-log round, so the flush may come first.
     let mut ops: Vec<_> = std::iter::from_fn(|| link.pop()).collect();
@@ -329,7 +334,11 @@ fn an_async_link_gets_a_copy_and_nobody_waits_for_it() {
         op.payload().unwrap().iter().all(|&b| b == 0x3C),
         "a copy of the data, valid after the request completed"
     );
-    assert_eq!(flush_op.kind(), ReplicaOpKind::Flush, "the flush is forwarded");
+    assert_eq!(
+        flush_op.kind(),
+        ReplicaOpKind::Flush,
+        "the flush is forwarded"
+    );
     drop(op);
     assert_eq!(lag.queued_bytes(), 0, "a dropped op hands its bytes back");
     assert_eq!(link.replication().replicas()[0].dirty.dirty_regions(), 0);
@@ -359,7 +368,10 @@ fn a_full_async_queue_marks_only_the_write_and_the_link_falls_behind() {
         "every write completes"
     );
     assert_eq!(link.state(), LinkState::Behind);
-    assert!(link.take_dropped_out(), "the task is told to start a generation");
+    assert!(
+        link.take_dropped_out(),
+        "the task is told to start a generation"
+    );
     assert!(!link.take_dropped_out(), "once");
     let dirty = &link.replication().replicas()[0].dirty;
     assert_eq!(dirty.dirty_regions(), 1, "only the write that did not fit");
@@ -408,7 +420,10 @@ fn a_set_waits_for_its_sync_links_only() {
     let async_op = asynchronous.pop().expect("the async replica's copy");
     drop(async_op);
     assert!(port.pop().is_none(), "the async op is nobody's part");
-    assert!(sync.pop().is_some_and(|op| op.awaited()), "the sync replica's op");
+    assert!(
+        sync.pop().is_some_and(|op| op.awaited()),
+        "the sync replica's op"
+    );
     // Acknowledged by the sync replica, the write completes.
     assert!(c
         .spawn_task(ReactorId(0), Box::new(AckAll(sync.clone())))
@@ -416,5 +431,9 @@ fn a_set_waits_for_its_sync_links_only() {
     c.submit(&volume, write(4096, 4096, 2), &port).unwrap();
     c.run_until_idle(10_000);
     assert_eq!(port.pop().map(|c| (c.tag, c.result)), Some((2, Ok(()))));
-    assert_eq!(asynchronous.inbox_len(), 1, "its copy waits for the async link");
+    assert_eq!(
+        asynchronous.inbox_len(),
+        1,
+        "its copy waits for the async link"
+    );
 }

@@ -34,7 +34,8 @@ use ringblock_engine::io::sim::SimDisk;
 use ringblock_engine::io::sim_net::{NetOptions, NodeId, SimNet};
 use ringblock_engine::profile;
 use ringblock_engine::replication::{
-    LinkMode, LinkState, NodeId as ReplicaNode, RegionIndex, ReplicaLink, ReplicaSet, Role, VolumeReplication,
+    LinkMode, LinkState, NodeId as ReplicaNode, RegionIndex, ReplicaLink, ReplicaSet, Role,
+    VolumeReplication,
 };
 use ringblock_engine::sim_cluster::{SimCluster, SimOptions};
 use ringblock_engine::{
@@ -801,7 +802,10 @@ fn run_seed(seed: u64) -> (usize, u64, bool) {
     // An async link whose queue overflowed failed as if cut: the same checks follow.
     let overflowed = fault == Fault::None && run.link_failed();
     if overflowed {
-        assert!(matches!(mode, LinkMode::Async { .. }), "seed {seed}: a sync link failed");
+        assert!(
+            matches!(mode, LinkMode::Async { .. }),
+            "seed {seed}: a sync link failed"
+        );
         // Its task marks what the replica may lack on its way out.
         run.wait_tasks_gone("after the overflow");
     }

@@ -94,7 +94,7 @@ pub(crate) fn replication_metrics(
     o.head(
         name,
         "gauge",
-        "Bytes sent to the peer and not yet acknowledged (queued for an async peer included).",
+        "Bytes the peer lacks: its dirty regions, and writes queued for an async peer and not yet acknowledged.",
     );
     for v in status.map_or(&[][..], |s| &s.volumes) {
         for p in &v.peers {
@@ -103,6 +103,19 @@ pub(crate) fn replication_metrics(
                 &[("volume", &v.volume), ("node", &p.node)],
                 p.lag_bytes,
             );
+        }
+    }
+    let name = "ringblock_replica_lag_ms";
+    o.head(
+        name,
+        "gauge",
+        "How long the oldest write the connected peer has not acknowledged has waited (async peers).",
+    );
+    for v in status.map_or(&[][..], |s| &s.volumes) {
+        for p in &v.peers {
+            if let Some(ms) = p.lag_ms {
+                o.line(name, &[("volume", &v.volume), ("node", &p.node)], ms);
+            }
         }
     }
 }
@@ -275,14 +288,15 @@ mod tests {
             None,
             "not in the status"
         );
-        // 2 roles + 2 peers × (6 states + dirty + done + total) + 1 lag.
-        assert_eq!(samples.len(), 2 + 2 * 9 + 1, "{}", o.0);
+        assert_eq!(peer("ringblock_replica_lag_ms", &na), Some(3.0));
+        // 2 roles + 2 peers × (6 states + dirty + done + total) + 1 lag in bytes and ms.
+        assert_eq!(samples.len(), 2 + 2 * 9 + 2, "{}", o.0);
 
         // Without replicated volumes: the families are declared, with no samples.
         let mut o = Out(String::new());
         replication_metrics(&mut o, &[], None);
         assert!(parse(&o.0).is_empty());
-        assert_eq!(o.0.matches("# TYPE ").count(), 6, "{}", o.0);
+        assert_eq!(o.0.matches("# TYPE ").count(), 7, "{}", o.0);
     }
 
     #[test]

@@ -55,9 +55,11 @@ pub struct PeerReplicationStatus {
     pub connected_since_unix_ms: Option<u64>,
     /// Bytes of regions the peer lacks (its dirty bitmap).
     pub dirty_bytes: u64,
-    /// Bytes sent and not yet acknowledged (queued for an async peer included).
+    /// Bytes the peer lacks: its dirty regions, and the writes queued for an async peer and
+    /// not yet acknowledged (0 on a replica copy).
     pub lag_bytes: u64,
-    /// Age of the oldest unacknowledged write, if any.
+    /// While the peer is connected: how long the oldest write it has not acknowledged has
+    /// waited (0 when none waits; a sync peer's writes wait for it, so it does not trail).
     pub lag_ms: Option<u64>,
     /// The resync in progress.
     pub resync: Option<ResyncStatus>,
