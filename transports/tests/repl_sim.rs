@@ -1,31 +1,33 @@
-//! The replicated write path on the simulator, sync or async per seed (an async queue as
-//! small as 16 KiB, so it often overflows and the replica is caught up from the bitmap): a
-//! primary and a replica engine on one seeded network, the primary's link task and the replica's serve task on a simulated
-//! socket pair (the handshake is skipped: both start from the sequence numbers it would
-//! leave), random writes, FUA writes, trims, write-zeroes and flushes submitted on the
-//! primary, and per seed one fault: none, a cut connection, a partition, a power cut of the
-//! replica, or a power cut of the primary.
+//! The replicated write path on the simulator: a primary and one or two replica engines on
+//! one seeded network, each replica sync or async (an async queue as small as 16 KiB, so
+//! queues overflow and the replica is caught up from the bitmap). The primary's link tasks
+//! and the replicas' serve tasks run on simulated socket pairs (the handshake is skipped:
+//! both start from the sequence numbers it would leave). Random writes, FUA writes, trims,
+//! write-zeroes and flushes are submitted on the primary, and per seed one fault hits one
+//! replica's link: none, a cut connection, a partition, a power cut of the replica, or a
+//! power cut of the primary.
 //!
 //! Invariants:
 //! - every request succeeds (a failed link degrades the volume, it does not fail IO);
 //! - the primary reads back every acknowledged write, and after a power cut every write
 //!   acknowledged before an acknowledged flush (and every acknowledged FUA write);
-//! - every sector of the replica holds data some write of the primary put there (nothing is
-//!   written that the primary did not send);
-//! - while the link stays up the replica equals the primary once quiet; after a failure every
-//!   sector where they differ lies in a region the primary's bitmap marks dirty for the
-//!   replica;
-//! - regions written after the link failed and covered by a later acknowledged flush are
+//! - every sector of every replica holds data some write of the primary put there (nothing
+//!   is written that the primary did not send);
+//! - a replica whose link stays up equals the primary once quiet; after a link failed (a
+//!   fault, or an async queue that overflowed) every sector where that replica differs lies
+//!   in a region the primary's bitmap marks dirty for it;
+//! - regions written after a link failed and covered by a later acknowledged flush are
 //!   still marked after a power cut of the primary (the marks were durable);
-//! - after any fault the network heals and a new link resyncs the dirty regions while writes
-//!   go on (now and then a second cut or a power cut of the replica hits the resync, and a
-//!   third link finishes it): the link ends up to date and the replica equals the primary,
-//!   which still holds every acknowledged write.
+//! - after any fault the network heals and new links resync the dirty regions while writes
+//!   go on (now and then a second cut or a power cut of a replica hits the resync, and one
+//!   more link finishes it): every link ends up to date and every replica equals the
+//!   primary, which still holds every acknowledged write, and has the primary's history.
 //!
 //! `RINGBLOCK_SIM_SEEDS=N` runs N seeds (default 100).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rand::{Rng, SeedableRng};
@@ -38,6 +40,7 @@ use ringblock_engine::replication::{
     VolumeReplication,
 };
 use ringblock_engine::sim_cluster::{SimCluster, SimOptions};
+use ringblock_engine::task::{ReactorTask, RingCompletion, TaskCtx};
 use ringblock_engine::{
     AlignedBuf, DeviceId, DeviceSpec, FormatPolicy, IoBuf, Port, PortWaker, ReactorId, Request,
     RequestKind, VolumeId,
@@ -139,12 +142,14 @@ enum Pending {
         offset: u64,
         len: u64,
         fua: bool,
-        /// Submitted after the link failed.
-        after_fail: bool,
+        /// Per copy: submitted after its link failed.
+        after_fail: Vec<bool>,
     },
     Flush {
         snaps: Vec<(u64, u64)>,
-        marks: BTreeSet<u64>,
+        /// Per copy: the regions written after its link failed and acknowledged before this
+        /// flush was sent.
+        marks: Vec<BTreeSet<u64>>,
     },
 }
 
@@ -159,19 +164,62 @@ impl Node {
     }
 }
 
+/// One replica node, and what the test knows of its current link.
+struct Copy {
+    node: Node,
+    net_id: NodeId,
+    mode: LinkMode,
+    /// The current link's task entered the fan-out (before that, writes only mark).
+    link_entered: bool,
+    link_fd: i32,
+    /// The current link's primary task is alive (see [`Tracked`]).
+    link_alive: Arc<AtomicBool>,
+    /// Regions of writes submitted after the link failed, once acknowledged, and those a
+    /// later flush made durable.
+    marked_after_fail: BTreeSet<u64>,
+    durable_marks: BTreeSet<u64>,
+}
+
+/// A primary link task that says when the reactor dropped it.
+struct Tracked {
+    task: PrimaryLink,
+    alive: Arc<AtomicBool>,
+}
+
+impl ReactorTask for Tracked {
+    fn poll(&mut self, ctx: &mut TaskCtx<'_>) -> usize {
+        self.task.poll(ctx)
+    }
+    fn on_ring(&mut self, ctx: &mut TaskCtx<'_>, c: RingCompletion) {
+        self.task.on_ring(ctx, c)
+    }
+    fn stop(&mut self, ctx: &mut TaskCtx<'_>) {
+        self.task.stop(ctx)
+    }
+    fn has_ready(&self) -> bool {
+        self.task.has_ready()
+    }
+    fn finished(&self) -> bool {
+        self.task.finished()
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.alive.store(false, Ordering::SeqCst);
+    }
+}
+
 struct Run {
     seed: u64,
     rng: ChaCha8Rng,
     net: SimNet,
     opts: SimOptions,
     p: Node,
-    r: Node,
-    /// The link's mode for this seed.
-    mode: LinkMode,
-    link: Option<Arc<ReplicaLink>>,
-    /// The current link's task entered the fan-out (before that, writes only mark).
-    link_entered: bool,
-    link_fd: i32,
+    copies: Vec<Copy>,
+    /// The primary's links, one per copy: they outlive connections; a restarted primary
+    /// makes new ones from the state it loaded.
+    links: Vec<Arc<ReplicaLink>>,
     port: Arc<Port>,
     sectors: HashMap<u64, SectorLog>,
     /// Every value a sector ever got from the primary.
@@ -179,10 +227,6 @@ struct Run {
     next_value: u64,
     next_tag: u64,
     pending: BTreeMap<u64, Pending>,
-    /// Regions of writes submitted after the link failed, once acknowledged, and those a later
-    /// flush made durable.
-    marked_after_fail: BTreeSet<u64>,
-    durable_marks: BTreeSet<u64>,
 }
 
 fn start(
@@ -202,11 +246,15 @@ impl Run {
         if let Some(c) = self.p.cluster.as_mut() {
             c.step_reactors();
         }
-        if let Some(c) = self.r.cluster.as_mut() {
-            c.step_reactors();
+        for copy in &mut self.copies {
+            if let Some(c) = copy.node.cluster.as_mut() {
+                c.step_reactors();
+            }
         }
-        if self.link.as_ref().is_some_and(|l| l.in_fan_out()) {
-            self.link_entered = true;
+        for (copy, link) in self.copies.iter_mut().zip(&self.links) {
+            if link.in_fan_out() {
+                copy.link_entered = true;
+            }
         }
         while let Some(c) = self.port.pop() {
             let p = self.pending.remove(&c.tag).expect("a pending request");
@@ -220,13 +268,19 @@ impl Run {
         }
     }
 
-    /// The current link entered the fan-out and left it.
-    fn link_failed(&self) -> bool {
-        self.link_entered
+    /// Copy `i`'s current link entered the fan-out and left it.
+    fn link_failed(&self, i: usize) -> bool {
+        self.copies[i].link_entered
             && self
-                .link
-                .as_ref()
+                .links
+                .get(i)
                 .is_some_and(|l| l.state() == LinkState::Behind)
+    }
+
+    fn failed_links(&self) -> Vec<usize> {
+        (0..self.copies.len())
+            .filter(|&i| self.link_failed(i))
+            .collect()
     }
 
     fn reap(&mut self, p: Pending) {
@@ -244,8 +298,8 @@ impl Run {
                         let acked = log.acked;
                         log.durable_from(acked);
                     }
-                    if after_fail {
-                        self.marked_after_fail.insert((s * SECTOR) >> REGION_SHIFT);
+                    for (copy, _) in self.copies.iter_mut().zip(&after_fail).filter(|c| *c.1) {
+                        copy.marked_after_fail.insert((s * SECTOR) >> REGION_SHIFT);
                     }
                 }
             }
@@ -257,7 +311,9 @@ impl Run {
                         .expect("logged")
                         .durable_from(acked);
                 }
-                self.durable_marks.extend(marks);
+                for (copy, marks) in self.copies.iter_mut().zip(marks) {
+                    copy.durable_marks.extend(marks);
+                }
             }
         }
     }
@@ -299,8 +355,8 @@ impl Run {
         let tag = self.next_tag;
         if self.rng.gen_bool(0.005) {
             // The primary starts a generation (as when another replica drops out): the
-            // replica follows it.
-            if let Some(link) = &self.link {
+            // replicas follow it.
+            if let Some(link) = self.links.first() {
                 link.replication().start_generation();
                 self.p
                     .c()
@@ -312,7 +368,11 @@ impl Run {
         let roll = self.rng.gen_range(0..100);
         if roll < 10 {
             let snaps = self.sectors.iter().map(|(&s, l)| (s, l.acked)).collect();
-            let marks = self.marked_after_fail.clone();
+            let marks = self
+                .copies
+                .iter()
+                .map(|c| c.marked_after_fail.clone())
+                .collect();
             let req = Request {
                 kind: RequestKind::Flush,
                 offset_bytes: 0,
@@ -359,7 +419,9 @@ impl Run {
             mover: None,
             tag,
         };
-        let after_fail = self.link_failed();
+        let after_fail = (0..self.copies.len())
+            .map(|i| self.link_failed(i))
+            .collect();
         self.submit(
             req,
             Pending::Write {
@@ -371,57 +433,65 @@ impl Run {
         );
     }
 
-    /// Wait until an async link sent and the replica acknowledged everything queued for it
-    /// (a sync link has nothing left once the requests completed), or it fell behind.
+    /// Wait until every async link sent and had acknowledged everything queued for it (a
+    /// sync link has nothing left once the requests completed), or fell behind.
     fn drain(&mut self, what: &str) {
-        let Some(link) = self.link.clone() else {
-            return;
-        };
-        let lag = &link.replication().replicas()[0].status.lag;
-        for _ in 0..MAX_WAIT_TICKS {
-            let drained = link.inbox_len() == 0 && !lag.waiting() && lag.queued_bytes() == 0;
-            if drained || link.state() == LinkState::Behind {
-                return;
+        for link in self.links.clone() {
+            let lag = &link.replication().replicas()[link.index()].status.lag;
+            let drained = |l: &ReplicaLink| {
+                l.state() == LinkState::Behind
+                    || (l.inbox_len() == 0 && !lag.waiting() && lag.queued_bytes() == 0)
+            };
+            for _ in 0..MAX_WAIT_TICKS {
+                if drained(&link) {
+                    break;
+                }
+                self.step();
             }
-            self.step();
+            assert!(
+                drained(&link),
+                "seed {} {what}: an async queue never drained",
+                self.seed
+            );
         }
-        panic!("seed {} {what}: the async queue never drained", self.seed);
     }
 
-    /// No request pending, nothing queued for the replica, and the link up to date: an async
+    /// No request pending, nothing queued for a replica, and every link up to date: an async
     /// link whose queue overflowed (it fell behind) is connected again and resyncs.
     fn settle(&mut self, what: &str) {
         for _ in 0..4 {
             self.quiesce(what);
             self.drain(what);
-            if !self.link_failed() {
+            let failed = self.failed_links();
+            if failed.is_empty() {
                 return;
             }
-            assert!(
-                matches!(self.mode, LinkMode::Async { .. }),
-                "seed {} {what}: a sync link failed without a fault",
-                self.seed
-            );
-            self.wait_tasks_gone(what);
-            self.spawn_link();
-            self.wait_up_to_date(what);
+            for i in failed {
+                assert!(
+                    matches!(self.copies[i].mode, LinkMode::Async { .. }),
+                    "seed {} {what}: sync link {i} failed without a fault",
+                    self.seed
+                );
+                self.wait_link_gone(i, what);
+                self.spawn_link(i);
+                self.wait_up_to_date(i, what);
+            }
         }
-        panic!("seed {} {what}: the link never settled", self.seed);
+        panic!("seed {} {what}: the links never settled", self.seed);
     }
 
-    /// Step until the link is up to date (its resync ended) or it failed.
-    fn wait_up_to_date(&mut self, what: &str) {
-        let link = self.link.clone().expect("link");
+    /// Step until copy `i`'s link is up to date (its resync ended) or it failed.
+    fn wait_up_to_date(&mut self, i: usize, what: &str) {
         for _ in 0..MAX_WAIT_TICKS {
-            if link.state() == LinkState::UpToDate || self.link_failed() {
+            if self.links[i].state() == LinkState::UpToDate || self.link_failed(i) {
                 return;
             }
             self.step();
         }
         panic!(
-            "seed {} {what}: the resync never ended ({:?})",
+            "seed {} {what}: link {i}'s resync never ended ({:?})",
             self.seed,
-            link.state()
+            self.links[i].state()
         );
     }
 
@@ -435,14 +505,17 @@ impl Run {
         panic!("seed {} {what}: requests never completed", self.seed);
     }
 
-    /// The whole volume of one node, read through the engine.
-    fn read_all(&mut self, primary: bool) -> Vec<u8> {
+    /// The whole volume of the primary (None) or of copy `i`, read through its engine.
+    fn read_all(&mut self, copy: Option<usize>) -> Vec<u8> {
         let port = Port::new(1, PortWaker::None);
         let mut out = Vec::with_capacity(VOLUME_BYTES as usize);
         let mut offset = 0;
         while offset < VOLUME_BYTES {
             let len = 64 << 10;
-            let node = if primary { &mut self.p } else { &mut self.r };
+            let node = match copy {
+                None => &mut self.p,
+                Some(i) => &mut self.copies[i].node,
+            };
             let volume = node.c().volume("a").expect("volume a");
             let req = Request {
                 kind: RequestKind::Read,
@@ -471,7 +544,7 @@ impl Run {
     }
 
     fn check_primary(&mut self, crashed: bool, what: &str) -> Vec<u8> {
-        let data = self.read_all(true);
+        let data = self.read_all(None);
         for (i, sec) in data.chunks(SECTOR as usize).enumerate() {
             let s = i as u64;
             let got =
@@ -501,42 +574,57 @@ impl Run {
         data
     }
 
-    fn spawn_link(&mut self) {
-        let (fd_p, fd_r) = self.net.socket_pair(PRIMARY, REPLICA).unwrap();
-        self.link_fd = fd_p.as_raw_fd();
+    /// The primary's replica set, made once per primary life (a restarted primary loads its
+    /// state and makes new links from it).
+    fn ensure_links(&mut self) {
         let volume = self.p.c().volume("a").expect("volume a");
-        let p_reactor = ReactorId(self.rng.gen_range(0..self.opts.reactors));
-        // A link and its bitmap outlive connections; a restarted primary loads its state.
-        let reuse = self.link.clone().filter(|l| {
+        let current = self.links.first().is_some_and(|l| {
             volume
                 .replication()
                 .is_some_and(|r| Arc::ptr_eq(&r, l.replication()))
         });
-        let link = match reuse {
-            Some(link) => link,
+        if current {
+            return;
+        }
+        let replication = match volume.replication() {
+            Some(loaded) => loaded,
             None => {
-                let replication = match volume.replication() {
-                    Some(loaded) => loaded,
-                    None => {
-                        let fresh = Arc::new(
-                            VolumeReplication::new(
-                                Role::Primary,
-                                volume.max_size_bytes(),
-                                REGION_SHIFT,
-                                &[ReplicaNode::new(7).unwrap()],
-                            )
-                            .unwrap(),
-                        );
-                        volume.set_replication(Some(fresh.clone()));
-                        fresh
-                    }
-                };
-                let link = ReplicaLink::with_mode(replication, 0, p_reactor, self.mode).unwrap();
-                let set = ReplicaSet::new(vec![link.clone()]).unwrap();
-                volume.attach_replicas(Some(Arc::new(set))).unwrap();
-                link
+                let nodes: Vec<ReplicaNode> = (0..self.copies.len())
+                    .map(|i| ReplicaNode::new(7 + i as u128).unwrap())
+                    .collect();
+                let fresh = Arc::new(
+                    VolumeReplication::new(
+                        Role::Primary,
+                        volume.max_size_bytes(),
+                        REGION_SHIFT,
+                        &nodes,
+                    )
+                    .unwrap(),
+                );
+                volume.set_replication(Some(fresh.clone()));
+                fresh
             }
         };
+        self.links = (0..self.copies.len())
+            .map(|i| {
+                let reactor = ReactorId(self.rng.gen_range(0..self.opts.reactors));
+                let mode = self.copies[i].mode;
+                ReplicaLink::with_mode(replication.clone(), i, reactor, mode).unwrap()
+            })
+            .collect();
+        let set = ReplicaSet::new(self.links.clone()).unwrap();
+        volume.attach_replicas(Some(Arc::new(set))).unwrap();
+    }
+
+    /// Connect copy `i`: its link task on the primary, its serve task on the copy.
+    fn spawn_link(&mut self, i: usize) {
+        self.ensure_links();
+        let (fd_p, fd_r) = self
+            .net
+            .socket_pair(PRIMARY, self.copies[i].net_id)
+            .unwrap();
+        self.copies[i].link_fd = fd_p.as_raw_fd();
+        let link = self.links[i].clone();
         // The link's task runs where its waker points (set by its first task).
         let p_reactor = link.reactor();
         let net = self.net.clone();
@@ -550,10 +638,14 @@ impl Run {
             window_bytes: self.rng.gen_range(1u64..=8) << 20,
             zero_copy: self.rng.gen_bool(0.5),
             clock: clock.clone(),
-            peer: "replica".into(),
+            peer: format!("replica {i}"),
         };
         let handle = self.p.c().open("a").unwrap();
-        let task = PrimaryLink::new(fd_p, handle, link.clone(), lopts);
+        let alive = Arc::new(AtomicBool::new(true));
+        let task = Tracked {
+            task: PrimaryLink::new(fd_p, handle, link.clone(), lopts),
+            alive: alive.clone(),
+        };
         assert!(self.p.c().spawn_task(p_reactor, Box::new(task)).is_ok());
         let sopts = ServeOptions {
             volume: vol_id,
@@ -565,7 +657,9 @@ impl Run {
             primary_node: ReplicaNode::new(1),
             primary_history: link.replication().history(),
         };
-        let r_volume = self.r.c().volume("a").expect("volume a");
+        let r_reactor = ReactorId(self.rng.gen_range(0..self.opts.reactors));
+        let copy = &mut self.copies[i];
+        let r_volume = copy.node.c().volume("a").expect("volume a");
         if r_volume.replication().is_none() {
             let replication = VolumeReplication::new(
                 Role::Replica,
@@ -577,44 +671,51 @@ impl Run {
             replication.adopt_history(Default::default());
             r_volume.set_replication(Some(Arc::new(replication)));
         }
-        let r_reactor = ReactorId(self.rng.gen_range(0..self.opts.reactors));
-        let handle = self.r.c().open("a").unwrap();
+        let handle = copy.node.c().open("a").unwrap();
         let task = ReplicaServe::new(fd_r, handle, sopts);
-        assert!(self.r.c().spawn_task(r_reactor, Box::new(task)).is_ok());
-        self.link = Some(link);
-        self.link_entered = false;
+        assert!(copy.node.c().spawn_task(r_reactor, Box::new(task)).is_ok());
+        copy.link_alive = alive;
+        copy.link_entered = false;
     }
 
-    /// Step until the old link and serve tasks ended (the primary's flushed its marks; the
-    /// replica's noticed the cut or the silence).
-    fn wait_tasks_gone(&mut self, what: &str) {
+    /// Step until copy `i`'s link and serve tasks ended (the primary's flushed its marks;
+    /// the copy's noticed the cut or the silence).
+    fn wait_link_gone(&mut self, i: usize, what: &str) {
         for _ in 0..MAX_WAIT_TICKS {
-            let gone = |n: &mut Node| n.cluster.as_ref().is_none_or(|c| c.tasks() == 0);
-            if gone(&mut self.p) && gone(&mut self.r) {
+            let copy = &self.copies[i];
+            let serve_gone = copy.node.cluster.as_ref().is_none_or(|c| c.tasks() == 0);
+            if serve_gone && !copy.link_alive.load(Ordering::SeqCst) {
                 return;
             }
             self.step();
         }
-        panic!("seed {} {what}: the old link tasks never ended", self.seed);
+        panic!(
+            "seed {} {what}: link {i}'s old tasks never ended",
+            self.seed
+        );
     }
 
-    /// Heal the network and connect again: the link resyncs the dirty regions while writes
-    /// go on; now and then a second cut or a power cut of the replica hits the resync, and a
-    /// third connection finishes it. Then both copies hold the same bytes.
-    fn heal_and_resync(&mut self, cycle: u64) -> Vec<u8> {
+    /// Heal the network and connect `copies` again: their links resync the dirty regions
+    /// while writes go on; now and then a second cut or a power cut of a copy hits the
+    /// resync, and one more connection finishes it. Then every copy holds the primary's
+    /// bytes.
+    fn heal_and_resync(&mut self, copies: &[usize], cycle: u64) -> Vec<u8> {
         self.net.heal_all();
-        self.wait_tasks_gone("after the fault");
-        self.spawn_link();
+        for &i in copies {
+            self.wait_link_gone(i, "after the fault");
+            self.spawn_link(i);
+        }
         let second = self.rng.gen_range(0..3);
+        let hit = self.rng.gen_range(0..self.copies.len());
         let steps = self.rng.gen_range(1..400);
         let fault_at = self.rng.gen_range(0..steps);
-        for i in 0..steps {
+        for step in 0..steps {
             self.issue();
             self.step();
-            if i == fault_at {
+            if step == fault_at {
                 match second {
-                    1 => self.net.cut(self.link_fd),
-                    2 => self.restart(false, cycle + 10),
+                    1 => self.net.cut(self.copies[hit].link_fd),
+                    2 => self.restart(Some(hit), cycle + 10),
                     _ => {}
                 }
             }
@@ -622,59 +723,63 @@ impl Run {
         self.quiesce("during the resync");
         if second != 0 {
             for _ in 0..MAX_WAIT_TICKS {
-                if self.link_failed() {
+                if self.link_failed(hit) {
                     break;
                 }
                 self.step();
             }
             assert!(
-                self.link_failed(),
+                self.link_failed(hit),
                 "seed {}: the resync's link fails",
                 self.seed
             );
-            self.wait_tasks_gone("after the second fault");
-            self.spawn_link();
+            self.wait_link_gone(hit, "after the second fault");
+            self.spawn_link(hit);
         }
-        self.wait_up_to_date("the resync");
+        for i in 0..self.copies.len() {
+            self.wait_up_to_date(i, "the resync");
+        }
         // Writes during the resync may have overflowed an async link's queue.
         self.settle("after the resync");
-        let link = self.link.clone().expect("link");
-        assert_eq!(
-            link.state(),
-            LinkState::UpToDate,
-            "seed {}: the resync ends (second fault {second})",
-            self.seed
-        );
-        // A few more writes go to the up-to-date replica.
+        for (i, link) in self.links.iter().enumerate() {
+            assert_eq!(
+                link.state(),
+                LinkState::UpToDate,
+                "seed {}: link {i}'s resync ends (second fault {second})",
+                self.seed
+            );
+        }
+        // A few more writes go to the up-to-date replicas.
         for _ in 0..self.rng.gen_range(0..100) {
             self.issue();
             self.step();
         }
         self.settle("after the resync");
-        let link = self.link.clone().expect("link");
         let pdata = self.check_primary(false, "after the resync");
-        let rdata = self.read_all(false);
-        for (i, (a, b)) in pdata
-            .chunks(SECTOR as usize)
-            .zip(rdata.chunks(SECTOR as usize))
-            .enumerate()
-        {
-            assert!(
-                a == b,
-                "seed {}: after the resync (second fault {second}) sector {i} differs",
-                self.seed
-            );
+        for i in 0..self.copies.len() {
+            let rdata = self.read_all(Some(i));
+            for (s, (a, b)) in pdata
+                .chunks(SECTOR as usize)
+                .zip(rdata.chunks(SECTOR as usize))
+                .enumerate()
+            {
+                assert!(
+                    a == b,
+                    "seed {}: after the resync (second fault {second}) sector {s} of copy {i} differs",
+                    self.seed
+                );
+            }
+            assert_eq!(self.links[i].state(), LinkState::UpToDate);
+            self.assert_follows(i, "after the resync");
         }
-        assert_eq!(link.state(), LinkState::UpToDate);
-        self.assert_follows("after the resync");
         pdata
     }
 
-    /// The replica took the primary's history (at the end of its resync) and every
-    /// generation started since.
-    fn assert_follows(&mut self, what: &str) {
-        let primary = self.link.as_ref().expect("link").replication().clone();
-        let volume = self.r.c().volume("a").expect("volume a");
+    /// Copy `i` took the primary's history (at the end of its resync) and every generation
+    /// started since.
+    fn assert_follows(&mut self, i: usize, what: &str) {
+        let primary = self.links[i].replication().clone();
+        let volume = self.copies[i].node.c().volume("a").expect("volume a");
         let replica = volume.replication().expect("replica state");
         for _ in 0..MAX_WAIT_TICKS {
             if replica.history() == primary.history() {
@@ -683,25 +788,31 @@ impl Run {
             self.step();
         }
         panic!(
-            "seed {} {what}: the replica's history {:?} is not the primary's {:?}",
+            "seed {} {what}: copy {i}'s history {:?} is not the primary's {:?}",
             self.seed,
             replica.history(),
             primary.history()
         );
     }
 
-    fn restart(&mut self, primary: bool, cycle: u64) {
+    /// A power cut of the primary (None) or of copy `i`, and a start from what its disk kept.
+    fn restart(&mut self, copy: Option<usize>, cycle: u64) {
         let seed = self.seed;
-        let node = if primary { &mut self.p } else { &mut self.r };
+        let (node, id, salt) = match copy {
+            None => (&mut self.p, PRIMARY, 0),
+            Some(i) => {
+                let copy = &mut self.copies[i];
+                (&mut copy.node, copy.net_id, i as u64)
+            }
+        };
         let old = node.cluster.take().expect("running");
-        let images = old.crash(&[(spec(), node.disk.clone())], seed * 7 + cycle);
+        let images = old.crash(&[(spec(), node.disk.clone())], seed * 7 + cycle + salt);
         node.disk = Arc::new(Mutex::new(SimDisk::from_image(
             images.into_iter().next().unwrap(),
             true,
         )));
-        let id = if primary { PRIMARY } else { REPLICA };
         node.cluster = Some(start(
-            seed + 1000 * (cycle + 1),
+            seed + 1000 * (cycle + 1) + salt,
             self.opts,
             &self.net,
             id,
@@ -710,9 +821,19 @@ impl Run {
     }
 }
 
-/// Runs one seed; returns how many durable marks it checked after a power cut, the ticks it
-/// took (for the determinism check), and whether an async queue overflowed under the load.
-fn run_seed(seed: u64) -> (usize, u64, bool) {
+/// What one seed did, for the totals over seeds and the determinism check.
+#[derive(Debug, PartialEq, Eq)]
+struct SeedOutcome {
+    /// Durable marks checked after a power cut of the primary.
+    checked_marks: usize,
+    ticks: u64,
+    /// An async queue overflowed under the load (its link failed with no fault on it).
+    overflowed: bool,
+    copies: usize,
+}
+
+/// Runs one seed (see the module).
+fn run_seed(seed: u64) -> SeedOutcome {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let opts = SimOptions {
         reactors: rng.gen_range(1..=3),
@@ -736,21 +857,41 @@ fn run_seed(seed: u64) -> (usize, u64, bool) {
         Fault::ReplicaCrash,
         Fault::PrimaryCrash,
     ][rng.gen_range(0..6)];
-    let mode = if rng.gen_bool(0.5) {
-        LinkMode::Sync
-    } else {
-        LinkMode::Async {
-            queue_limit_bytes: rng.gen_range(16u64..=4096) << 10,
-        }
-    };
+    let copies = if rng.gen_bool(0.35) { 2 } else { 1 };
     let pdisk = Arc::new(Mutex::new(SimDisk::new(DEVICE_BYTES, true)));
-    let rdisk = Arc::new(Mutex::new(SimDisk::new(DEVICE_BYTES, true)));
     let mut p = start(seed, opts, &net, PRIMARY, &pdisk);
-    let mut r = start(seed ^ 0xFF, opts, &net, REPLICA, &rdisk);
     p.create_volume(DeviceId(0), VolumeId(1), "a", VOLUME_BYTES)
         .unwrap();
-    r.create_volume(DeviceId(0), VolumeId(1), "a", VOLUME_BYTES)
-        .unwrap();
+    let copies: Vec<Copy> = (0..copies)
+        .map(|i| {
+            let mode = if rng.gen_bool(0.5) {
+                LinkMode::Sync
+            } else {
+                LinkMode::Async {
+                    queue_limit_bytes: rng.gen_range(16u64..=4096) << 10,
+                }
+            };
+            let net_id = NodeId(1 + i as u32);
+            let disk = Arc::new(Mutex::new(SimDisk::new(DEVICE_BYTES, true)));
+            let mut c = start(seed ^ (0xFF - i as u64), opts, &net, net_id, &disk);
+            c.create_volume(DeviceId(0), VolumeId(1), "a", VOLUME_BYTES)
+                .unwrap();
+            Copy {
+                node: Node {
+                    disk,
+                    cluster: Some(c),
+                },
+                net_id,
+                mode,
+                link_entered: false,
+                link_fd: -1,
+                link_alive: Arc::new(AtomicBool::new(false)),
+                marked_after_fail: BTreeSet::new(),
+                durable_marks: BTreeSet::new(),
+            }
+        })
+        .collect();
+    let victim = rng.gen_range(0..copies.len());
     let mut run = Run {
         seed,
         rng: ChaCha8Rng::seed_from_u64(seed ^ 0xABCD),
@@ -760,28 +901,20 @@ fn run_seed(seed: u64) -> (usize, u64, bool) {
             disk: pdisk,
             cluster: Some(p),
         },
-        r: Node {
-            disk: rdisk,
-            cluster: Some(r),
-        },
-        mode,
-        link: None,
-        link_entered: false,
-        link_fd: -1,
+        copies,
+        links: Vec::new(),
         port: Port::new(MAX_QD, PortWaker::None),
         sectors: HashMap::new(),
         written: HashMap::new(),
         next_value: 0,
         next_tag: 0,
         pending: BTreeMap::new(),
-        marked_after_fail: BTreeSet::new(),
-        durable_marks: BTreeSet::new(),
     };
-    run.spawn_link();
+    for i in 0..run.copies.len() {
+        run.spawn_link(i);
+    }
     let steps: u32 = run.rng.gen_range(300..1500);
     let fault_at = run.rng.gen_range(0..steps);
-    let mut primary_crashed = false;
-    let mut checked_marks = 0;
     for i in 0..steps {
         run.issue();
         run.step();
@@ -789,37 +922,43 @@ fn run_seed(seed: u64) -> (usize, u64, bool) {
             match fault {
                 Fault::None => {}
                 // A primary's power cut comes at the end, after the link failed here.
-                Fault::Cut | Fault::PrimaryCrash => run.net.cut(run.link_fd),
-                Fault::Partition => run.net.partition(PRIMARY, REPLICA),
-                Fault::ReplicaCrash => {
-                    run.restart(false, 1);
-                }
+                Fault::Cut | Fault::PrimaryCrash => run.net.cut(run.copies[victim].link_fd),
+                Fault::Partition => run.net.partition(PRIMARY, run.copies[victim].net_id),
+                Fault::ReplicaCrash => run.restart(Some(victim), 1),
             }
         }
     }
     run.quiesce("after the load");
     run.drain("after the load");
+    let hit = |i: usize| fault != Fault::None && i == victim;
     // An async link whose queue overflowed failed as if cut: the same checks follow.
-    let overflowed = fault == Fault::None && run.link_failed();
-    if overflowed {
+    let overflowed: Vec<usize> = run
+        .failed_links()
+        .into_iter()
+        .filter(|&i| !hit(i))
+        .collect();
+    for &i in &overflowed {
         assert!(
-            matches!(mode, LinkMode::Async { .. }),
-            "seed {seed}: a sync link failed"
+            matches!(run.copies[i].mode, LinkMode::Async { .. }),
+            "seed {seed}: sync link {i} failed without a fault"
         );
         // Its task marks what the replica may lack on its way out.
-        run.wait_tasks_gone("after the overflow");
+        run.wait_link_gone(i, "after the overflow");
     }
-    if fault == Fault::None && !overflowed && run.rng.gen_bool(0.3) {
-        // Idle longer than either side's timeout: heartbeats keep the link up.
+    if fault == Fault::None && overflowed.is_empty() && run.rng.gen_bool(0.3) {
+        // Idle longer than either side's timeout: heartbeats keep the links up.
         for _ in 0..2 * ringblock_transports::peer::serve::PEER_SILENCE_MS {
             run.step();
         }
-        assert!(!run.link_failed(), "seed {seed}: an idle link stays up");
+        assert!(
+            run.failed_links().is_empty(),
+            "seed {seed}: an idle link stays up"
+        );
     }
     if fault == Fault::Partition {
         // The link notices only by its timeout.
         for _ in 0..(2 * ringblock_transports::peer::link::ACK_TIMEOUT_MS) {
-            if run.link_failed() {
+            if run.link_failed(victim) {
                 break;
             }
             run.issue();
@@ -827,88 +966,116 @@ fn run_seed(seed: u64) -> (usize, u64, bool) {
         }
         run.quiesce("after the partition");
         assert!(
-            run.link_failed(),
+            run.link_failed(victim),
             "seed {seed}: a partitioned link fails by its timeout"
         );
         run.net.heal_all();
     }
-    if fault == Fault::PrimaryCrash {
-        let marks_wanted = run.durable_marks.clone();
-        checked_marks = marks_wanted.len();
-        run.restart(true, 2);
-        primary_crashed = true;
+    let mut checked_marks = 0;
+    let primary_crashed = fault == Fault::PrimaryCrash;
+    if primary_crashed {
+        let marks_wanted: Vec<BTreeSet<u64>> =
+            run.copies.iter().map(|c| c.durable_marks.clone()).collect();
+        checked_marks = marks_wanted.iter().map(BTreeSet::len).sum();
+        run.restart(None, 2);
         let volume = run.p.c().volume("a").expect("volume a survives");
         let replication = volume.replication().expect("replication state survives");
-        let dirty = &replication.replicas()[0].dirty;
-        for &region in &marks_wanted {
-            assert!(
-                dirty.is_dirty(RegionIndex(region)),
-                "seed {seed}: region {region} lost its durable mark"
-            );
+        for (i, marks) in marks_wanted.iter().enumerate() {
+            let dirty = &replication.replicas()[i].dirty;
+            for &region in marks {
+                assert!(
+                    dirty.is_dirty(RegionIndex(region)),
+                    "seed {seed}: region {region} lost its durable mark for copy {i}"
+                );
+            }
         }
     }
     let pdata = run.check_primary(primary_crashed, "at the end");
-    let rdata = run.read_all(false);
-    for (i, sec) in rdata.chunks(SECTOR as usize).enumerate() {
-        let s = i as u64;
-        let got = decode_sector(sec, s).unwrap_or_else(|e| panic!("seed {seed} replica: {e}"));
-        assert!(
-            got == 0 || run.written.get(&s).is_some_and(|w| w.contains(&got)),
-            "seed {seed}: replica sector {s} holds {got}, which the primary never wrote there"
-        );
+    for i in 0..run.copies.len() {
+        let rdata = run.read_all(Some(i));
+        for (s, sec) in rdata.chunks(SECTOR as usize).enumerate() {
+            let s = s as u64;
+            let got = decode_sector(sec, s).unwrap_or_else(|e| panic!("seed {seed} copy {i}: {e}"));
+            assert!(
+                got == 0 || run.written.get(&s).is_some_and(|w| w.contains(&got)),
+                "seed {seed}: copy {i}'s sector {s} holds {got}, which the primary never wrote there"
+            );
+        }
     }
-    let link = run.link.clone().expect("link");
     if primary_crashed {
-        // The restarted primary's loaded bitmap (its activity log folded in) brings the
-        // replica back to it.
-        run.heal_and_resync(3);
-    } else if fault == Fault::None && !overflowed {
-        // The link started by resyncing what the writes marked while it entered the
-        // fan-out; it ends that once the load stops.
-        for _ in 0..MAX_WAIT_TICKS {
-            if link.state() != LinkState::Resyncing {
-                break;
-            }
-            run.step();
-        }
-        run.settle("with no fault");
-        let link = run.link.clone().expect("link");
-        assert_eq!(
-            link.state(),
-            LinkState::UpToDate,
-            "seed {seed}: the link stays up (dirty regions {}, status {:?})",
-            link.replication().replicas()[0].dirty.dirty_regions(),
-            link.replication().replicas()[0].status.resync.snapshot(0),
-        );
-        let (pdata, rdata) = (run.read_all(true), run.read_all(false));
-        assert!(
-            pdata == rdata,
-            "seed {seed}: the replica equals the primary"
-        );
-        run.assert_follows("with no fault");
+        // The restarted primary's loaded bitmaps (its activity log folded in) bring every
+        // copy back to it.
+        let all: Vec<usize> = (0..run.copies.len()).collect();
+        run.heal_and_resync(&all, 3);
     } else {
-        let dirty = &link.replication().replicas()[0].dirty;
-        for (i, (a, b)) in pdata
-            .chunks(SECTOR as usize)
-            .zip(rdata.chunks(SECTOR as usize))
-            .enumerate()
-        {
-            let region = (i as u64 * SECTOR) >> REGION_SHIFT;
-            assert!(
-                a == b || dirty.is_dirty(RegionIndex(region)),
-                "seed {seed} ({fault:?}): sector {i} differs but region {region} is clean (link {:?})",
-                link.state()
-            );
+        let failed = run.failed_links();
+        for i in (0..run.copies.len()).filter(|i| !failed.contains(i)) {
+            check_link_stayed_up(&mut run, i);
         }
-        for &region in &run.marked_after_fail {
-            assert!(
-                dirty.is_dirty(RegionIndex(region)),
-                "seed {seed} ({fault:?}): region {region} written after the failure is clean"
-            );
+        for &i in &failed {
+            check_marks_cover_differences(&mut run, i, &pdata, fault);
         }
-        run.heal_and_resync(3);
+        if !failed.is_empty() {
+            run.heal_and_resync(&failed, 3);
+        }
     }
-    (checked_marks, run.net.now_tick(), overflowed)
+    SeedOutcome {
+        checked_marks,
+        ticks: run.net.now_tick(),
+        overflowed: !overflowed.is_empty(),
+        copies: run.copies.len(),
+    }
+}
+
+/// Copy `i`'s link had no fault: it ends its first resync (of what writes marked while it
+/// entered the fan-out) once the load stops, and the copy equals the primary.
+fn check_link_stayed_up(run: &mut Run, i: usize) {
+    let seed = run.seed;
+    let link = run.links[i].clone();
+    for _ in 0..MAX_WAIT_TICKS {
+        if link.state() != LinkState::Resyncing {
+            break;
+        }
+        run.step();
+    }
+    run.drain("with no fault");
+    assert_eq!(
+        link.state(),
+        LinkState::UpToDate,
+        "seed {seed}: link {i} stays up (dirty regions {}, status {:?})",
+        link.replication().replicas()[i].dirty.dirty_regions(),
+        link.replication().replicas()[i].status.resync.snapshot(0),
+    );
+    let (pdata, rdata) = (run.read_all(None), run.read_all(Some(i)));
+    assert!(pdata == rdata, "seed {seed}: copy {i} equals the primary");
+    run.assert_follows(i, "with no fault");
+}
+
+/// Copy `i`'s link failed: every sector where the copy differs from the primary lies in a
+/// region its bitmap marks, and so does every write submitted after the failure.
+fn check_marks_cover_differences(run: &mut Run, i: usize, pdata: &[u8], fault: Fault) {
+    let seed = run.seed;
+    run.wait_link_gone(i, "before the marks are checked");
+    let rdata = run.read_all(Some(i));
+    let link = run.links[i].clone();
+    let dirty = &link.replication().replicas()[i].dirty;
+    for (s, (a, b)) in pdata
+        .chunks(SECTOR as usize)
+        .zip(rdata.chunks(SECTOR as usize))
+        .enumerate()
+    {
+        let region = (s as u64 * SECTOR) >> REGION_SHIFT;
+        assert!(
+            a == b || dirty.is_dirty(RegionIndex(region)),
+            "seed {seed} ({fault:?}): copy {i}'s sector {s} differs but region {region} is clean"
+        );
+    }
+    for &region in &run.copies[i].marked_after_fail {
+        assert!(
+            dirty.is_dirty(RegionIndex(region)),
+            "seed {seed} ({fault:?}): copy {i}'s region {region} written after the failure is clean"
+        );
+    }
 }
 
 #[test]
@@ -921,11 +1088,12 @@ fn replication_survives_cuts_partitions_and_crashes_on_the_simulator() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let (mut checked_marks, mut overflows) = (0, 0);
+    let (mut checked_marks, mut overflows, mut three_nodes) = (0, 0, 0);
     for seed in first..first + seeds {
-        let (marks, _, overflowed) = run_seed(seed);
-        checked_marks += marks;
-        overflows += u32::from(overflowed);
+        let outcome = run_seed(seed);
+        checked_marks += outcome.checked_marks;
+        overflows += u32::from(outcome.overflowed);
+        three_nodes += u32::from(outcome.copies == 2);
     }
     assert!(
         seeds < 20 || checked_marks > 0,
@@ -935,6 +1103,7 @@ fn replication_survives_cuts_partitions_and_crashes_on_the_simulator() {
         seeds < 20 || overflows > 0,
         "no seed overflowed an async queue"
     );
+    assert!(seeds < 20 || three_nodes > 0, "no seed ran three nodes");
 }
 
 /// The seed decides everything: a run repeats exactly.
