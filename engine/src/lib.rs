@@ -16,6 +16,7 @@ pub mod profile;
 pub mod provided;
 pub mod replication;
 #[cfg(any(test, feature = "testing"))]
+pub mod sim_check;
 pub mod sim_cluster;
 pub mod state_record;
 pub mod stats;

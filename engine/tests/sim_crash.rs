@@ -15,6 +15,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use ringblock_engine::io::sim::SimDisk;
 use ringblock_engine::profile;
+use ringblock_engine::sim_check::{decode_sector, fill_sector, SectorLog};
 use ringblock_engine::sim_cluster::{SimCluster, SimOptions};
 use ringblock_engine::{
     AlignedBuf, DeviceId, DeviceSpec, FormatPolicy, IoBuf, Port, PortWaker, Request, RequestKind,
@@ -26,55 +27,6 @@ const CHUNK: u64 = 16 * 1024;
 const DEVICE_BYTES: u64 = 3 << 20;
 const VOLUME_BYTES: u64 = 1 << 20;
 const MAX_QD: usize = 8;
-
-/// Sector contents for write `value` at absolute sector `s`: decodable back to `value`.
-fn fill_sector(out: &mut [u8], value: u64, s: u64) {
-    out[..8].copy_from_slice(&value.to_le_bytes());
-    out[8..16].copy_from_slice(&s.to_le_bytes());
-    let mut x = value.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ s;
-    for b in out[16..].chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        b.copy_from_slice(&x.to_le_bytes()[..b.len()]);
-    }
-}
-
-/// The write a sector came from (0 = zeros), or an error naming what is wrong with it.
-fn decode_sector(data: &[u8], s: u64) -> Result<u64, String> {
-    if data.iter().all(|&b| b == 0) {
-        return Ok(0);
-    }
-    let value = u64::from_le_bytes(data[..8].try_into().unwrap());
-    let mut expect = vec![0u8; SECTOR as usize];
-    fill_sector(&mut expect, value, s);
-    if expect == data {
-        Ok(value)
-    } else {
-        Err(format!(
-            "sector {s} holds bytes no write produced (header value {value})"
-        ))
-    }
-}
-
-/// Per-sector history: `vals[0]` is durable for sure; later entries may or may not be.
-#[derive(Clone)]
-struct SectorLog {
-    base: u64,
-    vals: Vec<u64>,
-    /// Absolute index of the last acknowledged value.
-    acked: u64,
-}
-
-impl SectorLog {
-    fn new(v: u64) -> Self {
-        Self {
-            base: 0,
-            vals: vec![v],
-            acked: 0,
-        }
-    }
-}
 
 struct Model {
     sectors: HashMap<(u32, u64), SectorLog>,
@@ -222,7 +174,7 @@ impl Workload {
                 0
             };
             for s in start..start + len_sectors {
-                self.model.log(vid, s).vals.push(value);
+                self.model.log(vid, s).push(value);
             }
             let buf = (kind == RequestKind::Write).then(|| IoBuf::owned(data));
             (
@@ -278,7 +230,7 @@ impl Workload {
                 } => {
                     for s in offset / SECTOR..(offset + len) / SECTOR {
                         let log = self.model.log(vol, s);
-                        log.acked = log.base + log.vals.len() as u64 - 1;
+                        log.ack_newest();
                         if fua {
                             let cut = (log.acked - log.base) as usize;
                             log.vals.drain(..cut);

@@ -18,6 +18,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use ringblock_engine::io::sim::SimDisk;
 use ringblock_engine::profile;
+use ringblock_engine::sim_check::{decode_sector, fill_sector, SectorLog};
 use ringblock_engine::sim_cluster::{SimCluster, SimOptions, SimWrappers};
 use ringblock_engine::{
     AlignedBuf, DeviceId, DeviceSpec, Errno, FaultConfig, FormatPolicy, IoBuf, Port, PortWaker,
@@ -29,60 +30,6 @@ const CHUNK: u64 = 16 * 1024;
 const DEVICE_BYTES: u64 = 3 << 20;
 const VOLUME_BYTES: u64 = 512 * 1024;
 const MAX_QD: usize = 8;
-
-/// Sector contents for write `value` at absolute sector `s`: decodable back to `value`.
-fn fill_sector(out: &mut [u8], value: u64, s: u64) {
-    out[..8].copy_from_slice(&value.to_le_bytes());
-    out[8..16].copy_from_slice(&s.to_le_bytes());
-    out[16..].fill((value as u8) ^ (s as u8));
-}
-
-/// The write a sector came from (0 = zeros).
-fn decode_sector(data: &[u8], s: u64) -> u64 {
-    if data.iter().all(|&b| b == 0) {
-        return 0;
-    }
-    let value = u64::from_le_bytes(data[..8].try_into().unwrap());
-    let mut expect = vec![0u8; SECTOR as usize];
-    fill_sector(&mut expect, value, s);
-    assert!(
-        expect == data,
-        "sector {s} holds bytes no write produced (header value {value})"
-    );
-    value
-}
-
-/// One sector's values since the last one known durable: `vals[0]` is durable (or replaced
-/// by a later one); `acked` is the absolute index of the last acknowledged value, and the
-/// values after it are failed writes that may or may not have landed.
-struct SectorLog {
-    base: u64,
-    vals: Vec<u64>,
-    acked: u64,
-}
-
-impl SectorLog {
-    fn new(v: u64) -> Self {
-        Self {
-            base: 0,
-            vals: vec![v],
-            acked: 0,
-        }
-    }
-
-    /// What a read may return now.
-    fn readable(&self) -> &[u64] {
-        &self.vals[(self.acked - self.base) as usize..]
-    }
-
-    /// Everything from `acked` on is durable or replaced.
-    fn settle(&mut self, acked: u64) {
-        if acked > self.base {
-            self.vals.drain(..(acked - self.base) as usize);
-            self.base = acked;
-        }
-    }
-}
 
 enum Pending {
     Read {
@@ -216,7 +163,7 @@ impl Workload {
                 data
             });
             for s in start..start + len_sectors {
-                self.log(vid, s).vals.push(value);
+                self.log(vid, s).push(value);
             }
             let req = request(kind, offset, len, fua, buf);
             let p = Pending::Write {
@@ -249,7 +196,7 @@ impl Workload {
                     let buf = c.buf.expect("a read returns its buffer");
                     for (i, sec) in buf.as_slice().chunks(SECTOR as usize).enumerate() {
                         let s = offset / SECTOR + i as u64;
-                        let got = decode_sector(sec, s);
+                        let got = decode_sector(sec, s).unwrap_or_else(|e| panic!("{e}"));
                         let log = self.log(vol, s);
                         assert!(
                             log.readable().contains(&got),
@@ -266,17 +213,20 @@ impl Workload {
                 } => {
                     for s in offset / SECTOR..(offset + len) / SECTOR {
                         let log = self.log(vol, s);
-                        log.acked = log.base + log.vals.len() as u64 - 1;
+                        log.ack_newest();
                         if fua {
                             let acked = log.acked;
-                            log.settle(acked);
+                            log.durable_from(acked);
                         }
                     }
                 }
                 Pending::Flush { snaps } => {
                     self.flushed += 1;
                     for (k, acked) in snaps {
-                        self.sectors.get_mut(&k).expect("logged").settle(acked);
+                        self.sectors
+                            .get_mut(&k)
+                            .expect("logged")
+                            .durable_from(acked);
                     }
                 }
             }
@@ -299,7 +249,7 @@ impl Workload {
                 let buf = c.buf.expect("a read returns its buffer");
                 for (i, sec) in buf.as_slice().chunks(SECTOR as usize).enumerate() {
                     let s = offset / SECTOR + i as u64;
-                    let got = decode_sector(sec, s);
+                    let got = decode_sector(sec, s).unwrap_or_else(|e| panic!("{e}"));
                     let log = self.log(vol.id.0, s);
                     assert!(
                         log.vals.contains(&got),

@@ -21,6 +21,7 @@ use rand_chacha::ChaCha8Rng;
 use ringblock_engine::io::sim::SimDisk;
 use ringblock_engine::io::sim_net::{NetOptions, NodeId, SimNet, SimStream};
 use ringblock_engine::profile;
+use ringblock_engine::sim_check::{decode_sector, fill_sector, SectorLog};
 use ringblock_engine::sim_cluster::{SimCluster, SimOptions};
 use ringblock_engine::{DeviceId, DeviceSpec, Errno, FormatPolicy, ReactorId, VolumeId};
 use ringblock_transports::nbd::client::{absorb, request_header, Parsed, Reply, ReplyParser};
@@ -41,59 +42,6 @@ const SERVER: NodeId = NodeId(0);
 const CLIENT: NodeId = NodeId(1);
 /// Ticks any one wait may take before the run counts as stuck.
 const MAX_WAIT_TICKS: u64 = 200_000;
-
-/// Sector contents for write `value` at sector `s`: decodable back to `value`.
-fn fill_sector(out: &mut [u8], value: u64, s: u64) {
-    out[..8].copy_from_slice(&value.to_le_bytes());
-    out[8..16].copy_from_slice(&s.to_le_bytes());
-    let mut x = value.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ s;
-    for b in out[16..].chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        b.copy_from_slice(&x.to_le_bytes()[..b.len()]);
-    }
-}
-
-/// The write a sector came from (0 = zeros), or what is wrong with it.
-fn decode_sector(data: &[u8], s: u64) -> Result<u64, String> {
-    if data.iter().all(|&b| b == 0) {
-        return Ok(0);
-    }
-    let value = u64::from_le_bytes(data[..8].try_into().unwrap());
-    let mut expect = vec![0u8; SECTOR as usize];
-    fill_sector(&mut expect, value, s);
-    if expect == data {
-        Ok(value)
-    } else {
-        Err(format!(
-            "sector {s} holds bytes no write produced (header value {value})"
-        ))
-    }
-}
-
-/// Per-sector history: `vals[0]` is durable for sure; later entries may or may not be.
-/// Indices are absolute: `vals[i - base]` is the sector's `i`th value.
-struct SectorLog {
-    base: u64,
-    vals: Vec<u64>,
-    /// Absolute index of the last acknowledged value.
-    acked: u64,
-}
-
-impl SectorLog {
-    fn new(v: u64) -> Self {
-        Self {
-            base: 0,
-            vals: vec![v],
-            acked: 0,
-        }
-    }
-
-    fn acked_value(&self) -> u64 {
-        self.vals[(self.acked - self.base) as usize]
-    }
-}
 
 #[derive(Default)]
 struct Model {
@@ -362,7 +310,7 @@ impl Run {
                 0
             };
             for s in start..start + len_sectors {
-                self.model.log(s).vals.push(value);
+                self.model.log(s).push(value);
             }
             let flags = if fua { CMD_FLAG_FUA } else { 0 };
             let cookie = client.send(kind, flags, offset, len, &data);
@@ -399,7 +347,7 @@ impl Run {
                 Pending::Write { offset, len, fua } => {
                     for s in offset / SECTOR..(offset + len) / SECTOR {
                         let log = self.model.log(s);
-                        log.acked = log.base + log.vals.len() as u64 - 1;
+                        log.ack_newest();
                         if fua {
                             let cut = (log.acked - log.base) as usize;
                             log.vals.drain(..cut);

@@ -39,6 +39,7 @@ use ringblock_engine::replication::{
     LinkMode, LinkState, NodeId as ReplicaNode, RegionIndex, ReplicaLink, ReplicaSet, Role,
     VolumeReplication,
 };
+use ringblock_engine::sim_check::{decode_sector, fill_sector, SectorLog};
 use ringblock_engine::sim_cluster::{SimCluster, SimOptions};
 use ringblock_engine::task::{ReactorTask, RingCompletion, TaskCtx};
 use ringblock_engine::{
@@ -59,59 +60,6 @@ const PRIMARY: NodeId = NodeId(0);
 const REPLICA: NodeId = NodeId(1);
 /// Ticks any one wait may take before the run counts as stuck.
 const MAX_WAIT_TICKS: u64 = 100_000;
-
-fn fill_sector(out: &mut [u8], value: u64, s: u64) {
-    out[..8].copy_from_slice(&value.to_le_bytes());
-    out[8..16].copy_from_slice(&s.to_le_bytes());
-    let mut x = value.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ s;
-    for b in out[16..].chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        b.copy_from_slice(&x.to_le_bytes()[..b.len()]);
-    }
-}
-
-fn decode_sector(data: &[u8], s: u64) -> Result<u64, String> {
-    if data.iter().all(|&b| b == 0) {
-        return Ok(0);
-    }
-    let value = u64::from_le_bytes(data[..8].try_into().unwrap());
-    let mut expect = vec![0u8; SECTOR as usize];
-    fill_sector(&mut expect, value, s);
-    if expect == data {
-        Ok(value)
-    } else {
-        Err(format!("sector {s} holds bytes no write produced"))
-    }
-}
-
-/// Per-sector history (the rules of the engine's sim_crash tests): `vals[0]` is durable;
-/// `vals[acked]` is the last acknowledged value.
-/// Indices are absolute: `vals[i - base]` is the sector's `i`th value.
-struct SectorLog {
-    base: u64,
-    vals: Vec<u64>,
-    acked: u64,
-}
-
-impl SectorLog {
-    fn new(v: u64) -> SectorLog {
-        SectorLog {
-            base: 0,
-            vals: vec![v],
-            acked: 0,
-        }
-    }
-
-    /// Everything up to absolute index `i` is durable: forget what came before it.
-    fn durable_from(&mut self, i: u64) {
-        if i > self.base {
-            self.vals.drain(..(i - self.base) as usize);
-            self.base = i;
-        }
-    }
-}
 
 fn spec() -> DeviceSpec {
     let mut p = profile::builtin("flash").unwrap();
@@ -293,7 +241,7 @@ impl Run {
             } => {
                 for s in offset / SECTOR..(offset + len) / SECTOR {
                     let log = self.sectors.get_mut(&s).expect("logged");
-                    log.acked = log.base + log.vals.len() as u64 - 1;
+                    log.ack_newest();
                     if fua {
                         let acked = log.acked;
                         log.durable_from(acked);
@@ -407,7 +355,7 @@ impl Run {
         };
         for s in first..first + len_sectors {
             let log = self.sectors.entry(s).or_insert_with(|| SectorLog::new(0));
-            log.vals.push(value);
+            log.push(value);
             self.written.entry(s).or_default().insert(value);
         }
         let req = Request {
