@@ -17,6 +17,7 @@ pub mod provided;
 pub mod replication;
 #[cfg(any(test, feature = "testing"))]
 pub mod sim_check;
+#[cfg(any(test, feature = "testing"))]
 pub mod sim_cluster;
 pub mod state_record;
 pub mod stats;

@@ -7,6 +7,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -31,7 +32,39 @@ impl Listener {
             Listener::Unix(l) => l.as_raw_fd(),
         }
     }
+
+    /// Accept connections and hand each to `on_accept` until `stopping` is set (the stopper
+    /// then wakes a blocked `accept`, e.g. with a shutdown of the socket). A failed accept
+    /// other than an interruption or an aborted connection (out of file descriptors or
+    /// memory) pauses the loop rather than let it spin. `service` and `label` name it in logs.
+    pub(crate) fn accept_until(
+        &self,
+        stopping: &AtomicBool,
+        service: &str,
+        label: &str,
+        mut on_accept: impl FnMut(Conn),
+    ) {
+        tracing::debug!(listener = label, "{service} acceptor running");
+        loop {
+            let accepted = self.accept();
+            if stopping.load(Ordering::Acquire) {
+                return;
+            }
+            match accepted {
+                Ok(conn) => on_accept(conn),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
+                Err(e) => {
+                    tracing::warn!(listener = label, error = %e, "{service}: accept failed");
+                    std::thread::sleep(ACCEPT_ERROR_PAUSE);
+                }
+            }
+        }
+    }
 }
+
+/// Pause after a failed `accept` (e.g. out of file descriptors) so an accept loop cannot spin.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
 /// An accepted connection.
 #[derive(Debug)]

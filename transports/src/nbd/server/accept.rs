@@ -1,7 +1,6 @@
 //! The acceptor loop and the handshake threads: admission, eviction of the oldest unfinished
 //! handshake, and the hand-over of a negotiated connection to a reactor.
 
-use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -10,27 +9,13 @@ use super::super::conn;
 use super::super::handshake::{negotiate, refuse};
 use super::limits::{Admission, Slot};
 use super::registry::ClientInfo;
-use super::{Inner, ACCEPT_ERROR_PAUSE, REFUSAL_DEADLINE};
+use super::{Inner, REFUSAL_DEADLINE};
 use crate::socket::{Conn, DeadlineStream, Listener};
 
 pub(super) fn accept_loop(inner: &Arc<Inner>, listener: &Listener, label: &str) {
-    tracing::debug!(listener = label, "nbd acceptor running");
-    loop {
-        let accepted = listener.accept();
-        if inner.stopping.load(Ordering::Acquire) {
-            return;
-        }
-        match accepted {
-            Ok(conn) => on_accept(inner, conn, label),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
-            Err(e) => {
-                // Out of file descriptors or memory: back off rather than spin.
-                tracing::warn!(listener = label, error = %e, "nbd: accept failed");
-                std::thread::sleep(ACCEPT_ERROR_PAUSE);
-            }
-        }
-    }
+    listener.accept_until(&inner.stopping, "nbd", label, |conn| {
+        on_accept(inner, conn, label)
+    });
 }
 
 fn on_accept(inner: &Arc<Inner>, conn: Conn, label: &str) {

@@ -86,8 +86,6 @@ pub const MAX_SYSTEMD_FDS: usize = 64;
 pub const UNIX_SOCKET_MODE: u32 = 0o660;
 /// How long [`NbdServer::stop`] waits for handshake threads after shutting their sockets down.
 const STOP_WAIT: Duration = Duration::from_secs(10);
-/// Pause after a failed `accept` (e.g. out of file descriptors) so the loop cannot spin.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
 /// What to listen on and how to treat clients.
 pub struct ServerConfig {

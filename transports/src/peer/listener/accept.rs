@@ -1,7 +1,7 @@
 //! The acceptor loop and the handshake threads: admission to the handshake table, the
 //! handshake itself under its deadline, and the hand-over of an established connection.
 
-use std::io::{self, Write};
+use std::io::Write;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use super::super::exchange::{self, is_timeout, ExchangeError};
 use super::super::handshake::{Acceptor, Refusal};
 use super::super::{Nonce, ReplicatedVolumeId};
 use super::table::Admit;
-use super::{Established, Inner, ACCEPT_ERROR_PAUSE};
+use super::{Established, Inner};
 use crate::socket::{Conn, DeadlineStream, Listener};
 
 /// Kinds of [`Refusal`], each with its own log rate limit: a flood of one kind never hides
@@ -35,22 +35,9 @@ fn refusal_kind(r: &Refusal) -> usize {
 }
 
 pub(super) fn accept_loop(inner: &Arc<Inner>, listener: &Listener, label: &str) {
-    loop {
-        let accepted = listener.accept();
-        if inner.stopping.load(Ordering::Acquire) {
-            return;
-        }
-        match accepted {
-            Ok(conn) => on_accept(inner, conn, label),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
-            Err(e) => {
-                // Out of file descriptors or memory: back off rather than spin.
-                tracing::warn!(listener = label, error = %e, "peer: accept failed");
-                std::thread::sleep(ACCEPT_ERROR_PAUSE);
-            }
-        }
-    }
+    listener.accept_until(&inner.stopping, "peer", label, |conn| {
+        on_accept(inner, conn, label)
+    });
 }
 
 fn on_accept(inner: &Arc<Inner>, conn: Conn, label: &str) {

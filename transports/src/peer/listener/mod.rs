@@ -62,8 +62,6 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
 pub const UNIX_SOCKET_MODE: u32 = 0o600;
 /// How long [`PeerListener::stop`] waits for handshake threads after cutting them off.
 const STOP_WAIT: Duration = Duration::from_secs(10);
-/// Pause after a failed `accept` (e.g. out of file descriptors) so the loop cannot spin.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
 /// What to listen on and how to treat peers.
 #[derive(Clone, Debug)]
