@@ -120,32 +120,39 @@ pub(crate) fn submit(
     let kind = req.kind;
     let (offset, len) = (req.offset_bytes, req.len_bytes);
     let inflight = InFlight::new(volume.clone(), &mut req, port.clone());
-    if let Some(set) = replicas {
-        if writes_data(kind) && len > 0 {
-            let replication = set.links()[0].replication();
-            if !replication.activity_persisted(offset, len) {
-                // The write-ahead rule: the regions enter the activity log in memory, then
-                // the write waits for a round that starts afterwards (it persists them). The
-                // metadata is marked dirty even when another write set the bits, so that
-                // round writes metadata rather than only syncing data.
-                replication.begin_activity(offset, len);
-                volume.replication_changed();
-                let device = &volume.device;
-                let parked = ParkedWrite {
-                    inflight,
-                    offset_bytes: offset,
-                    len_bytes: len,
-                    reactors,
-                };
-                send(
-                    device.home_reactor(reactors),
-                    Msg::Flush {
-                        device: device.id,
-                        waiter: FlushWaiter::Activity(parked),
-                    },
-                );
-                return Ok(());
-            }
+    if let Some(set) = replicas.filter(|_| writes_data(kind)) {
+        let replication = set.links()[0].replication();
+        // Counted by the write barrier before the fan-out marks any bit, until it completes:
+        // a resync that cleared a bit this write marked waits for it before reading the
+        // region. Before the activity log is tested: an eviction cycle retires a region's
+        // persisted bit, then waits for every write that entered before (see
+        // `replication::evict`).
+        let entry = replication.barrier.enter();
+        let fresh = inflight.barrier.set((replication.clone(), entry)).is_ok();
+        debug_assert!(fresh, "a request enters the barrier once");
+        replication.note_write(offset, len);
+        if len > 0 && !replication.activity_persisted(offset, len) {
+            // The write-ahead rule: the regions enter the activity log in memory, then
+            // the write waits for a round that starts afterwards (it persists them). The
+            // metadata is marked dirty even when another write set the bits, so that
+            // round writes metadata rather than only syncing data.
+            replication.begin_activity(offset, len);
+            volume.replication_changed();
+            let device = &volume.device;
+            let parked = ParkedWrite {
+                inflight,
+                offset_bytes: offset,
+                len_bytes: len,
+                reactors,
+            };
+            send(
+                device.home_reactor(reactors),
+                Msg::Flush {
+                    device: device.id,
+                    waiter: FlushWaiter::Activity(parked),
+                },
+            );
+            return Ok(());
         }
     }
     dispatch(volume, inflight, replicas, offset, len, reactors, send);
@@ -219,20 +226,25 @@ fn dispatch(
 ) {
     let kind = inflight.kind;
     // The invariant of the write-ahead rule: no write of a replicated volume reaches the
-    // local device (or a replica) for a region not in the persisted activity log.
+    // local device (or a replica) for a region not in the activity log, which a round
+    // persisted when the write tested it (an eviction cycle may retire the persisted bit
+    // since, but clears the region from the log only after this write completed).
     debug_assert!(
         replicas.is_none_or(|set| !writes_data(kind)
-            || set.links()[0].replication().activity_persisted(offset, len)),
+            || set.links()[0]
+                .replication()
+                .activity
+                .regions_of(offset, len)
+                .all(|r| set.links()[0]
+                    .replication()
+                    .activity
+                    .is_dirty(crate::replication::RegionIndex(r)))),
         "a replicated write is sent before its activity log entry is persisted"
     );
-    // Counted by the write barrier before the fan-out marks any bit, until it completes: a
-    // resync that cleared a bit this write marked waits for it before reading the region.
-    if let Some(set) = replicas.filter(|_| writes_data(kind)) {
-        let replication = set.links()[0].replication();
-        let entry = replication.barrier.enter();
-        let fresh = inflight.barrier.set((replication.clone(), entry)).is_ok();
-        debug_assert!(fresh, "a request is dispatched once");
-    }
+    debug_assert!(
+        replicas.is_none_or(|_| !writes_data(kind) || inflight.barrier.get().is_some()),
+        "a replicated write is counted by the write barrier"
+    );
     // Each sync link of the set is one more part; `fan_out` ends those of links that take no
     // op. An async link's op is its own: nobody waits for it.
     let links = replicas.map_or(0, |set| set.sync_links());

@@ -72,6 +72,7 @@ fn config(
             backoff_max: Duration::from_millis(400),
             diverged_retry: Duration::from_millis(300),
             stop_wait: Duration::from_secs(15),
+            evict_interval: Duration::from_millis(200),
         },
         exports: None,
     }
@@ -721,6 +722,38 @@ fn an_async_replica_overflows_its_queue_and_catches_up() {
         read(&p, 0, VOLUME_BYTES as usize) == read(&r, 0, VOLUME_BYTES as usize),
         "the copies are identical"
     );
+    primary.stop();
+    replica.stop();
+    drop((primary, replica, v));
+    shutdown([p, r]);
+}
+
+/// The primary's evictor empties the activity log of regions no longer written, once the
+/// replica holds them durably; a later write to one puts it back and still reaches the
+/// replica.
+#[test]
+fn the_activity_log_forgets_regions_the_replica_holds() {
+    let (p, r) = (engine(), engine());
+    records(&p, &r, &[7], &[7]);
+    let (primary, replica) = pair(&p, &r, SECRET);
+    wait_for("the link up to date", || {
+        peer_state(&primary).0 == PeerState::UpToDate
+    });
+    for i in 0..8u64 {
+        write(&p, i << 20, 4096, 0x30 + i as u8);
+    }
+    let v = view(&primary);
+    assert!(v.replication.activity.dirty_regions() > 0);
+    wait_for("the evictor to empty the activity log", || {
+        v.replication.activity.dirty_regions() == 0
+    });
+    write(&p, 3 << 20, 4096, 0x77);
+    assert!(
+        v.replication.activity.dirty_regions() >= 1,
+        "the write put its region back"
+    );
+    assert!(read(&r, 3 << 20, 4096).iter().all(|&b| b == 0x77));
+    assert_eq!(peer_state(&primary).0, PeerState::UpToDate);
     primary.stop();
     replica.stop();
     drop((primary, replica, v));

@@ -36,8 +36,8 @@ use ringblock_engine::io::sim::SimDisk;
 use ringblock_engine::io::sim_net::{NetOptions, NodeId, SimNet};
 use ringblock_engine::profile;
 use ringblock_engine::replication::{
-    LinkMode, LinkState, NodeId as ReplicaNode, RegionIndex, ReplicaLink, ReplicaSet, Role,
-    VolumeReplication,
+    run_cycle, CycleOutcome, EvictHost, EvictTiming, LinkMode, LinkState, NodeId as ReplicaNode,
+    RegionIndex, ReplicaLink, ReplicaSet, Role, VolumeReplication,
 };
 use ringblock_engine::sim_check::{decode_sector, fill_sector, SectorLog};
 use ringblock_engine::sim_cluster::{SimCluster, SimOptions};
@@ -83,6 +83,9 @@ enum Fault {
     Partition,
     ReplicaCrash,
     PrimaryCrash,
+    /// A power cut of the primary while its links are up (async queues may hold writes, and
+    /// eviction cycles ran): it restarts at once and the load goes on, degraded.
+    PrimaryCrashLinked,
 }
 
 enum Pending {
@@ -175,6 +178,61 @@ struct Run {
     next_value: u64,
     next_tag: u64,
     pending: BTreeMap<u64, Pending>,
+    /// Regions activity-log eviction cycles dropped.
+    evicted: usize,
+}
+
+/// An eviction cycle on the simulator: its waits step the nodes (and now and then issue a
+/// write), its flushes go through the primary's write path.
+struct SimEvictHost<'a> {
+    run: &'a mut Run,
+    port: Arc<Port>,
+}
+
+impl EvictHost for SimEvictHost<'_> {
+    fn flush(&mut self) -> Result<(), String> {
+        let volume = self.run.p.c().volume("a").expect("volume a");
+        let req = Request {
+            kind: RequestKind::Flush,
+            offset_bytes: 0,
+            len_bytes: 0,
+            fua: false,
+            buf: None,
+            mover: None,
+            tag: 0,
+        };
+        let port = self.port.clone();
+        if let Err((_, e)) = self.run.p.c().submit(&volume, req, &port) {
+            return Err(e.to_string());
+        }
+        for _ in 0..MAX_WAIT_TICKS {
+            self.run.step();
+            if let Some(c) = self.port.pop() {
+                return c.result.map_err(|e| e.to_string());
+            }
+        }
+        Err("the flush never completed".into())
+    }
+
+    fn metadata_changed(&mut self) {
+        self.run
+            .p
+            .c()
+            .volume("a")
+            .expect("volume a")
+            .replication_changed();
+    }
+
+    fn pause(&mut self) {
+        if self.run.rng.gen_bool(0.3) {
+            self.run.issue();
+        }
+        self.run.step();
+    }
+
+    fn stopping(&self) -> bool {
+        false
+    }
 }
 
 fn start(
@@ -189,6 +247,45 @@ fn start(
 }
 
 impl Run {
+    /// A power cut of the primary with its links up: requests in flight are lost (their
+    /// values may or may not have landed, as the sector logs allow), the primary restarts
+    /// and attaches its replica set at once (behind: writes mark the bitmaps), as the
+    /// daemon does before it serves.
+    fn crash_primary_linked(&mut self) {
+        self.pending.clear();
+        // Only the durable value is certain now: a later flush covers what is acknowledged
+        // after the restart, not what was acknowledged before and lost.
+        for log in self.sectors.values_mut() {
+            log.acked = log.base;
+        }
+        self.restart(None, 2);
+        self.ensure_links();
+        for copy in &mut self.copies {
+            copy.link_entered = false;
+        }
+    }
+
+    /// Now and then (one step in 200), an activity-log eviction cycle while writes go on.
+    fn maybe_evict(&mut self) {
+        if !self.rng.gen_bool(0.005) || std::env::var("NO_EVICT").is_ok() {
+            return;
+        }
+        let Some(replication) = self.links.first().map(|l| l.replication().clone()) else {
+            return;
+        };
+        let links = self.links.clone();
+        let mut host = SimEvictHost {
+            run: self,
+            port: Port::new(1, PortWaker::None),
+        };
+        let timing = EvictTiming {
+            wait: std::time::Duration::from_secs(60),
+        };
+        if let CycleOutcome::Evicted(n) = run_cycle(&replication, &links, &mut host, timing) {
+            self.evicted += n;
+        }
+    }
+
     fn step(&mut self) {
         self.net.tick();
         if let Some(c) = self.p.cluster.as_mut() {
@@ -660,6 +757,7 @@ impl Run {
         for step in 0..steps {
             self.issue();
             self.step();
+            self.maybe_evict();
             if step == fault_at {
                 match second {
                     1 => self.net.cut(self.copies[hit].link_fd),
@@ -778,6 +876,8 @@ struct SeedOutcome {
     /// An async queue overflowed under the load (its link failed with no fault on it).
     overflowed: bool,
     copies: usize,
+    /// Regions eviction cycles dropped from the activity log.
+    evicted: usize,
 }
 
 /// Runs one seed (see the module).
@@ -804,7 +904,8 @@ fn run_seed(seed: u64) -> SeedOutcome {
         Fault::Partition,
         Fault::ReplicaCrash,
         Fault::PrimaryCrash,
-    ][rng.gen_range(0..6)];
+        Fault::PrimaryCrashLinked,
+    ][rng.gen_range(0..7)];
     let copies = if rng.gen_bool(0.35) { 2 } else { 1 };
     let pdisk = Arc::new(Mutex::new(SimDisk::new(DEVICE_BYTES, true)));
     let mut p = start(seed, opts, &net, PRIMARY, &pdisk);
@@ -857,6 +958,7 @@ fn run_seed(seed: u64) -> SeedOutcome {
         next_value: 0,
         next_tag: 0,
         pending: BTreeMap::new(),
+        evicted: 0,
     };
     for i in 0..run.copies.len() {
         run.spawn_link(i);
@@ -866,6 +968,7 @@ fn run_seed(seed: u64) -> SeedOutcome {
     for i in 0..steps {
         run.issue();
         run.step();
+        run.maybe_evict();
         if i == fault_at {
             match fault {
                 Fault::None => {}
@@ -873,6 +976,7 @@ fn run_seed(seed: u64) -> SeedOutcome {
                 Fault::Cut | Fault::PrimaryCrash => run.net.cut(run.copies[victim].link_fd),
                 Fault::Partition => run.net.partition(PRIMARY, run.copies[victim].net_id),
                 Fault::ReplicaCrash => run.restart(Some(victim), 1),
+                Fault::PrimaryCrashLinked => run.crash_primary_linked(),
             }
         }
     }
@@ -920,8 +1024,8 @@ fn run_seed(seed: u64) -> SeedOutcome {
         run.net.heal_all();
     }
     let mut checked_marks = 0;
-    let primary_crashed = fault == Fault::PrimaryCrash;
-    if primary_crashed {
+    let primary_crashed = matches!(fault, Fault::PrimaryCrash | Fault::PrimaryCrashLinked);
+    if fault == Fault::PrimaryCrash {
         let marks_wanted: Vec<BTreeSet<u64>> =
             run.copies.iter().map(|c| c.durable_marks.clone()).collect();
         checked_marks = marks_wanted.iter().map(BTreeSet::len).sum();
@@ -972,6 +1076,7 @@ fn run_seed(seed: u64) -> SeedOutcome {
         ticks: run.net.now_tick(),
         overflowed: !overflowed.is_empty(),
         copies: run.copies.len(),
+        evicted: run.evicted,
     }
 }
 
@@ -1036,9 +1141,10 @@ fn replication_survives_cuts_partitions_and_crashes_on_the_simulator() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let (mut checked_marks, mut overflows, mut three_nodes) = (0, 0, 0);
+    let (mut checked_marks, mut overflows, mut three_nodes, mut evicted) = (0, 0, 0, 0);
     for seed in first..first + seeds {
         let outcome = run_seed(seed);
+        evicted += outcome.evicted;
         checked_marks += outcome.checked_marks;
         overflows += u32::from(outcome.overflowed);
         three_nodes += u32::from(outcome.copies == 2);
@@ -1052,6 +1158,10 @@ fn replication_survives_cuts_partitions_and_crashes_on_the_simulator() {
         "no seed overflowed an async queue"
     );
     assert!(seeds < 20 || three_nodes > 0, "no seed ran three nodes");
+    assert!(
+        seeds < 20 || evicted > 0,
+        "no eviction cycle dropped a region from the activity log"
+    );
 }
 
 /// The seed decides everything: a run repeats exactly.

@@ -28,7 +28,7 @@
 //! link reconnects (the link, and its state, outlive connections), so the count of retired
 //! sets is bounded by [`MAX_REPLICA_SET_CHANGES`].
 
-use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use crossbeam_queue::ArrayQueue;
@@ -184,6 +184,14 @@ impl ReplicaOp {
     }
 }
 
+/// A link's state as an eviction cycle compares it before and after its flush.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkStanding {
+    pub state: LinkState,
+    pub transitions: u64,
+    pub failure_settled: bool,
+}
+
 /// One replica's link, shared by the submit path (any reactor) and its task.
 pub struct ReplicaLink {
     replication: Arc<VolumeReplication>,
@@ -195,6 +203,14 @@ pub struct ReplicaLink {
     /// Set when the link leaves the fan-out from up to date, until its task takes it (and
     /// starts a new generation: the set of up-to-date replicas changed).
     dropped_out: AtomicBool,
+    /// Counts every change of `state`: an eviction cycle sees whether the link stayed put.
+    transitions: AtomicU64,
+    /// Flush ops pushed, and those the replica acknowledged (in push order: the link sends
+    /// and the replica answers in order), for an eviction cycle's wait.
+    flushes_pushed: AtomicU64,
+    flushes_acked: AtomicU64,
+    /// False from falling behind until its task marked everything the replica may lack.
+    failure_settled: AtomicBool,
     pushers: AtomicU32,
     inbox: ArrayQueue<ReplicaOp>,
     waker: OnceLock<PortWaker>,
@@ -245,6 +261,10 @@ impl ReplicaLink {
             mode,
             state: AtomicU8::new(LinkState::Behind as u8),
             dropped_out: AtomicBool::new(false),
+            transitions: AtomicU64::new(0),
+            flushes_pushed: AtomicU64::new(0),
+            flushes_acked: AtomicU64::new(0),
+            failure_settled: AtomicBool::new(true),
             pushers: AtomicU32::new(0),
             inbox: ArrayQueue::new(LINK_INBOX_OPS),
             waker: OnceLock::new(),
@@ -290,6 +310,7 @@ impl ReplicaLink {
         );
         self.state
             .store(LinkState::UpToDate as u8, Ordering::SeqCst);
+        self.transitions.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Enter the fan-out to resync: writes go to the replica and mark its bitmap.
@@ -300,31 +321,69 @@ impl ReplicaLink {
         );
         self.state
             .store(LinkState::Resyncing as u8, Ordering::SeqCst);
+        self.transitions.fetch_add(1, Ordering::SeqCst);
     }
 
     /// The resync is done: from resyncing to up to date. False when the link fell behind
     /// meanwhile (a full inbox): it stays behind, and its task fails the connection.
     pub fn finish_resync(&self) -> bool {
-        self.state
+        let done = self
+            .state
             .compare_exchange(
                 LinkState::Resyncing as u8,
                 LinkState::UpToDate as u8,
                 Ordering::SeqCst,
                 Ordering::SeqCst,
             )
-            .is_ok()
+            .is_ok();
+        if done {
+            self.transitions.fetch_add(1, Ordering::SeqCst);
+        }
+        done
     }
 
     /// Leave the fan-out. Returns whether it was up to date (not merely resyncing), which
     /// [`Self::take_dropped_out`] also reports later. The task drains the inbox only once
     /// [`Self::pushers_gone`] says so.
     pub fn fall_behind(&self) -> bool {
-        let was_up_to_date =
-            self.state.swap(LinkState::Behind as u8, Ordering::SeqCst) == LinkState::UpToDate as u8;
+        let was = self.state.swap(LinkState::Behind as u8, Ordering::SeqCst);
+        if was != LinkState::Behind as u8 {
+            self.failure_settled.store(false, Ordering::SeqCst);
+            self.transitions.fetch_add(1, Ordering::SeqCst);
+        }
+        let was_up_to_date = was == LinkState::UpToDate as u8;
         if was_up_to_date {
             self.dropped_out.store(true, Ordering::SeqCst);
         }
         was_up_to_date
+    }
+
+    /// The failing task marked everything the replica may lack (its held ops, its unflushed
+    /// writes, the inbox's orphans): from now on the dirty bitmap alone says what it lacks.
+    pub fn note_failure_settled(&self) {
+        self.failure_settled.store(true, Ordering::SeqCst);
+    }
+
+    /// The replica acknowledged a Flush op taken from the inbox.
+    pub fn note_flush_acked(&self) {
+        self.flushes_acked.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Where the link stands, for an eviction cycle (see [`super::evict`]).
+    pub fn standing(&self) -> LinkStanding {
+        LinkStanding {
+            state: self.state(),
+            transitions: self.transitions.load(Ordering::SeqCst),
+            failure_settled: self.failure_settled.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Flush ops pushed so far, and those acknowledged.
+    pub fn flushes(&self) -> (u64, u64) {
+        (
+            self.flushes_pushed.load(Ordering::SeqCst),
+            self.flushes_acked.load(Ordering::SeqCst),
+        )
     }
 
     /// Whether the link left the fan-out from up to date since the last call: the task's
@@ -409,16 +468,20 @@ impl ReplicaLink {
     /// goes again after this op (see [`Self::mark_resyncing`]).
     fn try_push(&self, op: ReplicaOp, volume: &Volume) -> Result<(), ReplicaOp> {
         self.pushers.fetch_add(1, Ordering::SeqCst);
+        let flush = op.kind == ReplicaOpKind::Flush;
         let pushed = match self.state() {
             LinkState::Behind => Err(op),
             LinkState::UpToDate => self.inbox.push(op),
             LinkState::Resyncing => {
-                if op.kind != ReplicaOpKind::Flush {
+                if !flush {
                     self.mark_resyncing(volume, op.offset_bytes, op.len_bytes);
                 }
                 self.inbox.push(op)
             }
         };
+        if flush && pushed.is_ok() {
+            self.flushes_pushed.fetch_add(1, Ordering::SeqCst);
+        }
         self.pushers.fetch_sub(1, Ordering::SeqCst);
         if pushed.is_ok() {
             match self.waker.get() {

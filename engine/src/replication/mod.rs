@@ -5,6 +5,7 @@
 
 pub mod barrier;
 pub mod bitmap;
+pub mod evict;
 pub mod fanout;
 pub mod generation;
 pub mod lag;
@@ -14,7 +15,10 @@ pub mod status;
 
 pub use barrier::{BarrierEntry, BarrierTicket, WriteBarrier};
 pub use bitmap::{DirtyBitmap, RegionIndex};
-pub use fanout::{LinkMode, LinkState, ReplicaLink, ReplicaOp, ReplicaOpKind, ReplicaSet};
+pub use evict::{run_cycle, CycleOutcome, EvictHost, EvictTiming};
+pub use fanout::{
+    LinkMode, LinkStanding, LinkState, ReplicaLink, ReplicaOp, ReplicaOpKind, ReplicaSet,
+};
 pub use generation::{
     compare, resync_scope, GenerationHistory, GenerationId, Relation, ResyncScope,
 };

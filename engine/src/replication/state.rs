@@ -17,7 +17,7 @@
 //! to a region waits for a round).
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use super::barrier::WriteBarrier;
@@ -72,6 +72,13 @@ pub struct VolumeReplication {
     /// Regions of `activity` that a completed metadata round persisted: a write to them goes
     /// straight to the local device (see [`Self::activity_persisted`]).
     activity_persisted: DirtyBitmap,
+    /// Regions written since the current eviction cycle started (see [`super::evict`]).
+    recent: DirtyBitmap,
+    /// Regions an eviction cycle hands to the next metadata round to drop from the activity
+    /// log (the round checks `recent` once more, see [`Self::record`]).
+    evicting: DirtyBitmap,
+    /// Serializes snapshots with the eviction step they include.
+    record_lock: Mutex<()>,
     /// Writes in flight by epoch: a resync waits on it before it reads (see [`super::barrier`]).
     pub barrier: WriteBarrier,
     /// Counts changes of `history`, so a link sees a new generation with one atomic load.
@@ -146,6 +153,9 @@ impl VolumeReplication {
             replicas,
             activity,
             activity_persisted: bitmap()?,
+            recent: bitmap()?,
+            evicting: bitmap()?,
+            record_lock: Mutex::new(()),
             barrier: WriteBarrier::default(),
             history_changes: AtomicU64::new(0),
         })
@@ -153,8 +163,11 @@ impl VolumeReplication {
 
     /// What the next metadata round persists: a consistent-enough snapshot (each bitmap read
     /// once; a bit set meanwhile is in it or marks the metadata dirty again), with runs merged
-    /// to their bounds.
+    /// to their bounds. Regions an eviction cycle queued leave the activity log first, unless
+    /// a write marked them since (see [`super::evict`]).
     pub fn record(&self) -> ReplicationRecord {
+        let _serial = self.record_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.drop_evicted();
         ReplicationRecord {
             role: self.role(),
             region_shift: self.activity.region_shift(),
@@ -237,7 +250,8 @@ impl VolumeReplication {
 
     /// Put `offset_bytes..+len_bytes` in the activity log in memory. The caller then marks
     /// the metadata dirty and waits for a round that starts afterwards: that round's record
-    /// holds these regions (activity bits are never cleared while the volume lives).
+    /// holds these regions (only an eviction cycle clears activity bits, and never a recent
+    /// region's).
     pub fn begin_activity(&self, offset_bytes: u64, len_bytes: u64) {
         self.activity.mark_bytes(offset_bytes, len_bytes);
     }
@@ -254,6 +268,74 @@ impl VolumeReplication {
         self.activity_persisted.mark_bytes(offset_bytes, len_bytes);
     }
 
+    /// A write to `offset_bytes..+len_bytes` entered the write barrier: its regions are
+    /// recent for the current eviction cycle. Called before the write tests the persisted
+    /// activity log (the order [`super::evict`] relies on).
+    pub fn note_write(&self, offset_bytes: u64, len_bytes: u64) {
+        let regions = self.recent.regions_of(offset_bytes, len_bytes);
+        if !regions
+            .clone()
+            .all(|r| self.recent.is_dirty(RegionIndex(r)))
+        {
+            self.recent.mark_regions(regions);
+        }
+        fence(Ordering::SeqCst);
+    }
+
+    /// An eviction cycle starts: no region is recent.
+    pub fn start_eviction_cycle(&self) {
+        self.recent.clear_all();
+        fence(Ordering::SeqCst);
+    }
+
+    /// Regions in the persisted activity log that no write entered the barrier for since the
+    /// cycle started.
+    pub fn eviction_candidates(&self) -> Vec<RegionIndex> {
+        self.activity
+            .iter_dirty()
+            .filter(|&r| self.activity_persisted.is_dirty(r) && !self.recent.is_dirty(r))
+            .collect()
+    }
+
+    /// Writes to `regions` from now on wait for a metadata round (they put the region back).
+    pub fn retire_persisted(&self, regions: &[RegionIndex]) {
+        for &r in regions {
+            self.activity_persisted.clear(r);
+        }
+        fence(Ordering::SeqCst);
+    }
+
+    /// Hand `regions` to the next metadata round to drop, those still not recent. Returns
+    /// how many were queued.
+    pub fn queue_eviction(&self, regions: &[RegionIndex]) -> usize {
+        let mut queued = 0;
+        for &r in regions.iter().filter(|&&r| !self.recent.is_dirty(r)) {
+            self.evicting.mark_regions(r.0..r.0 + 1);
+            queued += 1;
+        }
+        queued
+    }
+
+    /// The round's part of an eviction: each queued region leaves the activity log unless a
+    /// write marked it recent. The clear comes before the test: a write that marks `recent`
+    /// after the test marks the activity log after the clear (in that order), and one that
+    /// marked it before is seen and put back, so no snapshot misses a write's region.
+    fn drop_evicted(&self) {
+        let queued: Vec<RegionIndex> = self.evicting.iter_dirty().collect();
+        for r in queued {
+            self.evicting.clear(r);
+            if self.activity_persisted.is_dirty(r) {
+                // Persisted again by a write's round since the cycle retired it.
+                continue;
+            }
+            self.activity.clear(r);
+            fence(Ordering::SeqCst);
+            if self.recent.is_dirty(r) {
+                self.activity.mark_regions(r.0..r.0 + 1);
+            }
+        }
+    }
+
     /// A region was resynced to `node`.
     pub fn resynced(&self, node: NodeId, region: RegionIndex) -> bool {
         self.replica(node).is_some_and(|r| r.dirty.clear(region))
@@ -266,6 +348,68 @@ mod tests {
 
     fn node(n: u128) -> NodeId {
         NodeId::new(n).unwrap()
+    }
+
+    /// A volume whose regions 0..4 (of 1 MiB) are in the persisted activity log.
+    fn with_activity() -> VolumeReplication {
+        let v = VolumeReplication::new(Role::Primary, 1 << 30, 20, &[node(1)]).unwrap();
+        v.begin_activity(0, 4 << 20);
+        v.activity_durable(0, 4 << 20);
+        v
+    }
+
+    fn in_log(v: &VolumeReplication) -> Vec<u64> {
+        v.record().activity.iter().flat_map(|r| r.clone()).collect()
+    }
+
+    #[test]
+    fn an_idle_region_leaves_the_activity_log_and_a_write_there_waits_again() {
+        let v = with_activity();
+        v.start_eviction_cycle();
+        v.note_write(2 << 20, 4096);
+        let candidates = v.eviction_candidates();
+        assert_eq!(
+            candidates,
+            [RegionIndex(0), RegionIndex(1), RegionIndex(3)],
+            "a region written this cycle stays"
+        );
+        v.retire_persisted(&candidates);
+        assert!(
+            !v.activity_persisted(0, 4096),
+            "a write there now waits for a round"
+        );
+        assert!(v.activity_persisted(2 << 20, 4096));
+        assert_eq!(v.queue_eviction(&candidates), 3);
+        assert_eq!(in_log(&v), [2], "the round drops the queued regions");
+        assert_eq!(v.activity.dirty_regions(), 1);
+    }
+
+    #[test]
+    fn a_region_written_after_it_was_queued_stays_in_the_log() {
+        let v = with_activity();
+        v.start_eviction_cycle();
+        let candidates = v.eviction_candidates();
+        v.retire_persisted(&candidates);
+        // A write after the candidates were taken: it marked its region recent before it
+        // tested the (retired) persisted bit, so it parks and puts the region back.
+        v.note_write(1 << 20, 4096);
+        v.begin_activity(1 << 20, 4096);
+        assert_eq!(
+            v.queue_eviction(&candidates),
+            3,
+            "a recent region is not queued"
+        );
+        // One written after it was queued, before the round: the round keeps it.
+        v.note_write(3 << 20, 4096);
+        assert_eq!(in_log(&v), [1, 3]);
+    }
+
+    #[test]
+    fn a_region_not_yet_persisted_is_no_candidate() {
+        let v = with_activity();
+        v.begin_activity(8 << 20, 4096);
+        v.start_eviction_cycle();
+        assert!(!v.eviction_candidates().contains(&RegionIndex(8)));
     }
 
     #[test]

@@ -517,6 +517,10 @@ impl PrimaryLink {
         let cut_whole = self.cutting.is_none_or(|(c, _)| c != id);
         if entry.frames_left == 0 && cut_whole {
             if let Some(entry) = self.ops.remove(&id) {
+                if entry.op.kind() == ReplicaOpKind::Flush {
+                    // Acknowledged (a failing link hands its ops back elsewhere).
+                    self.link.note_flush_acked();
+                }
                 ctx.replica_done(entry.op);
             }
         }

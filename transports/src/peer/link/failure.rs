@@ -103,6 +103,8 @@ impl PrimaryLink {
                     .mark_lacking(&volume, op.offset_bytes(), op.len_bytes());
             }
         }
+        // Every range the replica may lack is marked (the flush below persists them).
+        self.link.note_failure_settled();
         let flush = Request {
             kind: RequestKind::Flush,
             offset_bytes: 0,

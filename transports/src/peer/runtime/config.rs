@@ -92,6 +92,8 @@ pub struct RuntimeTiming {
     pub diverged_retry: Duration,
     /// Longest wait for a task or thread to end when told to.
     pub stop_wait: Duration,
+    /// Time between activity-log eviction cycles on a primary copy.
+    pub evict_interval: Duration,
 }
 
 impl Default for RuntimeTiming {
@@ -101,6 +103,7 @@ impl Default for RuntimeTiming {
             backoff_max: Duration::from_secs(30),
             diverged_retry: Duration::from_secs(60),
             stop_wait: Duration::from_secs(15),
+            evict_interval: Duration::from_secs(10),
         }
     }
 }

@@ -13,6 +13,7 @@ use ringblock_engine::replication::{PeerState, ReplicaLink, ReplicaSet, ResyncSc
 use ringblock_engine::ReactorId;
 
 use super::config::RuntimeError;
+use super::evict::Evictor;
 use super::watch::{TaskControl, Watched};
 use super::{lock, split_brain, ConnectorControl, PeerEntry, PrimarySide, Shared, VolumeEntry};
 use crate::peer::convert::{to_wire, wire_node_id};
@@ -32,7 +33,12 @@ pub(super) fn start_primary(
     entry: &Arc<VolumeEntry>,
 ) -> Result<(), RuntimeError> {
     attach_links(shared, entry)?;
-    start_connectors(shared, entry)
+    start_connectors(shared, entry)?;
+    let mut evictor = lock(&entry.evictor);
+    if evictor.is_none() {
+        *evictor = Evictor::start(shared, entry);
+    }
+    Ok(())
 }
 
 /// The first half of [`start_primary`]: from here on every write reaches the replicas'
@@ -114,6 +120,10 @@ pub(super) fn start_connectors(
 /// replica may lack.
 /// Returns whether every link task ended within the wait.
 pub(super) fn stop_primary(shared: &Shared, entry: &VolumeEntry, detach: bool) -> bool {
+    // First: a cycle's flush must not wait on links being stopped.
+    if let Some(evictor) = lock(&entry.evictor).take() {
+        evictor.stop();
+    }
     let Some(side) = lock(&entry.primary).take() else {
         return true;
     };

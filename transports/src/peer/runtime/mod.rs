@@ -15,6 +15,7 @@
 mod accept;
 pub mod config;
 mod connector;
+mod evict;
 mod ops;
 mod prepare;
 mod watch;
@@ -176,6 +177,8 @@ pub(super) struct VolumeEntry {
     ops: Mutex<()>,
     primary: Mutex<Option<PrimarySide>>,
     serving: Mutex<Option<Serving>>,
+    /// The activity-log evictor of a primary copy.
+    evictor: Mutex<Option<evict::Evictor>>,
 }
 
 impl VolumeEntry {
@@ -267,6 +270,7 @@ impl PeerRuntime {
                 ops: Mutex::new(()),
                 primary: Mutex::new(None),
                 serving: Mutex::new(None),
+                evictor: Mutex::new(None),
             }));
         }
         prepare::persist(&engine, "the volumes' replication records")?;

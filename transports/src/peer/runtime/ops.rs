@@ -240,7 +240,10 @@ fn peer_of(entry: &VolumeEntry, node: NodeId) -> Result<(usize, &super::PeerEntr
 
 /// Flush the volume through the engine: the up-to-date replicas hold every write durably
 /// when this returns.
-fn flush_volume(shared: &super::Shared, entry: &VolumeEntry) -> Result<(), RuntimeError> {
+pub(super) fn flush_volume(
+    shared: &super::Shared,
+    entry: &VolumeEntry,
+) -> Result<(), RuntimeError> {
     let handle = shared
         .engine
         .open(&entry.name)
