@@ -74,6 +74,7 @@ fn config(
             stop_wait: Duration::from_secs(15),
         },
         exports: None,
+        membership_file: None,
     }
 }
 

@@ -9,7 +9,8 @@
 //!   the history (the generation its link's end started holds no write, and is dropped), so a
 //!   clean switchover does not look like a split brain.
 //! - **suspend / resume**: a primary stops sending to one replica (its link ends, writes mark
-//!   its bitmap) until resumed.
+//!   its bitmap) until resumed. Both are kept in the membership file, so a restart keeps a
+//!   replica suspended.
 //! - **resolve**: after a split brain, this node discards its copy's changes: its history
 //!   becomes empty and the primary sends it everything.
 
@@ -20,7 +21,7 @@ use ringblock_engine::replication::{GenerationHistory, LinkState, NodeId, PeerSt
 use ringblock_engine::{Port, PortWaker, Request, RequestKind};
 
 use super::config::RuntimeError;
-use super::{accept, connector, lock, prepare, PeerRuntime, VolumeEntry};
+use super::{accept, connector, lock, prepare, PeerRuntime, VolumeEntry, SUSPENDED};
 
 /// Longest wait for the flush before a demote.
 const DEMOTE_FLUSH_WAIT: Duration = Duration::from_secs(60);
@@ -31,7 +32,7 @@ impl PeerRuntime {
         let shared = &self.shared;
         let entry = shared.volume(volume)?.clone();
         let _ops = lock(&entry.ops);
-        let replication = &entry.replication;
+        let replication = &entry.replication();
         if replication.role() == Role::Primary {
             return Err(RuntimeError::Conflict(format!(
                 "volume {volume} is already the primary here"
@@ -86,7 +87,7 @@ impl PeerRuntime {
         let shared = &self.shared;
         let entry = shared.volume(volume)?.clone();
         let _ops = lock(&entry.ops);
-        let replication = &entry.replication;
+        let replication = &entry.replication();
         if replication.role() == Role::Replica {
             return Err(RuntimeError::Conflict(format!(
                 "volume {volume} is already a replica here"
@@ -100,25 +101,24 @@ impl PeerRuntime {
         flush_volume(shared, &entry)?;
         let history = replication.history();
         let links = connector::links(&entry);
-        let clean: Vec<usize> = links
+        // A link's index is into the replication it was made with (peers added or removed
+        // since make new ones): take its replica's state from there.
+        let clean: Vec<_> = links
             .iter()
             .filter(|l| l.state() == LinkState::UpToDate)
-            .map(|l| l.index())
+            .map(|l| l.replication().replicas()[l.index()].clone())
             .collect();
         let ended = connector::stop_primary(shared, &entry, true);
         replication.set_role(Role::Replica);
         // The links' ends started generations no write went into (nothing is exported): a
         // replica that was up to date and lacks nothing stays in step with this copy.
         let replicas = replication.replicas();
-        let all_clean = ended
-            && !clean.is_empty()
-            && clean
-                .iter()
-                .all(|&i| replicas[i].dirty.dirty_regions() == 0);
+        let all_clean =
+            ended && !clean.is_empty() && clean.iter().all(|r| r.dirty.dirty_regions() == 0);
         if all_clean {
             replication.adopt_history(history);
-            for &i in &clean {
-                replicas[i].set_since(None);
+            for r in &clean {
+                r.set_since(None);
             }
         }
         for r in replicas {
@@ -136,26 +136,29 @@ impl PeerRuntime {
         let shared = &self.shared;
         let entry = shared.volume(volume)?.clone();
         let _ops = lock(&entry.ops);
-        let (i, peer) = peer_of(&entry, node)?;
-        if entry.replication.role() != Role::Primary {
+        let peer = peer_of(&entry, node)?;
+        if entry.replication().role() != Role::Primary {
             return Err(RuntimeError::Conflict(format!(
                 "volume {volume} is a replica here; suspend its replicas on the primary"
             )));
         }
-        if peer.suspended.swap(true, Ordering::AcqRel) {
+        if peer.suspended.load(Ordering::Acquire) {
             return Ok(format!(
                 "volume {volume}: node {node} was already suspended"
             ));
         }
-        let status = &entry.replication.replicas()[peer.index].status;
-        if let Some(task) = connector::wake_peer(&entry, i, true) {
+        // Durable first: a restart keeps the replica suspended from now on.
+        shared.change_membership(|m| m.record_suspended(volume, node, true))?;
+        peer.suspended.store(true, Ordering::Release);
+        let status = &peer.replica.status;
+        if let Some(task) = connector::wake_peer(&entry, node, true) {
             if !task.wait_exit(shared.timing.stop_wait) {
                 return Err(RuntimeError::Failed(format!(
                     "volume {volume}: the link to node {node} did not end in time"
                 )));
             }
         }
-        status.set(PeerState::Suspended, Some("suspended by the operator"));
+        status.set(PeerState::Suspended, Some(SUSPENDED));
         status.set_connected(None);
         prepare::persist(&shared.engine, "the suspended replica's marks")?;
         tracing::info!(volume, %node, "peer: replica suspended");
@@ -168,13 +171,16 @@ impl PeerRuntime {
         let shared = &self.shared;
         let entry = shared.volume(volume)?.clone();
         let _ops = lock(&entry.ops);
-        let (i, peer) = peer_of(&entry, node)?;
-        if !peer.suspended.swap(false, Ordering::AcqRel) {
+        let peer = peer_of(&entry, node)?;
+        if !peer.suspended.load(Ordering::Acquire) {
             return Ok(format!("volume {volume}: node {node} was not suspended"));
         }
-        let status = &entry.replication.replicas()[peer.index].status;
-        status.set(PeerState::Connecting, Some("resumed by the operator"));
-        connector::wake_peer(&entry, i, false);
+        shared.change_membership(|m| m.record_suspended(volume, node, false))?;
+        peer.suspended.store(false, Ordering::Release);
+        peer.replica
+            .status
+            .set(PeerState::Connecting, Some("resumed by the operator"));
+        connector::wake_peer(&entry, node, false);
         tracing::info!(volume, %node, "peer: replica resumed");
         Ok(format!("volume {volume}: node {node} resumed"))
     }
@@ -185,14 +191,14 @@ impl PeerRuntime {
         let entry = shared.volume(volume)?.clone();
         let _ops = lock(&entry.ops);
         if discard != shared.node {
-            let (_, peer) = peer_of(&entry, discard)?;
+            let peer = peer_of(&entry, discard)?;
             return Err(RuntimeError::Conflict(format!(
                 "volume {volume}: node {discard} discards its own copy: run this on node {} \
                  (at {})",
                 discard, peer.spec.address
             )));
         }
-        let replication = &entry.replication;
+        let replication = &entry.replication();
         if replication.role() != Role::Replica {
             return Err(RuntimeError::Conflict(format!(
                 "volume {volume} is the primary here; demote it before discarding this copy"
@@ -224,23 +230,24 @@ impl PeerRuntime {
     }
 }
 
-fn peer_of(entry: &VolumeEntry, node: NodeId) -> Result<(usize, &super::PeerEntry), RuntimeError> {
-    entry
-        .peers
-        .iter()
-        .enumerate()
-        .find(|(_, p)| p.spec.node == node)
-        .ok_or_else(|| {
-            RuntimeError::NotFound(format!(
-                "volume {}: node {node} is not one of its peers",
-                entry.name
-            ))
-        })
+pub(super) fn peer_of(
+    entry: &VolumeEntry,
+    node: NodeId,
+) -> Result<std::sync::Arc<super::PeerEntry>, RuntimeError> {
+    entry.peer(node).ok_or_else(|| {
+        RuntimeError::NotFound(format!(
+            "volume {}: node {node} is not one of its peers",
+            entry.name
+        ))
+    })
 }
 
 /// Flush the volume through the engine: the up-to-date replicas hold every write durably
 /// when this returns.
-fn flush_volume(shared: &super::Shared, entry: &VolumeEntry) -> Result<(), RuntimeError> {
+pub(super) fn flush_volume(
+    shared: &super::Shared,
+    entry: &VolumeEntry,
+) -> Result<(), RuntimeError> {
     let handle = shared
         .engine
         .open(&entry.name)
