@@ -38,6 +38,9 @@ impl PeerRuntime {
                 "volume {volume} is already the primary here"
             )));
         }
+        // The primary this copy followed since the runtime started (its connection may have
+        // ended): the one peer whose differences this copy can bound (see below).
+        let followed = lock(&entry.serving).as_ref().map(|s| s.node);
         if let Some(node) = entry.serving_node() {
             if !force {
                 return Err(RuntimeError::Conflict(format!(
@@ -62,10 +65,15 @@ impl PeerRuntime {
         // attached first (nothing is exported yet, so nothing is written meanwhile).
         connector::attach_links(shared, &entry)?;
         let before = replication.history();
+        let tracking: Vec<_> = replication
+            .replicas()
+            .iter()
+            .map(|r| (r.since(), r.full_sync()))
+            .collect();
         replication.set_role(Role::Primary);
         let generation = replication.start_generation();
         for r in replication.replicas() {
-            r.set_full_sync(true);
+            track_after_promotion(r, followed, before.current());
             r.status.set(PeerState::Connecting, None);
         }
         entry.volume.replication_changed();
@@ -73,6 +81,10 @@ impl PeerRuntime {
             let _ = connector::stop_primary(shared, &entry, true);
             replication.set_role(Role::Replica);
             replication.adopt_history(before);
+            for (r, (since, full)) in replication.replicas().iter().zip(tracking) {
+                r.set_since(since);
+                r.set_full_sync(full);
+            }
             return Err(e);
         }
         connector::start_connectors(shared, &entry)?;
@@ -227,6 +239,30 @@ impl PeerRuntime {
             "volume {volume}: this copy is discarded; the primary sends it everything when it \
              connects"
         ))
+    }
+}
+
+/// What a new primary tracks for replica `r` (see `docs/replication.md`, "Promotion").
+///
+/// The primary this copy followed until it was promoted (`followed`, in this runtime), if it
+/// is still at this copy's last generation `current` when it comes back, differs from this
+/// copy only in: the writes made here from now on (the attached set marks them in its
+/// bitmap), and the regions of its own activity log and dirty bitmap for this copy (writes in
+/// flight when it stopped), which it asks for as a sync target. So its bitmap starts at
+/// `current`: a resync of those regions, not of everything. Any other replica at `current`
+/// may lack writes that were in flight to it when the old primary crashed, and nothing here
+/// names their regions: it gets a full sync, as does every replica after a restart of this
+/// runtime (the primary it followed is not known then).
+fn track_after_promotion(
+    r: &ringblock_engine::replication::ReplicaState,
+    followed: Option<NodeId>,
+    current: Option<ringblock_engine::replication::GenerationId>,
+) {
+    if current.is_some() && followed == Some(r.node) {
+        r.set_since(current);
+        r.set_full_sync(false);
+    } else {
+        r.set_full_sync(true);
     }
 }
 
