@@ -359,6 +359,33 @@ mod tests {
         assert_eq!(v.peers[0].dirty_bytes, 0);
         control.demote("v").unwrap();
         assert_eq!(control.status().volumes[0].role, "replica");
+        // Adding and removing a peer: the address and mode are checked here.
+        let third = "00000000000000000000000000000003";
+        for (address, mode) in [("nowhere", "sync"), ("127.0.0.1:9", "fast")] {
+            assert!(matches!(
+                control.add_replica("v", third, address, mode),
+                Err(ReplicationControlError::Invalid(_))
+            ));
+        }
+        control
+            .add_replica("v", third, "127.0.0.1:9", "async")
+            .unwrap();
+        assert!(matches!(
+            control.add_replica("v", third, "127.0.0.1:9", "sync"),
+            Err(ReplicationControlError::Conflict(_))
+        ));
+        let v = &control.status().volumes[0];
+        assert_eq!(v.peers.len(), 2);
+        assert_eq!(
+            (v.peers[1].node.as_str(), v.peers[1].mode.as_str()),
+            (third, "async")
+        );
+        control.remove_replica("v", third).unwrap();
+        assert!(matches!(
+            control.remove_replica("v", third),
+            Err(ReplicationControlError::NotFound(_))
+        ));
+        assert_eq!(control.status().volumes[0].peers.len(), 1);
         runtime.stop();
         drop((control, runtime));
         Arc::try_unwrap(engine)

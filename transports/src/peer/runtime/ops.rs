@@ -318,3 +318,33 @@ pub(super) fn flush_volume(
         std::thread::park_timeout(Duration::from_millis(50));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use ringblock_engine::replication::{GenerationId, Role, VolumeReplication};
+
+    use super::*;
+
+    #[test]
+    fn only_the_followed_primary_is_tracked_from_the_last_generation() {
+        let (a, b) = (NodeId::new(1).unwrap(), NodeId::new(2).unwrap());
+        let g = GenerationId::new(9);
+        let state = VolumeReplication::new(Role::Replica, 1 << 30, 20, &[a, b]).unwrap();
+        for r in state.replicas() {
+            r.set_full_sync(false);
+            track_after_promotion(r, Some(a), g);
+        }
+        let (ra, rb) = (state.replica(a).unwrap(), state.replica(b).unwrap());
+        assert_eq!((ra.since(), ra.full_sync()), (g, false));
+        assert!(
+            rb.full_sync(),
+            "another replica may lack an in-flight write"
+        );
+        // Not known (a restart since), or no generation: everyone gets a full sync.
+        for (followed, current) in [(None, g), (Some(a), None)] {
+            ra.set_full_sync(false);
+            track_after_promotion(ra, followed, current);
+            assert!(ra.full_sync());
+        }
+    }
+}
