@@ -392,11 +392,12 @@ fn view(e: &VolumeEntry) -> VolumeView {
     let peers = lock(&e.peers);
     let replication = e.replication();
     let index = |p: &PeerEntry| {
-        replication
+        let at = replication
             .replicas()
             .iter()
-            .position(|r| r.node == p.spec.node)
-            .unwrap_or_default()
+            .position(|r| r.node == p.spec.node);
+        debug_assert!(at.is_some(), "every peer has a state in the replication");
+        at.unwrap_or_default()
     };
     VolumeView {
         name: e.name.clone(),
