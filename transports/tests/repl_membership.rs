@@ -17,6 +17,7 @@ use ringblock_engine::{
 };
 use ringblock_transports::peer::runtime::{
     ListenAddress, PeerMode, PeerSpec, ReplicatedVolume, RuntimeConfig, RuntimeTiming, VolumeView,
+    DEFAULT_ASYNC_QUEUE_BYTES,
 };
 use ringblock_transports::peer::{PeerAddress, PeerRuntime, RuntimeError};
 
@@ -63,6 +64,7 @@ fn config(
                     node: node(*n),
                     address: address.clone(),
                     mode: PeerMode::Sync,
+                    queue_limit_bytes: DEFAULT_ASYNC_QUEUE_BYTES,
                 })
                 .collect(),
         }],

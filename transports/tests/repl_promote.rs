@@ -16,6 +16,7 @@ use ringblock_engine::{
 };
 use ringblock_transports::peer::runtime::{
     ListenAddress, PeerMode, PeerSpec, ReplicatedVolume, RuntimeConfig, RuntimeTiming,
+    DEFAULT_ASYNC_QUEUE_BYTES,
 };
 use ringblock_transports::peer::{PeerAddress, PeerRuntime};
 
@@ -59,6 +60,7 @@ fn start(engine: &Arc<Engine>, dir: &Path, me: u128, peer: u128, role: Role) -> 
                     node: node(peer),
                     address: PeerAddress::Unix(sock(peer)),
                     mode: PeerMode::Sync,
+                    queue_limit_bytes: DEFAULT_ASYNC_QUEUE_BYTES,
                 }],
             }],
             timing: RuntimeTiming {

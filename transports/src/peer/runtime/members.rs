@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use ringblock_engine::replication::{NodeId, Role, VolumeReplication, MAX_REPLICAS};
 
-use super::config::{PeerMode, PeerSpec, RuntimeError};
+use super::config::{PeerMode, PeerSpec, RuntimeError, DEFAULT_ASYNC_QUEUE_BYTES};
 use super::{connector, lock, new_peer, ops, prepare, PeerRuntime, VolumeEntry};
 use crate::peer::PeerAddress;
 
@@ -70,6 +70,8 @@ impl PeerRuntime {
             node,
             address,
             mode,
+            // The API and the file name no bound: the default one.
+            queue_limit_bytes: DEFAULT_ASYNC_QUEUE_BYTES,
         };
         let peer = new_peer(volume, &after, &spec, false)?;
         shared.change_membership(|m| m.record_add(volume, spec.clone()))?;

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use ringblock_engine::replication::NodeId;
 
-use super::config::{PeerMode, PeerSpec, RuntimeError};
+use super::config::{PeerMode, PeerSpec, RuntimeError, DEFAULT_ASYNC_QUEUE_BYTES};
 use crate::peer::PeerAddress;
 
 /// The first line: the format and its version.
@@ -95,6 +95,8 @@ impl Membership {
                         node: node(n)?,
                         address,
                         mode,
+                        // The API and the file name no bound: the default one.
+                        queue_limit_bytes: DEFAULT_ASYNC_QUEUE_BYTES,
                     };
                     m.added.push((volume.to_string(), spec));
                 }
@@ -272,6 +274,7 @@ mod tests {
             node: node(n),
             address: parse_address(address).unwrap(),
             mode: PeerMode::Sync,
+            queue_limit_bytes: DEFAULT_ASYNC_QUEUE_BYTES,
         }
     }
 
