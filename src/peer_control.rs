@@ -10,7 +10,8 @@ use ringblock_engine::replication::{NodeId, PeerState, Role};
 use ringblock_engine::Engine;
 use ringblock_transports::nbd::server::ClientRegistry;
 use ringblock_transports::peer::runtime::{
-    ExportProbe, ListenAddress, PeerMode, PeerSpec, ReplicatedVolume, RuntimeConfig, RuntimeTiming,
+    parse_mode, ExportProbe, ListenAddress, PeerMode, PeerSpec, ReplicatedVolume, RuntimeConfig,
+    RuntimeTiming,
 };
 use ringblock_transports::peer::{PeerAddress, PeerRuntime, RuntimeError};
 use ringblock_web::replication::{
@@ -23,6 +24,10 @@ use crate::replication::{ReplicaMode, ReplicationConfig, VolumeRole};
 /// The NBD server's clients, known once it is up (the runtime starts before it, so that a
 /// replica copy has its role before anything could export it).
 pub type NbdClients = Arc<OnceLock<Arc<ClientRegistry>>>;
+
+/// The file in the state directory that keeps the replicas added, removed and suspended at
+/// runtime (see `ringblock_transports::peer::runtime::membership`).
+pub const MEMBERSHIP_FILE: &str = "replication-membership";
 
 /// Start the peer runtime for `cfg`'s replicated volumes.
 pub fn start(
@@ -64,6 +69,7 @@ pub fn start(
             .collect(),
         timing: RuntimeTiming::default(),
         exports: Some(exports),
+        membership_file: cfg.state_dir.as_ref().map(|d| d.join(MEMBERSHIP_FILE)),
     };
     let runtime = PeerRuntime::start(engine.clone(), config).map_err(anyhow::Error::msg)?;
     Ok(Arc::new(runtime))
@@ -200,6 +206,32 @@ impl ReplicationControl for RuntimeControl {
             .resolve(volume, node(discard)?)
             .map_err(control_error)
     }
+
+    fn add_replica(
+        &self,
+        volume: &str,
+        node_id: &str,
+        address: &str,
+        mode: &str,
+    ) -> Result<String, ReplicationControlError> {
+        let node = node(node_id)?;
+        crate::replication::check_address(address)
+            .map_err(|e| ReplicationControlError::Invalid(format!("address {address:?} {e}")))?;
+        let mode = parse_mode(mode).map_err(control_error)?;
+        self.runtime
+            .add_replica(volume, node, PeerAddress::Tcp(address.to_string()), mode)
+            .map_err(control_error)
+    }
+
+    fn remove_replica(
+        &self,
+        volume: &str,
+        node_id: &str,
+    ) -> Result<String, ReplicationControlError> {
+        self.runtime
+            .remove_replica(volume, node(node_id)?)
+            .map_err(control_error)
+    }
 }
 
 /// A resync's progress as the API shows it.
@@ -276,6 +308,7 @@ mod tests {
                     queue_limit_bytes: 0,
                 }],
             }],
+            state_dir: None,
         };
         let runtime = start(&engine, &config, NbdClients::default()).unwrap();
         let control = RuntimeControl {
@@ -326,6 +359,33 @@ mod tests {
         assert_eq!(v.peers[0].dirty_bytes, 0);
         control.demote("v").unwrap();
         assert_eq!(control.status().volumes[0].role, "replica");
+        // Adding and removing a peer: the address and mode are checked here.
+        let third = "00000000000000000000000000000003";
+        for (address, mode) in [("nowhere", "sync"), ("127.0.0.1:9", "fast")] {
+            assert!(matches!(
+                control.add_replica("v", third, address, mode),
+                Err(ReplicationControlError::Invalid(_))
+            ));
+        }
+        control
+            .add_replica("v", third, "127.0.0.1:9", "async")
+            .unwrap();
+        assert!(matches!(
+            control.add_replica("v", third, "127.0.0.1:9", "sync"),
+            Err(ReplicationControlError::Conflict(_))
+        ));
+        let v = &control.status().volumes[0];
+        assert_eq!(v.peers.len(), 2);
+        assert_eq!(
+            (v.peers[1].node.as_str(), v.peers[1].mode.as_str()),
+            (third, "async")
+        );
+        control.remove_replica("v", third).unwrap();
+        assert!(matches!(
+            control.remove_replica("v", third),
+            Err(ReplicationControlError::NotFound(_))
+        ));
+        assert_eq!(control.status().volumes[0].peers.len(), 1);
         runtime.stop();
         drop((control, runtime));
         Arc::try_unwrap(engine)

@@ -5,6 +5,8 @@
 //!   GET  /api/replication                                   → 200, every replicated volume
 //!   POST /api/volumes/{name}/replicas/{node}/suspend|resume → 200, {"message": …}
 //!   POST /api/volumes/{name}/resolve {"discard": NODE}      → 200, {"message": …}
+//!   POST /api/volumes/{name}/replicas {"node", "address", "mode"} → 200, {"message": …}
+//!   DELETE /api/volumes/{name}/replicas/{node}              → 200, {"message": …}
 //!
 //! `ringblock volume promote|demote` use `/api/volumes/{name}/promote|demote` the same way.
 //! Peers are named by node id (32 hex digits; `ringblock check-config` on a node prints its
@@ -32,6 +34,19 @@ pub enum ReplicaCommand {
         #[arg(long, value_name = "NODE")]
         discard: String,
     },
+    /// Add NODE (its id, 32 hex digits) at ADDRESS (host:port of its peer listener) as a
+    /// copy of VOLUME. On the primary it gets a full sync; on a replica copy it may then
+    /// connect as this copy's primary. Kept across restarts (in the state directory).
+    Add {
+        volume: String,
+        node: String,
+        address: String,
+        #[arg(long, value_parser = ["sync", "async"], default_value = "sync")]
+        mode: String,
+    },
+    /// Remove NODE from VOLUME's copies: its link ends and writes no longer wait for it.
+    /// Kept across restarts (in the state directory).
+    Remove { volume: String, node: String },
 }
 
 /// What `volume promote --force` says before it asks.
@@ -79,6 +94,13 @@ pub fn run(api: &ApiArgs, cmd: ReplicaCommand) -> Result<(), Failure> {
         ReplicaCommand::Suspend { volume, node } => c.suspend_replica(&volume, &node),
         ReplicaCommand::Resume { volume, node } => c.resume_replica(&volume, &node),
         ReplicaCommand::Resolve { volume, discard } => c.resolve(&volume, &discard),
+        ReplicaCommand::Add {
+            volume,
+            node,
+            address,
+            mode,
+        } => c.add_replica(&volume, &node, &address, &mode),
+        ReplicaCommand::Remove { volume, node } => c.remove_replica(&volume, &node),
     }
     .map_err(client_failure)?;
     print_message(api, &message);

@@ -146,6 +146,9 @@ pub struct ReplicationConfig {
     pub listen: SocketAddr,
     pub secret_file: PathBuf,
     pub volumes: Vec<VolumeReplicas>,
+    /// The daemon's state directory: the membership file of the replicas added, removed and
+    /// suspended at runtime lives there (None: they last until the daemon stops).
+    pub state_dir: Option<PathBuf>,
 }
 
 /// Cluster ids and node names: plain, short, printable.
@@ -163,7 +166,7 @@ fn check_name(what: &str, name: &str) -> anyhow::Result<()> {
 
 /// `host:port` with a port that is not 0; the host is an IP address (IPv6 in brackets) or a
 /// DNS name. Not resolved here: a name may only resolve where the daemon runs.
-fn check_address(address: &str) -> Result<(), String> {
+pub fn check_address(address: &str) -> Result<(), String> {
     if address.parse::<SocketAddr>().is_ok_and(|a| a.port() != 0) {
         return Ok(());
     }
@@ -344,6 +347,7 @@ impl DaemonConfig {
             listen,
             secret_file,
             volumes,
+            state_dir: None,
         }))
     }
 }

@@ -448,7 +448,11 @@ fn replication_config(
     if made {
         tracing::info!(%node_id, dir = %dir.display(), "made this node's id");
     }
-    cfg.replication(node_id).map_err(Failure::Config)
+    let mut replication = cfg.replication(node_id).map_err(Failure::Config)?;
+    if let Some(r) = replication.as_mut() {
+        r.state_dir = Some(dir);
+    }
+    Ok(replication)
 }
 
 /// Start the configured `[[export]]`s. A volume that does not exist, or a kernel without ublk,

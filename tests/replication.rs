@@ -402,3 +402,96 @@ fn node_id_makes_the_id_once_and_serve_uses_it() {
     let on_disk = std::fs::read_to_string(dir.path().join("state/node-id")).unwrap();
     assert_eq!(on_disk.trim(), id);
 }
+
+const THIRD_ID: &str = "00112233445566778899aabbccddeeff";
+
+impl Running {
+    /// This node's view of peer `id` of volume `v` (None when it is not a peer).
+    fn peer_by_id(&self, id: &str) -> Option<serde_json::Value> {
+        let s = self.get("/api/replication");
+        s["volumes"]
+            .as_array()
+            .and_then(|v| v.iter().find(|v| v["volume"] == "v"))
+            .and_then(|v| v["peers"].as_array())
+            .and_then(|peers| peers.iter().find(|p| p["node"] == id).cloned())
+    }
+
+    fn wait_state(&self, id: &str, state: &str) -> serde_json::Value {
+        wait_for(SYNC_LIMIT, &format!("peer {id} {state}"), || {
+            self.peer_by_id(id).filter(|p| p["state"] == state)
+        })
+    }
+
+    /// `ringblock ARGS` against this daemon's API.
+    fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let api = format!("http://{}", self.web);
+        let mut a = args.to_vec();
+        a.extend(["--api", &api, "--token", &self.token]);
+        common::run(&a)
+    }
+}
+
+#[test]
+fn replicas_added_removed_and_suspended_with_the_cli_are_kept_across_restarts() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, b, c) = (
+        Node::new(root.path(), "a", PRIMARY_ID),
+        Node::new(root.path(), "b", REPLICA_ID),
+        Node::new(root.path(), "c", THIRD_ID),
+    );
+    let rb = b.start("replica", &a);
+    let ra = a.start("primary", &b);
+    ra.wait_up_to_date("the first replica to come up to date");
+    // The new node's configuration names the primary, so its listener lets it in.
+    let rc = c.start("replica", &a);
+    let c_address = format!("127.0.0.1:{}", c.peer_port);
+    let (code, out, err) = ra.cli(&["replica", "add", "v", THIRD_ID, &c_address]);
+    assert_eq!(code, 0, "replica add: {err}");
+    assert!(out.contains("added"), "{out}");
+    let p = ra.wait_state(THIRD_ID, "up-to-date");
+    let synced = p["last_resync"]["done_bytes"].as_u64().unwrap_or(0);
+    assert!(synced > 0, "the new copy was synced: {p}");
+    let (code, _, err) = ra.cli(&["replica", "add", "v", THIRD_ID, &c_address]);
+    assert_eq!(code, 1, "adding it twice is refused");
+    assert!(err.contains("already") && err.contains("409"), "{err}");
+    let (code, _, err) = ra.cli(&["replica", "add", "v", THIRD_ID, "nowhere"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("400"), "{err}");
+
+    // Suspend the first replica; a restart keeps it suspended and the third copy added.
+    let (code, _, err) = ra.cli(&["replica", "suspend", "v", REPLICA_ID]);
+    assert_eq!(code, 0, "suspend: {err}");
+    ra.daemon.stop_clean();
+    let ra = a.start("primary", &b);
+    ra.wait_state(THIRD_ID, "up-to-date");
+    ra.wait_state(REPLICA_ID, "suspended");
+
+    // Remove the first replica (the configuration still lists it): gone, and after a
+    // restart too.
+    let (code, out, err) = ra.cli(&["replica", "remove", "v", REPLICA_ID]);
+    assert_eq!(code, 0, "replica remove: {err}");
+    assert!(out.contains("removed"), "{out}");
+    assert!(ra.peer_by_id(REPLICA_ID).is_none());
+    ra.daemon.stop_clean();
+    let ra = a.start("primary", &b);
+    assert!(
+        ra.peer_by_id(REPLICA_ID).is_none(),
+        "a removed replica stays removed:\n{}",
+        a.log()
+    );
+    assert!(
+        a.log().contains("replica remove"),
+        "the configuration's entry is said to be ignored:\n{}",
+        a.log()
+    );
+    ra.wait_state(THIRD_ID, "up-to-date");
+    let membership = std::fs::read_to_string(a.dir.join("state/replication-membership")).unwrap();
+    assert!(
+        membership.contains(&format!("remove\tv\t{REPLICA_ID}"))
+            && membership.contains(&format!("add\tv\t{THIRD_ID}")),
+        "{membership}"
+    );
+    ra.daemon.stop_clean();
+    rb.daemon.stop_clean();
+    rc.daemon.stop_clean();
+}

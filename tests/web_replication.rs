@@ -44,11 +44,18 @@ fn replication_api_and_cli_without_replicated_volumes() {
             "/api/volumes/db/resolve",
             Some(&format!(r#"{{"discard": "{NODE}"}}"#)[..]),
         ),
+        (
+            "/api/volumes/db/replicas",
+            Some(&format!(r#"{{"node": "{NODE}", "address": "10.0.0.2:10810"}}"#)[..]),
+        ),
     ] {
         let r = call("POST", path, body);
         assert_eq!(r.status, 404, "{path}: {r:?}");
         assert!(r.error().contains("not replicated"), "{path}: {r:?}");
     }
+    let r = call("DELETE", &format!("/api/volumes/db/replicas/{NODE}"), None);
+    assert_eq!(r.status, 404, "{r:?}");
+    assert!(r.error().contains("not replicated"), "{r:?}");
     let r = call("POST", "/api/volumes/db/replicas/left/suspend", None);
     assert_eq!(r.status, 400, "{r:?}");
     assert!(r.error().contains("node id"), "{r:?}");
@@ -111,6 +118,16 @@ fn replication_api_and_cli_without_replicated_volumes() {
         &["replica", "suspend", "db", NODE],
         &["replica", "resume", "db", NODE],
         &["replica", "resolve", "db", "--discard", NODE],
+        &[
+            "replica",
+            "add",
+            "db",
+            NODE,
+            "10.0.0.2:10810",
+            "--mode",
+            "sync",
+        ],
+        &["replica", "remove", "db", NODE],
     ] {
         let (code, _, err) = cli(args);
         assert_eq!(code, 1, "{args:?}: {err}");
@@ -121,6 +138,8 @@ fn replication_api_and_cli_without_replicated_volumes() {
     assert!(err.contains("node id") && err.contains("400"), "{err}");
     let (code, _, err) = cli(&["replica", "resolve", "db"]);
     assert_eq!(code, 2, "missing --discard: {err}");
+    let (code, _, err) = cli(&["replica", "add", "db", NODE, "h:1", "--mode", "fast"]);
+    assert_eq!(code, 2, "a mode that is not sync or async: {err}");
     let (code, out, err) = cli(&["volume", "list"]);
     assert_eq!(code, 0, "{err}");
     assert!(

@@ -216,6 +216,12 @@ impl Volume {
         Ok(())
     }
 
+    /// How many more sets [`Self::attach_replicas`] takes in the volume's life.
+    pub fn replica_set_changes_left(&self) -> usize {
+        let sets = self.replica_sets.lock().unwrap_or_else(|e| e.into_inner());
+        MAX_REPLICA_SET_CHANGES.saturating_sub(sets.len())
+    }
+
     /// The loader's: the state as the metadata holds it (nothing to persist).
     pub(crate) fn load_replication(&self, replication: Arc<VolumeReplication>) {
         *self.replication.lock().unwrap_or_else(|e| e.into_inner()) = Some(replication);

@@ -75,6 +75,7 @@ fn config(
             evict_interval: Duration::from_millis(200),
         },
         exports: None,
+        membership_file: None,
     }
 }
 

@@ -11,7 +11,7 @@ use crate::api::{
 };
 use crate::error::ErrorBody;
 use crate::replication::ReplicationStatus;
-use crate::replication_api::{CommandResult, PromoteRequest, ResolveRequest};
+use crate::replication_api::{AddReplicaRequest, CommandResult, PromoteRequest, ResolveRequest};
 use crate::size::format_size;
 
 /// Default API address (the daemon's default listen address).
@@ -263,6 +263,39 @@ impl ApiClient {
             path_segment(node)?
         );
         self.command::<()>(path, None)
+    }
+
+    /// Add the peer `node` (a node id) at `address` to `volume`, with `mode`.
+    pub fn add_replica(
+        &self,
+        volume: &str,
+        node: &str,
+        address: &str,
+        mode: &str,
+    ) -> Result<String, ClientError> {
+        let path = format!("/api/volumes/{}/replicas", path_segment(volume)?);
+        let body = AddReplicaRequest {
+            node: node.into(),
+            address: address.into(),
+            mode: mode.into(),
+        };
+        self.command(path, Some(&body))
+    }
+
+    /// Remove the peer `node` from `volume`.
+    pub fn remove_replica(&self, volume: &str, node: &str) -> Result<String, ClientError> {
+        let path = format!(
+            "/api/volumes/{}/replicas/{}",
+            path_segment(volume)?,
+            path_segment(node)?
+        );
+        self.call::<(), CommandResult>("DELETE", &path, None)?
+            .map(|r| r.message)
+            .ok_or_else(|| ClientError::Decode {
+                method: "DELETE".into(),
+                path,
+                message: "empty answer".into(),
+            })
     }
 
     pub fn resolve(&self, volume: &str, discard: &str) -> Result<String, ClientError> {

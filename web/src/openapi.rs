@@ -12,7 +12,7 @@ use crate::routes;
 #[openapi(
     info(
         title = "ringblock management API",
-        description = "Volumes, devices, NBD exports and clients, ublk exports, live statistics and metrics of a ringblock daemon. Every operation except this document and the dashboard's static files needs `Authorization: Bearer TOKEN` (the token is printed once at the daemon's first start; `ringblock token reset` makes a new one). State-changing calls must be addressed to the daemon's listen address or localhost (`Host`) and, from a browser, come from the dashboard's own origin (`Origin`). Errors are `{\"error\": \"...\"}`. Replication: `/api/replication` (status of every replicated volume and its peers) and the commands promote, demote, suspend, resume and resolve; their answers are `{\"message\": \"...\"}`."
+        description = "Volumes, devices, NBD exports and clients, ublk exports, live statistics and metrics of a ringblock daemon. Every operation except this document and the dashboard's static files needs `Authorization: Bearer TOKEN` (the token is printed once at the daemon's first start; `ringblock token reset` makes a new one). State-changing calls must be addressed to the daemon's listen address or localhost (`Host`) and, from a browser, come from the dashboard's own origin (`Origin`). Errors are `{\"error\": \"...\"}`. Replication: `/api/replication` (status of every replicated volume and its peers) and the commands promote, demote, suspend, resume, resolve, and adding and removing a replica; their answers are `{\"message\": \"...\"}`."
     ),
     paths(
         api::status,
@@ -35,6 +35,8 @@ use crate::routes;
         replication_api::suspend,
         replication_api::resume,
         replication_api::resolve,
+        replication_api::add_replica,
+        replication_api::remove_replica,
         api::latest_stats,
         api::events,
         api::metrics,

@@ -1,6 +1,6 @@
 //! What the daemon lets the web layer see and do with replication, without the web crate
 //! depending on transports: the status of every replicated volume and its peers, and the
-//! operator's commands (promote, demote, suspend, resume, resolve). The daemon's peer runtime
+//! operator's commands (promote, demote, suspend, resume, resolve, add and remove a replica). The daemon's peer runtime
 //! implements [`ReplicationControl`]; a daemon without replicated volumes passes `None`.
 //!
 //! Commands block on metadata rounds (a role or generation change is durable before it is
@@ -93,6 +93,19 @@ pub trait ReplicationControl: Send + Sync + 'static {
     fn resume(&self, volume: &str, node: &str) -> Result<String, ReplicationControlError>;
     /// End a split brain by discarding `discard_node`'s changes since the common generation.
     fn resolve(&self, volume: &str, discard_node: &str) -> Result<String, ReplicationControlError>;
+    /// Add `node` at `address` ("host:port") as a peer of `volume`, with `mode` ("sync" or
+    /// "async"). On the primary it gets a full sync; on a replica copy it may then connect
+    /// as this copy's primary. Kept across restarts in the daemon's state directory.
+    fn add_replica(
+        &self,
+        volume: &str,
+        node: &str,
+        address: &str,
+        mode: &str,
+    ) -> Result<String, ReplicationControlError>;
+    /// Remove `node` from `volume`'s peers: its link ends (its waiting writes complete) and
+    /// writes no longer go to it. Kept across restarts in the daemon's state directory.
+    fn remove_replica(&self, volume: &str, node: &str) -> Result<String, ReplicationControlError>;
 }
 
 /// Why a replication command failed; each kind has its HTTP status.

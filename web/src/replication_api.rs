@@ -1,5 +1,5 @@
 //! Replication routes: the status of every replicated volume, and the operator's commands
-//! (promote, demote, suspend, resume, resolve), all through the daemon's
+//! (promote, demote, suspend, resume, resolve, add and remove a replica), all through the daemon's
 //! [`ReplicationControl`]. Commands wait for metadata rounds, so they run on the blocking pool;
 //! so does the status (the runtime may take a lock a command holds).
 //!
@@ -40,6 +40,23 @@ pub struct ResolveRequest {
     /// Node id (32 hex digits) whose changes since the common generation are discarded: this
     /// node (its copy is then fully synced from the other side).
     pub discard: String,
+}
+
+/// Add a peer (another node's copy) to a replicated volume.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddReplicaRequest {
+    /// The node's id (32 hex digits; `ringblock check-config` on that node prints it).
+    pub node: String,
+    /// Where its peer listener is: `host:port` (an IP address or a DNS name).
+    pub address: String,
+    /// "sync" (default) or "async".
+    #[serde(default = "default_mode")]
+    pub mode: String,
+}
+
+fn default_mode() -> String {
+    "sync".into()
 }
 
 /// What a command changed, for the operator.
@@ -299,6 +316,59 @@ pub async fn resolve(
     let discard = node_id(&req.discard)?.to_string();
     let c = control(&st, &name)?;
     run(c, move |c| c.resolve(&name, &discard)).await
+}
+
+/// Add a peer to the volume. On the primary the record gains it with every region dirty
+/// (durable before the answer) and its connector starts: it gets a full sync. On a replica
+/// copy the node may then connect as its primary. Kept across restarts (in the daemon's state
+/// directory, not the configuration file).
+#[utoipa::path(post, path = "/api/volumes/{name}/replicas", tag = "replication",
+    params(("name" = String, Path, description = "volume name")),
+    request_body = AddReplicaRequest,
+    responses(
+        (status = 200, body = CommandResult),
+        (status = 400, description = "malformed body, not a node id, an address that is not host:port, a mode that is not sync or async, or this node", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "bad Host or Origin", body = ErrorBody),
+        (status = 404, description = "no such volume, or it is not replicated", body = ErrorBody),
+        (status = 409, description = "already a peer, the volume has the most replicas it may have, or its replica sets are used up", body = ErrorBody),
+        (status = 500, description = "the change could not be made durable", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn add_replica(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<AddReplicaRequest>,
+) -> Result<Json<CommandResult>, ApiError> {
+    let node = node_id(&req.node)?.to_string();
+    let c = control(&st, &name)?;
+    run(c, move |c| {
+        c.add_replica(&name, &node, &req.address, &req.mode)
+    })
+    .await
+}
+
+/// Remove a peer from the volume: its link ends (the writes it held complete), writes no
+/// longer wait for it, and the record drops it (a new generation if it was up to date). On a
+/// replica copy, refused while that node is connected as its primary. Kept across restarts.
+#[utoipa::path(delete, path = "/api/volumes/{name}/replicas/{node}", tag = "replication",
+    params(("name" = String, Path, description = "volume name"),
+        ("node" = String, Path, description = "the peer's node id (32 hex digits)")),
+    responses(
+        (status = 200, body = CommandResult),
+        (status = 400, description = "not a node id", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "bad Host or Origin", body = ErrorBody),
+        (status = 404, description = "no such volume or peer", body = ErrorBody),
+        (status = 409, description = "the node is connected as this copy's primary, or the volume's replica sets are used up", body = ErrorBody),
+        (status = 500, description = "the change could not be made durable", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn remove_replica(
+    State(st): State<AppState>,
+    Path((name, node)): Path<(String, String)>,
+) -> Result<Json<CommandResult>, ApiError> {
+    let node = node_id(&node)?.to_string();
+    let c = control(&st, &name)?;
+    run(c, move |c| c.remove_replica(&name, &node)).await
 }
 
 #[cfg(test)]

@@ -134,6 +134,24 @@ impl ReplicationControl for FakeControl {
             "run this on node {discard}"
         )))
     }
+    fn add_replica(
+        &self,
+        volume: &str,
+        node: &str,
+        address: &str,
+        mode: &str,
+    ) -> Result<String, ReplicationControlError> {
+        self.record(format!("add {volume} {node} {address} {mode}"));
+        if node == PEER {
+            Err(ReplicationControlError::Conflict("already a peer".into()))
+        } else {
+            Ok(format!("added {node}"))
+        }
+    }
+    fn remove_replica(&self, volume: &str, node: &str) -> Result<String, ReplicationControlError> {
+        self.record(format!("remove {volume} {node}"));
+        Ok(format!("removed {node}"))
+    }
 }
 
 struct Harness {
@@ -207,6 +225,16 @@ impl Harness {
         let resp = match method {
             "GET" => {
                 let mut r = self.agent.get(&url);
+                for (k, v) in headers {
+                    r = r.header(*k, *v);
+                }
+                if token {
+                    r = r.header("Authorization", &auth);
+                }
+                r.call()
+            }
+            "DELETE" => {
+                let mut r = self.agent.delete(&url);
                 for (k, v) in headers {
                     r = r.header(*k, *v);
                 }
@@ -367,6 +395,63 @@ fn commands_reach_the_control_and_its_errors_keep_their_status() {
             format!("resume rep {PEER}"),
             format!("resolve rep {PEER}"),
             format!("suspend rep {PEER}"),
+        ]
+    );
+}
+
+#[test]
+fn add_and_remove_replica_reach_the_control() {
+    let fake = Arc::new(FakeControl::default());
+    let h = Harness::start(Some(fake.clone()));
+    let other = "000000000000000000000000000000C0";
+    let r = h.post(
+        "/api/volumes/rep/replicas",
+        Some(json!({"node": other, "address": "10.0.0.3:10810"})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["message"], format!("added {}", other.to_lowercase()));
+    let r = h.post(
+        "/api/volumes/rep/replicas",
+        Some(json!({"node": PEER, "address": "h:1", "mode": "async"})),
+    );
+    assert_eq!(r.status, 409, "{}", r.text);
+    let before = fake.calls().len();
+    for bad in [
+        json!({"node": "x", "address": "h:1"}),
+        json!({"node": PEER}),
+        json!({"node": PEER, "address": "h:1", "extra": true}),
+    ] {
+        let r = h.post("/api/volumes/rep/replicas", Some(bad.clone()));
+        assert_eq!(r.status, 400, "{bad}: {}", r.text);
+    }
+    assert_eq!(fake.calls().len(), before);
+    let r = h.call(
+        "DELETE",
+        &format!("/api/volumes/rep/replicas/{PEER}"),
+        true,
+        &[],
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = h.call("DELETE", "/api/volumes/rep/replicas/left", true, &[], None);
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert_eq!(
+        h.call(
+            "DELETE",
+            &format!("/api/volumes/rep/replicas/{PEER}"),
+            false,
+            &[],
+            None
+        )
+        .status,
+        401
+    );
+    assert_eq!(
+        fake.calls(),
+        [
+            format!("add rep {} 10.0.0.3:10810 sync", other.to_lowercase()),
+            format!("add rep {PEER} h:1 async"),
+            format!("remove rep {PEER}"),
         ]
     );
 }

@@ -81,7 +81,12 @@ fn table() -> Table {
         .add(true, g.clone(), "/api/clients", get(api::list_clients))
         .add(true, g.clone(), "/api/ublk", get(api::list_ublk))
         .add(true, p.clone(), "/api/ublk", post(api::start_ublk))
-        .add(true, d, "/api/ublk/{volume}", delete(api::stop_ublk))
+        .add(
+            true,
+            d.clone(),
+            "/api/ublk/{volume}",
+            delete(api::stop_ublk),
+        )
         .add(
             true,
             g.clone(),
@@ -117,6 +122,18 @@ fn table() -> Table {
             p.clone(),
             "/api/volumes/{name}/resolve",
             post(replication_api::resolve),
+        )
+        .add(
+            true,
+            p.clone(),
+            "/api/volumes/{name}/replicas",
+            post(replication_api::add_replica),
+        )
+        .add(
+            true,
+            d,
+            "/api/volumes/{name}/replicas/{node}",
+            delete(replication_api::remove_replica),
         )
         .add(true, g.clone(), "/api/reactors", get(api::list_reactors))
         .add(true, g.clone(), "/api/stats", get(api::latest_stats))
@@ -231,7 +248,7 @@ mod tests {
         let extra: Vec<_> = documented.iter().filter(|r| !served.contains(r)).collect();
         assert!(missing.is_empty(), "served but not documented: {missing:?}");
         assert!(extra.is_empty(), "documented but not served: {extra:?}");
-        assert_eq!(served.len(), 27);
+        assert_eq!(served.len(), 29);
     }
 
     #[test]

@@ -49,6 +49,8 @@ pub enum ReplicationError {
     },
     #[error("dirty regions up to {end} lie past the volume's {regions} regions")]
     PastEnd { end: u64, regions: u64 },
+    #[error("node {0} is already one of the volume's replicas")]
+    DuplicateReplica(NodeId),
     #[error("{0} replicas are more than a volume may have ({MAX_REPLICAS})")]
     TooManyReplicas(usize),
     #[error(

@@ -10,6 +10,13 @@
 //!   marks the device's metadata dirty (`Volume::replication_changed`) and a flush makes it
 //!   durable.
 //!
+//! **Replicas added and removed at runtime.** The list of replicas is fixed in one
+//! `VolumeReplication`; a change makes a new one ([`VolumeReplication::with_replica_added`],
+//! [`VolumeReplication::without_replica`]) that shares everything else with the old one (role,
+//! history, activity log, write barrier) and every unchanged replica's state (`Arc`s). A link
+//! keeps the `VolumeReplication` it was made with and its index in it, so links made before the
+//! change keep working on the same shared state.
+//!
 //! The rule that keeps a restart from forgetting a write: a region is dirty for a replica (or
 //! in the activity log) in a *persisted* round before a write to it can reach the local disk
 //! without reaching that replica. The runtime that sends writes to peers enforces it; this
@@ -18,7 +25,7 @@
 
 use std::ops::Range;
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use super::barrier::WriteBarrier;
 use super::bitmap::{coarsen, DirtyBitmap, RegionIndex};
@@ -64,25 +71,25 @@ impl ReplicaState {
 /// A volume's replication state.
 #[derive(Debug)]
 pub struct VolumeReplication {
-    role: Mutex<Role>,
-    history: Mutex<GenerationHistory>,
-    replicas: Vec<ReplicaState>,
+    role: Arc<Mutex<Role>>,
+    history: Arc<Mutex<GenerationHistory>>,
+    replicas: Vec<Arc<ReplicaState>>,
     /// Regions that may have writes in flight.
-    pub activity: DirtyBitmap,
+    pub activity: Arc<DirtyBitmap>,
     /// Regions of `activity` that a completed metadata round persisted: a write to them goes
     /// straight to the local device (see [`Self::activity_persisted`]).
-    activity_persisted: DirtyBitmap,
+    activity_persisted: Arc<DirtyBitmap>,
     /// Regions written since the current eviction cycle started (see [`super::evict`]).
-    recent: DirtyBitmap,
+    recent: Arc<DirtyBitmap>,
     /// Regions an eviction cycle hands to the next metadata round to drop from the activity
     /// log (the round checks `recent` once more, see [`Self::record`]).
-    evicting: DirtyBitmap,
+    evicting: Arc<DirtyBitmap>,
     /// Serializes snapshots with the eviction step they include.
-    record_lock: Mutex<()>,
+    record_lock: Arc<Mutex<()>>,
     /// Writes in flight by epoch: a resync waits on it before it reads (see [`super::barrier`]).
-    pub barrier: WriteBarrier,
+    pub barrier: Arc<WriteBarrier>,
     /// Counts changes of `history`, so a link sees a new generation with one atomic load.
-    history_changes: AtomicU64,
+    history_changes: Arc<AtomicU64>,
 }
 
 impl VolumeReplication {
@@ -139,26 +146,84 @@ impl VolumeReplication {
             for run in r.dirty.iter().chain(&record.activity) {
                 dirty.mark_regions(run.clone());
             }
-            replicas.push(ReplicaState {
+            replicas.push(Arc::new(ReplicaState {
                 node: r.node,
                 since: Mutex::new(r.since),
                 full_sync: AtomicBool::new(r.full_sync),
                 dirty,
                 status: PeerStatus::default(),
-            });
+            }));
         }
         Ok(VolumeReplication {
-            role: Mutex::new(record.role),
-            history: Mutex::new(record.history.clone()),
+            role: Arc::new(Mutex::new(record.role)),
+            history: Arc::new(Mutex::new(record.history.clone())),
             replicas,
-            activity,
-            activity_persisted: bitmap()?,
-            recent: bitmap()?,
-            evicting: bitmap()?,
-            record_lock: Mutex::new(()),
-            barrier: WriteBarrier::default(),
-            history_changes: AtomicU64::new(0),
+            activity: Arc::new(activity),
+            activity_persisted: Arc::new(bitmap()?),
+            recent: Arc::new(bitmap()?),
+            evicting: Arc::new(bitmap()?),
+            record_lock: Arc::new(Mutex::new(())),
+            barrier: Arc::new(WriteBarrier::default()),
+            history_changes: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// The same state with `replicas` in place of the list (see the module).
+    fn with_replicas(&self, replicas: Vec<Arc<ReplicaState>>) -> VolumeReplication {
+        VolumeReplication {
+            role: self.role.clone(),
+            history: self.history.clone(),
+            replicas,
+            activity: self.activity.clone(),
+            activity_persisted: self.activity_persisted.clone(),
+            recent: self.recent.clone(),
+            evicting: self.evicting.clone(),
+            record_lock: self.record_lock.clone(),
+            barrier: self.barrier.clone(),
+            history_changes: self.history_changes.clone(),
+        }
+    }
+
+    /// This state with one more replica, `node`: it lacks everything (every region dirty,
+    /// `full_sync` set) when `lacks_all`, else nothing. Refused when `node` is already one
+    /// or the volume has `MAX_REPLICAS`.
+    pub fn with_replica_added(
+        &self,
+        node: NodeId,
+        lacks_all: bool,
+    ) -> Result<VolumeReplication, ReplicationError> {
+        if self.replica(node).is_some() {
+            return Err(ReplicationError::DuplicateReplica(node));
+        }
+        if self.replicas.len() >= MAX_REPLICAS {
+            return Err(ReplicationError::TooManyReplicas(self.replicas.len() + 1));
+        }
+        let shift = self.activity.region_shift();
+        let dirty = DirtyBitmap::new(self.activity.regions() << shift, shift)?;
+        if lacks_all {
+            dirty.mark_regions(0..dirty.regions());
+        }
+        let mut replicas = self.replicas.clone();
+        replicas.push(Arc::new(ReplicaState {
+            node,
+            since: Mutex::new(None),
+            full_sync: AtomicBool::new(lacks_all),
+            dirty,
+            status: PeerStatus::default(),
+        }));
+        Ok(self.with_replicas(replicas))
+    }
+
+    /// This state without replica `node` (None when it is not one).
+    pub fn without_replica(&self, node: NodeId) -> Option<VolumeReplication> {
+        self.replica(node)?;
+        let replicas = self
+            .replicas
+            .iter()
+            .filter(|r| r.node != node)
+            .cloned()
+            .collect();
+        Some(self.with_replicas(replicas))
     }
 
     /// What the next metadata round persists: a consistent-enough snapshot (each bitmap read
@@ -222,11 +287,11 @@ impl VolumeReplication {
         self.history_changes.fetch_add(1, Ordering::AcqRel);
     }
 
-    pub fn replicas(&self) -> &[ReplicaState] {
+    pub fn replicas(&self) -> &[Arc<ReplicaState>] {
         &self.replicas
     }
 
-    pub fn replica(&self, node: NodeId) -> Option<&ReplicaState> {
+    pub fn replica(&self, node: NodeId) -> Option<&Arc<ReplicaState>> {
         self.replicas.iter().find(|r| r.node == node)
     }
 
@@ -447,6 +512,38 @@ mod tests {
         assert_eq!(back.activity.dirty_regions(), 0);
         assert!(back.resynced(node(1), RegionIndex(3)));
         assert!(!back.resynced(node(1), RegionIndex(3)));
+    }
+
+    #[test]
+    fn a_replica_added_or_removed_shares_everything_else() {
+        let v = VolumeReplication::new(Role::Primary, 1 << 30, 20, &[node(1)]).unwrap();
+        v.replica(node(1)).unwrap().set_full_sync(false);
+        let added = v.with_replica_added(node(2), true).unwrap();
+        let new = added.replica(node(2)).unwrap();
+        assert!(new.full_sync() && new.dirty.dirty_regions() == 1024);
+        assert_eq!(
+            added.with_replica_added(node(2), true).unwrap_err(),
+            ReplicationError::DuplicateReplica(node(2))
+        );
+        // The same replica state, history, activity log and barrier as before.
+        assert!(Arc::ptr_eq(&v.replicas()[0], &added.replicas()[0]));
+        let g = added.start_generation();
+        assert_eq!(v.history().current(), Some(g));
+        assert_ne!(v.history_changes(), 0);
+        v.activity.mark_regions(5..6);
+        assert!(added.activity.is_dirty(RegionIndex(5)));
+        assert!(Arc::ptr_eq(&v.barrier, &added.barrier));
+        let rec = added.record();
+        assert_eq!(rec.replicas.len(), 2);
+        assert!(rec.replicas[1].full_sync && rec.replicas[1].dirty.first() == Some(&(0..1024)));
+        let removed = added.without_replica(node(1)).unwrap();
+        assert_eq!(removed.record().replicas.len(), 1);
+        assert!(removed.without_replica(node(1)).is_none());
+        let full = (3..=5).try_fold(added, |acc, n| acc.with_replica_added(node(n), false));
+        assert_eq!(
+            full.unwrap_err(),
+            ReplicationError::TooManyReplicas(MAX_REPLICAS + 1)
+        );
     }
 
     #[test]

@@ -31,8 +31,8 @@ pub(super) fn lookup(shared: &Arc<Shared>) -> SharedLookup {
         let entry = shared.volumes.iter().find(|v| v.id == id)?;
         Some(LocalVolume {
             volume_size_bytes: entry.volume.size_bytes(),
-            region_size_bytes: 1u32 << entry.replication.activity.region_shift(),
-            history: to_wire(&entry.replication.history()).ok()?,
+            region_size_bytes: 1u32 << entry.replication().activity.region_shift(),
+            history: to_wire(&entry.replication().history()).ok()?,
         })
     })
 }
@@ -66,10 +66,11 @@ fn serve(shared: &Shared, est: Established) -> Result<(), String> {
             entry.name, session.peer_node
         ));
     };
-    let status = &entry.replication.replicas()[peer.index].status;
+    let status = &peer.replica.status;
     let _ops = lock(&entry.ops);
+    let replication = entry.replication();
     let decision = decide(
-        &LocalCopy::from_state(&entry.replication, session.peer_node),
+        &LocalCopy::from_state(&replication, session.peer_node),
         session,
     );
     let diverged = |common| {
@@ -77,7 +78,7 @@ fn serve(shared: &Shared, est: Established) -> Result<(), String> {
         status.set(PeerState::Diverged, Some(&reason));
         reason
     };
-    if entry.replication.role() != Role::Replica {
+    if replication.role() != Role::Replica {
         if let LinkDecision::Diverged { common } = decision {
             let reason = diverged(common);
             tracing::error!(volume = %entry.name, node = %peer.spec.node, "peer: {reason}");
@@ -129,13 +130,12 @@ fn serve(shared: &Shared, est: Established) -> Result<(), String> {
         primary_history: from_wire(&session.peer_history)
             .map_err(|e| format!("volume {}: the primary's history: {e}", entry.name))?,
     };
-    let replication = entry.replication.clone();
-    let index = peer.index;
+    let replica = peer.replica.clone();
     let permit = est.permit;
     let on_exit = Box::new(move || {
         // The connection's place among the listener's connections goes with the task.
         drop(permit);
-        let status = &replication.replicas()[index].status;
+        let status = &replica.status;
         status.set_connected(None);
         if status.state() != PeerState::Diverged {
             status.set(

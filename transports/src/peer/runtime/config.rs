@@ -123,6 +123,9 @@ pub struct RuntimeConfig {
     pub volumes: Vec<ReplicatedVolume>,
     pub timing: RuntimeTiming,
     pub exports: Option<ExportProbe>,
+    /// Where the peers added, removed and suspended at runtime are kept (the daemon's state
+    /// directory); None keeps them in memory only.
+    pub membership_file: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for RuntimeConfig {
@@ -132,6 +135,7 @@ impl std::fmt::Debug for RuntimeConfig {
             .field("cluster", &self.cluster)
             .field("listen", &self.listen)
             .field("volumes", &self.volumes)
+            .field("membership_file", &self.membership_file)
             .finish_non_exhaustive()
     }
 }

@@ -9,13 +9,18 @@ use std::time::{Duration, Instant};
 
 use rand::RngCore;
 use ringblock_engine::replication::status::unix_ms;
-use ringblock_engine::replication::{PeerState, ReplicaLink, ReplicaSet, ResyncScope, Role};
+use ringblock_engine::replication::{
+    NodeId, PeerState, ReplicaLink, ReplicaSet, ResyncScope, Role, VolumeReplication,
+};
 use ringblock_engine::ReactorId;
 
-use super::config::RuntimeError;
+use super::config::{PeerSpec, RuntimeError};
 use super::evict::Evictor;
 use super::watch::{TaskControl, Watched};
-use super::{lock, split_brain, ConnectorControl, PeerEntry, PrimarySide, Shared, VolumeEntry};
+use super::{
+    lock, split_brain, ConnectorControl, PeerEntry, PrimaryPeer, PrimarySide, Shared, VolumeEntry,
+    SUSPENDED,
+};
 use crate::peer::convert::{to_wire, wire_node_id};
 use crate::peer::{
     connect, decide, monotonic_clock, Backoff, ConnectConfig, InitiatorConfig, LinkDecision,
@@ -41,6 +46,35 @@ pub(super) fn start_primary(
     Ok(())
 }
 
+/// A new link to `peer` (behind), on the next reactor of the round robin.
+fn new_link(
+    shared: &Shared,
+    entry: &VolumeEntry,
+    replication: &Arc<VolumeReplication>,
+    peer: &PeerSpec,
+) -> Result<Arc<ReplicaLink>, RuntimeError> {
+    let node = peer.node;
+    let reactors = shared.engine.reactor_count().max(1);
+    let reactor = ReactorId(shared.next_reactor.fetch_add(1, Ordering::Relaxed) % reactors);
+    let index = replication
+        .replicas()
+        .iter()
+        .position(|r| r.node == node)
+        .ok_or_else(|| RuntimeError::Failed(format!("volume {}: no replica {node}", entry.name)))?;
+    ReplicaLink::with_mode(replication.clone(), index, reactor, peer.link_mode())
+        .ok_or_else(|| RuntimeError::Failed(format!("volume {}: no replica {node}", entry.name)))
+}
+
+/// Make writes fan out to `links` (a new set; the volume keeps the old ones).
+fn swap_set(entry: &VolumeEntry, links: Vec<Arc<ReplicaLink>>) -> Result<(), RuntimeError> {
+    let set = ReplicaSet::new(links)
+        .map_err(|e| RuntimeError::Invalid(format!("volume {}: {e}", entry.name)))?;
+    entry
+        .volume
+        .attach_replicas(Some(Arc::new(set)))
+        .map_err(|e| RuntimeError::Conflict(format!("volume {}: {e}", entry.name)))
+}
+
 /// The first half of [`start_primary`]: from here on every write reaches the replicas'
 /// bitmaps, before any connector runs.
 pub(super) fn attach_links(shared: &Shared, entry: &VolumeEntry) -> Result<(), RuntimeError> {
@@ -48,32 +82,18 @@ pub(super) fn attach_links(shared: &Shared, entry: &VolumeEntry) -> Result<(), R
     if primary.is_some() {
         return Ok(());
     }
-    let reactors = shared.engine.reactor_count().max(1);
-    let mut links = Vec::with_capacity(entry.peers.len());
-    for p in &entry.peers {
-        let reactor = ReactorId(shared.next_reactor.fetch_add(1, Ordering::Relaxed) % reactors);
-        let link = ReplicaLink::with_mode(
-            entry.replication.clone(),
-            p.index,
-            reactor,
-            p.spec.link_mode(),
-        )
-        .ok_or_else(|| {
-            RuntimeError::Failed(format!("volume {}: no replica {}", entry.name, p.index))
-        })?;
-        links.push(link);
+    let replication = entry.replication();
+    let mut peers = Vec::new();
+    for p in entry.peers() {
+        peers.push(PrimaryPeer {
+            node: p.spec.node,
+            link: new_link(shared, entry, &replication, &p.spec)?,
+            control: ConnectorControl::new(),
+            thread: None,
+        });
     }
-    let set = ReplicaSet::new(links.clone())
-        .map_err(|e| RuntimeError::Invalid(format!("volume {}: {e}", entry.name)))?;
-    entry
-        .volume
-        .attach_replicas(Some(Arc::new(set)))
-        .map_err(|e| RuntimeError::Failed(format!("volume {}: {e}", entry.name)))?;
-    *primary = Some(PrimarySide {
-        links,
-        controls: Vec::new(),
-        threads: Vec::new(),
-    });
+    swap_set(entry, peers.iter().map(|p| p.link.clone()).collect())?;
+    *primary = Some(PrimarySide { peers });
     Ok(())
 }
 
@@ -89,30 +109,55 @@ pub(super) fn start_connectors(
             entry.name
         )));
     };
-    if !side.threads.is_empty() {
-        return Ok(());
-    }
-    for (peer, link) in side.links.clone().into_iter().enumerate() {
-        let control = ConnectorControl::new();
-        let (s, e, c) = (shared.clone(), entry.clone(), control.clone());
-        let spawned = std::thread::Builder::new()
-            .name(format!("peer-connect-{peer}"))
-            .spawn(move || run(&s, &e, peer, &link, &c));
-        match spawned {
-            Ok(t) => {
-                side.controls.push(control);
-                side.threads.push(t);
-            }
-            Err(err) => {
-                drop(primary);
-                stop_primary(shared, entry, true);
-                return Err(RuntimeError::Failed(format!(
-                    "cannot start a connector thread: {err}"
-                )));
-            }
+    for slot in side.peers.iter_mut().filter(|s| s.thread.is_none()) {
+        if let Err(e) = spawn_connector(shared, entry, slot) {
+            drop(primary);
+            stop_primary(shared, entry, true);
+            return Err(e);
         }
     }
     Ok(())
+}
+
+fn spawn_connector(
+    shared: &Arc<Shared>,
+    entry: &Arc<VolumeEntry>,
+    slot: &mut PrimaryPeer,
+) -> Result<(), RuntimeError> {
+    let peer = entry.peer(slot.node).ok_or_else(|| {
+        RuntimeError::Failed(format!("volume {}: no peer {}", entry.name, slot.node))
+    })?;
+    let (s, e, c, link) = (
+        shared.clone(),
+        entry.clone(),
+        slot.control.clone(),
+        slot.link.clone(),
+    );
+    let thread = std::thread::Builder::new()
+        .name(format!("peer-connect-{}", link.index()))
+        .spawn(move || run(&s, &e, &peer, &link, &c))
+        .map_err(|err| RuntimeError::Failed(format!("cannot start a connector thread: {err}")))?;
+    slot.thread = Some(thread);
+    Ok(())
+}
+
+/// Stop one peer's connector and its link task (bounded wait): the link's failure path marks
+/// what the replica may lack and hands every waiting op back. True when the task ended.
+fn stop_peer(shared: &Shared, entry: &VolumeEntry, slot: PrimaryPeer) -> bool {
+    slot.control.stop();
+    if let Some(t) = slot.thread {
+        if t.join().is_err() {
+            tracing::error!(volume = %entry.name, "peer: a connector thread panicked");
+        }
+    }
+    match slot.control.task() {
+        Some(task) if !task.end_and_wait(shared.timing.stop_wait) => {
+            tracing::warn!(volume = %entry.name, node = %slot.node,
+                "peer: a link task did not end in time");
+            false
+        }
+        _ => true,
+    }
 }
 
 /// Stop `entry`'s connectors and their link tasks (bounded waits); with `detach`, the
@@ -127,47 +172,106 @@ pub(super) fn stop_primary(shared: &Shared, entry: &VolumeEntry, detach: bool) -
     let Some(side) = lock(&entry.primary).take() else {
         return true;
     };
+    for slot in &side.peers {
+        slot.control.stop();
+    }
     let mut all_ended = true;
-    for c in &side.controls {
-        c.stop();
-    }
-    for t in side.threads {
-        if t.join().is_err() {
-            tracing::error!(volume = %entry.name, "peer: a connector thread panicked");
-        }
-    }
-    for c in &side.controls {
-        if let Some(task) = c.task() {
-            if !task.end_and_wait(shared.timing.stop_wait) {
-                all_ended = false;
-                tracing::warn!(volume = %entry.name, "peer: a link task did not end in time");
-            }
-        }
+    for slot in side.peers {
+        all_ended &= stop_peer(shared, entry, slot);
     }
     if detach {
         if let Err(e) = entry.volume.attach_replicas(None) {
             tracing::error!(volume = %entry.name, "peer: cannot detach the replica set: {e}");
         }
     }
-    drop(side.links);
     all_ended
+}
+
+/// A primary copy gains peer `node` (already in `entry`'s replication and peers): a link in a
+/// new set, and its connector.
+pub(super) fn add_peer(
+    shared: &Arc<Shared>,
+    entry: &Arc<VolumeEntry>,
+    node: NodeId,
+) -> Result<(), RuntimeError> {
+    let mut primary = lock(&entry.primary);
+    let Some(side) = primary.as_mut() else {
+        return Ok(());
+    };
+    let peer = entry
+        .peer(node)
+        .ok_or_else(|| RuntimeError::Failed(format!("volume {}: no peer {node}", entry.name)))?;
+    let link = new_link(shared, entry, &entry.replication(), &peer.spec)?;
+    let mut links: Vec<_> = side.peers.iter().map(|p| p.link.clone()).collect();
+    links.push(link.clone());
+    swap_set(entry, links)?;
+    side.peers.push(PrimaryPeer {
+        node,
+        link,
+        control: ConnectorControl::new(),
+        thread: None,
+    });
+    let slot = side.peers.last_mut().expect("just pushed");
+    spawn_connector(shared, entry, slot)
+}
+
+/// A primary copy loses peer `node`: its connector and link task stop (the task's failure
+/// path completes every op it holds), then a set without it is swapped in. Writes that read
+/// the old set afterwards find the link behind and only mark its (dropped) bitmap. Returns
+/// whether the task ended within the wait.
+pub(super) fn remove_peer(
+    shared: &Shared,
+    entry: &VolumeEntry,
+    node: NodeId,
+) -> Result<bool, RuntimeError> {
+    let mut primary = lock(&entry.primary);
+    let Some(side) = primary.as_mut() else {
+        return Ok(true);
+    };
+    let Some(at) = side.peers.iter().position(|p| p.node == node) else {
+        return Ok(true);
+    };
+    let links: Vec<_> = side
+        .peers
+        .iter()
+        .filter(|p| p.node != node)
+        .map(|p| p.link.clone())
+        .collect();
+    // The set is checked for room first: a refusal leaves the peer running.
+    if entry.volume.replica_set_changes_left() == 0 {
+        return Err(RuntimeError::Conflict(format!(
+            "volume {}: {}",
+            entry.name,
+            ringblock_engine::replication::ReplicationError::TooManySetChanges
+        )));
+    }
+    let slot = side.peers.remove(at);
+    let ended = stop_peer(shared, entry, slot);
+    swap_set(entry, links)?;
+    Ok(ended)
 }
 
 /// The links of a primary copy now (empty on a replica copy).
 pub(super) fn links(entry: &VolumeEntry) -> Vec<Arc<ReplicaLink>> {
-    lock(&entry.primary)
-        .as_ref()
-        .map_or_else(Vec::new, |s| s.links.clone())
+    lock(&entry.primary).as_ref().map_or_else(Vec::new, |s| {
+        s.peers.iter().map(|p| p.link.clone()).collect()
+    })
 }
 
-/// End the link task to `peer`, if one runs, and let its connector re-read its orders.
+/// End the link task to `node`, if one runs, and let its connector re-read its orders.
 pub(super) fn wake_peer(
     entry: &VolumeEntry,
-    peer: usize,
+    node: NodeId,
     end_task: bool,
 ) -> Option<Arc<TaskControl>> {
     let primary = lock(&entry.primary);
-    let control = primary.as_ref()?.controls.get(peer)?.clone();
+    let control = primary
+        .as_ref()?
+        .peers
+        .iter()
+        .find(|p| p.node == node)?
+        .control
+        .clone();
     drop(primary);
     let task = control.task();
     control.wake(end_task);
@@ -188,22 +292,21 @@ enum Attempt {
 fn run(
     shared: &Shared,
     entry: &VolumeEntry,
-    peer: usize,
+    p: &PeerEntry,
     link: &Arc<ReplicaLink>,
     control: &ConnectorControl,
 ) {
-    let p = &entry.peers[peer];
-    let status = &entry.replication.replicas()[p.index].status;
+    let status = &p.replica.status;
     let mut backoff = Backoff::new(shared.timing.backoff_base, shared.timing.backoff_max);
     let mut last_reason: Option<String> = None;
     while !control.stopped() && !shared.stopping.load(Ordering::Acquire) {
         if p.suspended.load(Ordering::Acquire) {
-            status.set(PeerState::Suspended, Some("suspended by the operator"));
+            status.set(PeerState::Suspended, Some(SUSPENDED));
             status.set_connected(None);
             control.sleep(Duration::from_secs(3600));
             continue;
         }
-        if entry.replication.role() != Role::Primary {
+        if entry.replication().role() != Role::Primary {
             return;
         }
         let delay = match attempt(shared, entry, p, link, control) {
@@ -226,7 +329,7 @@ fn run(
             }
             Attempt::Ran(lived) => {
                 last_reason = None;
-                let replica = &entry.replication.replicas()[p.index];
+                let replica = &p.replica;
                 let lacking = replica.dirty.dirty_bytes(entry.volume.size_bytes());
                 if p.suspended.load(Ordering::Acquire) {
                     // The suspend operation says so.
@@ -263,7 +366,7 @@ fn attempt(
     link: &Arc<ReplicaLink>,
     control: &ConnectorControl,
 ) -> Attempt {
-    let replication = &entry.replication;
+    let replication = &entry.replication();
     let history = match to_wire(&replication.history()) {
         Ok(h) => h,
         Err(e) => return Attempt::Failed(format!("this copy's history: {e}")),
@@ -300,7 +403,7 @@ fn attempt(
             return Attempt::Failed("link refused: a primary is never a sync target".into())
         }
     };
-    let status = &replication.replicas()[p.index].status;
+    let status = &p.replica.status;
     if control.stopped() || p.suspended.load(Ordering::Acquire) {
         return Attempt::Failed("told to stop while connecting".into());
     }
@@ -379,7 +482,7 @@ fn prepare_link(
     p: &PeerEntry,
     scope: Option<ResyncScope>,
 ) -> Result<(), String> {
-    let replica = &entry.replication.replicas()[p.index];
+    let replica = &p.replica;
     if scope == Some(ResyncScope::Full) {
         let newly = replica.dirty.mark_bytes(0, entry.volume.max_size_bytes());
         let flagged = !replica.full_sync();

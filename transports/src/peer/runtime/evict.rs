@@ -90,13 +90,10 @@ fn run(shared: &Shared, entry: &VolumeEntry, stop: &(Mutex<bool>, Condvar)) {
         if host.stopping() {
             return;
         }
+        // The state of now: one with a replica added or removed shares every bitmap with it.
+        let replication = lock(&entry.replication).clone();
         let links = connector::links(entry);
-        match run_cycle(
-            &entry.replication,
-            &links,
-            &mut host,
-            EvictTiming::default(),
-        ) {
+        match run_cycle(&replication, &links, &mut host, EvictTiming::default()) {
             CycleOutcome::Idle => {}
             CycleOutcome::Evicted(n) => {
                 tracing::debug!(volume = %entry.name, regions = n, "peer: activity log evicted")

@@ -8,7 +8,10 @@
 //!   `PrimaryLink` task on the link's reactor, learn when it ends ([`watch`]), reconnect.
 //! - Every node listens ([`accept`]): a replica copy takes one primary connection per volume
 //!   and serves it with a `ReplicaServe` task.
-//! - The operator's operations ([`ops`]): promote, demote, suspend, resume, resolve.
+//! - The operator's operations ([`ops`]): promote, demote, suspend, resume, resolve; and
+//!   adding and removing a peer at runtime ([`members`]), kept with the suspensions in the
+//!   state directory's membership file ([`membership`]) and merged with the configuration at
+//!   start.
 //!
 //! `docs/replication.md` ("Runtime") describes the roles and the operations.
 
@@ -16,22 +19,27 @@ mod accept;
 pub mod config;
 mod connector;
 mod evict;
+mod members;
+pub mod membership;
 mod ops;
 mod prepare;
 mod watch;
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ringblock_engine::replication::{NodeId, ReplicaLink, Role, VolumeReplication};
+use ringblock_engine::replication::{NodeId, ReplicaLink, ReplicaState, Role, VolumeReplication};
 use ringblock_engine::{Engine, Volume};
 
 pub use config::{
     ExportProbe, ListenAddress, PeerMode, PeerSpec, ReplicatedVolume, RuntimeConfig, RuntimeError,
     RuntimeTiming, DEFAULT_ASYNC_QUEUE_BYTES,
 };
+pub use members::parse_mode;
+pub use membership::parse_address;
 pub use prepare::check_unconfigured_records;
 
 use super::ids::{cluster_id, volume_id};
@@ -55,6 +63,10 @@ pub(super) struct Shared {
     stopping: AtomicBool,
     /// Round robin of link reactors.
     next_reactor: AtomicU32,
+    /// Where the runtime's changes to the peers are kept (None: nowhere, tests).
+    membership_file: Option<PathBuf>,
+    /// What that file holds (changed under a volume's operation lock, then this lock).
+    membership: Mutex<membership::Membership>,
 }
 
 impl Shared {
@@ -66,12 +78,31 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// Change the membership file (see [`membership`]) durably; nothing changes when it
+    /// cannot be written.
+    fn change_membership(
+        &self,
+        change: impl FnOnce(&mut membership::Membership),
+    ) -> Result<(), RuntimeError> {
+        let mut current = lock(&self.membership);
+        let mut next = current.clone();
+        change(&mut next);
+        if let Some(path) = &self.membership_file {
+            next.store(path)?;
+        }
+        *current = next;
+        Ok(())
+    }
+}
+
 /// One peer of a volume.
 pub(super) struct PeerEntry {
     spec: PeerSpec,
-    /// Its index in the volume's `replicas()`.
-    index: usize,
-    /// Suspended by the operator (not persisted: a restart resumes).
+    /// Its state in the volume's replication (shared by every `VolumeReplication` that lists
+    /// it).
+    replica: Arc<ReplicaState>,
+    /// Suspended by the operator (kept in the membership file).
     suspended: AtomicBool,
     /// Link tasks started for it since the runtime started.
     link_starts: AtomicU64,
@@ -153,11 +184,18 @@ impl ConnectorControl {
     }
 }
 
-/// A primary copy's moving parts.
+/// A primary copy's moving parts: one per peer.
 pub(super) struct PrimarySide {
-    links: Vec<Arc<ReplicaLink>>,
-    controls: Vec<Arc<ConnectorControl>>,
-    threads: Vec<JoinHandle<()>>,
+    peers: Vec<PrimaryPeer>,
+}
+
+/// One peer's link and connector on a primary copy.
+pub(super) struct PrimaryPeer {
+    node: NodeId,
+    link: Arc<ReplicaLink>,
+    control: Arc<ConnectorControl>,
+    /// The connector thread, once started.
+    thread: Option<JoinHandle<()>>,
 }
 
 /// A replica copy's live primary connection.
@@ -171,8 +209,9 @@ pub(super) struct VolumeEntry {
     name: String,
     id: ReplicatedVolumeId,
     volume: Arc<Volume>,
-    replication: Arc<VolumeReplication>,
-    peers: Vec<PeerEntry>,
+    /// Swapped when a peer is added or removed (the volume's own pointer too).
+    replication: Mutex<Arc<VolumeReplication>>,
+    peers: Mutex<Vec<Arc<PeerEntry>>>,
     /// Serializes the operator's operations on this volume.
     ops: Mutex<()>,
     primary: Mutex<Option<PrimarySide>>,
@@ -182,8 +221,19 @@ pub(super) struct VolumeEntry {
 }
 
 impl VolumeEntry {
-    fn peer(&self, node: NodeId) -> Option<&PeerEntry> {
-        self.peers.iter().find(|p| p.spec.node == node)
+    fn replication(&self) -> Arc<VolumeReplication> {
+        lock(&self.replication).clone()
+    }
+
+    fn peers(&self) -> Vec<Arc<PeerEntry>> {
+        lock(&self.peers).clone()
+    }
+
+    fn peer(&self, node: NodeId) -> Option<Arc<PeerEntry>> {
+        lock(&self.peers)
+            .iter()
+            .find(|p| p.spec.node == node)
+            .cloned()
     }
 
     /// The node of the primary connected to this replica copy now, if any.
@@ -235,38 +285,28 @@ impl PeerRuntime {
     pub fn start(engine: Arc<Engine>, config: RuntimeConfig) -> Result<PeerRuntime, RuntimeError> {
         let secret = ClusterSecret::new(config.secret.clone())
             .map_err(|e| RuntimeError::Invalid(format!("[peer] secret_file: {e}")))?;
-        let found = prepare::check_capacity(&engine, &config.volumes)?;
+        let membership = match &config.membership_file {
+            Some(path) => membership::Membership::load(path)?,
+            None => membership::Membership::default(),
+        };
+        let volumes_cfg = prepare::merge_membership(&config.volumes, &membership)?;
+        let found = prepare::check_capacity(&engine, &volumes_cfg)?;
         let mut volumes = Vec::with_capacity(found.len());
-        for (cfg, volume) in config.volumes.iter().zip(found) {
-            let replication = prepare::replication_for(&volume, cfg)?;
+        for (cfg, volume) in volumes_cfg.iter().zip(found) {
+            let removed = membership.removed_of(&cfg.name);
+            let replication = prepare::replication_for(&volume, cfg, &removed)?;
+            let suspended = membership.suspended_of(&cfg.name);
             let peers = cfg
                 .peers
                 .iter()
-                .map(|p| {
-                    let index = replication
-                        .replicas()
-                        .iter()
-                        .position(|r| r.node == p.node)
-                        .ok_or_else(|| {
-                            RuntimeError::Failed(format!(
-                                "volume {}: peer {} lost",
-                                cfg.name, p.node
-                            ))
-                        })?;
-                    Ok(PeerEntry {
-                        spec: p.clone(),
-                        index,
-                        suspended: AtomicBool::new(false),
-                        link_starts: AtomicU64::new(0),
-                    })
-                })
+                .map(|p| new_peer(&cfg.name, &replication, p, suspended.contains(&p.node)))
                 .collect::<Result<Vec<_>, RuntimeError>>()?;
             volumes.push(Arc::new(VolumeEntry {
                 name: cfg.name.clone(),
                 id: volume_id(&config.cluster, &cfg.name),
                 volume,
-                replication,
-                peers,
+                replication: Mutex::new(replication),
+                peers: Mutex::new(peers),
                 ops: Mutex::new(()),
                 primary: Mutex::new(None),
                 serving: Mutex::new(None),
@@ -284,6 +324,8 @@ impl PeerRuntime {
             volumes,
             stopping: AtomicBool::new(false),
             next_reactor: AtomicU32::new(0),
+            membership_file: config.membership_file.clone(),
+            membership: Mutex::new(membership),
         });
         let listener = start_listener(&shared, &config.listen)?;
         let listening = match (&config.listen, listener.tcp_addrs().first()) {
@@ -297,7 +339,7 @@ impl PeerRuntime {
             stopped: AtomicBool::new(false),
         };
         for entry in &runtime.shared.volumes {
-            if entry.replication.role() == Role::Primary {
+            if entry.replication().role() == Role::Primary {
                 if let Err(e) = connector::start_primary(&runtime.shared, entry) {
                     runtime.stop();
                     return Err(e);
@@ -350,25 +392,56 @@ impl Drop for PeerRuntime {
 }
 
 fn view(e: &VolumeEntry) -> VolumeView {
+    // Under the peers' lock: the replication and the peers agree (both change under it).
+    let peers = lock(&e.peers);
+    let replication = e.replication();
+    let index = |p: &PeerEntry| {
+        let at = replication
+            .replicas()
+            .iter()
+            .position(|r| r.node == p.spec.node);
+        debug_assert!(at.is_some(), "every peer has a state in the replication");
+        at.unwrap_or_default()
+    };
     VolumeView {
         name: e.name.clone(),
         id: e.id,
         size_bytes: e.volume.size_bytes(),
-        replication: e.replication.clone(),
-        peers: e.peers.iter().map(|p| (p.spec.clone(), p.index)).collect(),
+        peers: peers.iter().map(|p| (p.spec.clone(), index(p))).collect(),
+        replication,
         primary_connected: e.serving_node(),
-        link_starts: e
-            .peers
+        link_starts: peers
             .iter()
             .map(|p| p.link_starts.load(Ordering::Relaxed))
             .collect(),
-        suspended: e
-            .peers
+        suspended: peers
             .iter()
             .map(|p| p.suspended.load(Ordering::Relaxed))
             .collect(),
     }
 }
+
+/// The runtime's entry for peer `spec` of `volume`, whose state `replication` holds.
+fn new_peer(
+    volume: &str,
+    replication: &VolumeReplication,
+    spec: &PeerSpec,
+    suspended: bool,
+) -> Result<Arc<PeerEntry>, RuntimeError> {
+    let replica = replication
+        .replica(spec.node)
+        .cloned()
+        .ok_or_else(|| RuntimeError::Failed(format!("volume {volume}: peer {} lost", spec.node)))?;
+    Ok(Arc::new(PeerEntry {
+        spec: spec.clone(),
+        replica,
+        suspended: AtomicBool::new(suspended),
+        link_starts: AtomicU64::new(0),
+    }))
+}
+
+/// The status reason of a suspended peer.
+pub(super) const SUSPENDED: &str = "suspended by the operator";
 
 fn start_listener(shared: &Arc<Shared>, at: &ListenAddress) -> Result<PeerListener, RuntimeError> {
     let mut cfg = ListenerConfig::new(AcceptorConfig {

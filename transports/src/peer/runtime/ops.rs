@@ -9,7 +9,8 @@
 //!   the history (the generation its link's end started holds no write, and is dropped), so a
 //!   clean switchover does not look like a split brain.
 //! - **suspend / resume**: a primary stops sending to one replica (its link ends, writes mark
-//!   its bitmap) until resumed.
+//!   its bitmap) until resumed. Both are kept in the membership file, so a restart keeps a
+//!   replica suspended.
 //! - **resolve**: after a split brain, this node discards its copy's changes: its history
 //!   becomes empty and the primary sends it everything.
 
@@ -20,7 +21,7 @@ use ringblock_engine::replication::{GenerationHistory, LinkState, NodeId, PeerSt
 use ringblock_engine::{Port, PortWaker, Request, RequestKind};
 
 use super::config::RuntimeError;
-use super::{accept, connector, lock, prepare, PeerRuntime, VolumeEntry};
+use super::{accept, connector, lock, prepare, PeerRuntime, VolumeEntry, SUSPENDED};
 
 /// Longest wait for the flush before a demote.
 const DEMOTE_FLUSH_WAIT: Duration = Duration::from_secs(60);
@@ -31,12 +32,15 @@ impl PeerRuntime {
         let shared = &self.shared;
         let entry = shared.volume(volume)?.clone();
         let _ops = lock(&entry.ops);
-        let replication = &entry.replication;
+        let replication = &entry.replication();
         if replication.role() == Role::Primary {
             return Err(RuntimeError::Conflict(format!(
                 "volume {volume} is already the primary here"
             )));
         }
+        // The primary this copy followed since the runtime started (its connection may have
+        // ended): the one peer whose differences this copy can bound (see below).
+        let followed = lock(&entry.serving).as_ref().map(|s| s.node);
         if let Some(node) = entry.serving_node() {
             if !force {
                 return Err(RuntimeError::Conflict(format!(
@@ -61,10 +65,15 @@ impl PeerRuntime {
         // attached first (nothing is exported yet, so nothing is written meanwhile).
         connector::attach_links(shared, &entry)?;
         let before = replication.history();
+        let tracking: Vec<_> = replication
+            .replicas()
+            .iter()
+            .map(|r| (r.since(), r.full_sync()))
+            .collect();
         replication.set_role(Role::Primary);
         let generation = replication.start_generation();
         for r in replication.replicas() {
-            r.set_full_sync(true);
+            track_after_promotion(r, followed, before.current());
             r.status.set(PeerState::Connecting, None);
         }
         entry.volume.replication_changed();
@@ -72,6 +81,10 @@ impl PeerRuntime {
             let _ = connector::stop_primary(shared, &entry, true);
             replication.set_role(Role::Replica);
             replication.adopt_history(before);
+            for (r, (since, full)) in replication.replicas().iter().zip(tracking) {
+                r.set_since(since);
+                r.set_full_sync(full);
+            }
             return Err(e);
         }
         connector::start_connectors(shared, &entry)?;
@@ -86,7 +99,7 @@ impl PeerRuntime {
         let shared = &self.shared;
         let entry = shared.volume(volume)?.clone();
         let _ops = lock(&entry.ops);
-        let replication = &entry.replication;
+        let replication = &entry.replication();
         if replication.role() == Role::Replica {
             return Err(RuntimeError::Conflict(format!(
                 "volume {volume} is already a replica here"
@@ -100,25 +113,24 @@ impl PeerRuntime {
         flush_volume(shared, &entry)?;
         let history = replication.history();
         let links = connector::links(&entry);
-        let clean: Vec<usize> = links
+        // A link's index is into the replication it was made with (peers added or removed
+        // since make new ones): take its replica's state from there.
+        let clean: Vec<_> = links
             .iter()
             .filter(|l| l.state() == LinkState::UpToDate)
-            .map(|l| l.index())
+            .map(|l| l.replication().replicas()[l.index()].clone())
             .collect();
         let ended = connector::stop_primary(shared, &entry, true);
         replication.set_role(Role::Replica);
         // The links' ends started generations no write went into (nothing is exported): a
         // replica that was up to date and lacks nothing stays in step with this copy.
         let replicas = replication.replicas();
-        let all_clean = ended
-            && !clean.is_empty()
-            && clean
-                .iter()
-                .all(|&i| replicas[i].dirty.dirty_regions() == 0);
+        let all_clean =
+            ended && !clean.is_empty() && clean.iter().all(|r| r.dirty.dirty_regions() == 0);
         if all_clean {
             replication.adopt_history(history);
-            for &i in &clean {
-                replicas[i].set_since(None);
+            for r in &clean {
+                r.set_since(None);
             }
         }
         for r in replicas {
@@ -136,26 +148,29 @@ impl PeerRuntime {
         let shared = &self.shared;
         let entry = shared.volume(volume)?.clone();
         let _ops = lock(&entry.ops);
-        let (i, peer) = peer_of(&entry, node)?;
-        if entry.replication.role() != Role::Primary {
+        let peer = peer_of(&entry, node)?;
+        if entry.replication().role() != Role::Primary {
             return Err(RuntimeError::Conflict(format!(
                 "volume {volume} is a replica here; suspend its replicas on the primary"
             )));
         }
-        if peer.suspended.swap(true, Ordering::AcqRel) {
+        if peer.suspended.load(Ordering::Acquire) {
             return Ok(format!(
                 "volume {volume}: node {node} was already suspended"
             ));
         }
-        let status = &entry.replication.replicas()[peer.index].status;
-        if let Some(task) = connector::wake_peer(&entry, i, true) {
+        // Durable first: a restart keeps the replica suspended from now on.
+        shared.change_membership(|m| m.record_suspended(volume, node, true))?;
+        peer.suspended.store(true, Ordering::Release);
+        let status = &peer.replica.status;
+        if let Some(task) = connector::wake_peer(&entry, node, true) {
             if !task.wait_exit(shared.timing.stop_wait) {
                 return Err(RuntimeError::Failed(format!(
                     "volume {volume}: the link to node {node} did not end in time"
                 )));
             }
         }
-        status.set(PeerState::Suspended, Some("suspended by the operator"));
+        status.set(PeerState::Suspended, Some(SUSPENDED));
         status.set_connected(None);
         prepare::persist(&shared.engine, "the suspended replica's marks")?;
         tracing::info!(volume, %node, "peer: replica suspended");
@@ -168,13 +183,16 @@ impl PeerRuntime {
         let shared = &self.shared;
         let entry = shared.volume(volume)?.clone();
         let _ops = lock(&entry.ops);
-        let (i, peer) = peer_of(&entry, node)?;
-        if !peer.suspended.swap(false, Ordering::AcqRel) {
+        let peer = peer_of(&entry, node)?;
+        if !peer.suspended.load(Ordering::Acquire) {
             return Ok(format!("volume {volume}: node {node} was not suspended"));
         }
-        let status = &entry.replication.replicas()[peer.index].status;
-        status.set(PeerState::Connecting, Some("resumed by the operator"));
-        connector::wake_peer(&entry, i, false);
+        shared.change_membership(|m| m.record_suspended(volume, node, false))?;
+        peer.suspended.store(false, Ordering::Release);
+        peer.replica
+            .status
+            .set(PeerState::Connecting, Some("resumed by the operator"));
+        connector::wake_peer(&entry, node, false);
         tracing::info!(volume, %node, "peer: replica resumed");
         Ok(format!("volume {volume}: node {node} resumed"))
     }
@@ -185,14 +203,14 @@ impl PeerRuntime {
         let entry = shared.volume(volume)?.clone();
         let _ops = lock(&entry.ops);
         if discard != shared.node {
-            let (_, peer) = peer_of(&entry, discard)?;
+            let peer = peer_of(&entry, discard)?;
             return Err(RuntimeError::Conflict(format!(
                 "volume {volume}: node {discard} discards its own copy: run this on node {} \
                  (at {})",
                 discard, peer.spec.address
             )));
         }
-        let replication = &entry.replication;
+        let replication = &entry.replication();
         if replication.role() != Role::Replica {
             return Err(RuntimeError::Conflict(format!(
                 "volume {volume} is the primary here; demote it before discarding this copy"
@@ -224,18 +242,40 @@ impl PeerRuntime {
     }
 }
 
-fn peer_of(entry: &VolumeEntry, node: NodeId) -> Result<(usize, &super::PeerEntry), RuntimeError> {
-    entry
-        .peers
-        .iter()
-        .enumerate()
-        .find(|(_, p)| p.spec.node == node)
-        .ok_or_else(|| {
-            RuntimeError::NotFound(format!(
-                "volume {}: node {node} is not one of its peers",
-                entry.name
-            ))
-        })
+/// What a new primary tracks for replica `r` (see `docs/replication.md`, "Promotion").
+///
+/// The primary this copy followed until it was promoted (`followed`, in this runtime), if it
+/// is still at this copy's last generation `current` when it comes back, differs from this
+/// copy only in: the writes made here from now on (the attached set marks them in its
+/// bitmap), and the regions of its own activity log and dirty bitmap for this copy (writes in
+/// flight when it stopped), which it asks for as a sync target. So its bitmap starts at
+/// `current`: a resync of those regions, not of everything. Any other replica at `current`
+/// may lack writes that were in flight to it when the old primary crashed, and nothing here
+/// names their regions: it gets a full sync, as does every replica after a restart of this
+/// runtime (the primary it followed is not known then).
+fn track_after_promotion(
+    r: &ringblock_engine::replication::ReplicaState,
+    followed: Option<NodeId>,
+    current: Option<ringblock_engine::replication::GenerationId>,
+) {
+    if current.is_some() && followed == Some(r.node) {
+        r.set_since(current);
+        r.set_full_sync(false);
+    } else {
+        r.set_full_sync(true);
+    }
+}
+
+pub(super) fn peer_of(
+    entry: &VolumeEntry,
+    node: NodeId,
+) -> Result<std::sync::Arc<super::PeerEntry>, RuntimeError> {
+    entry.peer(node).ok_or_else(|| {
+        RuntimeError::NotFound(format!(
+            "volume {}: node {node} is not one of its peers",
+            entry.name
+        ))
+    })
 }
 
 /// Flush the volume through the engine: the up-to-date replicas hold every write durably
@@ -276,5 +316,35 @@ pub(super) fn flush_volume(
             )));
         }
         std::thread::park_timeout(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ringblock_engine::replication::{GenerationId, Role, VolumeReplication};
+
+    use super::*;
+
+    #[test]
+    fn only_the_followed_primary_is_tracked_from_the_last_generation() {
+        let (a, b) = (NodeId::new(1).unwrap(), NodeId::new(2).unwrap());
+        let g = GenerationId::new(9);
+        let state = VolumeReplication::new(Role::Replica, 1 << 30, 20, &[a, b]).unwrap();
+        for r in state.replicas() {
+            r.set_full_sync(false);
+            track_after_promotion(r, Some(a), g);
+        }
+        let (ra, rb) = (state.replica(a).unwrap(), state.replica(b).unwrap());
+        assert_eq!((ra.since(), ra.full_sync()), (g, false));
+        assert!(
+            rb.full_sync(),
+            "another replica may lack an in-flight write"
+        );
+        // Not known (a restart since), or no generation: everyone gets a full sync.
+        for (followed, current) in [(None, g), (Some(a), None)] {
+            ra.set_full_sync(false);
+            track_after_promotion(ra, followed, current);
+            assert!(ra.full_sync());
+        }
     }
 }

@@ -5,20 +5,54 @@
 use std::sync::Arc;
 
 use ringblock_engine::replication::{
-    GenerationHistory, NodeId, ReplicaRecord, Role, VolumeReplication,
+    GenerationHistory, NodeId, ReplicaRecord, Role, VolumeReplication, MAX_REPLICAS,
 };
 use ringblock_engine::{Engine, Volume};
 
 use super::config::{ReplicatedVolume, RuntimeError};
+use super::membership::Membership;
+
+/// The configured volumes with the peers added and removed at runtime merged in (see
+/// [`Membership::merge`]).
+pub(super) fn merge_membership(
+    volumes: &[ReplicatedVolume],
+    membership: &Membership,
+) -> Result<Vec<ReplicatedVolume>, RuntimeError> {
+    let mut merged = Vec::with_capacity(volumes.len());
+    for cfg in volumes {
+        let (peers, ignored) = membership.merge(&cfg.name, &cfg.peers);
+        for node in ignored {
+            tracing::warn!(volume = %cfg.name, %node,
+                "peer: node {node} was removed with `ringblock replica remove`; its \
+                 [[volume.replica]] entry is ignored (delete it, or `ringblock replica add` the \
+                 node again)");
+        }
+        if peers.len() > MAX_REPLICAS {
+            return Err(RuntimeError::Invalid(format!(
+                "volume {}: the configuration and the replicas added at runtime make {} \
+                 replicas, more than {MAX_REPLICAS}; remove some with `ringblock replica remove`",
+                cfg.name,
+                peers.len()
+            )));
+        }
+        merged.push(ReplicatedVolume {
+            peers,
+            ..cfg.clone()
+        });
+    }
+    Ok(merged)
+}
 
 /// Region size of a new record: 1 MiB.
 pub(super) const DEFAULT_REGION_SHIFT: u8 = 20;
 
-/// The volume's replication state, made or loaded, matching `cfg`'s peers. Nothing is
-/// persisted here: the caller flushes once for every volume.
+/// The volume's replication state, made or loaded, matching `cfg`'s peers. A recorded peer
+/// in `removed` (removed at runtime; the daemon stopped before the record lost it) is dropped
+/// from the record. Nothing is persisted here: the caller flushes once for every volume.
 pub(super) fn replication_for(
     volume: &Volume,
     cfg: &ReplicatedVolume,
+    removed: &[NodeId],
 ) -> Result<Arc<VolumeReplication>, RuntimeError> {
     let peers: Vec<NodeId> = cfg.peers.iter().map(|p| p.node).collect();
     let Some(existing) = volume.replication() else {
@@ -49,12 +83,16 @@ pub(super) fn replication_for(
              role applies (change it with `{command}`)");
     }
     let recorded: Vec<NodeId> = existing.replicas().iter().map(|r| r.node).collect();
-    if let Some(gone) = recorded.iter().find(|n| !peers.contains(n)) {
+    if let Some(gone) = recorded
+        .iter()
+        .find(|n| !peers.contains(n) && !removed.contains(n))
+    {
         return Err(RuntimeError::Invalid(format!(
-            "volume {}: its replication record tracks node {gone}, which the configuration no \
-             longer lists as a replica; removing a replica is not supported in this build: put \
-             the [[volume.replica]] entry back",
-            cfg.name
+            "volume {name}: its replication record tracks node {gone}, which the configuration \
+             no longer lists as a replica; a replica is removed with `ringblock replica remove \
+             {name} {gone}` (it stops the link and drops the node from the record): put the \
+             [[volume.replica]] entry back, start the daemon and run that command",
+            name = cfg.name
         )));
     }
     let added: Vec<NodeId> = peers
@@ -62,12 +100,27 @@ pub(super) fn replication_for(
         .copied()
         .filter(|n| !recorded.contains(n))
         .collect();
-    if added.is_empty() {
+    let dropped: Vec<NodeId> = recorded
+        .iter()
+        .copied()
+        .filter(|n| removed.contains(n))
+        .collect();
+    if added.is_empty() && dropped.is_empty() {
         return Ok(existing);
     }
     // Nothing is served yet (no set attached, no write in flight): rebuilding the state from
     // its record with the new replicas added loses nothing. A new replica needs everything.
     let mut record = existing.record();
+    // A removed replica that was in step leaves the set of up-to-date replicas: a new
+    // generation (as `replica remove` starts), so its copy never looks in step again.
+    let in_step_dropped = record
+        .replicas
+        .iter()
+        .any(|r| dropped.contains(&r.node) && r.since.is_none());
+    record.replicas.retain(|r| !dropped.contains(&r.node));
+    if in_step_dropped && record.role == Role::Primary {
+        record.history.start_new();
+    }
     for &node in &added {
         record.replicas.push(ReplicaRecord {
             node,
@@ -80,7 +133,8 @@ pub(super) fn replication_for(
         .map_err(|e| RuntimeError::Invalid(format!("volume {}: {e}", cfg.name)))?;
     let state = Arc::new(state);
     volume.set_replication(Some(state.clone()));
-    tracing::info!(volume = %cfg.name, added = ?added, "peer: replicas added to the volume's record");
+    tracing::info!(volume = %cfg.name, added = ?added, removed = ?dropped,
+        "peer: the volume's record follows its replicas");
     Ok(state)
 }
 
