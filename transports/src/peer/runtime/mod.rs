@@ -17,6 +17,7 @@ pub mod config;
 mod connector;
 mod ops;
 mod prepare;
+mod verify;
 mod watch;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -32,6 +33,7 @@ pub use config::{
     RuntimeTiming, DEFAULT_ASYNC_QUEUE_BYTES,
 };
 pub use prepare::check_unconfigured_records;
+pub use verify::{VerifyPeerReport, VerifyReport};
 
 use super::ids::{cluster_id, volume_id};
 use super::listener::{ListenerConfig, PeerListener};
@@ -176,6 +178,8 @@ pub(super) struct VolumeEntry {
     ops: Mutex<()>,
     primary: Mutex<Option<PrimarySide>>,
     serving: Mutex<Option<Serving>>,
+    /// The last online verify (`verify`).
+    verify: Mutex<Option<verify::VerifyRun>>,
 }
 
 impl VolumeEntry {
@@ -267,6 +271,7 @@ impl PeerRuntime {
                 ops: Mutex::new(()),
                 primary: Mutex::new(None),
                 serving: Mutex::new(None),
+                verify: Mutex::new(None),
             }));
         }
         prepare::persist(&engine, "the volumes' replication records")?;
