@@ -5,6 +5,7 @@
 //!   GET  /api/replication                                   → 200, every replicated volume
 //!   POST /api/volumes/{name}/replicas/{node}/suspend|resume → 200, {"message": …}
 //!   POST /api/volumes/{name}/resolve {"discard": NODE}      → 200, {"message": …}
+//!   POST /api/volumes/{name}/verify[?repair=true]           → 202, then GET it (`verify_cmd`)
 //!
 //! `ringblock volume promote|demote` use `/api/volumes/{name}/promote|demote` the same way.
 //! Peers are named by node id (32 hex digits; `ringblock check-config` on a node prints its
@@ -31,6 +32,18 @@ pub enum ReplicaCommand {
         /// The node (id, 32 hex digits) whose changes are discarded.
         #[arg(long, value_name = "NODE")]
         discard: String,
+    },
+    /// Compare VOLUME's up-to-date replicas with this primary copy online (per-region
+    /// checksums, while writes go on) and report the byte ranges that differ. Run it on the
+    /// primary. Exits 1 when a region differs and was not repaired.
+    Verify {
+        volume: String,
+        /// Resync the regions that differ (the link reconnects and copies them).
+        #[arg(long)]
+        repair: bool,
+        /// Stop waiting after this many seconds (the verify goes on in the daemon).
+        #[arg(long, value_name = "SECONDS", default_value_t = 86400)]
+        timeout_s: u64,
     },
 }
 
@@ -79,6 +92,11 @@ pub fn run(api: &ApiArgs, cmd: ReplicaCommand) -> Result<(), Failure> {
         ReplicaCommand::Suspend { volume, node } => c.suspend_replica(&volume, &node),
         ReplicaCommand::Resume { volume, node } => c.resume_replica(&volume, &node),
         ReplicaCommand::Resolve { volume, discard } => c.resolve(&volume, &discard),
+        ReplicaCommand::Verify {
+            volume,
+            repair,
+            timeout_s,
+        } => return crate::verify_cmd::run(api, &volume, repair, timeout_s),
     }
     .map_err(client_failure)?;
     print_message(api, &message);

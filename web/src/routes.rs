@@ -9,7 +9,7 @@ use axum::routing::{self, MethodRouter};
 use axum::Router;
 
 use crate::error::ApiError;
-use crate::{api, auth, replication_api, AppState, MAX_BODY_BYTES};
+use crate::{api, auth, replication_api, replication_verify, AppState, MAX_BODY_BYTES};
 
 const INDEX_HTML: &str = include_str!("../static/index.html");
 const DASHBOARD_JS: &str = include_str!("../static/dashboard.js");
@@ -117,6 +117,18 @@ fn table() -> Table {
             p.clone(),
             "/api/volumes/{name}/resolve",
             post(replication_api::resolve),
+        )
+        .add(
+            true,
+            p.clone(),
+            "/api/volumes/{name}/verify",
+            post(replication_verify::start_verify),
+        )
+        .add(
+            true,
+            g.clone(),
+            "/api/volumes/{name}/verify",
+            get(replication_verify::verify_status),
         )
         .add(true, g.clone(), "/api/reactors", get(api::list_reactors))
         .add(true, g.clone(), "/api/stats", get(api::latest_stats))
@@ -231,7 +243,7 @@ mod tests {
         let extra: Vec<_> = documented.iter().filter(|r| !served.contains(r)).collect();
         assert!(missing.is_empty(), "served but not documented: {missing:?}");
         assert!(extra.is_empty(), "documented but not served: {extra:?}");
-        assert_eq!(served.len(), 27);
+        assert_eq!(served.len(), 29);
     }
 
     #[test]
