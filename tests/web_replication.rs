@@ -44,11 +44,15 @@ fn replication_api_and_cli_without_replicated_volumes() {
             "/api/volumes/db/resolve",
             Some(&format!(r#"{{"discard": "{NODE}"}}"#)[..]),
         ),
+        ("/api/volumes/db/verify?repair=true", None),
     ] {
         let r = call("POST", path, body);
         assert_eq!(r.status, 404, "{path}: {r:?}");
         assert!(r.error().contains("not replicated"), "{path}: {r:?}");
     }
+    let r = call("GET", "/api/volumes/db/verify", None);
+    assert_eq!(r.status, 404, "{r:?}");
+    assert!(r.error().contains("not replicated"), "{r:?}");
     let r = call("POST", "/api/volumes/db/replicas/left/suspend", None);
     assert_eq!(r.status, 400, "{r:?}");
     assert!(r.error().contains("node id"), "{r:?}");
@@ -111,6 +115,7 @@ fn replication_api_and_cli_without_replicated_volumes() {
         &["replica", "suspend", "db", NODE],
         &["replica", "resume", "db", NODE],
         &["replica", "resolve", "db", "--discard", NODE],
+        &["replica", "verify", "db", "--repair"],
     ] {
         let (code, _, err) = cli(args);
         assert_eq!(code, 1, "{args:?}: {err}");
