@@ -5,7 +5,7 @@
 //!   replica's engine) are found, exactly those; a verify with repair marks them, the link
 //!   reconnects, the new link resyncs them, and a verify after that finds nothing;
 //! - verifies while writes run on the primary report no mismatch (every region is checked
-//!   or reported busy), and the copies are equal at the end.
+//!   or reported busy), for a sync and an async replica, and the copies are equal at the end.
 
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ringblock_engine::replication::{
-    GenerationHistory, LinkState, NodeId, ReplicaLink, ReplicaSet, Role, VerifyJob, VerifyPhase,
-    VerifySnapshot, VolumeReplication,
+    GenerationHistory, LinkMode, LinkState, NodeId, ReplicaLink, ReplicaSet, Role, VerifyJob,
+    VerifyPhase, VerifySnapshot, VolumeReplication,
 };
 use ringblock_engine::task::{ReactorTask, RingCompletion, TaskCtx};
 use ringblock_engine::{
@@ -99,7 +99,7 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-fn make_primary(p: &Engine) -> Arc<ReplicaLink> {
+fn make_primary(p: &Engine, mode: LinkMode) -> Arc<ReplicaLink> {
     let volume = p.volume("a").unwrap();
     let replication = Arc::new(
         VolumeReplication::new(
@@ -111,7 +111,7 @@ fn make_primary(p: &Engine) -> Arc<ReplicaLink> {
         .unwrap(),
     );
     volume.set_replication(Some(replication.clone()));
-    let link = ReplicaLink::new(replication, 0, ReactorId(0)).unwrap();
+    let link = ReplicaLink::with_mode(replication, 0, ReactorId(0), mode).unwrap();
     let set = ReplicaSet::new(vec![link.clone()]).unwrap();
     volume.attach_replicas(Some(Arc::new(set))).unwrap();
     link
@@ -166,8 +166,14 @@ fn connect(p: &Engine, r: &Engine, link: &Arc<ReplicaLink>) -> Arc<AtomicBool> {
         volume: id,
         send_seq: Seq(0),
         recv_seq: Seq(0),
-        window_frames: 64,
-        window_bytes: 16 << 20,
+        // A narrow window for an async replica: ops wait in the inbox, so a verify request
+        // framed before them would find differences.
+        window_frames: if link.mode() == LinkMode::Sync { 64 } else { 4 },
+        window_bytes: if link.mode() == LinkMode::Sync {
+            16 << 20
+        } else {
+            1 << 20
+        },
         zero_copy: true,
         clock: monotonic_clock(),
         peer: "replica".into(),
@@ -212,9 +218,9 @@ fn verify(link: &ReplicaLink, repair: bool) -> VerifySnapshot {
 }
 
 /// Two engines whose copies are equal (every MiB written once), the link up to date.
-fn equal_pair() -> (Arc<Engine>, Engine, Arc<ReplicaLink>, Arc<AtomicBool>) {
+fn equal_pair(mode: LinkMode) -> (Arc<Engine>, Engine, Arc<ReplicaLink>, Arc<AtomicBool>) {
     let (p, r) = (Arc::new(engine()), engine());
-    let link = make_primary(&p);
+    let link = make_primary(&p, mode);
     make_replica(&r, link.replication().history());
     let ended = connect(&p, &r, &link);
     wait_up_to_date(&link);
@@ -227,7 +233,7 @@ fn equal_pair() -> (Arc<Engine>, Engine, Arc<ReplicaLink>, Arc<AtomicBool>) {
 
 #[test]
 fn verify_finds_exactly_the_corrupted_regions_and_repair_resyncs_them() {
-    let (p, r, link, ended) = equal_pair();
+    let (p, r, link, ended) = equal_pair(LinkMode::Sync);
     let clean = verify(&link, false);
     assert_eq!(clean.phase, VerifyPhase::Done, "{:?}", clean.error);
     assert_eq!((clean.regions_total, clean.regions_checked), (32, 32));
@@ -283,12 +289,26 @@ fn verify_finds_exactly_the_corrupted_regions_and_repair_resyncs_them() {
 
 #[test]
 fn verifies_under_concurrent_writes_report_no_false_mismatch() {
-    let (p, r, link, _ended) = equal_pair();
+    verify_under_writes(LinkMode::Sync);
+}
+
+/// An async replica's writes complete before it has them: the request waits for every op
+/// queued before its barrier.
+#[test]
+fn verifies_of_an_async_replica_under_concurrent_writes_report_no_false_mismatch() {
+    verify_under_writes(LinkMode::Async {
+        queue_limit_bytes: 256 << 20,
+    });
+}
+
+fn verify_under_writes(mode: LinkMode) {
+    let (p, r, link, _ended) = equal_pair(mode);
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
-        let (p, stop) = (p.clone(), stop.clone());
+        let (p, stop, link) = (p.clone(), stop.clone(), link.clone());
         std::thread::spawn(move || {
             let handle = p.open("a").unwrap();
+            let lag = &link.replication().replicas()[0].status.lag;
             let mut x = 0x2545_F491_4F6C_DD1Du64;
             let mut n = 0u64;
             while !stop.load(Ordering::SeqCst) {
@@ -299,6 +319,11 @@ fn verifies_under_concurrent_writes_report_no_false_mismatch() {
                 let offset = (x >> 8) % ((VOLUME_BYTES - len) / 4096) * 4096;
                 write(&handle, offset, len, (x >> 40) as u8);
                 n += 1;
+                // An async replica's queue is bounded: keep it from overflowing (the link
+                // would fall behind and end the verify).
+                while lag.queued_bytes() > 8 << 20 && !stop.load(Ordering::SeqCst) {
+                    std::thread::yield_now();
+                }
             }
             n
         })
@@ -316,12 +341,13 @@ fn verifies_under_concurrent_writes_report_no_false_mismatch() {
     assert!(writes > 0);
     eprintln!("{writes} writes during 5 verifies; {busy} regions busy");
     assert_eq!(link.state(), LinkState::UpToDate, "the link stays up");
+    // The verify's request follows every write before it: then the replica has them all.
+    let s = verify(&link, false);
+    assert_eq!((s.regions_checked, s.mismatched_regions), (32, 0));
     assert!(
         read_all(&p) == read_all(&r),
         "the replica equals the primary"
     );
-    let s = verify(&link, false);
-    assert_eq!((s.regions_checked, s.mismatched_regions), (32, 0));
     Arc::try_unwrap(p).ok().unwrap().shutdown().unwrap();
     r.shutdown().unwrap();
 }

@@ -325,7 +325,7 @@ mod tests {
         let mut o = Out(String::new());
         replication_metrics(&mut o, &[], None);
         assert!(parse(&o.0).is_empty());
-        assert_eq!(o.0.matches("# TYPE ").count(), 7, "{}", o.0);
+        assert_eq!(o.0.matches("# TYPE ").count(), 8, "{}", o.0);
     }
 
     #[test]

@@ -14,9 +14,10 @@
 //! link, reads the window and marks the regions it touches in it ("touched"). All of these
 //! accesses are `SeqCst`, so for each write either
 //! - it read the window before it was published: it entered the barrier before the ticket,
-//!   so the ticket passes only once the write completed, here and on the replica (its
-//!   replica part is done when the replica acknowledged it): the local read and the
-//!   replica's checksum both see it; or
+//!   so the ticket passes only once the write completed here, and its op was pushed before
+//!   its local part went out. A sync replica acknowledged it before it completed; for an
+//!   async one the link sends the request only after every op in its inbox when the ticket
+//!   passed. The local read and the replica's checksum both see it; or
 //! - it saw the window: it marks its regions before its op is pushed and before its local
 //!   part is sent, so a region it may have changed on one side only is touched, and the link
 //!   checks it again in a later batch instead of reporting it; or

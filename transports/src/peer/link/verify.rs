@@ -4,8 +4,10 @@
 //! Once the link is up to date it takes the job handed to its `ReplicaLink` and walks the
 //! volume in batches of contiguous regions (at most `MAX_VERIFY_BATCH_REGIONS` or
 //! `MAX_VERIFY_BATCH_BYTES`, one batch in flight): publish the batch's window, wait for the
-//! write barrier, read the regions and sum them ([`RegionSums`]), send a VerifyRequest, and
-//! compare the replica's VerifyReply (sent after it applied every frame before the request).
+//! write barrier, read the regions and sum them ([`RegionSums`]), send a VerifyRequest once
+//! every op in the inbox at the barrier is framed (an async replica's writes complete before
+//! it has them), and compare the replica's VerifyReply (sent after it applied every frame
+//! before the request).
 //! Regions writes touched meanwhile go back in a queue and are checked again (at most
 //! `MAX_VERIFY_ATTEMPTS` times, then reported busy). With repair, each mismatched region is
 //! marked in the replica's dirty bitmap as it is found; at the end the link fails on purpose,
@@ -34,12 +36,11 @@ pub const VERIFY_REPLY_TIMEOUT_MS: u64 = 2 * ACK_TIMEOUT_MS;
 enum Stage {
     /// The window is published; waiting for the writes before it.
     Barrier(BarrierTicket),
-    Reading(RegionSums),
+    /// Reading and summing; the request goes once `next_op` reaches `ops_before` (see
+    /// [`PrimaryLink::step_verify`]).
+    Reading { sums: RegionSums, ops_before: u64 },
     /// The request is sent: the local sums, and when.
-    Sent {
-        sums: Vec<u32>,
-        sent_ms: u64,
-    },
+    Sent { sums: Vec<u32>, sent_ms: u64 },
 }
 
 struct Batch {
@@ -69,7 +70,7 @@ impl Verify {
     pub(super) fn wants_poll(&self) -> bool {
         match self.batch.as_ref().map(|b| &b.stage) {
             Some(Stage::Barrier(_)) => true,
-            Some(Stage::Reading(s)) => s.ready(),
+            Some(Stage::Reading { sums, .. }) => sums.ready(),
             Some(Stage::Sent { .. }) => false,
             None => self.job.is_some(),
         }
@@ -95,12 +96,21 @@ impl PrimaryLink {
                     return Ok(0);
                 }
                 let sums = RegionSums::new(batch.first, batch.count, shift, size, ctx.port_waker());
-                batch.stage = Stage::Reading(sums);
+                // Every write that did not see the window completed locally, and its op was
+                // pushed before its local part went out: it is in the inbox now or was
+                // taken. The ops taken from here on are numbered from `next_op`.
+                let ops_before = self.next_op + self.link.inbox_len() as u64;
+                batch.stage = Stage::Reading { sums, ops_before };
                 Ok(1)
             }
-            Stage::Reading(sums) => {
+            Stage::Reading { sums, ops_before } => {
                 let work = sums.step(ctx, &self.handle)?;
-                if !sums.done() {
+                // The request follows every frame of those ops on the wire (an async op's
+                // write completes before the replica has it).
+                // Ops are cut one after the other: those before the one being cut are whole.
+                let ops_framed = self.next_op >= *ops_before
+                    && self.cutting.is_none_or(|(id, _)| id >= *ops_before);
+                if !sums.done() || !ops_framed {
                     return Ok(work);
                 }
                 let sums = sums.sums().to_vec();
