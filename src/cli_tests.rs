@@ -52,6 +52,22 @@ fn replica_commands_parse() {
             discard: NODE.into()
         }
     );
+    assert_eq!(
+        replica(&["replica", "verify", "db"]),
+        ReplicaCommand::Verify {
+            volume: "db".into(),
+            repair: false,
+            timeout_s: 86400
+        }
+    );
+    assert_eq!(
+        replica(&["replica", "verify", "db", "--repair", "--timeout-s", "60"]),
+        ReplicaCommand::Verify {
+            volume: "db".into(),
+            repair: true,
+            timeout_s: 60
+        }
+    );
     // The API flags go anywhere, as for `volume`.
     match parse(&["replica", "list", "--json", "--api", "http://127.0.0.1:9"])
         .unwrap()

@@ -8,6 +8,7 @@ mod peer_control;
 mod replica_cmd;
 mod replication;
 mod serve;
+mod verify_cmd;
 mod web;
 
 use std::path::PathBuf;

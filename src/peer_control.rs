@@ -11,12 +11,12 @@ use ringblock_engine::Engine;
 use ringblock_transports::nbd::server::ClientRegistry;
 use ringblock_transports::peer::runtime::{
     parse_mode, ExportProbe, ListenAddress, PeerMode, PeerSpec, ReplicatedVolume, RuntimeConfig,
-    RuntimeTiming,
+    RuntimeTiming, VerifyReport,
 };
 use ringblock_transports::peer::{PeerAddress, PeerRuntime, RuntimeError};
 use ringblock_web::replication::{
-    PeerReplicationStatus, ReplicationControl, ReplicationControlError, ReplicationStatus,
-    ResyncStatus, VolumeReplicationStatus,
+    ByteRange, PeerReplicationStatus, ReplicationControl, ReplicationControlError,
+    ReplicationStatus, ResyncStatus, VerifyReplicaStatus, VerifyStatus, VolumeReplicationStatus,
 };
 
 use crate::replication::{ReplicaMode, ReplicationConfig, VolumeRole};
@@ -231,6 +231,62 @@ impl ReplicationControl for RuntimeControl {
         self.runtime
             .remove_replica(volume, node(node_id)?)
             .map_err(control_error)
+    }
+
+    fn start_verify(&self, volume: &str, repair: bool) -> Result<String, ReplicationControlError> {
+        self.runtime
+            .start_verify(volume, repair)
+            .map_err(control_error)
+    }
+
+    fn verify_status(&self, volume: &str) -> Result<VerifyStatus, ReplicationControlError> {
+        let report = self.runtime.verify_status(volume).map_err(control_error)?;
+        Ok(verify_status(&report))
+    }
+}
+
+/// A verify report as the API shows it.
+fn verify_status(report: &VerifyReport) -> VerifyStatus {
+    let ranges = |list: &[std::ops::Range<u64>]| {
+        list.iter()
+            .map(|r| ByteRange {
+                offset_bytes: r.start,
+                len_bytes: r.end - r.start,
+            })
+            .collect()
+    };
+    VerifyStatus {
+        volume: report.volume.clone(),
+        running: report.running,
+        repair: report.repair,
+        started_unix_ms: report.started_unix_ms,
+        finished_unix_ms: report.finished_unix_ms,
+        replicas: report
+            .peers
+            .iter()
+            .map(|p| {
+                let mut r = VerifyReplicaStatus {
+                    node: p.node.to_string(),
+                    state: "skipped".into(),
+                    peer_state: p.peer_state.name().into(),
+                    skipped: p.skipped.clone(),
+                    ..VerifyReplicaStatus::default()
+                };
+                if let Some(j) = &p.job {
+                    r.state = j.phase.name().into();
+                    r.error = j.error.clone();
+                    r.regions_total = j.regions_total;
+                    r.regions_checked = j.regions_checked;
+                    r.bytes_checked = j.bytes_checked;
+                    r.mismatched_regions = j.mismatched_regions;
+                    r.mismatched = ranges(&j.mismatched);
+                    r.busy_regions = j.busy_regions;
+                    r.busy = ranges(&j.busy);
+                    r.repaired = j.repaired;
+                }
+                r
+            })
+            .collect(),
     }
 }
 

@@ -7,6 +7,7 @@
 //!   POST /api/volumes/{name}/resolve {"discard": NODE}      → 200, {"message": …}
 //!   POST /api/volumes/{name}/replicas {"node", "address", "mode"} → 200, {"message": …}
 //!   DELETE /api/volumes/{name}/replicas/{node}              → 200, {"message": …}
+//!   POST /api/volumes/{name}/verify[?repair=true]           → 202, then GET it (`verify_cmd`)
 //!
 //! `ringblock volume promote|demote` use `/api/volumes/{name}/promote|demote` the same way.
 //! Peers are named by node id (32 hex digits; `ringblock check-config` on a node prints its
@@ -47,6 +48,18 @@ pub enum ReplicaCommand {
     /// Remove NODE from VOLUME's copies: its link ends and writes no longer wait for it.
     /// Kept across restarts (in the state directory).
     Remove { volume: String, node: String },
+    /// Compare VOLUME's up-to-date replicas with this primary copy online (per-region
+    /// checksums, while writes go on) and report the byte ranges that differ. Run it on the
+    /// primary. Exits 1 when a region differs and was not repaired.
+    Verify {
+        volume: String,
+        /// Resync the regions that differ (the link reconnects and copies them).
+        #[arg(long)]
+        repair: bool,
+        /// Stop waiting after this many seconds (the verify goes on in the daemon).
+        #[arg(long, value_name = "SECONDS", default_value_t = 86400)]
+        timeout_s: u64,
+    },
 }
 
 /// What `volume promote --force` says before it asks.
@@ -101,6 +114,11 @@ pub fn run(api: &ApiArgs, cmd: ReplicaCommand) -> Result<(), Failure> {
             mode,
         } => c.add_replica(&volume, &node, &address, &mode),
         ReplicaCommand::Remove { volume, node } => c.remove_replica(&volume, &node),
+        ReplicaCommand::Verify {
+            volume,
+            repair,
+            timeout_s,
+        } => return crate::verify_cmd::run(api, &volume, repair, timeout_s),
     }
     .map_err(client_failure)?;
     print_message(api, &message);

@@ -9,6 +9,9 @@
 //! - The primary killed with SIGKILL under load: the replica is promoted and
 //!   `fio --verify_only` with the state fio saved finds every acknowledged write.
 //! - A replica refuses to export its copy.
+//! - `ringblock replica verify` finds a page changed in the replica's device file behind its
+//!   daemon's back (and refuses on the replica), `--repair` resyncs it, the next verify is
+//!   clean.
 
 mod common;
 #[path = "support/required.rs"]
@@ -383,6 +386,93 @@ fn a_promoted_replica_holds_every_write_acknowledged_before_the_primary_was_kill
         a.log()
     );
     rb.daemon.stop_clean();
+}
+
+/// Where `page` (4 KiB) sits in the device image `img`, at a 4 KiB-aligned offset.
+fn find_page(img: &Path, page: &[u8]) -> u64 {
+    let data = std::fs::read(img).unwrap();
+    let at = data
+        .chunks_exact(4096)
+        .position(|p| p == page)
+        .unwrap_or_else(|| panic!("the page is not in {}", img.display()));
+    at as u64 * 4096
+}
+
+#[test]
+fn replica_verify_finds_a_page_changed_on_the_replica_device_and_repair_resyncs_it() {
+    use std::io::{Seek, SeekFrom, Write};
+    use std::os::unix::fs::FileExt;
+
+    let root = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        Node::new(root.path(), "a", PRIMARY_ID),
+        Node::new(root.path(), "b", REPLICA_ID),
+    );
+    let rb = b.start("replica", &a);
+    let ra = a.start("primary", &b);
+    ra.wait_up_to_date("the new replica to come up to date");
+    let data = common::pattern(7, (2 * MIB) as usize);
+    let mut nbd = common::nbd_connect(&ra.nbd, "v");
+    nbd.write(5 * MIB, &data, 0).unwrap();
+    nbd.flush().unwrap();
+    drop(nbd);
+
+    // Behind the replica daemon's back: one page of its device file changes.
+    let page = &data[64 << 10..(64 << 10) + 4096];
+    let img = b.dir.join("d0.img");
+    let at = find_page(&img, page);
+    let mut f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.write_all(&[0xEE; 4096]).unwrap();
+    f.sync_all().unwrap();
+
+    let cli = |node: &Running, args: &[&str]| {
+        let mut all = args.to_vec();
+        let api = format!("http://{}", node.web);
+        all.extend(["--api", &api, "--token", &node.token]);
+        common::run(&all)
+    };
+    let (code, _, err) = cli(&rb, &["replica", "verify", "v"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("run the verify on the primary"), "{err}");
+    let (code, out, err) = cli(&ra, &["replica", "verify", "v"]);
+    assert_eq!(code, 1, "a difference fails the command: {out}{err}");
+    assert!(
+        out.contains("96/96 regions (96 MiB) checked, 1 mismatched"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("differ at (offset+length): {}+1 MiB", 5 * MIB)),
+        "{out}"
+    );
+    assert!(err.contains("--repair"), "{err}");
+
+    let (code, out, err) = cli(&ra, &["replica", "verify", "v", "--repair", "--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let replica = &report["replicas"][0];
+    assert_eq!(replica["mismatched_regions"], 1, "{report}");
+    assert_eq!(replica["repaired"], true, "{report}");
+    let repaired_ms = report["finished_unix_ms"].as_u64().unwrap();
+    // The link reconnects and resyncs the region.
+    wait_for(SYNC_LIMIT, "a resync after the repair", || {
+        let p = ra.peer();
+        let done = p["last_resync"]["finished_unix_ms"].as_u64().unwrap_or(0);
+        (p["state"] == "up-to-date" && done >= repaired_ms).then_some(())
+    });
+    let mut fixed = vec![0u8; 4096];
+    std::fs::File::open(&img)
+        .unwrap()
+        .read_exact_at(&mut fixed, at)
+        .unwrap();
+    assert!(
+        fixed == page,
+        "the replica's page holds the primary's data again"
+    );
+    let (code, out, err) = cli(&ra, &["replica", "verify", "v"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("checked, 0 mismatched"), "{out}");
+    drop((ra, rb));
 }
 
 #[test]

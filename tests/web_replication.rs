@@ -48,12 +48,16 @@ fn replication_api_and_cli_without_replicated_volumes() {
             "/api/volumes/db/replicas",
             Some(&format!(r#"{{"node": "{NODE}", "address": "10.0.0.2:10810"}}"#)[..]),
         ),
+        ("/api/volumes/db/verify?repair=true", None),
     ] {
         let r = call("POST", path, body);
         assert_eq!(r.status, 404, "{path}: {r:?}");
         assert!(r.error().contains("not replicated"), "{path}: {r:?}");
     }
     let r = call("DELETE", &format!("/api/volumes/db/replicas/{NODE}"), None);
+    assert_eq!(r.status, 404, "{r:?}");
+    assert!(r.error().contains("not replicated"), "{r:?}");
+    let r = call("GET", "/api/volumes/db/verify", None);
     assert_eq!(r.status, 404, "{r:?}");
     assert!(r.error().contains("not replicated"), "{r:?}");
     let r = call("POST", "/api/volumes/db/replicas/left/suspend", None);
@@ -128,6 +132,7 @@ fn replication_api_and_cli_without_replicated_volumes() {
             "sync",
         ],
         &["replica", "remove", "db", NODE],
+        &["replica", "verify", "db", "--repair"],
     ] {
         let (code, _, err) = cli(args);
         assert_eq!(code, 1, "{args:?}: {err}");

@@ -119,6 +119,7 @@ fn replicate_over(primary_fd: OwnedFd, replica_fd: OwnedFd, what: &str) {
         peer: format!("primary over {what}"),
         primary_node: None,
         primary_history: Default::default(),
+        primary_size_bytes: VOLUME_BYTES,
     };
     r.spawn_task(
         Some(ReactorId(0)),

@@ -161,6 +161,7 @@ fn connect(p: &Engine, r: &Engine, link: &Arc<ReplicaLink>, pfd: OwnedFd, rfd: O
         peer: "primary".into(),
         primary_node: NodeId::new(PRIMARY_NODE),
         primary_history: link.replication().history(),
+        primary_size_bytes: VOLUME_BYTES,
     };
     let task = ReplicaServe::new(rfd, r.open("a").unwrap(), sopts);
     r.spawn_task(Some(ReactorId(0)), Box::new(task));

@@ -729,6 +729,63 @@ fn an_async_replica_overflows_its_queue_and_catches_up() {
     shutdown([p, r]);
 }
 
+/// Wait for the verify of "a" on `rt` to end, and return its only replica's report.
+fn verified(rt: &PeerRuntime) -> ringblock_engine::replication::VerifySnapshot {
+    wait_for("the verify ends", || {
+        !rt.verify_status("a").unwrap().running
+    });
+    let report = rt.verify_status("a").unwrap();
+    assert!(report.started_unix_ms.is_some() && report.finished_unix_ms.is_some());
+    let peer = &report.peers[0];
+    assert_eq!(peer.node, replica_node());
+    assert_eq!(peer.skipped, None);
+    peer.job.clone().expect("the replica was verified")
+}
+
+#[test]
+fn verify_finds_a_region_changed_on_the_replica_and_repair_resyncs_it() {
+    let (p, r) = (engine(), engine());
+    records(&p, &r, &[7, 8], &[7, 8]);
+    let (primary, replica) = pair(&p, &r, SECRET);
+    wait_for("the link up to date", || {
+        peer_state(&primary).0 == PeerState::UpToDate
+    });
+    let none = primary.verify_status("a").unwrap();
+    assert!(!none.running && none.started_unix_ms.is_none() && none.peers.is_empty());
+    for mib in 0..VOLUME_BYTES >> 20 {
+        write(&p, mib << 20, 1 << 20, 0x30 + mib as u8);
+    }
+    // Behind the primary's back: the replica's engine writes region 5 itself.
+    write(&r, (5 << 20) + 4096, 4096, 0xEE);
+    match replica.start_verify("a", true) {
+        Err(RuntimeError::Conflict(m)) => assert!(
+            m.contains("run the verify on the primary") && m.contains(&primary_node().to_string()),
+            "{m}"
+        ),
+        other => panic!("a replica copy verifies: {other:?}"),
+    }
+    primary.start_verify("a", false).unwrap();
+    let found = verified(&primary);
+    assert_eq!(found.mismatched, vec![5 << 20..6 << 20]);
+    assert_eq!((found.regions_checked, found.repaired), (16, false));
+
+    primary.start_verify("a", true).unwrap();
+    let repaired = verified(&primary);
+    assert_eq!((repaired.mismatched_regions, repaired.repaired), (1, true));
+    // The link reconnects and resyncs the region.
+    wait_for("the link resynced", || {
+        view(&primary).link_starts == vec![2] && peer_state(&primary).0 == PeerState::UpToDate
+    });
+    assert_eq!(read(&r, 5 << 20, 1 << 20), read(&p, 5 << 20, 1 << 20));
+    primary.start_verify("a", false).unwrap();
+    let clean = verified(&primary);
+    assert_eq!((clean.regions_checked, clean.mismatched_regions), (16, 0));
+    primary.stop();
+    replica.stop();
+    drop((primary, replica));
+    shutdown([p, r]);
+}
+
 /// The primary's evictor empties the activity log of regions no longer written, once the
 /// replica holds them durably; a later write to one puts it back and still reaches the
 /// replica.

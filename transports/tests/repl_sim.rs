@@ -701,6 +701,7 @@ impl Run {
             peer: "primary".into(),
             primary_node: ReplicaNode::new(1),
             primary_history: link.replication().history(),
+            primary_size_bytes: VOLUME_BYTES,
         };
         let r_reactor = ReactorId(self.rng.gen_range(0..self.opts.reactors));
         let copy = &mut self.copies[i];
@@ -1216,6 +1217,7 @@ fn a_replica_refuses_bad_frames_and_writes_nothing_of_them() {
             peer: "hostile".into(),
             primary_node: None,
             primary_history: Default::default(),
+            primary_size_bytes: VOLUME_BYTES,
         };
         let task = ReplicaServe::new(fd, r.open("a").unwrap(), sopts);
         assert!(r.spawn_task(ReactorId(0), Box::new(task)).is_ok());
@@ -1368,6 +1370,7 @@ fn a_replica_applies_overlapping_frames_in_wire_order() {
             peer: "ordered".into(),
             primary_node: ReplicaNode::new(1),
             primary_history: Default::default(),
+            primary_size_bytes: VOLUME_BYTES,
         };
         let task = ReplicaServe::new(fd, r.open("a").unwrap(), sopts);
         assert!(r.spawn_task(ReactorId(0), Box::new(task)).is_ok());

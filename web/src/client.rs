@@ -10,7 +10,7 @@ use crate::api::{
     StatusInfo, UblkExport, VolumeInfo,
 };
 use crate::error::ErrorBody;
-use crate::replication::ReplicationStatus;
+use crate::replication::{ReplicationStatus, VerifyStatus};
 use crate::replication_api::{AddReplicaRequest, CommandResult, PromoteRequest, ResolveRequest};
 use crate::size::format_size;
 
@@ -296,6 +296,20 @@ impl ApiClient {
                 path,
                 message: "empty answer".into(),
             })
+    }
+
+    /// Start an online verify of `volume`'s replicas (202); the operator's line.
+    pub fn start_verify(&self, volume: &str, repair: bool) -> Result<String, ClientError> {
+        let path = format!(
+            "/api/volumes/{}/verify?repair={repair}",
+            path_segment(volume)?
+        );
+        self.command::<()>(path, None)
+    }
+
+    /// The last verify of `volume`.
+    pub fn verify_status(&self, volume: &str) -> Result<VerifyStatus, ClientError> {
+        self.get(&format!("/api/volumes/{}/verify", path_segment(volume)?))
     }
 
     pub fn resolve(&self, volume: &str, discard: &str) -> Result<String, ClientError> {

@@ -25,6 +25,7 @@ mod metrics_replication;
 pub mod openapi;
 pub mod replication;
 pub mod replication_api;
+pub mod replication_verify;
 pub mod replication_view;
 pub mod size;
 pub mod stats;

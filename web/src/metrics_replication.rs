@@ -1,5 +1,6 @@
 //! The replication families of `/metrics`: each replicated volume's role, and per peer its
-//! state, dirty bytes, resync progress and unacknowledged bytes.
+//! state, dirty bytes, resync progress, regions verifies found different and unacknowledged
+//! bytes.
 
 use ringblock_engine::replication::{status::unix_ms, PeerState, Role, VolumeReplication};
 
@@ -88,6 +89,22 @@ pub(crate) fn replication_metrics(
                     get(v, p, now_ms),
                 );
             }
+        }
+    }
+    let name = "ringblock_replica_verify_mismatched_regions_total";
+    o.head(
+        name,
+        "counter",
+        "Regions online verifies (`ringblock replica verify`) found different on the peer since the daemon started.",
+    );
+    for v in volumes {
+        for p in v.replication.replicas() {
+            let node = p.node.to_string();
+            o.line(
+                name,
+                &[("volume", v.volume), ("node", &node)],
+                p.status.verify_mismatches(),
+            );
         }
     }
     let name = "ringblock_replica_lag_bytes";
@@ -236,6 +253,9 @@ mod tests {
             }],
             ..Default::default()
         };
+        for _ in 0..2 {
+            r.replica(a).unwrap().status.add_verify_mismatch();
+        }
         let mut o = Out(String::new());
         let vols = [Replicated {
             volume: "v\"1",
@@ -289,14 +309,23 @@ mod tests {
             "not in the status"
         );
         assert_eq!(peer("ringblock_replica_lag_ms", &na), Some(3.0));
-        // 2 roles + 2 peers × (6 states + dirty + done + total) + 1 lag in bytes and ms.
-        assert_eq!(samples.len(), 2 + 2 * 9 + 2, "{}", o.0);
+        assert_eq!(
+            peer("ringblock_replica_verify_mismatched_regions_total", &na),
+            Some(2.0)
+        );
+        assert_eq!(
+            peer("ringblock_replica_verify_mismatched_regions_total", &nb),
+            Some(0.0)
+        );
+        // 2 roles + 2 peers × (6 states + dirty + done + total + verify) + 1 lag in bytes
+        // and ms.
+        assert_eq!(samples.len(), 2 + 2 * 10 + 2, "{}", o.0);
 
         // Without replicated volumes: the families are declared, with no samples.
         let mut o = Out(String::new());
         replication_metrics(&mut o, &[], None);
         assert!(parse(&o.0).is_empty());
-        assert_eq!(o.0.matches("# TYPE ").count(), 7, "{}", o.0);
+        assert_eq!(o.0.matches("# TYPE ").count(), 8, "{}", o.0);
     }
 
     #[test]

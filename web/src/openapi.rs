@@ -6,13 +6,14 @@ use utoipa::{Modify, OpenApi};
 
 use crate::api;
 use crate::replication_api;
+
 use crate::routes;
 
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "ringblock management API",
-        description = "Volumes, devices, NBD exports and clients, ublk exports, live statistics and metrics of a ringblock daemon. Every operation except this document and the dashboard's static files needs `Authorization: Bearer TOKEN` (the token is printed once at the daemon's first start; `ringblock token reset` makes a new one). State-changing calls must be addressed to the daemon's listen address or localhost (`Host`) and, from a browser, come from the dashboard's own origin (`Origin`). Errors are `{\"error\": \"...\"}`. Replication: `/api/replication` (status of every replicated volume and its peers) and the commands promote, demote, suspend, resume, resolve, and adding and removing a replica; their answers are `{\"message\": \"...\"}`."
+        description = "Volumes, devices, NBD exports and clients, ublk exports, live statistics and metrics of a ringblock daemon. Every operation except this document and the dashboard's static files needs `Authorization: Bearer TOKEN` (the token is printed once at the daemon's first start; `ringblock token reset` makes a new one). State-changing calls must be addressed to the daemon's listen address or localhost (`Host`) and, from a browser, come from the dashboard's own origin (`Origin`). Errors are `{\"error\": \"...\"}`. Replication: `/api/replication` (status of every replicated volume and its peers) and the commands promote, demote, suspend, resume, resolve, and adding and removing a replica; their answers are `{\"message\": \"...\"}`. `POST /api/volumes/{name}/verify` starts an online verify of a primary's replicas (202) and `GET` the same path shows its progress and result."
     ),
     paths(
         api::status,

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::error::ApiError;
+pub use crate::replication_verify::{ByteRange, VerifyReplicaStatus, VerifyStatus};
 
 /// This node and every replicated volume it holds a copy of.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -106,6 +107,12 @@ pub trait ReplicationControl: Send + Sync + 'static {
     /// Remove `node` from `volume`'s peers: its link ends (its waiting writes complete) and
     /// writes no longer go to it. Kept across restarts in the daemon's state directory.
     fn remove_replica(&self, volume: &str, node: &str) -> Result<String, ReplicationControlError>;
+    /// Start an online verify of `volume`'s up-to-date replicas against this primary copy
+    /// (per-region checksums); with `repair`, regions that differ are resynced. Returns at
+    /// once; refused on a replica copy (naming the primary) and while one runs.
+    fn start_verify(&self, volume: &str, repair: bool) -> Result<String, ReplicationControlError>;
+    /// The last verify of `volume`: progress while it runs, then its result.
+    fn verify_status(&self, volume: &str) -> Result<VerifyStatus, ReplicationControlError>;
 }
 
 /// Why a replication command failed; each kind has its HTTP status.

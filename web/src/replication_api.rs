@@ -153,7 +153,10 @@ pub fn brief(v: &Volume, r: &VolumeReplication) -> VolumeReplicationBrief {
     }
 }
 
-fn control(st: &AppState, volume: &str) -> Result<Arc<dyn ReplicationControl>, ApiError> {
+pub(crate) fn control(
+    st: &AppState,
+    volume: &str,
+) -> Result<Arc<dyn ReplicationControl>, ApiError> {
     if st.0.engine.volume(volume).is_none() {
         return Err(ApiError::not_found(format!(
             "volume {volume}: no such volume"

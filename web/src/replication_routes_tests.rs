@@ -11,8 +11,8 @@ use serde_json::{json, Value};
 
 use crate::api::{NbdClient, NbdStatus, UblkControl, UblkControlError, UblkExport};
 use crate::replication::{
-    PeerReplicationStatus, ReplicationControl, ReplicationControlError, ReplicationStatus,
-    VolumeReplicationStatus,
+    ByteRange, PeerReplicationStatus, ReplicationControl, ReplicationControlError,
+    ReplicationStatus, VerifyReplicaStatus, VerifyStatus, VolumeReplicationStatus,
 };
 use crate::{TokenStore, WebServer};
 
@@ -151,6 +151,34 @@ impl ReplicationControl for FakeControl {
     fn remove_replica(&self, volume: &str, node: &str) -> Result<String, ReplicationControlError> {
         self.record(format!("remove {volume} {node}"));
         Ok(format!("removed {node}"))
+    }
+    fn start_verify(&self, volume: &str, repair: bool) -> Result<String, ReplicationControlError> {
+        self.record(format!("verify {volume} {repair}"));
+        Ok(format!("verifying {volume}"))
+    }
+    fn verify_status(&self, volume: &str) -> Result<VerifyStatus, ReplicationControlError> {
+        self.record(format!("verify status {volume}"));
+        Ok(VerifyStatus {
+            volume: volume.into(),
+            running: false,
+            repair: true,
+            started_unix_ms: Some(5),
+            finished_unix_ms: Some(9),
+            replicas: vec![VerifyReplicaStatus {
+                node: PEER.into(),
+                state: "done".into(),
+                peer_state: "up-to-date".into(),
+                regions_checked: 64,
+                bytes_checked: 64 * MIB,
+                mismatched_regions: 1,
+                mismatched: vec![ByteRange {
+                    offset_bytes: 3 * MIB,
+                    len_bytes: MIB,
+                }],
+                repaired: true,
+                ..VerifyReplicaStatus::default()
+            }],
+        })
     }
 }
 
@@ -502,4 +530,45 @@ fn volumes_and_metrics_show_the_engine_replication_state() {
         assert!(m.contains(&line), "{line:?} missing:\n{m}");
     }
     assert!(!m.contains("volume=\"plain\",role="), "{m}");
+}
+
+#[test]
+fn verify_starts_with_202_and_shows_the_control_status() {
+    let fake = Arc::new(FakeControl::default());
+    let h = Harness::start(Some(fake.clone()));
+    let r = h.post("/api/volumes/rep/verify?repair=true", None);
+    assert_eq!(r.status, 202, "{}", r.text);
+    assert_eq!(r.body["message"], "verifying rep");
+    let r = h.post("/api/volumes/rep/verify", None);
+    assert_eq!(r.status, 202, "{}", r.text);
+    let r = h.get("/api/volumes/rep/verify");
+    assert_eq!(r.status, 200, "{}", r.text);
+    let replica = &r.body["replicas"][0];
+    assert_eq!(replica["node"], PEER);
+    assert_eq!(
+        replica["mismatched"],
+        json!([{"offset_bytes": 3 * MIB, "len_bytes": MIB}])
+    );
+    assert_eq!(
+        (replica["repaired"].as_bool(), r.body["running"].as_bool()),
+        (Some(true), Some(false))
+    );
+    // Refused before the control is asked: a bad query, an unknown volume, no token.
+    let before = fake.calls().len();
+    assert_eq!(
+        h.post("/api/volumes/rep/verify?repair=yes", None).status,
+        400
+    );
+    assert_eq!(h.post("/api/volumes/nope/verify", None).status, 404);
+    assert_eq!(h.get("/api/volumes/nope/verify").status, 404);
+    assert_eq!(
+        h.call("POST", "/api/volumes/rep/verify", false, &[], None)
+            .status,
+        401
+    );
+    assert_eq!(fake.calls().len(), before);
+    assert_eq!(
+        fake.calls(),
+        ["verify rep true", "verify rep false", "verify status rep"]
+    );
 }

@@ -9,7 +9,7 @@ use axum::routing::{self, MethodRouter};
 use axum::Router;
 
 use crate::error::ApiError;
-use crate::{api, auth, replication_api, AppState, MAX_BODY_BYTES};
+use crate::{api, auth, replication_api, replication_verify, AppState, MAX_BODY_BYTES};
 
 const INDEX_HTML: &str = include_str!("../static/index.html");
 const DASHBOARD_JS: &str = include_str!("../static/dashboard.js");
@@ -134,6 +134,18 @@ fn table() -> Table {
             d,
             "/api/volumes/{name}/replicas/{node}",
             delete(replication_api::remove_replica),
+        )
+        .add(
+            true,
+            p.clone(),
+            "/api/volumes/{name}/verify",
+            post(replication_verify::start_verify),
+        )
+        .add(
+            true,
+            g.clone(),
+            "/api/volumes/{name}/verify",
+            get(replication_verify::verify_status),
         )
         .add(true, g.clone(), "/api/reactors", get(api::list_reactors))
         .add(true, g.clone(), "/api/stats", get(api::latest_stats))

@@ -217,6 +217,8 @@ pub struct ReplicaLink {
     /// Regions the link's resync cleared and the replica has not acknowledged yet: a write
     /// to one of them while resyncing marks it again (see [`LinkState::Resyncing`]).
     in_resync: DirtyBitmap,
+    /// The online verify's handoff and the window of its batch in flight (`super::verify`).
+    pub(super) verify: super::verify::LinkVerify,
 }
 
 impl std::fmt::Debug for ReplicaLink {
@@ -254,6 +256,7 @@ impl ReplicaLink {
             dirty.region_shift(),
         )
         .ok()?;
+        let region_shift = dirty.region_shift();
         Some(Arc::new(ReplicaLink {
             replication,
             index,
@@ -269,6 +272,7 @@ impl ReplicaLink {
             inbox: ArrayQueue::new(LINK_INBOX_OPS),
             waker: OnceLock::new(),
             in_resync,
+            verify: super::verify::LinkVerify::new(region_shift),
         }))
     }
 
@@ -468,6 +472,10 @@ impl ReplicaLink {
     /// goes again after this op (see [`Self::mark_resyncing`]).
     fn try_push(&self, op: ReplicaOp, volume: &Volume) -> Result<(), ReplicaOp> {
         self.pushers.fetch_add(1, Ordering::SeqCst);
+        if op.kind != ReplicaOpKind::Flush {
+            // Before the push: a verify batch over this range checks it again.
+            self.note_verify_write(op.offset_bytes, op.len_bytes);
+        }
         let flush = op.kind == ReplicaOpKind::Flush;
         let pushed = match self.state() {
             LinkState::Behind => Err(op),

@@ -12,6 +12,7 @@ pub mod lag;
 pub mod record;
 pub mod state;
 pub mod status;
+pub mod verify;
 
 pub use barrier::{BarrierEntry, BarrierTicket, WriteBarrier};
 pub use bitmap::{DirtyBitmap, RegionIndex};
@@ -26,6 +27,7 @@ pub use lag::ReplicaLag;
 pub use record::{NodeId, ReplicaRecord, ReplicationRecord, Role, MAX_REPLICAS};
 pub use state::{ReplicaState, VolumeReplication};
 pub use status::{PeerState, PeerStatus, ResyncProgress, ResyncSnapshot};
+pub use verify::{VerifyJob, VerifyPhase, VerifySnapshot};
 
 /// Why replication state cannot be built as asked (from a record on disk or from a request).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

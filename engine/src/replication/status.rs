@@ -159,6 +159,8 @@ pub struct PeerStatus {
     /// The replica's backlog. The only part of the status the data path reads: an async
     /// link's queue bound is charged here.
     pub lag: super::lag::ReplicaLag,
+    /// Regions an online verify found different on this peer, since the daemon started.
+    verify_mismatches: AtomicU64,
 }
 
 impl PeerStatus {
@@ -195,6 +197,16 @@ impl PeerStatus {
             0 => None,
             ms => Some(ms),
         }
+    }
+
+    /// An online verify found a region different on this peer.
+    pub fn add_verify_mismatch(&self) {
+        self.verify_mismatches.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Regions online verifies found different on this peer since the daemon started.
+    pub fn verify_mismatches(&self) -> u64 {
+        self.verify_mismatches.load(Ordering::Relaxed)
     }
 
     pub fn set_connected(&self, now_unix_ms: Option<u64>) {

@@ -32,6 +32,7 @@ use super::window::{InboundWindow, SendWindow};
 
 mod failure;
 mod resync;
+mod verify;
 use resync::Resync;
 
 use super::{GoodbyeReason, ReplicatedVolumeId, Seq};
@@ -149,6 +150,8 @@ pub struct PrimaryLink {
     /// The resync ended: a Flush of the link's own follows, so the resynced regions leave
     /// `unflushed` (otherwise a failure before the first client flush marks them all again).
     flush_after_resync: bool,
+    /// The online verify (`verify`): a job handed over, its batch in flight.
+    verify: verify::Verify,
 }
 
 impl PrimaryLink {
@@ -190,6 +193,7 @@ impl PrimaryLink {
             resync: Resync::new(),
             followed,
             history_seen,
+            verify: verify::Verify::default(),
         }
     }
 
@@ -465,6 +469,12 @@ impl PrimaryLink {
                             self.on_peer_resync_done()?;
                             continue;
                         }
+                        Body::VerifyReply { first, checksums } => {
+                            let sums: Vec<u32> = super::body::checksums(checksums).collect();
+                            self.recv.consume(consumed);
+                            self.on_verify_reply(first.0, &sums)?;
+                            continue;
+                        }
                         other => {
                             return Err(format!("unexpected {:?} from the replica", other.kind()))
                         }
@@ -557,6 +567,10 @@ impl ReactorTask for PrimaryLink {
                     Ok(n) => work += n,
                     Err(e) => self.fail(ctx, &e),
                 }
+                match self.step_verify(ctx, now) {
+                    Ok(n) => work += n,
+                    Err(e) => self.fail(ctx, &e),
+                }
                 if self.flush_after_resync && self.window_has_room() {
                     self.flush_after_resync = false;
                     self.frame_small(Body::Flush, None, now);
@@ -646,8 +660,12 @@ impl ReactorTask for PrimaryLink {
             }
         );
         let resync = matches!(self.phase, Phase::Running) && self.resync.wants_poll();
+        let verify = matches!(self.phase, Phase::Running)
+            && self.resync.phase == resync::ResyncPhase::Done
+            && (self.verify.wants_poll() || self.link.verify_offered());
         failing
             || resync
+            || verify
             || self.port.as_ref().is_some_and(|p| !p.is_empty())
             || self.link.inbox_len() > 0
     }

@@ -27,6 +27,7 @@ pub mod ids;
 pub(crate) mod io;
 pub mod link;
 pub mod listener;
+mod region_sums;
 pub mod runtime;
 pub mod serve;
 pub mod window;

@@ -55,6 +55,8 @@ pub struct ServeOptions {
     /// The primary's generation history from the handshake: adopted, with every Generation
     /// received since, when the primary's ResyncDone arrives.
     pub primary_history: GenerationHistory,
+    /// The primary's volume size (from the handshake): a verify sums the same bytes as it.
+    pub primary_size_bytes: u64,
 }
 
 /// A frame that waits for every request before it to complete, then flushes.
@@ -66,6 +68,7 @@ enum Held {
 }
 
 mod resync;
+mod verify;
 
 /// The replica's link task (see the module).
 pub struct ReplicaServe {
@@ -92,6 +95,8 @@ pub struct ReplicaServe {
     closing: bool,
     /// A Goodbye is queued: shut the socket down once it is sent.
     shutdown_after_send: bool,
+    /// A VerifyRequest being answered: no frame after it is read until it is.
+    verify: Option<verify::ServeVerify>,
 }
 
 impl ReplicaServe {
@@ -118,6 +123,7 @@ impl ReplicaServe {
             last_heard_ms: now,
             closing: false,
             shutdown_after_send: false,
+            verify: None,
         }
     }
 
@@ -151,7 +157,10 @@ impl ReplicaServe {
 
     /// Handle the frames received, while the in-flight bound allows. Err: a protocol error.
     fn on_frames(&mut self, ctx: &mut TaskCtx<'_>) -> Result<(), String> {
-        while self.in_flight.len() < self.opts.max_in_flight.max(1) && self.held.is_none() {
+        while self.in_flight.len() < self.opts.max_in_flight.max(1)
+            && self.held.is_none()
+            && self.verify.is_none()
+        {
             let (frame, consumed) = match decode_frame(self.recv.data()) {
                 Ok(Decoded::Need(_)) => return Ok(()),
                 Err(e) => return Err(format!("bad frame: {e}")),
@@ -177,6 +186,12 @@ impl ReplicaServe {
                     self.recv.consume(consumed);
                     self.close(ctx);
                     return Ok(());
+                }
+                Body::VerifyRequest { first, count } => {
+                    self.recv.consume(consumed);
+                    self.on_verify_request(first.0, count)?;
+                    self.step_verify(ctx)?;
+                    continue;
                 }
                 Body::Flush | Body::Heartbeat | Body::Generation(_) | Body::ResyncDone { .. } => {
                     None
@@ -394,6 +409,7 @@ impl ReactorTask for ReplicaServe {
         }
         let step = self
             .submit_held(ctx)
+            .and_then(|()| self.step_verify(ctx))
             .and_then(|()| self.on_frames(ctx))
             .and_then(|()| {
                 if self.in_flight.len() < self.opts.max_in_flight.max(1) {
@@ -437,6 +453,7 @@ impl ReactorTask for ReplicaServe {
 
     fn has_ready(&self) -> bool {
         self.port.as_ref().is_some_and(|p| !p.is_empty())
+            || (!self.closing && self.verify.as_ref().is_some_and(|v| v.ready()))
     }
 
     fn finished(&self) -> bool {

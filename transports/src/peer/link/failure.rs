@@ -17,6 +17,7 @@ impl PrimaryLink {
         }
         let volume = self.handle.volume().clone();
         tracing::warn!(volume = %volume.name, peer = %self.opts.peer, "replica link failed: {reason}");
+        self.abort_verify(reason);
         // Mark what the replica may lack *before* leaving the fan-out: from then on a
         // client's flush no longer waits for this replica, so the marks must already be
         // there for its metadata round to take.

@@ -129,6 +129,7 @@ fn serve(shared: &Shared, est: Established) -> Result<(), String> {
         // Adopted at the end of the resync (with the generations the primary sends since).
         primary_history: from_wire(&session.peer_history)
             .map_err(|e| format!("volume {}: the primary's history: {e}", entry.name))?,
+        primary_size_bytes: session.peer_volume_size_bytes,
     };
     let replica = peer.replica.clone();
     let permit = est.permit;

@@ -23,6 +23,7 @@ mod members;
 pub mod membership;
 mod ops;
 mod prepare;
+mod verify;
 mod watch;
 
 use std::path::PathBuf;
@@ -41,6 +42,7 @@ pub use config::{
 pub use members::parse_mode;
 pub use membership::parse_address;
 pub use prepare::check_unconfigured_records;
+pub use verify::{VerifyPeerReport, VerifyReport};
 
 use super::ids::{cluster_id, volume_id};
 use super::listener::{ListenerConfig, PeerListener};
@@ -218,6 +220,8 @@ pub(super) struct VolumeEntry {
     serving: Mutex<Option<Serving>>,
     /// The activity-log evictor of a primary copy.
     evictor: Mutex<Option<evict::Evictor>>,
+    /// The last online verify (`verify`).
+    verify: Mutex<Option<verify::VerifyRun>>,
 }
 
 impl VolumeEntry {
@@ -311,6 +315,7 @@ impl PeerRuntime {
                 primary: Mutex::new(None),
                 serving: Mutex::new(None),
                 evictor: Mutex::new(None),
+                verify: Mutex::new(None),
             }));
         }
         prepare::persist(&engine, "the volumes' replication records")?;
