@@ -6,7 +6,7 @@ use utoipa::{Modify, OpenApi};
 
 use crate::api;
 use crate::replication_api;
-
+use crate::replication_verify;
 use crate::routes;
 
 #[derive(OpenApi)]
@@ -38,6 +38,8 @@ use crate::routes;
         replication_api::resolve,
         replication_api::add_replica,
         replication_api::remove_replica,
+        replication_verify::start_verify,
+        replication_verify::verify_status,
         api::latest_stats,
         api::events,
         api::metrics,

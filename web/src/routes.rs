@@ -260,7 +260,7 @@ mod tests {
         let extra: Vec<_> = documented.iter().filter(|r| !served.contains(r)).collect();
         assert!(missing.is_empty(), "served but not documented: {missing:?}");
         assert!(extra.is_empty(), "documented but not served: {extra:?}");
-        assert_eq!(served.len(), 29);
+        assert_eq!(served.len(), 31);
     }
 
     #[test]
