@@ -1,18 +1,22 @@
 #!/bin/bash
 # Zero-copy sends to a replica over a real network device: the primary runs in the project's
 # qemu VM (tests/vm/harness: Debian's 6.12 kernel under TCG), the replica on the host, reached
-# through the guest's virtio-net device and qemu's user networking (the host's loopback is
-# 10.0.2.2 in the guest). On loopback the kernel copies every zero-copy send anyway; here it
-# need not. Two primaries in turn, each with a replica of its own on the host: zero-copy sends
+# through a virtio-net device of the guest. On loopback the kernel copies every zero-copy send
+# anyway; here it need not, if the device can send from the pages: with `--net tap` (the
+# default) the guest's second NIC is a tap device with vnet headers in a network namespace of
+# its own (checksum offload, so scatter-gather: the kernel can hand the pages to the device);
+# with `--net user` it is qemu's user networking (the host's loopback at 10.0.2.2), whose
+# virtio-net device has no checksum offload and so no scatter-gather. Two primaries in turn, each with a replica of its own on the host: zero-copy sends
 # on (the default) and `zero_copy_sends = false`. Each: the first sync, MIB MiB written with
 # 1 MiB sequential writes (fio's nbd engine, in the guest) while the replica follows, then the
 # replica suspended, MIB MiB written, resumed and resynced. The primary's /metrics counters
 # (ringblock_reactor_zero_copy_sends_total, ..._kernel_copied_total: SEND_ZC with
 # REPORT_USAGE, the kernel says when it copied) are read before and after each phase.
 #
-#   bench/vm/repl-zero-copy.sh [--bin PATH] [--mib N]
+#   bench/vm/repl-zero-copy.sh [--bin PATH] [--mib N] [--net tap|user]
 #     --bin   ringblock binary (default: target/release/ringblock, or $CARGO_TARGET_DIR's)
 #     --mib   MiB written per phase (default 64; TCG is slow)
+#     --net   how the guest reaches the replicas (default tap: root, `unshare --net`)
 #   Results: a table on stdout, the raw counters in $OUT (default: a temp dir, path printed).
 #   Only ratios and counters mean anything: TCG runs 3-30x slower than the host.
 set -euo pipefail
@@ -61,17 +65,31 @@ TOML
 if [[ ${1:-} == --guest ]]; then
   # ---- inside the VM: the primaries --------------------------------------------------------
   shift
-  BIN=$1 MIB=$2 PORT0=$3 PORT1=$4
+  BIN=$1 MIB=$2 PORT0=$3 PORT1=$4 HOST_IP=$5
   OUT=${VM_SHARE:-/tmp}
+  nic=eth0
+  if [[ $HOST_IP != 10.0.2.2 ]]; then
+    # The tap NIC, by the MAC the host gave it.
+    for n in /sys/class/net/*; do
+      [[ $(cat $n/address) == 52:54:00:77:00:02 ]] && nic=$(basename $n)
+    done
+    ip addr add 10.77.0.2/24 dev $nic
+    ip link set $nic up
+  fi
   PORTS=("$PORT0" "$PORT1")
   SIZE=$((2 * MIB + 64))
   # The primaries' logs go to the share whatever happens.
   trap 'for i in 0 1; do [[ -f /tmp/primary$i/daemon.log ]] && cp /tmp/primary$i/daemon.log "$OUT/primary$i.log"; done' EXIT
-  echo "bench: guest kernel $(uname -r); eth0 driver $(basename "$(readlink /sys/class/net/eth0/device/driver)")"
+  echo "bench: guest kernel $(uname -r); $nic ($HOST_IP side) driver $(basename "$(readlink /sys/class/net/$nic/device/driver)")"
+  # What the device offloads decides whether the kernel can send from the pages (if installed).
+  if command -v ethtool >/dev/null; then
+    ethtool -k $nic | grep -E '^(scatter-gather|tx-checksumming|tcp-segmentation-offload|generic-segmentation-offload):' |
+      tr -s ' \t' ' ' | paste -sd';' | sed "s/^/bench: $nic offloads: /"
+  fi
   for i in 0 1; do
     d=/tmp/primary$i
     node_dir $d ${PRIMARY_IDS[$i]}
-    config $d primary "0.0.0.0:10810" ${REPLICA_IDS[$i]} "10.0.2.2:${PORTS[$i]}" ${ZC[$i]} $SIZE
+    config $d primary "0.0.0.0:10810" ${REPLICA_IDS[$i]} "$HOST_IP:${PORTS[$i]}" ${ZC[$i]} $SIZE
     RUST_LOG=info "$BIN" serve --config $d/ringblock.toml --listen 127.0.0.1:10809 \
       --web-listen 127.0.0.1:8080 --state-dir $d/state >$d/daemon.log 2>&1 &
     pid=$!
@@ -128,14 +146,32 @@ fi
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 bin=${CARGO_TARGET_DIR:-$repo/target}/release/ringblock
-mib=64
+mib=64 net=tap
+args=("$@")
 while (($#)); do
   case $1 in
     --bin) bin=$2; shift 2 ;;
     --mib) mib=$2; shift 2 ;;
-    *) sed -n '2,20p' "$0"; exit 2 ;;
+    --net) net=$2; shift 2 ;;
+    *) sed -n '2,25p' "$0"; exit 2 ;;
   esac
 done
+case $net in
+  user) host_ip=10.0.2.2 ;;
+  tap)
+    host_ip=10.77.0.1
+    if [[ -z ${REPL_ZC_NETNS:-} ]]; then
+      # A network namespace of our own: the tap device and the replicas live there.
+      exec unshare --net env REPL_ZC_NETNS=1 "$0" "${args[@]}"
+    fi
+    ip link set lo up
+    ip tuntap add dev rbzc0 mode tap
+    ip addr add $host_ip/24 dev rbzc0
+    ip link set rbzc0 up
+    export RINGBLOCK_VM_QEMU_ARGS="-netdev tap,id=net1,ifname=rbzc0,script=no,downscript=no,vnet_hdr=on -device virtio-net-pci,netdev=net1,mac=52:54:00:77:00:02,romfile="
+    ;;
+  *) echo "repl-zero-copy: --net tap or user" >&2; exit 2 ;;
+esac
 [[ -x $bin ]] || { echo "repl-zero-copy: no ringblock binary at $bin (cargo build --release)" >&2; exit 2; }
 OUT=${OUT:-$(mktemp -d /tmp/repl-zero-copy.XXXXXX)}
 mkdir -p "$OUT"
@@ -149,13 +185,15 @@ for i in 0 1; do
   node_dir "$d" ${REPLICA_IDS[$i]}
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   ports+=("$port")
-  config "$d" replica "127.0.0.1:$port" ${PRIMARY_IDS[$i]} "10.0.2.15:10810" ${ZC[$i]} $((2 * mib + 64))
+  listen=127.0.0.1:$port
+  [[ $net == user ]] || listen=$host_ip:$port
+  config "$d" replica "$listen" ${PRIMARY_IDS[$i]} "10.0.2.15:10810" ${ZC[$i]} $((2 * mib + 64))
   "$bin" serve --config "$d/ringblock.toml" --listen 127.0.0.1:0 --web-listen 127.0.0.1:0 \
     --state-dir "$d/state" >"$d/daemon.log" 2>&1 &
   pids+=($!)
 done
-echo "repl-zero-copy: host load before: $(cut -d' ' -f1-3 /proc/loadavg) ($(nproc) CPUs); replicas on 127.0.0.1:${ports[0]} and :${ports[1]}"
-"$repo/tests/vm/harness/run.sh" --timeout 1500 --mem 3072 --share "$OUT" "$0" --guest "$(realpath "$bin")" "$mib" "${ports[0]}" "${ports[1]}" |
+echo "repl-zero-copy: host load before: $(cut -d' ' -f1-3 /proc/loadavg) ($(nproc) CPUs); replicas on ${listen%:*}:${ports[0]} and :${ports[1]} (--net $net)"
+"$repo/tests/vm/harness/run.sh" --timeout 1500 --mem 3072 --share "$OUT" "$0" --guest "$(realpath "$bin")" "$mib" "${ports[0]}" "${ports[1]}" "$host_ip" |
   grep -E '^(bench|ringblock):' || true
 [[ -s $OUT/counters.txt ]] || { echo "repl-zero-copy: the guest produced no counters" >&2; exit 1; }
 python3 - "$OUT" "$mib" <<'PY'

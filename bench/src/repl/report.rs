@@ -68,6 +68,21 @@ pub fn markdown(r: &ReplicationResult, md: &mut String) {
             g.status
         );
     }
+    resync_table(r, md);
+    sends_table(r, md);
+    if !r.failures.is_empty() {
+        let _ = writeln!(md, "\nNot measured:\n");
+        for f in &r.failures {
+            let _ = writeln!(md, "- {}", f.replace('\n', " "));
+        }
+    }
+    for s in &r.setups {
+        let _ = writeln!(md, "\n`{}` primary: `{}`", s.id, s.primary_command);
+    }
+}
+
+/// The resyncs, with the primary's sends over each.
+fn resync_table(r: &ReplicationResult, md: &mut String) {
     if !r.resyncs.is_empty() {
         let _ = writeln!(
             md,
@@ -94,6 +109,10 @@ pub fn markdown(r: &ReplicationResult, md: &mut String) {
             );
         }
     }
+}
+
+/// The primary's sends over the QD32 points.
+fn sends_table(r: &ReplicationResult, md: &mut String) {
     if !r.sends.is_empty() {
         let _ = writeln!(
             md,
@@ -116,14 +135,5 @@ pub fn markdown(r: &ReplicationResult, md: &mut String) {
                 x.sends.copied_unsupported
             );
         }
-    }
-    if !r.failures.is_empty() {
-        let _ = writeln!(md, "\nNot measured:\n");
-        for f in &r.failures {
-            let _ = writeln!(md, "- {}", f.replace('\n', " "));
-        }
-    }
-    for s in &r.setups {
-        let _ = writeln!(md, "\n`{}` primary: `{}`", s.id, s.primary_command);
     }
 }
