@@ -237,6 +237,12 @@ impl Setup {
     pub fn start(bin: &Path, root: &Path, spec: SetupSpec, timeout: Duration) -> Result<Setup> {
         let until = Instant::now() + timeout;
         let base = root.join(&spec.id);
+        // A set-up started again (the zero-copy-off one, per repeat) starts from nothing: its
+        // RAM devices are new, so no record of the last one may stay.
+        if base.exists() {
+            std::fs::remove_dir_all(&base)
+                .with_context(|| format!("removing {}", base.display()))?;
+        }
         let pdir = node_dir(&base, "primary", PRIMARY_ID)?;
         let (replica, pcfg) = if spec.replica == Replica::None {
             (None, node_config(&spec, &pdir, "primary", None, None))

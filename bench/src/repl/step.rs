@@ -1,11 +1,11 @@
 //! The `replication` step of `run`: a primary without a replica, with a sync replica and with
 //! an async replica, started side by side on loopback and prefilled; per repeat fio's nbd
 //! engine runs 4k random writes at QD1 and QD32 on each in turn, twice (in one order, then the
-//! reverse, as the fixed-rate step does), so ratios pair the same repeat and round. Then a
-//! resync per repeat: the sync replica suspended, `resync_bytes` written, resumed, and the
-//! primary's `last_resync` read until it ends; once with zero-copy sends on (the sync set-up)
-//! and once with `zero_copy_sends = false` (a set-up of its own), with the primary's send
-//! counters over each.
+//! reverse, as the fixed-rate step does), so ratios pair the same repeat and round. Then two
+//! resyncs per repeat, each on a fresh primary and sync replica: the replica suspended,
+//! `resync_bytes` written, resumed, and the primary's `last_resync` read until it ends; once
+//! with zero-copy sends on (the default) and once with `zero_copy_sends = false`, with the
+//! primary's send counters over each.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -53,18 +53,29 @@ const SETUPS: [Replica; 3] = [Replica::None, Replica::Sync, Replica::Async];
 const START_LIMIT: Duration = Duration::from_secs(120);
 const RESYNC_LIMIT: Duration = Duration::from_secs(600);
 
-fn spec(s: &ReplSettings, replica: Replica, zero_copy_sends: Option<bool>) -> SetupSpec {
+/// A set-up of the points (`zero_copy_sends` the daemon's default, the volume the region).
+fn spec(s: &ReplSettings, replica: Replica) -> SetupSpec {
     SetupSpec {
-        id: match zero_copy_sends {
-            Some(false) => format!("repl-{}-zc-off", replica.name()),
-            _ => format!("repl-{}", replica.name()),
-        },
+        id: format!("repl-{}", replica.name()),
         replica,
-        volume_bytes: s.region_bytes.max(s.resync_bytes),
-        zero_copy_sends,
+        volume_bytes: s.region_bytes,
+        zero_copy_sends: None,
         replica_profile: None,
         primary_cores: s.primary_cores.clone(),
         replica_cores: s.replica_cores.clone(),
+    }
+}
+
+/// A fresh sync set-up for one resync: zero-copy sends on (`None`, the default) or off.
+fn resync_spec(s: &ReplSettings, zero_copy_sends: Option<bool>) -> SetupSpec {
+    SetupSpec {
+        id: match zero_copy_sends {
+            Some(false) => "repl-resync-zc-off".into(),
+            _ => "repl-resync-zc-on".into(),
+        },
+        volume_bytes: s.resync_bytes,
+        zero_copy_sends,
+        ..spec(s, Replica::Sync)
     }
 }
 
@@ -90,7 +101,7 @@ fn measure(s: &ReplSettings, res: &mut ReplicationResult) -> Result<()> {
             "[replication] starting the primary with replica: {} ...",
             r.name()
         );
-        let setup = Setup::start(s.ringblock, s.run_dir, spec(s, r, None), START_LIMIT)
+        let setup = Setup::start(s.ringblock, s.run_dir, spec(s, r), START_LIMIT)
             .and_then(|st| prefill(s, &st).map(|()| st));
         match setup {
             Ok(st) => {
@@ -125,35 +136,36 @@ fn repeats(s: &ReplSettings, setups: &mut [Setup], res: &mut ReplicationResult) 
                 }
             }
         }
-        if let Some(sync) = setups.iter().find(|st| st.spec.replica == Replica::Sync) {
-            eprintln!("[replication] resync, zero-copy sends on (repeat {rep}) ...");
-            match resync(s, sync, rep) {
+        // Each resync on a fresh set-up, so both copy exactly what was written while
+        // suspended (a set-up that served the points would also resync every region written
+        // since its last flush); the order alternates per repeat.
+        let mut modes = [None, Some(false)];
+        if rep.is_multiple_of(2) {
+            modes.reverse();
+        }
+        for zc in modes {
+            interrupt::check()?;
+            let on = zc != Some(false);
+            eprintln!(
+                "[replication] resync, zero-copy sends {} (repeat {rep}) ...",
+                if on { "on" } else { "off" }
+            );
+            let r = Setup::start(s.ringblock, s.run_dir, resync_spec(s, zc), START_LIMIT).and_then(
+                |st| {
+                    let r = resync(s, &st, rep);
+                    st.stop();
+                    r
+                },
+            );
+            match r {
                 Ok(r) => res.resyncs.push(r),
                 Err(e) => {
                     interrupt::check()?;
-                    res.failures.push(format!("repeat {rep}: resync: {e:#}"));
+                    res.failures.push(format!(
+                        "repeat {rep}: resync with zero-copy sends {}: {e:#}",
+                        if on { "on" } else { "off" }
+                    ));
                 }
-            }
-        }
-        interrupt::check()?;
-        eprintln!("[replication] resync, zero_copy_sends = false (repeat {rep}) ...");
-        let off = Setup::start(
-            s.ringblock,
-            s.run_dir,
-            spec(s, Replica::Sync, Some(false)),
-            START_LIMIT,
-        )
-        .and_then(|st| {
-            let r = resync(s, &st, rep);
-            st.stop();
-            r
-        });
-        match off {
-            Ok(r) => res.resyncs.push(r),
-            Err(e) => {
-                interrupt::check()?;
-                res.failures
-                    .push(format!("repeat {rep}: resync with zero-copy off: {e:#}"));
             }
         }
     }
