@@ -46,6 +46,7 @@ pub fn markdown(r: &ReplicationResult, md: &mut String) {
             us(q32.and_then(|x| x.server_cpu_us_per_io).map(|x| x.median)),
         );
     }
+    disturbance_line(r, md);
     for s in r.setups.iter().filter(|s| s.mode_note.is_some()) {
         let _ = writeln!(
             md,
@@ -153,4 +154,35 @@ fn sends_table(r: &ReplicationResult, md: &mut String) {
             );
         }
     }
+}
+
+/// Other processes' CPU and the steal over the points: on a shared machine, whether to trust
+/// them (the bench marks a run where others took more than 0.25 of a core, or steal exceeded
+/// 15 %, as disturbed).
+fn disturbance_line(r: &ReplicationResult, md: &mut String) {
+    let samples = || {
+        r.setups
+            .iter()
+            .flat_map(|s| &s.points)
+            .flat_map(|p| &p.samples)
+    };
+    let others: Vec<f64> = samples().filter_map(|x| x.others_cpu_cores).collect();
+    let steal: Vec<f64> = samples().filter_map(|x| x.steal_pct).collect();
+    let Some(o) = crate::stats::Spread::of(&others) else {
+        return;
+    };
+    let disturbed =
+        others.iter().filter(|&&c| c > 0.25).count() + steal.iter().filter(|&&p| p > 15.0).count();
+    let _ = writeln!(
+        md,
+        "\nOther processes over the points: median {:.2}, max {:.2} of a core; steal max {:.1} %{}",
+        o.median,
+        o.max,
+        steal.iter().copied().fold(0.0, f64::max),
+        if disturbed > 0 {
+            format!(" — ⚠ {disturbed} point run(s) disturbed: rerun on a quieter machine before quoting")
+        } else {
+            String::new()
+        }
+    );
 }
