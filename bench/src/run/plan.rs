@@ -16,12 +16,13 @@ use super::engine_step::ENGINE_WORKLOAD;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
-    /// The quick preset (the default): headline points, short runtimes, one repeat; under
-    /// two minutes on a 2-core machine.
+    /// The quick preset (the default): headline points, short runtimes, one repeat; about
+    /// two minutes on a 2-core machine (the replication step included).
     #[arg(long, conflicts_with = "full")]
     pub quick: bool,
     /// The full preset: the main matrix on every target (numjobs 1, and one per core on the
-    /// 4k QD32 and 1 MiB points), three repeats; under 15 minutes on a 2-core machine.
+    /// 4k QD32 and 1 MiB points), three repeats; about 17 minutes on a 2-core machine (the
+    /// replication step included).
     #[arg(long, conflicts_with = "complete")]
     pub full: bool,
     /// Every workload x {numjobs 1, one per core} x both clients on every target, three
