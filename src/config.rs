@@ -224,6 +224,10 @@ pub struct DaemonConfig {
     pub poll_idle_us: Option<u64>,
     #[serde(default)]
     pub queue_depth: Option<usize>,
+    /// `false`: sends to peers copy even where the kernel has zero-copy sends (default: use
+    /// them where the start-up probe finds them).
+    #[serde(default)]
+    pub zero_copy_sends: Option<bool>,
     #[serde(default, rename = "device")]
     pub devices: Vec<DeviceConfig>,
     #[serde(default, rename = "volume")]
@@ -351,6 +355,7 @@ impl DaemonConfig {
             devices: self.devices.clone(),
             poll_idle_us: self.poll_idle_us,
             queue_depth: self.queue_depth,
+            zero_copy_sends: self.zero_copy_sends,
             state_dir: None,
         }
     }
@@ -374,6 +379,15 @@ mod tests {
         let e = DaemonConfig::parse("[[device]]\nname='a'\nkind='ram'\nsize_bytes=1\nbogus=1\n")
             .unwrap_err();
         assert!(format!("{e:#}").contains("bogus"), "{e:#}");
+    }
+
+    #[test]
+    fn zero_copy_sends_reach_the_engine() {
+        let base = "[[device]]\nname='a'\nkind='ram'\nsize_bytes=1\n";
+        let c = DaemonConfig::parse(base).unwrap();
+        assert_eq!(c.engine_config().zero_copy_sends, None);
+        let c = DaemonConfig::parse(&format!("zero_copy_sends = false\n{base}")).unwrap();
+        assert_eq!(c.engine_config().zero_copy_sends, Some(false));
     }
 
     #[test]

@@ -63,6 +63,7 @@ fn engine_config(
         }],
         poll_idle_us,
         queue_depth: None,
+        zero_copy_sends: None,
         state_dir: None,
     }
 }

@@ -22,6 +22,7 @@ mod matrix;
 mod nbd_load;
 mod plot;
 mod procs;
+mod repl;
 mod results;
 mod run;
 mod run_report;
@@ -57,6 +58,9 @@ enum Command {
     /// pair: CPU per KiB and the kernel's copy reports (docs/performance.md, "Zero-copy
     /// sends").
     ZcThreshold(zc_threshold::ZcArgs),
+    /// The dashboard during a real resync between two daemons, as a PNG (headless Chromium):
+    /// docs/replication-resync.png.
+    ReplScreenshot(repl::screenshot::ScreenshotArgs),
 }
 
 /// `ringblock-bench --quick` (options, no subcommand) means `ringblock-bench run --quick`.
@@ -92,6 +96,7 @@ fn main() -> Result<()> {
         Command::Compare(args) => compare::run(&args),
         Command::Report(args) => run_report::rerun(&args),
         Command::ZcThreshold(args) => zc_threshold::run(&args),
+        Command::ReplScreenshot(args) => repl::screenshot::run(&args),
     }
 }
 

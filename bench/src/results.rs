@@ -114,6 +114,9 @@ pub enum Metric {
     Iops,
     MibS,
     ServerCpuUsPerIo,
+    /// Latency percentiles (submit to completion), µs.
+    P50Us,
+    P99Us,
 }
 
 impl Metric {
@@ -122,6 +125,8 @@ impl Metric {
             Metric::Iops => Some(s.iops),
             Metric::MibS => Some(s.mib_s),
             Metric::ServerCpuUsPerIo => s.server_cpu_us_per_io,
+            Metric::P50Us => s.lat.map(|l| l.p50_ns as f64 / 1000.0),
+            Metric::P99Us => s.lat.map(|l| l.p99_ns as f64 / 1000.0),
         }
     }
     pub fn unit(self) -> &'static str {
@@ -129,6 +134,8 @@ impl Metric {
             Metric::Iops => "IOPS",
             Metric::MibS => "MiB/s",
             Metric::ServerCpuUsPerIo => "server CPU µs/IO",
+            Metric::P50Us => "p50 latency",
+            Metric::P99Us => "p99 latency",
         }
     }
 }
@@ -274,6 +281,9 @@ pub struct RunSummary {
     pub headline: Vec<HeadlineRow>,
     /// Plots written, relative to the results folder.
     pub plots: Vec<String>,
+    /// The replication step (absent from runs without it and from older summaries).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<crate::repl::ReplicationResult>,
 }
 
 impl RunSummary {
@@ -544,6 +554,7 @@ pub mod tests {
             idle: Vec::new(),
             headline: Vec::new(),
             plots: Vec::new(),
+            replication: None,
         }
     }
 

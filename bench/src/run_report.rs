@@ -48,6 +48,7 @@ fn metric_value(m: Metric, x: f64) -> String {
         Metric::Iops => format!("{} IOPS", k(x)),
         Metric::MibS => format!("{} MiB/s", num(x)),
         Metric::ServerCpuUsPerIo => format!("{} µs/IO", num(x)),
+        Metric::P50Us | Metric::P99Us => format!("{} µs", num(x)),
     }
 }
 
@@ -312,11 +313,19 @@ pub fn markdown(s: &RunSummary) -> String {
         idle_table,
         profiles_table,
         disturbed_table,
+        replication_section,
         plots_and_how_to_read,
     ] {
         section(s, &mut md);
     }
     md
+}
+
+/// The replication step's section, when it ran.
+fn replication_section(s: &RunSummary, md: &mut String) {
+    if let Some(r) = &s.replication {
+        crate::repl::report::markdown(r, md);
+    }
 }
 
 /// The title and the host line.

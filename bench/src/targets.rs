@@ -289,7 +289,7 @@ pub struct Running {
     pub command: String,
 }
 
-fn command_line(cmd: &Command) -> String {
+pub fn command_line(cmd: &Command) -> String {
     std::iter::once(cmd.get_program())
         .chain(cmd.get_args())
         .map(|a| a.to_string_lossy().into_owned())

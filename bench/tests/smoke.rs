@@ -411,3 +411,89 @@ fn a_missing_peer_is_skipped_with_the_reason() {
     );
     assert_temp_dirs_removed(tmp.path(), &out);
 }
+
+/// The replication step alone, tiny: no, sync and async replica side by side, each with its
+/// points measured; the async set-up labelled from the daemon's own status; a resync with
+/// zero-copy sends on and off that copied at least what was written while suspended, with
+/// the primary's send counters; the goals listed; the section in report.md; nothing left
+/// running.
+#[test]
+fn replication_step_measures_three_setups_and_a_resync() {
+    if !tools(
+        "replication_step_measures_three_setups_and_a_resync",
+        &["fio"],
+    ) {
+        return;
+    }
+    let _one = one_at_a_time();
+    let rb = ringblock();
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let out = tmp.path().join("out");
+    let o = bench(tmp.path())
+        .args([
+            "run",
+            "--quick",
+            "--targets",
+            "replication",
+            "--runtime-s",
+            "0.3",
+            "--size-mib",
+            "96",
+            "--repl-resync-mib",
+            "16",
+            "--out",
+        ])
+        .arg(&out)
+        .arg("--ringblock")
+        .arg(&rb)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "run failed: {stderr}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let r = &summary["replication"];
+    let setups = r["setups"].as_array().unwrap_or_else(|| panic!("{r}"));
+    let ids: Vec<&str> = setups.iter().map(|s| s["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["none", "sync", "async"], "{r}");
+    for s in setups {
+        for p in s["points"].as_array().unwrap() {
+            // Two rounds per repeat.
+            assert_eq!(
+                p["samples"].as_array().unwrap().len(),
+                2,
+                "{}: {p}",
+                s["id"]
+            );
+            assert!(p["samples"][0]["iops"].as_f64().unwrap() > 0.0, "{p}");
+        }
+    }
+    assert!(setups[0]["reported_mode"].is_null());
+    assert_eq!(setups[1]["reported_mode"], "sync");
+    assert_eq!(setups[2]["reported_mode"], "async");
+    let resyncs = r["resyncs"].as_array().unwrap();
+    assert_eq!(resyncs.len(), 2, "{r}");
+    for (x, zc) in resyncs.iter().zip([true, false]) {
+        assert_eq!(x["zero_copy_sends"], zc, "{x}");
+        assert!(x["done_bytes"].as_u64().unwrap() >= 16 << 20, "{x}");
+        let sends = &x["sends"];
+        if zc {
+            // Zero-copy where the kernel has it, else the counted fallback.
+            let n = sends["zero_copy"].as_u64().unwrap()
+                + sends["copied_unsupported"].as_u64().unwrap();
+            assert!(n > 0, "{x}");
+        } else {
+            assert_eq!(sends["zero_copy"], 0, "{x}");
+            assert!(sends["copied_unsupported"].as_u64().unwrap() > 0, "{x}");
+        }
+    }
+    let goals = r["goals"].as_array().unwrap();
+    assert!(goals.iter().all(|g| g["status"] != "not measured"), "{r}");
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("## Replication (loopback)"), "{md}");
+    assert!(
+        entries_starting(tmp.path(), "rbb-").is_empty(),
+        "temporary directories left"
+    );
+}

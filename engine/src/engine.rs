@@ -20,7 +20,7 @@ use crate::loader::{load_device_with, LoadOptions, LoadedDevice};
 use crate::reactor::mesh::Shared;
 use crate::reactor::placement::{device_irq_core, select_cores};
 use crate::reactor::task::{ReactorTask, MAX_TASKS_PER_REACTOR};
-use crate::reactor::thread::spawn_reactors;
+use crate::reactor::thread::{spawn_reactors, ReactorOptions};
 use crate::reactor::{Control, FlushWaiter, Home, Msg, Router};
 use crate::request::{Errno, Port, Request};
 use crate::state_record::{self, DeviceRecord};
@@ -46,6 +46,10 @@ pub struct EngineConfig {
     pub poll_idle_us: Option<u64>,
     #[serde(default)]
     pub queue_depth: Option<usize>,
+    /// Zero-copy sends to peers: `None` or `Some(true)` uses them where the start-up probe
+    /// finds the kernel has them; `Some(false)` makes every send copy (to compare the two).
+    #[serde(default)]
+    pub zero_copy_sends: Option<bool>,
     /// The daemon's state directory: each persistent device's state record lives there
     /// (see `state_record`). None: no records (tests, embedded use).
     #[serde(skip)]
@@ -259,8 +263,12 @@ impl Engine {
             let home = l.state.home_reactor(n);
             homes[home.0 as usize].push(Home::new(l.state, l.volumes, l.generation, l.slot));
         }
-        let (threads, first_err) =
-            spawn_reactors(&shared, &open_devices, homes, queue_depth, poll_idle_us)?;
+        let reactor_opts = ReactorOptions {
+            queue_depth,
+            poll_idle_us,
+            zero_copy_sends: config.zero_copy_sends.unwrap_or(true),
+        };
+        let (threads, first_err) = spawn_reactors(&shared, &open_devices, homes, reactor_opts)?;
         let engine = Engine {
             shared,
             threads,

@@ -25,6 +25,7 @@ fn config(img: &Path, state_dir: &Path) -> EngineConfig {
         }],
         poll_idle_us: Some(20),
         queue_depth: Some(64),
+        zero_copy_sends: None,
         state_dir: Some(state_dir.to_path_buf()),
     }
 }

@@ -87,6 +87,7 @@ fn reads_in_place_only_where_the_reactor_owns_memory() {
         ],
         poll_idle_us: Some(20),
         queue_depth: Some(64),
+        zero_copy_sends: None,
         state_dir: None,
     })
     .unwrap();

@@ -44,6 +44,7 @@ fn start(d: DeviceConfig) -> (Engine, BlockingClient) {
         devices: vec![d.clone()],
         poll_idle_us: Some(20),
         queue_depth: Some(64),
+        zero_copy_sends: None,
         state_dir: None,
     };
     let engine = Engine::start(&cfg).unwrap();

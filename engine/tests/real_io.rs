@@ -40,6 +40,7 @@ fn config(devices: Vec<DeviceConfig>) -> EngineConfig {
         devices,
         poll_idle_us: Some(20),
         queue_depth: Some(64),
+        zero_copy_sends: None,
         state_dir: None,
     }
 }

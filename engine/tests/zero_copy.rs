@@ -193,7 +193,7 @@ fn small_and_fallback_sends_copy_with_one_completion() {
     assert!(!all[0].more() && !all[0].is_notification());
     assert_eq!(reader.join().unwrap(), small);
 
-    io.disable_zero_copy_sends();
+    io.disable_zero_copy_sends("turned off for a test");
     assert!(io.zero_copy_unavailable().is_some());
     // A Unix socket: zero-copy would be refused there, the fallback copies.
     let (c, d) = UnixStream::pair().unwrap();
@@ -471,4 +471,37 @@ fn a_reactor_counts_its_tasks_zero_copy_sends() {
     // Loopback copies anyway.
     assert_eq!(counts.kernel_copied, notified, "{s:?}");
     assert_eq!(counts.copied_unsupported, 0);
+}
+
+/// `zero_copy_sends = Some(false)`: a reactor sends a task's zero-copy send by copying, even on
+/// a kernel that has zero-copy sends, and counts it as such.
+#[test]
+fn zero_copy_sends_turned_off_by_the_configuration_copy() {
+    let engine = Engine::start(&EngineConfig {
+        devices: vec![DeviceConfig::ram("r", 64 << 20)],
+        cores: vec![0],
+        zero_copy_sends: Some(false),
+        ..Default::default()
+    })
+    .unwrap();
+    let (a, b) = tcp_pair();
+    let payload = Arc::new(pattern(PAYLOAD_BYTES, 9));
+    let reader = read_on_thread(b, payload.len());
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    engine.spawn_task(
+        Some(ReactorId(0)),
+        Box::new(ZcSender::new(a.into(), payload.clone(), seen.clone())),
+    );
+    assert!(reader.join().unwrap() == *payload);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Arc::strong_count(&payload) > 1 {
+        assert!(Instant::now() < deadline, "never completed: {seen:?}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let s = seen.lock().unwrap().clone();
+    let counts = engine.reactor_stats()[0].sends;
+    engine.shutdown().unwrap();
+    assert_eq!(s.zero_copy_sends, Some(false), "{s:?}");
+    assert_eq!(counts.zero_copy, 0, "{s:?}");
+    assert_eq!(counts.copied_unsupported, 1, "{s:?}");
 }

@@ -19,7 +19,7 @@
 mod engine_step;
 mod plan;
 mod prepare;
-mod steps;
+pub(crate) mod steps;
 mod summarise;
 
 use anyhow::Result;

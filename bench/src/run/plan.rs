@@ -16,12 +16,13 @@ use super::engine_step::ENGINE_WORKLOAD;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
-    /// The quick preset (the default): headline points, short runtimes, one repeat; under
-    /// two minutes on a 2-core machine.
+    /// The quick preset (the default): headline points, short runtimes, one repeat; about
+    /// two minutes on a 2-core machine (the replication step included).
     #[arg(long, conflicts_with = "full")]
     pub quick: bool,
     /// The full preset: the main matrix on every target (numjobs 1, and one per core on the
-    /// 4k QD32 and 1 MiB points), three repeats; under 15 minutes on a 2-core machine.
+    /// 4k QD32 and 1 MiB points), three repeats; about 17 minutes on a 2-core machine (the
+    /// replication step included).
     #[arg(long, conflicts_with = "complete")]
     pub full: bool,
     /// Every workload x {numjobs 1, one per core} x both clients on every target, three
@@ -42,7 +43,8 @@ pub struct RunArgs {
     pub size_mib: Option<u64>,
     /// Targets to run, comma separated (default: all). Known: raw, engine, ringblock,
     /// nbdkit-memory, qemu-nbd, ringblock-tcp, nbdkit-memory-tcp, ringblock-file,
-    /// nbdkit-file, nbd-server, and ringblock-PROFILE for each --profiles entry.
+    /// nbdkit-file, nbd-server, ringblock-PROFILE for each --profiles entry, and
+    /// `replication` (the replication step: no, sync and async replica side by side, resync).
     #[arg(long, value_delimiter = ',')]
     pub targets: Vec<String>,
     /// Targets to leave out.
@@ -86,6 +88,10 @@ pub struct RunArgs {
     /// Keep the backing files and server logs.
     #[arg(long)]
     pub keep_files: bool,
+    /// MiB written while the replica is suspended, for the resync (default: 256 quick, 1024
+    /// full).
+    #[arg(long)]
+    pub repl_resync_mib: Option<u64>,
     /// Print the plan (targets, points, estimated time) and exit.
     #[arg(long)]
     pub plan: bool,
@@ -109,6 +115,9 @@ pub struct Settings {
     pub rb_poll_idle_us: Option<u64>,
     pub profiles: Vec<String>,
     pub ringblock: Option<PathBuf>,
+    /// The replication step runs, and what its resync writes.
+    pub replication: bool,
+    pub repl_resync_mib: u64,
 }
 
 /// What a run will do, decided before anything starts.
@@ -167,6 +176,13 @@ impl Plan {
             est += (self.engine_runs() * s.repeat) as f64 * (0.25 - s.ramp_s).max(0.0)
                 + warm_up_runs as f64 * (s.runtime_s + s.ramp_s.max(0.25));
         }
+        if s.replication {
+            // 3 set-ups x 2 points x 2 rounds per repeat, their starts and prefills, and two
+            // resyncs per repeat (the write and the copy, ~0.5 s per 100 MiB each here).
+            est += estimate_s(12 * s.repeat, 3 + s.repeat, self.runtime, self.ramp)
+                + (s.repl_resync_mib as f64 / 100.0) * 2.0 * s.repeat as f64
+                + 3.0 * (s.region_bytes >> 20) as f64 / 200.0;
+        }
         eprintln!(
             "ringblock-bench run ({:?}): {} targets, {} points x {} repeat(s), {:.1} s \
              each: about {:.0} s",
@@ -194,6 +210,13 @@ impl Plan {
                 eprintln!("  {:<18} {:>2} points  {}", t.id, pts.len(), t.note);
             }
         }
+        if s.replication {
+            eprintln!(
+                "  {:<18} {:>2} points  no, sync and async replica side by side (4k random write \
+                 QD1, QD32; 2 rounds), and a resync of {} MiB with zero-copy sends on and off",
+                REPLICATION, 12, s.repl_resync_mib
+            );
+        }
     }
 }
 
@@ -207,19 +230,28 @@ fn preset_of(args: &RunArgs) -> Preset {
     }
 }
 
-/// The targets `--targets` and `--skip` choose, checked against the known ones.
-fn chosen_targets(args: &RunArgs, preset: Preset, profiles: &[String]) -> Result<Vec<TargetSpec>> {
+/// The replication step's name in `--targets` and `--skip`.
+pub const REPLICATION: &str = "replication";
+
+/// The targets `--targets` and `--skip` choose, checked against the known ones, and whether
+/// the replication step runs.
+fn chosen_targets(
+    args: &RunArgs,
+    preset: Preset,
+    profiles: &[String],
+) -> Result<(Vec<TargetSpec>, bool)> {
     let all = targets::all_targets(profiles);
     let mut wanted: Vec<String> = if args.targets.is_empty() || args.targets == ["all"] {
         let mut v = targets::default_target_ids(preset == Preset::Complete);
         v.extend(profiles.iter().map(|p| format!("ringblock-{p}")));
+        v.push(REPLICATION.into());
         v
     } else {
         args.targets.clone()
     };
     for t in &wanted {
         ensure!(
-            all.iter().any(|s| &s.id == t),
+            t == REPLICATION || all.iter().any(|s| &s.id == t),
             "unknown target {t:?} (known: {})",
             all.iter()
                 .map(|s| s.id.as_str())
@@ -228,9 +260,10 @@ fn chosen_targets(args: &RunArgs, preset: Preset, profiles: &[String]) -> Result
         );
     }
     wanted.retain(|t| !args.skip.contains(t));
+    let replication = wanted.iter().any(|t| t == REPLICATION);
     let specs: Vec<TargetSpec> = all.into_iter().filter(|s| wanted.contains(&s.id)).collect();
-    ensure!(!specs.is_empty(), "no target left to run");
-    Ok(specs)
+    ensure!(!specs.is_empty() || replication, "no target left to run");
+    Ok((specs, replication))
 }
 
 /// The settings in force, from the preset and the options (the regions are set once the
@@ -261,6 +294,12 @@ fn settings(args: &RunArgs, preset: Preset, profiles: Vec<String>) -> Result<Set
         rb_poll_idle_us: args.rb_poll_idle_us,
         profiles,
         ringblock: find_ringblock(args.ringblock.as_deref())?,
+        replication: false,
+        repl_resync_mib: args.repl_resync_mib.unwrap_or(if preset == Preset::Quick {
+            256
+        } else {
+            1024
+        }),
     })
 }
 
@@ -276,8 +315,9 @@ pub fn plan(args: &RunArgs) -> Result<Plan> {
         .map(|p| p.trim().to_string())
         .filter(|p| !p.is_empty() && p != "none")
         .collect();
-    let specs = chosen_targets(args, preset, &profiles)?;
-    let settings = settings(args, preset, profiles)?;
+    let (specs, replication) = chosen_targets(args, preset, &profiles)?;
+    let mut settings = settings(args, preset, profiles)?;
+    settings.replication = replication;
     let has = |k: fn(&Kind) -> bool| specs.iter().any(|s| k(&s.kind));
     let paired = has(|k| matches!(k, Kind::Raw)) && has(|k| matches!(k, Kind::Engine));
     let engine_key = format!("{ENGINE_WORKLOAD}|fio|x1");

@@ -27,6 +27,8 @@ pub struct Measured {
     pub verifies: Vec<VerifyResult>,
     /// Idle CPU per target, percent of a core per repeat measured.
     pub idles: Vec<(String, Vec<f64>)>,
+    /// The replication step's results, when it ran.
+    pub replication: Option<crate::repl::ReplicationResult>,
 }
 
 impl Measured {
@@ -65,6 +67,7 @@ impl Measured {
             points,
             verifies: Vec::new(),
             idles: Vec::new(),
+            replication: None,
         }
     }
 
@@ -103,7 +106,48 @@ pub fn run(ctx: &Ctx, plan: &Plan, m: &mut Measured) -> Result<()> {
             rate_step(ctx, plan, m, rep)?;
         }
     }
+    if plan.settings.replication {
+        replication_step(ctx, plan, m)?;
+    }
     Ok(())
+}
+
+/// The replication step (`crate::repl::step`), all its repeats, after the targets'.
+fn replication_step(ctx: &Ctx, plan: &Plan, m: &mut Measured) -> Result<()> {
+    interrupt::check()?;
+    let s = &plan.settings;
+    let Some(bin) = ctx.env.ringblock.as_deref() else {
+        eprintln!("[replication] skipped: no ringblock binary");
+        return Ok(());
+    };
+    // The replica on another CPU than the primary's reactor when there is one.
+    let replica_cores = plan
+        .cpus
+        .iter()
+        .rev()
+        .map(|c| c.to_string())
+        .find(|c| *c != s.rb_cores)
+        .unwrap_or_else(|| s.rb_cores.clone());
+    let settings = crate::repl::step::ReplSettings {
+        ringblock: bin,
+        run_dir: &ctx.env.run_dir,
+        out_dir: &ctx.out_dir,
+        runtime: ctx.runtime,
+        ramp: ctx.ramp,
+        repeat: s.repeat,
+        region_bytes: s.region_bytes,
+        resync_bytes: s.repl_resync_mib << 20,
+        primary_cores: s.rb_cores.clone(),
+        replica_cores,
+    };
+    let (mut res, outcome) = crate::repl::step::run(&settings);
+    for sr in &mut res.setups {
+        for p in &mut sr.points {
+            p.summarise();
+        }
+    }
+    m.replication = Some(res);
+    outcome
 }
 
 /// One target in one repeat: start, prefill, first-repeat checks, its points, stop.

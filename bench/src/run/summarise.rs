@@ -62,6 +62,7 @@ fn summary(plan: &Plan, ctx: &Ctx, mut m: Measured) -> Result<RunSummary> {
             .collect(),
         headline: Vec::new(),
         plots: Vec::new(),
+        replication: m.replication,
     };
     summary.headline = results::headline(&summary, plan.settings.rate_iops);
     Ok(summary)

@@ -20,6 +20,15 @@ use crate::io::{decorate, Io, ReactorIo};
 /// Messages taken from the inbox per loop turn, so completions are reaped between drains.
 const INBOX_BATCH: usize = 256;
 
+/// What every reactor's ring and loop are set up with.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ReactorOptions {
+    pub queue_depth: usize,
+    pub poll_idle_us: u64,
+    /// Whether tasks' zero-copy sends may go out zero-copy (where the ring's probe allows).
+    pub zero_copy_sends: bool,
+}
+
 /// Start one reactor thread per entry of `homes` (the devices each is the home of) and wait
 /// until each has set up its ring. Returns the threads and the first error a reactor met
 /// while starting (the caller stops them all then).
@@ -27,8 +36,7 @@ pub(crate) fn spawn_reactors(
     shared: &Arc<Shared>,
     devices: &[Arc<OpenDevice>],
     homes: Vec<Vec<Home>>,
-    queue_depth: usize,
-    poll_idle_us: u64,
+    opts: ReactorOptions,
 ) -> Result<(Vec<JoinHandle<()>>, Option<EngineError>), EngineError> {
     let n = homes.len();
     let mut threads = Vec::new();
@@ -45,8 +53,7 @@ pub(crate) fn spawn_reactors(
                     shared: shared2,
                     devices: opens,
                     homes: home,
-                    queue_depth,
-                    poll_idle_us,
+                    opts,
                     ready: tx,
                 }
                 .run()
@@ -78,8 +85,7 @@ pub(crate) struct ReactorThread {
     pub devices: Vec<Arc<OpenDevice>>,
     /// The devices this reactor is the home of.
     pub homes: Vec<Home>,
-    pub queue_depth: usize,
-    pub poll_idle_us: u64,
+    pub opts: ReactorOptions,
     /// Told once whether the ring could be set up.
     pub ready: mpsc::Sender<Result<(), EngineError>>,
 }
@@ -93,10 +99,14 @@ impl ReactorThread {
             shared,
             devices,
             homes,
-            queue_depth,
-            poll_idle_us,
+            opts,
             ready,
         } = self;
+        let ReactorOptions {
+            queue_depth,
+            poll_idle_us,
+            zero_copy_sends,
+        } = opts;
         let me = &shared.reactors[id.0 as usize];
         if let Some(core) = me.core_id {
             if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
@@ -116,6 +126,9 @@ impl ReactorThread {
                     return;
                 }
             };
+        if !zero_copy_sends {
+            uring.disable_zero_copy_sends("zero_copy_sends = false in the configuration");
+        }
         tracing::debug!(reactor = id.0, features = ?uring.features(), "reactor ring ready");
         if let Some(reason) = uring.zero_copy_unavailable() {
             tracing::info!(

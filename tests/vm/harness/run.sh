@@ -17,6 +17,7 @@
 # run the command to its end (boot failure, kernel panic). setup.sh runs first (fast once done).
 # Env: RINGBLOCK_VM_ACCEL   qemu accelerator (default TCG; "kvm" where /dev/kvm works)
 #      RINGBLOCK_VM_APPEND  extra kernel command line
+#      RINGBLOCK_VM_QEMU_ARGS  extra qemu arguments, split on spaces (e.g. a second NIC)
 set -euo pipefail
 harness=$(cd "$(dirname "$0")" && pwd)
 usage() {
@@ -80,6 +81,7 @@ timeout -k 10 "$timeout_s" qemu-system-x86_64 \
   -virtfs "local,path=${ctl//,/,,},mount_tag=ctl,$p9" \
   -virtfs "local,path=${share//,/,,},mount_tag=share,$p9" \
   -netdev user,id=net0 -device virtio-net-pci,netdev=net0,romfile= \
+  ${RINGBLOCK_VM_QEMU_ARGS:-} \
   </dev/null &
 qemu_pid=$!
 qemu_status=0

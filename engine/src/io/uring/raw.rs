@@ -208,12 +208,12 @@ impl UringIo {
         self.sends = counters;
     }
 
-    /// Send every zero-copy send by copying, as on a kernel without them: the fallback, on a
-    /// kernel that has them.
-    #[cfg(any(test, feature = "testing"))]
-    pub fn disable_zero_copy_sends(&mut self) {
+    /// Send every zero-copy send by copying, as on a kernel without them (`why` is the
+    /// reason reported): the fallback on a kernel that has them, for tests and for the
+    /// configuration's `zero_copy_sends = false`.
+    pub fn disable_zero_copy_sends(&mut self, why: &str) {
         self.features.zero_copy_sends = false;
-        self.zero_copy_unavailable = Some("turned off for a test".to_string());
+        self.zero_copy_unavailable = Some(why.to_string());
     }
 
     /// Put a task's descriptor in the ring's file table; ops may then name it as
