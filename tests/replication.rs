@@ -314,6 +314,13 @@ fn a_killed_replica_resyncs_only_what_changed_and_a_promoted_replica_has_every_w
         a.log(),
         b.log()
     );
+    // The copies hold the same bytes: every region's checksum is equal on both nodes.
+    let api = format!("http://{}", ra.web);
+    let (code, out, err) = common::run(&[
+        "replica", "verify", "v", "--api", &api, "--token", &ra.token,
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("checked, 0 mismatched"), "{out}");
     // Both phases verify on the primary.
     for (name, off, size) in [("one", 0, 32), ("two", 48, 8)] {
         let out = fio(&ra.uri(), root.path(), name, off, size, &["--verify_only"]);
