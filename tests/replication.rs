@@ -392,6 +392,21 @@ fn a_promoted_replica_holds_every_write_acknowledged_before_the_primary_was_kill
         b.log(),
         a.log()
     );
+    // The killed primary comes back as a primary (its record says so) while the promoted
+    // replica serves: its links never failed, so only the generation it starts at restart
+    // tells the two apart. Both sides report the split brain and no data moves.
+    let ra = a.start("primary", &b);
+    for (node, what) in [
+        (&ra, "the restarted primary"),
+        (&rb, "the promoted replica"),
+    ] {
+        wait_for(
+            SYNC_LIMIT,
+            &format!("{what} to report the split brain"),
+            || (node.peer()["state"] == "diverged").then_some(()),
+        );
+    }
+    ra.daemon.stop_clean();
     rb.daemon.stop_clean();
 }
 

@@ -299,6 +299,7 @@ impl PeerRuntime {
         for (cfg, volume) in volumes_cfg.iter().zip(found) {
             let removed = membership.removed_of(&cfg.name);
             let replication = prepare::replication_for(&volume, cfg, &removed)?;
+            prepare::restart_generation(&cfg.name, &replication);
             let suspended = membership.suspended_of(&cfg.name);
             let peers = cfg
                 .peers

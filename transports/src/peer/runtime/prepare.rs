@@ -49,6 +49,35 @@ pub(super) const DEFAULT_REGION_SHIFT: u8 = 20;
 /// The volume's replication state, made or loaded, matching `cfg`'s peers. A recorded peer
 /// in `removed` (removed at runtime; the daemon stopped before the record lost it) is dropped
 /// from the record. Nothing is persisted here: the caller flushes once for every volume.
+/// A primary copy starting writes in a new generation: every replica it last knew up to date
+/// is now up to date as of the generation before. Without it, a primary that crashed (its
+/// links never failed, so no generation started) and restarts as primary while a replica was
+/// promoted would take writes in the generation the promoted copy left: the copies would
+/// differ with histories that say one is merely behind, and a resync would overwrite the
+/// restarted primary's writes. With it, the two histories diverge and both sides say so. A
+/// replica that rejoins resyncs its dirty regions (the activity log a crash folds in) and
+/// takes the new generation at the end, as after any failure.
+pub(super) fn restart_generation(volume: &str, replication: &VolumeReplication) {
+    if replication.role() != Role::Primary {
+        return;
+    }
+    let current = replication.history().current();
+    let mut stale = 0;
+    for r in replication
+        .replicas()
+        .iter()
+        .filter(|r| r.since().is_none())
+    {
+        r.set_since(current);
+        stale += 1;
+    }
+    if stale > 0 {
+        let id = replication.start_generation();
+        tracing::info!(volume, generation = %id, replicas = stale,
+            "peer: a restarted primary writes in a new generation until its replicas rejoin");
+    }
+}
+
 pub(super) fn replication_for(
     volume: &Volume,
     cfg: &ReplicatedVolume,
