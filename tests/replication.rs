@@ -14,11 +14,12 @@
 //!   clean.
 
 mod common;
+#[path = "support/node_dir.rs"]
+mod node_dir;
 #[path = "support/required.rs"]
 mod required;
 
 use std::net::TcpListener;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -52,16 +53,7 @@ struct Node {
 
 impl Node {
     fn new(root: &Path, name: &str, id: &'static str) -> Node {
-        let dir = root.join(name);
-        std::fs::create_dir_all(dir.join("state")).unwrap();
-        std::fs::set_permissions(dir.join("state"), std::fs::Permissions::from_mode(0o700))
-            .unwrap();
-        let idf = dir.join("state/node-id");
-        std::fs::write(&idf, format!("{id}\n")).unwrap();
-        std::fs::set_permissions(&idf, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let secret = dir.join("cluster.secret");
-        std::fs::write(&secret, "correct horse battery staple\n").unwrap();
-        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let dir = node_dir::create(root, name, id, "correct horse battery staple\n");
         Node {
             dir,
             id,

@@ -10,10 +10,11 @@
 mod common;
 #[path = "support/netns.rs"]
 mod netns;
+#[path = "support/node_dir.rs"]
+mod node_dir;
 #[path = "support/required.rs"]
 mod required;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -46,16 +47,7 @@ struct Running {
 
 impl Node {
     fn new(root: &Path, ns: &str, id: &'static str, repl: String) -> Node {
-        let dir = root.join(ns);
-        std::fs::create_dir_all(dir.join("state")).unwrap();
-        std::fs::set_permissions(dir.join("state"), std::fs::Permissions::from_mode(0o700))
-            .unwrap();
-        let idf = dir.join("state/node-id");
-        std::fs::write(&idf, format!("{id}\n")).unwrap();
-        std::fs::set_permissions(&idf, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let secret = dir.join("cluster.secret");
-        std::fs::write(&secret, "partition test secret\n").unwrap();
-        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let dir = node_dir::create(root, ns, id, "partition test secret\n");
         Node {
             dir,
             ns: ns.to_string(),

@@ -5,90 +5,46 @@
 //! file keeps both changes, and a suspension, across a restart of the runtime; a replica
 //! dropped from the configuration without `replica remove` is still refused.
 
+#[path = "support/repl.rs"]
+mod repl;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use ringblock_engine::replication::{
-    GenerationHistory, GenerationId, NodeId, PeerState, Role, VolumeReplication,
-};
-use ringblock_engine::{
-    AlignedBuf, DeviceConfig, Engine, EngineConfig, IoBuf, Port, PortWaker, Request, RequestKind,
-};
+use repl::runtime::{address, node, read, record, sync_peer, unused, wait_for, write, SECRET};
+use repl::shutdown;
+use ringblock_engine::replication::{GenerationHistory, GenerationId, PeerState, Role};
+use ringblock_engine::Engine;
 use ringblock_transports::peer::runtime::{
-    ListenAddress, PeerMode, PeerSpec, ReplicatedVolume, RuntimeConfig, RuntimeTiming, VolumeView,
-    DEFAULT_ASYNC_QUEUE_BYTES,
+    PeerMode, RuntimeConfig, VolumeView, DEFAULT_ASYNC_QUEUE_BYTES,
 };
 use ringblock_transports::peer::{PeerAddress, PeerRuntime, RuntimeError};
 
 const VOLUME_BYTES: u64 = 16 << 20;
-const WAIT: Duration = Duration::from_secs(30);
-const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
-
-fn node(n: u128) -> NodeId {
-    NodeId::new(n).unwrap()
-}
 
 const PRIMARY: u128 = 0x1111;
 const FIRST: u128 = 0x2222;
 const THIRD: u128 = 0x3333;
 
 fn engine() -> Arc<Engine> {
-    let engine = Engine::start(&EngineConfig {
-        devices: vec![DeviceConfig::ram("r", 64 << 20)],
-        cores: vec![0],
-        ..Default::default()
-    })
-    .unwrap();
-    engine.create_volume("r", "a", VOLUME_BYTES).unwrap();
-    Arc::new(engine)
+    repl::runtime::engine(VOLUME_BYTES)
 }
 
+/// Node `me`'s configuration for volume "a" in `role`, its sync peers on loopback TCP.
 fn config(
     me: u128,
     role: Role,
     peers: &[(u128, PeerAddress)],
     membership_file: Option<PathBuf>,
 ) -> RuntimeConfig {
+    let peers = peers
+        .iter()
+        .map(|(n, address)| sync_peer(node(*n), address.clone(), DEFAULT_ASYNC_QUEUE_BYTES))
+        .collect();
     RuntimeConfig {
-        node: node(me),
-        cluster: "lab".into(),
-        secret: SECRET.to_vec(),
-        listen: ListenAddress::Tcp("127.0.0.1:0".parse().unwrap()),
-        volumes: vec![ReplicatedVolume {
-            name: "a".into(),
-            role,
-            peers: peers
-                .iter()
-                .map(|(n, address)| PeerSpec {
-                    node: node(*n),
-                    address: address.clone(),
-                    mode: PeerMode::Sync,
-                    queue_limit_bytes: DEFAULT_ASYNC_QUEUE_BYTES,
-                })
-                .collect(),
-        }],
-        timing: RuntimeTiming {
-            backoff_base: Duration::from_millis(20),
-            backoff_max: Duration::from_millis(400),
-            diverged_retry: Duration::from_millis(300),
-            stop_wait: Duration::from_secs(15),
-            evict_interval: Duration::from_millis(200),
-        },
-        exports: None,
         membership_file,
-    }
-}
-
-fn unused() -> PeerAddress {
-    PeerAddress::Tcp("127.0.0.1:9".into())
-}
-
-fn address(rt: &PeerRuntime) -> PeerAddress {
-    match rt.listening() {
-        ListenAddress::Tcp(a) => PeerAddress::Tcp(a.to_string()),
-        ListenAddress::Unix(p) => PeerAddress::Unix(p.clone()),
+        ..repl::runtime::config(node(me), role, peers, repl::runtime::loopback(), SECRET)
     }
 }
 
@@ -104,19 +60,8 @@ fn replica(engine: &Arc<Engine>, me: u128) -> PeerRuntime {
 /// Both copies in step in generation 7 (the primary tracks `FIRST` as up to date).
 fn records_in_step(p: &Engine, r: &Engine) {
     let history = GenerationHistory::from_ids(vec![GenerationId::new(7).unwrap()]).unwrap();
-    for (engine, role, peer) in [
-        (p, Role::Primary, node(FIRST)),
-        (r, Role::Replica, node(PRIMARY)),
-    ] {
-        let v = engine.volume("a").unwrap();
-        let state = VolumeReplication::new(role, v.max_size_bytes(), 20, &[peer]).unwrap();
-        state.adopt_history(history.clone());
-        for rep in state.replicas() {
-            rep.set_full_sync(false);
-        }
-        v.set_replication(Some(Arc::new(state)));
-        engine.flush_all().unwrap();
-    }
+    record(p, Role::Primary, node(FIRST), history.clone());
+    record(r, Role::Replica, node(PRIMARY), history);
 }
 
 fn view(rt: &PeerRuntime) -> VolumeView {
@@ -130,76 +75,8 @@ fn state_of(rt: &PeerRuntime, n: u128) -> Option<PeerState> {
     Some(v.replication.replicas()[*index].status.state())
 }
 
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let until = Instant::now() + WAIT;
-    while !done() {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn run(engine: &Engine, req: Request) -> Option<IoBuf> {
-    let handle = engine.open("a").unwrap();
-    let port = Port::new(1, PortWaker::Thread(std::thread::current()));
-    handle.submit(req, &port).map_err(|(_, e)| e).unwrap();
-    let until = Instant::now() + WAIT;
-    loop {
-        if let Some(c) = port.pop() {
-            c.result.expect("the request succeeds");
-            return c.buf;
-        }
-        assert!(Instant::now() < until, "a request was left waiting");
-        std::thread::park_timeout(Duration::from_millis(10));
-    }
-}
-
-fn request(kind: RequestKind, offset: u64, len: u64, buf: Option<IoBuf>) -> Request {
-    Request {
-        kind,
-        offset_bytes: offset,
-        len_bytes: len,
-        fua: false,
-        buf,
-        mover: None,
-        tag: 0,
-    }
-}
-
-fn write(engine: &Engine, offset: u64, len: usize, fill: u8) {
-    let mut data = AlignedBuf::zeroed(len);
-    data.as_mut_slice().fill(fill);
-    let req = request(
-        RequestKind::Write,
-        offset,
-        len as u64,
-        Some(IoBuf::owned(data)),
-    );
-    run(engine, req);
-    run(engine, request(RequestKind::Flush, 0, 0, None));
-}
-
-fn read(engine: &Engine, offset: u64, len: usize) -> Vec<u8> {
-    let buf = IoBuf::owned(AlignedBuf::zeroed(len));
-    let got = run(
-        engine,
-        request(RequestKind::Read, offset, len as u64, Some(buf)),
-    )
-    .expect("read buffer");
-    got.as_slice().to_vec()
-}
-
 fn all(engine: &Engine) -> Vec<u8> {
     read(engine, 0, VOLUME_BYTES as usize)
-}
-
-fn shutdown(engines: Vec<Arc<Engine>>) {
-    for e in engines {
-        Arc::try_unwrap(e)
-            .ok()
-            .expect("only the test holds the engine")
-            .shutdown()
-            .unwrap();
-    }
 }
 
 fn membership_text(path: &Path) -> String {

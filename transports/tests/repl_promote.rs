@@ -4,75 +4,42 @@
 //! copies end equal; a region the old primary holds differently (its own dirty regions, as
 //! a crash leaves its activity log) is asked for and resynced too.
 
+#[path = "support/repl.rs"]
+mod repl;
+
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
+use repl::runtime::{node, read, record, sync_peer, wait_for, write, SECRET};
+use repl::{shutdown, MIB};
 use ringblock_engine::replication::{
-    GenerationHistory, GenerationId, NodeId, PeerState, ReplicaState, Role, VolumeReplication,
+    GenerationHistory, GenerationId, PeerState, ReplicaState, Role,
 };
-use ringblock_engine::{
-    AlignedBuf, DeviceConfig, Engine, EngineConfig, IoBuf, Port, PortWaker, Request, RequestKind,
-};
-use ringblock_transports::peer::runtime::{
-    ListenAddress, PeerMode, PeerSpec, ReplicatedVolume, RuntimeConfig, RuntimeTiming,
-    DEFAULT_ASYNC_QUEUE_BYTES,
-};
+use ringblock_engine::Engine;
+use ringblock_transports::peer::runtime::{ListenAddress, DEFAULT_ASYNC_QUEUE_BYTES};
 use ringblock_transports::peer::{PeerAddress, PeerRuntime};
 
-const MIB: u64 = 1 << 20;
 const VOLUME_BYTES: u64 = 16 * MIB;
-const WAIT: Duration = Duration::from_secs(30);
-const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
 const LEFT: u128 = 0x1111;
 const RIGHT: u128 = 0x2222;
 
-fn node(n: u128) -> NodeId {
-    NodeId::new(n).unwrap()
-}
-
 fn engine() -> Arc<Engine> {
-    let engine = Engine::start(&EngineConfig {
-        devices: vec![DeviceConfig::ram("r", 64 << 20)],
-        cores: vec![0],
-        ..Default::default()
-    })
-    .unwrap();
-    engine.create_volume("r", "a", VOLUME_BYTES).unwrap();
-    Arc::new(engine)
+    repl::runtime::engine(VOLUME_BYTES)
 }
 
 /// Node `me`'s runtime on `engine`, listening at `dir/me.sock`, its peer at `dir/peer.sock`.
 fn start(engine: &Arc<Engine>, dir: &Path, me: u128, peer: u128, role: Role) -> PeerRuntime {
     let sock = |n: u128| dir.join(format!("{n:x}.sock"));
     let _ = std::fs::remove_file(sock(me));
+    let peers = vec![sync_peer(
+        node(peer),
+        PeerAddress::Unix(sock(peer)),
+        DEFAULT_ASYNC_QUEUE_BYTES,
+    )];
+    let listen = ListenAddress::Unix(sock(me));
     PeerRuntime::start(
         engine.clone(),
-        RuntimeConfig {
-            node: node(me),
-            cluster: "lab".into(),
-            secret: SECRET.to_vec(),
-            listen: ListenAddress::Unix(sock(me)),
-            volumes: vec![ReplicatedVolume {
-                name: "a".into(),
-                role,
-                peers: vec![PeerSpec {
-                    node: node(peer),
-                    address: PeerAddress::Unix(sock(peer)),
-                    mode: PeerMode::Sync,
-                    queue_limit_bytes: DEFAULT_ASYNC_QUEUE_BYTES,
-                }],
-            }],
-            timing: RuntimeTiming {
-                backoff_base: Duration::from_millis(20),
-                backoff_max: Duration::from_millis(400),
-                diverged_retry: Duration::from_millis(300),
-                stop_wait: Duration::from_secs(15),
-                evict_interval: Duration::from_millis(200),
-            },
-            exports: None,
-            membership_file: None,
-        },
+        repl::runtime::config(node(me), role, peers, listen, SECRET),
     )
     .unwrap()
 }
@@ -80,19 +47,8 @@ fn start(engine: &Arc<Engine>, dir: &Path, me: u128, peer: u128, role: Role) -> 
 /// Both copies in step in generation 7, LEFT the primary.
 fn records_in_step(left: &Engine, right: &Engine) {
     let history = GenerationHistory::from_ids(vec![GenerationId::new(7).unwrap()]).unwrap();
-    for (engine, role, peer) in [
-        (left, Role::Primary, node(RIGHT)),
-        (right, Role::Replica, node(LEFT)),
-    ] {
-        let v = engine.volume("a").unwrap();
-        let state = VolumeReplication::new(role, v.max_size_bytes(), 20, &[peer]).unwrap();
-        state.adopt_history(history.clone());
-        for rep in state.replicas() {
-            rep.set_full_sync(false);
-        }
-        v.set_replication(Some(Arc::new(state)));
-        engine.flush_all().unwrap();
-    }
+    record(left, Role::Primary, node(RIGHT), history.clone());
+    record(right, Role::Replica, node(LEFT), history);
 }
 
 /// `rt`'s only peer.
@@ -101,70 +57,8 @@ fn peer(rt: &PeerRuntime) -> Arc<ReplicaState> {
     v.replication.replicas()[v.peers[0].1].clone()
 }
 
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let until = Instant::now() + WAIT;
-    while !done() {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn run(engine: &Engine, req: Request) -> Option<IoBuf> {
-    let handle = engine.open("a").unwrap();
-    let port = Port::new(1, PortWaker::Thread(std::thread::current()));
-    handle.submit(req, &port).map_err(|(_, e)| e).unwrap();
-    let until = Instant::now() + WAIT;
-    loop {
-        if let Some(c) = port.pop() {
-            c.result.expect("the request succeeds");
-            return c.buf;
-        }
-        assert!(Instant::now() < until, "a request never completed");
-        std::thread::park_timeout(Duration::from_millis(10));
-    }
-}
-
-fn request(kind: RequestKind, offset: u64, len: u64, buf: Option<IoBuf>) -> Request {
-    Request {
-        kind,
-        offset_bytes: offset,
-        len_bytes: len,
-        fua: false,
-        buf,
-        mover: None,
-        tag: 0,
-    }
-}
-
-fn write(engine: &Engine, offset: u64, len: u64, fill: u8) {
-    let mut data = AlignedBuf::zeroed(len as usize);
-    data.as_mut_slice().fill(fill);
-    run(
-        engine,
-        request(RequestKind::Write, offset, len, Some(IoBuf::owned(data))),
-    );
-    run(engine, request(RequestKind::Flush, 0, 0, None));
-}
-
 fn all(engine: &Engine) -> Vec<u8> {
-    let buf = IoBuf::owned(AlignedBuf::zeroed(VOLUME_BYTES as usize));
-    run(
-        engine,
-        request(RequestKind::Read, 0, VOLUME_BYTES, Some(buf)),
-    )
-    .expect("read buffer")
-    .as_slice()
-    .to_vec()
-}
-
-fn shutdown(engines: Vec<Arc<Engine>>) {
-    for e in engines {
-        Arc::try_unwrap(e)
-            .ok()
-            .expect("only the test holds the engine")
-            .shutdown()
-            .unwrap();
-    }
+    read(engine, 0, VOLUME_BYTES as usize)
 }
 
 /// LEFT primary and RIGHT replica up to date with 4 MiB written; LEFT demoted cleanly,

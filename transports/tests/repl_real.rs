@@ -4,17 +4,19 @@
 //! writes of both sizes (some FUA), trims and a flush on the primary; the replica ends with
 //! exactly the primary's data and the link stays up.
 
+#[path = "support/repl.rs"]
+mod repl;
+
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use repl::link::make_replica;
+use repl::request_fua as request;
 use ringblock_engine::replication::{
     LinkState, NodeId, ReplicaLink, ReplicaSet, Role, VolumeReplication,
 };
-use ringblock_engine::{
-    AlignedBuf, DeviceConfig, Engine, EngineConfig, IoBuf, Port, PortWaker, ReactorId, Request,
-    RequestKind, VolumeHandle,
-};
+use ringblock_engine::{AlignedBuf, Engine, IoBuf, ReactorId, Request, RequestKind, VolumeHandle};
 use ringblock_transports::peer::{
     monotonic_clock, LinkOptions, PrimaryLink, ReplicaServe, ReplicatedVolumeId, Seq, ServeOptions,
 };
@@ -22,41 +24,12 @@ use ringblock_transports::peer::{
 const VOLUME_BYTES: u64 = 16 << 20;
 
 fn engine() -> Engine {
-    let engine = Engine::start(&EngineConfig {
-        devices: vec![DeviceConfig::ram("r", 64 << 20)],
-        cores: vec![0],
-        ..Default::default()
-    })
-    .unwrap();
-    engine.create_volume("r", "a", VOLUME_BYTES).unwrap();
-    engine
+    repl::engine(VOLUME_BYTES, None)
 }
 
 /// Run `req` on `handle` and wait for it.
 fn run(handle: &VolumeHandle, req: Request) -> Option<IoBuf> {
-    let port = Port::new(1, PortWaker::Thread(std::thread::current()));
-    handle.submit(req, &port).map_err(|(_, e)| e).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(c) = port.pop() {
-            assert_eq!(c.result, Ok(()), "request failed");
-            return c.buf;
-        }
-        assert!(Instant::now() < deadline, "a request never completed");
-        std::thread::park_timeout(Duration::from_millis(10));
-    }
-}
-
-fn request(kind: RequestKind, offset: u64, len: u64, fua: bool, buf: Option<IoBuf>) -> Request {
-    Request {
-        kind,
-        offset_bytes: offset,
-        len_bytes: len,
-        fua,
-        buf,
-        mover: None,
-        tag: 0,
-    }
+    repl::link::run_within(handle, req, Duration::from_secs(20))
 }
 
 /// Attach one replica to volume "a" of `p` and spawn its link task on `primary_fd`.
@@ -91,23 +64,10 @@ fn spawn_link(p: &Engine, primary_fd: OwnedFd, what: &str) -> Arc<ReplicaLink> {
     link
 }
 
-/// Make volume "a" of `r` a replica that holds nothing yet (an empty history).
-fn make_replica(r: &Engine) {
-    let volume = r.volume("a").unwrap();
-    let replication = VolumeReplication::new(
-        Role::Replica,
-        volume.max_size_bytes(),
-        20,
-        &[NodeId::new(1).unwrap()],
-    )
-    .unwrap();
-    replication.adopt_history(Default::default());
-    volume.set_replication(Some(Arc::new(replication)));
-}
-
 fn replicate_over(primary_fd: OwnedFd, replica_fd: OwnedFd, what: &str) {
     let (p, r) = (engine(), engine());
-    make_replica(&r);
+    // A replica that holds nothing yet (an empty history).
+    make_replica(&r, Default::default());
     let link = spawn_link(&p, primary_fd, what);
     let id = ReplicatedVolumeId(77);
     let sopts = ServeOptions {

@@ -9,160 +9,47 @@
 //! - a connection cut mid-resync: every region where the copies differ is still dirty, and a
 //!   new link finishes the job.
 
+#[path = "support/repl.rs"]
+mod repl;
+
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use repl::link::{
+    link_options, make_replica, run, serve_options, wait_for, wait_up_to_date, write, REGION_SHIFT,
+};
+use repl::{request, MIB};
 use ringblock_engine::replication::{
-    GenerationHistory, LinkState, NodeId, PeerState, RegionIndex, ReplicaLink, ReplicaSet, Role,
-    VolumeReplication,
+    GenerationHistory, LinkMode, LinkState, PeerState, RegionIndex, ReplicaLink,
 };
-use ringblock_engine::{
-    AlignedBuf, DeviceConfig, Engine, EngineConfig, IoBuf, Port, PortWaker, ReactorId, Request,
-    RequestKind, VolumeHandle,
-};
-use ringblock_transports::peer::{
-    monotonic_clock, LinkOptions, PrimaryLink, ReplicaServe, ReplicatedVolumeId, Seq, ServeOptions,
-};
+use ringblock_engine::{Engine, ReactorId, RequestKind};
+use ringblock_transports::peer::{PrimaryLink, ReplicaServe};
 
 const VOLUME_BYTES: u64 = 32 << 20;
-const MIB: u64 = 1 << 20;
-const REGION_SHIFT: u8 = 20;
-const PRIMARY_NODE: u128 = 1;
-const REPLICA_NODE: u128 = 3;
 
 fn engine() -> Engine {
-    let mut device = DeviceConfig::ram("r", 64 << 20);
-    device.chunk_size_bytes = MIB;
-    let engine = Engine::start(&EngineConfig {
-        devices: vec![device],
-        cores: vec![0],
-        ..Default::default()
-    })
-    .unwrap();
-    engine.create_volume("r", "a", VOLUME_BYTES).unwrap();
-    engine
-}
-
-fn request(kind: RequestKind, offset: u64, len: u64, buf: Option<IoBuf>) -> Request {
-    Request {
-        kind,
-        offset_bytes: offset,
-        len_bytes: len,
-        fua: false,
-        buf,
-        mover: None,
-        tag: 0,
-    }
-}
-
-/// Run `req` on `handle` and wait for it.
-fn run(handle: &VolumeHandle, req: Request) -> Option<IoBuf> {
-    let port = Port::new(1, PortWaker::Thread(std::thread::current()));
-    handle.submit(req, &port).map_err(|(_, e)| e).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(c) = port.pop() {
-            assert_eq!(c.result, Ok(()), "request failed");
-            return c.buf;
-        }
-        assert!(Instant::now() < deadline, "a request never completed");
-        std::thread::park_timeout(Duration::from_millis(10));
-    }
-}
-
-fn write(handle: &VolumeHandle, offset: u64, len: u64, fill: u8) {
-    let mut data = AlignedBuf::zeroed(len as usize);
-    data.as_mut_slice().fill(fill);
-    let req = request(RequestKind::Write, offset, len, Some(IoBuf::owned(data)));
-    run(handle, req);
+    repl::engine(VOLUME_BYTES, Some(MIB))
 }
 
 fn read_all(e: &Engine) -> Vec<u8> {
-    let handle = e.open("a").unwrap();
-    let mut out = Vec::with_capacity(VOLUME_BYTES as usize);
-    for offset in (0..VOLUME_BYTES).step_by(MIB as usize) {
-        let buf = IoBuf::owned(AlignedBuf::zeroed(MIB as usize));
-        let got =
-            run(&handle, request(RequestKind::Read, offset, MIB, Some(buf))).expect("read buffer");
-        out.extend_from_slice(got.as_slice());
-    }
-    out
+    repl::link::read_all(e, VOLUME_BYTES)
 }
 
-/// Wait for `cond`, failing after a generous deadline (a stuck resync).
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !cond() {
-        assert!(Instant::now() < deadline, "never happened: {what}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-/// Make volume "a" of `p` a primary with one replica whose link is behind (writes mark).
+/// Make volume "a" of `p` a primary with one sync replica whose link is behind (writes mark).
 fn make_primary(p: &Engine) -> Arc<ReplicaLink> {
-    let volume = p.volume("a").unwrap();
-    let replication = Arc::new(
-        VolumeReplication::new(
-            Role::Primary,
-            volume.max_size_bytes(),
-            REGION_SHIFT,
-            &[NodeId::new(REPLICA_NODE).unwrap()],
-        )
-        .unwrap(),
-    );
-    volume.set_replication(Some(replication.clone()));
-    let link = ReplicaLink::new(replication, 0, ReactorId(0)).unwrap();
-    let set = ReplicaSet::new(vec![link.clone()]).unwrap();
-    volume.attach_replicas(Some(Arc::new(set))).unwrap();
-    link
-}
-
-/// Make volume "a" of `r` a replica; `empty`: it holds nothing yet (an empty history).
-fn make_replica(r: &Engine, history: GenerationHistory) -> Arc<VolumeReplication> {
-    let volume = r.volume("a").unwrap();
-    let replication = VolumeReplication::new(
-        Role::Replica,
-        volume.max_size_bytes(),
-        REGION_SHIFT,
-        &[NodeId::new(PRIMARY_NODE).unwrap()],
-    )
-    .unwrap();
-    replication.adopt_history(history);
-    let replication = Arc::new(replication);
-    volume.set_replication(Some(replication.clone()));
-    replication
+    repl::link::make_primary(p, LinkMode::Sync)
 }
 
 /// Spawn the link task on `p` and the serve task on `r` over the two ends of a connection.
 fn connect(p: &Engine, r: &Engine, link: &Arc<ReplicaLink>, pfd: OwnedFd, rfd: OwnedFd) {
-    let id = ReplicatedVolumeId(77);
-    let lopts = LinkOptions {
-        volume: id,
-        send_seq: Seq(0),
-        recv_seq: Seq(0),
-        window_frames: 64,
-        window_bytes: 16 << 20,
-        zero_copy: true,
-        clock: monotonic_clock(),
-        peer: "replica".into(),
-    };
+    let lopts = link_options(64, 16 << 20);
     let task = PrimaryLink::new(pfd, p.open("a").unwrap(), link.clone(), lopts);
     p.spawn_task(Some(ReactorId(0)), Box::new(task));
-    let sopts = ServeOptions {
-        volume: id,
-        send_seq: Seq(0),
-        recv_seq: Seq(0),
-        max_in_flight: 16,
-        clock: monotonic_clock(),
-        peer: "primary".into(),
-        primary_node: NodeId::new(PRIMARY_NODE),
-        primary_history: link.replication().history(),
-        primary_size_bytes: VOLUME_BYTES,
-    };
+    let sopts = serve_options(link, VOLUME_BYTES);
     let task = ReplicaServe::new(rfd, r.open("a").unwrap(), sopts);
     r.spawn_task(Some(ReactorId(0)), Box::new(task));
 }
@@ -170,12 +57,6 @@ fn connect(p: &Engine, r: &Engine, link: &Arc<ReplicaLink>, pfd: OwnedFd, rfd: O
 fn unix_pair() -> (OwnedFd, OwnedFd) {
     let (a, b) = UnixStream::pair().unwrap();
     (OwnedFd::from(a), OwnedFd::from(b))
-}
-
-fn wait_up_to_date(link: &ReplicaLink) {
-    wait_for("the link is up to date", || {
-        link.state() == LinkState::UpToDate
-    });
 }
 
 /// Every sector where the copies differ lies in a region dirty for the replica.

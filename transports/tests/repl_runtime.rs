@@ -4,46 +4,41 @@
 //! copies and a wrong secret move nothing and say why; a cut connection comes back; promote,
 //! demote and the export refusal of a replica copy.
 
+#[path = "support/repl.rs"]
+mod repl;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ringblock_engine::replication::{
-    GenerationHistory, NodeId, PeerState, Role, VolumeReplication,
+use repl::runtime::{
+    address as replica_address, loopback, node, read, record, sync_peer, try_run, wait_for, write,
+    SECRET, WAIT,
 };
-use ringblock_engine::{
-    AlignedBuf, DeviceConfig, Engine, EngineConfig, IoBuf, Port, PortWaker, Request, RequestKind,
-};
+use repl::{request, shutdown};
+use ringblock_engine::replication::{GenerationHistory, NodeId, PeerState, Role};
+use ringblock_engine::{AlignedBuf, Engine, IoBuf, Port, PortWaker, RequestKind};
 use ringblock_transports::nbd::client::{Client, ClientError, Options};
 use ringblock_transports::nbd::server::{BoundAddr, NbdServer, ServerConfig};
 use ringblock_transports::nbd::wire::REP_ERR_POLICY;
 use ringblock_transports::nbd::EngineCatalog;
-use ringblock_transports::peer::runtime::{
-    ListenAddress, PeerMode, PeerSpec, ReplicatedVolume, RuntimeConfig, RuntimeTiming, VolumeView,
-};
+use ringblock_transports::peer::runtime::{ListenAddress, PeerMode, RuntimeConfig, VolumeView};
 use ringblock_transports::peer::{PeerAddress, PeerRuntime, RuntimeError};
 
 const VOLUME_BYTES: u64 = 16 << 20;
-const WAIT: Duration = Duration::from_secs(30);
 
 fn primary_node() -> NodeId {
-    NodeId::new(0x1111).unwrap()
+    node(0x1111)
 }
 
 fn replica_node() -> NodeId {
-    NodeId::new(0x2222).unwrap()
+    node(0x2222)
 }
 
 fn engine() -> Arc<Engine> {
-    let engine = Engine::start(&EngineConfig {
-        devices: vec![DeviceConfig::ram("r", 64 << 20)],
-        cores: vec![0],
-        ..Default::default()
-    })
-    .unwrap();
-    engine.create_volume("r", "a", VOLUME_BYTES).unwrap();
-    Arc::new(engine)
+    repl::runtime::engine(VOLUME_BYTES)
 }
 
+/// Node `node`'s configuration for volume "a" with one sync peer.
 fn config(
     node: NodeId,
     role: Role,
@@ -52,37 +47,8 @@ fn config(
     listen: ListenAddress,
     secret: &[u8],
 ) -> RuntimeConfig {
-    RuntimeConfig {
-        node,
-        cluster: "lab".into(),
-        secret: secret.to_vec(),
-        listen,
-        volumes: vec![ReplicatedVolume {
-            name: "a".into(),
-            role,
-            peers: vec![PeerSpec {
-                node: peer,
-                address: peer_address,
-                mode: PeerMode::Sync,
-                queue_limit_bytes: 0,
-            }],
-        }],
-        timing: RuntimeTiming {
-            backoff_base: Duration::from_millis(20),
-            backoff_max: Duration::from_millis(400),
-            diverged_retry: Duration::from_millis(300),
-            stop_wait: Duration::from_secs(15),
-            evict_interval: Duration::from_millis(200),
-        },
-        exports: None,
-        membership_file: None,
-    }
-}
-
-const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
-
-fn loopback() -> ListenAddress {
-    ListenAddress::Tcp("127.0.0.1:0".parse().unwrap())
+    let peers = vec![sync_peer(peer, peer_address, 0)];
+    repl::runtime::config(node, role, peers, listen, secret)
 }
 
 /// The replica's runtime first (on a free port), then the primary's, pointed at it.
@@ -123,13 +89,6 @@ fn pair_in(
     (primary, replica)
 }
 
-fn replica_address(rt: &PeerRuntime) -> PeerAddress {
-    match rt.listening() {
-        ListenAddress::Tcp(a) => PeerAddress::Tcp(a.to_string()),
-        ListenAddress::Unix(p) => PeerAddress::Unix(p.clone()),
-    }
-}
-
 /// Give both copies of "a" a replication record with `primary` and `replica` histories,
 /// the primary tracking the replica as up to date (nothing dirty, no full sync pending).
 fn records(p: &Engine, r: &Engine, primary: &[u64], replica: &[u64]) {
@@ -141,19 +100,8 @@ fn records(p: &Engine, r: &Engine, primary: &[u64], replica: &[u64]) {
         )
         .unwrap()
     };
-    for (engine, role, ids, peer) in [
-        (p, Role::Primary, primary, replica_node()),
-        (r, Role::Replica, replica, primary_node()),
-    ] {
-        let v = engine.volume("a").unwrap();
-        let state = VolumeReplication::new(role, v.max_size_bytes(), 20, &[peer]).unwrap();
-        state.adopt_history(history(ids));
-        for rep in state.replicas() {
-            rep.set_full_sync(false);
-        }
-        v.set_replication(Some(Arc::new(state)));
-        engine.flush_all().unwrap();
-    }
+    record(p, Role::Primary, replica_node(), history(primary));
+    record(r, Role::Replica, primary_node(), history(replica));
 }
 
 fn view(rt: &PeerRuntime) -> VolumeView {
@@ -165,74 +113,6 @@ fn peer_state(rt: &PeerRuntime) -> (PeerState, Option<String>) {
     let v = view(rt);
     let status = &v.replication.replicas()[v.peers[0].1].status;
     (status.state(), status.reason())
-}
-
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let until = Instant::now() + WAIT;
-    while !done() {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn run(engine: &Engine, req: Request) -> Result<Option<IoBuf>, ringblock_engine::Errno> {
-    let handle = engine.open("a").unwrap();
-    let port = Port::new(1, PortWaker::Thread(std::thread::current()));
-    handle.submit(req, &port).map_err(|(_, e)| e)?;
-    let until = Instant::now() + WAIT;
-    loop {
-        if let Some(c) = port.pop() {
-            return c.result.map(|()| c.buf);
-        }
-        assert!(Instant::now() < until, "a request never completed");
-        std::thread::park_timeout(Duration::from_millis(10));
-    }
-}
-
-fn request(kind: RequestKind, offset: u64, len: u64, buf: Option<IoBuf>) -> Request {
-    Request {
-        kind,
-        offset_bytes: offset,
-        len_bytes: len,
-        fua: false,
-        buf,
-        mover: None,
-        tag: 0,
-    }
-}
-
-fn write(engine: &Engine, offset: u64, len: usize, fill: u8) {
-    let mut data = AlignedBuf::zeroed(len);
-    data.as_mut_slice().fill(fill);
-    let req = request(
-        RequestKind::Write,
-        offset,
-        len as u64,
-        Some(IoBuf::owned(data)),
-    );
-    run(engine, req).expect("write");
-    run(engine, request(RequestKind::Flush, 0, 0, None)).expect("flush");
-}
-
-fn read(engine: &Engine, offset: u64, len: usize) -> Vec<u8> {
-    let buf = IoBuf::owned(AlignedBuf::zeroed(len));
-    let got = run(
-        engine,
-        request(RequestKind::Read, offset, len as u64, Some(buf)),
-    )
-    .expect("read")
-    .expect("read buffer");
-    got.as_slice().to_vec()
-}
-
-fn shutdown(engines: [Arc<Engine>; 2]) {
-    for e in engines {
-        Arc::try_unwrap(e)
-            .ok()
-            .expect("only the test holds the engine")
-            .shutdown()
-            .unwrap();
-    }
 }
 
 #[test]
@@ -681,7 +561,7 @@ fn an_async_replica_overflows_its_queue_and_catches_up() {
     let generations = view(&primary).replication.history().ids().len();
     // Every region in the persisted activity log first, so that no write of the burst
     // waits for a metadata round.
-    write(&p, 0, VOLUME_BYTES as usize, 0);
+    write(&p, 0, VOLUME_BYTES, 0);
     let handle = p.open("a").unwrap();
     let port = Port::new(WRITES as usize, PortWaker::Thread(std::thread::current()));
     for i in 0..WRITES {
@@ -701,7 +581,7 @@ fn an_async_replica_overflows_its_queue_and_catches_up() {
             std::thread::park_timeout(Duration::from_millis(10));
         }
     }
-    run(&p, request(RequestKind::Flush, 0, 0, None)).expect("flush");
+    try_run(&p, request(RequestKind::Flush, 0, 0, None)).expect("flush");
     let v = view(&primary);
     let replica_state = &v.replication.replicas()[v.peers[0].1];
     wait_for("the replica caught up", || {

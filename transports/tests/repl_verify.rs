@@ -7,127 +7,33 @@
 //! - verifies while writes run on the primary report no mismatch (every region is checked
 //!   or reported busy), for a sync and an async replica, and the copies are equal at the end.
 
+#[path = "support/repl.rs"]
+mod repl;
+
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
+use repl::link::{
+    link_options, make_primary, make_replica, serve_options, wait_for, wait_up_to_date, write,
+};
+use repl::MIB;
 use ringblock_engine::replication::{
-    GenerationHistory, LinkMode, LinkState, NodeId, ReplicaLink, ReplicaSet, Role, VerifyJob,
-    VerifyPhase, VerifySnapshot, VolumeReplication,
+    LinkMode, LinkState, ReplicaLink, VerifyJob, VerifyPhase, VerifySnapshot,
 };
 use ringblock_engine::task::{ReactorTask, RingCompletion, TaskCtx};
-use ringblock_engine::{
-    AlignedBuf, DeviceConfig, Engine, EngineConfig, IoBuf, Port, PortWaker, ReactorId, Request,
-    RequestKind, VolumeHandle,
-};
-use ringblock_transports::peer::{
-    monotonic_clock, LinkOptions, PrimaryLink, ReplicaServe, ReplicatedVolumeId, Seq, ServeOptions,
-};
+use ringblock_engine::{Engine, ReactorId};
+use ringblock_transports::peer::{PrimaryLink, ReplicaServe};
 
 const VOLUME_BYTES: u64 = 32 << 20;
-const MIB: u64 = 1 << 20;
-const REGION_SHIFT: u8 = 20;
-const PRIMARY_NODE: u128 = 1;
-const REPLICA_NODE: u128 = 3;
 
 fn engine() -> Engine {
-    let mut device = DeviceConfig::ram("r", 64 << 20);
-    device.chunk_size_bytes = MIB;
-    let engine = Engine::start(&EngineConfig {
-        devices: vec![device],
-        cores: vec![0],
-        ..Default::default()
-    })
-    .unwrap();
-    engine.create_volume("r", "a", VOLUME_BYTES).unwrap();
-    engine
-}
-
-fn request(kind: RequestKind, offset: u64, len: u64, buf: Option<IoBuf>) -> Request {
-    Request {
-        kind,
-        offset_bytes: offset,
-        len_bytes: len,
-        fua: false,
-        buf,
-        mover: None,
-        tag: 0,
-    }
-}
-
-fn run(handle: &VolumeHandle, req: Request) -> Option<IoBuf> {
-    let port = Port::new(1, PortWaker::Thread(std::thread::current()));
-    handle.submit(req, &port).map_err(|(_, e)| e).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(c) = port.pop() {
-            assert_eq!(c.result, Ok(()), "request failed");
-            return c.buf;
-        }
-        assert!(Instant::now() < deadline, "a request never completed");
-        std::thread::park_timeout(Duration::from_millis(10));
-    }
-}
-
-fn write(handle: &VolumeHandle, offset: u64, len: u64, fill: u8) {
-    let mut data = AlignedBuf::zeroed(len as usize);
-    data.as_mut_slice().fill(fill);
-    run(
-        handle,
-        request(RequestKind::Write, offset, len, Some(IoBuf::owned(data))),
-    );
+    repl::engine(VOLUME_BYTES, Some(MIB))
 }
 
 fn read_all(e: &Engine) -> Vec<u8> {
-    let handle = e.open("a").unwrap();
-    let mut out = Vec::with_capacity(VOLUME_BYTES as usize);
-    for offset in (0..VOLUME_BYTES).step_by(MIB as usize) {
-        let buf = IoBuf::owned(AlignedBuf::zeroed(MIB as usize));
-        let got = run(&handle, request(RequestKind::Read, offset, MIB, Some(buf))).unwrap();
-        out.extend_from_slice(got.as_slice());
-    }
-    out
-}
-
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !cond() {
-        assert!(Instant::now() < deadline, "never happened: {what}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-fn make_primary(p: &Engine, mode: LinkMode) -> Arc<ReplicaLink> {
-    let volume = p.volume("a").unwrap();
-    let replication = Arc::new(
-        VolumeReplication::new(
-            Role::Primary,
-            volume.max_size_bytes(),
-            REGION_SHIFT,
-            &[NodeId::new(REPLICA_NODE).unwrap()],
-        )
-        .unwrap(),
-    );
-    volume.set_replication(Some(replication.clone()));
-    let link = ReplicaLink::with_mode(replication, 0, ReactorId(0), mode).unwrap();
-    let set = ReplicaSet::new(vec![link.clone()]).unwrap();
-    volume.attach_replicas(Some(Arc::new(set))).unwrap();
-    link
-}
-
-fn make_replica(r: &Engine, history: GenerationHistory) {
-    let volume = r.volume("a").unwrap();
-    let replication = VolumeReplication::new(
-        Role::Replica,
-        volume.max_size_bytes(),
-        REGION_SHIFT,
-        &[NodeId::new(PRIMARY_NODE).unwrap()],
-    )
-    .unwrap();
-    replication.adopt_history(history);
-    volume.set_replication(Some(Arc::new(replication)));
+    repl::link::read_all(e, VOLUME_BYTES)
 }
 
 /// A task that says when the reactor dropped it (a new link may start only then).
@@ -161,22 +67,12 @@ impl<T: ReactorTask> ReactorTask for Watched<T> {
 /// Start a link and a serve task on a new connection; returns when the link task ended.
 fn connect(p: &Engine, r: &Engine, link: &Arc<ReplicaLink>) -> Arc<AtomicBool> {
     let (a, b) = UnixStream::pair().unwrap();
-    let id = ReplicatedVolumeId(77);
-    let lopts = LinkOptions {
-        volume: id,
-        send_seq: Seq(0),
-        recv_seq: Seq(0),
-        // A narrow window for an async replica: ops wait in the inbox, so a verify request
-        // framed before them would find differences.
-        window_frames: if link.mode() == LinkMode::Sync { 64 } else { 4 },
-        window_bytes: if link.mode() == LinkMode::Sync {
-            16 << 20
-        } else {
-            1 << 20
-        },
-        zero_copy: true,
-        clock: monotonic_clock(),
-        peer: "replica".into(),
+    // A narrow window for an async replica: ops wait in the inbox, so a verify request
+    // framed before them would find differences.
+    let lopts = if link.mode() == LinkMode::Sync {
+        link_options(64, 16 << 20)
+    } else {
+        link_options(4, 1 << 20)
     };
     let ended = Arc::new(AtomicBool::new(false));
     let task = PrimaryLink::new(OwnedFd::from(a), p.open("a").unwrap(), link.clone(), lopts);
@@ -185,26 +81,10 @@ fn connect(p: &Engine, r: &Engine, link: &Arc<ReplicaLink>) -> Arc<AtomicBool> {
         ended: ended.clone(),
     };
     p.spawn_task(Some(ReactorId(0)), Box::new(task));
-    let sopts = ServeOptions {
-        volume: id,
-        send_seq: Seq(0),
-        recv_seq: Seq(0),
-        max_in_flight: 16,
-        clock: monotonic_clock(),
-        peer: "primary".into(),
-        primary_node: NodeId::new(PRIMARY_NODE),
-        primary_history: link.replication().history(),
-        primary_size_bytes: VOLUME_BYTES,
-    };
+    let sopts = serve_options(link, VOLUME_BYTES);
     let task = ReplicaServe::new(OwnedFd::from(b), r.open("a").unwrap(), sopts);
     r.spawn_task(Some(ReactorId(0)), Box::new(task));
     ended
-}
-
-fn wait_up_to_date(link: &ReplicaLink) {
-    wait_for("the link is up to date", || {
-        link.state() == LinkState::UpToDate
-    });
 }
 
 /// Hand a verify to the link and wait for its end.
