@@ -19,6 +19,7 @@ pub mod replication;
 pub mod sim_check;
 #[cfg(any(test, feature = "testing"))]
 pub mod sim_cluster;
+pub mod staging;
 pub mod state_record;
 pub mod stats;
 
