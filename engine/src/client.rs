@@ -137,16 +137,7 @@ impl BlockingClient {
     }
 
     pub fn flush(&mut self) -> Result<(), Errno> {
-        self.run(Request {
-            kind: RequestKind::Flush,
-            offset_bytes: 0,
-            len_bytes: 0,
-            fua: false,
-            buf: None,
-            mover: None,
-            tag: 0,
-        })
-        .map(|_| ())
+        self.run(Request::flush(0)).map(|_| ())
     }
 
     pub fn trim(&mut self, offset_bytes: u64, len_bytes: u64) -> Result<(), Errno> {

@@ -88,6 +88,21 @@ pub struct Request {
     pub tag: u64,
 }
 
+impl Request {
+    /// A Flush: every write completed before it is durable when it completes.
+    pub fn flush(tag: u64) -> Request {
+        Request {
+            kind: RequestKind::Flush,
+            offset_bytes: 0,
+            len_bytes: 0,
+            fua: false,
+            buf: None,
+            mover: None,
+            tag,
+        }
+    }
+}
+
 /// The outcome of a [`Request`].
 #[derive(Debug)]
 pub struct Completion {

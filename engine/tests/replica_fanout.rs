@@ -109,15 +109,7 @@ fn a_behind_link_gets_marks_and_an_up_to_date_one_gets_ops() {
     assert!(op.payload().unwrap().iter().all(|&b| b == 0xA5));
     assert!(!dirty.is_dirty(RegionIndex(0)));
     // A flush takes an op too; a read does not.
-    let flush = Request {
-        kind: RequestKind::Flush,
-        offset_bytes: 0,
-        len_bytes: 0,
-        fua: false,
-        buf: None,
-        mover: None,
-        tag: 3,
-    };
+    let flush = Request::flush(3);
     c.submit(&volume, flush, &port).unwrap();
     let flush_op = link.pop().expect("a flush op");
     assert_eq!(flush_op.kind(), ReplicaOpKind::Flush);
@@ -286,18 +278,6 @@ fn a_resyncing_link_gets_ops_and_the_barrier_waits_for_the_local_write() {
     assert_eq!(link.state(), LinkState::Resyncing);
 }
 
-fn flush(tag: u64) -> Request {
-    Request {
-        kind: RequestKind::Flush,
-        offset_bytes: 0,
-        len_bytes: 0,
-        fua: false,
-        buf: None,
-        mover: None,
-        tag,
-    }
-}
-
 #[test]
 fn an_async_link_gets_a_copy_and_nobody_waits_for_it() {
     let mut c = cluster();
@@ -314,7 +294,7 @@ fn an_async_link_gets_a_copy_and_nobody_waits_for_it() {
     let mut req = write(0, 8192, 1);
     req.buf.as_mut().unwrap().as_mut_slice().fill(0x3C);
     c.submit(&volume, req, &port).unwrap();
-    c.submit(&volume, flush(2), &port).unwrap();
+    c.submit(&volume, Request::flush(2), &port).unwrap();
     c.run_until_idle(10_000);
     // Both complete with the link's ops still queued: protocol A.
     let mut tags: Vec<u64> = std::iter::from_fn(|| port.pop()).map(|c| c.tag).collect();

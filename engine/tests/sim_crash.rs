@@ -120,18 +120,7 @@ impl Workload {
                 .iter()
                 .map(|(k, l)| (*k, l.acked))
                 .collect();
-            (
-                Request {
-                    kind: RequestKind::Flush,
-                    offset_bytes: 0,
-                    len_bytes: 0,
-                    fua: false,
-                    buf: None,
-                    mover: None,
-                    tag,
-                },
-                Pending::Flush { snaps },
-            )
+            (Request::flush(tag), Pending::Flush { snaps })
         } else if roll < 28 {
             if busy(&self.pending, vid, offset, len, true) {
                 return;
@@ -604,15 +593,7 @@ impl MetaModel {
             } else {
                 let covers = self.acked.iter().map(|(k, v)| (k.clone(), *v)).collect();
                 (
-                    Request {
-                        kind: RequestKind::Flush,
-                        offset_bytes: 0,
-                        len_bytes: 0,
-                        fua: false,
-                        buf: None,
-                        mover: None,
-                        tag,
-                    },
+                    Request::flush(tag),
                     MetaPending::Flush {
                         volume: name.clone(),
                         covers,
@@ -868,15 +849,7 @@ fn a_corrupt_slot_loses_no_acknowledged_change() {
                     },
                 );
                 model.reap(&cluster, &port);
-                let flush = Request {
-                    kind: RequestKind::Flush,
-                    offset_bytes: 0,
-                    len_bytes: 0,
-                    fua: false,
-                    buf: None,
-                    mover: None,
-                    tag: tag + 1,
-                };
+                let flush = Request::flush(tag + 1);
                 let covers = model.acked.iter().map(|(k, v)| (k.clone(), *v)).collect();
                 cluster.submit(&volume, flush, &port).unwrap();
                 model.pending.insert(

@@ -16,7 +16,7 @@ use ringblock_engine::replication::{
 };
 use ringblock_engine::sim_cluster::{SimCluster, SimOptions};
 use ringblock_engine::{
-    DeviceId, DeviceSpec, FormatPolicy, Port, PortWaker, Request, RequestKind, Volume, VolumeId,
+    DeviceId, DeviceSpec, FormatPolicy, Port, PortWaker, Request, Volume, VolumeId,
 };
 
 const CHUNK: u64 = 16 * 1024;
@@ -41,18 +41,6 @@ fn spec() -> DeviceSpec {
 
 fn node(n: u128) -> NodeId {
     NodeId::new(n).unwrap()
-}
-
-fn flush(tag: u64) -> Request {
-    Request {
-        kind: RequestKind::Flush,
-        offset_bytes: 0,
-        len_bytes: 0,
-        fua: false,
-        buf: None,
-        mover: None,
-        tag,
-    }
 }
 
 /// What was done to the replication state, with logical times.
@@ -111,7 +99,7 @@ impl Model {
             }
             65..=79 if self.flushes.len() < 4 => {
                 cluster
-                    .submit(vol, flush(t), port)
+                    .submit(vol, Request::flush(t), port)
                     .unwrap_or_else(|(_, e)| panic!("flush refused: {e}"));
                 self.flushes.insert(t, t);
             }
@@ -205,7 +193,7 @@ fn acknowledged_replication_records_survive_power_cuts() {
         vol.set_replication(Some(Arc::new(rep)));
         let port = Port::new(8, PortWaker::None);
         cluster
-            .submit(&vol, flush(0), &port)
+            .submit(&vol, Request::flush(0), &port)
             .unwrap_or_else(|(_, e)| panic!("{e}"));
         cluster.run_until_idle(1_000_000);
         port.pop().expect("first flush").result.unwrap();

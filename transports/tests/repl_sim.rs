@@ -192,15 +192,7 @@ struct SimEvictHost<'a> {
 impl EvictHost for SimEvictHost<'_> {
     fn flush(&mut self) -> Result<(), String> {
         let volume = self.run.p.c().volume("a").expect("volume a");
-        let req = Request {
-            kind: RequestKind::Flush,
-            offset_bytes: 0,
-            len_bytes: 0,
-            fua: false,
-            buf: None,
-            mover: None,
-            tag: 0,
-        };
+        let req = Request::flush(0);
         let port = self.port.clone();
         if let Err((_, e)) = self.run.p.c().submit(&volume, req, &port) {
             return Err(e.to_string());
@@ -418,15 +410,7 @@ impl Run {
                 .iter()
                 .map(|c| c.marked_after_fail.clone())
                 .collect();
-            let req = Request {
-                kind: RequestKind::Flush,
-                offset_bytes: 0,
-                len_bytes: 0,
-                fua: false,
-                buf: None,
-                mover: None,
-                tag,
-            };
+            let req = Request::flush(tag);
             self.submit(req, Pending::Flush { snaps, marks });
             return;
         }

@@ -6,7 +6,7 @@ use std::os::fd::AsRawFd;
 
 use ringblock_engine::replication::{PeerState, ReplicaOpKind};
 use ringblock_engine::task::TaskCtx;
-use ringblock_engine::{Errno, Port, Request, RequestKind};
+use ringblock_engine::{Errno, Port, Request};
 
 use super::{Phase, PrimaryLink, TAG_FLUSH_PORT};
 
@@ -106,15 +106,7 @@ impl PrimaryLink {
         }
         // Every range the replica may lack is marked (the flush below persists them).
         self.link.note_failure_settled();
-        let flush = Request {
-            kind: RequestKind::Flush,
-            offset_bytes: 0,
-            len_bytes: 0,
-            fua: false,
-            buf: None,
-            mover: None,
-            tag: TAG_FLUSH_PORT,
-        };
+        let flush = Request::flush(TAG_FLUSH_PORT);
         let port = self
             .port
             .get_or_insert_with(|| Port::new(1, ctx.port_waker()))

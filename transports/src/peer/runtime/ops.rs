@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use ringblock_engine::replication::{GenerationHistory, LinkState, NodeId, PeerState, Role};
-use ringblock_engine::{Port, PortWaker, Request, RequestKind};
+use ringblock_engine::{Port, PortWaker, Request};
 
 use super::config::RuntimeError;
 use super::{accept, connector, lock, prepare, PeerRuntime, VolumeEntry, SUSPENDED};
@@ -289,15 +289,7 @@ pub(super) fn flush_volume(
         .open(&entry.name)
         .map_err(|e| RuntimeError::Failed(format!("volume {}: {e}", entry.name)))?;
     let port = Port::new(1, PortWaker::Thread(std::thread::current()));
-    let req = Request {
-        kind: RequestKind::Flush,
-        offset_bytes: 0,
-        len_bytes: 0,
-        fua: false,
-        buf: None,
-        mover: None,
-        tag: 0,
-    };
+    let req = Request::flush(0);
     handle
         .submit(req, &port)
         .map_err(|(_, e)| RuntimeError::Failed(format!("volume {}: flush: {e}", entry.name)))?;
