@@ -431,18 +431,19 @@ fn a_task_holds_its_payload_until_the_simulated_notification() {
     assert!(short_seeds > 0, "some seed makes a send short");
 }
 
-/// A task on a real reactor sends zero-copy over loopback TCP; the reactor's statistics (what
-/// `/metrics` shows) count the send and the kernel's copy report.
-#[test]
-fn a_reactor_counts_its_tasks_zero_copy_sends() {
+/// One task on a real reactor of an engine started with `zero_copy_sends` sends one payload
+/// over loopback TCP; returns what the task saw and the reactor's send statistics (what
+/// `/metrics` shows) once the kernel is done with the payload.
+fn send_one_payload(zero_copy_sends: Option<bool>, salt: u8) -> (Seen, SendCounts) {
     let engine = Engine::start(&EngineConfig {
         devices: vec![DeviceConfig::ram("r", 64 << 20)],
         cores: vec![0],
+        zero_copy_sends,
         ..Default::default()
     })
     .unwrap();
     let (a, b) = tcp_pair();
-    let payload = Arc::new(pattern(PAYLOAD_BYTES, 7));
+    let payload = Arc::new(pattern(PAYLOAD_BYTES, salt));
     let reader = read_on_thread(b, payload.len());
     let seen = Arc::new(Mutex::new(Seen::default()));
     engine.spawn_task(
@@ -452,12 +453,20 @@ fn a_reactor_counts_its_tasks_zero_copy_sends() {
     assert!(reader.join().unwrap() == *payload);
     let deadline = Instant::now() + Duration::from_secs(20);
     while Arc::strong_count(&payload) > 1 {
-        assert!(Instant::now() < deadline, "never notified: {seen:?}");
+        assert!(Instant::now() < deadline, "never completed: {seen:?}");
         std::thread::sleep(Duration::from_millis(2));
     }
     let s = seen.lock().unwrap().clone();
     let counts = engine.reactor_stats()[0].sends;
     engine.shutdown().unwrap();
+    (s, counts)
+}
+
+/// A task on a real reactor sends zero-copy over loopback TCP; the reactor's statistics count
+/// the send and the kernel's copy report.
+#[test]
+fn a_reactor_counts_its_tasks_zero_copy_sends() {
+    let (s, counts) = send_one_payload(None, 7);
     if s.zero_copy_sends != Some(true) {
         assert_eq!(counts.copied_unsupported, 1);
         return required::skip(
@@ -477,30 +486,7 @@ fn a_reactor_counts_its_tasks_zero_copy_sends() {
 /// a kernel that has zero-copy sends, and counts it as such.
 #[test]
 fn zero_copy_sends_turned_off_by_the_configuration_copy() {
-    let engine = Engine::start(&EngineConfig {
-        devices: vec![DeviceConfig::ram("r", 64 << 20)],
-        cores: vec![0],
-        zero_copy_sends: Some(false),
-        ..Default::default()
-    })
-    .unwrap();
-    let (a, b) = tcp_pair();
-    let payload = Arc::new(pattern(PAYLOAD_BYTES, 9));
-    let reader = read_on_thread(b, payload.len());
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    engine.spawn_task(
-        Some(ReactorId(0)),
-        Box::new(ZcSender::new(a.into(), payload.clone(), seen.clone())),
-    );
-    assert!(reader.join().unwrap() == *payload);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Arc::strong_count(&payload) > 1 {
-        assert!(Instant::now() < deadline, "never completed: {seen:?}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    let s = seen.lock().unwrap().clone();
-    let counts = engine.reactor_stats()[0].sends;
-    engine.shutdown().unwrap();
+    let (s, counts) = send_one_payload(Some(false), 9);
     assert_eq!(s.zero_copy_sends, Some(false), "{s:?}");
     assert_eq!(counts.zero_copy, 0, "{s:?}");
     assert_eq!(counts.copied_unsupported, 1, "{s:?}");
