@@ -61,25 +61,35 @@ pub(crate) fn replication_metrics(
     }
     let now_ms = unix_ms();
     type PGet = fn(&Replicated<'_>, &ringblock_engine::replication::ReplicaState, u64) -> u64;
-    let per_peer: [(&str, &str, PGet); 3] = [
+    type SGet = fn(&crate::replication::PeerReplicationStatus) -> Option<u64>;
+    let per_peer: [(&str, &str, &str, PGet); 4] = [
         (
             "ringblock_replica_dirty_bytes",
+            "gauge",
             "Bytes of regions the peer lacks (its dirty bitmap; 0 on a replica copy, which does not track what its primary lacks).",
             |v, p, _| peer_dirty_bytes(v.replication, p, v.size_bytes),
         ),
         (
             "ringblock_replica_resync_done_bytes",
+            "gauge",
             "Bytes the current (or last) resync to the peer copied and had acknowledged.",
             |_, p, now| p.status.resync.snapshot(now).done_bytes,
         ),
         (
             "ringblock_replica_resync_total_bytes",
+            "gauge",
             "Bytes the current (or last) resync to the peer set out to copy.",
             |_, p, now| p.status.resync.snapshot(now).total_bytes,
         ),
+        (
+            "ringblock_replica_verify_mismatched_regions_total",
+            "counter",
+            "Regions online verifies (`ringblock replica verify`) found different on the peer since the daemon started.",
+            |_, p, _| p.status.verify_mismatches(),
+        ),
     ];
-    for (name, help, get) in per_peer {
-        o.head(name, "gauge", help);
+    for (name, kind, help, get) in per_peer {
+        o.head(name, kind, help);
         for v in volumes {
             for p in v.replication.replicas() {
                 let node = p.node.to_string();
@@ -91,47 +101,26 @@ pub(crate) fn replication_metrics(
             }
         }
     }
-    let name = "ringblock_replica_verify_mismatched_regions_total";
-    o.head(
-        name,
-        "counter",
-        "Regions online verifies (`ringblock replica verify`) found different on the peer since the daemon started.",
-    );
-    for v in volumes {
-        for p in v.replication.replicas() {
-            let node = p.node.to_string();
-            o.line(
-                name,
-                &[("volume", v.volume), ("node", &node)],
-                p.status.verify_mismatches(),
-            );
-        }
-    }
-    let name = "ringblock_replica_lag_bytes";
-    o.head(
-        name,
-        "gauge",
-        "Bytes the peer lacks: its dirty regions, and writes queued for an async peer and not yet acknowledged.",
-    );
-    for v in status.map_or(&[][..], |s| &s.volumes) {
-        for p in &v.peers {
-            o.line(
-                name,
-                &[("volume", &v.volume), ("node", &p.node)],
-                p.lag_bytes,
-            );
-        }
-    }
-    let name = "ringblock_replica_lag_ms";
-    o.head(
-        name,
-        "gauge",
-        "How long the oldest write the connected peer has not acknowledged has waited (async peers).",
-    );
-    for v in status.map_or(&[][..], |s| &s.volumes) {
-        for p in &v.peers {
-            if let Some(ms) = p.lag_ms {
-                o.line(name, &[("volume", &v.volume), ("node", &p.node)], ms);
+    // What only the runtime's status knows: a peer it does not report has no series.
+    let from_status: [(&str, &str, SGet); 2] = [
+        (
+            "ringblock_replica_lag_bytes",
+            "Bytes the peer lacks: its dirty regions, and writes queued for an async peer and not yet acknowledged.",
+            |p| Some(p.lag_bytes),
+        ),
+        (
+            "ringblock_replica_lag_ms",
+            "How long the oldest write the connected peer has not acknowledged has waited (async peers).",
+            |p| p.lag_ms,
+        ),
+    ];
+    for (name, help, get) in from_status {
+        o.head(name, "gauge", help);
+        for v in status.map_or(&[][..], |s| &s.volumes) {
+            for p in &v.peers {
+                if let Some(value) = get(p) {
+                    o.line(name, &[("volume", &v.volume), ("node", &p.node)], value);
+                }
             }
         }
     }
