@@ -259,7 +259,7 @@ impl Run {
 
     /// Now and then (one step in 200), an activity-log eviction cycle while writes go on.
     fn maybe_evict(&mut self) {
-        if !self.rng.gen_bool(0.005) || std::env::var("NO_EVICT").is_ok() {
+        if !self.rng.gen_bool(0.005) {
             return;
         }
         let Some(replication) = self.links.first().map(|l| l.replication().clone()) else {

@@ -258,6 +258,17 @@ pub(super) fn links(entry: &VolumeEntry) -> Vec<Arc<ReplicaLink>> {
     })
 }
 
+/// The link to peer `node` of a primary copy now (None on a replica copy, or for a node that
+/// is not a peer).
+pub(super) fn link_of(entry: &VolumeEntry, node: NodeId) -> Option<Arc<ReplicaLink>> {
+    lock(&entry.primary)
+        .as_ref()?
+        .peers
+        .iter()
+        .find(|p| p.node == node)
+        .map(|p| p.link.clone())
+}
+
 /// End the link task to `node`, if one runs, and let its connector re-read its orders.
 pub(super) fn wake_peer(
     entry: &VolumeEntry,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use ringblock_engine::replication::status::unix_ms;
 use ringblock_engine::replication::{
-    LinkState, NodeId, PeerState, ReplicaLink, Role, VerifyJob, VerifyPhase, VerifySnapshot,
+    LinkState, NodeId, PeerState, Role, VerifyJob, VerifyPhase, VerifySnapshot,
 };
 
 use super::config::RuntimeError;
@@ -75,12 +75,11 @@ impl PeerRuntime {
                 "a verify of volume {volume} is running; `ringblock replica verify` shows it"
             )));
         }
-        let links = connector::links(&entry);
         let peers_now = entry.peers();
         let mut peers = Vec::with_capacity(peers_now.len());
         for peer in &peers_now {
             let status = &peer.replica.status;
-            let job = match link_of(&links, peer.spec.node) {
+            let job = match connector::link_of(&entry, peer.spec.node) {
                 Some(link) if link.state() == LinkState::UpToDate => {
                     let job = VerifyJob::new(repair);
                     link.offer_verify(job.clone())
@@ -125,7 +124,6 @@ impl PeerRuntime {
     /// The last verify of `volume` (running or ended).
     pub fn verify_status(&self, volume: &str) -> Result<VerifyReport, RuntimeError> {
         let entry = self.shared.volume(volume)?.clone();
-        let links = connector::links(&entry);
         let last = lock(&entry.verify);
         let Some(run) = last.as_ref() else {
             return Ok(VerifyReport {
@@ -142,7 +140,7 @@ impl PeerRuntime {
             .peers
             .iter()
             .map(|(node, job)| {
-                let (peer_state, link_behind) = peer_now(&entry, &links, *node);
+                let (peer_state, link_behind) = peer_now(&entry, *node);
                 match job {
                     Ok(job) => {
                         if job.phase() == VerifyPhase::Queued && link_behind {
@@ -187,20 +185,10 @@ impl PeerRuntime {
 
 /// Peer `node`'s state now, and whether its link is out of the fan-out (or gone: the peer
 /// was removed).
-fn peer_now(entry: &VolumeEntry, links: &[Arc<ReplicaLink>], node: NodeId) -> (PeerState, bool) {
+fn peer_now(entry: &VolumeEntry, node: NodeId) -> (PeerState, bool) {
     let state = entry
         .peer(node)
         .map_or(PeerState::Connecting, |p| p.replica.status.state());
-    let behind = link_of(links, node).is_none_or(|l| l.state() == LinkState::Behind);
+    let behind = connector::link_of(entry, node).is_none_or(|l| l.state() == LinkState::Behind);
     (state, behind)
-}
-
-/// The link to `node` among `links` (a set's order need not be the peers').
-fn link_of(links: &[Arc<ReplicaLink>], node: NodeId) -> Option<&Arc<ReplicaLink>> {
-    links.iter().find(|l| {
-        l.replication()
-            .replicas()
-            .get(l.index())
-            .is_some_and(|r| r.node == node)
-    })
 }
